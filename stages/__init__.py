@@ -1,0 +1,1 @@
+"""Training: stage plans, the resumable loop, the semi-supervised regime, data, evaluation."""

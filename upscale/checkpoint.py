@@ -1,0 +1,465 @@
+"""Checkpoint directories: safetensors shards + index + `samoe.json`.
+
+A checkpoint is a directory holding
+    model.safetensors                       (one shard), or
+    model-0000k-of-0000n.safetensors + model.safetensors.index.json (weight_map)
+    samoe.json                              config, provenance, lineage, stages, file digests
+
+Writes stream tensors into shards inside a temporary sibling directory
+(`.NAME.tmp-PID`) and rename it into place at the end, so a reader sees either
+no checkpoint or a complete one. Reads parse safetensors headers directly (no
+tensor data) and open shards memory-mapped; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import SamMoEConfig
+from .errors import SamoeError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+META_FILE = "samoe.json"
+FORMAT = "samoe-checkpoint"
+FORMAT_VERSION = 1
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+ST_ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise SamoeError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).removeprefix("torch."))
+
+
+# --------------------------------------------------------------------------- headers
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a safetensors header says about one tensor."""
+
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors header without touching tensor data; catch truncated or foreign files."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise SamoeError(f"{path} is not a safetensors file (only {size} bytes): re-create it")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100 * 1024**2):
+                raise SamoeError(f"{path} is not a safetensors file (bad header length): re-create it or check the path")
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise SamoeError(f"{path} is not a safetensors file (unreadable header): re-create it or check the path") from None
+    except OSError as e:
+        raise SamoeError(f"cannot read {path}: {e.strerror}") from None
+    if not isinstance(header, dict):
+        raise SamoeError(f"{path} is not a safetensors file (header is not a table): re-create it")
+    infos: dict[str, TensorInfo] = {}
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (lo, hi) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            info = TensorInfo(path.name, dtype, shape, hi - lo)
+            if dtype not in ST_ITEMSIZE or info.numel * ST_ITEMSIZE[dtype] != hi - lo:
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise SamoeError(f"{path}: malformed header entry for tensor {name!r}: re-create the file") from None
+        infos[name] = info
+        end = max(end, hi)
+    if 8 + n + end != size:
+        raise SamoeError(
+            f"shard {path.name} is truncated or padded ({size} bytes, header says {8 + n + end}): "
+            "re-run the command that wrote it"
+        )
+    return infos
+
+
+def sha256_file(path: Path, chunk: int = 16 * 1024**2) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small file under a temporary name, fsync, rename into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(out: Path) -> None:
+    """Remove `.NAME.tmp-PID` / `.NAME.old-PID` leftovers of interrupted writes whose process is gone."""
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = p.name.rpartition("-")
+        if kind.endswith((".tmp", ".old")) and pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def prepare_output(out: Path, force: bool) -> None:
+    """Refuse to overwrite without --force, and never overwrite something that is not ours."""
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise SamoeError(f"{out} already exists: choose another --out or pass --force to replace it")
+        if not out.is_dir() or any(out.iterdir()) and not (out / META_FILE).exists():
+            raise SamoeError(f"{out} exists and is not a samoe checkpoint: refusing to replace it even with --force")
+    parent = out.parent
+    if not parent.exists():
+        parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise SamoeError(f"cannot write to {parent}: directory is read-only; choose another --out")
+    clean_stale_temporaries(out)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move a finished temporary directory into place (replacing an old one last)."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    _fsync_path(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class CheckpointWriter:
+    """Stream tensors into size-bounded safetensors shards, then commit atomically.
+
+    Use as a context manager: an exception (or KeyboardInterrupt) removes the
+    temporary directory, so no half-written checkpoint is ever left at `out`.
+    Memory held is at most one shard of pending tensors.
+    """
+
+    def __init__(self, out: Path, shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False) -> None:
+        self.out = Path(out)
+        prepare_output(self.out, force)
+        self.tmp = self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
+        self.tmp.mkdir()
+        self.shard_bytes = shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[str, list[str]]] = []  # temporary file name, tensor names
+        self.names: set[str] = set()
+        self.total_bytes = 0
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.names:
+            raise ValueError(f"tensor {name} written twice")
+        self.names.add(name)
+        tensor = tensor.detach().to("cpu").contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.shard_bytes:
+            self.flush()
+        self.pending[name] = tensor
+        self.pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        fname = f"shard-{len(self.shards):05d}.safetensors"
+        path = self.tmp / fname
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        _fsync_path(path)
+        self.shards.append((fname, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def commit(self, meta: dict[str, Any]) -> Path:
+        """Name the shards, write index and samoe.json (with file digests), rename into place."""
+        self.flush()
+        n = len(self.shards)
+        weight_map: dict[str, str] = {}
+        files: dict[str, dict[str, Any]] = {}
+        for k, (tmp_name, names) in enumerate(self.shards):
+            final = SINGLE_FILE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.tmp / tmp_name, self.tmp / final)
+            files[final] = {"sha256": sha256_file(self.tmp / final), "bytes": (self.tmp / final).stat().st_size}
+            weight_map.update({name: final for name in names})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            atomic_write_text(self.tmp / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+        meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, files=files)
+        atomic_write_text(self.tmp / META_FILE, json.dumps(meta, indent=2) + "\n")
+        _fsync_path(self.tmp)
+        replace_dir(self.tmp, self.out)
+        return self.out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def files_digest(files: dict[str, dict[str, Any]]) -> str:
+    """Digest of a whole checkpoint: sha256 over its shard names and digests."""
+    text = "".join(f"{name}:{files[name]['sha256']}\n" for name in sorted(files))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint directory opened for reading: metadata and headers only, tensors on demand."""
+
+    path: Path
+    meta: dict[str, Any]
+    config: SamMoEConfig
+    tensors: dict[str, TensorInfo] = field(repr=False)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Checkpoint":
+        path = Path(path)
+        if not path.exists():
+            raise SamoeError(f"checkpoint {path} does not exist: check the path")
+        if not path.is_dir():
+            raise SamoeError(f"{path} is a file, not a samoe checkpoint directory: pass the directory `samoe init` or `samoe expand` wrote")
+        meta_path = path / META_FILE
+        if not meta_path.exists():
+            raise SamoeError(f"{path} is not a samoe checkpoint (no {META_FILE}): create one with `samoe init`")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SamoeError(f"{meta_path} is not valid JSON ({e}): the checkpoint is damaged; re-create it") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise SamoeError(f"{meta_path} is not a samoe checkpoint description: re-create the checkpoint")
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise SamoeError(f"{path} uses checkpoint format {meta['format_version']}, newer than this samoe: upgrade samoe")
+        config = SamMoEConfig.from_dict(meta.get("config", {}))
+        shard_names = cls._shard_names(path, meta)
+        tensors: dict[str, TensorInfo] = {}
+        for shard in shard_names:
+            if not (path / shard).exists():
+                raise SamoeError(f"shard {shard} of {path} is missing: copy it back or re-create the checkpoint")
+            for name, info in read_header(path / shard).items():
+                tensors[name] = info
+        return cls(path, meta, config, tensors)
+
+    @staticmethod
+    def _shard_names(path: Path, meta: dict[str, Any]) -> list[str]:
+        index_path = path / INDEX_FILE
+        files = list(meta.get("files", {}))
+        if index_path.exists():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise SamoeError(f"{index_path} is damaged (no weight_map): re-create the checkpoint") from None
+            in_index = sorted(set(weight_map.values()))
+            missing = sorted(set(files) - set(in_index))
+            if missing:
+                raise SamoeError(f"shard {missing[0]} of {path} is missing from {INDEX_FILE}: re-create the checkpoint")
+            return in_index
+        if (path / SINGLE_FILE).exists() or files == [SINGLE_FILE]:
+            return [SINGLE_FILE]
+        raise SamoeError(f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE}: the checkpoint is incomplete; re-create it")
+
+    # -- metadata helpers
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return self.meta.get("provenance", {})
+
+    @property
+    def lineage(self) -> list[dict[str, Any]]:
+        return self.meta.get("lineage", [])
+
+    @property
+    def stages(self) -> list[dict[str, Any]]:
+        return self.meta.get("stages", [])
+
+    @property
+    def digest(self) -> str:
+        return files_digest(self.meta.get("files", {}))
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        return self.meta.get("files", {})
+
+    def check_matches_config(self) -> None:
+        """The tensors on disk are exactly the ones the config's model has, with the same shapes."""
+        from .model import build_model  # local: model imports are heavy and only needed here
+
+        expected = {k: tuple(v.shape) for k, v in build_model(self.config, device="meta").state_dict().items()}
+        missing = sorted(set(expected) - set(self.tensors))
+        extra = sorted(set(self.tensors) - set(expected))
+        if missing:
+            raise SamoeError(f"{self.path}: {META_FILE} does not match the tensors: {len(missing)} missing, e.g. {missing[0]}; re-create the checkpoint")
+        if extra:
+            raise SamoeError(f"{self.path}: {META_FILE} does not match the tensors: {len(extra)} unexpected, e.g. {extra[0]}; re-create the checkpoint")
+        for name, shape in expected.items():
+            if self.tensors[name].shape != shape:
+                raise SamoeError(
+                    f"{self.path}: tensor {name} has shape {list(self.tensors[name].shape)} but {META_FILE} implies {list(shape)}: re-create the checkpoint"
+                )
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (memory-mapped shard, only this tensor's bytes)."""
+        info = self.tensors[name]
+        try:
+            with safe_open(str(self.path / info.file), framework="pt") as f:
+                return f.get_tensor(name)
+        except SafetensorError as e:
+            raise SamoeError(f"cannot read tensor {name} from {info.file}: {e}; re-create the checkpoint") from None
+
+    def iter_tensors(self, names: Iterable[str] | None = None) -> Iterable[tuple[str, torch.Tensor]]:
+        """Yield tensors shard by shard (one open file at a time)."""
+        wanted = set(self.tensors if names is None else names)
+        by_file: dict[str, list[str]] = {}
+        for name, info in self.tensors.items():
+            if name in wanted:
+                by_file.setdefault(info.file, []).append(name)
+        for fname in sorted(by_file):
+            try:
+                with safe_open(str(self.path / fname), framework="pt") as f:
+                    for name in by_file[fname]:
+                        yield name, f.get_tensor(name)
+            except SafetensorError as e:
+                raise SamoeError(f"cannot read {fname}: {e}; re-create the checkpoint") from None
+
+    def verify_digests(self) -> list[str]:
+        """Recompute shard digests; return the names of files that do not match."""
+        bad = []
+        for fname, info in self.files.items():
+            p = self.path / fname
+            if not p.exists() or p.stat().st_size != info["bytes"] or sha256_file(p) != info["sha256"]:
+                bad.append(fname)
+        return bad
+
+
+# --------------------------------------------------------------------------- model-level helpers
+
+
+def lineage_entry(command: list[str], seed: int | None, parent: Checkpoint | None) -> dict[str, Any]:
+    from . import __version__
+
+    return {
+        "command": " ".join(command),
+        "seed": seed,
+        "version": __version__,
+        "parent": str(parent.path) if parent else None,
+        "parent_digest": parent.digest if parent else None,
+    }
+
+
+def build_meta(
+    config: SamMoEConfig,
+    provenance: dict[str, Any],
+    lineage: list[dict[str, Any]],
+    stages: list[dict[str, Any]],
+    dtype: torch.dtype,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "config": config.to_dict(),
+        "dtype": dtype_name(dtype),
+        "provenance": provenance,
+        "lineage": lineage,
+        "stages": stages,
+        **extra,
+    }
+
+
+def save_model(
+    model: torch.nn.Module,
+    out: str | Path,
+    meta: dict[str, Any],
+    dtype: torch.dtype | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    force: bool = False,
+) -> Path:
+    """Write `model`'s state dict as a checkpoint (floating tensors cast to `dtype`)."""
+    with CheckpointWriter(Path(out), shard_bytes=shard_bytes, force=force) as writer:
+        for name, tensor in model.state_dict().items():
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            writer.add(name, tensor)
+        return writer.commit(meta)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Rebuild the model from `samoe.json` and load its tensors (safetensors only, no pickle)."""
+    from .model import build_model
+
+    ckpt = Checkpoint.open(path)
+    ckpt.check_matches_config()
+    model = build_model(ckpt.config, device="meta")
+    state = {}
+    for name, tensor in ckpt.iter_tensors():
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[name] = tensor.to(device)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model

@@ -1,0 +1,171 @@
+"""One dataclass describes a SamMoE model; it is saved in every checkpoint.
+
+`SamMoEConfig` is enough to rebuild the module tree (on the meta device if only
+shapes are needed), so a checkpoint is self-describing. `PRESETS` is a small
+registry in the style of segment-anything's `build_sam.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from .errors import SamoeError
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """How every MoE layer of the model is laid out and routed.
+
+    Attributes:
+        groups: experts per group, e.g. (16,) for a flat MoE or
+            (16, 15, 15, 15, 14, 14, 14, 14) after growth. Groups may be ragged.
+        core_groups: the leading groups that hold the source model's experts.
+            They are always active and routed jointly (top_k over their union),
+            exactly as the source's flat router did. 0 means every group is routed.
+        top_k: experts chosen per token inside the core pool and inside each
+            routed group.
+        top_k_groups: routed (non-core) groups chosen per token by the group router.
+        aux_loss_coef: weight of the load-balancing loss a training step adds.
+    """
+
+    groups: tuple[int, ...] = (16,)
+    core_groups: int = 1
+    top_k: int = 2
+    top_k_groups: int = 1
+    aux_loss_coef: float = 0.01
+
+    @property
+    def num_experts(self) -> int:
+        return sum(self.groups)
+
+    @property
+    def num_core_experts(self) -> int:
+        return sum(self.groups[: self.core_groups])
+
+    def validate(self) -> None:
+        if not self.groups or any(g < 1 for g in self.groups):
+            raise SamoeError(f"every expert group needs at least one expert, got groups={list(self.groups)}")
+        if not 0 <= self.core_groups <= len(self.groups):
+            raise SamoeError(f"core_groups={self.core_groups} must be between 0 and the number of groups ({len(self.groups)})")
+        smallest = min(self.groups) if self.core_groups == 0 else min(
+            [self.num_core_experts] + list(self.groups[self.core_groups:]))
+        if not 1 <= self.top_k <= smallest:
+            raise SamoeError(f"top_k={self.top_k} must be between 1 and the smallest routed pool ({smallest} experts)")
+        routed = len(self.groups) - self.core_groups
+        if routed and not 1 <= self.top_k_groups <= routed:
+            raise SamoeError(f"top_k_groups={self.top_k_groups} must be between 1 and the number of routed groups ({routed})")
+
+
+@dataclass(frozen=True)
+class SamMoEConfig:
+    """The whole model: SAM image encoder + prompt-free mask decoder + MoE layout.
+
+    Encoder fields mirror segment-anything's `ImageEncoderViT` arguments; decoder
+    fields mirror its `TwoWayTransformer`. `moe_blocks` are indices of encoder
+    blocks whose MLP becomes an MoE layer; `extra_blocks` are appended after the
+    last ViT block (before the neck) with global attention.
+    """
+
+    # image encoder (segment_anything.modeling.ImageEncoderViT)
+    img_size: int = 1024
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    window_size: int = 14
+    global_attn_indexes: tuple[int, ...] = (5, 11, 17, 23)
+    out_chans: int = 256
+    # prompt-free mask decoder (segment_anything.modeling.TwoWayTransformer)
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    num_classes: int = 4
+    # mixture of experts
+    moe_blocks: tuple[int, ...] = tuple(range(15, 24))
+    decoder_moe: bool = True
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    extra_blocks: int = 0
+    extra_blocks_moe: bool = True
+
+    @property
+    def encoder_mlp_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def total_blocks(self) -> int:
+        return self.depth + self.extra_blocks
+
+    def is_moe_block(self, index: int) -> bool:
+        """Whether encoder block `index` (extra blocks included) has an MoE MLP."""
+        if index >= self.depth:
+            return self.extra_blocks_moe
+        return index in self.moe_blocks
+
+    def validate(self) -> "SamMoEConfig":
+        self.moe.validate()
+        if self.img_size % self.patch_size:
+            raise SamoeError(f"img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
+        bad = [b for b in self.moe_blocks if not 0 <= b < self.depth]
+        if bad:
+            raise SamoeError(f"moe blocks {bad} are outside the encoder's {self.depth} blocks (0..{self.depth - 1})")
+        if self.num_classes < 1:
+            raise SamoeError(f"num_classes={self.num_classes} must be at least 1")
+        if self.extra_blocks < 0:
+            raise SamoeError(f"extra_blocks={self.extra_blocks} must be >= 0")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SamMoEConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SamoeError(f"unknown model config keys {unknown}: the checkpoint was written by a newer samoe; upgrade samoe")
+        kwargs = dict(data)
+        moe = kwargs.pop("moe", {})
+        kwargs["moe"] = MoEConfig(**{k: tuple(v) if k == "groups" else v for k, v in moe.items()})
+        for name in ("global_attn_indexes", "moe_blocks"):
+            if name in kwargs:
+                kwargs[name] = tuple(kwargs[name])
+        return cls(**kwargs).validate()
+
+    def replace(self, **changes: Any) -> "SamMoEConfig":
+        return replace(self, **changes)
+
+
+def _vit(embed_dim: int, depth: int, num_heads: int, global_attn_indexes: tuple[int, ...]) -> dict[str, Any]:
+    return dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, global_attn_indexes=global_attn_indexes)
+
+
+# Encoder shapes of segment-anything's registry (build_sam.py).
+SAM_VITS: dict[str, dict[str, Any]] = {
+    "vit_b": _vit(768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": _vit(1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": _vit(1280, 32, 16, (7, 15, 23, 31)),
+}
+
+PRESETS: dict[str, SamMoEConfig] = {
+    # A miniature of the real shape; runs the whole pipeline on a CPU in seconds.
+    "tiny": SamMoEConfig(
+        img_size=128, patch_size=16, embed_dim=64, depth=4, num_heads=4, window_size=4,
+        global_attn_indexes=(1, 3), out_chans=32, decoder_depth=2, decoder_mlp_dim=64,
+        decoder_num_heads=4, num_classes=4, moe_blocks=(2, 3),
+        moe=MoEConfig(groups=(4,), core_groups=1, top_k=2),
+    ),
+    # ViT-L with 16 experts (top-2) in the last 9 encoder blocks and the decoder MLPs.
+    "sam-moe-1.5b": SamMoEConfig(
+        **SAM_VITS["vit_l"], moe_blocks=tuple(range(15, 24)),
+        moe=MoEConfig(groups=(16,), core_groups=1, top_k=2),
+    ),
+}
+
+
+def get_preset(name: str) -> SamMoEConfig:
+    if name not in PRESETS:
+        raise SamoeError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]

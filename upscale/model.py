@@ -1,0 +1,188 @@
+"""SamMoE: SAM's image encoder with MoE MLPs, a prompt-free SAM mask decoder, three task heads.
+
+Everything SAM-shaped is segment-anything's own code: `ImageEncoderViT`, `Block`,
+`TwoWayTransformer`, the hypernetwork `MLP`, `PositionEmbeddingRandom`. We only
+swap the MLP of chosen blocks (and of the decoder's two-way blocks) for an
+`MoEMLP` of the same call signature, append optional extra blocks after the last
+ViT block, and replace SAM's prompt encoder by learned tokens. So
+`model.image_encoder(x)` is called exactly like SAM's, and a model upcycled from
+a dense SAM checkpoint reproduces SAM's image-encoder output.
+
+Outputs (`SamMoE.forward`), at input resolution:
+    seg       (B, C, H, W)  class logits
+    sdf       (B, C, H, W)  per-class signed distance, pre-tanh (target in [-1, 1])
+    boundary  (B, 1, H, W)  class-boundary logit
+Each output channel has its own learned token and hypernetwork MLP, as SAM's
+mask tokens do, so the decoder's MoE layers (which act on tokens) shape every head.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling.common import LayerNorm2d
+from segment_anything.modeling.image_encoder import Block, ImageEncoderViT
+from segment_anything.modeling.mask_decoder import MLP
+from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
+from segment_anything.modeling.transformer import TwoWayTransformer
+from torch import Tensor, nn
+
+from .config import SamMoEConfig
+from .moe import MoEMLP
+
+TASKS = ("seg", "sdf", "boundary")
+
+
+def _vit_block(cfg: SamMoEConfig, window_size: int) -> Block:
+    """A block configured exactly like segment-anything's `_build_sam` does."""
+    grid = cfg.img_size // cfg.patch_size
+    return Block(
+        dim=cfg.embed_dim,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        act_layer=nn.GELU,
+        use_rel_pos=True,
+        rel_pos_zero_init=True,
+        window_size=window_size,
+        input_size=(grid, grid),
+    )
+
+
+def build_image_encoder(cfg: SamMoEConfig) -> ImageEncoderViT:
+    """SAM's ViT with MoE MLPs in `cfg.moe_blocks` and `cfg.extra_blocks` global-attention blocks appended."""
+    encoder = ImageEncoderViT(
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        out_chans=cfg.out_chans,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        act_layer=nn.GELU,
+        use_abs_pos=True,
+        use_rel_pos=True,
+        rel_pos_zero_init=True,
+        window_size=cfg.window_size,
+        global_attn_indexes=cfg.global_attn_indexes,
+    )
+    for _ in range(cfg.extra_blocks):
+        encoder.blocks.append(_vit_block(cfg, window_size=0))
+    for i, block in enumerate(encoder.blocks):
+        if cfg.is_moe_block(i):
+            block.mlp = MoEMLP(cfg.embed_dim, cfg.encoder_mlp_dim, cfg.moe, nn.GELU)
+    return encoder
+
+
+class PromptFreeMaskDecoder(nn.Module):
+    """SAM's mask decoder driven by learned tokens instead of prompts.
+
+    Arguments:
+        cfg (SamMoEConfig): uses out_chans (transformer width), decoder_depth,
+            decoder_mlp_dim, decoder_num_heads, num_classes, decoder_moe, moe.
+    """
+
+    def __init__(self, cfg: SamMoEConfig) -> None:
+        super().__init__()
+        dim = cfg.out_chans
+        self.num_classes = cfg.num_classes
+        self.pe_layer = PositionEmbeddingRandom(dim // 2)
+        self.no_mask_embed = nn.Embedding(1, dim)
+        self.transformer = TwoWayTransformer(
+            depth=cfg.decoder_depth, embedding_dim=dim, mlp_dim=cfg.decoder_mlp_dim, num_heads=cfg.decoder_num_heads
+        )
+        if cfg.decoder_moe:
+            for layer in self.transformer.layers:
+                layer.mlp = MoEMLP(dim, cfg.decoder_mlp_dim, cfg.moe, nn.ReLU)
+        num_outputs = 2 * cfg.num_classes + 1  # seg C, sdf C, boundary 1
+        self.mask_tokens = nn.Embedding(num_outputs, dim)
+        self.output_upscaling = nn.Sequential(
+            nn.ConvTranspose2d(dim, dim // 4, kernel_size=2, stride=2),
+            LayerNorm2d(dim // 4),
+            nn.GELU(),
+            nn.ConvTranspose2d(dim // 4, dim // 8, kernel_size=2, stride=2),
+            nn.GELU(),
+        )
+        self.output_hypernetworks_mlps = nn.ModuleList(MLP(dim, dim, dim // 8, 3) for _ in range(num_outputs))
+
+    def forward(self, image_embeddings: Tensor) -> dict[str, Tensor]:
+        """(B, D, h, w) image embeddings -> seg/sdf/boundary at (4h, 4w)."""
+        b, d, h, w = image_embeddings.shape
+        tokens = self.mask_tokens.weight.unsqueeze(0).expand(b, -1, -1)
+        src = image_embeddings + self.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        pos = self.pe_layer((h, w)).unsqueeze(0).expand(b, -1, -1, -1).to(src.dtype)
+        hs, src = self.transformer(src, pos, tokens)
+        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, d, h, w))
+        hyper = torch.stack([mlp(hs[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
+        masks = (hyper @ upscaled.flatten(2)).view(b, -1, *upscaled.shape[-2:])
+        c = self.num_classes
+        return {"seg": masks[:, :c], "sdf": masks[:, c : 2 * c], "boundary": masks[:, 2 * c :]}
+
+
+class SamMoE(nn.Module):
+    """The segmentation model samoe grows and trains.
+
+    Arguments:
+        cfg (SamMoEConfig): the whole architecture (saved in every checkpoint).
+    """
+
+    def __init__(self, cfg: SamMoEConfig) -> None:
+        super().__init__()
+        self.config = cfg.validate()
+        self.image_encoder = build_image_encoder(cfg)
+        self.mask_decoder = PromptFreeMaskDecoder(cfg)
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        """(B, 3, S, S) normalised images, S = img_size -> dict of (B, *, S, S) head outputs."""
+        out = self.mask_decoder(self.image_encoder(images))
+        size = images.shape[-2:]
+        return {k: F.interpolate(v, size, mode="bilinear", align_corners=False) for k, v in out.items()}
+
+    def moe_layers(self) -> Iterator[tuple[str, MoEMLP]]:
+        """(qualified name, layer) of every MoE layer, encoder first."""
+        for name, module in self.named_modules():
+            if isinstance(module, MoEMLP):
+                yield name, module
+
+    def aux_loss(self) -> Tensor:
+        """Mean load-balancing loss of the MoE layers in the last forward."""
+        losses = [m.aux_loss for _, m in self.moe_layers() if m.aux_loss is not None]
+        return torch.stack(losses).mean() if losses else torch.zeros(())
+
+
+def init_weights(model: SamMoE, seed: int) -> SamMoE:
+    """All random initialisation in one place, reproducible from `seed` (on CPU).
+
+    Modules keep their PyTorch/SAM defaults (built under the seed); on top of that
+    the absolute position embedding gets a small truncated normal (SAM's own
+    constructor leaves it at zero, which only a pretrained checkpoint fills), the
+    routers a small normal so initial routing is near-uniform, and the learned
+    tokens N(0, 1) like nn.Embedding.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("pos_embed"):
+                p.copy_(torch.randn(p.shape, generator=gen).clamp_(-2, 2) * 0.02)
+            elif ".router.expert_gates." in name or ".router.group_gate." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model
+
+
+def build_model(cfg: SamMoEConfig, seed: int = 0, device: str | torch.device = "cpu") -> SamMoE:
+    """Build a randomly initialised SamMoE; on the meta device nothing is allocated (for counting)."""
+    device = torch.device(device)
+    if device.type == "meta":
+        with device:
+            return SamMoE(cfg)
+    torch.manual_seed(seed)
+    with device:
+        model = SamMoE(cfg)
+    return init_weights(model, seed)

@@ -1,0 +1,243 @@
+"""Mixture-of-experts MLP with a hierarchical (group -> expert) router.
+
+Layout of one MoE layer (it replaces a SAM `MLPBlock`, same input/output shape):
+
+    router.expert_gates.{g}.weight  (E_g, D)   in-group router rows, one per expert
+    router.group_gate.weight        (G_r, D)   group router over the routed groups
+    router.group_scale              (G_r,)     learnable scale of each routed group
+    experts.{g}.w1 / b1             (E_g, H, D) / (E_g, H)   = stacked `lin1` of SAM's MLP
+    experts.{g}.w2 / b2             (E_g, D, H) / (E_g, D)   = stacked `lin2`
+
+Routing. The first `core_groups` groups hold the source model's experts. They
+are always active and routed jointly: softmax over the union of their experts,
+top-k, weights renormalised to sum to one. That is exactly the flat top-k router
+of the source model, so a model whose experts are all copies of a dense MLP
+reproduces that MLP, and growth leaves the source's computation untouched.
+The remaining ("routed") groups are chosen per token by the group router
+(softmax over routed groups, top-k groups); inside a chosen group an in-group
+router picks top-k experts (renormalised). A routed group's output is weighted
+by `group_scale[g] * p_group`. The probability is not renormalised so the group
+router keeps a gradient with one chosen group (as in Switch Transformer).
+
+Why `group_scale`: growth initialises it to zero, so the grown model computes
+exactly what the source computed (function preserved, for any noise on new
+experts), while d(loss)/d(group_scale) = p_group * <expert output, grad> is
+non-zero from the first step. After one optimiser step the scales are non-zero
+and every router, new group and new expert that receives tokens gets gradient.
+A hard top-1 choice of the core group would instead starve the new groups.
+
+Dispatch. Tokens are sorted by expert; each group's experts run as one grouped
+GEMM (`torch._grouped_mm`) over their contiguous slice, with a per-expert loop
+as fallback where grouped GEMM is unavailable; results are weighted and
+scattered back with `index_add`. Only the experts a token uses are computed, and
+the in-group routers only see the tokens of their group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Type
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MoEConfig
+
+
+def _grouped_mm_ok(x: Tensor) -> bool:
+    """torch._grouped_mm runs on CPU (any float dtype) and on CUDA for bf16."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16
+
+
+def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor, counts: Tensor, counts_list: list[int]) -> Tensor:
+    """Apply expert e's linear layer to its contiguous slice of rows.
+
+    Args:
+        x (Tensor): (n, in) rows sorted by expert.
+        weight (Tensor): (E, out, in), nn.Linear layout per expert.
+        bias (Tensor): (E, out).
+        counts (Tensor): (E,) rows per expert, on x's device.
+        counts_list (list[int]): the same counts on the host.
+    Returns:
+        Tensor: (n, out).
+    """
+    n = x.shape[0]
+    if _grouped_mm_ok(x):
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        y = torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
+    else:
+        parts = [xe @ weight[e].t() for e, xe in enumerate(torch.split(x, counts_list)) if xe.shape[0]]
+        y = torch.cat(parts) if parts else x.new_zeros(0, weight.shape[1])
+    return y + torch.repeat_interleave(bias, counts, dim=0, output_size=n)
+
+
+class ExpertBank(nn.Module):
+    """`num_experts` MLPs of SAM's `MLPBlock` shape, stacked for grouped GEMM.
+
+    Arguments:
+        num_experts (int): experts in this bank (one group).
+        dim (int): token width D.
+        hidden (int): MLP hidden width H.
+        act (Type[nn.Module]): activation (GELU in the encoder, ReLU in the decoder).
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, act: Type[nn.Module]) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.b1 = nn.Parameter(torch.empty(num_experts, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.b2 = nn.Parameter(torch.empty(num_experts, dim))
+        self.act = act()
+        self.reset_parameters()
+
+    @property
+    def num_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init, expert by expert."""
+        for w, b in ((self.w1, self.b1), (self.w2, self.b2)):
+            bound = 1.0 / w.shape[-1] ** 0.5
+            if w.device.type != "meta":
+                with torch.no_grad():
+                    for e in range(w.shape[0]):
+                        nn.init.kaiming_uniform_(w[e], a=5**0.5)
+                    nn.init.uniform_(b, -bound, bound)
+
+    def forward(self, x: Tensor, counts: Tensor, counts_list: list[int]) -> Tensor:
+        """x: (n, D) rows sorted by expert, counts (E,) -> (n, D)."""
+        h = self.act(grouped_linear(x, self.w1, self.b1, counts, counts_list))
+        return grouped_linear(h, self.w2, self.b2, counts, counts_list)
+
+
+@dataclass
+class Routing:
+    """Which experts each token uses, as flat assignment lists of equal length A."""
+
+    token: Tensor  # (A,) token index
+    expert: Tensor  # (A,) global expert index (groups laid out in order)
+    weight: Tensor  # (A,) mixing weight
+    aux_loss: Tensor  # scalar load-balancing loss
+
+
+def _topk_renormalised(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    probs = logits.float().softmax(dim=-1)
+    top_p, top_i = probs.topk(k, dim=-1)
+    return probs, top_i, top_p / top_p.sum(dim=-1, keepdim=True)
+
+
+def _balance_loss(probs: Tensor, chosen: Tensor, num: int) -> Tensor:
+    """Switch-Transformer load-balancing loss: num * sum_e f_e * mean_p_e (1.0 when uniform)."""
+    if probs.shape[0] == 0:
+        return probs.new_zeros(())
+    frac = torch.bincount(chosen.flatten(), minlength=num).float() / chosen.numel()
+    return num * (frac * probs.mean(dim=0)).sum()
+
+
+class HierarchicalRouter(nn.Module):
+    """Group router -> top-k groups, in-group routers -> top-k experts (see module docstring).
+
+    Arguments:
+        dim (int): token width D.
+        cfg (MoEConfig): groups, core groups and top-k values.
+    """
+
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.expert_gates = nn.ModuleList(nn.Linear(dim, e, bias=False) for e in cfg.groups)
+        routed = len(cfg.groups) - cfg.core_groups
+        if routed:
+            self.group_gate = nn.Linear(dim, routed, bias=False)
+            self.group_scale = nn.Parameter(torch.ones(routed))
+        offsets = [0]
+        for e in cfg.groups:
+            offsets.append(offsets[-1] + e)
+        self.offsets = offsets
+
+    def forward(self, x: Tensor) -> Routing:
+        """x: (N, D) -> Routing over the N tokens."""
+        cfg = self.cfg
+        n = x.shape[0]
+        tokens, experts, weights, aux = [], [], [], []
+        ar = torch.arange(n, device=x.device)
+        if cfg.core_groups:
+            logits = torch.cat([self.expert_gates[g](x) for g in range(cfg.core_groups)], dim=-1)
+            probs, top_i, top_w = _topk_renormalised(logits, cfg.top_k)
+            tokens.append(ar.repeat_interleave(cfg.top_k))
+            experts.append(top_i.flatten())
+            weights.append(top_w.flatten())
+            aux.append(_balance_loss(probs, top_i, cfg.num_core_experts))
+        if len(cfg.groups) > cfg.core_groups:
+            g_probs = self.group_gate(x).float().softmax(dim=-1)
+            g_p, g_i = g_probs.topk(cfg.top_k_groups, dim=-1)
+            aux.append(_balance_loss(g_probs, g_i, g_probs.shape[-1]))
+            for r in range(g_probs.shape[-1]):
+                g = cfg.core_groups + r
+                tok, slot = (g_i == r).nonzero(as_tuple=True)
+                if tok.numel() == 0:
+                    continue
+                probs, top_i, top_w = _topk_renormalised(self.expert_gates[g](x[tok]), cfg.top_k)
+                scale = g_p[tok, slot] * self.group_scale[r]
+                tokens.append(tok.repeat_interleave(cfg.top_k))
+                experts.append((top_i + self.offsets[g]).flatten())
+                weights.append((top_w * scale[:, None]).flatten())
+                aux.append(_balance_loss(probs, top_i, cfg.groups[g]))
+        return Routing(
+            token=torch.cat(tokens),
+            expert=torch.cat(experts),
+            weight=torch.cat(weights),
+            aux_loss=torch.stack(aux).mean() if aux else x.new_zeros(()),
+        )
+
+
+class MoEMLP(nn.Module):
+    """Drop-in replacement for SAM's `MLPBlock`: same call, any leading dims.
+
+    Arguments:
+        dim (int): token width D.
+        hidden (int): expert hidden width H (SAM's mlp_dim).
+        cfg (MoEConfig): expert groups and routing.
+        act (Type[nn.Module]): expert activation.
+
+    After each forward, `aux_loss` holds the load-balancing loss and
+    `expert_counts` / `group_counts` the token-expert assignments of each
+    expert / group (for routing reports); both are detached statistics except `aux_loss`.
+    """
+
+    def __init__(self, dim: int, hidden: int, cfg: MoEConfig, act: Type[nn.Module] = nn.GELU) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = HierarchicalRouter(dim, cfg)
+        self.experts = nn.ModuleList(ExpertBank(e, dim, hidden, act) for e in cfg.groups)
+        self.aux_loss: Tensor | None = None
+        self.expert_counts: Tensor | None = None
+        self.group_counts: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        route = self.router(x)
+        order = torch.argsort(route.expert, stable=True)
+        token = route.token[order]
+        counts = torch.bincount(route.expert, minlength=self.cfg.num_experts)
+        counts_list = counts.tolist()
+        rows = x[token]
+        outs, start = [], 0
+        for g, bank in enumerate(self.experts):
+            lo, hi = self.router.offsets[g], self.router.offsets[g + 1]
+            n = sum(counts_list[lo:hi])
+            if n:
+                outs.append(bank(rows[start : start + n], counts[lo:hi], counts_list[lo:hi]))
+            start += n
+        y = torch.cat(outs) * route.weight[order].to(x.dtype)[:, None]
+        out = torch.zeros_like(x).index_add(0, token, y)
+        self.aux_loss = route.aux_loss
+        self.expert_counts = counts.detach()
+        self.group_counts = torch.stack([counts[lo:hi].sum() for lo, hi in zip(self.router.offsets, self.router.offsets[1:])])
+        return out.reshape(shape)
