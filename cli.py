@@ -231,16 +231,143 @@ def demo_data(
         console.print(f"demo data in {out}: {json.dumps(summary, default=str)}", soft_wrap=True)
 
 
-@app.command()
-def plan() -> None:
-    """Parameter counts and memory of a grown model, without writing (issue 5)."""
-    _not_built("plan", 5)
+def _growth_spec(source_cfg: Any, experts: int, groups: str, core_groups: int, top_k_groups: int, extra_blocks: int,
+                 extra_dense: bool, init: str, noise_std: float, interp_weight: float, seed: int) -> Any:
+    from upscale.expand import GrowthSpec, resolve_groups
+
+    sizes = resolve_groups(source_cfg.moe.num_experts, experts, groups, core_groups)
+    return GrowthSpec(experts=experts, groups=sizes, core_groups=core_groups, top_k_groups=top_k_groups,
+                      extra_blocks=extra_blocks, extra_dense=extra_dense, init=init, noise_std=noise_std,
+                      interp_weight=interp_weight, seed=seed)
+
+
+_GROWTH_HELP = {
+    "experts": "Experts per MoE layer after growth (e.g. 117).",
+    "groups": "Number of groups (e.g. 8) or explicit sizes, core group(s) first (e.g. 16,15,15,15,14,14,14,14).",
+    "core_groups": "Groups holding the source experts (1 or 2); always active.",
+    "top_k_groups": "New groups chosen per token by the group router.",
+    "extra_blocks": "Blocks appended after the last ViT block (start as the identity).",
+}
 
 
 @app.command()
-def expand() -> None:
-    """Grow a checkpoint: more experts in groups, extra blocks (issue 5)."""
-    _not_built("expand", 5)
+@handles_errors
+def plan(
+    source: Optional[Path] = typer.Argument(None, help="Source checkpoint (or use --preset)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Plan from a preset instead of a checkpoint."),
+    experts: int = typer.Option(..., "--experts", help=_GROWTH_HELP["experts"]),
+    groups: str = typer.Option("8", "--groups", help=_GROWTH_HELP["groups"]),
+    core_groups: int = typer.Option(1, "--core-groups", help=_GROWTH_HELP["core_groups"]),
+    top_k_groups: int = typer.Option(1, "--top-k-groups", help=_GROWTH_HELP["top_k_groups"]),
+    extra_blocks: int = typer.Option(0, "--extra-blocks", help=_GROWTH_HELP["extra_blocks"]),
+    extra_dense: bool = typer.Option(False, "--extra-dense", help="Extra blocks get a dense MLP instead of MoE."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="Training dtype for the memory estimate."),
+    last_k: int = typer.Option(4, "--last-k", help="Stage 2 unfreezes the FFN/MoE of the last K ViT blocks."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Parameter counts and per-stage memory of a grown model, computed on the meta device; writes nothing."""
+    from upscale.checkpoint import Checkpoint, parse_dtype
+    from upscale.config import get_preset
+    from upscale.errors import SamoeError
+    from upscale.expand import plan_report
+
+    if (source is None) == (preset is None):
+        raise SamoeError("give exactly one of a SOURCE checkpoint or --preset NAME")
+    src_cfg = get_preset(preset) if preset else Checkpoint.open(source).config
+    spec = _growth_spec(src_cfg, experts, groups, core_groups, top_k_groups, extra_blocks, extra_dense, "copy-noise", 0.0, 0.3, 0)
+    report = plan_report(src_cfg, spec, parse_dtype(dtype))
+    if as_json:
+        _print_json(report)
+        return
+    t = Table(title=f"grown model: {report['total_params'] / 1e9:.3f}B parameters (source {report['source_params'] / 1e9:.3f}B)")
+    t.add_column("component")
+    t.add_column("params", justify="right")
+    for comp, n in report["params_by_component"].items():
+        t.add_row(comp, f"{n:,}")
+    t.add_row("[bold]total[/]", f"[bold]{report['total_params']:,}[/]")
+    console.print(t)
+    groups_ = next(iter(report["groups"].values()))
+    console.print(f"{report['num_moe_layers']} MoE layers, groups {groups_}, {report['num_blocks']} encoder blocks")
+    m = Table(title=f"memory per stage ({dtype} weights/grads, SGD momentum; activations not included)")
+    for col in ("stage", "trainable params", "weights", "grads", "optimizer", "total"):
+        m.add_column(col, justify="right")
+    for stage, v in report["memory_per_stage"].items():
+        m.add_row(stage, f"{v['trainable_params']:,}", *(f"{v[k] / 2**30:.1f} GiB" for k in ("weights_bytes", "grad_bytes", "optimizer_bytes", "total_bytes")))
+    console.print(m)
+
+
+@app.command()
+@handles_errors
+def expand(
+    source: Path = typer.Argument(..., help="Source (flat MoE) checkpoint."),
+    out: Path = typer.Option(..., "--out", help="Grown checkpoint directory to create."),
+    experts: int = typer.Option(..., "--experts", help=_GROWTH_HELP["experts"]),
+    groups: str = typer.Option("8", "--groups", help=_GROWTH_HELP["groups"]),
+    core_groups: int = typer.Option(1, "--core-groups", help=_GROWTH_HELP["core_groups"]),
+    top_k_groups: int = typer.Option(1, "--top-k-groups", help=_GROWTH_HELP["top_k_groups"]),
+    extra_blocks: int = typer.Option(0, "--extra-blocks", help=_GROWTH_HELP["extra_blocks"]),
+    extra_dense: bool = typer.Option(False, "--extra-dense", help="Extra blocks get a dense MLP instead of MoE."),
+    init: str = typer.Option("copy-noise", "--init", help="copy-noise | interpolate | mixed"),
+    noise_std: float = typer.Option(0.01, "--noise-std", help="Noise std relative to each tensor's own std (copy-noise)."),
+    interp_weight: float = typer.Option(0.3, "--interp-weight", help="W in W*A + (1-W)*B (interpolate)."),
+    seed: int = typer.Option(0, "--seed"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (default: the source's)."),
+    shard_size: float = typer.Option(2.0, "--shard-size", help="Shard size in GiB."),
+    workers: int = typer.Option(2, "--workers", help="Threads making tensors (output is identical for any count)."),
+    verify: Optional[Path] = typer.Option(None, "--verify", help="Data folder: compare source and grown outputs on its images."),
+    verify_tol: Optional[float] = typer.Option(None, "--verify-tol", help="Exit 3 if a head's relative deviation exceeds this."),
+    verify_images: int = typer.Option(8, "--verify-images", help="Images used by --verify."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing checkpoint at --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary (and verify report) as JSON."),
+) -> None:
+    """Grow a checkpoint: more experts in groups under a two-level router, extra identity blocks."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    from upscale.checkpoint import Checkpoint, parse_dtype
+    from upscale.errors import SamoeError
+    from upscale.expand import expand_checkpoint
+
+    src = Checkpoint.open(source)
+    if shard_size <= 0 or workers < 1:
+        raise SamoeError("--shard-size must be > 0 and --workers >= 1")
+    if verify is not None and not (verify / "images").is_dir():
+        raise SamoeError(f"--verify {verify} has no images/ folder: pass a data folder such as data/A")
+    spec = _growth_spec(src.config, experts, groups, core_groups, top_k_groups, extra_blocks, extra_dense, init, noise_std, interp_weight, seed)
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=console, transient=as_json) as progress:
+        task = progress.add_task("expanding", total=None)
+        path = expand_checkpoint(
+            source, out, spec, _command_line(), dtype=parse_dtype(dtype) if dtype else None, workers=workers,
+            shard_bytes=int(shard_size * 2**30), force=force,
+            on_start=lambda total: progress.update(task, total=total),
+            on_tensor=lambda n: progress.advance(task, n),
+        )
+    report = None
+    if verify is not None:
+        from upscale.checkpoint import load_model
+        from upscale.verify import load_images, output_deviation
+
+        grown_ckpt = Checkpoint.open(path)
+        images = load_images(verify, grown_ckpt.config.img_size, verify_images)
+        report = output_deviation(load_model(source), load_model(path), images)
+    if as_json:
+        from upscale.summary import inspect_checkpoint
+
+        _print_json({"checkpoint": inspect_checkpoint(Checkpoint.open(path)), "verify": report})
+    else:
+        _show_summary(Checkpoint.open(path), False)
+        if report:
+            t = Table(title=f"--verify: grown vs source on {verify}")
+            t.add_column("head")
+            t.add_column("relative deviation", justify="right")
+            t.add_column("relative max deviation", justify="right")
+            for head, v in report.items():
+                t.add_row(head, f"{v['relative']:.3e}", f"{v['relative_max']:.3e}")
+            console.print(t)
+    if report and verify_tol is not None:
+        worst = max(v["relative"] for v in report.values())
+        if worst > verify_tol:
+            _fail(f"grown model deviates from the source by {worst:.3e} (> --verify-tol {verify_tol:g}); the checkpoint is kept at {path}", 3)
 
 
 @app.command()

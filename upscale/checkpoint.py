@@ -409,7 +409,7 @@ def lineage_entry(command: list[str], seed: int | None, parent: Checkpoint | Non
         "command": " ".join(command),
         "seed": seed,
         "version": __version__,
-        "parent": str(parent.path) if parent else None,
+        "parent": str(parent.path.resolve()) if parent else None,
         "parent_digest": parent.digest if parent else None,
     }
 

@@ -1,0 +1,847 @@
+"""SAR image/mask folders, demo data, pseudo-labels, and the targets made from masks.
+
+Everything the training stages read goes through this module, so the on-disk
+conventions and the pixel normalisation live in one place.
+
+On-disk layout
+--------------
+A *folder* is a directory with ``images/`` and, when labelled, ``masks/``::
+
+    root/images/<stem>.tif|.tiff|.png    SAR image (see "Images" below)
+    root/masks/<stem>.png                class ids, 8- or 16-bit grey PNG; 255 = ignore
+    root/confidence/<stem>.tif           pseudo-labels only: float32 HxW in [0, 1]
+
+``make_demo_data(out)`` writes ``out/A`` (labelled), ``out/A-test`` (held-out
+labelled) and ``out/B`` (images only), plus ``out/demo-data.json`` (the summary).
+
+Images
+------
+* float TIFF: **linear power** (sigma0, not dB), 1 or 2 channels, laid out as
+  HxW, CxHxW or HxWxC with C in {1, 2}. Two channels are (VV, VH). The demo
+  data is written as float32 ``(2, H, W)`` (planar, one TIFF page).
+* integer images (uint8/uint16 PNG or TIFF): **already display-scaled**
+  amplitude (e.g. a dB-quantised 8-bit quick-look). They are mapped to [0, 1]
+  by dividing by the dtype's maximum (255, 65535), and that value stands in
+  for the dB-scaled value below; no log is taken.
+
+Normalisation (``sar_to_input``), fixed constants, no dataset statistics, so
+that pseudo-labelling B, training on A and evaluating on A-test see exactly
+the same mapping and nothing has to be computed or stored first::
+
+    db = 10 * log10(max(x, 1e-6))                    # x: linear power; NaN -> 1e-6
+    u  = (clip(db, DB_MIN, DB_MAX) - DB_MIN) / (DB_MAX - DB_MIN)   # [-30, +5] dB -> [0, 1]
+    ratio_db = (u_vv - u_vh) * (DB_MAX - DB_MIN)     # VV - VH in dB (of the clipped values)
+    u_ratio  = clip((ratio_db - RATIO_DB_MIN) / (RATIO_DB_MAX - RATIO_DB_MIN), 0, 1)  # [-5, 20] dB
+    out = (u - NORM_MEAN) / NORM_STD                 # 0.5 and 0.25 for every channel: [0,1] -> [-2, 2]
+
+Channels: one channel -> (u, u, u); two channels -> (u_vv, u_vh, u_ratio).
+The result is float32 ``(3, H, W)`` and already standardised: the model must
+not normalise it again (SAM's ImageNet pixel mean/std do not apply to SAR).
+
+Targets (numpy only)
+--------------------
+``boundary_target`` marks pixels within ``radius`` (Euclidean) of a class
+change; ``sdf_target`` gives one-vs-rest normalised signed distances from an
+exact Euclidean distance transform (Felzenszwalb & Huttenlocher, 2012). See
+their docstrings for the precise formulas.
+
+Validation
+----------
+Folder datasets check everything they can at construction and raise
+``DataError`` (a ``ValueError`` and a ``SamoeError``: the CLI prints it as one
+line and exits 2). Masks (and confidence maps) are read in full at
+construction to check sizes and class ids: cheap at demo scale, and a bad
+label found at step 40 000 of a run costs far more than the scan. Images are
+checked from their headers only (shape, channels); a file whose pixel data is
+corrupt behind a valid header raises ``DataError`` when it is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import tifffile
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+from upscale.errors import SamoeError
+
+__all__ = [
+    "CLASS_NAMES",
+    "DB_MAX",
+    "DB_MIN",
+    "DataError",
+    "IGNORE_INDEX",
+    "IMAGE_SUFFIXES",
+    "LabelledFolder",
+    "NORM_MEAN",
+    "NORM_STD",
+    "PseudoLabelFolder",
+    "RATIO_DB_MAX",
+    "RATIO_DB_MIN",
+    "UnlabelledFolder",
+    "boundary_target",
+    "distance_transform",
+    "make_demo_data",
+    "read_confidence",
+    "read_image",
+    "read_mask",
+    "sar_to_input",
+    "sdf_target",
+    "squared_distance_transform",
+    "write_confidence",
+    "write_image",
+    "write_mask",
+]
+
+# --------------------------------------------------------------------------- constants
+
+CLASS_NAMES: tuple[str, ...] = ("water", "urban", "vegetation", "bare_soil")
+"""Class ids of the demo data, in order (0..3)."""
+
+IGNORE_INDEX = 255
+"""Mask value that marks unlabelled pixels (no loss, no boundary)."""
+
+IMAGE_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png")
+
+DB_MIN, DB_MAX = -30.0, 5.0
+"""Clip range of sigma0 in dB: below -30 dB is the noise floor of C-band
+sensors; above +5 dB is only strong point targets, which would otherwise
+compress everything else into a few grey levels."""
+
+RATIO_DB_MIN, RATIO_DB_MAX = -5.0, 20.0
+"""Range of the VV - VH ratio in dB: typical land covers sit at 5-10 dB and
+4-look speckle spreads single pixels by about +-10 dB around that."""
+
+NORM_MEAN, NORM_STD = 0.5, 0.25
+"""Fixed standardisation of every [0, 1] channel: maps it to [-2, 2]."""
+
+_FLOOR = 1e-6  # linear power floor before the log (-60 dB): no log(0)
+_NO_FEATURE = 2.0**50  # "infinite" squared distance that keeps float64 arithmetic exact
+
+# Demo scene model: class -> (VV sigma0 dB, VV - VH dB).
+_DEMO_SIGMA0_DB: dict[int, tuple[float, float]] = {
+    0: (-20.0, 6.0),  # water: specular, very dark
+    1: (0.0, 8.0),  # urban: double bounce, bright, weak cross-pol
+    2: (-8.0, 6.0),  # vegetation: volume scattering, strong cross-pol
+    3: (-13.0, 8.0),  # bare soil: surface scattering
+}
+_DEMO_LOOKS = 4  # speckle: Gamma(L, 1/L), mean 1
+_SPLITS: tuple[tuple[str, str, int, bool], ...] = (
+    # (directory, file-stem prefix, seed stream, masks written)
+    ("A", "a", 0, True),
+    ("A-test", "t", 1, True),
+    ("B", "b", 2, False),
+)
+
+
+class DataError(SamoeError, ValueError):
+    """A data file or folder is missing, malformed or inconsistent (one line: what and the fix)."""
+
+
+# --------------------------------------------------------------------------- file I/O
+
+
+def write_image(path: Path, image: np.ndarray) -> None:
+    """Write a SAR image as an uncompressed TIFF with no timestamp or software tag.
+
+    ``(C, H, W)`` arrays with C > 1 are written planar (one page, C samples), so
+    they read back as ``(C, H, W)``. Byte-identical for identical arrays.
+    """
+    image = np.ascontiguousarray(image)
+    extra: dict[str, Any] = {"planarconfig": "separate"} if image.ndim == 3 and image.shape[0] > 1 else {}
+    tifffile.imwrite(path, image, photometric="minisblack", metadata=None, software=False, **extra)
+
+
+def write_mask(path: Path, mask: np.ndarray) -> None:
+    """Write class ids as a grey PNG: 8-bit when all ids fit, else 16-bit."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or mask.size and (mask.min() < 0 or mask.max() > 65535):
+        raise DataError(f"mask for {path} must be 2-D with ids in [0, 65535]: fix the array before writing")
+    dtype = np.uint8 if mask.size == 0 or mask.max() <= 255 else np.uint16
+    Image.fromarray(np.ascontiguousarray(mask.astype(dtype))).save(path, format="PNG")
+
+
+def write_confidence(path: Path, confidence: np.ndarray) -> None:
+    """Write a pseudo-label confidence map (float32 HxW in [0, 1]) as TIFF."""
+    confidence = np.asarray(confidence, dtype=np.float32)
+    if confidence.ndim != 2 or not np.all(np.isfinite(confidence)) or confidence.min(initial=0) < 0 or confidence.max(initial=0) > 1:
+        raise DataError(f"confidence for {path} must be a finite 2-D array in [0, 1]: clip it before writing")
+    write_image(path, confidence)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read a SAR image file (TIFF or PNG) as stored, raising ``DataError`` if unreadable."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            return np.asarray(tifffile.imread(path))
+        with Image.open(path) as im:
+            return _pil_to_array(im)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
+        raise DataError(f"cannot read image {path} ({type(e).__name__}: {e}): replace or remove the file") from None
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Read a class-id mask PNG (8- or 16-bit grey, or palette) as a 2-D integer array."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+                raise DataError(
+                    f"mask {path} is a {im.mode} PNG: save class ids as an 8- or 16-bit single-channel PNG"
+                )
+            arr = _pil_to_array(im)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"cannot read mask {path} ({type(e).__name__}: {e}): replace or remove the file") from None
+    if arr.min(initial=0) < 0:
+        raise DataError(f"mask {path} has negative class ids: save class ids as unsigned integers")
+    return arr
+
+
+def read_confidence(path: Path) -> np.ndarray:
+    """Read a pseudo-label confidence TIFF as float32 HxW (a leading or trailing 1-axis is dropped)."""
+    path = Path(path)
+    try:
+        arr = np.asarray(tifffile.imread(path))
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"cannot read confidence map {path} ({type(e).__name__}: {e}): re-run pseudo-labelling") from None
+    arr = np.squeeze(arr) if arr.ndim == 3 and 1 in (arr.shape[0], arr.shape[-1]) else arr
+    if arr.ndim != 2:
+        raise DataError(f"confidence map {path} has shape {arr.shape}: expected H x W float32 in [0, 1]")
+    arr = arr.astype(np.float32)
+    if not np.all(np.isfinite(arr)) or arr.min(initial=0) < 0 or arr.max(initial=0) > 1:
+        raise DataError(f"confidence map {path} has values outside [0, 1] or NaN: re-run pseudo-labelling")
+    return arr
+
+
+def _pil_to_array(im: Image.Image) -> np.ndarray:
+    # 16-bit grey PNGs may open as 32-bit 'I'; keep them uint16 so that
+    # sar_to_input scales by 65535, not by 2**31 - 1.
+    arr = np.asarray(im)
+    if im.mode.startswith("I") and arr.dtype != np.uint16:
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            return arr
+        arr = arr.astype(np.uint16)
+    return arr
+
+
+def _image_shape(path: Path) -> tuple[int, ...]:
+    """Shape of an image file as ``read_image`` would return it, from its header only."""
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            with tifffile.TiffFile(path) as tf:
+                return tuple(tf.series[0].shape)
+        with Image.open(path) as im:
+            w, h = im.size
+            bands = len(im.getbands())
+        return (h, w) if bands == 1 else (h, w, bands)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"cannot read image {path} ({type(e).__name__}: {e}): replace or remove the file") from None
+
+
+def _chw_shape(shape: Sequence[int], name: str = "image") -> tuple[int, int, int]:
+    """(C, H, W) of an HxW, CxHxW or HxWxC shape with C in {1, 2}, else ``DataError``.
+
+    A shape that fits both layouts (e.g. (2, H, 2)) is read as CxHxW, the
+    layout the demo data is written in.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 2:
+        chw = (1, *shape)
+    elif len(shape) == 3 and shape[0] in (1, 2):
+        chw = shape
+    elif len(shape) == 3 and shape[-1] in (1, 2):
+        chw = (shape[-1], shape[0], shape[1])
+    elif len(shape) == 3:
+        raise DataError(
+            f"{name} has shape {shape}, i.e. {min(shape[0], shape[-1])} channels: "
+            "expected 1 or 2 (VV[, VH]) as HxW, CxHxW or HxWxC"
+        )
+    else:
+        raise DataError(f"{name} has shape {shape}: expected HxW, CxHxW or HxWxC with 1 or 2 channels")
+    if chw[1] == 0 or chw[2] == 0:
+        raise DataError(f"{name} has shape {shape}: it has no pixels, replace it")
+    return chw  # type: ignore[return-value]
+
+
+def _channels_first(img: np.ndarray, name: str = "image") -> np.ndarray:
+    """(C, H, W) view of an image in any accepted layout (see ``_chw_shape``)."""
+    c, h, w = _chw_shape(img.shape, name)
+    if img.ndim == 2:
+        return img[None]
+    return img if img.shape[0] == c and img.shape[1:] == (h, w) else np.moveaxis(img, -1, 0)
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+def sar_to_input(img: np.ndarray) -> np.ndarray:
+    """Map a 1- or 2-channel SAR image to the model's float32 (3, H, W) input.
+
+    Args:
+        img: linear-power float image (or display-scaled integer image), HxW,
+            CxHxW or HxWxC with C in {1, 2}; two channels are (VV, VH).
+
+    Returns:
+        float32 (3, H, W), standardised with the fixed constants of this
+        module (see the module docstring for the formula).
+    """
+    img = np.asarray(img)
+    if img.dtype == np.bool_ or not (np.issubdtype(img.dtype, np.integer) or np.issubdtype(img.dtype, np.floating)):
+        raise DataError(f"image dtype {img.dtype} is not supported: use float (linear power) or uint8/uint16")
+    chw = _channels_first(img)
+    if np.issubdtype(chw.dtype, np.integer):
+        # Already scaled: the dtype's range stands for the [DB_MIN, DB_MAX] dB range.
+        u = np.clip(chw.astype(np.float64) / float(np.iinfo(chw.dtype).max), 0.0, 1.0)
+    else:
+        x = np.nan_to_num(chw.astype(np.float64), nan=_FLOOR, posinf=np.finfo(np.float64).max, neginf=_FLOOR)
+        db = 10.0 * np.log10(np.maximum(x, _FLOOR))
+        u = (np.clip(db, DB_MIN, DB_MAX) - DB_MIN) / (DB_MAX - DB_MIN)
+    if u.shape[0] == 1:
+        out = np.repeat(u, 3, axis=0)
+    else:
+        ratio_db = (u[0] - u[1]) * (DB_MAX - DB_MIN)
+        ratio = np.clip((ratio_db - RATIO_DB_MIN) / (RATIO_DB_MAX - RATIO_DB_MIN), 0.0, 1.0)
+        out = np.stack([u[0], u[1], ratio])
+    return ((out - NORM_MEAN) / NORM_STD).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- distance transforms
+
+
+def _squared_dt_rows(f: np.ndarray) -> np.ndarray:
+    """1-D squared Euclidean distance transform of each row of ``f`` (rows, n).
+
+    ``d[q] = min_p (q - p)^2 + f[p]``: the lower envelope of parabolas
+    (Felzenszwalb & Huttenlocher, "Distance Transforms of Sampled Functions",
+    2012). The scan over positions is sequential, as in the paper; each step
+    runs for all rows at once, and rows whose envelope must drop parabolas do
+    so in a masked inner loop. ``f`` holds integers below 2**52, so every
+    ``d`` is exact in float64.
+    """
+    rows, n = f.shape
+    if n == 1 or rows == 0:
+        return f.copy()
+    r = np.arange(rows)
+    pos = np.arange(n, dtype=np.float64)
+    fq = f + pos * pos  # f[p] + p^2, the parabola offsets used by the intersections
+    v = np.zeros((rows, n), dtype=np.int64)  # parabola apexes of the envelope
+    z = np.empty((rows, n + 1))  # boundaries between envelope parabolas
+    z[:, 0], z[:, 1] = -np.inf, np.inf
+    k = np.zeros(rows, dtype=np.int64)
+    for q in range(1, n):
+        vk = v[r, k]
+        s = (fq[:, q] - fq[r, vk]) / (2.0 * (q - vk))
+        pop = s <= z[r, k]
+        while pop.any():
+            idx = r[pop]
+            k[idx] -= 1
+            vi = v[idx, k[idx]]
+            s[idx] = (fq[idx, q] - fq[idx, vi]) / (2.0 * (q - vi))
+            pop[idx] = s[idx] <= z[idx, k[idx]]
+        k += 1
+        v[r, k] = q
+        z[r, k] = s
+        z[r, k + 1] = np.inf
+    d = np.empty_like(f)
+    k[:] = 0
+    for q in range(n):
+        step = z[r, k + 1] < q
+        while step.any():
+            k[step] += 1
+            step = z[r, k + 1] < q
+        vk = v[r, k]
+        d[:, q] = (q - vk) ** 2 + f[r, vk]
+    return d
+
+
+def squared_distance_transform(features: np.ndarray) -> np.ndarray:
+    """Exact squared Euclidean distance from every pixel to the nearest True pixel.
+
+    Args:
+        features: bool array (..., H, W); leading axes are independent images.
+
+    Returns:
+        float64 array of the same shape holding integer squared distances
+        (0 on True pixels), ``inf`` in images with no True pixel. Separable:
+        the 1-D transform along columns, then along rows.
+    """
+    features = np.asarray(features, dtype=bool)
+    if features.ndim < 2:
+        raise ValueError(f"features must be at least 2-D (..., H, W), got shape {features.shape}")
+    *lead, h, w = features.shape
+    if h * w == 0:
+        return np.zeros(features.shape)
+    f = np.where(features, 0.0, _NO_FEATURE).reshape(-1, h, w)
+    cols = _squared_dt_rows(np.ascontiguousarray(f.transpose(0, 2, 1)).reshape(-1, h))
+    cols = cols.reshape(-1, w, h).transpose(0, 2, 1)
+    d = _squared_dt_rows(np.ascontiguousarray(cols).reshape(-1, w)).reshape(features.shape)
+    d[d >= _NO_FEATURE] = np.inf
+    return d
+
+
+def distance_transform(features: np.ndarray) -> np.ndarray:
+    """Exact Euclidean distance to the nearest True pixel (see ``squared_distance_transform``)."""
+    return np.sqrt(squared_distance_transform(features))
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def boundary_target(mask: np.ndarray, radius: int = 2, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """Pixels within ``radius`` of a class change, as uint8 HxW (1 = boundary).
+
+    An *edge* pixel is a labelled pixel with a 4-neighbour that is labelled
+    with a different class (both sides of a change are edges). The target is
+    1 where the Euclidean distance to the nearest edge pixel is <= ``radius``
+    (a dilation by a disk), 0 elsewhere. Ignore pixels never create edges,
+    though they may lie within ``radius`` of one. A single-class mask gives
+    all zeros.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be H x W, got shape {mask.shape}")
+    if radius < 0:
+        raise ValueError(f"radius must be >= 0, got {radius}")
+    valid = mask != ignore_index
+    edge = np.zeros(mask.shape, dtype=bool)
+    for axis in (0, 1):
+        a = [slice(None)] * 2
+        b = [slice(None)] * 2
+        a[axis], b[axis] = slice(1, None), slice(None, -1)
+        change = (mask[tuple(a)] != mask[tuple(b)]) & valid[tuple(a)] & valid[tuple(b)]
+        edge[tuple(a)] |= change
+        edge[tuple(b)] |= change
+    if not edge.any():
+        return np.zeros(mask.shape, dtype=np.uint8)
+    return (squared_distance_transform(edge) <= radius * radius).astype(np.uint8)
+
+
+def sdf_target(mask: np.ndarray, num_classes: int) -> np.ndarray:
+    """One-vs-rest normalised signed distance per class, float32 (C, H, W).
+
+    For class c, with "inside" the pixels labelled c and "outside" all others
+    (ignore pixels included), and distances between pixel centres within the
+    image (the image border is not a boundary)::
+
+        d_out(p) = distance from p to the nearest outside pixel   (>= 1 inside)
+        d_in(p)  = distance from p to the nearest inside pixel    (>= 1 outside)
+        inside:  sdf = (d_out - 1) / M,  M = max over inside of (d_out - 1), or 1 if that is 0
+        outside: sdf = -d_in / N,        N = max over outside of d_in
+
+    So sdf is 0 on the inner boundary, +1 at the deepest inside pixel, -1 at
+    the farthest outside pixel, and ``sdf >= 0`` exactly on class pixels. An
+    absent class is -1 everywhere; a class covering the whole image is +1
+    everywhere. Never NaN or Inf.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be H x W, got shape {mask.shape}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    inside = mask[None] == np.arange(num_classes).reshape(-1, 1, 1)
+    d = distance_transform(np.concatenate([~inside, inside]))
+    d_out, d_in = d[:num_classes], d[num_classes:]
+    has_in = inside.any(axis=(1, 2))
+    has_out = (~inside).any(axis=(1, 2))
+    both = (has_in & has_out)[:, None, None]
+    # Only classes with both inside and outside pixels have finite distances.
+    inner = np.where(inside & both, d_out - 1.0, 0.0)
+    outer = np.where(~inside & both, d_in, 0.0)
+    m = inner.max(axis=(1, 2), initial=0.0)
+    n = outer.max(axis=(1, 2), initial=0.0)
+    m = np.where(m > 0, m, 1.0)[:, None, None]
+    n = np.where(n > 0, n, 1.0)[:, None, None]
+    sdf = np.where(inside, inner / m, -outer / n)
+    sdf[~has_in] = -1.0
+    sdf[~has_out] = 1.0
+    return sdf.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- folder datasets
+
+
+def _as_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if isinstance(size, int):
+        size = (size, size)
+    size = tuple(int(s) for s in size)
+    if len(size) != 2 or min(size) < 1:
+        raise DataError(f"size must be a positive int or (height, width), got {size!r}")
+    return size  # type: ignore[return-value]
+
+
+def _list_images(root: Path) -> dict[str, Path]:
+    """Map stem -> image path in ``root/images``, checking that the folder is usable."""
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist: pass a folder containing images/")
+    images = root / "images"
+    if not images.is_dir():
+        raise DataError(f"{root} has no images/ folder: put the SAR images in {images}/")
+    found: dict[str, Path] = {}
+    for p in sorted(images.iterdir()):
+        if p.name.startswith(".") or not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if p.stem in found:
+            raise DataError(f"{found[p.stem]} and {p} share the name {p.stem!r}: keep one of them")
+        found[p.stem] = p
+    if not found:
+        raise DataError(f"{images} holds no .tif/.tiff/.png images: add images or point to another folder")
+    return found
+
+
+def _check_image(path: Path) -> tuple[int, int]:
+    """Height and width of an image file, checking its channel count from the header."""
+    _, h, w = _chw_shape(_image_shape(path), name=f"image {path}")
+    return h, w
+
+
+def _find_masks(root: Path, stems: Sequence[str], sub: str = "masks") -> dict[str, Path]:
+    masks = root / sub
+    if not masks.is_dir():
+        raise DataError(f"{root} has no {sub}/ folder: put one <name>.png mask per image in {masks}/")
+    found = {p.stem: p for p in sorted(masks.glob("*.png")) if not p.name.startswith(".")}
+    for stem in stems:
+        if stem not in found:
+            raise DataError(f"image {stem!r} in {root / 'images'} has no mask {masks / (stem + '.png')}: add it or remove the image")
+    orphans = sorted(set(found) - set(stems))
+    if orphans:
+        raise DataError(f"mask {found[orphans[0]]} has no image in {root / 'images'}: add the image or remove the mask")
+    return found
+
+
+def _check_mask(path: Path, hw: tuple[int, int], num_classes: int, ignore_index: int) -> None:
+    mask = read_mask(path)
+    if mask.shape != hw:
+        raise DataError(f"mask {path} is {mask.shape[0]}x{mask.shape[1]} but its image is {hw[0]}x{hw[1]}: regenerate the mask at the image size")
+    ids = np.unique(mask)
+    bad = ids[(ids >= num_classes) & (ids != ignore_index)]
+    if bad.size:
+        raise DataError(
+            f"mask {path} has class id(s) {bad[:5].tolist()} >= num_classes={num_classes} "
+            f"(ignore is {ignore_index}): fix the mask or raise num_classes"
+        )
+
+
+def _resize(t: torch.Tensor, size: tuple[int, int] | None, mode: str) -> torch.Tensor:
+    """Resize a (C, H, W) tensor; bilinear (antialiased) for images, nearest-exact for labels."""
+    if size is None or tuple(t.shape[-2:]) == size:
+        return t
+    if mode == "bilinear":
+        return F.interpolate(t[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    return F.interpolate(t[None].float(), size=size, mode="nearest-exact")[0].to(t.dtype)
+
+
+@dataclass(frozen=True)
+class _Item:
+    name: str
+    image: Path
+    mask: Path | None = None
+    confidence: Path | None = None
+
+
+class UnlabelledFolder(Dataset):
+    """Images of ``root/images/`` for unsupervised steps and pseudo-labelling.
+
+    Args:
+        root (Path): folder with an ``images/`` subfolder.
+        size (int | tuple[int, int] | None): resize every image to this
+            (height, width), bilinearly; None keeps the stored size.
+
+    Items: ``dict(image=float32 (3, H, W), name=str)``, in sorted file order.
+    """
+
+    def __init__(self, root: str | Path, size: int | Sequence[int] | None = None) -> None:
+        self.root = Path(root)
+        self.size = _as_size(size)
+        self.items: list[_Item] = []
+        self._hw: dict[str, tuple[int, int]] = {}
+        for stem, path in _list_images(self.root).items():
+            self._hw[stem] = _check_image(path)
+            self.items.append(_Item(stem, path))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def names(self) -> list[str]:
+        return [it.name for it in self.items]
+
+    def _load_image(self, item: _Item) -> torch.Tensor:
+        image = torch.from_numpy(sar_to_input(read_image(item.image)))
+        return _resize(image, self.size, "bilinear")
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.items[i]
+        return {"image": self._load_image(item), "name": item.name}
+
+
+class LabelledFolder(UnlabelledFolder):
+    """Images with class-id masks (``root/images/``, ``root/masks/``) for supervised steps.
+
+    Args:
+        root (Path): folder with ``images/`` and ``masks/``.
+        num_classes (int): number of classes C; mask ids must be < C or ``ignore_index``.
+        size (int | tuple[int, int] | None): resize image (bilinear) and mask
+            (nearest) to this (height, width); targets are computed after resizing.
+        ignore_index (int): mask value of unlabelled pixels.
+        boundary_radius (int): radius of ``boundary_target``.
+
+    Items: ``dict(image=float32 (3, H, W), mask=int64 (H, W), sdf=float32
+    (C, H, W), boundary=float32 (1, H, W), name=str)``.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        num_classes: int,
+        size: int | Sequence[int] | None = None,
+        ignore_index: int = IGNORE_INDEX,
+        boundary_radius: int = 2,
+    ) -> None:
+        if num_classes < 1:
+            raise DataError(f"num_classes must be >= 1, got {num_classes}")
+        super().__init__(root, size)
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.boundary_radius = boundary_radius
+        masks = _find_masks(self.root, self.names)
+        self.items = [_Item(it.name, it.image, masks[it.name]) for it in self.items]
+        for it in self.items:
+            _check_mask(it.mask, self._hw[it.name], num_classes, ignore_index)  # type: ignore[arg-type]
+
+    def _targets(self, item: _Item) -> dict[str, Any]:
+        mask = torch.from_numpy(read_mask(item.mask).astype(np.int64))  # type: ignore[arg-type]
+        mask = _resize(mask[None], self.size, "nearest")[0]
+        m = mask.numpy()
+        return {
+            "image": self._load_image(item),
+            "mask": mask,
+            "sdf": torch.from_numpy(sdf_target(m, self.num_classes)),
+            "boundary": torch.from_numpy(boundary_target(m, self.boundary_radius, self.ignore_index)[None].astype(np.float32)),
+            "name": item.name,
+        }
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self._targets(self.items[i])
+
+
+class PseudoLabelFolder(LabelledFolder):
+    """Pseudo-labelled images: a ``LabelledFolder`` plus ``root/confidence/<stem>.tif``.
+
+    Masks hold the pseudo-labels (255 = ignore, e.g. low confidence); the
+    confidence maps (float32 H x W in [0, 1]) let the loss weight each pixel.
+    Arguments as ``LabelledFolder``. Items add ``confidence=float32 (H, W)``,
+    resized nearest so each pixel keeps its own label's confidence.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        num_classes: int,
+        size: int | Sequence[int] | None = None,
+        ignore_index: int = IGNORE_INDEX,
+        boundary_radius: int = 2,
+    ) -> None:
+        super().__init__(root, num_classes, size, ignore_index, boundary_radius)
+        conf_dir = self.root / "confidence"
+        if not conf_dir.is_dir():
+            raise DataError(f"{self.root} has no confidence/ folder: re-run pseudo-labelling into a fresh --out")
+        items = []
+        for it in self.items:
+            path = conf_dir / f"{it.name}.tif"
+            if not path.is_file():
+                raise DataError(f"image {it.name!r} has no confidence map {path}: re-run pseudo-labelling")
+            conf = read_confidence(path)
+            if conf.shape != self._hw[it.name]:
+                raise DataError(f"confidence map {path} is {conf.shape[0]}x{conf.shape[1]} but its image is {self._hw[it.name][0]}x{self._hw[it.name][1]}: re-run pseudo-labelling")
+            items.append(_Item(it.name, it.image, it.mask, path))
+        self.items = items
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.items[i]
+        out = self._targets(item)
+        conf = torch.from_numpy(read_confidence(item.confidence))  # type: ignore[arg-type]
+        out["confidence"] = _resize(conf[None], self.size, "nearest")[0]
+        return out
+
+
+# --------------------------------------------------------------------------- demo data
+
+
+def _box_blur(a: np.ndarray, radius: int) -> np.ndarray:
+    """Separable mean filter of width 2*radius+1 with reflected edges (cumulative sums)."""
+    for axis in (0, 1):
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (radius + 1, radius)
+        c = np.cumsum(np.pad(a, pad, mode="reflect"), axis=axis)
+        n = a.shape[axis]
+        hi = np.take(c, np.arange(2 * radius + 1, 2 * radius + 1 + n), axis=axis)
+        lo = np.take(c, np.arange(0, n), axis=axis)
+        a = (hi - lo) / (2 * radius + 1)
+    return a
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, radius: int) -> np.ndarray:
+    """Zero-mean, unit-std smooth random field (three box blurs approximate a Gaussian)."""
+    a = rng.standard_normal((size, size))
+    radius = max(1, min(radius, size // 2 - 1))
+    for _ in range(3):
+        a = _box_blur(a, radius)
+    return (a - a.mean()) / (a.std() + 1e-12)
+
+
+def _demo_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic scene: (float32 (2, H, W) VV/VH linear sigma0, uint8 (H, W) class ids)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    # Fields: vegetation vs bare soil from thresholded smooth noise.
+    field = _smooth_noise(rng, size, size // 10)
+    mask = np.where(field > np.quantile(field, rng.uniform(0.35, 0.65)), 2, 3).astype(np.uint8)
+    # Water: a meandering river band at a random angle, or a lake.
+    if rng.random() < 0.75:
+        theta = rng.uniform(0, np.pi)
+        u = xx * np.cos(theta) + yy * np.sin(theta)
+        v = -xx * np.sin(theta) + yy * np.cos(theta)
+        # v of the image centre, shifted by up to a quarter of the scene
+        centre = (size / 2) * (np.cos(theta) - np.sin(theta)) + rng.uniform(-0.25, 0.25) * size
+        amp, period, phase = rng.uniform(0.03, 0.12) * size, rng.uniform(0.5, 1.5) * size, rng.uniform(0, 2 * np.pi)
+        half_width = rng.uniform(0.03, 0.07) * size
+        mask[np.abs(v - centre - amp * np.sin(2 * np.pi * u / period + phase)) < half_width] = 0
+    else:
+        lake = _smooth_noise(rng, size, size // 8)
+        mask[lake > np.quantile(lake, rng.uniform(0.8, 0.9))] = 0
+    # Urban: one to three rectangular blocks.
+    urban = np.zeros((size, size), dtype=bool)
+    for _ in range(int(rng.integers(1, 4))):
+        h, w = (rng.uniform(0.12, 0.3, size=2) * size).astype(int) + 2
+        y0, x0 = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
+        urban[y0 : y0 + h, x0 : x0 + w] = True
+    mask[urban] = 1
+
+    vv_db = np.zeros((size, size))
+    ratio_db = np.zeros((size, size))
+    for cls, (db, ratio) in _DEMO_SIGMA0_DB.items():
+        vv_db[mask == cls] = db
+        ratio_db[mask == cls] = ratio
+    vv_db += 1.0 * _smooth_noise(rng, size, size // 16)  # +-1 dB texture within fields
+    # Urban point scatterers: small clusters (seed pixel plus its 4-neighbours) +10..+15 dB.
+    seeds = urban & (rng.random((size, size)) < 0.015)
+    points = seeds.copy()
+    points[1:] |= seeds[:-1]
+    points[:-1] |= seeds[1:]
+    points[:, 1:] |= seeds[:, :-1]
+    points[:, :-1] |= seeds[:, 1:]
+    points &= urban
+    vv_db += np.where(points, rng.uniform(10.0, 15.0, size=(size, size)), 0.0)
+    vh_db = vv_db - ratio_db
+    sigma0 = 10.0 ** (np.stack([vv_db, vh_db]) / 10.0)
+    speckle = rng.gamma(shape=_DEMO_LOOKS, scale=1.0 / _DEMO_LOOKS, size=sigma0.shape)
+    return (sigma0 * speckle).astype(np.float32), mask
+
+
+def make_demo_data(
+    out: Path,
+    labelled: int = 24,
+    unlabelled: int = 48,
+    test: int = 12,
+    size: int = 128,
+    seed: int = 0,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Write synthetic SAR scenes: ``out/A`` (labelled), ``out/A-test`` (held out), ``out/B`` (images only).
+
+    Scenes have 4 classes (``CLASS_NAMES``: water ~-20 dB, urban ~0 dB with
+    bright point clusters, vegetation ~-8 dB, bare soil ~-13 dB; VH 6-8 dB
+    below VV) laid out as thresholded smooth noise (fields), a meandering
+    river or a lake, and rectangular urban blocks; intensities are linear
+    sigma0 times 4-look Gamma speckle. Images are float32 ``(2, H, W)``
+    (VV, VH) TIFFs, masks 8-bit PNGs.
+
+    Deterministic: scene i of a split depends only on (seed, split, i), so the
+    same arguments give byte-identical files (no timestamps are written).
+    Atomic: everything is built in ``.<name>.tmp-<pid>`` beside ``out`` and
+    renamed into place; ``out`` is never half-written.
+
+    Args:
+        out: the folder to create; must not exist unless ``force``.
+        labelled, unlabelled, test: number of scenes in A, B and A-test.
+        size: scene height and width in pixels (>= 16).
+        seed: the random seed.
+        force: replace an existing ``out``.
+
+    Returns:
+        A JSON-able summary: counts, size, seed, class names and the class
+        pixel fractions of each labelled split.
+    """
+    out = Path(out)
+    if size < 16:
+        raise DataError(f"size {size} is too small for demo scenes: use --size 16 or more")
+    if min(labelled, unlabelled, test) < 0:
+        raise DataError("scene counts must be >= 0")
+    if out.exists() and not force:
+        raise DataError(f"{out} already exists: pass --force to replace it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    counts = {"A": labelled, "A-test": test, "B": unlabelled}
+    summary: dict[str, Any] = {
+        "seed": seed,
+        "size": size,
+        "num_classes": len(CLASS_NAMES),
+        "classes": list(CLASS_NAMES),
+        "ignore_index": IGNORE_INDEX,
+        "image_layout": "float32 (2, H, W) TIFF: VV, VH linear sigma0",
+        "counts": counts,
+        "class_fractions": {},
+    }
+    try:
+        for split, prefix, stream, with_masks in _SPLITS:
+            (tmp / split / "images").mkdir(parents=True)
+            if with_masks:
+                (tmp / split / "masks").mkdir()
+            hist = np.zeros(len(CLASS_NAMES), dtype=np.int64)
+            for i in range(counts[split]):
+                rng = np.random.default_rng([seed, stream, i])
+                image, mask = _demo_scene(rng, size)
+                stem = f"{prefix}-{i:04d}"
+                write_image(tmp / split / "images" / f"{stem}.tif", image)
+                if with_masks:
+                    write_mask(tmp / split / "masks" / f"{stem}.png", mask)
+                    hist += np.bincount(mask.ravel(), minlength=len(CLASS_NAMES))
+            if with_masks:
+                total = max(int(hist.sum()), 1)
+                summary["class_fractions"][split] = {
+                    name: round(int(n) / total, 6) for name, n in zip(CLASS_NAMES, hist)
+                }
+        (tmp / "demo-data.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        if out.exists() or out.is_symlink():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)  # left by a crashed earlier run
+            os.replace(out, old)
+            os.replace(tmp, out)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"out": str(out), **summary}

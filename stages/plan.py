@@ -1,0 +1,86 @@
+"""What each training stage trains, at which learning rate (strategy 2 of the growth plan).
+
+| stage | trains                                              | lr (default) |
+|-------|-----------------------------------------------------|--------------|
+| 1     | tensors whose provenance is not `source`, + routers | 1e-2 (large) |
+| 2     | stage 1 + FFN/MoE of the last K ViT blocks          | 1e-3         |
+| 3     | everything                                          | 1e-4 (tiny)  |
+
+Provenance comes from `samoe.json`; expert banks carry one entry per expert and
+are trainable when any of their experts is new (banks are per group, and a
+group is either all source or all new).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from upscale.config import SamMoEConfig
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Declarative description of one stage."""
+
+    stage: int
+    name: str
+    lr: float
+    description: str
+
+
+STAGES: dict[int, StagePlan] = {
+    1: StagePlan(1, "integration", 1e-2, "new experts, new blocks, all routers; source frozen"),
+    2: StagePlan(2, "collaboration", 1e-3, "stage 1 + FFN/MoE of the last K ViT blocks"),
+    3: StagePlan(3, "full", 1e-4, "everything"),
+}
+
+_BLOCK_MLP = re.compile(r"^image_encoder\.blocks\.(\d+)\.mlp\.")
+
+
+def is_source(entry: Any) -> bool:
+    if isinstance(entry, list):
+        return all(is_source(e) for e in entry)
+    return entry == "source"
+
+
+def is_trainable(name: str, provenance: Any, stage: int, cfg: SamMoEConfig, last_k: int = 4) -> bool:
+    """Whether tensor `name` trains in `stage` (see the module table)."""
+    if stage >= 3:
+        return True
+    if ".router." in name or not is_source(provenance):
+        return True
+    if stage == 2:
+        m = _BLOCK_MLP.match(name)
+        return bool(m) and cfg.depth - last_k <= int(m.group(1)) < cfg.depth
+    return False
+
+
+def stage_memory(cfg: SamMoEConfig, shapes: dict[str, tuple[int, ...]], provenance: dict[str, Any], esize: int,
+                 last_k: int = 4) -> dict[str, dict[str, int]]:
+    """Bytes of weights, gradients and optimizer state per stage (activations excluded).
+
+    Gradients and SGD-momentum buffers (seed 004's optimizer1) exist only for
+    trainable tensors and have the parameter dtype.
+    """
+    out = {}
+    numel = {n: _numel(s) for n, s in shapes.items()}
+    total = sum(numel.values())
+    for stage in STAGES:
+        trainable = sum(numel[n] for n in shapes if is_trainable(n, provenance.get(n, "source"), stage, cfg, last_k))
+        out[f"stage{stage}"] = {
+            "trainable_params": trainable,
+            "weights_bytes": total * esize,
+            "grad_bytes": trainable * esize,
+            "optimizer_bytes": trainable * esize,
+            "total_bytes": (total + 2 * trainable) * esize,
+        }
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,480 @@
+"""Growth: plan the grown model tensor by tensor, then stream it to shards.
+
+Like mergekit, growth is planned declaratively and executed by small pure
+functions. `plan_growth` turns (source checkpoint, `GrowthSpec`) into the grown
+config and an ordered list of `TensorPlan`s; each plan names the source tensors
+it reads and makes its output from them and a generator seeded by
+(seed, output tensor name). `execute` runs the plans on a thread pool, writes
+results in plan order, and so gives byte-identical shards for any worker count,
+while only a bounded window of tensors is ever in memory.
+
+What grows (strategy 1 of the growth plan):
+- every MoE layer goes from S experts in one group to N experts in groups. The
+  core group(s) hold the S source experts unchanged (with their router rows);
+  new experts fill the other groups, each made by `copy-noise` (a source expert
+  plus Gaussian noise scaled to that tensor's own std), `interpolate`
+  (W*A + (1-W)*B of two distinct source experts) or `mixed` (alternating).
+  In-group router rows follow their experts (same recipe). The group router is
+  new (small random), and each routed group's `group_scale` starts at zero, so
+  the grown model computes exactly what the source computed while the new parts
+  receive gradient from the first step (see upscale/moe.py).
+- extra blocks are appended after the last block, copied from the last
+  global-attention block (LLaMA-Pro style depth growth) with the attention
+  output projection and the experts' output layers zeroed: each starts as the
+  identity.
+
+New expert j (0-based over all routed groups, in group order) copies source
+expert j mod S; interpolation pairs it with (a + 1 + (j // S) mod (S-1)) mod S,
+a different expert, so sources are used evenly and deterministically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, CheckpointWriter, build_meta, dtype_name, lineage_entry
+from .config import MoEConfig, SamMoEConfig
+from .errors import SamoeError
+from .model import build_model
+
+INITS = ("copy-noise", "interpolate", "mixed")
+_EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
+
+
+@dataclass(frozen=True)
+class GrowthSpec:
+    """Options of `samoe expand` / `samoe plan`, validated against the source."""
+
+    experts: int
+    groups: tuple[int, ...]
+    core_groups: int = 1
+    top_k_groups: int = 1
+    extra_blocks: int = 0
+    extra_dense: bool = False
+    init: str = "copy-noise"
+    noise_std: float = 0.01
+    interp_weight: float = 0.3
+    seed: int = 0
+
+
+def resolve_groups(source_experts: int, experts: int, groups: str, core_groups: int) -> tuple[int, ...]:
+    """`--groups 8` or `--groups 16,15,...` -> explicit group sizes, core group(s) first.
+
+    A count puts the source experts in `core_groups` core groups (split as evenly
+    as possible) and spreads the new ones near-equally over the rest, larger
+    groups first: 117 from 16 in 8 groups -> 16 + 15,15,15,14,14,14,14.
+    """
+    if experts < source_experts:
+        raise SamoeError(f"--experts {experts} is fewer than the source's {source_experts} experts: growth only adds experts")
+    if core_groups not in (1, 2):
+        raise SamoeError(f"--core-groups {core_groups} must be 1 or 2")
+    if core_groups > source_experts:
+        raise SamoeError(f"--core-groups {core_groups} needs at least {core_groups} source experts")
+    text = groups.strip()
+    if "," not in text:
+        try:
+            count = int(text)
+        except ValueError:
+            raise SamoeError(f"--groups {groups!r} must be a number of groups or a comma-separated list of sizes") from None
+        routed = count - core_groups
+        new = experts - source_experts
+        if routed < 1 or new < routed:
+            raise SamoeError(
+                f"--groups {count} with {core_groups} core group(s) leaves {routed} group(s) for {new} new experts: "
+                "need at least one new group and one new expert per group"
+            )
+        core = [source_experts // core_groups + (1 if i < source_experts % core_groups else 0) for i in range(core_groups)]
+        spread = [new // routed + (1 if i < new % routed else 0) for i in range(routed)]
+        return tuple(core + spread)
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise SamoeError(f"--groups {groups!r} must be a comma-separated list of integers, e.g. 16,15,15,15,14,14,14,14") from None
+    if any(s < 1 for s in sizes):
+        raise SamoeError(f"--groups {groups}: every group needs at least one expert")
+    if sum(sizes) != experts:
+        raise SamoeError(f"--groups {groups} sums to {sum(sizes)} experts, but --experts is {experts}: make them agree")
+    if len(sizes) <= core_groups:
+        raise SamoeError(f"--groups {groups}: need at least one group besides the {core_groups} core group(s)")
+    core = sum(sizes[:core_groups])
+    if core != source_experts:
+        raise SamoeError(
+            f"--groups {groups}: the core group(s) hold {core} experts but the source has {source_experts}; "
+            f"the first {core_groups} group size(s) must add up to {source_experts}"
+        )
+    return sizes
+
+
+def validate_spec(src: SamMoEConfig, spec: GrowthSpec) -> None:
+    if len(src.moe.groups) != 1:
+        raise SamoeError(f"the source already has {len(src.moe.groups)} expert groups: expand the flat (one-group) source checkpoint instead")
+    if spec.init not in INITS:
+        raise SamoeError(f"--init {spec.init!r} must be one of {', '.join(INITS)}")
+    if not (spec.noise_std >= 0 and np.isfinite(spec.noise_std)):
+        raise SamoeError(f"--noise-std {spec.noise_std} must be a finite number >= 0")
+    if not 0.0 <= spec.interp_weight <= 1.0:
+        raise SamoeError(f"--interp-weight {spec.interp_weight} must be in [0, 1]")
+    if spec.init != "copy-noise" and src.moe.num_experts < 2:
+        raise SamoeError("--init interpolate/mixed needs at least 2 source experts: use --init copy-noise")
+    if spec.extra_blocks < 0:
+        raise SamoeError(f"--extra-blocks {spec.extra_blocks} must be >= 0")
+    routed = len(spec.groups) - spec.core_groups
+    if not 1 <= spec.top_k_groups <= routed:
+        raise SamoeError(f"--top-k-groups {spec.top_k_groups} must be between 1 and the {routed} new groups")
+    if src.moe.top_k > min(spec.groups[spec.core_groups:]):
+        raise SamoeError(f"every new group needs at least top-k={src.moe.top_k} experts; got groups {list(spec.groups)}")
+
+
+def grown_config(src: SamMoEConfig, spec: GrowthSpec) -> SamMoEConfig:
+    validate_spec(src, spec)
+    moe = MoEConfig(
+        groups=spec.groups, core_groups=spec.core_groups, top_k=src.moe.top_k,
+        top_k_groups=spec.top_k_groups, aux_loss_coef=src.moe.aux_loss_coef,
+    )
+    extra_moe = src.extra_blocks_moe if src.extra_blocks else not spec.extra_dense
+    if src.extra_blocks and extra_moe == spec.extra_dense:
+        raise SamoeError("the source's extra blocks and --extra-dense disagree: all extra blocks must be MoE or all dense")
+    return replace(src, moe=moe, extra_blocks=src.extra_blocks + spec.extra_blocks, extra_blocks_moe=extra_moe).validate()
+
+
+# --------------------------------------------------------------------------- per-tensor recipes
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A 63-bit seed from (seed, tensor name): independent of write order and parallelism."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def new_expert_recipe(spec: GrowthSpec, j: int, s: int) -> tuple[str, tuple[int, ...]]:
+    """How new expert j (0-based over the routed groups) is made from the S source experts."""
+    kind = spec.init if spec.init != "mixed" else ("copy-noise" if j % 2 == 0 else "interpolate")
+    a = j % s
+    if kind == "copy-noise":
+        return kind, (a,)
+    return kind, (a, (a + 1 + (j // s) % (s - 1)) % s)
+
+
+def _std(x: torch.Tensor) -> float:
+    """Deterministic std (numpy pairwise sum in float64, single-threaded)."""
+    return float(np.std(x.detach().to(torch.float64).numpy()))
+
+
+def make_new_bank(source: torch.Tensor, recipes: list[tuple[str, tuple[int, ...]]], spec: GrowthSpec, seed: int) -> torch.Tensor:
+    """Stack new experts (rows along dim 0) made from `source` (S, ...) by their recipes."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for kind, src in recipes:
+        if kind == "copy-noise":
+            base = source[src[0]].to(torch.float32)
+            if spec.noise_std > 0:
+                noise = torch.randn(base.shape, generator=gen, dtype=torch.float32)
+                base = base + (spec.noise_std * _std(base)) * noise
+        else:
+            w = spec.interp_weight
+            base = w * source[src[0]].to(torch.float32) + (1.0 - w) * source[src[1]].to(torch.float32)
+        rows.append(base.to(source.dtype))
+    return torch.stack(rows)
+
+
+def recipe_provenance(recipe: tuple[str, tuple[int, ...]], src_name: str, spec: GrowthSpec) -> str:
+    kind, src = recipe
+    if kind == "copy-noise":
+        return f"copy-noise:{src_name}[{src[0]}]:{spec.noise_std:g}"
+    return f"interpolate:{src_name}[{src[0]}]:{src_name}[{src[1]}]:{spec.interp_weight:g}"
+
+
+# --------------------------------------------------------------------------- plan
+
+
+Reader = Callable[[str], torch.Tensor]
+
+
+@dataclass
+class TensorPlan:
+    """One output tensor: its name, shape, provenance, and a pure function of the source tensors."""
+
+    name: str
+    shape: tuple[int, ...]
+    provenance: Any
+    sources: tuple[str, ...]
+    make: Callable[[Reader], torch.Tensor]
+
+
+def _passthrough(src_name: str, index: slice | None = None) -> Callable[[Reader], torch.Tensor]:
+    def make(read: Reader) -> torch.Tensor:
+        t = read(src_name)  # cached and shared: always return a private copy
+        return (t[index] if index is not None else t).clone()
+    return make
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Callable[[Reader], torch.Tensor]:
+    return lambda read: torch.zeros(shape, dtype=dtype)
+
+
+def _random_normal(shape: tuple[int, ...], dtype: torch.dtype, seed: int, std: float) -> Callable[[Reader], torch.Tensor]:
+    return lambda read: (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * std).to(dtype)
+
+
+def _new_bank(src_name: str, recipes, spec: GrowthSpec, seed: int, zero: bool) -> Callable[[Reader], torch.Tensor]:
+    def make(read: Reader) -> torch.Tensor:
+        bank = make_new_bank(read(src_name), recipes, spec, seed)
+        return torch.zeros_like(bank) if zero else bank
+    return make
+
+
+def _moe_layer_plans(
+    src_prefix: str, out_prefix: str, src_cfg: SamMoEConfig, cfg: SamMoEConfig, spec: GrowthSpec,
+    dtype: torch.dtype, shapes: dict[str, tuple[int, ...]], new_block: bool,
+) -> list[TensorPlan]:
+    """Plans for one grown MoE layer: core groups from the source, new groups by recipe.
+
+    For a new (extra) block, nothing is `source`: the core experts are copies of
+    the template layer's experts and every expert's output layer is zero.
+    """
+    s = src_cfg.moe.num_experts
+    groups = cfg.moe.groups
+    core = cfg.moe.core_groups
+    plans: list[TensorPlan] = []
+    offsets = np.cumsum((0,) + groups).tolist()
+    recipes = [new_expert_recipe(spec, j, s) for j in range(cfg.moe.num_experts - s)]
+    for g, size in enumerate(groups):
+        lo, hi = offsets[g], offsets[g + 1]
+        names = [(f"{out_prefix}.experts.{g}.{p}", f"{src_prefix}.experts.0.{p}") for p in _EXPERT_PARAMS]
+        names.append((f"{out_prefix}.router.expert_gates.{g}.weight", f"{src_prefix}.router.expert_gates.0.weight"))
+        for out_name, src_name in names:
+            shape = shapes[out_name]
+            zero = new_block and out_name.endswith((".w2", ".b2"))
+            if g < core:
+                if zero:
+                    plans.append(TensorPlan(out_name, shape, "identity-new", (), _zeros(shape, dtype)))
+                else:
+                    prov = "source" if not new_block else [f"copy:{src_name}[{e}]" for e in range(lo, hi)]
+                    plans.append(TensorPlan(out_name, shape, prov, (src_name,), _passthrough(src_name, slice(lo, hi))))
+            else:
+                rec = recipes[lo - s : hi - s]
+                prov = "identity-new" if zero else [recipe_provenance(r, src_name, spec) for r in rec]
+                plans.append(TensorPlan(out_name, shape, prov, (src_name,), _new_bank(src_name, rec, spec, tensor_seed(spec.seed, out_name), zero)))
+    gate = f"{out_prefix}.router.group_gate.weight"
+    plans.append(TensorPlan(gate, shapes[gate], "random", (), _random_normal(shapes[gate], dtype, tensor_seed(spec.seed, gate), 0.02)))
+    scale = f"{out_prefix}.router.group_scale"
+    plans.append(TensorPlan(scale, shapes[scale], "identity-new", (), _zeros(shapes[scale], dtype)))
+    return plans
+
+
+def _template_block(src: SamMoEConfig) -> int:
+    """The last global-attention block: extra blocks copy it (their rel-pos tables have its shape)."""
+    for i in reversed(range(src.total_blocks)):
+        if i >= src.depth or i in src.global_attn_indexes:
+            return i
+    raise SamoeError("the source has no global-attention block to copy extra blocks from: use --extra-blocks 0")
+
+
+def plan_growth(src: Checkpoint, spec: GrowthSpec, dtype: torch.dtype | None = None) -> tuple[SamMoEConfig, list[TensorPlan]]:
+    """The grown config and the ordered list of output tensors (nothing is read yet)."""
+    src_cfg = src.config
+    cfg = grown_config(src_cfg, spec)
+    out_state = build_model(cfg, device="meta").state_dict()
+    shapes = {k: tuple(v.shape) for k, v in out_state.items()}
+    dtype = dtype or _source_dtype(src)
+    plans: list[TensorPlan] = []
+    moe_prefixes = {p for p in (re.sub(r"\.router\..*|\.experts\..*", "", n) for n in shapes) if p.endswith(".mlp") and f"{p}.router.expert_gates.0.weight" in shapes}
+    done: set[str] = set()
+    template = _template_block(src_cfg)
+    first_new = src_cfg.total_blocks
+    for name in shapes:
+        if name in done:
+            continue
+        m = re.match(r"image_encoder\.blocks\.(\d+)\.(.*)$", name)
+        block = int(m.group(1)) if m else -1
+        prefix = next((p for p in moe_prefixes if name.startswith(p + ".")), None)
+        if block >= first_new:  # a new extra block
+            rest = m.group(2)
+            tpl = f"image_encoder.blocks.{template}"
+            if prefix is not None:
+                if not src_cfg.is_moe_block(template):
+                    raise SamoeError(f"extra MoE blocks copy block {template}'s experts, but it is dense: pass --extra-dense")
+                layer = _moe_layer_plans(f"{tpl}.mlp", prefix, src_cfg, cfg, spec, dtype, shapes, new_block=True)
+            elif rest.startswith("mlp."):
+                layer = _dense_extra_mlp(tpl, f"image_encoder.blocks.{block}", src_cfg, template, shapes, dtype)
+            elif rest.startswith("attn.proj."):
+                layer = [TensorPlan(name, shapes[name], "identity-new", (), _zeros(shapes[name], dtype))]
+            else:
+                src_name = f"{tpl}.{rest}"
+                layer = [TensorPlan(name, shapes[name], f"copy:{src_name}", (src_name,), _passthrough(src_name))]
+        elif prefix is not None:
+            layer = _moe_layer_plans(prefix, prefix, src_cfg, cfg, spec, dtype, shapes, new_block=False)
+        else:
+            if name not in src.tensors:
+                raise SamoeError(f"the source checkpoint lacks tensor {name}: it does not match its own config; re-create it")
+            layer = [TensorPlan(name, shapes[name], "source", (name,), _passthrough(name))]
+        for p in layer:
+            done.add(p.name)
+            plans.append(p)
+    order = {n: i for i, n in enumerate(shapes)}
+    plans.sort(key=lambda p: order[p.name])
+    return cfg, plans
+
+
+def _dense_extra_mlp(tpl: str, out: str, src_cfg: SamMoEConfig, template: int, shapes, dtype) -> list[TensorPlan]:
+    """A dense extra MLP: lin1 from the template (its dense lin1 or its first expert), lin2 zero."""
+    plans = []
+    for p, dense in (("w1", "lin1.weight"), ("b1", "lin1.bias")):
+        name = f"{out}.mlp.{dense}"
+        if src_cfg.is_moe_block(template):
+            src_name, index = f"{tpl}.mlp.experts.0.{p}", 0
+            plans.append(TensorPlan(name, shapes[name], f"copy:{src_name}[0]", (src_name,), _passthrough(src_name, index)))
+        else:
+            src_name = f"{tpl}.mlp.{dense}"
+            plans.append(TensorPlan(name, shapes[name], f"copy:{src_name}", (src_name,), _passthrough(src_name)))
+    for dense in ("lin2.weight", "lin2.bias"):
+        name = f"{out}.mlp.{dense}"
+        plans.append(TensorPlan(name, shapes[name], "identity-new", (), _zeros(shapes[name], dtype)))
+    return plans
+
+
+def _source_dtype(src: Checkpoint) -> torch.dtype:
+    from .checkpoint import parse_dtype
+
+    return parse_dtype(src.meta.get("dtype", "float32"))
+
+
+# --------------------------------------------------------------------------- execute
+
+
+class SourceCache:
+    """Thread-safe lazy reader of source tensors that keeps the few most recent ones.
+
+    A source expert bank feeds every group of its layer, so it is read once per
+    layer, not once per output tensor; the byte budget bounds memory.
+    """
+
+    def __init__(self, ckpt: Checkpoint, budget_bytes: int) -> None:
+        self.ckpt = ckpt
+        self.budget = budget_bytes
+        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def __call__(self, name: str) -> torch.Tensor:
+        with self.lock:
+            if name in self.cache:
+                self.cache.move_to_end(name)
+                return self.cache[name]
+        tensor = self.ckpt.get(name)
+        if not torch.isfinite(tensor).all() if tensor.is_floating_point() else False:
+            raise SamoeError(f"source tensor {name} contains NaN or Inf: the source checkpoint is damaged; fix or re-create it")
+        with self.lock:
+            self.cache[name] = tensor
+            size = sum(t.numel() * t.element_size() for t in self.cache.values())
+            while size > self.budget and len(self.cache) > 1:
+                _, old = self.cache.popitem(last=False)
+                size -= old.numel() * old.element_size()
+        return tensor
+
+
+def execute(
+    src: Checkpoint,
+    cfg: SamMoEConfig,
+    plans: list[TensorPlan],
+    out: Path,
+    meta: dict[str, Any],
+    dtype: torch.dtype,
+    workers: int = 2,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    force: bool = False,
+    on_tensor: Callable[[int], None] | None = None,
+) -> Path:
+    """Make every planned tensor (in parallel) and write them in plan order; atomic commit."""
+    largest = max((src.tensors[n].nbytes for p in plans for n in p.sources), default=0)
+    read = SourceCache(src, budget_bytes=max(2 * largest, 256 * 1024**2))
+    window = max(2, 2 * workers)
+    with CheckpointWriter(out, shard_bytes=shard_bytes, force=force) as writer:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            pending: deque = deque()
+
+            def drain_one() -> None:
+                plan, fut = pending.popleft()
+                tensor = fut.result()
+                if tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                if tuple(tensor.shape) != plan.shape:
+                    raise RuntimeError(f"planned {plan.name} as {plan.shape}, made {tuple(tensor.shape)}")
+                writer.add(plan.name, tensor)
+                if on_tensor:
+                    on_tensor(tensor.numel() * tensor.element_size())
+
+            try:
+                for plan in plans:
+                    pending.append((plan, pool.submit(plan.make, read)))
+                    while len(pending) >= window:
+                        drain_one()
+                while pending:
+                    drain_one()
+            except BaseException:
+                for _, fut in pending:
+                    fut.cancel()
+                raise
+        provenance = {p.name: p.provenance for p in plans}
+        meta = dict(meta, provenance=provenance)
+        return writer.commit(meta)
+
+
+def expand_checkpoint(
+    src_path: Path, out: Path, spec: GrowthSpec, command: list[str], dtype: torch.dtype | None = None,
+    workers: int = 2, shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False,
+    on_start: Callable[[int], None] | None = None, on_tensor: Callable[[int], None] | None = None,
+) -> Path:
+    """Plan and execute a growth; returns the new checkpoint directory."""
+    src = Checkpoint.open(src_path)
+    src.check_matches_config()
+    if out.resolve() == src.path.resolve() or src.path.resolve() in out.resolve().parents:
+        raise SamoeError(f"--out {out} is the source checkpoint or inside it: choose a separate directory")
+    cfg, plans = plan_growth(src, spec, dtype)
+    dtype = dtype or _source_dtype(src)
+    total = sum(int(np.prod(p.shape)) for p in plans) * torch.empty((), dtype=dtype).element_size()
+    if on_start:
+        on_start(total)
+    growth = {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.__dict__.items()}
+    meta = build_meta(cfg, {}, src.lineage + [lineage_entry(command, spec.seed, src)], list(src.stages), dtype, growth=growth)
+    return execute(src, cfg, plans, out, meta, dtype, workers=workers, shard_bytes=shard_bytes, force=force, on_tensor=on_tensor)
+
+
+def plan_report(src_cfg: SamMoEConfig, spec: GrowthSpec, dtype: torch.dtype) -> dict[str, Any]:
+    """`samoe plan`: grown parameter counts per component and per-stage memory, from the meta device."""
+    from stages.plan import stage_memory  # training memory model lives with the stage plans
+    from .summary import summarize
+
+    cfg = grown_config(src_cfg, spec)
+    state = build_model(cfg, device="meta").state_dict()
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    provenance = _planned_provenance(src_cfg, cfg, shapes)
+    esize = torch.empty((), dtype=dtype).element_size()
+    report = summarize(cfg, shapes, provenance, dtype_name(dtype), esize)
+    report["source_params"] = sum(int(np.prod(s)) for s in build_model(src_cfg, device="meta").state_dict().values() for s in [s.shape])
+    report["memory_per_stage"] = stage_memory(cfg, shapes, provenance, esize)
+    report["config"] = cfg.to_dict()
+    return report
+
+
+def _planned_provenance(src_cfg: SamMoEConfig, cfg: SamMoEConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """Coarse provenance for planning: source vs new, per tensor (expert banks per expert)."""
+    prov: dict[str, Any] = {}
+    for name, shape in shapes.items():
+        m = re.match(r"image_encoder\.blocks\.(\d+)\.", name)
+        if m and int(m.group(1)) >= src_cfg.total_blocks:
+            prov[name] = "new"
+        elif ".router.group_" in name:
+            prov[name] = "new"
+        else:
+            g = re.search(r"\.(?:experts|expert_gates)\.(\d+)\.", name)
+            prov[name] = "new" if g and int(g.group(1)) >= cfg.moe.core_groups else "source"
+    return prov
