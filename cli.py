@@ -371,15 +371,124 @@ def expand(
 
 
 @app.command()
-def train() -> None:
-    """Train stage 1/2/3 as a resumable job (issue 6)."""
-    _not_built("train", 6)
+@handles_errors
+def train(
+    stage: int = typer.Option(..., "--stage", help="1 integration | 2 collaboration | 3 full fine-tune."),
+    source: Path = typer.Option(..., "--from", help="Input checkpoint (expand output, or the previous stage's RUN/final)."),
+    run_dir: Path = typer.Option(..., "--run-dir", help="Run directory (re-running the same command resumes)."),
+    data: Path = typer.Option(..., "--data", help="Labelled (images/ + masks/) or pseudo-labelled folder."),
+    unlabelled: Optional[Path] = typer.Option(None, "--unlabelled", help="Unlabelled folder (images/) for the unsupervised phase."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs over --data (default 200, the seed's timeline)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N steps."),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Base LR (default per stage: 1e-2, 1e-3, 1e-4)."),
+    last_k: int = typer.Option(4, "--last-k", help="Stage 2 unfreezes the FFN/MoE of the last K ViT blocks."),
+    seed: int = typer.Option(0, "--seed"),
+    checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Save a step checkpoint every N steps."),
+    keep: int = typer.Option(2, "--keep", help="Step checkpoints kept."),
+    momentum: float = typer.Option(0.9, "--momentum"),
+    wd: float = typer.Option(-5.0, "--wd", help="weight_decay = 5 * 10**wd."),
+    unsup_weight: float = typer.Option(1.0, "--unsup-weight", help="Base weight of the unsupervised loss."),
+    alpha_rampup: float = typer.Option(20.0, "--alpha-rampup", help="Selector alpha ramp T (seed epochs of a 200-epoch run)."),
+    unsup_rampup: float = typer.Option(80.0, "--unsup-rampup", help="Unsupervised weight ramp T (seed epochs)."),
+    warmup: float = typer.Option(10.0, "--warmup", help="LR warm-up of optimizers 1 and 3 (seed epochs)."),
+    timeline: int = typer.Option(200, "--timeline", help="Run length the seed epochs refer to; they scale to --epochs."),
+    log_every: int = typer.Option(5, "--log-every", help="Selector log every N epochs."),
+    skip_nonfinite: bool = typer.Option(False, "--skip-nonfinite", help="Skip steps with a non-finite loss instead of stopping."),
+    workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
+    force: bool = typer.Option(False, "--force", help="Start over in an existing run dir; skip the stage-input check."),
+) -> None:
+    """Train one stage as a resumable job; RUN/final is the next stage's --from."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from stages.engine import Interrupted, TrainConfig, resume_command, run
+    from upscale.errors import SamoeError
+
+    if stage not in (1, 2, 3):
+        raise SamoeError(f"--stage {stage} must be 1, 2 or 3")
+    for name, value in (("--batch-size", batch_size), ("--checkpoint-every", checkpoint_every), ("--keep", keep), ("--log-every", log_every)):
+        if value < 1:
+            raise SamoeError(f"{name} {value} must be >= 1")
+    if (epochs is not None and epochs < 1) or (max_steps is not None and max_steps < 1):
+        raise SamoeError("--epochs and --max-steps must be >= 1")
+    if lr is not None and not lr > 0:
+        raise SamoeError(f"--lr {lr} must be > 0")
+    if epochs is None and max_steps is None:
+        epochs = timeline
+    cfg = TrainConfig(stage=stage, source=str(source), run_dir=str(run_dir), data=str(data),
+                      unlabelled=str(unlabelled) if unlabelled else None, epochs=epochs, max_steps=max_steps,
+                      batch_size=batch_size, lr=lr, last_k=last_k, seed=seed, checkpoint_every=checkpoint_every, keep=keep,
+                      momentum=momentum, wd=wd, unsup_weight=unsup_weight, alpha_rampup=alpha_rampup,
+                      unsup_rampup=unsup_rampup, warmup=warmup, timeline=timeline, log_every=log_every,
+                      skip_nonfinite=skip_nonfinite, workers=workers, command=_command_line())
+    progress = Progress(TextColumn("stage {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("epoch {task.fields[epoch]} loss {task.fields[loss]} lr {task.fields[lr]} {task.fields[ips]} img/s"),
+                        TimeRemainingColumn(), console=console)
+    task = None
+
+    def on_start(info: dict) -> None:
+        nonlocal task
+        plan = info["stage"]
+        t = Table(title=f"stage {plan.stage} ({plan.name}): {plan.description}; base lr {info['lr']:g}")
+        for col in ("component", "trainable", "total", "lr"):
+            t.add_column(col, justify="right")
+        for comp, (tr, tot) in info["counts"].items():
+            lr_ = {"selector": info["lr"] * 5, "loss": 0.05}.get(comp, info["lr"])
+            t.add_row(comp, f"{tr:,}", f"{tot:,}", f"{lr_:g}" if tr else "frozen")
+        console.print(t)
+        console.print("params: " + ", ".join(f"{k.capitalize()} {v:,}" for k, v in info["params"].items()))
+        if info["resumed_from"]:
+            console.print(f"resuming from {info['resumed_from']} (step {info['start_step']})")
+        console.print(f"{info['epochs']} epochs x {info['steps_per_epoch']} steps = {info['total_steps']} steps")
+        progress.start()
+        task = progress.add_task("train", total=info["total_steps"], completed=info["start_step"], stage=plan.stage,
+                                 epoch=0, loss="-", lr="-", ips="-")
+
+    def on_step(row: dict) -> None:
+        progress.update(task, completed=row["step"], epoch=row["epoch"], loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                        ips=f"{row['images_per_s']:.1f}")
+
+    def on_log(row: dict) -> None:
+        progress.console.print(f"epoch {row['epoch']}: alpha {row['alpha']:.4f}  unsup_weight {row['unsup_weight']:.4f}  "
+                               f"selector mean {row['selector_mean']:.4f} std {row['selector_std']:.4f}")
+
+    try:
+        final = run(cfg, force=force, on_start=on_start, on_step=on_step, on_log=on_log)
+    except Interrupted as e:
+        progress.stop()
+        sys.stderr.write(f"interrupted: saved {e.step_dir}; resume with: {resume_command(cfg.command)}\n")
+        raise typer.Exit(128 + e.signum)
+    finally:
+        progress.stop()
+    console.print(f"done: {final} (next stage's --from)")
 
 
 @app.command("pseudo-label")
-def pseudo_label() -> None:
-    """Label an unlabelled folder with a teacher checkpoint (issue 7)."""
-    _not_built("pseudo-label", 7)
+@handles_errors
+def pseudo_label(
+    checkpoint: Path = typer.Argument(..., help="Teacher checkpoint (e.g. the 1.5B source)."),
+    images: Path = typer.Option(..., "--images", help="Unlabelled folder (images/)."),
+    out: Path = typer.Option(..., "--out", help="Pseudo-label folder to create or complete."),
+    threshold: float = typer.Option(0.0, "--threshold", help="Pixels with confidence below this become ignore (255)."),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Label an unlabelled folder with a teacher checkpoint (resumable: labelled images are skipped)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from stages.pseudo import pseudo_label as run_pseudo
+
+    with Progress("pseudo-labelling", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
+                  transient=as_json) as progress:
+        task = progress.add_task("label", total=None)
+        summary = run_pseudo(checkpoint, images, out, threshold, batch_size,
+                             on_start=lambda n, todo: progress.update(task, total=n, completed=n - todo),
+                             on_image=lambda: progress.advance(task))
+    if as_json:
+        _print_json(summary)
+    else:
+        console.print(f"{out}: {summary['labelled']} labelled, {summary['skipped']} already done, "
+                      f"{summary['ignored_pixels']:,} pixels below --threshold {threshold:g}")
 
 
 @app.command("eval")

@@ -377,18 +377,26 @@ def squared_distance_transform(features: np.ndarray) -> np.ndarray:
     Returns:
         float64 array of the same shape holding integer squared distances
         (0 on True pixels), ``inf`` in images with no True pixel. Separable:
-        the 1-D transform along columns, then along rows.
+        the 1-D transform along columns, then along rows (Felzenszwalb &
+        Huttenlocher).
     """
     features = np.asarray(features, dtype=bool)
     if features.ndim < 2:
         raise ValueError(f"features must be at least 2-D (..., H, W), got shape {features.shape}")
-    *lead, h, w = features.shape
+    h, w = features.shape[-2:]
     if h * w == 0:
         return np.zeros(features.shape)
-    f = np.where(features, 0.0, _NO_FEATURE).reshape(-1, h, w)
-    cols = _squared_dt_rows(np.ascontiguousarray(f.transpose(0, 2, 1)).reshape(-1, h))
-    cols = cols.reshape(-1, w, h).transpose(0, 2, 1)
-    d = _squared_dt_rows(np.ascontiguousarray(cols).reshape(-1, w)).reshape(features.shape)
+    f = features.reshape(-1, h, w)
+    # Pass 1, along columns: for binary input the 1-D transform is just the
+    # squared gap to the nearest feature above or below (running max/min of
+    # feature positions), no envelope needed.
+    pos = np.arange(h, dtype=np.float64)[None, :, None]
+    above = np.maximum.accumulate(np.where(f, pos, -np.inf), axis=1)
+    below = np.flip(np.minimum.accumulate(np.flip(np.where(f, pos, np.inf), axis=1), axis=1), axis=1)
+    gap = np.minimum(pos - above, below - pos)
+    cols = np.where(np.isfinite(gap), gap * gap, _NO_FEATURE)
+    # Pass 2, along rows: the lower envelope of parabolas.
+    d = _squared_dt_rows(cols.reshape(-1, w)).reshape(features.shape)
     d[d >= _NO_FEATURE] = np.inf
     return d
 
@@ -427,7 +435,18 @@ def boundary_target(mask: np.ndarray, radius: int = 2, ignore_index: int = IGNOR
         edge[tuple(b)] |= change
     if not edge.any():
         return np.zeros(mask.shape, dtype=np.uint8)
-    return (squared_distance_transform(edge) <= radius * radius).astype(np.uint8)
+    if radius > 8:
+        return (squared_distance_transform(edge) <= radius * radius).astype(np.uint8)
+    # Small disks: OR of the shifted edge map, one shift per disk offset.
+    h, w = mask.shape
+    out = np.zeros_like(edge)
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            if dy * dy + dx * dx <= radius * radius:
+                out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] |= edge[
+                    max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+                ]
+    return out.astype(np.uint8)
 
 
 def sdf_target(mask: np.ndarray, num_classes: int) -> np.ndarray:

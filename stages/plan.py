@@ -2,7 +2,8 @@
 
 | stage | trains                                              | lr (default) |
 |-------|-----------------------------------------------------|--------------|
-| 1     | tensors whose provenance is not `source`, + routers | 1e-2 (large) |
+| 1     | tensors whose provenance is not `source`, routers,  | 1e-2 (large) |
+|       | selector, gating, task-loss weights                 |              |
 | 2     | stage 1 + FFN/MoE of the last K ViT blocks          | 1e-3         |
 | 3     | everything                                          | 1e-4 (tiny)  |
 
@@ -36,6 +37,10 @@ STAGES: dict[int, StagePlan] = {
     3: StagePlan(3, "full", 1e-4, "everything"),
 }
 
+# Seed 004: the selector is never frozen; the gate and the task-loss weights are
+# trained by their own optimizers in every stage. They are small.
+ALWAYS_TRAINED = ("selector.", "gating.", "loss.")
+
 _BLOCK_MLP = re.compile(r"^image_encoder\.blocks\.(\d+)\.mlp\.")
 
 
@@ -49,7 +54,7 @@ def is_trainable(name: str, provenance: Any, stage: int, cfg: SamMoEConfig, last
     """Whether tensor `name` trains in `stage` (see the module table)."""
     if stage >= 3:
         return True
-    if ".router." in name or not is_source(provenance):
+    if name.startswith(ALWAYS_TRAINED) or ".router." in name or not is_source(provenance):
         return True
     if stage == 2:
         m = _BLOCK_MLP.match(name)

@@ -12,8 +12,13 @@ Outputs (`SamMoE.forward`), at input resolution:
     seg       (B, C, H, W)  class logits
     sdf       (B, C, H, W)  per-class signed distance, pre-tanh (target in [-1, 1])
     boundary  (B, 1, H, W)  class-boundary logit
+    gate_seg, gate_sdf, gate_boundary   the gating model's fused outputs (same shapes)
 Each output channel has its own learned token and hypernetwork MLP, as SAM's
-mask tokens do, so the decoder's MoE layers (which act on tokens) shape every head.
+mask tokens do, so the decoder's MoE layers (which act on tokens) shape every
+head. Each head reads its task's features from the multi-scale task selector
+(seed 004, see stages/semisup.py); the gating model fuses the three task
+features into the outputs used as pseudo-labels. The selector, gating model and
+multi-task loss weights live in the model so that checkpoints carry them.
 """
 
 from __future__ import annotations
@@ -30,10 +35,10 @@ from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import Tensor, nn
 
+from stages.semisup import GatingModel, MultiScaleTaskSelector, MultiTaskLoss
+
 from .config import SamMoEConfig
 from .moe import MoEMLP
-
-TASKS = ("seg", "sdf", "boundary")
 
 
 def _vit_block(cfg: SamMoEConfig, window_size: int) -> Block:
@@ -112,8 +117,8 @@ class PromptFreeMaskDecoder(nn.Module):
         )
         self.output_hypernetworks_mlps = nn.ModuleList(MLP(dim, dim, dim // 8, 3) for _ in range(num_outputs))
 
-    def forward(self, image_embeddings: Tensor) -> dict[str, Tensor]:
-        """(B, D, h, w) image embeddings -> seg/sdf/boundary at (4h, 4w)."""
+    def forward(self, image_embeddings: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, D, h, w) image embeddings -> hypernetwork vectors (B, 2C+1, D/8), features (B, D/8, 4h, 4w)."""
         b, d, h, w = image_embeddings.shape
         tokens = self.mask_tokens.weight.unsqueeze(0).expand(b, -1, -1)
         src = image_embeddings + self.no_mask_embed.weight.reshape(1, -1, 1, 1)
@@ -121,9 +126,12 @@ class PromptFreeMaskDecoder(nn.Module):
         hs, src = self.transformer(src, pos, tokens)
         upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, d, h, w))
         hyper = torch.stack([mlp(hs[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
-        masks = (hyper @ upscaled.flatten(2)).view(b, -1, *upscaled.shape[-2:])
+        return hyper, upscaled
+
+    def task_slices(self) -> dict[str, slice]:
+        """Which hypernetwork outputs (mask tokens) belong to which head."""
         c = self.num_classes
-        return {"seg": masks[:, :c], "sdf": masks[:, c : 2 * c], "boundary": masks[:, 2 * c :]}
+        return {"seg": slice(0, c), "sdf": slice(c, 2 * c), "boundary": slice(2 * c, 2 * c + 1)}
 
 
 class SamMoE(nn.Module):
@@ -138,10 +146,26 @@ class SamMoE(nn.Module):
         self.config = cfg.validate()
         self.image_encoder = build_image_encoder(cfg)
         self.mask_decoder = PromptFreeMaskDecoder(cfg)
+        feat = cfg.out_chans // 8
+        self.selector = MultiScaleTaskSelector(feat)
+        self.gating = GatingModel(feat, cfg.num_classes)
+        self.loss = MultiTaskLoss()
 
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        """(B, 3, S, S) normalised images, S = img_size -> dict of (B, *, S, S) head outputs."""
-        out = self.mask_decoder(self.image_encoder(images))
+    def forward(self, images: Tensor, gate_grad: bool = True) -> dict[str, Tensor]:
+        """(B, 3, S, S) normalised images, S = img_size -> dict of (B, *, S, S) outputs.
+
+        gate_grad=False runs the gating model under torch.no_grad() (the
+        unsupervised phase of seed 004: the gate must not confirm itself).
+        """
+        hyper, feats = self.mask_decoder(self.image_encoder(images))
+        task_feats = self.selector(feats)
+        out = {}
+        for task, sl in self.mask_decoder.task_slices().items():
+            f = task_feats[task]
+            out[task] = (hyper[:, sl] @ f.flatten(2)).view(f.shape[0], -1, *f.shape[-2:])
+        with torch.set_grad_enabled(gate_grad and torch.is_grad_enabled()):
+            gate = self.gating(task_feats)
+        out.update({f"gate_{k}": v for k, v in gate.items()})
         size = images.shape[-2:]
         return {k: F.interpolate(v, size, mode="bilinear", align_corners=False) for k, v in out.items()}
 

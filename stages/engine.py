@@ -1,0 +1,384 @@
+"""`samoe train --stage N`: the resumable training loop.
+
+One run directory per stage. Each step runs seed 004's two phases: an
+unsupervised phase on an unlabelled batch (when `--unlabelled` is given; gating
+under torch.no_grad(), optimizers 1 and 2) and a supervised phase (all three
+optimizers); separate forwards, no retain_graph. Frozen parameters (the stage
+plan) have requires_grad=False and appear in no optimizer.
+
+Exact resume: the data order of every epoch is a permutation seeded by
+(seed, epoch), the position inside it is saved, and model, optimizer and RNG
+states are restored from the latest step checkpoint; the same command continues
+where it stopped and gives bit-identical weights on CPU. SIGINT/SIGTERM finish
+the current step, save, print the resume command and exit.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shlex
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from upscale.checkpoint import Checkpoint, build_meta, lineage_entry, load_model, save_model
+from upscale.errors import SamoeError
+
+from .checkpointer import Checkpointer
+from .optim import Optimizers, apply_lr, build_optimizers, lr_factor, param_role
+from .plan import STAGES, is_trainable
+from .semisup import pseudo_targets, scaled_epochs, sigmoid_rampup, task_losses
+
+METRIC_FIELDS = ("step", "epoch", "loss", "loss_sup", "loss_unsup", "seg", "sdf", "boundary", "aux", "lr", "alpha",
+                 "unsup_weight", "sigma_seg", "sigma_sdf", "sigma_boundary")
+SELECTOR_FIELDS = ("epoch", "alpha", "unsup_weight", "selector_mean", "selector_std")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved in trainer_state.json)."""
+
+    stage: int
+    source: str
+    run_dir: str
+    data: str
+    unlabelled: str | None = None
+    epochs: int | None = None
+    max_steps: int | None = None
+    batch_size: int = 4
+    lr: float | None = None
+    last_k: int = 4
+    seed: int = 0
+    checkpoint_every: int = 50
+    keep: int = 2
+    momentum: float = 0.9
+    wd: float = -5.0
+    unsup_weight: float = 1.0
+    alpha_rampup: float = 20.0
+    unsup_rampup: float = 80.0
+    warmup: float = 10.0
+    timeline: int = 200
+    log_every: int = 5
+    aux_loss_coef: float | None = None
+    skip_nonfinite: bool = False
+    workers: int = 0
+    command: list[str] = field(default_factory=list)
+
+    def identity(self) -> dict[str, Any]:
+        """The options a resumed run must share with the original one."""
+        keep = ("stage", "data", "unlabelled", "epochs", "max_steps", "batch_size", "lr", "last_k", "seed", "momentum",
+                "wd", "unsup_weight", "alpha_rampup", "unsup_rampup", "warmup", "timeline", "aux_loss_coef")
+        return {k: getattr(self, k) for k in keep}
+
+
+class Interrupted(Exception):
+    """Raised after a checkpoint was saved because SIGINT/SIGTERM arrived."""
+
+    def __init__(self, signum: int, step_dir: Path) -> None:
+        super().__init__(signum)
+        self.signum, self.step_dir = signum, step_dir
+
+
+def check_stage_input(ckpt: Checkpoint, stage: int) -> None:
+    """Refuse an input that does not fit the stage (the CLI's --force skips this)."""
+    done = [s.get("stage") for s in ckpt.stages]
+    if stage == 1 and "growth" not in ckpt.meta:
+        raise SamoeError(f"{ckpt.path} was never grown (no growth provenance): stage 1 trains the parts `samoe expand` adds; expand it first or pass --force")
+    if stage == 2 and 1 not in done:
+        raise SamoeError(f"{ckpt.path} has no stage 1 in its history: run `samoe train --stage 1` first or pass --force")
+    if stage == 3 and 2 not in done:
+        raise SamoeError(f"{ckpt.path} has no stage 2 in its history: run `samoe train --stage 2` first or pass --force")
+
+
+def open_labelled(path: Path, num_classes: int, size: int) -> Dataset:
+    from .data import LabelledFolder, PseudoLabelFolder
+
+    if (path / "confidence").is_dir():
+        return PseudoLabelFolder(path, num_classes, size=size)
+    return LabelledFolder(path, num_classes, size=size)
+
+
+def _batches(n: int, batch_size: int, seed: int, epoch: int, start: int) -> list[list[int]]:
+    """This epoch's batches of indices, from batch `start` on (seeded by (seed, epoch))."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=gen).tolist()
+    return [order[i : i + batch_size] for i in range(start * batch_size, n, batch_size)]
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return default_collate(items)
+
+
+class StreamingLoader:
+    """Endless, resumable batches of a dataset: (epoch, batch position) fully define where it is."""
+
+    def __init__(self, data: Dataset, batch_size: int, seed: int, workers: int, epoch: int = 0, pos: int = 0) -> None:
+        self.data, self.batch_size, self.seed, self.workers = data, batch_size, seed, workers
+        self.epoch, self.pos = epoch, pos
+        self.steps_per_epoch = math.ceil(len(data) / batch_size)
+        self._it = None
+
+    def _start(self) -> None:
+        batches = _batches(len(self.data), self.batch_size, self.seed, self.epoch, self.pos)
+        self._it = iter(DataLoader(self.data, batch_sampler=batches, num_workers=self.workers, collate_fn=_collate))
+
+    def next(self) -> dict[str, Any]:
+        if self.pos >= self.steps_per_epoch:
+            self.epoch, self.pos, self._it = self.epoch + 1, 0, None
+        if self._it is None:
+            self._start()
+        batch = next(self._it)
+        self.pos += 1
+        return batch
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+
+def apply_stage(model: torch.nn.Module, provenance: dict[str, Any], stage: int, last_k: int) -> dict[str, list[int]]:
+    """Set requires_grad per the stage plan; return {component: [trainable, total]} counts."""
+    from upscale.summary import component_of
+
+    counts: dict[str, list[int]] = {}
+    for name, p in model.named_parameters():
+        train = is_trainable(name, provenance.get(name, "source"), stage, model.config, last_k)
+        p.requires_grad_(train)
+        c = counts.setdefault(component_of(name, model.config), [0, 0])
+        c[0] += p.numel() if train else 0
+        c[1] += p.numel()
+    return counts
+
+
+def _truncate_csv(path: Path, key: str, last: float) -> None:
+    """Drop rows written after the checkpoint we resume from (they will be written again)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+        fields = rows[0].keys() if rows else None
+    if fields is None:
+        return
+    kept = [r for r in rows if float(r[key]) <= last]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(fields))
+        w.writeheader()
+        w.writerows(kept)
+
+
+class CsvLog:
+    def __init__(self, path: Path, fields: tuple[str, ...]) -> None:
+        self.path, self.fields = path, fields
+        new = not path.exists()
+        self.f = open(path, "a", newline="")
+        self.w = csv.DictWriter(self.f, fieldnames=list(fields))
+        if new:
+            self.w.writeheader()
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.w.writerow({k: (f"{row[k]:.8g}" if isinstance(row[k], float) else row[k]) for k in self.fields})
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency; keep training if an install lacks it
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+def train_step(model: torch.nn.Module, opts: Optimizers, batch: dict[str, Any], ubatch: dict[str, Any] | None,
+               unsup_weight: float, aux_coef: float, skip_nonfinite: bool, step: int) -> dict[str, float]:
+    """Seed 004's step: unsupervised phase (gate frozen under no_grad), then supervised phase."""
+    metrics = {"loss_unsup": 0.0}
+    if ubatch is not None:
+        opts.opt1.zero_grad(set_to_none=True)
+        opts.opt2.zero_grad(set_to_none=True)
+        out = model(ubatch["image"], gate_grad=False)
+        pseudo = pseudo_targets({t: out[f"gate_{t}"] for t in ("seg", "sdf", "boundary")})
+        loss_u = unsup_weight * model.loss(task_losses(out, pseudo)) + aux_coef * model.aux_loss()
+        if _finite(loss_u, step, skip_nonfinite):
+            loss_u.backward()
+            opts.opt1.step()
+            opts.opt2.step()
+        metrics["loss_unsup"] = loss_u.item()
+    for opt in opts.named().values():
+        opt.zero_grad(set_to_none=True)
+    out = model(batch["image"])
+    heads = task_losses(out, batch)
+    gate = task_losses(out, batch, prefix="gate_")
+    per_task = {t: heads[t] + gate[t] for t in heads}
+    aux = model.aux_loss()
+    loss_s = model.loss(per_task) + aux_coef * aux
+    if _finite(loss_s, step, skip_nonfinite):
+        loss_s.backward()
+        for opt in opts.named().values():
+            opt.step()
+    metrics.update(loss_sup=loss_s.item(), aux=aux.item(), **{t: v.item() for t, v in heads.items()})
+    metrics["loss"] = metrics["loss_sup"] + metrics["loss_unsup"]
+    return metrics
+
+
+def _finite(loss: torch.Tensor, step: int, skip: bool) -> bool:
+    if torch.isfinite(loss):
+        return True
+    if skip:
+        return False
+    raise SamoeError(f"non-finite loss at step {step + 1}: the last checkpoint is intact; lower --lr, or pass --skip-nonfinite to skip such steps")
+
+
+def run(cfg: TrainConfig, force: bool = False, on_start: Callable[[dict[str, Any]], None] | None = None,
+        on_step: Callable[[dict[str, Any]], None] | None = None, on_log: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    """Run (or resume) one stage; return RUN/final."""
+    import shutil
+
+    run_dir = Path(cfg.run_dir)
+    final_dir = run_dir / "final"
+    if force and run_dir.exists():
+        if run_dir.is_dir() and not any(run_dir.iterdir()) or (run_dir / "run.json").exists():
+            shutil.rmtree(run_dir)
+        else:
+            raise SamoeError(f"{run_dir} exists and is not a samoe run directory: refusing to delete it even with --force")
+    state_file = run_dir / "run.json"
+    if state_file.exists():
+        saved = json.loads(state_file.read_text())
+        if saved["identity"] != cfg.identity() or saved["source_digest"] != Checkpoint.open(cfg.source).digest:
+            raise SamoeError(f"{run_dir} holds a run with other options or another --from: re-run the original command, use a new --run-dir, or pass --force to start over")
+        if (final_dir / "samoe.json").exists():
+            raise SamoeError(f"{run_dir} already finished: its result is {final_dir}; use a new --run-dir or --force to train again")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise SamoeError(f"{run_dir} exists and is not a samoe run directory: choose a new --run-dir")
+
+    src = Checkpoint.open(cfg.source)
+    if not force:
+        check_stage_input(src, cfg.stage)
+    model = load_model(src.path)
+    model_cfg = model.config
+    plan = STAGES[cfg.stage]
+    lr = cfg.lr if cfg.lr is not None else plan.lr
+    aux_coef = cfg.aux_loss_coef if cfg.aux_loss_coef is not None else model_cfg.moe.aux_loss_coef
+    counts = apply_stage(model, src.provenance, cfg.stage, cfg.last_k)
+    data = open_labelled(Path(cfg.data), model_cfg.num_classes, model_cfg.img_size)
+    udata = None
+    if cfg.unlabelled:
+        from .data import UnlabelledFolder
+
+        udata = UnlabelledFolder(Path(cfg.unlabelled), size=model_cfg.img_size)
+    spe = math.ceil(len(data) / cfg.batch_size)
+    epochs = cfg.epochs if cfg.epochs is not None else math.ceil((cfg.max_steps or spe) / spe)
+    total = cfg.max_steps if cfg.max_steps is not None else epochs * spe
+    t_alpha = scaled_epochs(cfg.alpha_rampup, epochs, cfg.timeline)
+    t_unsup = scaled_epochs(cfg.unsup_rampup, epochs, cfg.timeline)
+    t_warm = scaled_epochs(cfg.warmup, epochs, cfg.timeline)
+    opts = build_optimizers(model, lr, cfg.momentum, cfg.wd)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpointer = Checkpointer(run_dir, cfg.keep)
+    step, loader_state, uloader_state = 0, {"epoch": 0, "pos": 0}, {"epoch": 0, "pos": 0}
+    latest = checkpointer.latest() if state_file.exists() else None
+    if latest is not None:
+        ts = checkpointer.load(latest, model, opts)
+        step, loader_state, uloader_state = ts["step"], ts["loader"], ts["uloader"]
+    else:
+        from upscale.checkpoint import atomic_write_text
+
+        atomic_write_text(state_file, json.dumps({"identity": cfg.identity(), "source_digest": src.digest, "command": cfg.command}, indent=1) + "\n")
+    _truncate_csv(run_dir / "metrics.csv", "step", step)
+    _truncate_csv(run_dir / "selector_log.csv", "epoch", loader_state["epoch"] + (1 if loader_state["pos"] >= spe else 0))
+    loader = StreamingLoader(data, cfg.batch_size, cfg.seed, cfg.workers, **loader_state)
+    uloader = StreamingLoader(udata, cfg.batch_size, cfg.seed + 1, cfg.workers, **uloader_state) if udata is not None else None
+    metrics_log = CsvLog(run_dir / "metrics.csv", METRIC_FIELDS)
+    selector_log = CsvLog(run_dir / "selector_log.csv", SELECTOR_FIELDS)
+    tb = _tensorboard(run_dir)
+    meta = build_meta(model_cfg, src.provenance, src.lineage, src.stages, _dtype(model), **_carry(src.meta))
+    if on_start:
+        params = {r: 0 for r in ("selector", "encoder", "decoder", "gating", "loss")}
+        for name, p in model.named_parameters():
+            role = param_role(name)
+            params["encoder" if role == "backbone" else role] += p.numel()
+        params["total"] = sum(params.values())
+        on_start({"stage": plan, "lr": lr, "counts": counts, "params": params, "total_steps": total, "start_step": step,
+                  "epochs": epochs, "steps_per_epoch": spe, "resumed_from": str(latest) if latest else None})
+
+    stop: list[int] = []
+    handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    last_metrics: dict[str, Any] = {}
+    try:
+        model.train()
+        while step < total:
+            epoch = loader.epoch if loader.pos < loader.steps_per_epoch else loader.epoch + 1
+            alpha = sigmoid_rampup(epoch, t_alpha)
+            unsup_w = cfg.unsup_weight * sigmoid_rampup(epoch, t_unsup)
+            model.selector.set_alpha(alpha)
+            factor = lr_factor(step, spe, total, t_warm)
+            apply_lr(opts, factor)
+            t0 = time.perf_counter()
+            batch = loader.next()
+            ubatch = uloader.next() if uloader is not None else None
+            m = train_step(model, opts, batch, ubatch, unsup_w, aux_coef, cfg.skip_nonfinite, step)
+            step += 1
+            sig = model.loss.log_vars.detach()
+            row = dict(m, step=step, epoch=epoch, lr=lr * factor, alpha=alpha, unsup_weight=unsup_w,
+                       sigma_seg=float(sig[0]), sigma_sdf=float(sig[1]), sigma_boundary=float(sig[2]))
+            metrics_log.write(row)
+            last_metrics = row
+            if tb is not None:
+                for k in METRIC_FIELDS[2:]:
+                    tb.add_scalar(f"train/{k}", row[k], step)
+            epoch_end = loader.pos >= loader.steps_per_epoch
+            if epoch_end and ((epoch + 1) % cfg.log_every == 0 or step >= total):
+                stats = model.selector.get_weight_stats()
+                srow = {"epoch": epoch + 1, "alpha": alpha, "unsup_weight": unsup_w,
+                        "selector_mean": stats["mean"], "selector_std": stats["std"]}
+                selector_log.write(srow)
+                if on_log:
+                    on_log(srow)
+            if on_step:
+                on_step(dict(row, images_per_s=len(batch["image"]) / max(time.perf_counter() - t0, 1e-9), total=total))
+            trainer_state = {"step": step, "loader": loader.state(), "uloader": uloader.state() if uloader else {"epoch": 0, "pos": 0},
+                             "config": asdict(cfg)}
+            if stop:
+                path = checkpointer.save(step, model, meta, opts, trainer_state)
+                raise Interrupted(stop[0], path)
+            if step % cfg.checkpoint_every == 0 and step < total:
+                checkpointer.save(step, model, meta, opts, trainer_state)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        metrics_log.close()
+        selector_log.close()
+        if tb is not None:
+            tb.close()
+
+    history = list(src.stages) + [{
+        "stage": cfg.stage, "name": plan.name, "steps": step, "epochs": epochs, "lr": lr, "batch_size": cfg.batch_size,
+        "data": cfg.data, "unlabelled": cfg.unlabelled, "last_k": cfg.last_k if cfg.stage == 2 else None,
+        "trainable_params": sum(c[0] for c in counts.values()), "final_loss": last_metrics.get("loss"),
+    }]
+    final_meta = build_meta(model_cfg, src.provenance, src.lineage + [lineage_entry(cfg.command, cfg.seed, src)], history,
+                            _dtype(model), **_carry(src.meta))
+    model.selector.set_alpha(sigmoid_rampup(epochs, t_alpha))
+    return save_model(model, final_dir, final_meta, force=True)
+
+
+def _dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _carry(meta: dict[str, Any]) -> dict[str, Any]:
+    """Metadata that follows a checkpoint through training (growth options, SAM source)."""
+    return {k: meta[k] for k in ("growth", "sam_source") if k in meta}
+
+
+def resume_command(command: list[str]) -> str:
+    return " ".join(shlex.quote(c) for c in command if c != "--force")

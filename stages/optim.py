@@ -1,0 +1,74 @@
+"""Seed 004's three optimizers and their learning-rate schedule.
+
+optimizer1 = SGD over param groups backbone (lr), decoder (lr), selector (lr x 5),
+             momentum, weight_decay = 5 * 10**wd
+optimizer2 = Adam(multi-task loss sigmas, lr 0.05, same weight decay)
+optimizer3 = SGD(gating model, lr, momentum, same weight decay)
+
+Frozen parameters (stages 1-2) are simply absent. Warm-up (linear, 10 seed
+epochs, scaled to the run) applies to optimizers 1 and 3 only; after it, a
+polynomial decay (power 0.9) as in Semi-MoE's scripts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .semisup import poly_factor, warmup_factor
+
+
+@dataclass
+class Optimizers:
+    opt1: torch.optim.SGD
+    opt2: torch.optim.Adam
+    opt3: torch.optim.SGD
+
+    def named(self) -> dict[str, torch.optim.Optimizer]:
+        return {"optimizer1": self.opt1, "optimizer2": self.opt2, "optimizer3": self.opt3}
+
+
+def param_role(name: str) -> str:
+    """backbone | decoder | selector | gating | loss, by parameter name."""
+    for prefix, role in (("selector.", "selector"), ("gating.", "gating"), ("loss.", "loss"), ("mask_decoder.", "decoder")):
+        if name.startswith(prefix):
+            return role
+    return "backbone"
+
+
+def build_optimizers(model: nn.Module, lr: float, momentum: float = 0.9, wd: float = -5.0,
+                     loss_lr: float = 0.05, selector_lr_mult: float = 5.0) -> Optimizers:
+    """The three optimizers over the trainable parameters only (requires_grad)."""
+    weight_decay = 5 * 10**wd
+    roles: dict[str, list[nn.Parameter]] = {r: [] for r in ("backbone", "decoder", "selector", "gating", "loss")}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            roles[param_role(name)].append(p)
+    groups = [
+        {"params": roles["backbone"], "lr": lr, "name": "backbone", "base_lr": lr},
+        {"params": roles["decoder"], "lr": lr, "name": "decoder", "base_lr": lr},
+        {"params": roles["selector"], "lr": lr * selector_lr_mult, "name": "selector", "base_lr": lr * selector_lr_mult},
+    ]
+    opt1 = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt2 = torch.optim.Adam(roles["loss"], lr=loss_lr, weight_decay=weight_decay)
+    opt3 = torch.optim.SGD([{"params": roles["gating"], "lr": lr, "name": "gating", "base_lr": lr}],
+                           lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return Optimizers(opt1, opt2, opt3)
+
+
+def lr_factor(step: int, steps_per_epoch: int, total_steps: int, warmup_epochs: float) -> float:
+    """Multiplier for optimizers 1 and 3 at (0-based) `step`: warm-up, then poly decay."""
+    epochs_done = (step + 1) / steps_per_epoch
+    if epochs_done < warmup_epochs:
+        return warmup_factor(epochs_done, warmup_epochs)
+    warm_steps = warmup_epochs * steps_per_epoch
+    return poly_factor(max(0.0, step - warm_steps) / max(total_steps - warm_steps, 1))
+
+
+def apply_lr(opts: Optimizers, factor: float) -> None:
+    """Set optimizers 1 and 3 to base_lr * factor; optimizer2 keeps its lr (no warm-up)."""
+    for opt in (opts.opt1, opts.opt3):
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * factor
