@@ -492,9 +492,62 @@ def pseudo_label(
 
 
 @app.command("eval")
-def evaluate() -> None:
-    """Compare checkpoints on a labelled folder, with routing statistics (issue 8)."""
-    _not_built("eval", 8)
+@handles_errors
+def evaluate(
+    checkpoints: list[Path] = typer.Argument(..., help="One or more checkpoints; the first is the baseline."),
+    data: Path = typer.Option(..., "--data", help="Labelled folder (images/ + masks/), e.g. data/A-test."),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% intervals."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    plots: Optional[Path] = typer.Option(None, "--plots", help="Write routing heatmaps (PNG) here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole report as one JSON object."),
+) -> None:
+    """Compare checkpoints side by side on a labelled folder, with routing statistics."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress
+
+    from stages.evaluate import METRICS, evaluate as run_eval, short_layer, write_plots
+    from upscale.errors import SamoeError
+
+    if batch_size < 1 or bootstrap < 1:
+        raise SamoeError("--batch-size and --bootstrap must be >= 1")
+    with Progress("evaluating", BarColumn(), MofNCompleteColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("eval", total=None)
+        report = run_eval(checkpoints, data, batch_size, bootstrap, seed,
+                          on_start=lambda n: progress.update(task, total=n), on_batch=lambda n: progress.advance(task, n))
+    if plots is not None:
+        report["plots"] = [str(p) for p in write_plots(report, plots)]
+    if as_json:
+        _print_json(report)
+        return
+    cks = report["checkpoints"]
+    t = Table(title=f"{report['data']}: {report['images']} images")
+    t.add_column("metric")
+    for i, ck in enumerate(cks):
+        t.add_column(f"[{i}] {ck['total_params'] / 1e6:.2f}M", justify="right")
+    for comp in report["comparisons"]:
+        t.add_column(f"diff vs [0] (95% CI)", justify="right")
+    for m in METRICS:
+        row = [m] + [f"{ck['metrics'][m]:.4f}" for ck in cks]
+        for comp in report["comparisons"]:
+            d = comp["diff"][m]
+            row.append(f"{d['diff']:+.4f} ({d['ci_low']:+.4f}, {d['ci_high']:+.4f})")
+        t.add_row(*row)
+    for cls in report["classes"]:
+        t.add_row(f"IoU {cls}", *[("-" if ck["metrics"]["iou"][cls] is None else f"{ck['metrics']['iou'][cls]:.4f}") for ck in cks],
+                  *["" for _ in report["comparisons"]])
+    console.print(t)
+    for i, ck in enumerate(cks):
+        console.print(f"[{i}] {ck['path']} stages {ck['stages']}", soft_wrap=True)
+    for i, ck in enumerate(cks):
+        r = Table(title=f"routing of [{i}] (groups {ck['groups']}, core {ck['core_groups']})")
+        for col in ("layer", "group share", "new (tokens)", "new (weight)", "dead", "load CV", "entropy"):
+            r.add_column(col, justify="right")
+        for name, v in ck["routing"].items():
+            r.add_row(short_layer(name), " ".join(f"{x:.2f}" for x in v["group_share"]), f"{v['new_share']:.3f}",
+                      f"{v['new_weight_share']:.3f}", str(v["dead_experts"]), f"{v['load_cv']:.2f}", f"{v['router_entropy']:.3f}")
+        console.print(r)
+    if plots is not None:
+        console.print(f"plots: {', '.join(report['plots'])}", soft_wrap=True)
 
 
 def main() -> None:

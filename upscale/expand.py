@@ -20,8 +20,8 @@ What grows (strategy 1 of the growth plan):
   receive gradient from the first step (see upscale/moe.py).
 - extra blocks are appended after the last block, copied from the last
   global-attention block (LLaMA-Pro style depth growth) with the attention
-  output projection and the experts' output layers zeroed: each starts as the
-  identity.
+  output projection and the core experts' output layers zeroed (new groups are
+  hidden by their zero group_scale): each starts as the identity.
 
 New expert j (0-based over all routed groups, in group order) copies source
 expert j mod S; interpolation pairs it with (a + 1 + (j // S) mod (S-1)) mod S,
@@ -253,7 +253,10 @@ def _moe_layer_plans(
         names.append((f"{out_prefix}.router.expert_gates.{g}.weight", f"{src_prefix}.router.expert_gates.0.weight"))
         for out_name, src_name in names:
             shape = shapes[out_name]
-            zero = new_block and out_name.endswith((".w2", ".b2"))
+            # In a new block only the core experts' output layers are zeroed: the new
+            # groups are already hidden by group_scale = 0, and zeroing them too would
+            # leave group_scale and their w2 without gradient (a saddle at zero).
+            zero = new_block and g < core and out_name.endswith((".w2", ".b2"))
             if g < core:
                 if zero:
                     plans.append(TensorPlan(out_name, shape, "identity-new", (), _zeros(shape, dtype)))

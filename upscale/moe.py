@@ -123,6 +123,7 @@ class Routing:
     expert: Tensor  # (A,) global expert index (groups laid out in order)
     weight: Tensor  # (A,) mixing weight
     aux_loss: Tensor  # scalar load-balancing loss
+    entropy: Tensor  # mean entropy of the top-level routing distribution (nats)
 
 
 def _topk_renormalised(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -137,6 +138,10 @@ def _balance_loss(probs: Tensor, chosen: Tensor, num: int) -> Tensor:
         return probs.new_zeros(())
     frac = torch.bincount(chosen.flatten(), minlength=num).float() / chosen.numel()
     return num * (frac * probs.mean(dim=0)).sum()
+
+
+def _entropy(probs: Tensor) -> Tensor:
+    return -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean() if probs.shape[0] else probs.new_zeros(())
 
 
 class HierarchicalRouter(nn.Module):
@@ -164,7 +169,7 @@ class HierarchicalRouter(nn.Module):
         """x: (N, D) -> Routing over the N tokens."""
         cfg = self.cfg
         n = x.shape[0]
-        tokens, experts, weights, aux = [], [], [], []
+        tokens, experts, weights, aux, entropy = [], [], [], [], []
         ar = torch.arange(n, device=x.device)
         if cfg.core_groups:
             logits = torch.cat([self.expert_gates[g](x) for g in range(cfg.core_groups)], dim=-1)
@@ -173,10 +178,12 @@ class HierarchicalRouter(nn.Module):
             experts.append(top_i.flatten())
             weights.append(top_w.flatten())
             aux.append(_balance_loss(probs, top_i, cfg.num_core_experts))
+            entropy.append(_entropy(probs))
         if len(cfg.groups) > cfg.core_groups:
             g_probs = self.group_gate(x).float().softmax(dim=-1)
             g_p, g_i = g_probs.topk(cfg.top_k_groups, dim=-1)
             aux.append(_balance_loss(g_probs, g_i, g_probs.shape[-1]))
+            entropy.append(_entropy(g_probs))
             for r in range(g_probs.shape[-1]):
                 g = cfg.core_groups + r
                 tok, slot = (g_i == r).nonzero(as_tuple=True)
@@ -193,6 +200,7 @@ class HierarchicalRouter(nn.Module):
             expert=torch.cat(experts),
             weight=torch.cat(weights),
             aux_loss=torch.stack(aux).mean() if aux else x.new_zeros(()),
+            entropy=torch.stack(entropy).mean().detach() if entropy else x.new_zeros(()),
         )
 
 
@@ -205,9 +213,11 @@ class MoEMLP(nn.Module):
         cfg (MoEConfig): expert groups and routing.
         act (Type[nn.Module]): expert activation.
 
-    After each forward, `aux_loss` holds the load-balancing loss and
+    After each forward, `aux_loss` holds the load-balancing loss,
     `expert_counts` / `group_counts` the token-expert assignments of each
-    expert / group (for routing reports); both are detached statistics except `aux_loss`.
+    expert / group and `entropy` the mean top-level router entropy (detached
+    statistics for routing reports); with `record = True`, `assignments` keeps
+    (token, expert, weight) of every assignment.
     """
 
     def __init__(self, dim: int, hidden: int, cfg: MoEConfig, act: Type[nn.Module] = nn.GELU) -> None:
@@ -218,6 +228,10 @@ class MoEMLP(nn.Module):
         self.aux_loss: Tensor | None = None
         self.expert_counts: Tensor | None = None
         self.group_counts: Tensor | None = None
+        self.entropy: Tensor | None = None
+        # When True, forward keeps (token, expert) of every assignment for routing reports.
+        self.record = False
+        self.assignments: tuple[Tensor, Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -239,5 +253,8 @@ class MoEMLP(nn.Module):
         out = torch.zeros_like(x).index_add(0, token, y)
         self.aux_loss = route.aux_loss
         self.expert_counts = counts.detach()
+        self.entropy = route.entropy
+        if self.record:
+            self.assignments = (route.token.detach(), route.expert.detach(), route.weight.detach())
         self.group_counts = torch.stack([counts[lo:hi].sum() for lo, hi in zip(self.router.offsets, self.router.offsets[1:])])
         return out.reshape(shape)

@@ -1,0 +1,336 @@
+"""`samoe eval`: metrics, a paired bootstrap, and the routing report.
+
+Metrics on a labelled folder, from the task heads (not the gate):
+- per-class IoU and Dice/F1 from the dataset's summed confusion matrix; classes
+  absent from both prediction and target (union 0) are left out of the means;
+  ignore-index pixels (255) count nowhere;
+- pixel accuracy; boundary precision/recall/F1 of sigmoid(boundary) > 0.5 against
+  the boundary band target; SDF error = mean |tanh(sdf) - target|.
+With several checkpoints, every metric's difference to the first checkpoint gets
+a paired bootstrap 95% interval over images (seeded: the same call gives the
+same numbers), so a user sees whether a difference is real.
+
+Routing report, per MoE layer: assignments per group and per expert, dead
+experts (no tokens), load imbalance (coefficient of variation of expert
+counts), mean top-level router entropy, traffic to source (core) vs new groups (by assignments, and by routing weight:
+new groups gated by a still-zero `group_scale` get tokens but no weight),
+and for encoder layers which groups each class's patches go to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from upscale.checkpoint import Checkpoint, load_model
+from upscale.errors import SamoeError
+
+from .data import IGNORE_INDEX, LabelledFolder
+
+METRICS = ("miou", "mean_dice", "pixel_accuracy", "boundary_f1", "sdf_mae")
+
+
+# --------------------------------------------------------------------------- metric functions
+
+
+def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """(C, C) counts, rows = target class, columns = predicted class; ignored pixels dropped."""
+    keep = target != ignore_index
+    t, p = target[keep].astype(np.int64), pred[keep].astype(np.int64)
+    if t.size and (t.max() >= num_classes or t.min() < 0):
+        raise SamoeError(f"target class id {int(t.max())} is outside 0..{num_classes - 1}: check the masks")
+    return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def iou_per_class(cm: np.ndarray) -> np.ndarray:
+    """TP / (TP + FP + FN) per class; NaN where the class is in neither target nor prediction."""
+    tp = np.diag(cm).astype(np.float64)
+    union = cm.sum(0) + cm.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, tp / union, np.nan)
+
+
+def dice_per_class(cm: np.ndarray) -> np.ndarray:
+    """2 TP / (2 TP + FP + FN) per class; NaN where the class is in neither."""
+    tp = np.diag(cm).astype(np.float64)
+    denom = cm.sum(0) + cm.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, 2 * tp / denom, np.nan)
+
+
+def pixel_accuracy(cm: np.ndarray) -> float:
+    total = cm.sum()
+    return float(np.trace(cm) / total) if total else float("nan")
+
+
+def f1_from_counts(tp: float, fp: float, fn: float) -> tuple[float, float, float]:
+    """(precision, recall, F1); an empty prediction and target counts as perfect (1, 1, 1)."""
+    if tp + fp + fn == 0:
+        return 1.0, 1.0, 1.0
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * tp / (2 * tp + fp + fn)
+    return precision, recall, f1
+
+
+@dataclass
+class ImageStats:
+    """Everything per image that dataset metrics are summed from (so the bootstrap can resample images)."""
+
+    cm: np.ndarray  # (N, C, C)
+    boundary: np.ndarray  # (N, 3) tp, fp, fn
+    sdf: np.ndarray  # (N, 2) sum |err|, count
+
+    def metrics(self, idx: np.ndarray | None = None) -> dict[str, float]:
+        sel = slice(None) if idx is None else idx
+        cm = self.cm[sel].sum(0)
+        b = self.boundary[sel].sum(0)
+        s = self.sdf[sel].sum(0)
+        return {
+            "miou": float(np.nanmean(iou_per_class(cm))) if np.isfinite(iou_per_class(cm)).any() else float("nan"),
+            "mean_dice": float(np.nanmean(dice_per_class(cm))) if np.isfinite(dice_per_class(cm)).any() else float("nan"),
+            "pixel_accuracy": pixel_accuracy(cm),
+            "boundary_f1": f1_from_counts(*b)[2],
+            "sdf_mae": float(s[0] / s[1]) if s[1] else float("nan"),
+        }
+
+
+def bootstrap_diff(a: ImageStats, b: ImageStats, n: int = 1000, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Paired bootstrap over images of metric(b) - metric(a): point estimate and 95% interval."""
+    rng = np.random.default_rng(seed)
+    count = a.cm.shape[0]
+    base_a, base_b = a.metrics(), b.metrics()
+    samples = {m: [] for m in METRICS}
+    for _ in range(n):
+        idx = rng.integers(0, count, count)
+        ma, mb = a.metrics(idx), b.metrics(idx)
+        for m in METRICS:
+            samples[m].append(mb[m] - ma[m])
+    out = {}
+    for m in METRICS:
+        vals = np.asarray(samples[m], dtype=np.float64)
+        vals = vals[np.isfinite(vals)]
+        lo, hi = (np.percentile(vals, [2.5, 97.5]) if vals.size else (np.nan, np.nan))
+        out[m] = {"diff": base_b[m] - base_a[m], "ci_low": float(lo), "ci_high": float(hi)}
+    return out
+
+
+# --------------------------------------------------------------------------- running a model
+
+
+@dataclass
+class RoutingAccumulator:
+    """Sums routing statistics of one MoE layer over an evaluation."""
+
+    groups: tuple[int, ...]
+    core_groups: int
+    num_classes: int
+    expert_counts: np.ndarray = field(init=False)
+    class_group: np.ndarray = field(init=False)
+    entropy_sum: float = 0.0
+    batches: int = 0
+    weight_core: float = 0.0
+    weight_total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.expert_counts = np.zeros(sum(self.groups), dtype=np.int64)
+        self.class_group = np.zeros((self.num_classes, len(self.groups)), dtype=np.int64)
+
+    def group_of(self) -> np.ndarray:
+        return np.repeat(np.arange(len(self.groups)), self.groups)
+
+    def report(self) -> dict[str, Any]:
+        counts = self.expert_counts
+        total = max(int(counts.sum()), 1)
+        group_counts = np.array([c.sum() for c in np.split(counts, np.cumsum(self.groups)[:-1])])
+        core = int(group_counts[: self.core_groups].sum())
+        mean = counts.mean()
+        return {
+            "assignments": int(counts.sum()),
+            "group_share": (group_counts / total).round(6).tolist(),
+            "expert_share": (counts / total).round(6).tolist(),
+            "dead_experts": int((counts == 0).sum()),
+            "dead_expert_ids": np.flatnonzero(counts == 0).tolist(),
+            "load_cv": float(counts.std() / mean) if mean > 0 else float("nan"),
+            "router_entropy": self.entropy_sum / max(self.batches, 1),
+            "source_share": core / total,
+            "new_share": 1 - core / total,
+            "new_weight_share": 1 - self.weight_core / self.weight_total if self.weight_total > 0 else 0.0,
+            "class_group_share": (self.class_group / np.maximum(self.class_group.sum(1, keepdims=True), 1)).round(6).tolist(),
+        }
+
+
+def _patch_classes(mask: torch.Tensor, grid: tuple[int, int], num_classes: int) -> torch.Tensor:
+    """Majority class of each encoder patch (B, h*w); patches with only ignored pixels -> -1."""
+    valid = mask != IGNORE_INDEX
+    onehot = F.one_hot(mask.clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2).float() * valid[:, None]
+    votes = F.adaptive_avg_pool2d(onehot, grid)
+    cls = votes.argmax(1)
+    cls[votes.sum(1) == 0] = -1
+    return cls.flatten(1)
+
+
+@torch.no_grad()
+def run_model(model: torch.nn.Module, data: LabelledFolder, batch_size: int,
+              on_batch: Callable[[int], None] | None = None) -> tuple[ImageStats, dict[str, RoutingAccumulator]]:
+    cfg = model.config
+    c = cfg.num_classes
+    grid = (cfg.img_size // cfg.patch_size,) * 2
+    layers = dict(model.moe_layers())
+    routing = {name: RoutingAccumulator(cfg.moe.groups, cfg.moe.core_groups, c) for name in layers}
+    for layer in layers.values():
+        layer.record = True
+    cms, bounds, sdfs = [], [], []
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    try:
+        for start in range(0, len(data), batch_size):
+            items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+            x = torch.stack([it["image"] for it in items]).to(dtype)
+            mask = torch.stack([it["mask"] for it in items])
+            out = model(x)
+            pred = out["seg"].argmax(1)
+            valid = (mask != IGNORE_INDEX)
+            pb = (torch.sigmoid(out["boundary"].float()) > 0.5)[:, 0] & valid
+            tb = torch.stack([it["boundary"] for it in items])[:, 0].bool() & valid
+            err = (torch.tanh(out["sdf"].float()) - torch.stack([it["sdf"] for it in items])).abs() * valid[:, None]
+            for i in range(len(items)):
+                cms.append(confusion_matrix(pred[i].numpy(), mask[i].numpy(), c))
+                bounds.append([int((pb[i] & tb[i]).sum()), int((pb[i] & ~tb[i]).sum()), int((~pb[i] & tb[i]).sum())])
+                sdfs.append([float(err[i].sum()), float(valid[i].sum()) * c])
+            classes = _patch_classes(mask, grid, c)
+            for name, layer in layers.items():
+                acc = routing[name]
+                acc.expert_counts += layer.expert_counts.numpy()
+                acc.entropy_sum += float(layer.entropy)
+                acc.batches += 1
+                token, expert, weight = layer.assignments
+                core = expert < sum(acc.groups[: acc.core_groups])
+                acc.weight_core += float(weight[core].abs().sum())
+                acc.weight_total += float(weight.abs().sum())
+                if name.startswith("image_encoder."):
+                    cls = classes.flatten()[token]
+                    keep = cls >= 0
+                    group = torch.from_numpy(acc.group_of())[expert[keep]]
+                    np.add.at(acc.class_group, (cls[keep].numpy(), group.numpy()), 1)
+            if on_batch:
+                on_batch(len(items))
+    finally:
+        for layer in layers.values():
+            layer.record, layer.assignments = False, None
+    return ImageStats(np.stack(cms), np.asarray(bounds, dtype=np.float64), np.asarray(sdfs, dtype=np.float64)), routing
+
+
+def class_names(num_classes: int) -> list[str]:
+    from .data import CLASS_NAMES
+
+    return list(CLASS_NAMES) if num_classes == len(CLASS_NAMES) else [f"class{i}" for i in range(num_classes)]
+
+
+def evaluate(paths: list[Path], data_dir: Path, batch_size: int = 4, bootstrap: int = 1000, seed: int = 0,
+             on_start: Callable[[int], None] | None = None, on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Evaluate checkpoints on one labelled folder; the first is the baseline of the comparisons."""
+    ckpts = [Checkpoint.open(p) for p in paths]
+    base = ckpts[0].config
+    for ck in ckpts[1:]:
+        if (ck.config.num_classes, ck.config.img_size) != (base.num_classes, base.img_size):
+            raise SamoeError(f"{ck.path} predicts {ck.config.num_classes} classes at {ck.config.img_size}px but {ckpts[0].path} "
+                             f"{base.num_classes} at {base.img_size}px: compare checkpoints of the same task")
+    data = LabelledFolder(data_dir, base.num_classes, size=base.img_size)
+    if on_start:
+        on_start(len(data) * len(ckpts))
+    names = class_names(base.num_classes)
+    results, stats = [], []
+    for ck in ckpts:
+        model = load_model(ck.path)
+        st, routing = run_model(model, data, batch_size, on_batch)
+        cm = st.cm.sum(0)
+        b = st.boundary.sum(0)
+        precision, recall, f1 = f1_from_counts(*b)
+        metrics = st.metrics()
+        metrics.update(
+            iou={n: _num(v) for n, v in zip(names, iou_per_class(cm))},
+            dice={n: _num(v) for n, v in zip(names, dice_per_class(cm))},
+            boundary_precision=precision, boundary_recall=recall,
+        )
+        results.append({
+            "path": str(ck.path), "digest": ck.digest,
+            "total_params": sum(info.numel for info in ck.tensors.values()),
+            "stages": [s.get("stage") for s in ck.stages],
+            "metrics": metrics,
+            "routing": {name: acc.report() for name, acc in routing.items()},
+            "groups": list(ck.config.moe.groups), "core_groups": ck.config.moe.core_groups,
+        })
+        stats.append(st)
+        del model
+    comparisons = [
+        {"baseline": results[0]["path"], "other": results[i]["path"], "diff": bootstrap_diff(stats[0], stats[i], bootstrap, seed)}
+        for i in range(1, len(results))
+    ]
+    return {"data": str(data_dir), "images": len(data), "classes": names, "bootstrap": bootstrap, "seed": seed,
+            "checkpoints": results, "comparisons": comparisons}
+
+
+def _num(v: float) -> float | None:
+    return None if np.isnan(v) else float(v)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _colour(v: np.ndarray) -> np.ndarray:
+    """A small perceptual ramp (dark blue -> teal -> yellow), values in [0, 1]."""
+    stops = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
+    x = np.clip(v, 0, 1) * (len(stops) - 1)
+    i = np.minimum(x.astype(int), len(stops) - 2)
+    f = (x - i)[..., None]
+    return (stops[i] * (1 - f) + stops[i + 1] * f).astype(np.uint8)
+
+
+def save_heatmap(matrix: np.ndarray, rows: list[str], title: str, path: Path, cell: int = 14) -> None:
+    """Write a labelled heatmap PNG (rows x columns, each row scaled to its max)."""
+    from PIL import Image, ImageDraw
+
+    m = np.asarray(matrix, dtype=np.float64)
+    scale = np.maximum(m.max(axis=1, keepdims=True), 1e-12)
+    rgb = _colour(m / scale)
+    left, top = 8 + 7 * max((len(r) for r in rows), default=1), 24
+    img = Image.new("RGB", (left + cell * m.shape[1] + 8, top + cell * m.shape[0] + 8), "white")
+    img.paste(Image.fromarray(rgb).resize((cell * m.shape[1], cell * m.shape[0]), Image.NEAREST), (left, top))
+    draw = ImageDraw.Draw(img)
+    draw.text((4, 4), title, fill="black")
+    for r, label in enumerate(rows):
+        draw.text((4, top + r * cell + 1), label, fill="black")
+    tmp = path.with_name(f".{path.name}.tmp")
+    img.save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+def short_layer(name: str) -> str:
+    return name.replace("image_encoder.blocks.", "enc").replace("mask_decoder.transformer.layers.", "dec").removesuffix(".mlp")
+
+
+def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for k, ck in enumerate(report["checkpoints"]):
+        layers = list(ck["routing"])
+        if not layers:
+            continue
+        usage = np.array([ck["routing"][n]["expert_share"] for n in layers])
+        p = out / f"ckpt{k}-expert-usage.png"
+        save_heatmap(usage, [short_layer(n) for n in layers],
+                     f"expert share per layer: {Path(ck['path']).name}", p)
+        written.append(p)
+        enc = [n for n in layers if n.startswith("image_encoder.")]
+        if enc:
+            cg = np.array(ck["routing"][enc[-1]]["class_group_share"])
+            p = out / f"ckpt{k}-class-groups.png"
+            save_heatmap(cg, report["classes"], f"class -> group share, {enc[-1]}", p, cell=24)
+            written.append(p)
+    return written
