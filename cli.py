@@ -137,6 +137,8 @@ def _show_summary(ckpt: Any, as_json: bool, verify: bool = False) -> None:
         report["verify"] = _verify(ckpt)
     if as_json:
         _print_json(report)
+        if verify and not report["verify"]["ok"]:
+            _fail(report["verify"]["message"], 2)
         return
     console.print(f"[bold]{report['path']}[/]  {report['digest'][:19]}…  dtype {report['dtype']}")
     t = Table(title="parameters")
@@ -171,9 +173,9 @@ def _show_summary(ckpt: Any, as_json: bool, verify: bool = False) -> None:
         console.print("stages: none yet")
     if verify:
         v = report["verify"]
-        console.print(f"verify: {'[green]ok[/]' if v['ok'] else '[red]FAILED[/]'} {v['message']}")
         if not v["ok"]:
-            raise typer.Exit(2)
+            _fail(v["message"], 2)
+        console.print(f"verify: [green]ok[/] {v['message']}")
 
 
 def _verify(ckpt: Any) -> dict[str, Any]:
@@ -194,10 +196,7 @@ def inspect_checkpoint(
     """Show what is inside a checkpoint (headers and samoe.json only, unless --verify)."""
     from upscale.checkpoint import Checkpoint
 
-    ckpt = Checkpoint.open(path)
-    _show_summary(ckpt, as_json, verify)
-    if verify and as_json and not _verify(ckpt)["ok"]:
-        raise typer.Exit(2)
+    _show_summary(Checkpoint.open(path), as_json, verify)
 
 
 # --------------------------------------------------------------------------- not built yet
@@ -394,6 +393,7 @@ def train(
     warmup: float = typer.Option(10.0, "--warmup", help="LR warm-up of optimizers 1 and 3 (seed epochs)."),
     timeline: int = typer.Option(200, "--timeline", help="Run length the seed epochs refer to; they scale to --epochs."),
     log_every: int = typer.Option(5, "--log-every", help="Selector log every N epochs."),
+    router_lr_mult: float = typer.Option(10.0, "--router-lr-mult", help="Router LR = lr x this (optimizer1's router group)."),
     skip_nonfinite: bool = typer.Option(False, "--skip-nonfinite", help="Skip steps with a non-finite loss instead of stopping."),
     workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
     force: bool = typer.Option(False, "--force", help="Start over in an existing run dir; skip the stage-input check."),
@@ -419,7 +419,7 @@ def train(
                       unlabelled=str(unlabelled) if unlabelled else None, epochs=epochs, max_steps=max_steps,
                       batch_size=batch_size, lr=lr, last_k=last_k, seed=seed, checkpoint_every=checkpoint_every, keep=keep,
                       momentum=momentum, wd=wd, unsup_weight=unsup_weight, alpha_rampup=alpha_rampup,
-                      unsup_rampup=unsup_rampup, warmup=warmup, timeline=timeline, log_every=log_every,
+                      unsup_rampup=unsup_rampup, warmup=warmup, timeline=timeline, log_every=log_every, router_lr_mult=router_lr_mult,
                       skip_nonfinite=skip_nonfinite, workers=workers, command=_command_line())
     progress = Progress(TextColumn("stage {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("epoch {task.fields[epoch]} loss {task.fields[loss]} lr {task.fields[lr]} {task.fields[ips]} img/s"),
@@ -433,7 +433,7 @@ def train(
         for col in ("component", "trainable", "total", "lr"):
             t.add_column(col, justify="right")
         for comp, (tr, tot) in info["counts"].items():
-            lr_ = {"selector": info["lr"] * 5, "loss": 0.05}.get(comp, info["lr"])
+            lr_ = {"selector": info["lr"] * 5, "loss": 0.05, "routers": info["lr"] * router_lr_mult}.get(comp, info["lr"])
             t.add_row(comp, f"{tr:,}", f"{tot:,}", f"{lr_:g}" if tr else "frozen")
         console.print(t)
         console.print("params: " + ", ".join(f"{k.capitalize()} {v:,}" for k, v in info["params"].items()))

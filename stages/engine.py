@@ -67,6 +67,7 @@ class TrainConfig:
     timeline: int = 200
     log_every: int = 5
     aux_loss_coef: float | None = None
+    router_lr_mult: float = 10.0
     skip_nonfinite: bool = False
     workers: int = 0
     command: list[str] = field(default_factory=list)
@@ -74,7 +75,7 @@ class TrainConfig:
     def identity(self) -> dict[str, Any]:
         """The options a resumed run must share with the original one."""
         keep = ("stage", "data", "unlabelled", "epochs", "max_steps", "batch_size", "lr", "last_k", "seed", "momentum",
-                "wd", "unsup_weight", "alpha_rampup", "unsup_rampup", "warmup", "timeline", "aux_loss_coef")
+                "wd", "unsup_weight", "alpha_rampup", "unsup_rampup", "warmup", "timeline", "aux_loss_coef", "router_lr_mult")
         return {k: getattr(self, k) for k in keep}
 
 
@@ -175,11 +176,12 @@ def _truncate_csv(path: Path, key: str, last: float) -> None:
 class CsvLog:
     def __init__(self, path: Path, fields: tuple[str, ...]) -> None:
         self.path, self.fields = path, fields
-        new = not path.exists()
+        new = not path.exists() or path.stat().st_size == 0
         self.f = open(path, "a", newline="")
         self.w = csv.DictWriter(self.f, fieldnames=list(fields))
         if new:
             self.w.writeheader()
+            self.f.flush()
 
     def write(self, row: dict[str, Any]) -> None:
         self.w.writerow({k: (f"{row[k]:.8g}" if isinstance(row[k], float) else row[k]) for k in self.fields})
@@ -280,7 +282,7 @@ def run(cfg: TrainConfig, force: bool = False, on_start: Callable[[dict[str, Any
     t_alpha = scaled_epochs(cfg.alpha_rampup, epochs, cfg.timeline)
     t_unsup = scaled_epochs(cfg.unsup_rampup, epochs, cfg.timeline)
     t_warm = scaled_epochs(cfg.warmup, epochs, cfg.timeline)
-    opts = build_optimizers(model, lr, cfg.momentum, cfg.wd)
+    opts = build_optimizers(model, lr, cfg.momentum, cfg.wd, router_lr_mult=cfg.router_lr_mult)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpointer = Checkpointer(run_dir, cfg.keep)
@@ -305,7 +307,9 @@ def run(cfg: TrainConfig, force: bool = False, on_start: Callable[[dict[str, Any
         params = {r: 0 for r in ("selector", "encoder", "decoder", "gating", "loss")}
         for name, p in model.named_parameters():
             role = param_role(name)
-            params["encoder" if role == "backbone" else role] += p.numel()
+            if role in ("backbone", "router"):
+                role = "decoder" if name.startswith("mask_decoder.") else "encoder"
+            params[role] += p.numel()
         params["total"] = sum(params.values())
         on_start({"stage": plan, "lr": lr, "counts": counts, "params": params, "total_steps": total, "start_step": step,
                   "epochs": epochs, "steps_per_epoch": spe, "resumed_from": str(latest) if latest else None})

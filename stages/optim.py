@@ -1,11 +1,17 @@
 """Seed 004's three optimizers and their learning-rate schedule.
 
 optimizer1 = SGD over param groups backbone (lr), decoder (lr), selector (lr x 5),
-             momentum, weight_decay = 5 * 10**wd
+             momentum, weight_decay = 5 * 10**wd; plus a `router` group
+             (lr x router_lr_mult, default 10) holding every MoE router tensor
 optimizer2 = Adam(multi-task loss sigmas, lr 0.05, same weight decay)
 optimizer3 = SGD(gating model, lr, momentum, same weight decay)
 
-Frozen parameters (stages 1-2) are simply absent. Warm-up (linear, 10 seed
+Why a router group: growth hides the new groups behind `group_scale = 0`
+(function preserved). Plain SGD moves a zero-initialised gate in proportion to
+its gradient, which is small for a bounded (Dice) loss, so at the backbone's
+lr the new groups would open over thousands of steps; a larger router lr lets
+stage 1 actually teach the routers to use the new experts. Frozen parameters
+(stages 1-2) are simply absent. Warm-up (linear, 10 seed
 epochs, scaled to the run) applies to optimizers 1 and 3 only; after it, a
 polynomial decay (power 0.9) as in Semi-MoE's scripts.
 """
@@ -32,17 +38,19 @@ class Optimizers:
 
 def param_role(name: str) -> str:
     """backbone | decoder | selector | gating | loss, by parameter name."""
-    for prefix, role in (("selector.", "selector"), ("gating.", "gating"), ("loss.", "loss"), ("mask_decoder.", "decoder")):
+    for prefix, role in (("selector.", "selector"), ("gating.", "gating"), ("loss.", "loss")):
         if name.startswith(prefix):
             return role
-    return "backbone"
+    if ".router." in name:
+        return "router"
+    return "decoder" if name.startswith("mask_decoder.") else "backbone"
 
 
 def build_optimizers(model: nn.Module, lr: float, momentum: float = 0.9, wd: float = -5.0,
-                     loss_lr: float = 0.05, selector_lr_mult: float = 5.0) -> Optimizers:
+                     loss_lr: float = 0.05, selector_lr_mult: float = 5.0, router_lr_mult: float = 10.0) -> Optimizers:
     """The three optimizers over the trainable parameters only (requires_grad)."""
     weight_decay = 5 * 10**wd
-    roles: dict[str, list[nn.Parameter]] = {r: [] for r in ("backbone", "decoder", "selector", "gating", "loss")}
+    roles: dict[str, list[nn.Parameter]] = {r: [] for r in ("backbone", "decoder", "selector", "router", "gating", "loss")}
     for name, p in model.named_parameters():
         if p.requires_grad:
             roles[param_role(name)].append(p)
@@ -50,6 +58,7 @@ def build_optimizers(model: nn.Module, lr: float, momentum: float = 0.9, wd: flo
         {"params": roles["backbone"], "lr": lr, "name": "backbone", "base_lr": lr},
         {"params": roles["decoder"], "lr": lr, "name": "decoder", "base_lr": lr},
         {"params": roles["selector"], "lr": lr * selector_lr_mult, "name": "selector", "base_lr": lr * selector_lr_mult},
+        {"params": roles["router"], "lr": lr * router_lr_mult, "name": "router", "base_lr": lr * router_lr_mult},
     ]
     opt1 = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     opt2 = torch.optim.Adam(roles["loss"], lr=loss_lr, weight_decay=weight_decay)

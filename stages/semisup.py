@@ -211,7 +211,10 @@ def soft_dice_loss(logits: Tensor, mask: Tensor, ignore_index: int = IGNORE_INDE
     onehot = F.one_hot(mask.clamp(0, logits.shape[1] - 1), logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype) * valid
     inter = (probs * onehot).sum(dim=(0, 2, 3))
     denom = probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
-    dice = (2 * inter + 1e-5) / (denom + 1e-5)
+    present = denom > 0
+    if not present.any():
+        return logits.sum() * 0
+    dice = (2 * inter[present] + 1e-5) / (denom[present] + 1e-5)
     return 1 - dice.mean()
 
 

@@ -262,6 +262,22 @@ def test_boundary_disk_shape_single_class_and_ignore() -> None:
     assert not boundary_target(ignore).any()
 
 
+@pytest.mark.parametrize("radius", [0, 1, 3, 8, 9, 12])
+def test_boundary_matches_brute_force_disk(radius: int) -> None:
+    rng = np.random.default_rng(radius)
+    mask = np.where(rng.random((15, 18)) < 0.03, 1, 0).astype(np.uint8)
+    mask[rng.random((15, 18)) < 0.02] = 255
+    valid = mask != 255
+    edge = np.zeros(mask.shape, dtype=bool)
+    for y in range(15):
+        for x in range(18):
+            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= ny < 15 and 0 <= nx < 18 and valid[y, x] and valid[ny, nx] and mask[y, x] != mask[ny, nx]:
+                    edge[y, x] = True
+    want = (_brute_force_sq_edt(edge) <= radius * radius).astype(np.uint8)
+    np.testing.assert_array_equal(boundary_target(mask, radius=radius), want)
+
+
 def test_sdf_hand_example_1d() -> None:
     mask = np.array([[1, 1, 1, 0, 0]], dtype=np.uint8)
     got = sdf_target(mask, 2)

@@ -306,8 +306,26 @@ class Checkpoint:
             if not (path / shard).exists():
                 raise SamoeError(f"shard {shard} of {path} is missing: copy it back or re-create the checkpoint")
             for name, info in read_header(path / shard).items():
+                if name in tensors:
+                    raise SamoeError(f"tensor {name} is stored twice ({tensors[name].file}, {shard}): re-create the checkpoint")
                 tensors[name] = info
+        cls._check_index(path, tensors)
         return cls(path, meta, config, tensors)
+
+    @staticmethod
+    def _check_index(path: Path, tensors: dict[str, TensorInfo]) -> None:
+        """The index's weight_map must name exactly the tensors the shard headers hold, in the same files."""
+        index_path = path / INDEX_FILE
+        if not index_path.exists():
+            return
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        for name, fname in weight_map.items():
+            if name not in tensors or tensors[name].file != fname:
+                where = f"in {tensors[name].file}" if name in tensors else "in no shard"
+                raise SamoeError(f"{INDEX_FILE} of {path} maps {name} to {fname} but it is {where}: the index is damaged; re-create the checkpoint")
+        unmapped = sorted(set(tensors) - set(weight_map))
+        if unmapped:
+            raise SamoeError(f"{INDEX_FILE} of {path} does not list tensor {unmapped[0]} ({len(unmapped)} in all): the index is damaged; re-create the checkpoint")
 
     @staticmethod
     def _shard_names(path: Path, meta: dict[str, Any]) -> list[str]:

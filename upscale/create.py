@@ -84,6 +84,14 @@ def sam_config(state: dict[str, torch.Tensor], experts: int, moe_blocks: tuple[i
     ).validate()
 
 
+def _expected_from_sam(name: str) -> bool:
+    """Tensors every SAM checkpoint provides (the rest are new: routers, task tokens, heads, seed-004 parts)."""
+    if ".router." in name or name.startswith(("selector.", "gating.", "loss.", "mask_decoder.mask_tokens",
+                                              "mask_decoder.output_hypernetworks_mlps")):
+        return False
+    return name.startswith(("image_encoder.", "mask_decoder."))
+
+
 def upcycle_state(model_state: dict[str, torch.Tensor], sam: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Fill our state dict from SAM's; return (state, provenance)."""
     state, provenance = {}, {}
@@ -101,6 +109,8 @@ def upcycle_state(model_state: dict[str, torch.Tensor], sam: dict[str, torch.Ten
                 value = sam[src_key]
                 provenance[name] = f"sam:{src_key}"
         if value is None:
+            if _expected_from_sam(name):
+                raise SamoeError(f"the SAM checkpoint lacks {src_key} (needed for {name}): the .pth is incomplete or not a standard SAM model")
             state[name], provenance[name] = ours, "random"
             continue
         if tuple(value.shape) != tuple(ours.shape):

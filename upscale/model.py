@@ -23,6 +23,7 @@ multi-task loss weights live in the model so that checkpoints carry them.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from typing import Iterator
 
@@ -104,8 +105,14 @@ class PromptFreeMaskDecoder(nn.Module):
             depth=cfg.decoder_depth, embedding_dim=dim, mlp_dim=cfg.decoder_mlp_dim, num_heads=cfg.decoder_num_heads
         )
         if cfg.decoder_moe:
+            # The decoder's MLPs see only the 2C+1 output tokens of an image: with
+            # sparse group routing most new groups would never get a token (and so
+            # never a gradient). These layers mix every routed group (each still
+            # top-k inside); for so few tokens the cost is negligible.
+            routed = len(cfg.moe.groups) - cfg.moe.core_groups
+            moe = replace(cfg.moe, top_k_groups=routed) if routed else cfg.moe
             for layer in self.transformer.layers:
-                layer.mlp = MoEMLP(dim, cfg.decoder_mlp_dim, cfg.moe, nn.ReLU)
+                layer.mlp = MoEMLP(dim, cfg.decoder_mlp_dim, moe, nn.ReLU)
         num_outputs = 2 * cfg.num_classes + 1  # seg C, sdf C, boundary 1
         self.mask_tokens = nn.Embedding(num_outputs, dim)
         self.output_upscaling = nn.Sequential(

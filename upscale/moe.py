@@ -45,13 +45,14 @@ from torch import Tensor, nn
 from .config import MoEConfig
 
 
-def _grouped_mm_ok(x: Tensor) -> bool:
-    """torch._grouped_mm runs on CPU (any float dtype) and on CUDA for bf16."""
+def _grouped_mm_ok(x: Tensor, weight: Tensor) -> bool:
+    """torch._grouped_mm runs on CPU (float32/bf16) and CUDA (bf16) with 16-byte aligned rows."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if x.device.type == "cpu":
-        return True
-    return x.device.type == "cuda" and x.dtype == torch.bfloat16
+    dtypes = (torch.float32, torch.bfloat16) if x.device.type == "cpu" else (torch.bfloat16,)
+    if x.device.type not in ("cpu", "cuda") or x.dtype not in dtypes or weight.dtype != x.dtype:
+        return False
+    return all(d * x.element_size() % 16 == 0 for d in weight.shape[1:])
 
 
 def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor, counts: Tensor, counts_list: list[int]) -> Tensor:
@@ -67,7 +68,7 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor, counts: Tensor, coun
         Tensor: (n, out).
     """
     n = x.shape[0]
-    if _grouped_mm_ok(x):
+    if _grouped_mm_ok(x, weight):
         offs = torch.cumsum(counts, 0).to(torch.int32)
         y = torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
     else:

@@ -1,0 +1,88 @@
+"""MoE layer cost vs a dense MLP doing the same FLOPs, and the hierarchical router's share.
+
+For each (width, experts) case: forward + backward time of `MoEMLP` on N tokens
+against a dense SAM `MLPBlock` on N * k tokens, where k is the number of experts
+a token actually uses (top_k in the core pool + top_k per chosen new group), so
+both do the same expert FLOPs. Routing, permutation and un-permutation are
+included in the MoE time. The router share is the forward + backward time of the
+`HierarchicalRouter` alone divided by the layer's. Ratios come from one run.
+
+    .venv/bin/python benchmarks/moe_layer.py [--tokens 4096] [--repeats 5] [--device cpu|cuda] [--dtype float32|bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from segment_anything.modeling.common import MLPBlock
+from torch import nn
+
+from upscale.config import MoEConfig
+from upscale.moe import MoEMLP
+
+CASES = [  # name, D, H, MoEConfig
+    ("tiny  16e", 64, 256, MoEConfig(groups=(16,), top_k=2)),
+    ("tiny 117e/8g", 64, 256, MoEConfig(groups=(16, 15, 15, 15, 14, 14, 14, 14), top_k=2)),
+    ("vit-b 16e", 768, 3072, MoEConfig(groups=(16,), top_k=2)),
+    ("vit-b 117e/8g", 768, 3072, MoEConfig(groups=(16, 15, 15, 15, 14, 14, 14, 14), top_k=2)),
+]
+GPU_CASES = [("vit-l 16e", 1024, 4096, MoEConfig(groups=(16,), top_k=2)),
+             ("vit-l 117e/8g", 1024, 4096, MoEConfig(groups=(16, 15, 15, 15, 14, 14, 14, 14), top_k=2))]
+
+
+def timed(fn, repeats: int, device: str) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def fwd_bwd(module: nn.Module, x: torch.Tensor):
+    def run() -> None:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        module(x).float().square().mean().backward()
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    cases = CASES if args.device == "cpu" else CASES + GPU_CASES
+    print(f"device {args.device}, {args.dtype}, {args.tokens} tokens, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"{'case':15} {'k':>2} {'moe ms':>9} {'dense ms':>9} {'ratio':>6} {'router ms':>9} {'router %':>8}")
+    for name, d, h, cfg in cases:
+        moe = MoEMLP(d, h, cfg, nn.GELU).to(args.device, dtype)
+        k = cfg.top_k * (1 + (cfg.top_k_groups if len(cfg.groups) > cfg.core_groups else 0))
+        dense = MLPBlock(d, h, nn.GELU).to(args.device, dtype)
+        x = torch.randn(args.tokens, d, device=args.device, dtype=dtype, requires_grad=True)
+        xd = torch.randn(args.tokens * k, d, device=args.device, dtype=dtype, requires_grad=True)
+        t_moe = timed(fwd_bwd(moe, x), args.repeats, args.device)
+        t_dense = timed(fwd_bwd(dense, xd), args.repeats, args.device)
+
+        def router_only() -> None:
+            moe.zero_grad(set_to_none=True)
+            r = moe.router(x.detach())
+            (r.weight.sum() + r.aux_loss).backward()
+        t_router = timed(router_only, args.repeats, args.device)
+        print(f"{name:15} {k:>2} {t_moe * 1e3:9.2f} {t_dense * 1e3:9.2f} {t_moe / t_dense:6.2f} {t_router * 1e3:9.2f} {100 * t_router / t_moe:7.1f}%")
+
+
+if __name__ == "__main__":
+    main()
