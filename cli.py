@@ -6,6 +6,7 @@ failures with exit code 1 (the traceback only with `samoe --debug ...`).
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -48,6 +49,14 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             _fail(str(e), 2)
         except KeyboardInterrupt:
             _fail("interrupted; nothing was written", 130)
+        except OSError as e:  # full disk, read-only or vanished paths: the user's environment, not a bug
+            if _state["debug"]:
+                raise
+            where = f" ({e.filename})" if e.filename else ""
+            hint = {errno.ENOSPC: "free space or choose another output directory",
+                    errno.EROFS: "the file system is read-only; choose another output directory",
+                    errno.EACCES: "check permissions or choose another output directory"}.get(e.errno, "check the path and try again")
+            _fail(f"{e.strerror or e}{where}: {hint}; nothing was written", 2)
         except Exception as e:  # internal failure: still one line unless --debug
             if _state["debug"]:
                 raise
@@ -183,7 +192,10 @@ def _verify(ckpt: Any) -> dict[str, Any]:
     if bad:
         return {"ok": False, "message": f"digest mismatch in {', '.join(bad)}: the file is corrupt; restore it or re-create the checkpoint"}
     ckpt.check_matches_config()
-    return {"ok": True, "message": f"{len(ckpt.files)} shard digests match, tensors match the config"}
+    nonfinite = ckpt.nonfinite_tensors()
+    if nonfinite:
+        return {"ok": False, "message": f"{len(nonfinite)} tensor(s) contain NaN or Inf, e.g. {nonfinite[0]}: the weights are damaged; use an earlier checkpoint"}
+    return {"ok": True, "message": f"{len(ckpt.files)} shard digests match, tensors match the config, all values finite"}
 
 
 @app.command("inspect-checkpoint")

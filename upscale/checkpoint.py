@@ -24,7 +24,6 @@ from typing import Any, Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .config import SamMoEConfig
 from .errors import SamoeError
@@ -181,7 +180,12 @@ def replace_dir(tmp: Path, out: Path) -> None:
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)  # put the previous checkpoint back
+        raise
     _fsync_path(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -190,25 +194,79 @@ def replace_dir(tmp: Path, out: Path) -> None:
 # --------------------------------------------------------------------------- writing
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor the writer will receive: name, dtype and shape, known before any data exists."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = torch.empty((), dtype=self.dtype).element_size()
+        for s in self.shape:
+            n *= s
+        return n
+
+
+_ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+
+
+def _shard_layout(specs: list[TensorSpec], shard_bytes: int) -> list[list[TensorSpec]]:
+    """Split tensors, in order, into shards of at most `shard_bytes` (a larger tensor gets its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards if shards[0] else []
+
+
+def _safetensors_header(shard: list[TensorSpec]) -> bytes:
+    """The safetensors header (length prefix + JSON padded to 8 bytes) for tensors laid out in order."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for spec in shard:
+        header[spec.name] = {"dtype": _ST_NAMES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
 class CheckpointWriter:
-    """Stream tensors into size-bounded safetensors shards, then commit atomically.
+    """Stream tensors straight into safetensors shards, then commit atomically.
+
+    The layout (names, dtypes, shapes, in order) is given up front, so each
+    shard's header is known before its data and every tensor's bytes go to disk
+    as soon as it is made: memory held is the tensor being written, not a shard.
+    Digests are computed from the bytes as they are written (no re-read).
 
     Use as a context manager: an exception (or KeyboardInterrupt) removes the
     temporary directory, so no half-written checkpoint is ever left at `out`.
-    Memory held is at most one shard of pending tensors.
     """
 
-    def __init__(self, out: Path, shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False) -> None:
+    def __init__(self, out: Path, layout: list[TensorSpec], shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False) -> None:
         self.out = Path(out)
+        names = [s.name for s in layout]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate tensor names in the checkpoint layout")
         prepare_output(self.out, force)
         self.tmp = self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
         self.tmp.mkdir()
-        self.shard_bytes = shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[tuple[str, list[str]]] = []  # temporary file name, tensor names
-        self.names: set[str] = set()
-        self.total_bytes = 0
+        self.shards = _shard_layout(layout, shard_bytes)
+        n = len(self.shards)
+        self.file_names = [SINGLE_FILE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        self.queue = [(k, spec) for k, shard in enumerate(self.shards) for spec in shard]
+        self.position = 0
+        self.file = None
+        self.hasher = None
+        self.files: dict[str, dict[str, Any]] = {}
+        self.total_bytes = sum(s.nbytes for s in layout)
 
     def __enter__(self) -> "CheckpointWriter":
         return self
@@ -217,49 +275,50 @@ class CheckpointWriter:
         if exc_type is not None:
             self.abort()
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self.names:
-            raise ValueError(f"tensor {name} written twice")
-        self.names.add(name)
-        tensor = tensor.detach().to("cpu").contiguous()
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.shard_bytes:
-            self.flush()
-        self.pending[name] = tensor
-        self.pending_bytes += nbytes
-        self.total_bytes += nbytes
+    def _write(self, data: bytes | memoryview) -> None:
+        self.file.write(data)
+        self.hasher.update(data)
 
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        fname = f"shard-{len(self.shards):05d}.safetensors"
-        path = self.tmp / fname
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        _fsync_path(path)
-        self.shards.append((fname, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor of the layout (it must come in layout order, with its dtype and shape)."""
+        if self.position >= len(self.queue):
+            raise ValueError(f"tensor {name} is not in the checkpoint layout")
+        k, spec = self.queue[self.position]
+        if name != spec.name or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise ValueError(f"expected {spec.name} {spec.dtype} {list(spec.shape)}, got {name} {tensor.dtype} {list(tensor.shape)}")
+        if self.file is None:
+            self.file = open(self.tmp / self.file_names[k], "wb")
+            self.hasher = hashlib.sha256()
+            self._write(_safetensors_header(self.shards[k]))
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._write(memoryview(data))
+        self.position += 1
+        if self.position == len(self.queue) or self.queue[self.position][0] != k:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            size = self.file.tell()
+            self.file.close()
+            self.file = None
+            self.files[self.file_names[k]] = {"sha256": self.hasher.hexdigest(), "bytes": size}
 
     def commit(self, meta: dict[str, Any]) -> Path:
-        """Name the shards, write index and samoe.json (with file digests), rename into place."""
-        self.flush()
-        n = len(self.shards)
-        weight_map: dict[str, str] = {}
-        files: dict[str, dict[str, Any]] = {}
-        for k, (tmp_name, names) in enumerate(self.shards):
-            final = SINGLE_FILE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.tmp / tmp_name, self.tmp / final)
-            files[final] = {"sha256": sha256_file(self.tmp / final), "bytes": (self.tmp / final).stat().st_size}
-            weight_map.update({name: final for name in names})
-        if n > 1:
+        """Write index and samoe.json (with file digests) and rename the directory into place."""
+        if self.position != len(self.queue):
+            raise ValueError(f"checkpoint incomplete: {len(self.queue) - self.position} tensors not written")
+        if len(self.shards) > 1:
+            weight_map = {spec.name: self.file_names[k] for k, spec in self.queue}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             atomic_write_text(self.tmp / INDEX_FILE, json.dumps(index, indent=2) + "\n")
-        meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, files=files)
+        meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, files=self.files)
         atomic_write_text(self.tmp / META_FILE, json.dumps(meta, indent=2) + "\n")
         _fsync_path(self.tmp)
         replace_dir(self.tmp, self.out)
         return self.out
 
     def abort(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -377,6 +436,10 @@ class Checkpoint:
             raise SamoeError(f"{self.path}: {META_FILE} does not match the tensors: {len(missing)} missing, e.g. {missing[0]}; re-create the checkpoint")
         if extra:
             raise SamoeError(f"{self.path}: {META_FILE} does not match the tensors: {len(extra)} unexpected, e.g. {extra[0]}; re-create the checkpoint")
+        dtype = _ST_NAMES.get(parse_dtype(self.meta.get("dtype", "float32")))
+        odd = sorted(n for n, info in self.tensors.items() if info.dtype != dtype)
+        if odd:
+            raise SamoeError(f"{self.path}: tensor {odd[0]} is {self.tensors[odd[0]].dtype} but {META_FILE} says {self.meta.get('dtype')}: re-create the checkpoint")
         for name, shape in expected.items():
             if self.tensors[name].shape != shape:
                 raise SamoeError(
@@ -406,6 +469,10 @@ class Checkpoint:
                         yield name, f.get_tensor(name)
             except SafetensorError as e:
                 raise SamoeError(f"cannot read {fname}: {e}; re-create the checkpoint") from None
+
+    def nonfinite_tensors(self) -> list[str]:
+        """Names of floating tensors holding NaN or Inf (reads every tensor once)."""
+        return [name for name, t in self.iter_tensors() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
     def verify_digests(self) -> list[str]:
         """Recompute shard digests; return the names of files that do not match."""
@@ -459,11 +526,15 @@ def save_model(
     force: bool = False,
 ) -> Path:
     """Write `model`'s state dict as a checkpoint (floating tensors cast to `dtype`)."""
-    with CheckpointWriter(Path(out), shard_bytes=shard_bytes, force=force) as writer:
-        for name, tensor in model.state_dict().items():
-            if dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(dtype)
-            writer.add(name, tensor)
+    state = model.state_dict()
+
+    def out_dtype(t: torch.Tensor) -> torch.dtype:
+        return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
+    layout = [TensorSpec(name, out_dtype(t), tuple(t.shape)) for name, t in state.items()]
+    with CheckpointWriter(Path(out), layout, shard_bytes=shard_bytes, force=force) as writer:
+        for name, tensor in state.items():
+            writer.add(name, tensor.to(out_dtype(tensor)))
         return writer.commit(meta)
 
 

@@ -42,7 +42,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, CheckpointWriter, build_meta, dtype_name, lineage_entry
+from .checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, CheckpointWriter, TensorSpec, build_meta, dtype_name, lineage_entry
 from .config import MoEConfig, SamMoEConfig
 from .errors import SamoeError
 from .model import build_model
@@ -165,25 +165,30 @@ def new_expert_recipe(spec: GrowthSpec, j: int, s: int) -> tuple[str, tuple[int,
 
 
 def _std(x: torch.Tensor) -> float:
-    """Deterministic std (numpy pairwise sum in float64, single-threaded)."""
-    return float(np.std(x.detach().to(torch.float64).numpy()))
+    """Deterministic std of a float32 tensor (numpy, float64 accumulation, independent of thread count)."""
+    return float(np.std(x.numpy(), dtype=np.float64))
 
 
 def make_new_bank(source: torch.Tensor, recipes: list[tuple[str, tuple[int, ...]]], spec: GrowthSpec, seed: int) -> torch.Tensor:
-    """Stack new experts (rows along dim 0) made from `source` (S, ...) by their recipes."""
+    """Stack new experts (rows along dim 0) made from `source` (S, ...) by their recipes.
+
+    Works in one float32 scratch row and writes each result straight into the
+    output bank (no per-row temporaries: this is the CPU cost of a 10B expand).
+    """
     gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for kind, src in recipes:
+    out = torch.empty((len(recipes),) + tuple(source.shape[1:]), dtype=source.dtype)
+    row = torch.empty(source.shape[1:], dtype=torch.float32)
+    noise = torch.empty_like(row) if spec.noise_std > 0 else None
+    for i, (kind, src) in enumerate(recipes):
+        row.copy_(source[src[0]])
         if kind == "copy-noise":
-            base = source[src[0]].to(torch.float32)
-            if spec.noise_std > 0:
-                noise = torch.randn(base.shape, generator=gen, dtype=torch.float32)
-                base = base + (spec.noise_std * _std(base)) * noise
+            if noise is not None:
+                noise.normal_(generator=gen)
+                row.add_(noise, alpha=spec.noise_std * _std(row))
         else:
-            w = spec.interp_weight
-            base = w * source[src[0]].to(torch.float32) + (1.0 - w) * source[src[1]].to(torch.float32)
-        rows.append(base.to(source.dtype))
-    return torch.stack(rows)
+            row.mul_(spec.interp_weight).add_(source[src[1]].to(torch.float32) * (1.0 - spec.interp_weight))
+        out[i].copy_(row)
+    return out
 
 
 def recipe_provenance(recipe: tuple[str, tuple[int, ...]], src_name: str, spec: GrowthSpec) -> str:
@@ -400,17 +405,14 @@ def execute(
     largest = max((src.tensors[n].nbytes for p in plans for n in p.sources), default=0)
     read = SourceCache(src, budget_bytes=max(2 * largest, 256 * 1024**2))
     window = max(2, 2 * workers)
-    with CheckpointWriter(out, shard_bytes=shard_bytes, force=force) as writer:
+    layout = [TensorSpec(p.name, dtype, p.shape) for p in plans]
+    with CheckpointWriter(out, layout, shard_bytes=shard_bytes, force=force) as writer:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             pending: deque = deque()
 
             def drain_one() -> None:
                 plan, fut = pending.popleft()
-                tensor = fut.result()
-                if tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                if tuple(tensor.shape) != plan.shape:
-                    raise RuntimeError(f"planned {plan.name} as {plan.shape}, made {tuple(tensor.shape)}")
+                tensor = fut.result().to(dtype)
                 writer.add(plan.name, tensor)
                 if on_tensor:
                     on_tensor(tensor.numel() * tensor.element_size())

@@ -1,0 +1,344 @@
+"""Oracle tests for upscale/moe.py.
+
+The oracle is a naive per-token reference written here from the module
+docstring of upscale/moe.py: for every token the routing is computed by hand
+from the router weights and each chosen expert is applied as
+`W2 @ act(W1 @ x + b1) + b2`. Outputs and the gradients of the input and of
+every parameter are compared with MoEMLP's (sorted, grouped-GEMM dispatch).
+
+Note: MoEMLP computes routing probabilities in float32 (`logits.float()`) even
+for float64 inputs, so float64 comparisons carry ~1e-7 relative error from the
+routing weights; RTOL64 allows for that and nothing more.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from segment_anything.modeling.common import MLPBlock
+from torch import nn
+
+import upscale.moe as moe_mod
+from upscale.config import MoEConfig
+from upscale.errors import SamoeError
+from upscale.moe import MoEMLP
+
+D, H = 16, 32  # float32 rows of 64/128 bytes: valid strides for torch._grouped_mm
+RTOL64, ATOL64 = 1e-6, 1e-6  # ATOL is relative to the tensor's largest magnitude (see _close)
+RTOL32, ATOL32 = 1e-4, 1e-5
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _act(kind: str, v: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.gelu(v) if kind == "gelu" else torch.relu(v)
+
+
+def _expert(m: MoEMLP, g: int, e: int, x: torch.Tensor, act: str) -> torch.Tensor:
+    bank = m.experts[g]
+    return bank.w2[e] @ _act(act, bank.w1[e] @ x + bank.b1[e]) + bank.b2[e]
+
+
+def _locate(cfg: MoEConfig, global_e: int) -> tuple[int, int]:
+    for g, n in enumerate(cfg.groups):
+        if global_e < n:
+            return g, global_e
+        global_e -= n
+    raise AssertionError("expert index out of range")
+
+
+def reference(m: MoEMLP, x: torch.Tensor, act: str) -> tuple[torch.Tensor, list[int], list[list[int]]]:
+    """Per-token loop. Returns (output, assignments per global expert, tokens per group router call)."""
+    cfg = m.cfg
+    r = m.router
+    flat = x.reshape(-1, x.shape[-1])
+    counts = [0] * cfg.num_experts
+    offsets = [0]
+    for n in cfg.groups:
+        offsets.append(offsets[-1] + n)
+    group_tokens: list[list[int]] = [[] for _ in cfg.groups]
+    rows = []
+    for t in range(flat.shape[0]):
+        xt = flat[t]
+        out = torch.zeros_like(xt)
+        if cfg.core_groups:
+            w = torch.cat([r.expert_gates[g].weight for g in range(cfg.core_groups)])  # (E_core, D)
+            p = torch.softmax(w @ xt, dim=0)
+            idx = torch.topk(p.detach(), cfg.top_k).indices.tolist()
+            z = sum(p[i] for i in idx)
+            for i in idx:
+                g, e = _locate(cfg, i)
+                out = out + (p[i] / z) * _expert(m, g, e, xt, act)
+                counts[i] += 1
+        routed = len(cfg.groups) - cfg.core_groups
+        if routed:
+            pg = torch.softmax(r.group_gate.weight @ xt, dim=0)
+            chosen = torch.topk(pg.detach(), cfg.top_k_groups).indices.tolist()
+            for rr in chosen:
+                g = cfg.core_groups + rr
+                group_tokens[g].append(t)
+                q = torch.softmax(r.expert_gates[g].weight @ xt, dim=0)
+                idx = torch.topk(q.detach(), cfg.top_k).indices.tolist()
+                z = sum(q[i] for i in idx)
+                for i in idx:
+                    out = out + pg[rr] * r.group_scale[rr] * (q[i] / z) * _expert(m, g, i, xt, act)
+                    counts[offsets[g] + i] += 1
+        rows.append(out)
+    return torch.stack(rows).reshape(x.shape), counts, group_tokens
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _make(groups, core_groups, top_k, top_k_groups, act, dtype=torch.float64, seed=0) -> MoEMLP:
+    cfg = MoEConfig(groups=groups, core_groups=core_groups, top_k=top_k, top_k_groups=top_k_groups)
+    cfg.validate()
+    torch.manual_seed(seed)
+    m = MoEMLP(D, H, cfg, nn.GELU if act == "gelu" else nn.ReLU)
+    with torch.no_grad():
+        for g in m.router.expert_gates:
+            g.weight.normal_(0, 0.5)
+        if hasattr(m.router, "group_gate"):
+            m.router.group_gate.weight.normal_(0, 0.5)
+            # non-zero, mixed-sign scales so routed groups matter
+            m.router.group_scale.copy_(torch.randn(m.router.group_scale.shape) + 0.5)
+    return m.to(dtype)
+
+
+def _params(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return list(m.named_parameters())
+
+
+def _grads(out: torch.Tensor, inputs: list[torch.Tensor], gout: torch.Tensor) -> list[torch.Tensor]:
+    gs = torch.autograd.grad(out, inputs, gout, allow_unused=True)
+    return [torch.zeros_like(i) if g is None else g for g, i in zip(gs, inputs)]
+
+
+def _valid_cases():
+    cases = []
+    for (groups, core), tkg, k, act in itertools.product(
+        [((3, 2, 4, 3), 1), ((2, 2, 3), 2), ((2, 2, 3), 0)], (1, 2), (1, 2), ("gelu", "relu")
+    ):
+        try:
+            MoEConfig(groups=groups, core_groups=core, top_k=k, top_k_groups=tkg).validate()
+        except SamoeError:
+            continue
+        cases.append(pytest.param(groups, core, tkg, k, act, id=f"g{'-'.join(map(str, groups))}-core{core}-tkg{tkg}-k{k}-{act}"))
+    return cases
+
+
+CASES = _valid_cases()
+
+
+@pytest.fixture
+def loop_path(monkeypatch):
+    monkeypatch.setattr(moe_mod, "_grouped_mm_ok", lambda *a, **k: False)
+
+
+def _close(a, b, rtol, atol, msg=None):
+    """allclose with atol scaled by max(1, max|b|): inputs and upstream gradients are O(1).
+
+    The floor matters for top_k=1: the renormalised weight p/p == 1 has an exact zero
+    gradient, which MoEMLP's float32 routing reproduces only up to ~1e-7.
+    """
+    scale = float(b.detach().abs().max()) if b.numel() else 1.0
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol * max(scale, 1.0), msg=msg)
+
+
+def _compare(m, x, act, rtol, atol):
+    gen = torch.Generator().manual_seed(123)
+    ref_x = x.detach().clone().requires_grad_(True)
+    mod_x = x.detach().clone().requires_grad_(True)
+    names, params = zip(*_params(m))
+    ref, counts, _ = reference(m, ref_x, act)
+    out = m(mod_x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    _close(out, ref, rtol, atol)
+    gout = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype)
+    g_ref = _grads(ref, [ref_x, *params], gout)
+    g_mod = _grads(out, [mod_x, *params], gout)
+    for name, a, b in zip(("input", *names), g_mod, g_ref):
+        _close(a, b, rtol, atol, msg=lambda s, n=name: f"grad of {n}: {s}")
+    # the reference really exercised the routed groups (non-trivial gradients)
+    if m.cfg.core_groups < len(m.cfg.groups):
+        assert g_ref[names.index("router.group_scale") + 1].abs().sum() > 0
+        if len(m.cfg.groups) - m.cfg.core_groups > 1:  # softmax over one group is constant 1
+            assert g_ref[names.index("router.group_gate.weight") + 1].abs().sum() > 0
+    assert m.expert_counts.tolist() == counts
+    return counts
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("groups,core,tkg,k,act", CASES)
+def test_matches_reference_float64(loop_path, groups, core, tkg, k, act):
+    m = _make(groups, core, k, tkg, act)
+    x = torch.randn(3, 7, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    _compare(m, x, act, RTOL64, ATOL64)
+
+
+@pytest.mark.parametrize("groups,core,tkg,k,act", CASES)
+def test_grouped_gemm_path_matches_reference_float32(monkeypatch, groups, core, tkg, k, act):
+    """The default (torch._grouped_mm) path, float32, against the float64 reference."""
+    m64 = _make(groups, core, k, tkg, act)
+    x64 = torch.randn(3, 7, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref, counts, _ = reference(m64, x64, act)
+    m32 = _make(groups, core, k, tkg, act, dtype=torch.float32)
+    calls = []
+    real_mm = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(1) or real_mm(*a, **kw))
+    out = m32(x64.float())
+    assert calls, "grouped GEMM path was not taken"
+    _close(out.double(), ref, RTOL32, ATOL32)
+    assert m32.expert_counts.tolist() == counts
+
+
+@pytest.mark.parametrize("groups,core,tkg,k,act", CASES)
+def test_grouped_gemm_equals_loop_fallback(monkeypatch, groups, core, tkg, k, act):
+    m = _make(groups, core, k, tkg, act, dtype=torch.float32)
+    x = torch.randn(4, 9, D, generator=torch.Generator().manual_seed(2))
+    gout = torch.randn(4, 9, D, generator=torch.Generator().manual_seed(3))
+    params = [p for _, p in _params(m)]
+
+    def run():
+        xi = x.clone().requires_grad_(True)
+        out = m(xi)
+        return out.detach(), _grads(out, [xi, *params], gout), m.expert_counts.clone()
+
+    calls = []
+    real_mm = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(1) or real_mm(*a, **kw))
+    out_g, grads_g, counts_g = run()
+    assert calls, "grouped GEMM path was not taken"
+    calls.clear()
+    monkeypatch.setattr(moe_mod, "_grouped_mm_ok", lambda *a, **k: False)
+    out_l, grads_l, counts_l = run()
+    assert not calls, "fallback loop was not taken"
+    assert torch.equal(counts_g, counts_l)
+    torch.testing.assert_close(out_g, out_l, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_g, grads_l):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("groups,core,tkg,k,act", CASES)
+def test_only_used_experts_are_computed(monkeypatch, loop_path, groups, core, tkg, k, act):
+    """Rows through the expert GEMMs == token-expert assignments; in-group routers see only their tokens."""
+    m = _make(groups, core, k, tkg, act)
+    x = torch.randn(5, 6, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    n = x.numel() // D
+    _, counts, group_tokens = reference(m, x, act)
+
+    rows = []
+    real = moe_mod.grouped_linear
+
+    def spy(xx, weight, bias, c, cl):
+        rows.append((xx.shape[0], sum(cl), weight.shape[0]))
+        return real(xx, weight, bias, c, cl)
+
+    monkeypatch.setattr(moe_mod, "grouped_linear", spy)
+    seen = {g: [] for g in range(len(groups))}
+    hooks = [gate.register_forward_hook(lambda mod, inp, out, g=g: seen[g].append(inp[0].shape[0]))
+             for g, gate in enumerate(m.router.expert_gates)]
+    with torch.no_grad():
+        m(x)
+    for h in hooks:
+        h.remove()
+
+    per_token = k * ((1 if core else 0) + (tkg if core < len(groups) else 0))
+    assert int(m.expert_counts.sum()) == n * per_token
+    assert m.expert_counts.tolist() == counts
+    offs = [0]
+    for e in groups:
+        offs.append(offs[-1] + e)
+    assert m.group_counts.tolist() == [sum(counts[a:b]) for a, b in zip(offs, offs[1:])]
+    # two GEMMs per bank that has tokens, each over exactly its assigned rows
+    assert all(r == s for r, s, _ in rows)
+    assert sum(r for r, _, _ in rows) == 2 * n * per_token
+    assert len(rows) == 2 * sum(1 for a, b in zip(offs, offs[1:]) if sum(counts[a:b]))
+    for g in range(core, len(groups)):
+        assert sum(seen[g]) == len(group_tokens[g]), f"in-group router {g} saw other tokens"
+    for g in range(core):
+        assert seen[g] == [n]
+
+
+def test_unchosen_group_gets_no_gradient(loop_path):
+    groups, core = (3, 2, 4, 3), 1
+    m = _make(groups, core, 2, 1, "gelu")
+    dead = 1  # routed group index -> global group 2
+    x = torch.randn(4, 8, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x[..., 0] = x[..., 0].abs() + 1.0
+    with torch.no_grad():
+        m.router.group_gate.weight[dead] = 0.0
+        m.router.group_gate.weight[dead, 0] = -100.0  # logit <= -100 for every token
+    _, counts, group_tokens = reference(m, x, "gelu")
+    assert group_tokens[core + dead] == []
+    assert all(group_tokens[g] for g in range(core, len(groups)) if g != core + dead), "test setup: other groups unused"
+    out = m(x)
+    (out * torch.randn_like(out)).sum().backward()
+    g = core + dead
+    assert m.group_counts[g] == 0
+    for name, p in m.named_parameters():
+        dead_param = name.startswith((f"experts.{g}.", f"router.expert_gates.{g}."))
+        if dead_param:
+            assert p.grad is None or not p.grad.any(), name
+        elif ".w" in name or ".b" in name or "gate" in name:
+            assert p.grad is not None and p.grad.any(), f"{name} should get gradient"
+    assert m.router.group_scale.grad[dead] == 0
+    assert m.router.group_scale.grad[[i for i in range(len(groups) - core) if i != dead]].ne(0).all()
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_flat_moe_of_copies_equals_dense_mlp(monkeypatch, k, dtype):
+    torch.manual_seed(6)
+    dense = MLPBlock(D, H, nn.GELU).to(dtype)
+    m = MoEMLP(D, H, MoEConfig(groups=(5,), core_groups=1, top_k=k), nn.GELU).to(dtype)
+    with torch.no_grad():
+        m.router.expert_gates[0].weight.normal_(0, 1.0)
+        m.experts[0].w1.copy_(dense.lin1.weight.expand_as(m.experts[0].w1))
+        m.experts[0].b1.copy_(dense.lin1.bias.expand_as(m.experts[0].b1))
+        m.experts[0].w2.copy_(dense.lin2.weight.expand_as(m.experts[0].w2))
+        m.experts[0].b2.copy_(dense.lin2.bias.expand_as(m.experts[0].b2))
+    x = torch.randn(2, 4, 4, D, generator=torch.Generator().manual_seed(7)).to(dtype)
+    with torch.no_grad():
+        y, ref = m(x), dense(x)
+    assert (m.expert_counts > 0).sum() > 1, "routing should spread over several experts"
+    rel = ((y - ref).abs().max() / ref.abs().max()).item()
+    assert rel < (1e-6 if dtype == torch.float32 else 3e-7), rel
+
+
+def test_routed_weight_not_renormalised_over_groups(loop_path):
+    """With one chosen group, its output is weighted by p_group * scale, p_group < 1 (hand check)."""
+    m = _make((2, 3, 3), 1, 1, 1, "relu")
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    with torch.no_grad():
+        y = m(x)[0]
+        r = m.router
+        core_e = int((r.expert_gates[0].weight @ x[0]).argmax())
+        pg = torch.softmax(r.group_gate.weight @ x[0], 0)
+        rr = int(pg.argmax())
+        e = int((r.expert_gates[1 + rr].weight @ x[0]).argmax())
+        want = _expert(m, 0, core_e, x[0], "relu") + pg[rr] * r.group_scale[rr] * _expert(m, 1 + rr, e, x[0], "relu")
+    assert pg[rr] < 0.999
+    _close(y, want, RTOL64, ATOL64)
+
+
+@pytest.mark.parametrize("dtype,dim", [(torch.float64, 16), (torch.float32, 10), (torch.bfloat16, 12)],
+                         ids=["float64", "float32-dim10", "bfloat16-dim12"])
+def test_float64_and_unaligned_dims(dtype, dim):
+    """MoEMLP is a drop-in for MLPBlock: .double() or an odd width must work (via the loop fallback).
+
+    Regression: torch._grouped_mm rejects float64 and rows whose stride is not a multiple of 16 bytes.
+    """
+    torch.manual_seed(9)
+    dense = MLPBlock(dim, 2 * dim, nn.GELU).to(dtype)
+    m = MoEMLP(dim, 2 * dim, MoEConfig(groups=(3,), top_k=2), nn.GELU).to(dtype)
+    with torch.no_grad():
+        for n, p in (("w1", dense.lin1.weight), ("b1", dense.lin1.bias), ("w2", dense.lin2.weight), ("b2", dense.lin2.bias)):
+            getattr(m.experts[0], n).copy_(p.expand_as(getattr(m.experts[0], n)))
+        x = torch.randn(6, dim).to(dtype)
+        torch.testing.assert_close(m(x).float(), dense(x).float(), rtol=2e-2, atol=2e-2)
