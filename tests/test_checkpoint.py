@@ -246,12 +246,12 @@ def _poisoned_model(tiny, exc: BaseException):
 
 
 def _fail_final_rename(monkeypatch, out: Path):
-    """os.replace(anything, out) fails: the commit's rename into place."""
+    """os.replace(<temporary dir>, out) fails: the commit's rename of the new checkpoint into place."""
     real = ckpt_mod.os.replace
     calls = []
 
     def replace(src, dst, *a, **kw):
-        if Path(dst) == out:
+        if Path(dst) == out and ".tmp-" in Path(src).name:
             calls.append(src)
             raise OSError(16, "Device or resource busy")
         return real(src, dst, *a, **kw)
