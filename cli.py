@@ -409,8 +409,12 @@ def train(
     skip_nonfinite: bool = typer.Option(False, "--skip-nonfinite", help="Skip steps with a non-finite loss instead of stopping."),
     workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
     force: bool = typer.Option(False, "--force", help="Start over in an existing run dir; skip the stage-input check."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes (GPUs) on this node: starts torchrun, shards the model with FSDP2."),
+    mixed_precision: bool = typer.Option(False, "--mixed-precision", help="Sharded runs: bf16 compute, fp32 weights and gradient reduction."),
 ) -> None:
     """Train one stage as a resumable job; RUN/final is the next stage's --from."""
+    import os
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from stages.engine import Interrupted, TrainConfig, resume_command, run
@@ -427,12 +431,22 @@ def train(
         raise SamoeError(f"--lr {lr} must be > 0")
     if epochs is None and max_steps is None:
         epochs = timeline
+    from stages.distributed import LAUNCH_COMMAND_ENV, is_main_process, launch, world_size
+
+    if nproc < 1:
+        raise SamoeError(f"--nproc {nproc} must be >= 1")
+    if nproc > 1 and world_size() == 1:  # not under torchrun yet: start it (it runs this same command)
+        raise typer.Exit(launch(nproc, sys.argv[1:]))
+    if mixed_precision and nproc == 1 and world_size() == 1:
+        raise SamoeError("--mixed-precision applies to sharded runs: add --nproc N or start samoe under torchrun")
+    launched = os.environ.get(LAUNCH_COMMAND_ENV)  # the command the user typed, when `--nproc` started torchrun
+    command = json.loads(launched) if launched else _command_line()
     cfg = TrainConfig(stage=stage, source=str(source), run_dir=str(run_dir), data=str(data),
                       unlabelled=str(unlabelled) if unlabelled else None, epochs=epochs, max_steps=max_steps,
                       batch_size=batch_size, lr=lr, last_k=last_k, seed=seed, checkpoint_every=checkpoint_every, keep=keep,
                       momentum=momentum, wd=wd, unsup_weight=unsup_weight, alpha_rampup=alpha_rampup,
                       unsup_rampup=unsup_rampup, warmup=warmup, timeline=timeline, log_every=log_every, router_lr_mult=router_lr_mult,
-                      skip_nonfinite=skip_nonfinite, workers=workers, command=_command_line())
+                      skip_nonfinite=skip_nonfinite, workers=workers, mixed_precision=mixed_precision, command=command)
     progress = Progress(TextColumn("stage {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("epoch {task.fields[epoch]} loss {task.fields[loss]} lr {task.fields[lr]} {task.fields[ips]} img/s"),
                         TimeRemainingColumn(), console=console)
@@ -468,11 +482,13 @@ def train(
         final = run(cfg, force=force, on_start=on_start, on_step=on_step, on_log=on_log)
     except Interrupted as e:
         progress.stop()
-        sys.stderr.write(f"interrupted: saved {e.step_dir}; resume with: {resume_command(cfg.command)}\n")
+        if is_main_process():
+            sys.stderr.write(f"interrupted: saved {e.step_dir}; resume with: {resume_command(cfg.command)}\n")
         raise typer.Exit(128 + e.signum)
     finally:
         progress.stop()
-    console.print(f"done: {final} (next stage's --from)")
+    if is_main_process():
+        console.print(f"done: {final} (next stage's --from)")
 
 
 @app.command("pseudo-label")

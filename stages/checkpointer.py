@@ -1,10 +1,17 @@
 """Save and resume training state; the only code that writes a run's checkpoints.
 
-RUN/checkpoints/step-N/
+RUN/checkpoints/step-N/ of a single-process run:
     model/                  a samoe checkpoint directory (safetensors + samoe.json)
     optimizer.safetensors   every optimizer's state tensors, keyed by parameter name
     trainer_state.json      step, epoch, data positions, RNG states, optimizer hyper-parameters
+RUN/checkpoints/step-N/ of a distributed (FSDP) run:
+    dcp/                    torch.distributed.checkpoint, sharded: `model.<name>` and
+                            `optim.<optimizerK>.<param name>.<key>`, resharded on load
+    trainer_state.json      the same, plus "format": "dcp" and "world_size"
 RUN/checkpoints/latest      the name of the newest complete step directory
+
+Either kind resumes either kind of run: one process reads a DCP step without a
+process group, and N processes read a safetensors step, each keeping its shard.
 
 A step directory is written under a temporary name and renamed into place, and
 `latest` is replaced atomically after that, so a kill at any moment leaves the
@@ -19,8 +26,9 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -30,6 +38,9 @@ from upscale.checkpoint import _fsync_path, atomic_write_text, clean_stale_tempo
 from upscale.errors import SamoeError
 
 from .optim import Optimizers
+
+if TYPE_CHECKING:
+    from .distributed import Distributed
 
 
 def rng_state() -> dict[str, Any]:
@@ -56,21 +67,35 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def optimizer_tensors(opts: Optimizers, names: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Flatten optimizer states to `{optimizerK.<param name>.<key>: tensor}` plus JSON hyper-parameters."""
+def optimizer_state(opts: Optimizers, names: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer states as `{optimizerK.<param name>.<key>: tensor}` (as held, maybe sharded) plus JSON hyper-parameters."""
     tensors: dict[str, torch.Tensor] = {}
     hyper: dict[str, Any] = {}
     for oname, opt in opts.named().items():
         for p, state in opt.state.items():
             for key, value in state.items():
                 if torch.is_tensor(value):
-                    tensors[f"{oname}.{names[id(p)]}.{key}"] = value.detach().cpu().contiguous()
+                    tensors[f"{oname}.{names[id(p)]}.{key}"] = value
         hyper[oname] = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     return tensors, hyper
 
 
+def optimizer_tensors(opts: Optimizers, names: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Flatten optimizer states to `{optimizerK.<param name>.<key>: tensor}` (CPU) plus JSON hyper-parameters."""
+    tensors, hyper = optimizer_state(opts, names)
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, hyper
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers by name (the checkpoint's tensors)."""
+    out = dict(model.named_parameters())
+    out.update(model.named_buffers())
+    return out
+
+
 def load_optimizer_tensors(opts: Optimizers, params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor],
-                           hyper: dict[str, Any]) -> None:
+                           hyper: dict[str, Any], place: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
+    """Install saved states; `place(value, param)` puts a value where the parameter lives (default: its device)."""
     for oname, opt in opts.named().items():
         for group, saved in zip(opt.param_groups, hyper[oname]):
             group.update(saved)
@@ -81,15 +106,19 @@ def load_optimizer_tensors(opts: Optimizers, params: dict[str, torch.nn.Paramete
             pname, _, skey = key[len(prefix):].rpartition(".")
             if pname not in params:
                 raise SamoeError(f"optimizer state names parameter {pname} that the model lacks: the run directory belongs to another model; use a new --run-dir")
-            opt.state[params[pname]][skey] = value.to(params[pname].device)
+            p = params[pname]
+            opt.state[p][skey] = place(value, p) if place is not None else value.to(p.device)
 
 
 class Checkpointer:
     """Owns RUN/checkpoints: save a step, find the latest, resume, prune to `keep`."""
 
-    def __init__(self, run_dir: Path, keep: int = 2) -> None:
+    def __init__(self, run_dir: Path, keep: int = 2, dist: "Distributed | None" = None) -> None:
         self.dir = run_dir / "checkpoints"
         self.keep = max(1, keep)
+        self.dist = dist
+        # temporaries are named after the process that renames them (rank 0)
+        self.owner = dist.broadcast(os.getpid()) if dist is not None else os.getpid()
 
     def latest(self) -> Path | None:
         pointer = self.dir / "latest"
@@ -102,6 +131,8 @@ class Checkpointer:
 
     def save(self, step: int, model: torch.nn.Module, meta: dict[str, Any], opts: Optimizers,
              trainer_state: dict[str, Any]) -> Path:
+        if self.dist is not None:
+            return self._save_sharded(step, model, opts, trainer_state)
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"step-{step}"
         clean_stale_temporaries(final)
@@ -127,6 +158,39 @@ class Checkpointer:
         self._prune()
         return final
 
+    def _save_sharded(self, step: int, model: torch.nn.Module, opts: Optimizers, trainer_state: dict[str, Any]) -> Path:
+        """Every rank writes its shards with DCP into a temporary directory; rank 0 completes and renames it."""
+        import torch.distributed.checkpoint as dcp
+
+        d = self.dist
+        final = self.dir / f"step-{step}"
+        tmp = self.dir / f".step-{step}.tmp-{self.owner}"
+        if d.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            clean_stale_temporaries(final)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        d.barrier()
+        names = {id(p): n for n, p in model.named_parameters()}
+        tensors, hyper = optimizer_state(opts, names)
+        dcp.save({"model": model_tensors(model), "optim": tensors}, checkpoint_id=str(tmp / "dcp"))
+        d.barrier()
+        if d.is_main:
+            try:
+                state = dict(trainer_state, optimizers=hyper, rng=rng_state(), format="dcp", world_size=d.world)
+                atomic_write_text(tmp / "trainer_state.json", json.dumps(state, indent=1) + "\n")
+                _fsync_path(tmp)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            atomic_write_text(self.dir / "latest", final.name + "\n")
+            self._prune()
+        d.barrier()
+        return final
+
     def _prune(self) -> None:
         steps = sorted((int(p.name.split("-")[1]), p) for p in self.dir.glob("step-*") if p.name.split("-")[1].isdigit())
         for _, path in steps[: -self.keep]:
@@ -136,6 +200,15 @@ class Checkpointer:
         """Restore model weights, optimizer states and RNG; return the trainer state."""
         from upscale.checkpoint import Checkpoint
 
+        if (step_dir / "dcp").is_dir():
+            return self._load_sharded(step_dir, model, opts)
+        if self.dist is not None:  # a single-process checkpoint into a sharded model
+            self.dist.load_full_tensors(model, Checkpoint.open(step_dir / "model").iter_tensors(), str(step_dir))
+            state = json.loads((step_dir / "trainer_state.json").read_text())
+            load_optimizer_tensors(opts, dict(model.named_parameters()), load_file(str(step_dir / "optimizer.safetensors")),
+                                   state["optimizers"], place=self.dist.shard_like)
+            set_rng_state(state["rng"])
+            return state
         ckpt = Checkpoint.open(step_dir / "model")
         with torch.no_grad():
             params = dict(model.named_parameters())
@@ -148,5 +221,38 @@ class Checkpointer:
         state = json.loads((step_dir / "trainer_state.json").read_text())
         load_optimizer_tensors(opts, dict(model.named_parameters()), load_file(str(step_dir / "optimizer.safetensors")),
                                state["optimizers"])
+        set_rng_state(state["rng"])
+        return state
+
+    def _load_sharded(self, step_dir: Path, model: torch.nn.Module, opts: Optimizers) -> dict[str, Any]:
+        """Read a DCP step into this run, whatever the world size that wrote it (1 = no process group)."""
+        import torch.distributed.checkpoint as dcp
+
+        path = step_dir / "dcp"
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        targets = model_tensors(model)
+        wrong = [n for n, t in targets.items() if f"model.{n}" not in saved or tuple(saved[f"model.{n}"].size) != tuple(t.shape)]
+        wrong += [k[6:] for k in saved if k.startswith("model.") and k[6:] not in targets]
+        if wrong:
+            raise SamoeError(f"{step_dir} does not match the model being trained ({wrong[0]}): use a new --run-dir or --force")
+        params = dict(model.named_parameters())
+        optimizers = opts.named()
+        optim: dict[str, torch.Tensor] = {}
+        for key, info in saved.items():
+            if not key.startswith("optim."):
+                continue
+            oname, _, rest = key[len("optim."):].partition(".")
+            pname, _, skey = rest.rpartition(".")
+            if oname not in optimizers or pname not in params:
+                raise SamoeError(f"optimizer state names parameter {pname} that the model lacks: the run directory belongs to another model; use a new --run-dir")
+            p = params[pname]
+            dtype = info.properties.dtype
+            optim[f"{oname}.{pname}.{skey}"] = (torch.zeros_like(p, dtype=dtype, requires_grad=False)
+                                                if tuple(info.size) == tuple(p.shape) else torch.zeros(tuple(info.size), dtype=dtype))
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: intended
+            dcp.load({"model": targets, "optim": optim}, checkpoint_id=str(path), no_dist=self.dist is None)
+        state = json.loads((step_dir / "trainer_state.json").read_text())
+        load_optimizer_tensors(opts, params, optim, state["optimizers"], place=lambda value, p: value)
         set_rng_state(state["rng"])
         return state

@@ -11,6 +11,11 @@ Exact resume: the data order of every epoch is a permutation seeded by
 states are restored from the latest step checkpoint; the same command continues
 where it stopped and gives bit-identical weights on CPU. SIGINT/SIGTERM finish
 the current step, save, print the resume command and exit.
+
+Under torchrun (WORLD_SIZE > 1) the same loop runs in every process on the
+FSDP2-sharded model, each on a contiguous slice of the global batch, with the
+losses formed over the global batch (stages/distributed.py); step checkpoints
+are then sharded DCP directories and rank 0 writes the logs and RUN/final.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -35,6 +40,9 @@ from .checkpointer import Checkpointer
 from .optim import Optimizers, apply_lr, build_optimizers, lr_factor, param_role
 from .plan import STAGES, is_trainable
 from .semisup import pseudo_targets, scaled_epochs, sigmoid_rampup, task_losses
+
+if TYPE_CHECKING:
+    from .distributed import Distributed
 
 METRIC_FIELDS = ("step", "epoch", "loss", "loss_sup", "loss_unsup", "seg", "sdf", "boundary", "aux", "lr", "alpha",
                  "unsup_weight", "sigma_seg", "sigma_sdf", "sigma_boundary")
@@ -70,6 +78,7 @@ class TrainConfig:
     router_lr_mult: float = 10.0
     skip_nonfinite: bool = False
     workers: int = 0
+    mixed_precision: bool = False
     command: list[str] = field(default_factory=list)
 
     def identity(self) -> dict[str, Any]:
@@ -88,8 +97,13 @@ class Interrupted(Exception):
 
 
 def check_stage_input(ckpt: Checkpoint, stage: int) -> None:
-    """Refuse an input that does not fit the stage (the CLI's --force skips this)."""
-    done = [s.get("stage") for s in ckpt.stages]
+    """Refuse an input that does not fit the stage (the CLI's --force skips this).
+
+    Only stages trained since the latest growth count: a source's own training
+    history is carried into the grown checkpoint but says nothing about it.
+    """
+    since = ckpt.meta.get("growth", {}).get("stages_before", 0)
+    done = [s.get("stage") for s in ckpt.stages[since:]]
     if stage == 1 and "growth" not in ckpt.meta:
         raise SamoeError(f"{ckpt.path} was never grown (no growth provenance): stage 1 trains the parts `samoe expand` adds; expand it first or pass --force")
     if stage == 2 and 1 not in done:
@@ -118,16 +132,30 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class StreamingLoader:
-    """Endless, resumable batches of a dataset: (epoch, batch position) fully define where it is."""
+    """Endless, resumable batches of a dataset: (epoch, batch position) fully define where it is.
 
-    def __init__(self, data: Dataset, batch_size: int, seed: int, workers: int, epoch: int = 0, pos: int = 0) -> None:
+    With `world` > 1 each global batch is cut into contiguous slices and this
+    loader yields slice `rank`; the position counts global batches, so it means
+    the same for any number of processes.
+    """
+
+    def __init__(self, data: Dataset, batch_size: int, seed: int, workers: int, epoch: int = 0, pos: int = 0,
+                 rank: int = 0, world: int = 1) -> None:
         self.data, self.batch_size, self.seed, self.workers = data, batch_size, seed, workers
         self.epoch, self.pos = epoch, pos
+        self.rank, self.world = rank, world
         self.steps_per_epoch = math.ceil(len(data) / batch_size)
         self._it = None
+        self._sizes: list[int] = []
+        self.global_size = 0  # images in the global batch last returned
 
     def _start(self) -> None:
         batches = _batches(len(self.data), self.batch_size, self.seed, self.epoch, self.pos)
+        self._sizes = [len(b) for b in batches]
+        if self.world > 1:
+            from .distributed import rank_slice
+
+            batches = [rank_slice(b, self.rank, self.world) for b in batches]
         self._it = iter(DataLoader(self.data, batch_sampler=batches, num_workers=self.workers, collate_fn=_collate))
 
     def next(self) -> dict[str, Any]:
@@ -136,6 +164,7 @@ class StreamingLoader:
         if self._it is None:
             self._start()
         batch = next(self._it)
+        self.global_size = self._sizes.pop(0)
         self.pos += 1
         return batch
 
@@ -199,31 +228,46 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tb"))
 
 
+def _losses(model: torch.nn.Module, out: dict[str, Any], targets: list[tuple[str, dict[str, Any]]],
+            dist: "Distributed | None") -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+    """Per-task losses of each (output prefix, targets) and the MoE aux loss: of this batch, or of the global one."""
+    if dist is not None:
+        return dist.global_losses(out, targets, model.config.num_classes)
+    return [task_losses(out, t, prefix=prefix) for prefix, t in targets], model.aux_loss()
+
+
 def train_step(model: torch.nn.Module, opts: Optimizers, batch: dict[str, Any], ubatch: dict[str, Any] | None,
-               unsup_weight: float, aux_coef: float, skip_nonfinite: bool, step: int) -> dict[str, float]:
-    """Seed 004's step: unsupervised phase (gate frozen under no_grad), then supervised phase."""
+               unsup_weight: float, aux_coef: float, skip_nonfinite: bool, step: int,
+               dist: "Distributed | None" = None) -> dict[str, float]:
+    """Seed 004's step: unsupervised phase (gate frozen under no_grad), then supervised phase.
+
+    With `dist`, `batch`/`ubatch` are this process's slices and the losses are those of the global batch.
+    """
     metrics = {"loss_unsup": 0.0}
     if ubatch is not None:
         opts.opt1.zero_grad(set_to_none=True)
         opts.opt2.zero_grad(set_to_none=True)
         out = model(ubatch["image"], gate_grad=False)
         pseudo = pseudo_targets({t: out[f"gate_{t}"] for t in ("seg", "sdf", "boundary")})
-        loss_u = unsup_weight * model.loss(task_losses(out, pseudo)) + aux_coef * model.aux_loss()
+        (per_task,), aux_u = _losses(model, out, [("", pseudo)], dist)
+        loss_u = unsup_weight * model.loss(per_task) + aux_coef * aux_u
         if _finite(loss_u, step, skip_nonfinite):
             loss_u.backward()
+            if dist is not None:
+                dist.after_backward()
             opts.opt1.step()
             opts.opt2.step()
         metrics["loss_unsup"] = loss_u.item()
     for opt in opts.named().values():
         opt.zero_grad(set_to_none=True)
     out = model(batch["image"])
-    heads = task_losses(out, batch)
-    gate = task_losses(out, batch, prefix="gate_")
+    (heads, gate), aux = _losses(model, out, [("", batch), ("gate_", batch)], dist)
     per_task = {t: heads[t] + gate[t] for t in heads}
-    aux = model.aux_loss()
     loss_s = model.loss(per_task) + aux_coef * aux
     if _finite(loss_s, step, skip_nonfinite):
         loss_s.backward()
+        if dist is not None:
+            dist.after_backward()
         for opt in opts.named().values():
             opt.step()
     metrics.update(loss_sup=loss_s.item(), aux=aux.item(), **{t: v.item() for t, v in heads.items()})
@@ -241,16 +285,35 @@ def _finite(loss: torch.Tensor, step: int, skip: bool) -> bool:
 
 def run(cfg: TrainConfig, force: bool = False, on_start: Callable[[dict[str, Any]], None] | None = None,
         on_step: Callable[[dict[str, Any]], None] | None = None, on_log: Callable[[dict[str, Any]], None] | None = None) -> Path:
-    """Run (or resume) one stage; return RUN/final."""
+    """Run (or resume) one stage; return RUN/final. Under torchrun (WORLD_SIZE > 1) this is one process of a sharded run."""
+    from .distributed import Distributed
+
+    dist = Distributed.from_env(cfg.mixed_precision)
+    if dist is not None and not dist.is_main:
+        on_start = on_step = on_log = None
+    try:
+        return _run(cfg, force, on_start, on_step, on_log, dist)
+    finally:
+        if dist is not None:
+            dist.close()
+
+
+def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], None] | None,
+         on_step: Callable[[dict[str, Any]], None] | None, on_log: Callable[[dict[str, Any]], None] | None,
+         dist: "Distributed | None") -> Path:
     import shutil
 
+    main = dist is None or dist.is_main
     run_dir = Path(cfg.run_dir)
     final_dir = run_dir / "final"
     if force and run_dir.exists():
         if run_dir.is_dir() and not any(run_dir.iterdir()) or (run_dir / "run.json").exists():
-            shutil.rmtree(run_dir)
+            if main:
+                shutil.rmtree(run_dir)
         else:
             raise SamoeError(f"{run_dir} exists and is not a samoe run directory: refusing to delete it even with --force")
+    if dist is not None:
+        dist.barrier()
     state_file = run_dir / "run.json"
     if state_file.exists():
         saved = json.loads(state_file.read_text())
@@ -264,18 +327,27 @@ def run(cfg: TrainConfig, force: bool = False, on_start: Callable[[dict[str, Any
     src = Checkpoint.open(cfg.source)
     if not force:
         check_stage_input(src, cfg.stage)
-    model = load_model(src.path)
+    if dist is None:
+        model = load_model(src.path)
+        counts = apply_stage(model, src.provenance, cfg.stage, cfg.last_k)
+    else:  # requires_grad is set before sharding; each process reads only its shards
+        model, counts = dist.build_model(src.path, lambda m: apply_stage(m, src.provenance, cfg.stage, cfg.last_k))
     model_cfg = model.config
     plan = STAGES[cfg.stage]
     lr = cfg.lr if cfg.lr is not None else plan.lr
     aux_coef = cfg.aux_loss_coef if cfg.aux_loss_coef is not None else model_cfg.moe.aux_loss_coef
-    counts = apply_stage(model, src.provenance, cfg.stage, cfg.last_k)
     data = open_labelled(Path(cfg.data), model_cfg.num_classes, model_cfg.img_size)
     udata = None
     if cfg.unlabelled:
         from .data import UnlabelledFolder
 
         udata = UnlabelledFolder(Path(cfg.unlabelled), size=model_cfg.img_size)
+    if dist is not None:
+        from .distributed import check_split
+
+        check_split(len(data), cfg.batch_size, dist.world, f"--data {cfg.data}")
+        if udata is not None:
+            check_split(len(udata), cfg.batch_size, dist.world, f"--unlabelled {cfg.unlabelled}")
     spe = math.ceil(len(data) / cfg.batch_size)
     epochs = cfg.epochs if cfg.epochs is not None else math.ceil((cfg.max_steps or spe) / spe)
     total = cfg.max_steps if cfg.max_steps is not None else epochs * spe
@@ -284,24 +356,31 @@ def run(cfg: TrainConfig, force: bool = False, on_start: Callable[[dict[str, Any
     t_warm = scaled_epochs(cfg.warmup, epochs, cfg.timeline)
     opts = build_optimizers(model, lr, cfg.momentum, cfg.wd, router_lr_mult=cfg.router_lr_mult)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpointer = Checkpointer(run_dir, cfg.keep)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    checkpointer = Checkpointer(run_dir, cfg.keep, dist)
     step, loader_state, uloader_state = 0, {"epoch": 0, "pos": 0}, {"epoch": 0, "pos": 0}
     latest = checkpointer.latest() if state_file.exists() else None
     if latest is not None:
         ts = checkpointer.load(latest, model, opts)
         step, loader_state, uloader_state = ts["step"], ts["loader"], ts["uloader"]
-    else:
+    elif main:
         from upscale.checkpoint import atomic_write_text
 
         atomic_write_text(state_file, json.dumps({"identity": cfg.identity(), "source_digest": src.digest, "command": cfg.command}, indent=1) + "\n")
-    _truncate_csv(run_dir / "metrics.csv", "step", step)
-    _truncate_csv(run_dir / "selector_log.csv", "epoch", loader_state["epoch"] + (1 if loader_state["pos"] >= spe else 0))
-    loader = StreamingLoader(data, cfg.batch_size, cfg.seed, cfg.workers, **loader_state)
-    uloader = StreamingLoader(udata, cfg.batch_size, cfg.seed + 1, cfg.workers, **uloader_state) if udata is not None else None
-    metrics_log = CsvLog(run_dir / "metrics.csv", METRIC_FIELDS)
-    selector_log = CsvLog(run_dir / "selector_log.csv", SELECTOR_FIELDS)
-    tb = _tensorboard(run_dir)
+    if dist is not None:
+        dist.barrier()
+    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
+    loader = StreamingLoader(data, cfg.batch_size, cfg.seed, cfg.workers, **loader_state, rank=rank, world=world)
+    uloader = (StreamingLoader(udata, cfg.batch_size, cfg.seed + 1, cfg.workers, **uloader_state, rank=rank, world=world)
+               if udata is not None else None)
+    metrics_log = selector_log = tb = None
+    if main:
+        _truncate_csv(run_dir / "metrics.csv", "step", step)
+        _truncate_csv(run_dir / "selector_log.csv", "epoch", loader_state["epoch"] + (1 if loader_state["pos"] >= spe else 0))
+        metrics_log = CsvLog(run_dir / "metrics.csv", METRIC_FIELDS)
+        selector_log = CsvLog(run_dir / "selector_log.csv", SELECTOR_FIELDS)
+        tb = _tensorboard(run_dir)
     meta = build_meta(model_cfg, src.provenance, src.lineage, src.stages, _dtype(model), **_carry(src.meta))
     if on_start:
         params = {r: 0 for r in ("selector", "encoder", "decoder", "gating", "loss")}
@@ -329,38 +408,46 @@ def run(cfg: TrainConfig, force: bool = False, on_start: Callable[[dict[str, Any
             t0 = time.perf_counter()
             batch = loader.next()
             ubatch = uloader.next() if uloader is not None else None
-            m = train_step(model, opts, batch, ubatch, unsup_w, aux_coef, cfg.skip_nonfinite, step)
+            if dist is not None:
+                batch = dist.to_device(batch)
+                ubatch = dist.to_device(ubatch) if ubatch is not None else None
+            m = train_step(model, opts, batch, ubatch, unsup_w, aux_coef, cfg.skip_nonfinite, step, dist)
             step += 1
-            sig = model.loss.log_vars.detach()
+            sig = model.loss.log_vars.detach() if dist is None else dist.full_tensor(model.loss.log_vars.detach())
             row = dict(m, step=step, epoch=epoch, lr=lr * factor, alpha=alpha, unsup_weight=unsup_w,
                        sigma_seg=float(sig[0]), sigma_sdf=float(sig[1]), sigma_boundary=float(sig[2]))
-            metrics_log.write(row)
+            if metrics_log is not None:
+                metrics_log.write(row)
             last_metrics = row
             if tb is not None:
                 for k in METRIC_FIELDS[2:]:
                     tb.add_scalar(f"train/{k}", row[k], step)
             epoch_end = loader.pos >= loader.steps_per_epoch
             if epoch_end and ((epoch + 1) % cfg.log_every == 0 or step >= total):
-                stats = model.selector.get_weight_stats()
+                stats = model.selector.get_weight_stats() if dist is None else dist.selector_stats(model)
                 srow = {"epoch": epoch + 1, "alpha": alpha, "unsup_weight": unsup_w,
                         "selector_mean": stats["mean"], "selector_std": stats["std"]}
-                selector_log.write(srow)
+                if selector_log is not None:
+                    selector_log.write(srow)
                 if on_log:
                     on_log(srow)
             if on_step:
-                on_step(dict(row, images_per_s=len(batch["image"]) / max(time.perf_counter() - t0, 1e-9), total=total))
+                on_step(dict(row, images_per_s=loader.global_size / max(time.perf_counter() - t0, 1e-9), total=total))
             trainer_state = {"step": step, "loader": loader.state(), "uloader": uloader.state() if uloader else {"epoch": 0, "pos": 0},
                              "config": asdict(cfg)}
-            if stop:
+            # processes are signalled at different moments: all stop at the first step where one was
+            stopping = dist.any(bool(stop)) if dist is not None else bool(stop)
+            if stopping:
                 path = checkpointer.save(step, model, meta, opts, trainer_state)
-                raise Interrupted(stop[0], path)
+                raise Interrupted(stop[0] if stop else signal.SIGTERM, path)
             if step % cfg.checkpoint_every == 0 and step < total:
                 checkpointer.save(step, model, meta, opts, trainer_state)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
-        metrics_log.close()
-        selector_log.close()
+        if metrics_log is not None:
+            metrics_log.close()
+            selector_log.close()
         if tb is not None:
             tb.close()
 
@@ -372,7 +459,23 @@ def run(cfg: TrainConfig, force: bool = False, on_start: Callable[[dict[str, Any
     final_meta = build_meta(model_cfg, src.provenance, src.lineage + [lineage_entry(cfg.command, cfg.seed, src)], history,
                             _dtype(model), **_carry(src.meta))
     model.selector.set_alpha(sigmoid_rampup(epochs, t_alpha))
-    return save_model(model, final_dir, final_meta, force=True)
+    if dist is None:
+        return save_model(model, final_dir, final_meta, force=True)
+    state = dist.full_state_dict(model)  # collective: rank 0 gets every tensor on CPU
+    if main:
+        save_model(_StateView(state), final_dir, final_meta, force=True)
+    dist.barrier()
+    return final_dir
+
+
+class _StateView:
+    """A gathered state dict where save_model expects a module."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
 
 
 def _dtype(model: torch.nn.Module) -> torch.dtype:

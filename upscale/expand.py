@@ -449,6 +449,7 @@ def expand_checkpoint(
     if on_start:
         on_start(total)
     growth = {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.__dict__.items()}
+    growth["stages_before"] = len(src.stages)  # stage checks look only at stages trained after this growth
     meta = build_meta(cfg, {}, src.lineage + [lineage_entry(command, spec.seed, src)], list(src.stages), dtype, growth=growth)
     return execute(src, cfg, plans, out, meta, dtype, workers=workers, shard_bytes=shard_bytes, force=force, on_tensor=on_tensor)
 

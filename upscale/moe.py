@@ -125,6 +125,9 @@ class Routing:
     weight: Tensor  # (A,) mixing weight
     aux_loss: Tensor  # scalar load-balancing loss
     entropy: Tensor  # mean entropy of the top-level routing distribution (nats)
+    # (probs, chosen, num) of every pool whose balance loss entered aux_loss, in order:
+    # what a data-parallel run needs to compute the global loss from sums
+    pools: list[tuple[Tensor, Tensor, int]]
 
 
 def _topk_renormalised(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -170,7 +173,11 @@ class HierarchicalRouter(nn.Module):
         """x: (N, D) -> Routing over the N tokens."""
         cfg = self.cfg
         n = x.shape[0]
-        tokens, experts, weights, aux, entropy = [], [], [], [], []
+        tokens, experts, weights, aux, entropy, pools = [], [], [], [], [], []
+
+        def balance(probs: Tensor, chosen: Tensor, num: int) -> None:
+            pools.append((probs, chosen, num))
+            aux.append(_balance_loss(probs, chosen, num))
         ar = torch.arange(n, device=x.device)
         if cfg.core_groups:
             logits = torch.cat([self.expert_gates[g](x) for g in range(cfg.core_groups)], dim=-1)
@@ -178,12 +185,12 @@ class HierarchicalRouter(nn.Module):
             tokens.append(ar.repeat_interleave(cfg.top_k))
             experts.append(top_i.flatten())
             weights.append(top_w.flatten())
-            aux.append(_balance_loss(probs, top_i, cfg.num_core_experts))
+            balance(probs, top_i, cfg.num_core_experts)
             entropy.append(_entropy(probs))
         if len(cfg.groups) > cfg.core_groups:
             g_probs = self.group_gate(x).float().softmax(dim=-1)
             g_p, g_i = g_probs.topk(cfg.top_k_groups, dim=-1)
-            aux.append(_balance_loss(g_probs, g_i, g_probs.shape[-1]))
+            balance(g_probs, g_i, g_probs.shape[-1])
             entropy.append(_entropy(g_probs))
             for r in range(g_probs.shape[-1]):
                 g = cfg.core_groups + r
@@ -195,13 +202,14 @@ class HierarchicalRouter(nn.Module):
                 tokens.append(tok.repeat_interleave(cfg.top_k))
                 experts.append((top_i + self.offsets[g]).flatten())
                 weights.append((top_w * scale[:, None]).flatten())
-                aux.append(_balance_loss(probs, top_i, cfg.groups[g]))
+                balance(probs, top_i, cfg.groups[g])
         return Routing(
             token=torch.cat(tokens),
             expert=torch.cat(experts),
             weight=torch.cat(weights),
             aux_loss=torch.stack(aux).mean() if aux else x.new_zeros(()),
             entropy=torch.stack(entropy).mean().detach() if entropy else x.new_zeros(()),
+            pools=pools,
         )
 
 
@@ -230,6 +238,7 @@ class MoEMLP(nn.Module):
         self.expert_counts: Tensor | None = None
         self.group_counts: Tensor | None = None
         self.entropy: Tensor | None = None
+        self.pools: list[tuple[Tensor, Tensor, int]] = []
         # When True, forward keeps (token, expert) of every assignment for routing reports.
         self.record = False
         self.assignments: tuple[Tensor, Tensor, Tensor] | None = None
@@ -255,6 +264,7 @@ class MoEMLP(nn.Module):
         self.aux_loss = route.aux_loss
         self.expert_counts = counts.detach()
         self.entropy = route.entropy
+        self.pools = route.pools
         if self.record:
             self.assignments = (route.token.detach(), route.expert.detach(), route.weight.detach())
         self.group_counts = torch.stack([counts[lo:hi].sum() for lo, hi in zip(self.router.offsets, self.router.offsets[1:])])

@@ -1,0 +1,504 @@
+"""Multi-process training: FSDP2 sharding, losses over the global batch, sharded checkpoints.
+
+`samoe train` runs distributed when torchrun set WORLD_SIZE > 1 (or `samoe train
+--nproc N` started torchrun itself). Each process then:
+
+* joins the process group: NCCL with one GPU per process (cuda:LOCAL_RANK), gloo
+  on CPU (no GPU, or SAMOE_DEVICE=cpu);
+* builds the model on the meta device, sets requires_grad per stage, applies
+  `fully_shard` to every MoE layer, every encoder block, every decoder layer and
+  the root, then reads only its own shard of each tensor from the safetensors
+  checkpoint (no process ever holds the whole model). FSDP2 shards parameter by
+  parameter, so frozen and trainable parameters may share a group: frozen ones
+  are all-gathered for compute, never reduce-scattered, and sit in no optimizer,
+  so their shards stay bit-identical;
+* trains on a contiguous slice of every global batch (the global batch is the
+  one a single process with the same --batch-size would see).
+
+Exact equivalence with one process. Seed 004's losses are not per-sample means:
+soft Dice is a ratio of sums over the whole batch, the SDF loss a masked mean,
+and the MoE load-balancing loss multiplies per-expert token fractions by mean
+router probabilities. Each process therefore computes the *sums* behind every
+loss on its slice (Dice intersections and denominators, SDF error and pixel
+counts, and for every router pool of every MoE layer the probability sums,
+assignment counts and token counts), all of them go through ONE differentiable
+all_reduce (float64), and the losses are formed from the global sums: every
+process computes the same loss value as one process would. Backward through the
+all_reduce sums the (identical) upstream gradients of all N processes, and FSDP
+averages the N reduce-scattered gradients, so each parameter gets exactly the
+single-process gradient. Router pools and expert banks that receive no token on
+one process but some on another still get a (zero) gradient there, so that all
+processes reduce-scatter the same tensors; banks that no process used get their
+gradient reset to None afterwards, as in one process (SGD skips them).
+
+Checkpoints. A distributed run saves RUN/checkpoints/step-N/ as
+    dcp/                 torch.distributed.checkpoint: `model.<name>` (parameters
+                         and buffers) and `optim.optimizerK.<param>.<key>`
+    trainer_state.json   as in one process, plus "format": "dcp" and "world_size"
+written under a temporary name and renamed by rank 0 after a barrier. DCP
+reshards on load, so a run saved by N processes resumes on M (one plain process
+included); a distributed run also resumes from a one-process safetensors step
+checkpoint. RUN/final is the usual safetensors checkpoint, gathered on rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from upscale.errors import SamoeError
+
+from .semisup import IGNORE_INDEX
+
+LAUNCH_COMMAND_ENV = "SAMOE_LAUNCH_COMMAND"
+
+
+def world_size() -> int:
+    """Processes in this run, from torchrun's environment (1 when not under torchrun)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise SamoeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number: start distributed runs with torchrun") from None
+
+
+def is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def split_sizes(n: int, world: int) -> list[int]:
+    """Contiguous split of n items over `world` ranks, the first n % world ranks one larger."""
+    return [n // world + (1 if r < n % world else 0) for r in range(world)]
+
+
+def rank_slice(items: list[int], rank: int, world: int) -> list[int]:
+    """This rank's contiguous slice of one global batch."""
+    sizes = split_sizes(len(items), world)
+    start = sum(sizes[:rank])
+    return items[start : start + sizes[rank]]
+
+
+def check_split(n: int, batch_size: int, world: int, what: str) -> None:
+    """Every global batch (the last, shorter one too) must give each rank at least one image."""
+    sizes = {min(batch_size, n)} | ({n % batch_size} if n % batch_size else set())
+    if min(sizes) < world:
+        raise SamoeError(f"{what}: {n} images in batches of {batch_size} leave a batch of {min(sizes)} images for "
+                         f"{world} processes; use a --batch-size that is at least {world} and leaves no last batch "
+                         f"smaller than {world}")
+
+
+# --------------------------------------------------------------------------- launching
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run `samoe <argv>` under torchrun with `nproc` processes on this node; return its exit code."""
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    env = dict(os.environ)
+    env.setdefault(LAUNCH_COMMAND_ENV, json.dumps(["samoe", *argv]))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "cli", *args]
+    proc = subprocess.Popen(cmd, env=env)
+    got: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        got.append(signum)
+        if signum == signal.SIGTERM:  # Ctrl-C reaches torchrun and the workers directly (same process group)
+            proc.send_signal(signum)
+
+    # the workers save a checkpoint at the end of their step and stop; exit like one process would (128 + signal)
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 128 + got[0] if got and rc != 0 else rc
+
+
+# --------------------------------------------------------------------------- MoE router statistics
+
+# The router computes per-pool balance losses from local tokens and leaves their ingredients
+# in `MoEMLP.pools` (probs, chosen, num); the global loss needs their sums over ranks.
+
+
+def _pools(cfg) -> list[tuple[str, int, int]]:
+    """(kind, group, experts) of each router pool, in the order the router appends its balance losses."""
+    pools = []
+    if cfg.core_groups:
+        pools.append(("core", -1, cfg.num_core_experts))
+    routed = len(cfg.groups) - cfg.core_groups
+    if routed:
+        pools.append(("group", -1, routed))
+        pools += [("routed", cfg.core_groups + r, cfg.groups[cfg.core_groups + r]) for r in range(routed)]
+    return pools
+
+
+def _balance(s: Tensor, c: Tensor, tokens: Tensor, chosen: Tensor, num: int) -> Tensor:
+    """upscale.moe._balance_loss from sums: num * sum_e (count_e / assignments) * (prob sum_e / tokens)."""
+    if float(tokens.detach()) == 0:
+        return s.new_zeros(())
+    return num * ((c / chosen) * (s / tokens)).sum()
+
+
+# --------------------------------------------------------------------------- task-loss statistics
+# The sums behind stages/semisup.py's soft_dice_loss, sdf_loss and binary_soft_dice_loss
+# (same formulas; tests/test_distributed.py checks the losses equal one process's).
+
+
+def _task_stats(out: dict[str, Tensor], batch: dict[str, Tensor], prefix: str) -> Tensor:
+    from .semisup import _check_shapes
+
+    seg = out[prefix + "seg"].float()
+    mask = batch["mask"]
+    if seg.shape[0] != mask.shape[0] or seg.shape[-2:] != mask.shape[-2:]:
+        raise ValueError(f"seg: logits {tuple(seg.shape)} and mask {tuple(mask.shape)} differ")
+    c = seg.shape[1]
+    valid = (mask != IGNORE_INDEX).unsqueeze(1).to(seg.dtype)
+    probs = seg.softmax(dim=1) * valid
+    onehot = F.one_hot(mask.clamp(0, c - 1), c).permute(0, 3, 1, 2).to(seg.dtype) * valid
+    sdf, sdf_t = out[prefix + "sdf"].float(), batch["sdf"]
+    _check_shapes(sdf, sdf_t, "sdf")
+    err = (torch.tanh(sdf) - sdf_t).pow(2)
+    bnd, bnd_t = out[prefix + "boundary"].float(), batch["boundary"]
+    _check_shapes(bnd, bnd_t, "boundary")
+    p, t = torch.sigmoid(bnd) * valid, bnd_t * valid
+    return torch.cat([
+        (probs * onehot).sum(dim=(0, 2, 3)), probs.sum(dim=(0, 2, 3)), onehot.sum(dim=(0, 2, 3)),
+        torch.stack([(err * valid).sum(), valid.expand_as(err).sum(), (p * t).sum(), p.sum(), t.sum()]),
+    ])
+
+
+def _task_losses(stats: Tensor, num_classes: int) -> dict[str, Tensor]:
+    c = num_classes
+    inter, denom = stats[:c], stats[c : 2 * c] + stats[2 * c : 3 * c]
+    err, count, b_inter, b_p, b_t = stats[3 * c :]
+    present = denom > 0
+    if not present.any():
+        seg = stats.sum() * 0
+    else:
+        seg = 1 - ((2 * inter[present] + 1e-5) / (denom[present] + 1e-5)).mean()
+    return {
+        "seg": seg,
+        "sdf": err / count.clamp_min(1),
+        "boundary": 1 - (2 * b_inter + 1e-5) / (b_p + b_t + 1e-5),
+    }
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over ranks; backward sums the upstream gradients of all ranks."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+# --------------------------------------------------------------------------- the distributed context
+
+
+@dataclass
+class _Usage:
+    unused_banks: list[int]
+    unused_gates: list[int]
+
+
+class Distributed:
+    """One process of a torchrun job: process group, device, FSDP2 sharding, global losses."""
+
+    def __init__(self, mixed_precision: bool = False) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        self.rank = int(os.environ["RANK"])
+        self.world = int(os.environ["WORLD_SIZE"])
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        kind = os.environ.get("SAMOE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+        if kind not in ("cpu", "cuda"):
+            raise SamoeError(f"SAMOE_DEVICE={kind!r} must be cpu or cuda")
+        if kind == "cuda":
+            if not torch.cuda.is_available() or self.local_rank >= torch.cuda.device_count():
+                raise SamoeError(f"process {self.rank} needs GPU {self.local_rank} but {torch.cuda.device_count()} are visible: "
+                                 f"start at most one process per GPU, or set SAMOE_DEVICE=cpu")
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if kind == "cuda" else "gloo",
+                                    device_id=self.device if kind == "cuda" else None)
+        self.mesh = init_device_mesh(kind, (self.world,))
+        self.mixed_precision = mixed_precision
+        # MoEMLP returns `out.reshape(...)`, a view; SAM's blocks only add it out of place (x = x + mlp(x)).
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPMoEMLP\) returned a view tensor")
+        self.mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                          if mixed_precision else MixedPrecisionPolicy())
+        self.moe: dict[str, nn.Module] = {}
+        self._stats: dict[str, Tensor] = {}
+        self._usage: dict[str, _Usage] = {}
+
+    @classmethod
+    def from_env(cls, mixed_precision: bool = False) -> "Distributed | None":
+        """The context when torchrun started several processes, else None (plain single-process training)."""
+        if world_size() <= 1:
+            if mixed_precision:
+                raise SamoeError("--mixed-precision applies to sharded (FSDP) runs: add --nproc N or start with torchrun")
+            return None
+        return cls(mixed_precision)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's value of `obj` on every rank."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is True on some rank (signals arrive at different moments)."""
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    # ----------------------------------------------------------------------- model
+
+    def build_model(self, path: str | Path, prepare: Callable[[nn.Module], Any]) -> tuple[nn.Module, Any]:
+        """Meta-device model -> `prepare` (requires_grad per stage) -> fully_shard -> this rank's shards from disk."""
+        from upscale.checkpoint import Checkpoint, parse_dtype
+        from upscale.model import build_model
+
+        ckpt = Checkpoint.open(path)
+        ckpt.check_matches_config()
+        model = build_model(ckpt.config, device="meta").to(parse_dtype(ckpt.meta.get("dtype", "float32")))
+        result = prepare(model)
+        self.shard(model)
+        model.to_empty(device=self.device)
+        self.load_full_tensors(model, ckpt.iter_tensors(), str(ckpt.path))
+        return model, result
+
+    def shard(self, model: nn.Module) -> None:
+        """fully_shard each MoE layer, encoder block, decoder layer, then the root; hook the MoE layers."""
+        from torch.distributed.fsdp import fully_shard
+
+        kw = dict(mesh=self.mesh, mp_policy=self.mp_policy)
+        for name, layer in model.moe_layers():
+            self.shard_moe(name, layer)
+        for block in model.image_encoder.blocks:
+            fully_shard(block, **kw)
+        for layer in model.mask_decoder.transformer.layers:
+            fully_shard(layer, **kw)
+        fully_shard(model, **kw)
+
+    def shard_moe(self, name: str, layer: nn.Module) -> None:
+        """fully_shard one MoE layer (router and all expert banks in one group) and hook it."""
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(layer, mesh=self.mesh, mp_policy=self.mp_policy)
+        self.moe[name] = layer
+        # runs before FSDP's post-forward hook, while the layer's parameters are unsharded
+        layer.register_forward_hook(partial(self._after_moe, name), prepend=True)
+
+    def load_full_tensors(self, model: nn.Module, items: Iterable[tuple[str, Tensor]], where: str) -> None:
+        """Copy full tensors (name, tensor) into the model: each rank keeps its own shard."""
+        targets: dict[str, Tensor] = dict(model.named_parameters())
+        targets.update(model.named_buffers())
+        seen = set()
+        with torch.no_grad():
+            for name, full in items:
+                target = targets.get(name)
+                if target is None or tuple(target.shape) != tuple(full.shape):
+                    raise SamoeError(f"{where} does not match the model being trained ({name}): use a new --run-dir or --force")
+                local = _local(target)
+                local.copy_(self.local_shard(full, target))
+                seen.add(name)
+        missing = sorted(set(targets) - seen)
+        if missing:
+            raise SamoeError(f"{where} lacks {len(missing)} tensors of the model, e.g. {missing[0]}: re-create it")
+
+    def local_shard(self, full: Tensor, like: Tensor) -> Tensor:
+        """This rank's part of `full`, laid out like the (possibly sharded) tensor `like`, on its device."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        if not isinstance(like, DTensor):
+            return full.to(like.device, like.dtype)
+        (placement,) = like.placements
+        if isinstance(placement, Shard):
+            chunks = torch.chunk(full, self.world, dim=placement.dim)
+            part = chunks[self.rank] if self.rank < len(chunks) else full.narrow(placement.dim, 0, 0)
+        else:
+            part = full
+        local = like.to_local()
+        if part.shape != local.shape:  # a layout this code does not know: let DTensor cut it
+            from torch.distributed.tensor import distribute_tensor
+
+            part = distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None).to_local()
+        return part.to(local.device, local.dtype)
+
+    def shard_like(self, full: Tensor, like: Tensor) -> Tensor:
+        """A new tensor holding `full`, sharded like parameter `like` when shapes match (optimizer state)."""
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(like, DTensor) and tuple(full.shape) == tuple(like.shape):
+            return DTensor.from_local(self.local_shard(full, like).to(full.dtype), like.device_mesh, like.placements,
+                                      run_check=False, shape=like.shape, stride=like.stride())
+        return full.to(like.device) if full.dim() else full
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, Tensor]:
+        """The whole state dict on rank 0's CPU ({} on other ranks)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def full_tensor(self, t: Tensor) -> Tensor:
+        from torch.distributed.tensor import DTensor
+
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
+    # ----------------------------------------------------------------------- MoE hooks
+
+    def _after_moe(self, name: str, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+        """Turn the router's recorded pools into sums; give locally unused trainable parts a zero gradient."""
+        calls = module.pools
+        cfg = module.router.cfg
+        group_counts = module.group_counts.tolist()
+        pools = _pools(cfg)
+        used = [kind != "routed" or group_counts[g] > 0 for kind, g, _ in pools]
+        if len(calls) != sum(used):
+            raise SamoeError(f"internal error: {name} recorded {len(calls)} router pools, expected {sum(used)} "
+                             "(upscale/moe.py's router pools changed; update stages/distributed.py)")
+        parts, it = [], iter(calls)
+        for (kind, g, num), u in zip(pools, used):
+            if not u:
+                parts.append(output.new_zeros(2 * num + 2, dtype=torch.float32))
+                continue
+            probs, chosen, n = next(it)
+            if n != num:
+                raise SamoeError(f"internal error: {name} pool {kind} has {n} experts, expected {num}")
+            parts += [probs.float().sum(dim=0), torch.bincount(chosen.flatten(), minlength=num).float(),
+                      torch.tensor([float(probs.shape[0]), float(chosen.numel())], device=probs.device)]
+        self._stats[name] = torch.cat(parts)
+        if not torch.is_grad_enabled():
+            return output
+        idle = [p for g, n in enumerate(group_counts) if n == 0 for p in module.experts[g].parameters()]
+        idle += [module.router.expert_gates[g].weight for kind, g, _ in pools if kind == "routed" and group_counts[g] == 0]
+        idle = [p for p in idle if p.requires_grad]
+        if not idle:
+            return output
+        return output + torch.stack([p.sum() for p in idle]).sum().to(output.dtype) * 0
+
+    # ----------------------------------------------------------------------- losses
+
+    def global_losses(self, out: dict[str, Tensor], targets: list[tuple[str, dict[str, Tensor]]],
+                      num_classes: int) -> tuple[list[dict[str, Tensor]], Tensor]:
+        """Per-task losses for each (prefix, targets) and the MoE aux loss, over the global batch."""
+        sums, aux = self.reduce_with_aux([_task_stats(out, batch, prefix) for prefix, batch in targets])
+        return [_task_losses(s, num_classes) for s in sums], aux
+
+    def reduce_with_aux(self, pieces: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """Sum `pieces` (1-d, differentiable) over all processes together with the router statistics of
+        the last forward, in one all_reduce; return the global pieces and the global MoE aux loss."""
+        names = list(self.moe)
+        missing = [n for n in names if n not in self._stats]
+        if missing:
+            raise SamoeError(f"internal error: no router statistics from {missing[0]} in the last forward")
+        own = len(pieces)
+        pieces = list(pieces) + [self._stats.pop(n) for n in names]
+        sizes = [p.numel() for p in pieces]
+        total = _AllReduceSum.apply(torch.cat(pieces).double()).float()
+        parts = list(total.split(sizes))
+        sums, parts = parts[:own], parts[own:]
+        layer_aux = []
+        self._usage = {}
+        for name, stats in zip(names, parts):
+            counts = stats.detach().cpu()
+            cfg = self.moe[name].router.cfg
+            auxes, pos = [], 0
+            unused_banks, unused_gates = [], []
+            for kind, g, num in _pools(cfg):
+                s, c, tc = stats[pos : pos + num], stats[pos + num : pos + 2 * num], stats[pos + 2 * num : pos + 2 * num + 2]
+                pos += 2 * num + 2
+                tokens, chosen = tc[0], tc[1]
+                used = counts[pos - num - 2 : pos - 2]  # assignments per expert of this pool, all processes
+                if kind == "core":
+                    offsets = [0]
+                    for e in cfg.groups[: cfg.core_groups]:
+                        offsets.append(offsets[-1] + e)
+                    unused_banks += [i for i in range(cfg.core_groups) if float(used[offsets[i] : offsets[i + 1]].sum()) == 0]
+                if kind == "routed" and float(counts[pos - 2]) == 0:
+                    unused_banks.append(g)
+                    unused_gates.append(g)
+                    continue
+                auxes.append(_balance(s, c, tokens, chosen, num))
+            layer_aux.append(torch.stack(auxes).mean() if auxes else total.new_zeros(()))
+            self._usage[name] = _Usage(unused_banks, unused_gates)
+        aux = torch.stack(layer_aux).mean() if layer_aux else total.new_zeros(())
+        return sums, aux
+
+    def after_backward(self) -> None:
+        """Parts no process used get no gradient (None), exactly as in one process."""
+        for name, usage in self._usage.items():
+            layer = self.moe[name]
+            for g in usage.unused_banks:
+                for p in layer.experts[g].parameters():
+                    p.grad = None
+            for g in usage.unused_gates:
+                layer.router.expert_gates[g].weight.grad = None
+
+    def selector_stats(self, model: nn.Module) -> dict[str, float]:
+        """Seed 004's pooled selector statistics over the global batch of the last forward."""
+        maps = [s.last_weight.flatten().double() for s in model.selector.selectors.values() if s.last_weight is not None]
+        x = torch.cat(maps) if maps else torch.zeros(0, dtype=torch.float64, device=self.device)
+        sums = torch.stack([x.sum(), (x * x).sum(), x.new_tensor(float(x.numel()))])
+        lo = x.min() if x.numel() else x.new_tensor(float("inf"))
+        hi = x.max() if x.numel() else x.new_tensor(float("-inf"))
+        dist.all_reduce(sums)
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        s, q, n = (float(v) for v in sums)
+        if n == 0:
+            return {"mean": 0.0, "std": 0.0, "min": 0.0, "max": 0.0}
+        var = max(0.0, (q - s * s / n) / (n - 1)) if n > 1 else 0.0
+        return {"mean": s / n, "std": var**0.5, "min": float(lo), "max": float(hi)}
+
+
+def _local(t: Tensor) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t

@@ -1,0 +1,284 @@
+"""Sharded (FSDP2) training on CPU with the gloo backend: 2 processes against 1.
+
+Oracles: a single process with the same global batch (losses of every step,
+final weights), the grown checkpoint (frozen tensors bit for bit after a
+2-process stage 1), and, for the MoE corner case that the end-to-end runs
+cannot force (an expert group that receives tokens in one process and none in
+the other), the gradients of a plain MoE layer on the whole batch.
+
+Resume across world sizes: an uninterrupted 6-step run with a step checkpoint
+at step 3 is copied; the copy loses `final/` and its metric rows after step 3,
+which is exactly what a run killed after writing step-3 leaves behind (the
+engine resumes from `latest` and truncates the logs itself). Re-running the
+same command on 1 or 2 processes must reach the uninterrupted final weights.
+Processes start through `torchrun -m cli` and through `samoe train --nproc 2`.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import cli
+from stages.data import make_demo_data
+from upscale.checkpoint import Checkpoint
+from upscale.config import PRESETS
+from upscale.create import init_from_preset
+from upscale.expand import GrowthSpec, expand_checkpoint, resolve_groups
+
+SAMOE = Path(sys.executable).with_name("samoe")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "SAMOE_DEVICE": "cpu", "COLUMNS": "120"}
+LOSSES = ("loss", "loss_sup", "loss_unsup", "seg", "sdf", "boundary", "aux", "sigma_seg", "sigma_sdf", "sigma_boundary")
+ALWAYS = ("selector.", "gating.", "loss.")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, script: list[str] | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           *(script or ["-m", "cli", "train"]), *[str(a) for a in args]]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    return res
+
+
+def train_1(*args) -> None:
+    res = CliRunner().invoke(cli.app, ["train", *[str(a) for a in args]])
+    assert res.exit_code == 0, res.stderr
+
+
+def rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def same_losses(a: Path, b: Path, steps: int) -> None:
+    ra, rb = rows(a), rows(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == [str(i) for i in range(1, steps + 1)]
+    for x, y in zip(ra, rb):
+        for k in LOSSES:
+            assert float(y[k]) == pytest.approx(float(x[k]), rel=1e-5, abs=1e-7), (x["step"], k, x[k], y[k])
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    return dict(Checkpoint.open(path).iter_tensors())
+
+
+def close_weights(a: Path, b: Path, exact: bool = False) -> None:
+    ta, tb = tensors(a), tensors(b)
+    assert set(ta) == set(tb)
+    for n, t in ta.items():
+        if exact:
+            assert torch.equal(t, tb[n]), n
+        else:
+            assert torch.allclose(t, tb[n], rtol=1e-5, atol=1e-6), (n, (t - tb[n]).abs().max().item())
+
+
+def stopped_copy(run: Path, out: Path, step: int) -> Path:
+    """What a run killed right after writing its step-`step` checkpoint leaves on disk."""
+    shutil.copytree(run, out)
+    shutil.rmtree(out / "final")
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{step}"
+    kept = [r for r in rows(out) if int(r["step"]) <= step]
+    with open(out / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(kept[0]))
+        w.writeheader()
+        w.writerows(kept)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "demo"
+    make_demo_data(out, labelled=8, unlabelled=8, test=2, size=128, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory) -> Path:
+    """The tiny preset grown to 12 experts in 3 groups (two routed groups) plus an extra block."""
+    src = init_from_preset(PRESETS["tiny"], tmp_path_factory.mktemp("src") / "tiny", 0, torch.float32, ["test"], False)
+    spec = GrowthSpec(experts=12, groups=resolve_groups(4, 12, "3", 1), extra_blocks=1, noise_std=0.01)
+    return expand_checkpoint(src, tmp_path_factory.mktemp("grown") / "g", spec, ["test"])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+def stage1_args(grown: Path, data: Path) -> list:
+    return ["--stage", 1, "--from", grown, "--data", data / "A", "--unlabelled", data / "B", "--batch-size", 4,
+            "--max-steps", 6, "--checkpoint-every", 3]
+
+
+@pytest.fixture(scope="module")
+def single_s1(grown: Path, data: Path, runs: Path) -> Path:
+    train_1(*stage1_args(grown, data), "--run-dir", runs / "s1-one")
+    return runs / "s1-one"
+
+
+@pytest.fixture(scope="module")
+def sharded_s1(grown: Path, data: Path, runs: Path) -> Path:
+    torchrun(*stage1_args(grown, data), "--run-dir", runs / "s1-two")
+    return runs / "s1-two"
+
+
+# --------------------------------------------------------------------------- same losses as one process
+
+
+def test_stage1_two_processes_match_one(single_s1: Path, sharded_s1: Path):
+    same_losses(single_s1, sharded_s1, 6)
+    close_weights(single_s1 / "final", sharded_s1 / "final")
+    state = (sharded_s1 / "checkpoints" / "step-3" / "trainer_state.json").read_text()
+    assert '"format": "dcp"' in state and '"world_size": 2' in state
+    assert (sharded_s1 / "checkpoints" / "step-3" / "dcp" / ".metadata").is_file()
+
+
+def test_stage1_frozen_tensors_bit_identical(grown: Path, sharded_s1: Path):
+    prov = Checkpoint.open(grown).provenance
+    before, after = tensors(grown), tensors(sharded_s1 / "final")
+    frozen = [n for n in before if prov[n] == "source" and ".router." not in n and not n.startswith(ALWAYS)]
+    assert len(frozen) > 150
+    assert not [n for n in frozen if not torch.equal(before[n], after[n])]
+    trained = [n for n in before if prov[n] != "source" and before[n].is_floating_point()]
+    assert trained and all(not torch.equal(before[n], after[n]) for n in trained)
+
+
+def test_stage3_two_processes_match_one(grown: Path, data: Path, runs: Path):
+    """Stage 3 (everything trains), batch 3 over 8 images: slices of 2+1 and a last batch of 1+1."""
+    args = ["--stage", 3, "--force", "--from", grown, "--data", data / "A", "--unlabelled", data / "B",
+            "--batch-size", 3, "--max-steps", 5]
+    train_1(*args, "--run-dir", runs / "s3-one")
+    res = subprocess.run([str(SAMOE), "train", "--nproc", "2", *map(str, args), "--run-dir", str(runs / "s3-two")],
+                         env=ENV, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    assert res.stdout.count("done: ") == 1  # only rank 0 prints
+    same_losses(runs / "s3-one", runs / "s3-two", 5)
+    close_weights(runs / "s3-one" / "final", runs / "s3-two" / "final")
+
+
+# --------------------------------------------------------------------------- resume with another world size
+
+
+def test_two_process_checkpoint_resumes_on_one_and_two(grown: Path, data: Path, runs: Path, sharded_s1: Path):
+    on_one = stopped_copy(sharded_s1, runs / "resume-1", 3)
+    on_two = stopped_copy(sharded_s1, runs / "resume-2", 3)
+    train_1(*stage1_args(grown, data), "--run-dir", on_one)
+    torchrun(*stage1_args(grown, data), "--run-dir", on_two)
+    close_weights(sharded_s1 / "final", on_one / "final")
+    close_weights(sharded_s1 / "final", on_two / "final", exact=True)  # same world size: bit for bit
+    same_losses(sharded_s1, on_one, 6)
+
+
+def test_one_process_checkpoint_resumes_on_two(grown: Path, data: Path, runs: Path, single_s1: Path):
+    on_two = stopped_copy(single_s1, runs / "resume-st", 3)
+    assert (on_two / "checkpoints" / "step-3" / "optimizer.safetensors").is_file()
+    torchrun(*stage1_args(grown, data), "--run-dir", on_two)
+    close_weights(single_s1 / "final", on_two / "final")
+    same_losses(single_s1, on_two, 6)
+
+
+def test_mixed_precision(grown: Path, data: Path, runs: Path, single_s1: Path):
+    """bf16 compute, fp32 reduction: close to the fp32 losses, weights stay in the checkpoint's dtype."""
+    args = ["--stage", 1, "--from", grown, "--data", data / "A", "--unlabelled", data / "B", "--batch-size", 4, "--max-steps", 2]
+    res = CliRunner().invoke(cli.app, ["train", *map(str, args), "--run-dir", str(runs / "mp-one"), "--mixed-precision"])
+    assert res.exit_code == 2 and "--nproc" in res.stderr
+    torchrun(*args, "--run-dir", runs / "mp", "--mixed-precision")
+    for x, y in zip(rows(single_s1)[:2], rows(runs / "mp")):
+        assert float(y["loss"]) == pytest.approx(float(x["loss"]), rel=1e-2)
+    final = tensors(runs / "mp" / "final")
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in final.values())
+
+
+# --------------------------------------------------------------------------- an expert group used by one process only
+
+
+def _moe_worker() -> None:
+    """Run under torchrun (2 processes): compare a sharded MoE layer with the same layer on the whole batch."""
+    import copy
+
+    from stages.distributed import Distributed
+    from upscale.config import MoEConfig
+    from upscale.moe import MoEMLP
+
+    torch.manual_seed(0)
+    # core group + 3 routed groups; the group router sends tokens with x0 > 0 to routed group 0, x0 < 0 to
+    # routed group 1, and nothing to routed group 2.
+    ref = MoEMLP(8, 16, MoEConfig(groups=(2, 2, 2, 2), core_groups=1, top_k=1, top_k_groups=1))
+    with torch.no_grad():
+        ref.router.group_gate.weight.zero_()
+        ref.router.group_gate.weight[0, 0], ref.router.group_gate.weight[1, 0] = 5.0, -5.0
+    x = torch.randn(12, 8)
+    x[:6, 0] = x[:6, 0].abs() + 1
+    x[6:, 0] = -(x[6:, 0].abs() + 1)
+
+    single = copy.deepcopy(ref)
+    y = single(x)
+    loss_1 = y.pow(2).sum() / y.numel() + 0.5 * single.aux_loss
+    loss_1.backward()
+    want = {n: p.grad for n, p in single.named_parameters()}
+    assert want["experts.3.w1"] is None and want["experts.1.w1"] is not None and want["experts.2.w1"] is not None
+
+    d = Distributed()
+    layer = copy.deepcopy(ref)
+    d.shard_moe("moe", layer)
+    rows = x[:6] if d.rank == 0 else x[6:]  # routed group 0 on rank 0 only, group 1 on rank 1 only
+    y = layer(rows)
+    (sums,), aux = d.reduce_with_aux([torch.stack([y.pow(2).sum(), torch.tensor(float(y.numel()))])])
+    loss_2 = sums[0] / sums[1] + 0.5 * aux
+    loss_2.backward()
+    d.after_backward()
+    got = {n: None if p.grad is None else p.grad.full_tensor() for n, p in layer.named_parameters()}
+    if d.rank == 0:
+        assert torch.allclose(loss_1, loss_2.detach(), rtol=1e-6), (loss_1.item(), loss_2.item())
+        for n, g in want.items():
+            assert (g is None) == (got[n] is None), n
+            if g is not None:
+                assert torch.allclose(g, got[n], rtol=1e-5, atol=1e-7), (n, (g - got[n]).abs().max())
+        print("moe-ok")
+    d.close()
+
+
+def test_expert_group_used_by_one_process_only():
+    res = torchrun(script=[__file__, "--moe-worker"])
+    assert "moe-ok" in res.stdout
+
+
+def test_batch_split():
+    from stages.distributed import check_split, rank_slice, split_sizes
+    from upscale.errors import SamoeError
+
+    assert split_sizes(5, 2) == [3, 2] and split_sizes(4, 4) == [1, 1, 1, 1]
+    batch = [7, 3, 9, 1, 4]
+    assert rank_slice(batch, 0, 2) + rank_slice(batch, 1, 2) == batch
+    check_split(8, 3, 2, "data")  # 3, 3, 2
+    with pytest.raises(SamoeError, match="batch of 1 images for 2 processes"):
+        check_split(9, 4, 2, "data")  # 4, 4, 1
+    with pytest.raises(SamoeError):
+        check_split(8, 1, 2, "data")
+
+
+if __name__ == "__main__" and "--moe-worker" in sys.argv:
+    _moe_worker()
