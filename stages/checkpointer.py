@@ -145,18 +145,21 @@ class Checkpointer:
             tensors, hyper = optimizer_tensors(opts, names)
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             _fsync_path(tmp / "optimizer.safetensors")
-            state = dict(trainer_state, optimizers=hyper, rng=rng_state())
-            atomic_write_text(tmp / "trainer_state.json", json.dumps(state, indent=1) + "\n")
-            _fsync_path(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            self._complete(tmp, final, dict(trainer_state, optimizers=hyper, rng=rng_state()))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        return final
+
+    def _complete(self, tmp: Path, final: Path, state: dict[str, Any]) -> None:
+        """Write trainer_state.json, rename the step directory into place, move `latest`, prune."""
+        atomic_write_text(tmp / "trainer_state.json", json.dumps(state, indent=1) + "\n")
+        _fsync_path(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
         atomic_write_text(self.dir / "latest", final.name + "\n")
         self._prune()
-        return final
 
     def _save_sharded(self, step: int, model: torch.nn.Module, opts: Optimizers, trainer_state: dict[str, Any]) -> Path:
         """Every rank writes its shards with DCP into a temporary directory; rank 0 completes and renames it."""
@@ -177,17 +180,10 @@ class Checkpointer:
         d.barrier()
         if d.is_main:
             try:
-                state = dict(trainer_state, optimizers=hyper, rng=rng_state(), format="dcp", world_size=d.world)
-                atomic_write_text(tmp / "trainer_state.json", json.dumps(state, indent=1) + "\n")
-                _fsync_path(tmp)
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
+                self._complete(tmp, final, dict(trainer_state, optimizers=hyper, rng=rng_state(), format="dcp", world_size=d.world))
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            atomic_write_text(self.dir / "latest", final.name + "\n")
-            self._prune()
         d.barrier()
         return final
 

@@ -41,12 +41,7 @@ LOSSES = ("loss", "loss_sup", "loss_unsup", "seg", "sdf", "boundary", "aux", "si
 ALWAYS = ("selector.", "gating.", "loss.")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def free_port() -> int:

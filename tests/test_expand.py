@@ -45,13 +45,7 @@ _INTERP = re.compile(r"^interpolate:(?P<src>[\w.]+)\[(?P<a>\d+)\]:(?P<src2>[\w.]
 # --------------------------------------------------------------------------- helpers and fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded (and never fight other processes for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -40,12 +40,7 @@ def _parallel(chains: list[list[tuple[str, list[str]]]]) -> dict[str, subprocess
         return {key: proc for done in pool.map(run_chain, chains) for key, proc in done}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

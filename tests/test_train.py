@@ -52,12 +52,7 @@ ALWAYS = ("selector.", "gating.", "loss.")
 # --------------------------------------------------------------------------- helpers and fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def samoe(*args):

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .config import SamMoEConfig
 from .errors import SamoeError
@@ -64,6 +63,7 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = 0  # absolute byte offset of the tensor's data in its file
 
     @property
     def numel(self) -> int:
@@ -98,7 +98,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             continue
         try:
             dtype, shape, (lo, hi) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            info = TensorInfo(path.name, dtype, shape, hi - lo)
+            info = TensorInfo(path.name, dtype, shape, hi - lo, 8 + n + lo)
             if dtype not in ST_ITEMSIZE or info.numel * ST_ITEMSIZE[dtype] != hi - lo:
                 raise ValueError
         except (KeyError, TypeError, ValueError):
@@ -447,28 +447,29 @@ class Checkpoint:
                 )
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (memory-mapped shard, only this tensor's bytes)."""
+        """Read one tensor: exactly its bytes, straight into a new tensor (no mapping of the whole shard)."""
         info = self.tensors[name]
-        try:
-            with safe_open(str(self.path / info.file), framework="pt") as f:
-                return f.get_tensor(name)
-        except SafetensorError as e:
-            raise SamoeError(f"cannot read tensor {name} from {info.file}: {e}; re-create the checkpoint") from None
+        with open(self.path / info.file, "rb") as f:
+            return self._read(f, name, info)
+
+    def _read(self, f: Any, name: str, info: TensorInfo) -> torch.Tensor:
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        f.seek(info.offset)
+        if f.readinto(memoryview(buf.numpy())) != info.nbytes:
+            raise SamoeError(f"tensor {name} in {info.file} is cut short: the shard is truncated; re-create the checkpoint")
+        return buf.view(ST_DTYPES[info.dtype]).reshape(info.shape)
 
     def iter_tensors(self, names: Iterable[str] | None = None) -> Iterable[tuple[str, torch.Tensor]]:
-        """Yield tensors shard by shard (one open file at a time)."""
+        """Yield tensors file by file in storage order (sequential reads, one open file at a time)."""
         wanted = set(self.tensors if names is None else names)
         by_file: dict[str, list[str]] = {}
-        for name, info in self.tensors.items():
+        for name, info in sorted(self.tensors.items(), key=lambda kv: (kv[1].file, kv[1].offset)):
             if name in wanted:
                 by_file.setdefault(info.file, []).append(name)
-        for fname in sorted(by_file):
-            try:
-                with safe_open(str(self.path / fname), framework="pt") as f:
-                    for name in by_file[fname]:
-                        yield name, f.get_tensor(name)
-            except SafetensorError as e:
-                raise SamoeError(f"cannot read {fname}: {e}; re-create the checkpoint") from None
+        for fname, tensor_names in by_file.items():
+            with open(self.path / fname, "rb") as f:
+                for name in tensor_names:
+                    yield name, self._read(f, name, self.tensors[name])
 
     def nonfinite_tensors(self) -> list[str]:
         """Names of floating tensors holding NaN or Inf (reads every tensor once)."""
