@@ -169,7 +169,8 @@ def _std(x: torch.Tensor) -> float:
     return float(np.std(x.numpy(), dtype=np.float64))
 
 
-def make_new_bank(source: torch.Tensor, recipes: list[tuple[str, tuple[int, ...]]], spec: GrowthSpec, seed: int) -> torch.Tensor:
+def make_new_bank(source: torch.Tensor, recipes: list[tuple[str, tuple[int, ...]]], spec: GrowthSpec, seed: int,
+                  std_of: Callable[[int], float] | None = None) -> torch.Tensor:
     """Stack new experts (rows along dim 0) made from `source` (S, ...) by their recipes.
 
     Works in one float32 scratch row and writes each result straight into the
@@ -184,7 +185,8 @@ def make_new_bank(source: torch.Tensor, recipes: list[tuple[str, tuple[int, ...]
         if kind == "copy-noise":
             if noise is not None:
                 noise.normal_(generator=gen)
-                row.add_(noise, alpha=spec.noise_std * _std(row))
+                std = std_of(src[0]) if std_of is not None else _std(row)
+                row.add_(noise, alpha=spec.noise_std * std)
         else:
             row.mul_(spec.interp_weight).add_(source[src[1]].to(torch.float32) * (1.0 - spec.interp_weight))
         out[i].copy_(row)
@@ -230,10 +232,10 @@ def _random_normal(shape: tuple[int, ...], dtype: torch.dtype, seed: int, std: f
     return lambda read: (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * std).to(dtype)
 
 
-def _new_bank(src_name: str, recipes, spec: GrowthSpec, seed: int, zero: bool) -> Callable[[Reader], torch.Tensor]:
+def _new_bank(src_name: str, recipes, spec: GrowthSpec, seed: int) -> Callable[[Reader], torch.Tensor]:
     def make(read: Reader) -> torch.Tensor:
-        bank = make_new_bank(read(src_name), recipes, spec, seed)
-        return torch.zeros_like(bank) if zero else bank
+        std_of = getattr(read, "row_std", None)
+        return make_new_bank(read(src_name), recipes, spec, seed, std_of and (lambda i: std_of(src_name, i)))
     return make
 
 
@@ -270,8 +272,8 @@ def _moe_layer_plans(
                     plans.append(TensorPlan(out_name, shape, prov, (src_name,), _passthrough(src_name, slice(lo, hi))))
             else:
                 rec = recipes[lo - s : hi - s]
-                prov = "identity-new" if zero else [recipe_provenance(r, src_name, spec) for r in rec]
-                plans.append(TensorPlan(out_name, shape, prov, (src_name,), _new_bank(src_name, rec, spec, tensor_seed(spec.seed, out_name), zero)))
+                prov = [recipe_provenance(r, src_name, spec) for r in rec]
+                plans.append(TensorPlan(out_name, shape, prov, (src_name,), _new_bank(src_name, rec, spec, tensor_seed(spec.seed, out_name))))
     gate = f"{out_prefix}.router.group_gate.weight"
     plans.append(TensorPlan(gate, shapes[gate], "random", (), _random_normal(shapes[gate], dtype, tensor_seed(spec.seed, gate), 0.02)))
     scale = f"{out_prefix}.router.group_scale"
@@ -370,7 +372,15 @@ class SourceCache:
         self.ckpt = ckpt
         self.budget = budget_bytes
         self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.stds: dict[tuple[str, int], float] = {}
         self.lock = threading.Lock()
+
+    def row_std(self, name: str, index: int) -> float:
+        """Std of source expert `index` of tensor `name`, computed once (every copy of it reuses it)."""
+        key = (name, index)
+        if key not in self.stds:
+            self.stds[key] = _std(self(name)[index].to(torch.float32))
+        return self.stds[key]
 
     def __call__(self, name: str) -> torch.Tensor:
         with self.lock:
@@ -407,25 +417,40 @@ def execute(
     window = max(2, 2 * workers)
     layout = [TensorSpec(p.name, dtype, p.shape) for p in plans]
     with CheckpointWriter(out, layout, shard_bytes=shard_bytes, force=force) as writer:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            pending: deque = deque()
+        # Workers make tensors; one I/O thread writes (and hashes) them in plan order, so
+        # generation, writing and hashing overlap. At most `window` made and 2 queued tensors.
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, ThreadPoolExecutor(max_workers=1) as io:
+            made: deque = deque()
+            written: deque = deque()
 
-            def drain_one() -> None:
-                plan, fut = pending.popleft()
-                tensor = fut.result().to(dtype)
-                writer.add(plan.name, tensor)
+            def finish_write() -> None:
+                nbytes = written.popleft().result()
                 if on_tensor:
-                    on_tensor(tensor.numel() * tensor.element_size())
+                    on_tensor(nbytes)
+
+            def write(name: str, tensor: torch.Tensor) -> int:
+                writer.add(name, tensor)
+                return tensor.numel() * tensor.element_size()
+
+            def hand_over() -> None:
+                plan, fut = made.popleft()
+                written.append(io.submit(write, plan.name, fut.result().to(dtype)))
+                while len(written) > 2:
+                    finish_write()
 
             try:
                 for plan in plans:
-                    pending.append((plan, pool.submit(plan.make, read)))
-                    while len(pending) >= window:
-                        drain_one()
-                while pending:
-                    drain_one()
+                    made.append((plan, pool.submit(plan.make, read)))
+                    while len(made) >= window:
+                        hand_over()
+                while made:
+                    hand_over()
+                while written:
+                    finish_write()
             except BaseException:
-                for _, fut in pending:
+                for _, fut in made:
+                    fut.cancel()
+                for fut in written:
                     fut.cancel()
                 raise
         provenance = {p.name: p.provenance for p in plans}
