@@ -221,12 +221,7 @@ def test_bootstrap_identical_inputs_give_zero():
 # --------------------------------------------------------------------------- 4: end to end on the tiny preset
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

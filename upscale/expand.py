@@ -413,7 +413,8 @@ def execute(
 ) -> Path:
     """Make every planned tensor (in parallel) and write them in plan order; atomic commit."""
     largest = max((src.tensors[n].nbytes for p in plans for n in p.sources), default=0)
-    read = SourceCache(src, budget_bytes=max(2 * largest, 256 * 1024**2))
+    # A layer's source bank (w1, w2 and the small tensors) feeds every group of that layer: keep it whole.
+    read = SourceCache(src, budget_bytes=max(3 * largest, 256 * 1024**2))
     window = max(2, 2 * workers)
     layout = [TensorSpec(p.name, dtype, p.shape) for p in plans]
     with CheckpointWriter(out, layout, shard_bytes=shard_bytes, force=force) as writer:
