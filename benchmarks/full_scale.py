@@ -1,7 +1,7 @@
 """Full scale on this machine: 1.5B init, expand to the 10.3B layout, inspect, load.
 
-Runs, each in its own process (peak RSS is that process's ru_maxrss):
-  1. `samoe init --preset sam-moe-1.5b --dtype bfloat16`
+Runs, each in its own process (peak RSS is that process's VmHWM):
+  1. `samoe init --preset sam-moe-1.5b --dtype bfloat16` (peak RSS = the process's VmHWM)
   2. `samoe expand` to 117 experts in 8 groups + 1 extra block (copy+noise 0.01),
      against a plain sequential write (with fsync) of the same bytes to the same disk;
   3. `samoe inspect-checkpoint` of the result: time and bytes read (/proc/self/io rchar);
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from expand_io import plain_write  # noqa: E402
 
 WRAP = """
-import resource, sys, time
+import sys, time
 t = time.perf_counter()
 rc = 0
 try:
@@ -32,7 +32,8 @@ try:
 except SystemExit as e:
     rc = e.code or 0
 io = dict(l.split(": ") for l in open("/proc/self/io").read().splitlines())
-print("RESULT", time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, io["rchar"], rc, flush=True)
+hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0]  # own peak, not the parent's
+print("RESULT", time.perf_counter() - t, hwm * 1024, io["rchar"], rc, flush=True)
 """
 
 

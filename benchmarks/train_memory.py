@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 STEP = r"""
-import json, resource, sys, torch
+import json, sys, torch
 from upscale import Checkpoint, load_model
 from stages.engine import apply_stage, train_step
 from stages.optim import build_optimizers
@@ -42,7 +42,7 @@ optim = sum(v.numel() * v.element_size() for o in opts.named().values() for st i
 shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
 pred = stage_memory(model.config, shapes, ck.provenance, 4, last_k=1)[f"stage{stage}"]
 print("RESULT " + json.dumps({"stage": stage, "param_bytes": params, "grad_bytes": grads, "optimizer_bytes": optim,
-      "predicted": pred, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+      "predicted": pred, "peak_rss": [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]}))
 """
 
 
