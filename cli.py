@@ -73,10 +73,6 @@ def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def _not_built(name: str, issue: int) -> None:
-    _fail(f"`samoe {name}` is not built yet (tracked in issue {issue})", 2)
-
-
 def _parse_ints(text: str, option: str) -> tuple[int, ...]:
     from upscale.errors import SamoeError
 
@@ -211,7 +207,7 @@ def inspect_checkpoint(
     _show_summary(Checkpoint.open(path), as_json, verify)
 
 
-# --------------------------------------------------------------------------- not built yet
+# --------------------------------------------------------------------------- data, growth, training, evaluation
 
 
 @app.command("demo-data")
@@ -553,7 +549,7 @@ def evaluate(
     for i, ck in enumerate(cks):
         t.add_column(f"[{i}] {ck['total_params'] / 1e6:.2f}M", justify="right")
     for comp in report["comparisons"]:
-        t.add_column(f"diff vs [0] (95% CI)", justify="right")
+        t.add_column("diff vs [0] (95% CI)", justify="right")
     for m in METRICS:
         row = [m] + [f"{ck['metrics'][m]:.4f}" for ck in cks]
         for comp in report["comparisons"]:

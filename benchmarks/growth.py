@@ -70,7 +70,7 @@ def main() -> None:
     report = json.loads(samoe("eval", str(w / "further" / "final"), str(w / "s3" / "final"), str(src),
                               "--data", str(d / "A-test"), "--json"))
     (w.parent / f"{w.name}-eval.json").write_text(json.dumps(report, indent=1))
-    names = [f"(a) source + {extra} steps", f"(b) grown + stages 1-3", "source"]
+    names = [f"(a) source + {extra} steps", "(b) grown + stages 1-3", "source"]
     cks = report["checkpoints"]
     print(f"\n{report['images']} held-out images (A-test); extra training steps for (a) and (b): {extra}\n")
     print("| metric | " + " | ".join(f"{n} ({c['total_params'] / 1e6:.2f}M)" for n, c in zip(names, cks)) + " | (b) - (a) [95% CI] |")

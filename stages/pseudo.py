@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from upscale.checkpoint import load_model
 from upscale.errors import SamoeError
 
-from .data import IGNORE_INDEX, UnlabelledFolder, read_image, write_confidence, write_mask
+from .data import IGNORE_INDEX, UnlabelledFolder, write_confidence, write_mask
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from typing import Type
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MoEConfig
