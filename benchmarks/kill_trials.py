@@ -6,11 +6,7 @@ reference's duration, check that no half-written checkpoint is visible, re-run
 the identical command to completion and compare the result with the reference
 (shard digests for expand, every tensor bit for bit for train). Prints counts.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kill_trials.py [--trials 20] [--seed 0] [--work /tmp/samoe-kill]
-
-Bit-identical CPU training needs one intra-op thread: with 2 threads, two
-uninterrupted runs already differ by ~1e-11 in a few router tensors (a CPU
-kernel's parallel reduction order; not yet pinned down), interruption or not.
+    .venv/bin/python benchmarks/kill_trials.py [--trials 20] [--seed 0] [--work /tmp/samoe-kill]
 """
 
 from __future__ import annotations

@@ -333,6 +333,11 @@ def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], Non
     else:  # requires_grad is set before sharding; each process reads only its shards
         model, counts = dist.build_model(src.path, lambda m: apply_stage(m, src.provenance, cfg.stage, cfg.last_k))
     model_cfg = model.config
+    if _device(model).type == "cpu":
+        # Some CPU kernels reduce in an order that depends on threads and memory layout
+        # (runs differed by ~1e-11 in router tensors); their deterministic versions make
+        # CPU training, and so resume after a kill, bit-exact with any thread count.
+        torch.use_deterministic_algorithms(True, warn_only=True)
     plan = STAGES[cfg.stage]
     lr = cfg.lr if cfg.lr is not None else plan.lr
     aux_coef = cfg.aux_loss_coef if cfg.aux_loss_coef is not None else model_cfg.moe.aux_loss_coef
@@ -476,6 +481,10 @@ class _StateView:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._state
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _dtype(model: torch.nn.Module) -> torch.dtype:
