@@ -99,16 +99,20 @@ def main() -> None:
     assert run(["expand", str(w / "src"), "--out", str(w / "grown"), *grow])[0] == 0
     train = ["train", "--stage", "1", "--from", str(w / "grown"), "--data", str(w / "data" / "A"), "--unlabelled",
              str(w / "data" / "B"), "--max-steps", "8", "--checkpoint-every", "2", "--batch-size", "2"]
-    rc, t_ref = run([*train, "--run-dir", str(w / "run-ref")])
+    rc, _ = run([*train, "--run-dir", str(w / "run-ref")])
     assert rc == 0
     ref_t = tensors(w / "run-ref" / "final")
     ref_metrics = (w / "run-ref" / "metrics.csv").read_text()
+    # a second uninterrupted run: it must equal the first (determinism), and times the kill window
+    rc, t_ref = run([*train, "--run-dir", str(w / "run-ref2")])
+    again = tensors(w / "run-ref2" / "final")
+    counts["train_rerun_identical"] = rc == 0 and all(torch.equal(again[k], ref_t[k]) for k in ref_t)
     counts["train"] = {"trials": 0, "killed_mid_run": 0, "identical": 0, "corrupt_visible": 0}
     for i in range(args.trials):
         run_dir = w / f"run{i}"
         c = counts["train"]
         c["trials"] += 1
-        c["killed_mid_run"] += killed_at([*train, "--run-dir", str(run_dir)], rng.uniform(1.0, t_ref))
+        c["killed_mid_run"] += killed_at([*train, "--run-dir", str(run_dir)], rng.uniform(1.0, 0.9 * t_ref))
         latest = run_dir / "checkpoints" / "latest"
         if latest.exists():
             c["corrupt_visible"] += not visible_ok(run_dir / "checkpoints" / latest.read_text().strip() / "model")
