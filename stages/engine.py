@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset
 
 from upscale.checkpoint import Checkpoint, build_meta, lineage_entry, load_model, save_model
 from upscale.errors import SamoeError
@@ -127,10 +127,6 @@ def _batches(n: int, batch_size: int, seed: int, epoch: int, start: int) -> list
     return [order[i : i + batch_size] for i in range(start * batch_size, n, batch_size)]
 
 
-def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return default_collate(items)
-
-
 class StreamingLoader:
     """Endless, resumable batches of a dataset: (epoch, batch position) fully define where it is.
 
@@ -156,7 +152,7 @@ class StreamingLoader:
             from .distributed import rank_slice
 
             batches = [rank_slice(b, self.rank, self.world) for b in batches]
-        self._it = iter(DataLoader(self.data, batch_sampler=batches, num_workers=self.workers, collate_fn=_collate))
+        self._it = iter(DataLoader(self.data, batch_sampler=batches, num_workers=self.workers))
 
     def next(self) -> dict[str, Any]:
         if self.pos >= self.steps_per_epoch:

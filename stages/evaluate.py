@@ -78,6 +78,12 @@ def f1_from_counts(tp: float, fp: float, fn: float) -> tuple[float, float, float
     return precision, recall, f1
 
 
+def _nanmean(values: np.ndarray) -> float:
+    """Mean over the defined (non-NaN) entries; NaN when none is defined."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
 @dataclass
 class ImageStats:
     """Everything per image that dataset metrics are summed from (so the bootstrap can resample images)."""
@@ -92,8 +98,8 @@ class ImageStats:
         b = self.boundary[sel].sum(0)
         s = self.sdf[sel].sum(0)
         return {
-            "miou": float(np.nanmean(iou_per_class(cm))) if np.isfinite(iou_per_class(cm)).any() else float("nan"),
-            "mean_dice": float(np.nanmean(dice_per_class(cm))) if np.isfinite(dice_per_class(cm)).any() else float("nan"),
+            "miou": _nanmean(iou_per_class(cm)),
+            "mean_dice": _nanmean(dice_per_class(cm)),
             "pixel_accuracy": pixel_accuracy(cm),
             "boundary_f1": f1_from_counts(*b)[2],
             "sdf_mae": float(s[0] / s[1]) if s[1] else float("nan"),

@@ -401,7 +401,6 @@ class SourceCache:
 
 def execute(
     src: Checkpoint,
-    cfg: SamMoEConfig,
     plans: list[TensorPlan],
     out: Path,
     meta: dict[str, Any],
@@ -477,7 +476,7 @@ def expand_checkpoint(
     growth = {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.__dict__.items()}
     growth["stages_before"] = len(src.stages)  # stage checks look only at stages trained after this growth
     meta = build_meta(cfg, {}, src.lineage + [lineage_entry(command, spec.seed, src)], list(src.stages), dtype, growth=growth)
-    return execute(src, cfg, plans, out, meta, dtype, workers=workers, shard_bytes=shard_bytes, force=force, on_tensor=on_tensor)
+    return execute(src, plans, out, meta, dtype, workers=workers, shard_bytes=shard_bytes, force=force, on_tensor=on_tensor)
 
 
 def plan_report(src_cfg: SamMoEConfig, spec: GrowthSpec, dtype: torch.dtype) -> dict[str, Any]:
@@ -491,7 +490,7 @@ def plan_report(src_cfg: SamMoEConfig, spec: GrowthSpec, dtype: torch.dtype) -> 
     provenance = _planned_provenance(src_cfg, cfg, shapes)
     esize = torch.empty((), dtype=dtype).element_size()
     report = summarize(cfg, shapes, provenance, dtype_name(dtype), esize)
-    report["source_params"] = sum(int(np.prod(s)) for s in build_model(src_cfg, device="meta").state_dict().values() for s in [s.shape])
+    report["source_params"] = sum(t.numel() for t in build_model(src_cfg, device="meta").state_dict().values())
     report["memory_per_stage"] = stage_memory(cfg, shapes, provenance, esize)
     report["config"] = cfg.to_dict()
     return report
