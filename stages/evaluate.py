@@ -9,12 +9,16 @@ Metrics on a labelled folder, from the task heads (not the gate):
 With several checkpoints, every metric's difference to the first checkpoint gets
 a paired bootstrap 95% interval over images (seeded: the same call gives the
 same numbers), so a user sees whether a difference is real.
+Per-class IoU differences get the same intervals (same resamples).
 
 Routing report, per MoE layer: assignments per group and per expert, dead
 experts (no tokens), load imbalance (coefficient of variation of expert
 counts), mean top-level router entropy, traffic to source (core) vs new groups (by assignments, and by routing weight:
 new groups gated by a still-zero `group_scale` get tokens but no weight),
 and for encoder layers which groups each class's patches go to.
+
+Figures and the Markdown report are drawn from this report by `stages.figures`
+and `stages.report` (this module only measures).
 """
 
 from __future__ import annotations
@@ -123,6 +127,29 @@ def bootstrap_diff(a: ImageStats, b: ImageStats, n: int = 1000, seed: int = 0) -
         vals = vals[np.isfinite(vals)]
         lo, hi = (np.percentile(vals, [2.5, 97.5]) if vals.size else (np.nan, np.nan))
         out[m] = {"diff": base_b[m] - base_a[m], "ci_low": float(lo), "ci_high": float(hi)}
+    return out
+
+
+def bootstrap_class_diff(a: ImageStats, b: ImageStats, names: list[str], n: int = 1000,
+                         seed: int = 0) -> dict[str, dict[str, float | None]]:
+    """Per-class IoU(b) - IoU(a) with a paired bootstrap 95% interval.
+
+    Draws the same resamples as `bootstrap_diff` with the same seed, so the per-class
+    intervals and the mIoU interval come from one set of resampled data sets.
+    None where a class is absent (IoU undefined) in every resample.
+    """
+    rng = np.random.default_rng(seed)
+    count = a.cm.shape[0]
+    samples = np.empty((n, len(names)))
+    for i in range(n):
+        idx = rng.integers(0, count, count)
+        samples[i] = iou_per_class(b.cm[idx].sum(0)) - iou_per_class(a.cm[idx].sum(0))
+    point = iou_per_class(b.cm.sum(0)) - iou_per_class(a.cm.sum(0))
+    out: dict[str, dict[str, float | None]] = {}
+    for c, name in enumerate(names):
+        vals = samples[:, c][np.isfinite(samples[:, c])]
+        lo, hi = np.percentile(vals, [2.5, 97.5]) if vals.size else (np.nan, np.nan)
+        out[name] = {"diff": _num(point[c]), "ci_low": _num(lo), "ci_high": _num(hi)}
     return out
 
 
@@ -275,7 +302,8 @@ def evaluate(paths: list[Path], data_dir: Path, batch_size: int = 4, bootstrap: 
         stats.append(st)
         del model
     comparisons = [
-        {"baseline": results[0]["path"], "other": results[i]["path"], "diff": bootstrap_diff(stats[0], stats[i], bootstrap, seed)}
+        {"baseline": results[0]["path"], "other": results[i]["path"], "diff": bootstrap_diff(stats[0], stats[i], bootstrap, seed),
+         "class_diff": bootstrap_class_diff(stats[0], stats[i], names, bootstrap, seed)}
         for i in range(1, len(results))
     ]
     return {"data": str(data_dir), "images": len(data), "classes": names, "bootstrap": bootstrap, "seed": seed,
@@ -286,57 +314,8 @@ def _num(v: float) -> float | None:
     return None if np.isnan(v) else float(v)
 
 
-# --------------------------------------------------------------------------- plots
-
-
-def _colour(v: np.ndarray) -> np.ndarray:
-    """A small perceptual ramp (dark blue -> teal -> yellow), values in [0, 1]."""
-    stops = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
-    x = np.clip(v, 0, 1) * (len(stops) - 1)
-    i = np.minimum(x.astype(int), len(stops) - 2)
-    f = (x - i)[..., None]
-    return (stops[i] * (1 - f) + stops[i + 1] * f).astype(np.uint8)
-
-
-def save_heatmap(matrix: np.ndarray, rows: list[str], title: str, path: Path, cell: int = 14) -> None:
-    """Write a labelled heatmap PNG (rows x columns, each row scaled to its max)."""
-    from PIL import Image, ImageDraw
-
-    m = np.asarray(matrix, dtype=np.float64)
-    scale = np.maximum(m.max(axis=1, keepdims=True), 1e-12)
-    rgb = _colour(m / scale)
-    left, top = 8 + 7 * max((len(r) for r in rows), default=1), 24
-    img = Image.new("RGB", (left + cell * m.shape[1] + 8, top + cell * m.shape[0] + 8), "white")
-    img.paste(Image.fromarray(rgb).resize((cell * m.shape[1], cell * m.shape[0]), Image.NEAREST), (left, top))
-    draw = ImageDraw.Draw(img)
-    draw.text((4, 4), title, fill="black")
-    for r, label in enumerate(rows):
-        draw.text((4, top + r * cell + 1), label, fill="black")
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    tmp.replace(path)
+# --------------------------------------------------------------------------- names
 
 
 def short_layer(name: str) -> str:
     return name.replace("image_encoder.blocks.", "enc").replace("mask_decoder.transformer.layers.", "dec").removesuffix(".mlp")
-
-
-def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for k, ck in enumerate(report["checkpoints"]):
-        layers = list(ck["routing"])
-        if not layers:
-            continue
-        usage = np.array([ck["routing"][n]["expert_share"] for n in layers])
-        p = out / f"ckpt{k}-expert-usage.png"
-        save_heatmap(usage, [short_layer(n) for n in layers],
-                     f"expert share per layer: {Path(ck['path']).name}", p)
-        written.append(p)
-        enc = [n for n in layers if n.startswith("image_encoder.")]
-        if enc:
-            cg = np.array(ck["routing"][enc[-1]]["class_group_share"])
-            p = out / f"ckpt{k}-class-groups.png"
-            save_heatmap(cg, report["classes"], f"class -> group share, {enc[-1]}", p, cell=24)
-            written.append(p)
-    return written
