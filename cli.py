@@ -99,7 +99,8 @@ def init(
     experts: int = typer.Option(16, "--experts", help="Experts per MoE layer (with --from-sam)."),
     moe_blocks: Optional[str] = typer.Option(None, "--moe-blocks", help="Encoder blocks that get MoE, e.g. 3,4,5 (default: the last 9)."),
     top_k: int = typer.Option(2, "--top-k", help="Experts per token (with --from-sam)."),
-    num_classes: int = typer.Option(4, "--num-classes", help="Segmentation classes (with --from-sam)."),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes",
+                                              help="Segmentation classes (default: the preset's; 4 with --from-sam)."),
     decoder_moe: bool = typer.Option(True, "--decoder-moe/--no-decoder-moe", help="MoE in the decoder MLPs (with --from-sam)."),
     seed: int = typer.Option(0, "--seed"),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
@@ -117,7 +118,12 @@ def init(
     torch_dtype = parse_dtype(dtype)
     with console.status("building and writing the checkpoint...", spinner="dots"):
         if preset is not None:
-            path = init_from_preset(get_preset(preset), out, seed, torch_dtype, _command_line(), force)
+            cfg = get_preset(preset)
+            if num_classes is not None:
+                from dataclasses import replace
+
+                cfg = replace(cfg, num_classes=num_classes).validate()
+            path = init_from_preset(cfg, out, seed, torch_dtype, _command_line(), force)
         else:
             blocks = _parse_ints(moe_blocks, "--moe-blocks") if moe_blocks else None
             if blocks is None:
@@ -126,7 +132,7 @@ def init(
 
                 depth = SAM_VITS[detect_vit(load_sam_state(from_sam))]["depth"]
                 blocks = tuple(range(max(0, depth - 9), depth))
-            path = init_from_sam(from_sam, out, experts, blocks, top_k, num_classes, decoder_moe, seed,
+            path = init_from_sam(from_sam, out, experts, blocks, top_k, num_classes or 4, decoder_moe, seed,
                                  torch_dtype, _command_line(), force)
     _show_summary(Checkpoint.open(path), as_json)
 
@@ -219,6 +225,8 @@ def demo_data(
     test: int = typer.Option(12, "--test"),
     size: int = typer.Option(128, "--size"),
     seed: int = typer.Option(0, "--seed"),
+    preset: str = typer.Option("easy", "--preset", help="easy: 4 classes far apart (the demo) | hard: 10 classes told apart "
+                                                        "by polarimetric ratio, texture, rows and context (capacity-bound)."),
     force: bool = typer.Option(False, "--force"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -231,7 +239,8 @@ def demo_data(
     if out.exists() and not force:
         raise SamoeError(f"{out} already exists: choose another --out or pass --force to replace it")
     with console.status("writing demo data...", spinner="dots"):
-        summary = make_demo_data(out, labelled=labelled, unlabelled=unlabelled, test=test, size=size, seed=seed, force=force)
+        summary = make_demo_data(out, labelled=labelled, unlabelled=unlabelled, test=test, size=size, seed=seed, force=force,
+                                 preset=preset)
     if as_json:
         _print_json(summary)
     else:
@@ -402,6 +411,9 @@ def train(
     timeline: int = typer.Option(200, "--timeline", help="Run length the seed epochs refer to; they scale to --epochs."),
     log_every: int = typer.Option(5, "--log-every", help="Selector log every N epochs."),
     router_lr_mult: float = typer.Option(10.0, "--router-lr-mult", help="Router LR = lr x this (optimizer1's router group)."),
+    train_selector_gating: bool = typer.Option(False, "--train-selector-gating",
+                                               help="Stage 1: also train the source's selector and gating model (seed 004 never "
+                                                    "freezes the selector; the growth plan freezes every source part in stage 1)."),
     skip_nonfinite: bool = typer.Option(False, "--skip-nonfinite", help="Skip steps with a non-finite loss instead of stopping."),
     workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
     force: bool = typer.Option(False, "--force", help="Start over in an existing run dir; skip the stage-input check."),
@@ -442,7 +454,7 @@ def train(
                       batch_size=batch_size, lr=lr, last_k=last_k, seed=seed, checkpoint_every=checkpoint_every, keep=keep,
                       momentum=momentum, wd=wd, unsup_weight=unsup_weight, alpha_rampup=alpha_rampup,
                       unsup_rampup=unsup_rampup, warmup=warmup, timeline=timeline, log_every=log_every, router_lr_mult=router_lr_mult,
-                      skip_nonfinite=skip_nonfinite, workers=workers, mixed_precision=mixed_precision, command=command)
+                      selector_gating=train_selector_gating, skip_nonfinite=skip_nonfinite, workers=workers, mixed_precision=mixed_precision, command=command)
     progress = Progress(TextColumn("stage {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("epoch {task.fields[epoch]} loss {task.fields[loss]} lr {task.fields[lr]} {task.fields[ips]} img/s"),
                         TimeRemainingColumn(), console=console)
@@ -511,8 +523,10 @@ def pseudo_label(
     if as_json:
         _print_json(summary)
     else:
+        kept = summary["kept_fraction"]
         console.print(f"{out}: {summary['labelled']} labelled, {summary['skipped']} already done, "
-                      f"{summary['ignored_pixels']:,} pixels below --threshold {threshold:g}")
+                      f"{summary['ignored_pixels']:,} pixels below --threshold {threshold:g}"
+                      + (f"; kept {kept:.1%} of the pixels labelled now" if kept is not None else ""))
 
 
 @app.command("eval")
@@ -523,23 +537,32 @@ def evaluate(
     batch_size: int = typer.Option(4, "--batch-size"),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% intervals."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
-    plots: Optional[Path] = typer.Option(None, "--plots", help="Write routing heatmaps (PNG) here."),
+    plots: Optional[Path] = typer.Option(None, "--plots", help="Write the figures here (expert usage, class -> group, "
+                                         "new-group share, per-class IoU with CIs)."),
+    report_dir: Optional[Path] = typer.Option(None, "--report", help="Write report.md (tables + embedded figures) here."),
+    fmt: str = typer.Option("png", "--format", help="Figure format for --plots: png (200 dpi), svg or pdf."),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty --plots / --report folder, replacing its figures."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole report as one JSON object."),
 ) -> None:
     """Compare checkpoints side by side on a labelled folder, with routing statistics."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress
 
-    from stages.evaluate import METRICS, evaluate as run_eval, short_layer, write_plots
+    from stages.evaluate import METRICS, evaluate as run_eval, short_layer
+    from stages.figures import check_format, check_output_dir
+    from stages.report import write_eval_outputs
     from upscale.errors import SamoeError
 
     if batch_size < 1 or bootstrap < 1:
         raise SamoeError("--batch-size and --bootstrap must be >= 1")
+    check_format(fmt)
+    for folder, option in ((plots, "--plots"), (report_dir, "--report")):
+        if folder is not None:
+            check_output_dir(folder, force, option)
     with Progress("evaluating", BarColumn(), MofNCompleteColumn(), console=console, transient=True) as progress:
         task = progress.add_task("eval", total=None)
         report = run_eval(checkpoints, data, batch_size, bootstrap, seed,
                           on_start=lambda n: progress.update(task, total=n), on_batch=lambda n: progress.advance(task, n))
-    if plots is not None:
-        report["plots"] = [str(p) for p in write_plots(report, plots)]
+    report.update(write_eval_outputs(report, plots, report_dir, fmt))
     if as_json:
         _print_json(report)
         return
@@ -572,6 +595,26 @@ def evaluate(
         console.print(r)
     if plots is not None:
         console.print(f"plots: {', '.join(report['plots'])}", soft_wrap=True)
+    if report_dir is not None:
+        console.print(f"report: {report['report']}", soft_wrap=True)
+
+
+@app.command("plot")
+@handles_errors
+def plot(
+    runs: list[Path] = typer.Argument(..., help="Run directories (samoe train --run-dir); s1 s2 s3 in order are drawn end to end."),
+    out: Path = typer.Option(..., "--out", help="Folder for the figures (losses, schedules, routing)."),
+    fmt: str = typer.Option("png", "--format", help="png (200 dpi), svg or pdf."),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty --out folder, replacing its figures."),
+) -> None:
+    """Training curves of one or more runs from metrics.csv and selector_log.csv, stage boundaries marked."""
+    from stages.curves import write_curves
+    from stages.figures import check_format, check_output_dir
+
+    check_format(fmt)
+    check_output_dir(out, force, "--out")
+    for w in write_curves(runs, out, fmt):
+        console.print(f"{w.path}: {w.caption}", soft_wrap=True)
 
 
 def main() -> None:

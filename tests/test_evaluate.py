@@ -336,23 +336,81 @@ def test_cli_eval_json_and_plots(setup):
     assert rep["bootstrap"] == 20 and len(rep["checkpoints"]) == 2
     for d in rep["comparisons"][0]["diff"].values():
         assert d == {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    assert set(rep["comparisons"][0]["class_diff"]) == set(rep["classes"])
+    for d in rep["comparisons"][0]["class_diff"].values():  # same function: 0, or undefined for an absent class
+        assert d in ({"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0}, {"diff": None, "ci_low": None, "ci_high": None})
     names = sorted(Path(p).name for p in rep["plots"])
-    assert names == ["ckpt0-class-groups.png", "ckpt0-expert-usage.png", "ckpt1-class-groups.png", "ckpt1-expert-usage.png"]
-    # sizes from save_heatmap's layout: width = 8 + 7 * longest label + cell * columns + 8, height = 24 + cell * rows + 8
-    expected = {
-        "ckpt0-expert-usage.png": (8 + 7 * 4 + 14 * 4 + 8, 24 + 14 * 4 + 8),  # enc2 enc3 dec0 dec1 x 4 experts
-        "ckpt1-expert-usage.png": (8 + 7 * 4 + 14 * 8 + 8, 24 + 14 * 5 + 8),  # + enc4, 8 experts
-        "ckpt0-class-groups.png": (8 + 7 * 10 + 24 * 1 + 8, 24 + 24 * 4 + 8),  # "vegetation" x 1 group
-        "ckpt1-class-groups.png": (8 + 7 * 10 + 24 * 2 + 8, 24 + 24 * 4 + 8),
-    }
+    assert names == ["class-groups-ckpt0.png", "class-groups-ckpt1.png", "class-metrics.png", "expert-usage-ckpt0.png",
+                     "expert-usage-ckpt1.png", "new-group-share.png"]
+    # expert usage: width 2.8 + 0.42 in per expert (at least 6 in), height 1.9 + 0.36 in per layer (at least 3.2), 200 dpi
+    expected = {"expert-usage-ckpt0.png": (1200, round(200 * (1.9 + 0.36 * 4))),  # enc2 enc3 dec0 dec1 x 4 experts
+                "expert-usage-ckpt1.png": (round(200 * (2.8 + 0.42 * 8)), round(200 * (1.9 + 0.36 * 5)))}  # + enc4, 8 experts
     for p in rep["plots"]:
         path = Path(p)
         assert path.is_file() and path.parent == plots
         with Image.open(path) as im:
             im.load()
             assert im.format == "PNG"
-            assert im.size == expected[path.name], path.name
+            assert round(im.info["dpi"][0]) == 200
+            assert im.size == expected.get(path.name, im.size), path.name
+            assert min(im.size) >= 600, path.name
     assert not list(plots.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("option", ["--plots", "--report"])
+def test_cli_eval_refuses_non_empty_output_folder(setup, option):
+    """Issue 15 case 7: eval wrote its figures over existing files without --force."""
+    import cli
+
+    out = setup["tmp"] / f"taken{option}"
+    out.mkdir()
+    for name in ("expert-usage-ckpt0.png", "report.md", "notes.txt"):
+        (out / name).write_bytes(b"the user's own file")
+    args = ["eval", str(setup["src"]), "--data", str(setup["data"]), "--bootstrap", "5", option, str(out)]
+    result = CliRunner().invoke(cli.app, args)
+    _assert_one_line_error(result)
+    assert str(out) in result.stderr and "--force" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["expert-usage-ckpt0.png", "notes.txt", "report.md"]
+    assert all(p.read_bytes() == b"the user's own file" for p in out.iterdir())
+    # a file where the folder should be is refused too, and left alone
+    (setup["tmp"] / f"file{option}").write_text("x")
+    result = CliRunner().invoke(cli.app, args[:-1] + [str(setup["tmp"] / f"file{option}")])
+    _assert_one_line_error(result)
+    assert (setup["tmp"] / f"file{option}").read_text() == "x"
+    # --force writes (replacing samoe's own names) and leaves other files alone
+    result = CliRunner().invoke(cli.app, args + ["--force"])
+    assert result.exit_code == 0, result.output
+    assert (out / "notes.txt").read_bytes() == b"the user's own file"
+    replaced = out / ("report.md" if option == "--report" else "expert-usage-ckpt0.png")
+    assert replaced.read_bytes() != b"the user's own file"
+
+
+def test_cli_eval_report(setup):
+    import cli
+
+    out = setup["tmp"] / "report"
+    plots = setup["tmp"] / "report-plots"
+    result = CliRunner().invoke(cli.app, ["eval", str(setup["src"]), str(setup["grown"]), "--data", str(setup["data"]),
+                                          "--bootstrap", "5", "--plots", str(plots), "--report", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    rep = json.loads(result.stdout)
+    assert rep["report"] == str(out / "report.md")
+    text = (out / "report.md").read_text()
+    assert "## Metrics" in text and "| miou |" in text and "+0.0000 (+0.0000, +0.0000)" in text
+    assert "| water |" in text and "### [1] groups [4, 4], core 1" in text and "| enc 4 |" in text
+    links = [line[line.index("](") + 2:-1] for line in text.splitlines() if line.startswith("![")]
+    assert len(links) == len(rep["plots"]) == 6
+    for link in links:  # relative links that resolve to the --plots figures
+        assert not Path(link).is_absolute() and (out / link).resolve() in {Path(p).resolve() for p in rep["plots"]}
+
+
+def test_cli_eval_bad_format(setup):
+    import cli
+
+    result = CliRunner().invoke(cli.app, ["eval", str(setup["src"]), "--data", str(setup["data"]), "--plots",
+                                          str(setup["tmp"] / "fmt"), "--format", "jpeg"])
+    _assert_one_line_error(result)
+    assert "--format" in result.stderr and not (setup["tmp"] / "fmt").exists()
 
 
 def test_cli_eval_table(setup):

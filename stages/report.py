@@ -1,0 +1,110 @@
+"""`samoe eval --report DIR`: the eval report as one Markdown file (`report.md`).
+
+A user pastes it into a lab notebook or a pull request, so it is self-contained
+text (metric table with the paired-bootstrap intervals, per-class IoU, routing
+table) with the figures embedded by relative links, which keep working when the
+folder is moved or committed as a whole.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from upscale.checkpoint import atomic_write_text
+
+from .evaluate import METRICS
+from .figures import Written, layer_label, layer_order
+
+REPORT_NAME = "report.md"
+
+
+def _cell(text: Any) -> str:
+    """A Markdown table cell: pipes escaped, newlines flattened."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[Any]], align: list[str] | None = None) -> list[str]:
+    align = align or ["---"] + ["---:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _num(v: Any, fmt: str = ".4f") -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def _ci(d: dict[str, Any] | None) -> str:
+    if not d or d.get("diff") is None:
+        return "n/a"
+    lo, hi = d.get("ci_low"), d.get("ci_high")
+    interval = f" ({_num(lo, '+.4f')}, {_num(hi, '+.4f')})" if lo is not None and hi is not None else ""
+    return f"{d['diff']:+.4f}{interval}"
+
+
+def render_report(report: dict[str, Any], figures: list[Written], out: Path) -> str:
+    """The Markdown text; figure links are relative to `out` (the folder holding report.md)."""
+    cks, comps = report["checkpoints"], report["comparisons"]
+    lines = ["# samoe eval report", "",
+             f"Data: `{report['data']}`, {report['images']} images; paired bootstrap over images, "
+             f"{report['bootstrap']} resamples, seed {report['seed']}; intervals are 95%.", "",
+             "## Checkpoints", ""]
+    lines += _table(["", "path", "parameters", "stages", "digest"],
+                    [[f"[{i}]", f"`{ck['path']}`", f"{ck['total_params']:,}", ck["stages"], f"`{ck['digest'][:19]}...`"]
+                     for i, ck in enumerate(cks)], ["---", "---", "---:", "---", "---"])
+    header = ["metric"] + [f"[{i}]" for i in range(len(cks))] + [f"[{i + 1}] - [0] (95% CI)" for i in range(len(comps))]
+    lines += ["", "## Metrics", ""]
+    lines += _table(header, [[m] + [_num(ck["metrics"][m]) for ck in cks] + [_ci(c["diff"][m]) for c in comps] for m in METRICS])
+    lines += ["", "## IoU per class", ""]
+    lines += _table(["class"] + header[1:],
+                    [[cls] + [_num(ck["metrics"]["iou"].get(cls)) for ck in cks]
+                     + [_ci(c.get("class_diff", {}).get(cls)) for c in comps] for cls in report["classes"]])
+    lines += ["", "## Routing", "",
+              "Share of assignments per group, traffic to new groups by tokens and by routing weight, "
+              "dead experts, load imbalance (coefficient of variation) and mean router entropy.", ""]
+    for i, ck in enumerate(cks):
+        lines += [f"### [{i}] groups {ck['groups']}, core {ck['core_groups']}", ""]
+        rows = [[layer_label(name), " ".join(f"{x:.2f}" for x in v["group_share"]), f"{v['new_share']:.3f}",
+                 f"{v['new_weight_share']:.3f}", v["dead_experts"], f"{v['load_cv']:.2f}", f"{v['router_entropy']:.3f}"]
+                for name, v in sorted(ck["routing"].items(), key=lambda kv: layer_order(kv[0]))]
+        lines += _table(["layer", "group share", "new (tokens)", "new (weight)", "dead", "load CV", "entropy"], rows) + [""]
+    if figures:
+        lines += ["## Figures", ""]
+        for f in figures:
+            link = Path(os.path.relpath(f.path, out)).as_posix()
+            if f.path.suffix == ".pdf":
+                lines += [f"- [{f.caption}]({link})", ""]
+            else:
+                lines += [f"**{f.caption}**", "", f"![{f.caption}]({link})", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(report: dict[str, Any], figures: list[Written], out: Path) -> Path:
+    """Write `out/report.md` atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / REPORT_NAME
+    atomic_write_text(path, render_report(report, figures, out))
+    return path
+
+
+def write_eval_outputs(report: dict[str, Any], plots: Path | None, report_dir: Path | None,
+                       fmt: str = "png") -> dict[str, Any]:
+    """Figures into `plots` and/or report.md into `report_dir`; returns what was written, for the JSON report.
+
+    The report embeds the `--plots` figures when they are PNG or SVG (linked relatively);
+    otherwise (no `--plots`, or PDF which Markdown cannot show) it renders PNGs next to report.md.
+    """
+    from .figures import write_eval_figures
+
+    written: dict[str, Any] = {}
+    figures: list[Written] = []
+    if plots is not None:
+        figures = write_eval_figures(report, plots, fmt)
+        written["plots"] = [str(f.path) for f in figures]
+    if report_dir is not None:
+        if plots is None or fmt == "pdf":
+            figures = write_eval_figures(report, report_dir, "png")
+        written["report"] = str(write_report(report, figures, report_dir))
+    return written
