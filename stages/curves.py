@@ -156,10 +156,11 @@ class Timeline:
         for ax in axes:
             for off in self.offsets[1:]:
                 ax.axvline(off, color="0.35", linestyle="--", linewidth=1)
-        top = axes[0]
-        for run, off in zip(self.runs, self.offsets):
-            top.annotate(shorten(run.label(), 24), (off, 1), xycoords=("data", "axes fraction"), xytext=(3, -3),
-                         textcoords="offset points", ha="left", va="top", fontsize=8, color="0.25")
+        # each run's name over its stretch of the step axis, above the top panel (never over the curves)
+        ends = self.offsets[1:] + [self.offsets[-1] + float(np.nanmax(self.runs[-1].steps))]
+        top = axes[0].secondary_xaxis("top")
+        top.set_xticks([(a + b) / 2 for a, b in zip(self.offsets, ends)], [shorten(r.label(), 24) for r in self.runs])
+        top.tick_params(length=0, labelsize=8, labelcolor="0.25")
 
 
 def _panel(ax: Any, tl: Timeline, columns: list[tuple[str, str]], ylabel: str, title: str, table: str = "columns",
@@ -175,12 +176,17 @@ def _panel(ax: Any, tl: Timeline, columns: list[tuple[str, str]], ylabel: str, t
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     if drawn:
-        ax.legend(fontsize=8, loc="best")
+        _legend(ax)
         y = np.concatenate([tl.series(c, table)[1] for c, _ in columns])
         y = y[np.isfinite(y)]
         if log and y.size and y.min() > 0 and y.max() / y.min() > 30:
             ax.set_yscale("log")
     return drawn
+
+
+def _legend(ax: Any) -> None:
+    """Legends right of the panel: they never hide a curve (constrained layout makes room)."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def _finish(fig: Any, axes: list[Any], tl: Timeline, title: str) -> None:
@@ -220,7 +226,7 @@ def schedule_figure(tl: Timeline) -> Any:
         ax.set_ylabel("selector weight")
         ax.set_title("selector weights (end of each logged epoch)", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
+        _legend(ax)
     _finish(fig, axes, tl, _runs_title(tl, "Schedules"))
     return fig
 
@@ -264,7 +270,7 @@ def routing_figure(tl: Timeline) -> Any | None:
             ax.set_title("group scale of the routed groups (mean per layer)", fontsize=10)
         ax.grid(alpha=0.3)
         if len(layers) <= 10:
-            ax.legend(fontsize=8, loc="best", ncols=2 if len(layers) > 5 else 1)
+            _legend(ax)
     if len(layers) > 10:  # too many lines for a legend: colour encodes the layer's depth
         sm = ScalarMappable(norm=Normalize(0, (len(layers) - 1) / 0.9), cmap=colormaps["viridis"])
         bar = fig.colorbar(sm, ax=axes, label="MoE layer (encoder first, then decoder)", shrink=0.9)
