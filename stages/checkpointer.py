@@ -223,11 +223,14 @@ class Checkpointer:
     def _load_sharded(self, step_dir: Path, model: torch.nn.Module, opts: Optimizers) -> dict[str, Any]:
         """Read a DCP step into this run, whatever the world size that wrote it (1 = no process group)."""
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        from .dcp_safe import SafeFileSystemReader, read_metadata
 
         path = step_dir / "dcp"
-        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        saved = read_metadata(path).state_dict_metadata  # allow-list unpickler: no code runs from the run directory
         targets = model_tensors(model)
-        wrong = [n for n, t in targets.items() if f"model.{n}" not in saved or tuple(saved[f"model.{n}"].size) != tuple(t.shape)]
+        wrong = [n for n, t in targets.items() if f"model.{n}" not in saved or tuple(getattr(saved[f"model.{n}"], "size", ())) != tuple(t.shape)]
         wrong += [k[6:] for k in saved if k.startswith("model.") and k[6:] not in targets]
         if wrong:
             raise SamoeError(f"{step_dir} does not match the model being trained ({wrong[0]}): use a new --run-dir or --force")
@@ -242,12 +245,24 @@ class Checkpointer:
             if oname not in optimizers or pname not in params:
                 raise SamoeError(f"optimizer state names parameter {pname} that the model lacks: the run directory belongs to another model; use a new --run-dir")
             p = params[pname]
+            if not hasattr(info, "properties") or tuple(info.size) not in (tuple(p.shape), ()):
+                # the size is only declared: never allocate what the metadata merely claims
+                raise SamoeError(f"{path} declares optimizer state {key} of size {list(getattr(info, 'size', []))} for a parameter "
+                                 f"of shape {list(p.shape)}: the step is damaged or from another model; use a new --run-dir")
             dtype = info.properties.dtype
             optim[f"{oname}.{pname}.{skey}"] = (torch.zeros_like(p, dtype=dtype, requires_grad=False)
                                                 if tuple(info.size) == tuple(p.shape) else torch.zeros(tuple(info.size), dtype=dtype))
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: intended
-            dcp.load({"model": targets, "optim": optim}, checkpoint_id=str(path), no_dist=self.dist is None)
+            try:
+                dcp.load({"model": targets, "optim": optim}, storage_reader=SafeFileSystemReader(str(path)),
+                         no_dist=self.dist is None)
+            except CheckpointException as e:  # a BaseException: never let it escape as a traceback
+                first = next((pair[0] for pair in e.failures.values()), e)
+                if isinstance(first, SamoeError):
+                    raise first from None
+                raise SamoeError(f"{path} could not be read ({type(first).__name__}): the step is damaged; "
+                                 "delete it or use a new --run-dir (or --force to start over)") from None
         state = json.loads((step_dir / "trainer_state.json").read_text())
         load_optimizer_tensors(opts, params, optim, state["optimizers"], place=lambda value, p: value)
         set_rng_state(state["rng"])
