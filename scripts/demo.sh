@@ -22,5 +22,7 @@ samoe train --stage 2 --force --from "$D/runs/s1/final" --run-dir "$D/runs/s2" \
       --data "$D/data/A" --unlabelled "$D/data/B" --epochs 10 --lr 0.02
 samoe train --stage 3 --force --from "$D/runs/s2/final" --run-dir "$D/runs/s3" \
       --data "$D/data/A" --unlabelled "$D/data/B" --epochs 10 --lr 0.01
-samoe eval "$D/runs/source/final" "$D/runs/s3/final" --data "$D/data/A-test" --plots "$D/plots"
+samoe eval "$D/runs/source/final" "$D/runs/s3/final" --data "$D/data/A-test" \
+      --plots "$D/plots/eval" --report "$D/report" --force
+samoe plot "$D/runs/s1" "$D/runs/s2" "$D/runs/s3" --out "$D/plots/training" --force
 samoe inspect-checkpoint "$D/runs/s3/final"
