@@ -17,7 +17,32 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+class _OneLineErrors(typer.core.TyperGroup):
+    """Bad option values (parsed by typer) are one `error:` line and exit 2, like every other bad input."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+        from typer.exceptions import Abort
+
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rc = super().main(*args, standalone_mode=False, **kwargs)
+        except NoArgsIsHelpError as e:  # bare `samoe`: the help text, as before
+            e.show()
+            sys.exit(e.exit_code)
+        except ClickException as e:
+            hint = f" (see `{e.ctx.command_path} --help`)" if isinstance(e, UsageError) and e.ctx is not None else ""
+            sys.stderr.write(f"error: {e.format_message()}{hint}\n")
+            sys.exit(e.exit_code)
+        except Abort:
+            sys.stderr.write("error: aborted\n")
+            sys.exit(1)
+        sys.exit(rc if isinstance(rc, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     help="Grow a SAM-based MoE segmentation model for SAR (1.5B -> 10B) and train it in stages.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -46,23 +71,58 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except SamoeError as e:
             if _state["debug"]:
                 raise
-            _fail(str(e), 2)
-        except KeyboardInterrupt:
-            _fail("interrupted; nothing was written", 130)
+            left = getattr(e, "samoe_left", None)
+            _fail(f"{e}; {left}" if left else str(e), 2)
+        except KeyboardInterrupt as e:
+            _fail(f"interrupted; {_left(e)}", 130)
         except OSError as e:  # full disk, read-only or vanished paths: the user's environment, not a bug
             if _state["debug"]:
                 raise
             where = f" ({e.filename})" if e.filename else ""
+            code, reason = e.errno, e.strerror or str(e)
+            if code is None and "requested and" in str(e) and "written" in str(e):  # numpy/tifffile's short write
+                code, reason = errno.ENOSPC, f"No space left on device (a write was cut short: {e})"
             hint = {errno.ENOSPC: "free space or choose another output directory",
                     errno.EROFS: "the file system is read-only; choose another output directory",
-                    errno.EACCES: "check permissions or choose another output directory"}.get(e.errno, "check the path and try again")
-            _fail(f"{e.strerror or e}{where}: {hint}; nothing was written", 2)
+                    errno.EACCES: "check permissions or choose another output directory"}.get(code, "check the path and try again")
+            _fail(f"{reason}{where}: {hint}; {_left(e)}", 2)
         except Exception as e:  # internal failure: still one line unless --debug
             if _state["debug"]:
                 raise
             _fail(f"internal error: {type(e).__name__}: {e} (re-run with `samoe --debug ...` for the traceback)", 1)
 
     return wrapper
+
+
+def _left(e: BaseException) -> str:
+    """What a failed command left behind: set by commands that keep partial work (e.g. pseudo-label)."""
+    return getattr(e, "samoe_left", None) or "nothing was written"
+
+
+SEED_MAX = 2**32 - 1  # seeds are mixed into 64-bit generator seeds (e.g. seed * 1_000_003 + epoch)
+
+
+def _finite(value: Optional[float]) -> Optional[float]:
+    """typer callback for float options: ranges alone let NaN through (every comparison with NaN is false)."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def _positive(value: Optional[float]) -> Optional[float]:
+    """typer callback for float options that must be > 0 (typer's min is inclusive)."""
+    if value is not None and not _finite(value) > 0:
+        raise typer.BadParameter(f"{value} must be > 0")
+    return value
+
+
+def _one_job(path: Path, option: str = "--out") -> Any:
+    """The exclusive lock of an output while a command writes it (a second job fails at once)."""
+    from upscale.ownership import exclusive
+
+    return exclusive(path, option)
 
 
 def _command_line() -> list[str]:
@@ -96,13 +156,13 @@ def init(
     out: Path = typer.Option(..., "--out", help="Checkpoint directory to create."),
     preset: Optional[str] = typer.Option(None, "--preset", help="tiny | sam-moe-1.5b"),
     from_sam: Optional[Path] = typer.Option(None, "--from-sam", help="Dense SAM .pth to upcycle (vit_b/l/h)."),
-    experts: int = typer.Option(16, "--experts", help="Experts per MoE layer (with --from-sam)."),
+    experts: int = typer.Option(16, "--experts", min=1, help="Experts per MoE layer (with --from-sam)."),
     moe_blocks: Optional[str] = typer.Option(None, "--moe-blocks", help="Encoder blocks that get MoE, e.g. 3,4,5 (default: the last 9)."),
-    top_k: int = typer.Option(2, "--top-k", help="Experts per token (with --from-sam)."),
-    num_classes: Optional[int] = typer.Option(None, "--num-classes",
+    top_k: int = typer.Option(2, "--top-k", min=1, help="Experts per token (with --from-sam)."),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", min=1,
                                               help="Segmentation classes (default: the preset's; 4 with --from-sam)."),
     decoder_moe: bool = typer.Option(True, "--decoder-moe/--no-decoder-moe", help="MoE in the decoder MLPs (with --from-sam)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
     force: bool = typer.Option(False, "--force", help="Replace an existing checkpoint at --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the checkpoint summary as JSON."),
@@ -116,7 +176,7 @@ def init(
     if (preset is None) == (from_sam is None):
         raise SamoeError("give exactly one of --preset NAME or --from-sam FILE.pth")
     torch_dtype = parse_dtype(dtype)
-    with console.status("building and writing the checkpoint...", spinner="dots"):
+    with _one_job(out), console.status("building and writing the checkpoint...", spinner="dots"):
         if preset is not None:
             cfg = get_preset(preset)
             if num_classes is not None:
@@ -220,11 +280,11 @@ def inspect_checkpoint(
 @handles_errors
 def demo_data(
     out: Path = typer.Option(..., "--out", help="Directory to create (A/, A-test/, B/)."),
-    labelled: int = typer.Option(24, "--labelled"),
-    unlabelled: int = typer.Option(48, "--unlabelled"),
-    test: int = typer.Option(12, "--test"),
-    size: int = typer.Option(128, "--size"),
-    seed: int = typer.Option(0, "--seed"),
+    labelled: int = typer.Option(24, "--labelled", min=0),
+    unlabelled: int = typer.Option(48, "--unlabelled", min=0),
+    test: int = typer.Option(12, "--test", min=0),
+    size: int = typer.Option(128, "--size", min=16, max=8192),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX),
     preset: str = typer.Option("easy", "--preset", help="easy: 4 classes far apart (the demo) | hard: 10 classes told apart "
                                                         "by polarimetric ratio, texture, rows and context (capacity-bound)."),
     force: bool = typer.Option(False, "--force"),
@@ -232,13 +292,8 @@ def demo_data(
 ) -> None:
     """Write synthetic speckled SAR scenes: A/ (labelled), A-test/ (held out), B/ (unlabelled)."""
     from stages.data import make_demo_data
-    from upscale.errors import SamoeError
 
-    if min(labelled, test, unlabelled) < 0 or size < 16:
-        raise SamoeError("--labelled/--unlabelled/--test must be >= 0 and --size >= 16")
-    if out.exists() and not force:
-        raise SamoeError(f"{out} already exists: choose another --out or pass --force to replace it")
-    with console.status("writing demo data...", spinner="dots"):
+    with _one_job(out), console.status("writing demo data...", spinner="dots"):
         summary = make_demo_data(out, labelled=labelled, unlabelled=unlabelled, test=test, size=size, seed=seed, force=force,
                                  preset=preset)
     if as_json:
@@ -271,14 +326,14 @@ _GROWTH_HELP = {
 def plan(
     source: Optional[Path] = typer.Argument(None, help="Source checkpoint (or use --preset)."),
     preset: Optional[str] = typer.Option(None, "--preset", help="Plan from a preset instead of a checkpoint."),
-    experts: int = typer.Option(..., "--experts", help=_GROWTH_HELP["experts"]),
+    experts: int = typer.Option(..., "--experts", min=1, help=_GROWTH_HELP["experts"]),
     groups: str = typer.Option("8", "--groups", help=_GROWTH_HELP["groups"]),
-    core_groups: int = typer.Option(1, "--core-groups", help=_GROWTH_HELP["core_groups"]),
-    top_k_groups: int = typer.Option(1, "--top-k-groups", help=_GROWTH_HELP["top_k_groups"]),
-    extra_blocks: int = typer.Option(0, "--extra-blocks", help=_GROWTH_HELP["extra_blocks"]),
+    core_groups: int = typer.Option(1, "--core-groups", min=1, help=_GROWTH_HELP["core_groups"]),
+    top_k_groups: int = typer.Option(1, "--top-k-groups", min=1, help=_GROWTH_HELP["top_k_groups"]),
+    extra_blocks: int = typer.Option(0, "--extra-blocks", min=0, help=_GROWTH_HELP["extra_blocks"]),
     extra_dense: bool = typer.Option(False, "--extra-dense", help="Extra blocks get a dense MLP instead of MoE."),
     dtype: str = typer.Option("bfloat16", "--dtype", help="Training dtype for the memory estimate."),
-    last_k: int = typer.Option(4, "--last-k", help="Stage 2 unfreezes the FFN/MoE of the last K ViT blocks."),
+    last_k: int = typer.Option(4, "--last-k", min=0, help="Stage 2 unfreezes the FFN/MoE of the last K ViT blocks."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Parameter counts and per-stage memory of a grown model, computed on the meta device; writes nothing."""
@@ -317,22 +372,22 @@ def plan(
 def expand(
     source: Path = typer.Argument(..., help="Source (flat MoE) checkpoint."),
     out: Path = typer.Option(..., "--out", help="Grown checkpoint directory to create."),
-    experts: int = typer.Option(..., "--experts", help=_GROWTH_HELP["experts"]),
+    experts: int = typer.Option(..., "--experts", min=1, help=_GROWTH_HELP["experts"]),
     groups: str = typer.Option("8", "--groups", help=_GROWTH_HELP["groups"]),
-    core_groups: int = typer.Option(1, "--core-groups", help=_GROWTH_HELP["core_groups"]),
-    top_k_groups: int = typer.Option(1, "--top-k-groups", help=_GROWTH_HELP["top_k_groups"]),
-    extra_blocks: int = typer.Option(0, "--extra-blocks", help=_GROWTH_HELP["extra_blocks"]),
+    core_groups: int = typer.Option(1, "--core-groups", min=1, help=_GROWTH_HELP["core_groups"]),
+    top_k_groups: int = typer.Option(1, "--top-k-groups", min=1, help=_GROWTH_HELP["top_k_groups"]),
+    extra_blocks: int = typer.Option(0, "--extra-blocks", min=0, help=_GROWTH_HELP["extra_blocks"]),
     extra_dense: bool = typer.Option(False, "--extra-dense", help="Extra blocks get a dense MLP instead of MoE."),
     init: str = typer.Option("copy-noise", "--init", help="copy-noise | interpolate | mixed"),
-    noise_std: float = typer.Option(0.01, "--noise-std", help="Noise std relative to each tensor's own std (copy-noise)."),
-    interp_weight: float = typer.Option(0.3, "--interp-weight", help="W in W*A + (1-W)*B (interpolate)."),
-    seed: int = typer.Option(0, "--seed"),
+    noise_std: float = typer.Option(0.01, "--noise-std", min=0, callback=_finite, help="Noise std relative to each tensor's own std (copy-noise)."),
+    interp_weight: float = typer.Option(0.3, "--interp-weight", min=0, max=1, callback=_finite, help="W in W*A + (1-W)*B (interpolate)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (default: the source's)."),
-    shard_size: float = typer.Option(2.0, "--shard-size", help="Shard size in GiB."),
-    workers: int = typer.Option(2, "--workers", help="Threads making tensors (output is identical for any count)."),
+    shard_size: float = typer.Option(2.0, "--shard-size", callback=_positive, help="Shard size in GiB."),
+    workers: int = typer.Option(2, "--workers", min=1, max=256, help="Threads making tensors (output is identical for any count)."),
     verify: Optional[Path] = typer.Option(None, "--verify", help="Data folder: compare source and grown outputs on its images."),
-    verify_tol: Optional[float] = typer.Option(None, "--verify-tol", help="Exit 3 if a head's relative deviation exceeds this."),
-    verify_images: int = typer.Option(8, "--verify-images", help="Images used by --verify."),
+    verify_tol: Optional[float] = typer.Option(None, "--verify-tol", min=0, callback=_finite, help="Exit 3 if a head's relative deviation exceeds this."),
+    verify_images: int = typer.Option(8, "--verify-images", min=1, help="Images used by --verify."),
     force: bool = typer.Option(False, "--force", help="Replace an existing checkpoint at --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary (and verify report) as JSON."),
 ) -> None:
@@ -340,17 +395,19 @@ def expand(
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
     from upscale.checkpoint import Checkpoint, parse_dtype
-    from upscale.errors import SamoeError
     from upscale.expand import expand_checkpoint
 
     src = Checkpoint.open(source)
-    if shard_size <= 0 or workers < 1:
-        raise SamoeError("--shard-size must be > 0 and --workers >= 1")
-    if verify is not None and not (verify / "images").is_dir():
-        raise SamoeError(f"--verify {verify} has no images/ folder: pass a data folder such as data/A")
+    images = None
+    if verify is not None:  # read the --verify images before writing anything: a bad folder leaves no --out
+        from upscale.ownership import check_separate
+        from upscale.verify import load_images
+
+        check_separate(out, "--out", {"--verify": verify})
+        images = load_images(verify, src.config.img_size, verify_images)
     spec = _growth_spec(src.config, experts, groups, core_groups, top_k_groups, extra_blocks, extra_dense, init, noise_std, interp_weight, seed)
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=console, transient=as_json) as progress:
+                  TimeRemainingColumn(), console=console, transient=as_json) as progress, _one_job(out):
         task = progress.add_task("expanding", total=None)
         path = expand_checkpoint(
             source, out, spec, _command_line(), dtype=parse_dtype(dtype) if dtype else None, workers=workers,
@@ -361,10 +418,8 @@ def expand(
     report = None
     if verify is not None:
         from upscale.checkpoint import load_model
-        from upscale.verify import load_images, output_deviation
+        from upscale.verify import output_deviation
 
-        grown_ckpt = Checkpoint.open(path)
-        images = load_images(verify, grown_ckpt.config.img_size, verify_images)
         report = output_deviation(load_model(source), load_model(path), images)
     if as_json:
         from upscale.summary import inspect_checkpoint
@@ -389,35 +444,38 @@ def expand(
 @app.command()
 @handles_errors
 def train(
-    stage: int = typer.Option(..., "--stage", help="1 integration | 2 collaboration | 3 full fine-tune."),
+    stage: int = typer.Option(..., "--stage", min=1, max=3, help="1 integration | 2 collaboration | 3 full fine-tune."),
     source: Path = typer.Option(..., "--from", help="Input checkpoint (expand output, or the previous stage's RUN/final)."),
     run_dir: Path = typer.Option(..., "--run-dir", help="Run directory (re-running the same command resumes)."),
     data: Path = typer.Option(..., "--data", help="Labelled (images/ + masks/) or pseudo-labelled folder."),
     unlabelled: Optional[Path] = typer.Option(None, "--unlabelled", help="Unlabelled folder (images/) for the unsupervised phase."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs over --data (default 200, the seed's timeline)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N steps."),
-    batch_size: int = typer.Option(4, "--batch-size"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Base LR (default per stage: 1e-2, 1e-3, 1e-4)."),
-    last_k: int = typer.Option(4, "--last-k", help="Stage 2 unfreezes the FFN/MoE of the last K ViT blocks."),
-    seed: int = typer.Option(0, "--seed"),
-    checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Save a step checkpoint every N steps."),
-    keep: int = typer.Option(2, "--keep", help="Step checkpoints kept."),
-    momentum: float = typer.Option(0.9, "--momentum"),
-    wd: float = typer.Option(-5.0, "--wd", help="weight_decay = 5 * 10**wd."),
-    unsup_weight: float = typer.Option(1.0, "--unsup-weight", help="Base weight of the unsupervised loss."),
-    alpha_rampup: float = typer.Option(20.0, "--alpha-rampup", help="Selector alpha ramp T (seed epochs of a 200-epoch run)."),
-    unsup_rampup: float = typer.Option(80.0, "--unsup-rampup", help="Unsupervised weight ramp T (seed epochs)."),
-    warmup: float = typer.Option(10.0, "--warmup", help="LR warm-up of optimizers 1 and 3 (seed epochs)."),
-    timeline: int = typer.Option(200, "--timeline", help="Run length the seed epochs refer to; they scale to --epochs."),
-    log_every: int = typer.Option(5, "--log-every", help="Selector log every N epochs."),
-    router_lr_mult: float = typer.Option(10.0, "--router-lr-mult", help="Router LR = lr x this (optimizer1's router group)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs over --data (default 200, the seed's timeline)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after N steps."),
+    batch_size: int = typer.Option(4, "--batch-size", min=1),
+    lr: Optional[float] = typer.Option(None, "--lr", callback=_positive, help="Base LR (default per stage: 1e-2, 1e-3, 1e-4)."),
+    last_k: int = typer.Option(4, "--last-k", min=0, help="Stage 2 unfreezes the FFN/MoE of the last K ViT blocks."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX),
+    checkpoint_every: int = typer.Option(50, "--checkpoint-every", min=1, help="Save a step checkpoint every N steps."),
+    keep: int = typer.Option(2, "--keep", min=1, help="Step checkpoints kept."),
+    momentum: float = typer.Option(0.9, "--momentum", min=0, max=1, callback=_finite),
+    wd: float = typer.Option(-5.0, "--wd", min=-30, max=2, callback=_finite, help="weight_decay = 5 * 10**wd."),
+    unsup_weight: float = typer.Option(1.0, "--unsup-weight", min=0, callback=_finite, help="Base weight of the unsupervised loss."),
+    alpha_rampup: float = typer.Option(20.0, "--alpha-rampup", min=0, callback=_finite, help="Selector alpha ramp T (seed epochs of a 200-epoch run)."),
+    unsup_rampup: float = typer.Option(80.0, "--unsup-rampup", min=0, callback=_finite, help="Unsupervised weight ramp T (seed epochs)."),
+    warmup: float = typer.Option(10.0, "--warmup", min=0, callback=_finite, help="LR warm-up of optimizers 1 and 3 (seed epochs)."),
+    timeline: int = typer.Option(200, "--timeline", min=1, help="Run length the seed epochs refer to; they scale to --epochs."),
+    log_every: int = typer.Option(5, "--log-every", min=1, help="Selector log every N epochs."),
+    router_lr_mult: float = typer.Option(10.0, "--router-lr-mult", min=0, callback=_finite, help="Router LR = lr x this (optimizer1's router group)."),
+    handover_coef: float = typer.Option(0.1, "--handover-coef", min=0.0, callback=_finite,
+                                        help="Weight of the top-level balance loss that moves routing weight from the "
+                                             "source experts to the new groups (0: only the task loss moves it)."),
     train_selector_gating: bool = typer.Option(False, "--train-selector-gating",
                                                help="Stage 1: also train the source's selector and gating model (seed 004 never "
                                                     "freezes the selector; the growth plan freezes every source part in stage 1)."),
     skip_nonfinite: bool = typer.Option(False, "--skip-nonfinite", help="Skip steps with a non-finite loss instead of stopping."),
-    workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
+    workers: int = typer.Option(0, "--workers", min=0, max=256, help="DataLoader worker processes."),
     force: bool = typer.Option(False, "--force", help="Start over in an existing run dir; skip the stage-input check."),
-    nproc: int = typer.Option(1, "--nproc", help="Processes (GPUs) on this node: starts torchrun, shards the model with FSDP2."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes (GPUs) on this node: starts torchrun, shards the model with FSDP2."),
     mixed_precision: bool = typer.Option(False, "--mixed-precision", help="Sharded runs: bf16 compute, fp32 weights and gradient reduction."),
 ) -> None:
     """Train one stage as a resumable job; RUN/final is the next stage's --from."""
@@ -428,21 +486,10 @@ def train(
     from stages.engine import Interrupted, TrainConfig, resume_command, run
     from upscale.errors import SamoeError
 
-    if stage not in (1, 2, 3):
-        raise SamoeError(f"--stage {stage} must be 1, 2 or 3")
-    for name, value in (("--batch-size", batch_size), ("--checkpoint-every", checkpoint_every), ("--keep", keep), ("--log-every", log_every)):
-        if value < 1:
-            raise SamoeError(f"{name} {value} must be >= 1")
-    if (epochs is not None and epochs < 1) or (max_steps is not None and max_steps < 1):
-        raise SamoeError("--epochs and --max-steps must be >= 1")
-    if lr is not None and not lr > 0:
-        raise SamoeError(f"--lr {lr} must be > 0")
     if epochs is None and max_steps is None:
         epochs = timeline
     from stages.distributed import LAUNCH_COMMAND_ENV, is_main_process, launch, world_size
 
-    if nproc < 1:
-        raise SamoeError(f"--nproc {nproc} must be >= 1")
     if nproc > 1 and world_size() == 1:  # not under torchrun yet: start it (it runs this same command)
         raise typer.Exit(launch(nproc, sys.argv[1:]))
     if mixed_precision and nproc == 1 and world_size() == 1:
@@ -454,7 +501,7 @@ def train(
                       batch_size=batch_size, lr=lr, last_k=last_k, seed=seed, checkpoint_every=checkpoint_every, keep=keep,
                       momentum=momentum, wd=wd, unsup_weight=unsup_weight, alpha_rampup=alpha_rampup,
                       unsup_rampup=unsup_rampup, warmup=warmup, timeline=timeline, log_every=log_every, router_lr_mult=router_lr_mult,
-                      selector_gating=train_selector_gating, skip_nonfinite=skip_nonfinite, workers=workers, mixed_precision=mixed_precision, command=command)
+                      selector_gating=train_selector_gating, handover_coef=handover_coef, skip_nonfinite=skip_nonfinite, workers=workers, mixed_precision=mixed_precision, command=command)
     progress = Progress(TextColumn("stage {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("epoch {task.fields[epoch]} loss {task.fields[loss]} lr {task.fields[lr]} {task.fields[ips]} img/s"),
                         TimeRemainingColumn(), console=console)
@@ -486,8 +533,11 @@ def train(
         progress.console.print(f"epoch {row['epoch']}: alpha {row['alpha']:.4f}  unsup_weight {row['unsup_weight']:.4f}  "
                                f"selector mean {row['selector_mean']:.4f} std {row['selector_std']:.4f}")
 
+    from contextlib import nullcontext
+
     try:
-        final = run(cfg, force=force, on_start=on_start, on_step=on_step, on_log=on_log)
+        with _one_job(run_dir, "--run-dir") if is_main_process() else nullcontext():  # rank 0 holds it for all ranks
+            final = run(cfg, force=force, on_start=on_start, on_step=on_step, on_log=on_log)
     except Interrupted as e:
         progress.stop()
         if is_main_process():
@@ -505,8 +555,8 @@ def pseudo_label(
     checkpoint: Path = typer.Argument(..., help="Teacher checkpoint (e.g. the 1.5B source)."),
     images: Path = typer.Option(..., "--images", help="Unlabelled folder (images/)."),
     out: Path = typer.Option(..., "--out", help="Pseudo-label folder to create or complete."),
-    threshold: float = typer.Option(0.0, "--threshold", help="Pixels with confidence below this become ignore (255)."),
-    batch_size: int = typer.Option(4, "--batch-size"),
+    threshold: float = typer.Option(0.0, "--threshold", min=0, max=1, callback=_finite, help="Pixels with confidence below this become ignore (255)."),
+    batch_size: int = typer.Option(4, "--batch-size", min=1),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Label an unlabelled folder with a teacher checkpoint (resumable: labelled images are skipped)."""
@@ -514,8 +564,8 @@ def pseudo_label(
 
     from stages.pseudo import pseudo_label as run_pseudo
 
-    with Progress("pseudo-labelling", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
-                  transient=as_json) as progress:
+    with _one_job(out), Progress("pseudo-labelling", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                 console=console, transient=as_json) as progress:
         task = progress.add_task("label", total=None)
         summary = run_pseudo(checkpoint, images, out, threshold, batch_size,
                              on_start=lambda n, todo: progress.update(task, total=n, completed=n - todo),
@@ -534,14 +584,14 @@ def pseudo_label(
 def evaluate(
     checkpoints: list[Path] = typer.Argument(..., help="One or more checkpoints; the first is the baseline."),
     data: Path = typer.Option(..., "--data", help="Labelled folder (images/ + masks/), e.g. data/A-test."),
-    batch_size: int = typer.Option(4, "--batch-size"),
-    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% intervals."),
-    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    batch_size: int = typer.Option(4, "--batch-size", min=1),
+    bootstrap: int = typer.Option(1000, "--bootstrap", min=1, help="Bootstrap resamples for the 95% intervals."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Bootstrap seed."),
     plots: Optional[Path] = typer.Option(None, "--plots", help="Write the figures here (expert usage, class -> group, "
                                          "new-group share, per-class IoU with CIs)."),
     report_dir: Optional[Path] = typer.Option(None, "--report", help="Write report.md (tables + embedded figures) here."),
     fmt: str = typer.Option("png", "--format", help="Figure format for --plots: png (200 dpi), svg or pdf."),
-    force: bool = typer.Option(False, "--force", help="Write into a non-empty --plots / --report folder, replacing its figures."),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty --plots / --report folder that samoe wrote, replacing its figures."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole report as one JSON object."),
 ) -> None:
     """Compare checkpoints side by side on a labelled folder, with routing statistics."""
@@ -550,14 +600,12 @@ def evaluate(
     from stages.evaluate import METRICS, evaluate as run_eval, short_layer
     from stages.figures import check_format, check_output_dir
     from stages.report import write_eval_outputs
-    from upscale.errors import SamoeError
 
-    if batch_size < 1 or bootstrap < 1:
-        raise SamoeError("--batch-size and --bootstrap must be >= 1")
     check_format(fmt)
+    inputs = {"--data": data, **{f"checkpoint {c}": c for c in checkpoints}}
     for folder, option in ((plots, "--plots"), (report_dir, "--report")):
         if folder is not None:
-            check_output_dir(folder, force, option)
+            check_output_dir(folder, force, option, inputs)
     with Progress("evaluating", BarColumn(), MofNCompleteColumn(), console=console, transient=True) as progress:
         task = progress.add_task("eval", total=None)
         report = run_eval(checkpoints, data, batch_size, bootstrap, seed,
@@ -605,14 +653,14 @@ def plot(
     runs: list[Path] = typer.Argument(..., help="Run directories (samoe train --run-dir); s1 s2 s3 in order are drawn end to end."),
     out: Path = typer.Option(..., "--out", help="Folder for the figures (losses, schedules, routing)."),
     fmt: str = typer.Option("png", "--format", help="png (200 dpi), svg or pdf."),
-    force: bool = typer.Option(False, "--force", help="Write into a non-empty --out folder, replacing its figures."),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty --out folder that samoe wrote, replacing its figures."),
 ) -> None:
     """Training curves of one or more runs from metrics.csv and selector_log.csv, stage boundaries marked."""
     from stages.curves import write_curves
     from stages.figures import check_format, check_output_dir
 
     check_format(fmt)
-    check_output_dir(out, force, "--out")
+    check_output_dir(out, force, "--out", {f"run {r}": r for r in runs})
     for w in write_curves(runs, out, fmt):
         console.print(f"{w.path}: {w.caption}", soft_wrap=True)
 

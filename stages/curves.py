@@ -25,7 +25,7 @@ from matplotlib.colors import Normalize
 
 from upscale.errors import SamoeError
 
-from .figures import Written, check_format, layer_label, layer_order, new_figure, save_figure, shorten
+from .figures import Written, check_format, layer_label, layer_order, new_figure, output_dirs, save_figure, shorten
 
 LOSSES = ("loss", "loss_sup", "loss_unsup")
 TASKS = ("seg", "sdf", "boundary", "aux")
@@ -303,5 +303,6 @@ def write_curves(run_dirs: list[Path], out: Path, fmt: str = "png") -> list[Writ
     check_format(fmt)
     runs = [load_run(Path(r)) for r in run_dirs]
     figures = curve_figures(runs)
-    out.mkdir(parents=True, exist_ok=True)
-    return [Written(stem, caption, save_figure(fig, out / f"{stem}.{fmt}", fmt)) for stem, caption, fig in figures]
+    with output_dirs([(out, "--out")], "plot"):
+        out.mkdir(parents=True, exist_ok=True)
+        return [Written(stem, caption, save_figure(fig, out / f"{stem}.{fmt}", fmt)) for stem, caption, fig in figures]

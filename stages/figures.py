@@ -11,9 +11,10 @@ saved, and files are written atomically (temporary name, then rename).
 
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -21,6 +22,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from upscale.errors import SamoeError
+from upscale.ownership import OWNER_FILE, check_separate, exclusive, owner, write_marker
 
 FORMATS = ("png", "svg", "pdf")
 DPI = 200
@@ -47,15 +49,35 @@ def check_format(fmt: str) -> str:
     return fmt
 
 
-def check_output_dir(path: Path, force: bool, option: str) -> None:
-    """Refuse to write into an existing non-empty folder (or onto a file) unless --force.
+def check_output_dir(path: Path, force: bool, option: str, inputs: Mapping[str, Path | str | None] | None = None) -> None:
+    """Refuse an output folder samoe may not write into; checked before any work, so a refusal leaves nothing.
 
-    Checked before any work starts, so a refused command leaves nothing behind.
+    A new or empty folder is fine. A non-empty one needs --force, and even then only
+    a folder samoe wrote (`upscale.ownership`: its marker or a format's own file), never
+    a user's folder, a file, a symlink, or a folder overlapping the command's inputs.
     """
-    if path.exists() and not path.is_dir():
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise SamoeError(f"{path} exists and is not a directory: choose another {option}")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise SamoeError(f"{path} already exists and is not empty: choose a new {option} or pass --force to overwrite its figures")
+    check_separate(path, option, inputs or {})
+    if path.is_dir() and any(path.iterdir()):
+        if not force:
+            raise SamoeError(f"{path} already exists and is not empty: choose a new {option} or pass --force to overwrite its figures")
+        if owner(path) is None:
+            raise SamoeError(f"{path} was not written by samoe (no {OWNER_FILE}): refusing to write into it even with --force; "
+                             f"choose another {option}")
+
+
+@contextmanager
+def output_dirs(dirs: list[tuple[Path, str]], command: str) -> Iterator[None]:
+    """Hold the one-job lock of each output folder while writing it, then mark it as samoe's (for a later --force)."""
+    unique = {d.resolve(): (d, option) for d, option in dirs}
+    with ExitStack() as stack:
+        for d, option in unique.values():
+            stack.enter_context(exclusive(d, option))
+        yield
+        for d, _ in unique.values():
+            if d.is_dir():
+                write_marker(d, command)
 
 
 def new_figure(width: float, height: float) -> Figure:

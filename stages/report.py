@@ -96,15 +96,17 @@ def write_eval_outputs(report: dict[str, Any], plots: Path | None, report_dir: P
     The report embeds the `--plots` figures when they are PNG or SVG (linked relatively);
     otherwise (no `--plots`, or PDF which Markdown cannot show) it renders PNGs next to report.md.
     """
-    from .figures import write_eval_figures
+    from .figures import output_dirs, write_eval_figures
 
     written: dict[str, Any] = {}
     figures: list[Written] = []
-    if plots is not None:
-        figures = write_eval_figures(report, plots, fmt)
-        written["plots"] = [str(f.path) for f in figures]
-    if report_dir is not None:
-        if plots is None or fmt == "pdf":
-            figures = write_eval_figures(report, report_dir, "png")
-        written["report"] = str(write_report(report, figures, report_dir))
+    outputs = [(d, option) for d, option in ((plots, "--plots"), (report_dir, "--report")) if d is not None]
+    with output_dirs(outputs, "eval"):
+        if plots is not None:
+            figures = write_eval_figures(report, plots, fmt)
+            written["plots"] = [str(f.path) for f in figures]
+        if report_dir is not None:
+            if plots is None or fmt == "pdf":
+                figures = write_eval_figures(report, report_dir, "png")
+            written["report"] = str(write_report(report, figures, report_dir))
     return written

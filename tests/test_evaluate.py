@@ -377,12 +377,26 @@ def test_cli_eval_refuses_non_empty_output_folder(setup, option):
     result = CliRunner().invoke(cli.app, args[:-1] + [str(setup["tmp"] / f"file{option}")])
     _assert_one_line_error(result)
     assert (setup["tmp"] / f"file{option}").read_text() == "x"
-    # --force writes (replacing samoe's own names) and leaves other files alone
+    # a user's folder stays refused with --force (issue 15: --force touches only what samoe wrote)
+    result = CliRunner().invoke(cli.app, args + ["--force"])
+    _assert_one_line_error(result)
+    assert "not written by samoe" in result.stderr
+    assert all(p.read_bytes() == b"the user's own file" for p in out.iterdir())
+    # a folder samoe wrote: refused without --force, replaced with it
+    mine = setup["tmp"] / f"mine{option}"
+    args = args[:-1] + [str(mine)]
+    assert CliRunner().invoke(cli.app, args).exit_code == 0
+    written = mine / ("report.md" if option == "--report" else "expert-usage-ckpt0.png")
+    written.write_bytes(b"stale")
+    _assert_one_line_error(CliRunner().invoke(cli.app, args))
+    assert written.read_bytes() == b"stale"
     result = CliRunner().invoke(cli.app, args + ["--force"])
     assert result.exit_code == 0, result.output
-    assert (out / "notes.txt").read_bytes() == b"the user's own file"
-    replaced = out / ("report.md" if option == "--report" else "expert-usage-ckpt0.png")
-    assert replaced.read_bytes() != b"the user's own file"
+    assert written.read_bytes() != b"stale"
+    # never into an input: the data folder is samoe's (demo-data) but is what eval reads
+    result = CliRunner().invoke(cli.app, args[:-1] + [str(setup["data"]), "--force"])
+    _assert_one_line_error(result)
+    assert "overlaps" in result.stderr and not list(setup["data"].glob("*.png")) and not (setup["data"] / "report.md").exists()
 
 
 def test_cli_eval_report(setup):

@@ -238,7 +238,16 @@ def test_bad_format_and_taken_folder(tmp_path):
     (tmp_path / "taken" / "a.png").write_text("x")
     with pytest.raises(SamoeError, match="taken.*--force"):
         figures.check_output_dir(tmp_path / "taken", False, "--plots")
-    figures.check_output_dir(tmp_path / "taken", True, "--plots")
+    with pytest.raises(SamoeError, match="not written by samoe"):  # a user's folder, even with --force
+        figures.check_output_dir(tmp_path / "taken", True, "--plots")
+    with figures.output_dirs([(tmp_path / "ours", "--plots")], "eval"):
+        (tmp_path / "ours").mkdir()
+        (tmp_path / "ours" / "a.png").write_text("x")
+    with pytest.raises(SamoeError, match="--force"):
+        figures.check_output_dir(tmp_path / "ours", False, "--plots")
+    figures.check_output_dir(tmp_path / "ours", True, "--plots")  # samoe wrote it: --force may replace its figures
+    with pytest.raises(SamoeError, match="overlaps"):
+        figures.check_output_dir(tmp_path / "ours" / "sub", True, "--plots", {"--data": tmp_path / "ours"})
     (tmp_path / "file").write_text("x")
     with pytest.raises(SamoeError, match="not a directory"):
         figures.check_output_dir(tmp_path / "file", True, "--plots")
@@ -399,7 +408,7 @@ def test_cli_plot_writes_figures(three_stages, tmp_path):
     out = tmp_path / "plots"
     result = CliRunner().invoke(cli.app, ["plot", *map(str, three_stages), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["losses.png", "routing.png", "schedules.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".samoe-owner.json", "losses.png", "routing.png", "schedules.png"]
     assert_image(out / "losses.png", (1800, 1300))
     assert_image(out / "schedules.png", (1800, 1700))
     assert_image(out / "routing.png", (1800, 1400))
@@ -407,9 +416,12 @@ def test_cli_plot_writes_figures(three_stages, tmp_path):
     before = (out / "losses.png").read_bytes()
     result = CliRunner().invoke(cli.app, ["plot", str(three_stages[0]), "--out", str(out), "--format", "svg"])
     assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0 and str(out) in result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["losses.png", "routing.png", "schedules.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".samoe-owner.json", "losses.png", "routing.png", "schedules.png"]
     result = CliRunner().invoke(cli.app, ["plot", str(three_stages[0]), "--out", str(out), "--format", "svg", "--force"])
     assert result.exit_code == 0 and (out / "losses.svg").is_file() and (out / "losses.png").read_bytes() == before
+    # never into a run it reads, even a samoe-written one with --force
+    result = CliRunner().invoke(cli.app, ["plot", str(three_stages[0]), "--out", str(three_stages[0] / "plots"), "--force"])
+    assert result.exit_code == 2 and "overlaps" in result.stderr and not (three_stages[0] / "plots").exists()
 
 
 @pytest.mark.parametrize("args", [["--format", "gif"], ["--run", "missing"]])
@@ -423,3 +435,16 @@ def test_cli_plot_bad_input(three_stages, tmp_path, args):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_plot_one_job_per_output(three_stages, tmp_path):
+    import cli
+    from upscale.ownership import exclusive, lock_paths
+
+    out = tmp_path / "plots"
+    with exclusive(out, "--out"):
+        result = CliRunner().invoke(cli.app, ["plot", str(three_stages[0]), "--out", str(out)])
+    assert result.exit_code == 2 and "in use by another samoe job" in result.stderr and not out.exists()
+    result = CliRunner().invoke(cli.app, ["plot", str(three_stages[0]), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert not any(p.exists() for p in lock_paths(out))  # the lock is gone after the job
