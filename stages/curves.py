@@ -85,6 +85,8 @@ def load_run(run_dir: Path) -> RunLog:
         raise SamoeError(f"{run_dir / 'metrics.csv'} has no 'step' column: not a samoe metrics log")
     if not len(columns["step"]):
         raise SamoeError(f"{run_dir / 'metrics.csv'} has no rows: the run has not logged a step yet")
+    if not np.isfinite(columns["step"]).all():
+        raise SamoeError(f"{run_dir / 'metrics.csv'} has a row without a step number: the file is damaged")
     selector: dict[str, np.ndarray] = {}
     sel_path = run_dir / "selector_log.csv"
     if sel_path.exists():

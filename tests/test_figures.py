@@ -393,6 +393,7 @@ def test_routing_figure_absent_without_columns_and_colourbar_for_many_layers(tmp
     (lambda d: (d / "metrics.csv").write_text("loss\n1\n"), "no 'step' column"),
     (lambda d: (d / "metrics.csv").write_text("step,loss\n1,2\n2,abc\n"), "line 3 holds a value that is not a number"),
     (lambda d: (d / "metrics.csv").write_text("step,loss\n1,2,3\n"), "line 2 has 3 fields"),
+    (lambda d: (d / "metrics.csv").write_text("step,loss\n1,2\n,3\n"), "row without a step number"),
     (lambda d: (d / "metrics.csv").write_bytes(b"step,loss\n1,\xff\n"), "not UTF-8"),
 ])
 def test_damaged_run_is_one_user_error(tmp_path, damage, message):
