@@ -5,7 +5,7 @@ masks; dataset-level (summed confusion matrix) vs per-image metrics on a
 two-image case; bootstrap intervals of a two-image case whose three possible
 resamples are known; a growth that preserves the function exactly (so every
 metric of source and grown model is equal and every difference is 0); plot
-sizes from `save_heatmap`'s layout rule; and the CLI contract (bad input ->
+figure sizes from `stages.figures`' size rule; and the CLI contract (bad input ->
 one `error:` line, exit 2).
 """
 
