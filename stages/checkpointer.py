@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import random
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -35,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from upscale.checkpoint import _fsync_path, atomic_write_text, clean_stale_temporaries, save_model
+from upscale.safe_io import load_json, read_bounded
 from upscale.errors import SamoeError
 
 from .optim import Optimizers
@@ -52,11 +55,20 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+    """Restore the three generators; a damaged state is a bad input (exit 2), and nothing is set unless all three are valid."""
+    saved = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    try:
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        version, internal, gauss = state["python"]
+        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"], validate=True)), dtype=torch.uint8))
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        random.setstate((version, tuple(internal), gauss))
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as e:  # binascii.Error is a ValueError
+        torch.set_rng_state(saved[0])
+        np.random.set_state(saved[1])
+        random.setstate(saved[2])
+        raise SamoeError(f"the RNG state in trainer_state.json is damaged ({type(e).__name__}): "
+                         "pass --force to start over or use a new --run-dir") from None
 
 
 def _jsonable(obj: Any) -> Any:
@@ -97,8 +109,13 @@ def load_optimizer_tensors(opts: Optimizers, params: dict[str, torch.nn.Paramete
                            hyper: dict[str, Any], place: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
     """Install saved states; `place(value, param)` puts a value where the parameter lives (default: its device)."""
     for oname, opt in opts.named().items():
-        for group, saved in zip(opt.param_groups, hyper[oname]):
-            group.update(saved)
+        groups = hyper.get(oname) if isinstance(hyper, dict) else None
+        if not isinstance(groups, list) or len(groups) != len(opt.param_groups):
+            raise SamoeError(f"trainer_state.json has no settings for {oname}'s {len(opt.param_groups)} parameter groups: "
+                             "the run directory is damaged or from another model; use a new --run-dir or --force")
+        for group, saved in zip(opt.param_groups, groups):
+            _check_group(oname, group, saved)
+            group.update({k: tuple(v) if isinstance(group[k], tuple) else v for k, v in saved.items()})
         prefix = oname + "."
         for key, value in tensors.items():
             if not key.startswith(prefix):
@@ -107,7 +124,82 @@ def load_optimizer_tensors(opts: Optimizers, params: dict[str, torch.nn.Paramete
             if pname not in params:
                 raise SamoeError(f"optimizer state names parameter {pname} that the model lacks: the run directory belongs to another model; use a new --run-dir")
             p = params[pname]
+            if tuple(value.shape) not in (tuple(p.shape), ()) or not (value.is_floating_point() or value.dim() == 0):
+                raise SamoeError(f"optimizer state {key} has shape {list(value.shape)} for a parameter of shape {list(p.shape)}: "
+                                 "the run directory is damaged or from another model; use a new --run-dir or --force")
             opt.state[p][skey] = place(value, p) if place is not None else value.to(p.device)
+
+
+def _same_kind(new: Any, old: Any) -> bool:
+    if isinstance(old, bool) or old is None:
+        return type(new) is type(old) or old is None and new is None
+    if isinstance(old, (int, float)):
+        return type(new) in (int, float) and math.isfinite(new)
+    if isinstance(old, (tuple, list)):
+        return isinstance(new, list) and len(new) == len(old) and all(_same_kind(a, b) for a, b in zip(new, old))
+    return type(new) is type(old)
+
+
+def _check_group(oname: str, group: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Saved hyper-parameters name only settings this optimizer has, each of the same kind (number, flag, name)."""
+    for key, value in saved.items():
+        if key == "params" or key not in group or not _same_kind(value, group[key]):
+            raise SamoeError(f"trainer_state.json sets {oname} {key}={str(value)[:40]}, which this optimizer does not take: "
+                             "the run directory is damaged; pass --force to start over or use a new --run-dir")
+
+
+_RUN_FIX = "the run directory is damaged; pass --force to start over or use a new --run-dir"
+
+
+def read_run_file(path: Path) -> dict[str, Any]:
+    """A JSON table from a run directory (run.json, trainer_state.json), read as hostile input."""
+    data = load_json(path, f"{path.name} is damaged; pass --force to start over or use a new --run-dir")
+    if not isinstance(data, dict):
+        raise SamoeError(f"{path} is not a table: {_RUN_FIX}")
+    return data
+
+
+def read_run_json(path: Path) -> dict[str, Any]:
+    """run.json: the identity of the run (a table of options) and the digest of its --from."""
+    data = read_run_file(path)
+    if not isinstance(data.get("identity"), dict) or not isinstance(data.get("source_digest"), str):
+        raise SamoeError(f"{path} is damaged (identity or source_digest missing): {_RUN_FIX}")
+    return data
+
+
+def _loader_state(v: Any) -> bool:
+    return isinstance(v, dict) and all(type(v.get(k)) is int and v[k] >= 0 for k in ("epoch", "pos"))
+
+
+def read_trainer_state(step_dir: Path) -> dict[str, Any]:
+    """trainer_state.json with the types resume relies on checked up front."""
+    path = step_dir / "trainer_state.json"
+    state = read_run_file(path)
+    rng = state.get("rng")
+    ok = (type(state.get("step")) is int and state["step"] >= 0 and _loader_state(state.get("loader"))
+          and _loader_state(state.get("uloader")) and isinstance(state.get("optimizers"), dict)
+          and all(isinstance(g, list) and all(isinstance(x, dict) for x in g) for g in state["optimizers"].values())
+          and isinstance(rng, dict) and isinstance(rng.get("torch"), str) and isinstance(rng.get("numpy"), list)
+          and isinstance(rng.get("python"), list))
+    if not ok:
+        raise SamoeError(f"{path} is damaged (step, loader, optimizers or rng missing or of the wrong type): {_RUN_FIX}")
+    return state
+
+
+def read_optimizer_file(step_dir: Path) -> dict[str, torch.Tensor]:
+    """optimizer.safetensors after a strict header check (offsets, dtypes, sizes inside the file)."""
+    from upscale.checkpoint import read_header
+
+    path = step_dir / "optimizer.safetensors"
+    if path.is_symlink() or not path.is_file():
+        raise SamoeError(f"{path} is missing or not a regular file: {_RUN_FIX}")
+    try:
+        read_header(path)
+        return load_file(str(path))
+    except SamoeError as e:
+        raise SamoeError(f"{e}; {_RUN_FIX}") from None
+    except Exception as e:  # safetensors' own reader: SafetensorError and friends
+        raise SamoeError(f"{path} is damaged ({type(e).__name__}): {_RUN_FIX}") from None
 
 
 class Checkpointer:
@@ -122,9 +214,15 @@ class Checkpointer:
 
     def latest(self) -> Path | None:
         pointer = self.dir / "latest"
-        if not pointer.exists():
+        if not pointer.exists() and not pointer.is_symlink():
             return None
-        step_dir = self.dir / pointer.read_text().strip()
+        fix = "delete the run directory's checkpoints/latest or use a new --run-dir (or --force to start over)"
+        name = read_bounded(pointer, 256, fix).decode("utf-8", "replace").strip()
+        if re.fullmatch(r"step-\d{1,12}", name) is None:
+            raise SamoeError(f"{pointer} does not name a step directory (step-N): {fix}")
+        step_dir = self.dir / name
+        if step_dir.is_symlink() or not step_dir.is_dir():
+            raise SamoeError(f"{pointer} points to {name}, which is not a directory of this run: {fix}")
         if not (step_dir / "trainer_state.json").exists():
             raise SamoeError(f"{pointer} points to {step_dir.name}, which is incomplete: remove the run directory or pass --force to start over")
         return step_dir
@@ -200,8 +298,8 @@ class Checkpointer:
             return self._load_sharded(step_dir, model, opts)
         if self.dist is not None:  # a single-process checkpoint into a sharded model
             self.dist.load_full_tensors(model, Checkpoint.open(step_dir / "model").iter_tensors(), str(step_dir))
-            state = json.loads((step_dir / "trainer_state.json").read_text())
-            load_optimizer_tensors(opts, dict(model.named_parameters()), load_file(str(step_dir / "optimizer.safetensors")),
+            state = read_trainer_state(step_dir)
+            load_optimizer_tensors(opts, dict(model.named_parameters()), read_optimizer_file(step_dir),
                                    state["optimizers"], place=self.dist.shard_like)
             set_rng_state(state["rng"])
             return state
@@ -214,8 +312,8 @@ class Checkpointer:
                 if target is None or target.shape != tensor.shape:
                     raise SamoeError(f"{step_dir} does not match the model being trained ({name}): use a new --run-dir or --force")
                 target.copy_(tensor)
-        state = json.loads((step_dir / "trainer_state.json").read_text())
-        load_optimizer_tensors(opts, dict(model.named_parameters()), load_file(str(step_dir / "optimizer.safetensors")),
+        state = read_trainer_state(step_dir)
+        load_optimizer_tensors(opts, dict(model.named_parameters()), read_optimizer_file(step_dir),
                                state["optimizers"])
         set_rng_state(state["rng"])
         return state
@@ -263,7 +361,7 @@ class Checkpointer:
                     raise first from None
                 raise SamoeError(f"{path} could not be read ({type(first).__name__}): the step is damaged; "
                                  "delete it or use a new --run-dir (or --force to start over)") from None
-        state = json.loads((step_dir / "trainer_state.json").read_text())
+        state = read_trainer_state(step_dir)
         load_optimizer_tensors(opts, params, optim, state["optimizers"], place=lambda value, p: value)
         set_rng_state(state["rng"])
         return state

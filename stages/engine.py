@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from upscale.checkpoint import Checkpoint, build_meta, lineage_entry, load_model, save_model
 from upscale.errors import SamoeError
 
-from .checkpointer import Checkpointer
+from .checkpointer import Checkpointer, read_run_json
 from .optim import Optimizers, apply_lr, build_optimizers, lr_factor, param_role
 from .plan import STAGES, is_trainable
 from .semisup import pseudo_targets, scaled_epochs, sigmoid_rampup, task_losses
@@ -312,7 +312,7 @@ def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], Non
         dist.barrier()
     state_file = run_dir / "run.json"
     if state_file.exists():
-        saved = json.loads(state_file.read_text())
+        saved = read_run_json(state_file)
         if saved["identity"] != cfg.identity() or saved["source_digest"] != Checkpoint.open(cfg.source).digest:
             raise SamoeError(f"{run_dir} holds a run with other options or another --from: re-run the original command, use a new --run-dir, or pass --force to start over")
         if (final_dir / "samoe.json").exists():

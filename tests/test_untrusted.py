@@ -176,3 +176,211 @@ def test_dcp_metadata_declaring_huge_optimizer_state_is_refused(grown, data, sto
     md.state_dict_metadata[key].chunks = [ChunkStorageMetadata(torch.Size([0, 0]), big)]
     meta_path.write_bytes(pickle.dumps(md))
     one_error_line(samoe(*train_args(grown, data, stopped)), "optimizer state")
+
+
+# --------------------------------------------------------------------------- case 2: checkpoint files
+
+
+from upscale import load_model, save_model  # noqa: E402
+from upscale.checkpoint import INDEX_FILE, META_FILE, SINGLE_FILE  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return init_from_preset(PRESETS["tiny"], tmp_path_factory.mktemp("base") / "tiny", 0, torch.float32, ["test"], False)
+
+
+@pytest.fixture(scope="module")
+def multi(base: Path, tmp_path_factory) -> Path:
+    return save_model(load_model(base), tmp_path_factory.mktemp("multi") / "m", dict(Checkpoint.open(base).meta),
+                      shard_bytes=200_000)
+
+
+def split_shard(path: Path) -> tuple[dict, bytes]:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def write_shard(path: Path, header: dict, data: bytes) -> None:
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def first_tensor(header: dict, ndim: int = 1) -> str:
+    return next(k for k, v in header.items() if k != "__metadata__" and len(v["shape"]) == ndim)
+
+
+def _float_shape(h: dict) -> None:
+    e = h[first_tensor(h)]
+    e["shape"] = [float(e["shape"][0])]
+
+
+def _bool_shape(h: dict) -> None:
+    h[first_tensor(h)]["shape"] = [True] * 0 + [True]
+
+
+def _overlap(h: dict) -> None:
+    # two tensors share their bytes: every size still matches, the union no longer tiles the data
+    names = sorted((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
+    a, b = names[0], names[1]
+    size = h[b]["data_offsets"][1] - h[b]["data_offsets"][0]
+    h[b]["data_offsets"] = [h[a]["data_offsets"][0], h[a]["data_offsets"][0] + size]
+
+
+def _meta_not_str(h: dict) -> None:
+    h["__metadata__"] = {"format": 1}
+
+
+def _unknown_dtype(h: dict) -> None:
+    h[first_tensor(h)]["dtype"] = "F8_E4M3X"
+
+
+def _offsets_reversed(h: dict) -> None:
+    e = h[first_tensor(h)]
+    e["data_offsets"] = e["data_offsets"][::-1]
+
+
+def _extra_key(h: dict) -> None:
+    h[first_tensor(h)]["cuda"] = True
+
+
+HEADER_CASES = {"float-shape": _float_shape, "bool-shape": _bool_shape, "overlap": _overlap,
+                "metadata-not-str": _meta_not_str, "unknown-dtype": _unknown_dtype, "offsets-reversed": _offsets_reversed,
+                "extra-key": _extra_key}
+
+
+@pytest.mark.parametrize("case", sorted(HEADER_CASES))
+def test_malformed_shard_header_is_exit_2(base, tmp_path, case):
+    ckpt = Path(shutil.copytree(base, tmp_path / "c"))
+    header, data = split_shard(ckpt / SINGLE_FILE)
+    HEADER_CASES[case](header)
+    write_shard(ckpt / SINGLE_FILE, header, data)
+    one_error_line(samoe("inspect-checkpoint", ckpt), SINGLE_FILE)
+
+
+def test_header_length_beyond_the_file_is_exit_2(base, tmp_path):
+    ckpt = Path(shutil.copytree(base, tmp_path / "c"))
+    raw = (ckpt / SINGLE_FILE).read_bytes()
+    (ckpt / SINGLE_FILE).write_bytes(struct.pack("<Q", 1 << 62) + raw[8:])
+    one_error_line(samoe("inspect-checkpoint", ckpt), "header length")
+
+
+def _edit(path: Path, fn) -> None:
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
+
+
+INDEX_CASES = {
+    "weight-map-list": lambda d: d.update(weight_map=list(d["weight_map"].items())),
+    "weight-map-int-values": lambda d: d.update(weight_map={k: 1 for k in d["weight_map"]}),
+    "weight-map-escapes": lambda d: d["weight_map"].update({k: "../" + v for k, v in d["weight_map"].items()}),
+    "weight-map-absolute": lambda d: d["weight_map"].update({k: "/etc/passwd" for k in d["weight_map"]}),
+    "index-not-a-table": lambda d: (d.clear(), d.update(x=[])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INDEX_CASES))
+def test_malformed_index_is_exit_2(multi, tmp_path, case):
+    ckpt = Path(shutil.copytree(multi, tmp_path / "c"))
+    _edit(ckpt / INDEX_FILE, INDEX_CASES[case])
+    one_error_line(samoe("inspect-checkpoint", ckpt), INDEX_FILE)
+
+
+def test_non_utf8_index_is_exit_2(multi, tmp_path):
+    ckpt = Path(shutil.copytree(multi, tmp_path / "c"))
+    (ckpt / INDEX_FILE).write_bytes(b'{"weight_map": {"\xff\xfe": "x"}}')
+    one_error_line(samoe("inspect-checkpoint", ckpt), INDEX_FILE, "UTF-8")
+
+
+def test_shard_linked_outside_the_checkpoint_is_refused(multi, tmp_path):
+    ckpt = Path(shutil.copytree(multi, tmp_path / "c"))
+    shard = sorted(ckpt.glob("model-*.safetensors"))[0]
+    outside = tmp_path / "elsewhere.safetensors"
+    shard.rename(outside)
+    shard.symlink_to(outside)
+    one_error_line(samoe("inspect-checkpoint", ckpt), "outside")
+
+
+def test_verify_fails_when_a_shard_has_no_digest(base, tmp_path):
+    ckpt = Path(shutil.copytree(base, tmp_path / "c"))
+    _edit(ckpt / META_FILE, lambda d: d.update(files={}))
+    assert samoe("inspect-checkpoint", ckpt).exit_code == 0  # reading needs no digest
+    one_error_line(samoe("inspect-checkpoint", ckpt, "--verify"), SINGLE_FILE, "no digest")
+
+
+# --------------------------------------------------------------------------- case 3: samoe.json and config
+
+
+CONFIG_CASES = {
+    "depth-string": (lambda c: c.update(depth="4"), "depth"),
+    "groups-int": (lambda c: c["moe"].update(groups=4), "moe.groups"),
+    "negative-mlp-ratio": (lambda c: c.update(mlp_ratio=-4.0), "mlp_ratio"),
+    "zero-heads": (lambda c: c.update(num_heads=0), "num_heads"),
+    "huge-depth": (lambda c: c.update(depth=10**9), "depth"),
+    "huge-experts": (lambda c: c["moe"].update(groups=[10**8]), "moe.groups"),
+    "heads-not-dividing": (lambda c: c.update(num_heads=3), "num_heads"),
+    "bool-classes": (lambda c: c.update(num_classes=True), "num_classes"),
+    "moe-null": (lambda c: c.update(moe=None), "moe"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_CASES))
+def test_bad_config_field_is_exit_2_naming_it(base, tmp_path, case):
+    ckpt = Path(shutil.copytree(base, tmp_path / "c"))
+    fn, field = CONFIG_CASES[case]
+    _edit(ckpt / META_FILE, lambda d: fn(d["config"]))
+    one_error_line(samoe("inspect-checkpoint", ckpt), field)
+
+
+@pytest.mark.parametrize("value", [None, [], "tiny"])
+def test_config_that_is_not_a_table_is_exit_2(base, tmp_path, value):
+    ckpt = Path(shutil.copytree(base, tmp_path / "c"))
+    _edit(ckpt / META_FILE, lambda d: d.update(config=value))
+    one_error_line(samoe("inspect-checkpoint", ckpt), "config")
+
+
+@pytest.mark.parametrize("field,value", [("lineage", [{"seed": 0}]), ("files", []), ("provenance", {"x": 3}),
+                                         ("stages", {}), ("dtype", "float64")])
+def test_bad_samoe_json_field_is_exit_2(base, tmp_path, field, value):
+    ckpt = Path(shutil.copytree(base, tmp_path / "c"))
+    _edit(ckpt / META_FILE, lambda d: d.update({field: value}))
+    one_error_line(samoe("inspect-checkpoint", ckpt), field)
+
+
+def test_pth_with_non_tensor_entries_is_exit_2(tmp_path):
+    pth = tmp_path / "sam.pth"
+    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16), "image_encoder.blocks.0.x": [1, 2]}, pth)
+    one_error_line(samoe("init", "--from-sam", pth, "--out", tmp_path / "out"), "not a named tensor")
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- case 3: damaged run directories
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+RUN_CASES = {
+    "run-json-garbage": ("run.json", lambda p: p.write_bytes(b"\x00\xff not json")),
+    "run-json-list": ("run.json", lambda p: p.write_text("[]")),
+    "run-json-no-identity": ("run.json", lambda p: p.write_text('{"source_digest": "x"}')),
+    "trainer-state-truncated": ("checkpoints/step-1/trainer_state.json", _truncate),
+    "trainer-state-step-string": ("checkpoints/step-1/trainer_state.json", lambda p: _edit(p, lambda d: d.update(step="1"))),
+    "trainer-state-rng": ("checkpoints/step-1/trainer_state.json", lambda p: _edit(p, lambda d: d["rng"].update(torch="!!"))),
+    "trainer-state-lr": ("checkpoints/step-1/trainer_state.json",
+                         lambda p: _edit(p, lambda d: d["optimizers"]["optimizer1"][0].update(lr="fast"))),
+    "optimizer-truncated": ("checkpoints/step-1/optimizer.safetensors", _truncate),
+    "optimizer-garbage": ("checkpoints/step-1/optimizer.safetensors", lambda p: p.write_bytes(b"\x08" + b"\x00" * 7 + b"{}{}{}{}")),
+    "latest-escapes": ("checkpoints/latest", lambda p: p.write_text("../../../etc\n")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RUN_CASES))
+def test_damaged_run_directory_is_exit_2_naming_the_file(grown, data, stopped, case):
+    rel, damage = RUN_CASES[case]
+    damage(stopped / rel)
+    line = one_error_line(samoe(*train_args(grown, data, stopped)))
+    assert Path(rel).name in line and ("--force" in line or "--run-dir" in line), line

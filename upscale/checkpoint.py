@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 
 from .config import SamMoEConfig
 from .errors import SamoeError
+from .safe_io import file_inside, load_json, parse_json, plain_name
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -73,44 +75,75 @@ class TensorInfo:
         return n
 
 
+MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own cap
+
+
 def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse a safetensors header without touching tensor data; catch truncated or foreign files."""
+    """Parse a safetensors header without touching tensor data, as strictly as safetensors' own reader.
+
+    The header length must fit the file and the cap; the header is a UTF-8 JSON
+    object; every entry has a known dtype, a shape of non-negative integers and
+    two integer data offsets whose byte count matches the shape; the entries,
+    sorted by offset, tile the data section exactly (from 0, no gap, no overlap,
+    up to the end of the file); `__metadata__` maps strings to strings.
+    """
+    fix = "re-create it or check the path"
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise SamoeError(f"{path} is not a regular file: {fix}")
+            size = st.st_size
             head = f.read(8)
             if len(head) < 8:
                 raise SamoeError(f"{path} is not a safetensors file (only {size} bytes): re-create it")
             (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, 100 * 1024**2):
-                raise SamoeError(f"{path} is not a safetensors file (bad header length): re-create it or check the path")
-            header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise SamoeError(f"{path} is not a safetensors file (unreadable header): re-create it or check the path") from None
+            if n < 2 or n > min(size - 8, MAX_HEADER_BYTES):
+                raise SamoeError(f"{path} is not a safetensors file (bad header length): {fix}")
+            raw = f.read(n)
     except OSError as e:
         raise SamoeError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        header = parse_json(raw)
+    except (ValueError, RecursionError):
+        raise SamoeError(f"{path} is not a safetensors file (unreadable header): {fix}") from None
     if not isinstance(header, dict):
         raise SamoeError(f"{path} is not a safetensors file (header is not a table): re-create it")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise SamoeError(f"{path}: malformed header (__metadata__ is not a table of strings): re-create the file")
     infos: dict[str, TensorInfo] = {}
-    end = 0
+    ranges: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (lo, hi) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            info = TensorInfo(path.name, dtype, shape, hi - lo, 8 + n + lo)
-            if dtype not in ST_ITEMSIZE or info.numel * ST_ITEMSIZE[dtype] != hi - lo:
-                raise ValueError
-        except (KeyError, TypeError, ValueError):
-            raise SamoeError(f"{path}: malformed header entry for tensor {name!r}: re-create the file") from None
+        if not (isinstance(entry, dict) and set(entry) == {"dtype", "shape", "data_offsets"}
+                and entry["dtype"] in ST_ITEMSIZE and _int_list(entry["shape"]) and _int_list(entry["data_offsets"])
+                and len(entry["data_offsets"]) == 2 and entry["data_offsets"][0] <= entry["data_offsets"][1]):
+            raise SamoeError(f"{path}: malformed header entry for tensor {name!r}: re-create the file")
+        (lo, hi), shape = entry["data_offsets"], tuple(entry["shape"])
+        info = TensorInfo(path.name, entry["dtype"], shape, hi - lo, 8 + n + lo)
+        if info.numel * ST_ITEMSIZE[info.dtype] != hi - lo:
+            raise SamoeError(f"{path}: malformed header entry for tensor {name!r} (shape and byte range disagree): re-create the file")
         infos[name] = info
-        end = max(end, hi)
+        ranges.append((lo, hi, name))
+    end = 0
+    for lo, hi, name in sorted(ranges):
+        if lo != end:
+            what = "overlaps the previous one" if lo < end else "leaves a gap before it"
+            raise SamoeError(f"{path}: the data of tensor {name!r} {what}: the file is damaged; re-create it")
+        end = hi
     if 8 + n + end != size:
         raise SamoeError(
             f"shard {path.name} is truncated or padded ({size} bytes, header says {8 + n + end}): "
             "re-run the command that wrote it"
         )
     return infos
+
+
+def _int_list(value: Any) -> bool:
+    """A JSON list of non-negative integers (booleans and floats are not integers here)."""
+    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
 
 
 def sha256_file(path: Path, chunk: int = 16 * 1024**2) -> str:
@@ -322,6 +355,59 @@ class CheckpointWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def _weight_map(path: Path) -> dict[str, str]:
+    """The index's weight_map: tensor name -> plain shard file name inside the checkpoint."""
+    fix = "the index is damaged; re-create the checkpoint"
+    index_path = file_inside(path, INDEX_FILE, str(path), fix)
+    index = load_json(index_path, fix)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise SamoeError(f"{index_path} is damaged (weight_map is not a table of tensor names to file names): re-create the checkpoint")
+    bad = next((v for v in weight_map.values() if not plain_name(v)), None)
+    if bad is not None:
+        raise SamoeError(f"{index_path} maps a tensor to {bad!r}, which is not a plain file name inside {path}: {fix}")
+    return weight_map
+
+
+_HEX = set("0123456789abcdef")
+
+
+def check_meta(meta: dict[str, Any], where: Path) -> None:
+    """The parts of samoe.json that readers index into have the types they expect."""
+    def bad(field: str, expect: str) -> SamoeError:
+        return SamoeError(f"{where}: {field} must be {expect}: the checkpoint is damaged; re-create it")
+
+    version = meta.get("format_version", 0)
+    if type(version) is not int:
+        raise bad("format_version", "an integer")
+    if not isinstance(meta.get("config", {}), dict):
+        raise bad("config", "a table")
+    files = meta.get("files", {})
+    if not isinstance(files, dict):
+        raise bad("files", "a table of shard names")
+    for name, info in files.items():
+        if not plain_name(name):
+            raise bad(f"files[{name!r}]", "a plain file name")
+        if not (isinstance(info, dict) and isinstance(info.get("sha256"), str) and len(info["sha256"]) == 64
+                and set(info["sha256"]) <= _HEX and type(info.get("bytes")) is int and info["bytes"] >= 0):
+            raise bad(f"files[{name!r}]", "{\"sha256\": 64 hex digits, \"bytes\": a size}")
+    if "dtype" in meta and meta["dtype"] not in DTYPES:
+        raise bad("dtype", " or ".join(DTYPES))
+    prov = meta.get("provenance", {})
+    if not isinstance(prov, dict) or not all(isinstance(v, str) or isinstance(v, list) and all(isinstance(e, str) for e in v)
+                                             for v in prov.values()):
+        raise bad("provenance", "a table of strings (or lists of strings)")
+    lineage = meta.get("lineage", [])
+    if not isinstance(lineage, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("command"), str) and isinstance(e.get("version"), str)
+            and (e.get("seed") is None or type(e.get("seed")) is int)
+            and all(e.get(k) is None or isinstance(e.get(k), str) for k in ("parent", "parent_digest")) for e in lineage):
+        raise bad("lineage", "a list of {command, seed, version, parent, parent_digest}")
+    stages = meta.get("stages", [])
+    if not isinstance(stages, list) or not all(isinstance(e, dict) for e in stages):
+        raise bad("stages", "a list of tables")
+
+
 def files_digest(files: dict[str, dict[str, Any]]) -> str:
     """Digest of a whole checkpoint: sha256 over its shard names and digests."""
     text = "".join(f"{name}:{files[name]['sha256']}\n" for name in sorted(files))
@@ -348,23 +434,22 @@ class Checkpoint:
         if not path.is_dir():
             raise SamoeError(f"{path} is a file, not a samoe checkpoint directory: pass the directory `samoe init` or `samoe expand` wrote")
         meta_path = path / META_FILE
-        if not meta_path.exists():
+        if not meta_path.exists() and not meta_path.is_symlink():
             raise SamoeError(f"{path} is not a samoe checkpoint (no {META_FILE}): create one with `samoe init`")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SamoeError(f"{meta_path} is not valid JSON ({e}): the checkpoint is damaged; re-create it") from None
+        meta = load_json(file_inside(path, META_FILE, str(path), "the checkpoint is damaged; re-create it"),
+                         "the checkpoint is damaged; re-create it")
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise SamoeError(f"{meta_path} is not a samoe checkpoint description: re-create the checkpoint")
+        check_meta(meta, meta_path)
         if meta.get("format_version", 0) > FORMAT_VERSION:
             raise SamoeError(f"{path} uses checkpoint format {meta['format_version']}, newer than this samoe: upgrade samoe")
-        config = SamMoEConfig.from_dict(meta.get("config", {}))
+        config = SamMoEConfig.from_dict(meta.get("config", {}), where=str(meta_path))
         shard_names = cls._shard_names(path, meta)
         tensors: dict[str, TensorInfo] = {}
         for shard in shard_names:
-            if not (path / shard).exists():
+            if not (path / shard).exists() and not (path / shard).is_symlink():
                 raise SamoeError(f"shard {shard} of {path} is missing: copy it back or re-create the checkpoint")
-            for name, info in read_header(path / shard).items():
+            for name, info in read_header(file_inside(path, shard, f"shard list of {path}", "re-create the checkpoint")).items():
                 if name in tensors:
                     raise SamoeError(f"tensor {name} is stored twice ({tensors[name].file}, {shard}): re-create the checkpoint")
                 tensors[name] = info
@@ -377,7 +462,7 @@ class Checkpoint:
         index_path = path / INDEX_FILE
         if not index_path.exists():
             return
-        weight_map = json.loads(index_path.read_text())["weight_map"]
+        weight_map = _weight_map(path)
         for name, fname in weight_map.items():
             if name not in tensors or tensors[name].file != fname:
                 where = f"in {tensors[name].file}" if name in tensors else "in no shard"
@@ -390,11 +475,8 @@ class Checkpoint:
     def _shard_names(path: Path, meta: dict[str, Any]) -> list[str]:
         index_path = path / INDEX_FILE
         files = list(meta.get("files", {}))
-        if index_path.exists():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise SamoeError(f"{index_path} is damaged (no weight_map): re-create the checkpoint") from None
+        if index_path.exists() or index_path.is_symlink():
+            weight_map = _weight_map(path)
             in_index = sorted(set(weight_map.values()))
             missing = sorted(set(files) - set(in_index))
             if missing:
@@ -429,7 +511,11 @@ class Checkpoint:
         """The tensors on disk are exactly the ones the config's model has, with the same shapes."""
         from .model import build_model  # local: model imports are heavy and only needed here
 
-        expected = {k: tuple(v.shape) for k, v in build_model(self.config, device="meta").state_dict().items()}
+        try:  # the meta device allocates nothing; the config's ranges were checked when it was read
+            expected = {k: tuple(v.shape) for k, v in build_model(self.config, device="meta").state_dict().items()}
+        except (AssertionError, ValueError, RuntimeError, TypeError, ZeroDivisionError) as e:
+            raise SamoeError(f"{self.path}: the config in {META_FILE} does not describe a buildable model "
+                             f"({type(e).__name__}): the checkpoint is damaged; re-create it") from None
         missing = sorted(set(expected) - set(self.tensors))
         extra = sorted(set(self.tensors) - set(expected))
         if missing:
@@ -476,11 +562,17 @@ class Checkpoint:
         return [name for name, t in self.iter_tensors() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
     def verify_digests(self) -> list[str]:
-        """Recompute shard digests; return the names of files that do not match."""
+        """Recompute shard digests; return the names of files that do not match.
+
+        A shard with no recorded digest cannot be verified: that is an error, not a pass."""
+        unrecorded = sorted({info.file for info in self.tensors.values()} - set(self.files))
+        if unrecorded:
+            raise SamoeError(f"shard {unrecorded[0]} of {self.path} has no digest in {META_FILE}: it cannot be verified; "
+                             "re-create the checkpoint with the command that wrote it")
         bad = []
         for fname, info in self.files.items():
             p = self.path / fname
-            if not p.exists() or p.stat().st_size != info["bytes"] or sha256_file(p) != info["sha256"]:
+            if not p.is_file() or p.is_symlink() or p.stat().st_size != info["bytes"] or sha256_file(p) != info["sha256"]:
                 bad.append(fname)
         return bad
 

@@ -7,6 +7,8 @@ registry in the style of segment-anything's `build_sam.py`.
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -106,6 +108,21 @@ class SamMoEConfig:
 
     def validate(self) -> "SamMoEConfig":
         self.moe.validate()
+        for name, (lo, hi) in _RANGES.items():
+            value = getattr(self, name)
+            if not lo <= value <= hi:
+                raise SamoeError(f"config field {name}={value!r} must be between {lo} and {hi}")
+        if not 0 < self.mlp_ratio <= 64 or not 1 <= self.encoder_mlp_dim <= 65536:
+            raise SamoeError(f"config field mlp_ratio={self.mlp_ratio!r} must be positive, with embed_dim*mlp_ratio between 1 and 65536")
+        if self.embed_dim % self.num_heads:
+            raise SamoeError(f"config field num_heads={self.num_heads} must divide embed_dim={self.embed_dim}")
+        if (self.out_chans // 2) % self.decoder_num_heads or self.out_chans % 2:
+            raise SamoeError(f"config field decoder_num_heads={self.decoder_num_heads} must divide out_chans/2 (out_chans={self.out_chans}, even)")
+        if self.moe.num_experts > MAX_EXPERTS or len(self.moe.groups) > MAX_EXPERTS:
+            raise SamoeError(f"config field moe.groups holds {self.moe.num_experts} experts, more than the {MAX_EXPERTS} samoe builds")
+        bad = [b for b in self.global_attn_indexes if not 0 <= b < self.depth]
+        if bad:
+            raise SamoeError(f"config field global_attn_indexes {bad} lies outside the encoder's {self.depth} blocks")
         if self.img_size % self.patch_size:
             raise SamoeError(f"img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
         bad = [b for b in self.moe_blocks if not 0 <= b < self.depth]
@@ -121,21 +138,66 @@ class SamMoEConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SamMoEConfig":
+    def from_dict(cls, data: dict[str, Any], where: str = "model config") -> "SamMoEConfig":
+        """Build from JSON after checking every field's type, then its range (a hostile file names the field)."""
+        if not isinstance(data, dict):
+            raise SamoeError(f"{where}: config must be a table, got {type(data).__name__}: the checkpoint is damaged; re-create it")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise SamoeError(f"unknown model config keys {unknown}: the checkpoint was written by a newer samoe; upgrade samoe")
         kwargs = dict(data)
         moe = kwargs.pop("moe", {})
+        if not isinstance(moe, dict):
+            raise _type_error(where, "moe", moe, "a table")
+        unknown = sorted(set(moe) - {f.name for f in fields(MoEConfig)})
+        if unknown:
+            raise SamoeError(f"unknown model config keys moe.{unknown[0]}: the checkpoint was written by a newer samoe; upgrade samoe")
+        for name, value in list(kwargs.items()) + [(f"moe.{k}", v) for k, v in moe.items()]:
+            kind = _KINDS[name]
+            if not _is_kind(value, kind):
+                raise _type_error(where, name, value, _KIND_TEXT[kind])
         kwargs["moe"] = MoEConfig(**{k: tuple(v) if k == "groups" else v for k, v in moe.items()})
         for name in ("global_attn_indexes", "moe_blocks"):
             if name in kwargs:
                 kwargs[name] = tuple(kwargs[name])
-        return cls(**kwargs).validate()
+        try:
+            return cls(**kwargs).validate()
+        except SamoeError as e:
+            raise SamoeError(f"{where}: {e}") from None
 
     def replace(self, **changes: Any) -> "SamMoEConfig":
         return replace(self, **changes)
+
+
+MAX_EXPERTS = 4096
+# Caps keep a hostile samoe.json from making samoe build an absurd module tree; the real presets sit far inside.
+_RANGES: dict[str, tuple[int, int]] = {
+    "img_size": (1, 8192), "patch_size": (1, 1024), "in_chans": (1, 64), "embed_dim": (1, 16384), "depth": (1, 256),
+    "num_heads": (1, 1024), "window_size": (0, 1024), "out_chans": (2, 16384), "decoder_depth": (1, 64),
+    "decoder_mlp_dim": (1, 65536), "decoder_num_heads": (1, 1024), "num_classes": (1, 1024), "extra_blocks": (0, 64),
+}
+_KINDS: dict[str, str] = {
+    **{name: "int" for name in _RANGES}, "mlp_ratio": "number", "global_attn_indexes": "ints", "moe_blocks": "ints",
+    "decoder_moe": "bool", "extra_blocks_moe": "bool", "moe.groups": "ints", "moe.core_groups": "int", "moe.top_k": "int",
+    "moe.top_k_groups": "int", "moe.aux_loss_coef": "number",
+}
+_KIND_TEXT = {"int": "an integer", "number": "a finite number", "ints": "a list of integers", "bool": "true or false"}
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind == "int":
+        return type(value) is int
+    if kind == "number":
+        return type(value) in (int, float) and math.isfinite(value)
+    if kind == "ints":
+        return isinstance(value, (list, tuple)) and len(value) <= MAX_EXPERTS and all(type(v) is int for v in value)
+    return type(value) is bool
+
+
+def _type_error(where: str, name: str, value: Any, expect: str) -> SamoeError:
+    shown = json.dumps(value)[:40] if not isinstance(value, (dict, list, tuple)) else type(value).__name__
+    return SamoeError(f"{where}: config field {name} must be {expect}, got {shown}: the checkpoint is damaged; re-create it")
 
 
 def _vit(embed_dim: int, depth: int, num_heads: int, global_attn_indexes: tuple[int, ...]) -> dict[str, Any]:

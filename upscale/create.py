@@ -53,6 +53,11 @@ def load_sam_state(path: Path) -> dict[str, torch.Tensor]:
         state = state["model"]
     if not isinstance(state, dict) or "image_encoder.patch_embed.proj.weight" not in state:
         raise SamoeError(f"{path} is not a SAM checkpoint (no image_encoder.patch_embed.proj.weight): pass a segment-anything vit_b/l/h .pth")
+    odd = next((k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if odd is not None:
+        raise SamoeError(f"{path} is not a SAM checkpoint (entry {str(odd)[:80]!r} is not a named tensor): pass a segment-anything vit_b/l/h .pth")
+    if state["image_encoder.patch_embed.proj.weight"].dim() != 4:
+        raise SamoeError(f"{path} is not a SAM checkpoint (image_encoder.patch_embed.proj.weight is not a 4-d kernel): pass a segment-anything vit_b/l/h .pth")
     return state
 
 
