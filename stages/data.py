@@ -813,6 +813,9 @@ def make_demo_data(
         raise DataError("scene counts must be >= 0")
     if out.exists() and not force:
         raise DataError(f"{out} already exists: pass --force to replace it or choose another --out")
+    from upscale.ownership import check_replaceable, write_marker
+
+    check_replaceable(out, force)  # --force replaces only a folder samoe wrote, never a user's folder or file
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -848,6 +851,7 @@ def make_demo_data(
                     name: round(int(n) / total, 6) for name, n in zip(CLASS_NAMES, hist)
                 }
         (tmp / "demo-data.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        write_marker(tmp, "demo-data")
         if out.exists() or out.is_symlink():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             if old.is_dir() and not old.is_symlink():

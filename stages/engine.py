@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from upscale.checkpoint import Checkpoint, build_meta, lineage_entry, load_model, save_model
 from upscale.errors import SamoeError
+from upscale.ownership import check_replaceable, check_separate, owner, write_marker
 
 from .checkpointer import Checkpointer, read_run_json
 from .optim import Optimizers, apply_lr, build_optimizers, lr_factor, param_role
@@ -85,7 +86,29 @@ class TrainConfig:
         """The options a resumed run must share with the original one."""
         keep = ("stage", "data", "unlabelled", "epochs", "max_steps", "batch_size", "lr", "last_k", "seed", "momentum",
                 "wd", "unsup_weight", "alpha_rampup", "unsup_rampup", "warmup", "timeline", "aux_loss_coef", "router_lr_mult")
-        return {k: getattr(self, k) for k in keep}
+        return {**{k: getattr(self, k) for k in keep}, "data_fingerprint": data_fingerprint(self.data, self.unlabelled)}
+
+
+def data_fingerprint(*folders: str | None) -> str:
+    """sha256 over the relative name, size and mtime of every file under the data folders.
+
+    Part of a run's identity: resuming on a changed data set (files added, removed,
+    rewritten) would silently mix two data sets in one run. Costs one stat per file.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for folder in folders:
+        h.update(b"folder\n")
+        if folder is None:
+            continue
+        root = Path(folder)
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                st = path.stat()
+                h.update(f"{path.relative_to(root).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return "sha256:" + h.hexdigest()
+
 
 
 class Interrupted(Exception):
@@ -302,19 +325,29 @@ def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], Non
     main = dist is None or dist.is_main
     run_dir = Path(cfg.run_dir)
     final_dir = run_dir / "final"
-    if force and run_dir.exists():
-        if run_dir.is_dir() and not any(run_dir.iterdir()) or (run_dir / "run.json").exists():
-            if main:
-                shutil.rmtree(run_dir)
-        else:
-            raise SamoeError(f"{run_dir} exists and is not a samoe run directory: refusing to delete it even with --force")
+    state_file = run_dir / "run.json"
+    # --force deletes the run dir: never when it holds (or lies inside) this run's own inputs
+    check_separate(run_dir, "--run-dir", {"--from": cfg.source, "--data": cfg.data, "--unlabelled": cfg.unlabelled})
+    # run.json is written after the first step: a marked run dir without it is a run that never started
+    never_started = not state_file.exists() and owner(run_dir) == "train"
+    wipe = (force or never_started) and run_dir.exists()
+    if wipe:
+        check_replaceable(run_dir, True, "--run-dir")
     if dist is not None:
         dist.barrier()
-    state_file = run_dir / "run.json"
+    if wipe and main:
+        shutil.rmtree(run_dir)
+    if dist is not None:
+        dist.barrier()
+    identity = cfg.identity()
     if state_file.exists():
         saved = read_run_json(state_file)
-        if saved["identity"] != cfg.identity() or saved["source_digest"] != Checkpoint.open(cfg.source).digest:
+        options = {k: v for k, v in identity.items() if k != "data_fingerprint"}
+        if {k: v for k, v in saved["identity"].items() if k != "data_fingerprint"} != options or saved["source_digest"] != Checkpoint.open(cfg.source).digest:
             raise SamoeError(f"{run_dir} holds a run with other options or another --from: re-run the original command, use a new --run-dir, or pass --force to start over")
+        if saved["identity"].get("data_fingerprint") != identity["data_fingerprint"]:
+            raise SamoeError(f"the files in --data/--unlabelled changed since {run_dir} started (names, sizes or times differ): "
+                             "restore them, use a new --run-dir, or pass --force to start over")
         if (final_dir / "samoe.json").exists():
             raise SamoeError(f"{run_dir} already finished: its result is {final_dir}; use a new --run-dir or --force to train again")
     elif run_dir.exists() and any(run_dir.iterdir()):
@@ -359,16 +392,13 @@ def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], Non
 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        write_marker(run_dir, "train")
     checkpointer = Checkpointer(run_dir, cfg.keep, dist)
     step, loader_state, uloader_state = 0, {"epoch": 0, "pos": 0}, {"epoch": 0, "pos": 0}
     latest = checkpointer.latest() if state_file.exists() else None
     if latest is not None:
         ts = checkpointer.load(latest, model, opts)
         step, loader_state, uloader_state = ts["step"], ts["loader"], ts["uloader"]
-    elif main:
-        from upscale.checkpoint import atomic_write_text
-
-        atomic_write_text(state_file, json.dumps({"identity": cfg.identity(), "source_digest": src.digest, "command": cfg.command}, indent=1) + "\n")
     if dist is not None:
         dist.barrier()
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
@@ -414,6 +444,10 @@ def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], Non
                 ubatch = dist.to_device(ubatch) if ubatch is not None else None
             m = train_step(model, opts, batch, ubatch, unsup_w, aux_coef, cfg.skip_nonfinite, step, dist)
             step += 1
+            if main and not state_file.exists():  # the run has really started: from now on it resumes
+                from upscale.checkpoint import atomic_write_text
+
+                atomic_write_text(state_file, json.dumps({"identity": identity, "source_digest": src.digest, "command": cfg.command}, indent=1) + "\n")
             sig = model.loss.log_vars.detach() if dist is None else dist.full_tensor(model.loss.log_vars.detach())
             row = dict(m, step=step, epoch=epoch, lr=lr * factor, alpha=alpha, unsup_weight=unsup_w,
                        sigma_seg=float(sig[0]), sigma_sdf=float(sig[1]), sigma_boundary=float(sig[2]))

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from upscale.checkpoint import load_model
 from upscale.errors import SamoeError
+from upscale.ownership import OWNER_FILE, check_separate, is_empty_dir, owner, write_marker
 
 from .data import IGNORE_INDEX, UnlabelledFolder, write_confidence, write_mask
 
@@ -47,9 +48,45 @@ def _place_image(src: Path, dst: Path) -> None:
     _atomic(dst, link_or_copy)
 
 
-@torch.no_grad()
 def pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, batch_size: int = 4,
                  on_start: Callable[[int, int], None] | None = None, on_image: Callable[[], None] | None = None) -> dict[str, int]:
+    """Label every image of IMAGES/images not yet labelled in OUT; return counts.
+
+    OUT must be new, empty, or an earlier pseudo-label output (its `.samoe-owner.json`):
+    never a folder holding masks someone else wrote. A failure or Ctrl-C removes
+    `.partial/` and says what this run wrote (the exception's `samoe_left`).
+    """
+    out = Path(out)
+    check_separate(out, "--out", {"--images": images, "the teacher checkpoint": ckpt})
+    if (out.exists() or out.is_symlink()) and not is_empty_dir(out) and owner(out) != "pseudo-label":
+        raise SamoeError(f"{out} exists and was not written by samoe pseudo-label (no {OWNER_FILE}): refusing to write "
+                         "into it, it may hold masks of its own; choose a new --out")
+    created = not out.exists()
+    done = [0]
+
+    def counted() -> None:
+        done[0] += 1
+        if on_image:
+            on_image()
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if owner(out) != "pseudo-label":
+            write_marker(out, "pseudo-label")
+        return _pseudo_label(ckpt, images, out, threshold, batch_size, on_start, counted)
+    except BaseException as e:
+        if created and done[0] == 0:
+            shutil.rmtree(out, ignore_errors=True)
+        elif isinstance(e, Exception | KeyboardInterrupt):
+            e.samoe_left = f"{done[0]} new mask(s) were written to {out}; re-run the same command to finish"
+        raise
+    finally:
+        shutil.rmtree(out / ".partial", ignore_errors=True)
+
+
+@torch.no_grad()
+def _pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, batch_size: int = 4,
+                  on_start: Callable[[int, int], None] | None = None, on_image: Callable[[], None] | None = None) -> dict[str, int]:
     """Label every image of IMAGES/images not yet labelled in OUT; return counts."""
     if not 0.0 <= threshold <= 1.0:
         raise SamoeError(f"--threshold {threshold} must be in [0, 1]")

@@ -46,6 +46,7 @@ from .checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, CheckpointWriter, Tenso
 from .config import MoEConfig, SamMoEConfig
 from .errors import SamoeError
 from .model import build_model
+from .ownership import check_separate
 
 INITS = ("copy-noise", "interpolate", "mixed")
 _EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
@@ -466,8 +467,7 @@ def expand_checkpoint(
     """Plan and execute a growth; returns the new checkpoint directory."""
     src = Checkpoint.open(src_path)
     src.check_matches_config()
-    if out.resolve() == src.path.resolve() or src.path.resolve() in out.resolve().parents:
-        raise SamoeError(f"--out {out} is the source checkpoint or inside it: choose a separate directory")
+    check_separate(out, "--out", {"the source checkpoint": src.path})
     cfg, plans = plan_growth(src, spec, dtype)
     dtype = dtype or _source_dtype(src)
     total = sum(int(np.prod(p.shape)) for p in plans) * torch.empty((), dtype=dtype).element_size()
