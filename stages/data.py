@@ -59,8 +59,10 @@ corrupt behind a valid header raises ``DataError`` when it is read.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -178,9 +180,40 @@ def write_confidence(path: Path, confidence: np.ndarray) -> None:
     write_image(path, confidence)
 
 
+# Decoding cost must be bounded by the file, not by what its header declares: an image
+# claiming more pixels than this is refused before decoding (SAMOE_MAX_IMAGE_PIXELS
+# raises the cap). 2**28 pixels is a 16384 x 16384 scene.
+MAX_IMAGE_PIXELS = int(os.environ.get("SAMOE_MAX_IMAGE_PIXELS", 2**28))
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # Pillow's own bomb check agrees with ours
+
+
+def check_pixels(path: Path, what: str = "image") -> None:
+    """Refuse a file whose header declares more than MAX_IMAGE_PIXELS values (read from the header only)."""
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            with tifffile.TiffFile(path) as tf:
+                declared = sum(math.prod(s.shape) for s in tf.series)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    w, h = im.size
+                    declared = w * h * len(im.getbands())
+    except DataError:
+        raise
+    except Image.DecompressionBombError:
+        declared = MAX_IMAGE_PIXELS + 1
+    except Exception as e:  # noqa: BLE001 - a header that cannot be parsed is a bad file
+        raise DataError(f"cannot read {what} {path} ({type(e).__name__}: {str(e)[:120]}): replace or remove the file") from None
+    if declared > MAX_IMAGE_PIXELS:
+        raise DataError(f"{what} {path} declares {declared} pixel values, more than the {MAX_IMAGE_PIXELS} samoe decodes: "
+                        "tile or downsample it (or raise SAMOE_MAX_IMAGE_PIXELS)")
+
+
 def read_image(path: Path) -> np.ndarray:
     """Read a SAR image file (TIFF or PNG) as stored, raising ``DataError`` if unreadable."""
     path = Path(path)
+    check_pixels(path)
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             return np.asarray(tifffile.imread(path))
@@ -195,6 +228,7 @@ def read_image(path: Path) -> np.ndarray:
 def read_mask(path: Path) -> np.ndarray:
     """Read a class-id mask PNG (8- or 16-bit grey, or palette) as a 2-D integer array."""
     path = Path(path)
+    check_pixels(path, "mask")
     try:
         with Image.open(path) as im:
             if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
@@ -214,6 +248,7 @@ def read_mask(path: Path) -> np.ndarray:
 def read_confidence(path: Path) -> np.ndarray:
     """Read a pseudo-label confidence TIFF as float32 HxW (a leading or trailing 1-axis is dropped)."""
     path = Path(path)
+    check_pixels(path, "confidence map")
     try:
         arr = np.asarray(tifffile.imread(path))
     except Exception as e:  # noqa: BLE001
@@ -240,6 +275,7 @@ def _pil_to_array(im: Image.Image) -> np.ndarray:
 
 def _image_shape(path: Path) -> tuple[int, ...]:
     """Shape of an image file as ``read_image`` would return it, from its header only."""
+    check_pixels(path)
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             with tifffile.TiffFile(path) as tf:

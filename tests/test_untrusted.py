@@ -384,3 +384,39 @@ def test_damaged_run_directory_is_exit_2_naming_the_file(grown, data, stopped, c
     damage(stopped / rel)
     line = one_error_line(samoe(*train_args(grown, data, stopped)))
     assert Path(rel).name in line and ("--force" in line or "--run-dir" in line), line
+
+
+# --------------------------------------------------------------------------- case 4: images declare their size
+
+
+def _tiff_bomb(path: Path, side: int = 1 << 16) -> None:
+    """A TIFF whose header declares side x side pixels while the file holds almost no data."""
+    import tifffile
+
+    tifffile.imwrite(path, shape=(side, side), dtype="uint8", photometric="minisblack")
+    with open(path, "r+b") as f:  # keep the header, drop the (sparse) pixel data
+        f.truncate(4096)
+
+
+def test_tiff_declaring_huge_size_is_refused_from_its_header(tmp_path):
+    import time
+
+    from stages.data import DataError, read_image
+
+    bomb = tmp_path / "bomb.tif"
+    _tiff_bomb(bomb)
+    t = time.perf_counter()
+    with pytest.raises(DataError, match="bomb.tif declares 4294967296 pixel"):
+        read_image(bomb)
+    assert time.perf_counter() - t < 5
+
+
+def test_oversized_image_in_data_is_exit_2_naming_it(grown, data, tmp_path, monkeypatch):
+    import stages.data
+
+    folder = Path(shutil.copytree(data / "A", tmp_path / "A"))
+    image = sorted((folder / "images").iterdir())[0]
+    monkeypatch.setattr(stages.data, "MAX_IMAGE_PIXELS", 128 * 128 * 2 - 1)  # the demo images hold 128*128*2
+    res = samoe("train", "--stage", 1, "--from", grown, "--data", folder, "--run-dir", tmp_path / "run",
+                "--batch-size", 4, "--max-steps", 1)
+    one_error_line(res, image.name, "pixel")
