@@ -56,12 +56,11 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from upscale.errors import SamoeError
 
-from .semisup import IGNORE_INDEX
+from .semisup import losses_from_stats, task_stats
 
 LAUNCH_COMMAND_ENV = "SAMOE_LAUNCH_COMMAND"
 
@@ -148,6 +147,8 @@ def _pools(cfg) -> list[tuple[str, int, int]]:
     routed = len(cfg.groups) - cfg.core_groups
     if routed:
         pools.append(("group", -1, routed))
+        if cfg.core_groups:
+            pools.append(("top", -1, routed + 1))  # (core, routed groups) mixture
         pools += [("routed", cfg.core_groups + r, cfg.groups[cfg.core_groups + r]) for r in range(routed)]
     return pools
 
@@ -157,50 +158,6 @@ def _balance(s: Tensor, c: Tensor, tokens: Tensor, chosen: Tensor, num: int) -> 
     if float(tokens.detach()) == 0:
         return s.new_zeros(())
     return num * ((c / chosen) * (s / tokens)).sum()
-
-
-# --------------------------------------------------------------------------- task-loss statistics
-# The sums behind stages/semisup.py's soft_dice_loss, sdf_loss and binary_soft_dice_loss
-# (same formulas; tests/test_distributed.py checks the losses equal one process's).
-
-
-def _task_stats(out: dict[str, Tensor], batch: dict[str, Tensor], prefix: str) -> Tensor:
-    from .semisup import _check_shapes
-
-    seg = out[prefix + "seg"].float()
-    mask = batch["mask"]
-    if seg.shape[0] != mask.shape[0] or seg.shape[-2:] != mask.shape[-2:]:
-        raise ValueError(f"seg: logits {tuple(seg.shape)} and mask {tuple(mask.shape)} differ")
-    c = seg.shape[1]
-    valid = (mask != IGNORE_INDEX).unsqueeze(1).to(seg.dtype)
-    probs = seg.softmax(dim=1) * valid
-    onehot = F.one_hot(mask.clamp(0, c - 1), c).permute(0, 3, 1, 2).to(seg.dtype) * valid
-    sdf, sdf_t = out[prefix + "sdf"].float(), batch["sdf"]
-    _check_shapes(sdf, sdf_t, "sdf")
-    err = (torch.tanh(sdf) - sdf_t).pow(2)
-    bnd, bnd_t = out[prefix + "boundary"].float(), batch["boundary"]
-    _check_shapes(bnd, bnd_t, "boundary")
-    p, t = torch.sigmoid(bnd) * valid, bnd_t * valid
-    return torch.cat([
-        (probs * onehot).sum(dim=(0, 2, 3)), probs.sum(dim=(0, 2, 3)), onehot.sum(dim=(0, 2, 3)),
-        torch.stack([(err * valid).sum(), valid.expand_as(err).sum(), (p * t).sum(), p.sum(), t.sum()]),
-    ])
-
-
-def _task_losses(stats: Tensor, num_classes: int) -> dict[str, Tensor]:
-    c = num_classes
-    inter, denom = stats[:c], stats[c : 2 * c] + stats[2 * c : 3 * c]
-    err, count, b_inter, b_p, b_t = stats[3 * c :]
-    present = denom > 0
-    if not present.any():
-        seg = stats.sum() * 0
-    else:
-        seg = 1 - ((2 * inter[present] + 1e-5) / (denom[present] + 1e-5)).mean()
-    return {
-        "seg": seg,
-        "sdf": err / count.clamp_min(1),
-        "boundary": 1 - (2 * b_inter + 1e-5) / (b_p + b_t + 1e-5),
-    }
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -426,14 +383,15 @@ class Distributed:
     # ----------------------------------------------------------------------- losses
 
     def global_losses(self, out: dict[str, Tensor], targets: list[tuple[str, dict[str, Tensor]]],
-                      num_classes: int) -> tuple[list[dict[str, Tensor]], Tensor]:
-        """Per-task losses for each (prefix, targets) and the MoE aux loss, over the global batch."""
-        sums, aux = self.reduce_with_aux([_task_stats(out, batch, prefix) for prefix, batch in targets])
-        return [_task_losses(s, num_classes) for s in sums], aux
+                      num_classes: int) -> tuple[list[dict[str, Tensor]], Tensor, Tensor]:
+        """Per-task losses for each (prefix, targets), the MoE aux loss and the hand-over loss, over the global batch."""
+        sums, aux, handover = self.reduce_with_aux([task_stats(out, batch, prefix) for prefix, batch in targets])
+        return [losses_from_stats(s, num_classes) for s in sums], aux, handover
 
-    def reduce_with_aux(self, pieces: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    def reduce_with_aux(self, pieces: list[Tensor]) -> tuple[list[Tensor], Tensor, Tensor]:
         """Sum `pieces` (1-d, differentiable) over all processes together with the router statistics of
-        the last forward, in one all_reduce; return the global pieces and the global MoE aux loss."""
+        the last forward, in one all_reduce; return the global pieces, the global MoE aux loss and the
+        global hand-over (top-level balance) loss, as upscale/moe.py defines them."""
         names = list(self.moe)
         missing = [n for n in names if n not in self._stats]
         if missing:
@@ -444,7 +402,7 @@ class Distributed:
         total = _AllReduceSum.apply(torch.cat(pieces).double()).float()
         parts = list(total.split(sizes))
         sums, parts = parts[:own], parts[own:]
-        layer_aux = []
+        layer_aux, layer_handover = [], []
         self._usage = {}
         for name, stats in zip(names, parts):
             counts = stats.detach().cpu()
@@ -465,11 +423,15 @@ class Distributed:
                     unused_banks.append(g)
                     unused_gates.append(g)
                     continue
+                if kind == "top":
+                    layer_handover.append(_balance(s, c, tokens, chosen, num))
+                    continue
                 auxes.append(_balance(s, c, tokens, chosen, num))
             layer_aux.append(torch.stack(auxes).mean() if auxes else total.new_zeros(()))
             self._usage[name] = _Usage(unused_banks, unused_gates)
         aux = torch.stack(layer_aux).mean() if layer_aux else total.new_zeros(())
-        return sums, aux
+        handover = torch.stack(layer_handover).mean() if layer_handover else total.new_zeros(())
+        return sums, aux, handover
 
     def after_backward(self) -> None:
         """Parts no process used get no gradient (None), exactly as in one process."""

@@ -198,53 +198,86 @@ def _check_shapes(pred: Tensor, target: Tensor, what: str) -> None:
         raise ValueError(f"{what}: prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
 
 
-def soft_dice_loss(logits: Tensor, mask: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """Multi-class soft Dice on softmax(logits) vs one-hot(mask), ignored pixels excluded.
+def pixel_weights(batch: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+    """(B, 1, H, W) loss weight of each pixel: 0 where ignored, else its pseudo-label confidence (1 for true labels).
 
-    logits (B, C, H, W), mask (B, H, W) int64. Mean over classes present in the
-    target or predicted (a class absent from both contributes nothing).
+    A pixel of confidence 0 contributes nothing to any task loss, one of 0.5 half
+    as much as a labelled pixel; `pseudo-label --threshold` only decides which
+    pixels are dropped outright.
     """
-    if logits.shape[0] != mask.shape[0] or logits.shape[-2:] != mask.shape[-2:]:
-        raise ValueError(f"seg: logits {tuple(logits.shape)} and mask {tuple(mask.shape)} differ")
-    valid = (mask != ignore_index).unsqueeze(1).to(logits.dtype)
-    probs = logits.softmax(dim=1) * valid
-    onehot = F.one_hot(mask.clamp(0, logits.shape[1] - 1), logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype) * valid
-    inter = (probs * onehot).sum(dim=(0, 2, 3))
-    denom = probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
+    w = (batch["mask"] != IGNORE_INDEX).to(dtype)
+    if "confidence" in batch:
+        conf = batch["confidence"].to(dtype)
+        if conf.shape != w.shape:
+            raise ValueError(f"confidence {tuple(conf.shape)} and mask {tuple(w.shape)} differ")
+        w = w * conf
+    return w.unsqueeze(1)
+
+
+def task_stats(out: dict[str, Tensor], batch: dict[str, Tensor], prefix: str = "") -> Tensor:
+    """The sums every task loss is made of, as one 1-d tensor (see `losses_from_stats`).
+
+    Losses are ratios of sums over the batch, so N data-parallel processes get
+    the global losses by all-reducing these sums (stages/distributed.py) and one
+    process uses them as they are: one formula for any world size.
+    Layout: per class C: Dice intersection, prob sum, target sum; then
+    SDF weighted squared error, SDF element count, boundary Dice intersection,
+    prob sum, target sum, then the boundary BCE sums and weights of band pixels
+    and of the other pixels.
+    """
+    seg = out[prefix + "seg"].float()
+    mask = batch["mask"]
+    if seg.shape[0] != mask.shape[0] or seg.shape[-2:] != mask.shape[-2:]:
+        raise ValueError(f"seg: logits {tuple(seg.shape)} and mask {tuple(mask.shape)} differ")
+    c = seg.shape[1]
+    valid = (mask != IGNORE_INDEX).unsqueeze(1).to(seg.dtype)
+    w = pixel_weights(batch, seg.dtype)
+    probs = seg.softmax(dim=1)
+    onehot = F.one_hot(mask.clamp(0, c - 1), c).permute(0, 3, 1, 2).to(seg.dtype)
+    sdf, sdf_t = out[prefix + "sdf"].float(), batch["sdf"]
+    _check_shapes(sdf, sdf_t, "sdf")
+    err = (torch.tanh(sdf) - sdf_t).pow(2)
+    bnd, bnd_t = out[prefix + "boundary"].float(), batch["boundary"].float()
+    _check_shapes(bnd, bnd_t, "boundary")
+    p = torch.sigmoid(bnd)
+    bce = F.binary_cross_entropy_with_logits(bnd, bnd_t, reduction="none")
+    return torch.cat([
+        (probs * onehot * w).sum(dim=(0, 2, 3)), (probs * w).sum(dim=(0, 2, 3)), (onehot * w).sum(dim=(0, 2, 3)),
+        torch.stack([(err * w).sum(), valid.expand_as(err).sum(), (p * bnd_t * w).sum(), (p * w).sum(), (bnd_t * w).sum(),
+                     (bce * bnd_t * w).sum(), (bnd_t * w).sum(), (bce * (1 - bnd_t) * w).sum(), ((1 - bnd_t) * w).sum()]),
+    ])
+
+
+def losses_from_stats(stats: Tensor, num_classes: int) -> dict[str, Tensor]:
+    """Per-task losses from `task_stats` sums (of one batch, or all-reduced over processes).
+
+    seg: multi-class soft Dice, mean over classes present in the target or the
+    prediction; sdf: mean squared error of tanh(pred) against the normalised SDF;
+    boundary: soft Dice plus class-balanced pixel BCE (the mean BCE of band pixels
+    and of the other pixels, averaged, as HED's edge loss balances them).
+    Semi-MoE's Dice-only boundary loss has a degenerate optimum that predicts the
+    band everywhere (the F1 of a constant prediction); the BCE term makes every
+    pixel count, and balancing keeps a thin band from being predicted nowhere.
+    """
+    c = num_classes
+    inter, denom = stats[:c], stats[c : 2 * c] + stats[2 * c : 3 * c]
+    err, count, b_inter, b_p, b_t, bce_pos, n_pos, bce_neg, n_neg = stats[3 * c :]
     present = denom > 0
     if not present.any():
-        return logits.sum() * 0
-    dice = (2 * inter[present] + 1e-5) / (denom[present] + 1e-5)
-    return 1 - dice.mean()
-
-
-def binary_soft_dice_loss(logits: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
-    """Soft Dice of sigmoid(logits) vs a {0,1} target of the same shape (boundary head)."""
-    _check_shapes(logits, target, "boundary")
-    p = torch.sigmoid(logits)
-    if valid is not None:
-        p, target = p * valid, target * valid
-    inter = (p * target).sum()
-    return 1 - (2 * inter + 1e-5) / (p.sum() + target.sum() + 1e-5)
-
-
-def sdf_loss(pred: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
-    """MSE between tanh(pred) and the normalised SDF target; shapes must match exactly."""
-    _check_shapes(pred, target, "sdf")
-    err = (torch.tanh(pred) - target).pow(2)
-    if valid is None:
-        return err.mean()
-    return (err * valid).sum() / valid.expand_as(err).sum().clamp_min(1)
+        seg = stats.sum() * 0
+    else:
+        seg = 1 - ((2 * inter[present] + 1e-5) / (denom[present] + 1e-5)).mean()
+    return {
+        "seg": seg,
+        "sdf": err / count.clamp_min(1),
+        "boundary": (1 - (2 * b_inter + 1e-5) / (b_p + b_t + 1e-5)
+                     + 0.5 * (bce_pos / n_pos.clamp_min(1e-6) + bce_neg / n_neg.clamp_min(1e-6))),
+    }
 
 
 def task_losses(out: dict[str, Tensor], batch: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
-    """Per-task losses of outputs `{prefix}seg/sdf/boundary` against batch targets."""
-    valid = (batch["mask"] != IGNORE_INDEX).unsqueeze(1).to(out[prefix + "seg"].dtype)
-    return {
-        "seg": soft_dice_loss(out[prefix + "seg"], batch["mask"]),
-        "sdf": sdf_loss(out[prefix + "sdf"], batch["sdf"], valid),
-        "boundary": binary_soft_dice_loss(out[prefix + "boundary"], batch["boundary"], valid),
-    }
+    """Per-task losses of outputs `{prefix}seg/sdf/boundary` against batch targets (pixels weighted by `pixel_weights`)."""
+    return losses_from_stats(task_stats(out, batch, prefix), out[prefix + "seg"].shape[1])
 
 
 @torch.no_grad()

@@ -64,6 +64,12 @@ def reference(m: MoEMLP, x: torch.Tensor, act: str) -> tuple[torch.Tensor, list[
     for t in range(flat.shape[0]):
         xt = flat[t]
         out = torch.zeros_like(xt)
+        routed = len(cfg.groups) - cfg.core_groups
+        chosen, pg, handed = [], None, 0.0
+        if routed:
+            pg = torch.softmax(r.group_gate.weight @ xt, dim=0)
+            chosen = torch.topk(pg.detach(), cfg.top_k_groups).indices.tolist()
+            handed = sum(pg[rr] * r.group_scale[rr] for rr in chosen)  # weight handed to routed groups
         if cfg.core_groups:
             w = torch.cat([r.expert_gates[g].weight for g in range(cfg.core_groups)])  # (E_core, D)
             p = torch.softmax(w @ xt, dim=0)
@@ -71,21 +77,17 @@ def reference(m: MoEMLP, x: torch.Tensor, act: str) -> tuple[torch.Tensor, list[
             z = sum(p[i] for i in idx)
             for i in idx:
                 g, e = _locate(cfg, i)
-                out = out + (p[i] / z) * _expert(m, g, e, xt, act)
+                out = out + (1 - handed) * (p[i] / z) * _expert(m, g, e, xt, act)
                 counts[i] += 1
-        routed = len(cfg.groups) - cfg.core_groups
-        if routed:
-            pg = torch.softmax(r.group_gate.weight @ xt, dim=0)
-            chosen = torch.topk(pg.detach(), cfg.top_k_groups).indices.tolist()
-            for rr in chosen:
-                g = cfg.core_groups + rr
-                group_tokens[g].append(t)
-                q = torch.softmax(r.expert_gates[g].weight @ xt, dim=0)
-                idx = torch.topk(q.detach(), cfg.top_k).indices.tolist()
-                z = sum(q[i] for i in idx)
-                for i in idx:
-                    out = out + pg[rr] * r.group_scale[rr] * (q[i] / z) * _expert(m, g, i, xt, act)
-                    counts[offsets[g] + i] += 1
+        for rr in chosen:
+            g = cfg.core_groups + rr
+            group_tokens[g].append(t)
+            q = torch.softmax(r.expert_gates[g].weight @ xt, dim=0)
+            idx = torch.topk(q.detach(), cfg.top_k).indices.tolist()
+            z = sum(q[i] for i in idx)
+            for i in idx:
+                out = out + pg[rr] * r.group_scale[rr] * (q[i] / z) * _expert(m, g, i, xt, act)
+                counts[offsets[g] + i] += 1
         rows.append(out)
     return torch.stack(rows).reshape(x.shape), counts, group_tokens
 
@@ -103,8 +105,8 @@ def _make(groups, core_groups, top_k, top_k_groups, act, dtype=torch.float64, se
             g.weight.normal_(0, 0.5)
         if hasattr(m.router, "group_gate"):
             m.router.group_gate.weight.normal_(0, 0.5)
-            # non-zero, mixed-sign scales so routed groups matter
-            m.router.group_scale.copy_(torch.randn(m.router.group_scale.shape) + 0.5)
+            # distinct scales inside (0, 1) so routed groups and the hand-over both matter
+            m.router.group_scale.copy_(torch.rand(m.router.group_scale.shape) * 0.8 + 0.1)
     return m.to(dtype)
 
 
@@ -312,7 +314,8 @@ def test_flat_moe_of_copies_equals_dense_mlp(monkeypatch, k, dtype):
 
 
 def test_routed_weight_not_renormalised_over_groups(loop_path):
-    """With one chosen group, its output is weighted by p_group * scale, p_group < 1 (hand check)."""
+    """With one chosen group, its output is weighted by p_group * scale (p_group < 1, not renormalised)
+    and the core expert by the rest, 1 - p_group * scale (hand check)."""
     m = _make((2, 3, 3), 1, 1, 1, "relu")
     x = torch.randn(1, D, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     with torch.no_grad():
@@ -322,7 +325,8 @@ def test_routed_weight_not_renormalised_over_groups(loop_path):
         pg = torch.softmax(r.group_gate.weight @ x[0], 0)
         rr = int(pg.argmax())
         e = int((r.expert_gates[1 + rr].weight @ x[0]).argmax())
-        want = _expert(m, 0, core_e, x[0], "relu") + pg[rr] * r.group_scale[rr] * _expert(m, 1 + rr, e, x[0], "relu")
+        handed = pg[rr] * r.group_scale[rr]
+        want = (1 - handed) * _expert(m, 0, core_e, x[0], "relu") + handed * _expert(m, 1 + rr, e, x[0], "relu")
     assert pg[rr] < 0.999
     _close(y, want, RTOL64, ATOL64)
 
@@ -342,3 +346,52 @@ def test_float64_and_unaligned_dims(dtype, dim):
             getattr(m.experts[0], n).copy_(p.expand_as(getattr(m.experts[0], n)))
         x = torch.randn(6, dim).to(dtype)
         torch.testing.assert_close(m(x).float(), dense(x).float(), rtol=2e-2, atol=2e-2)
+
+
+# --------------------------------------------------------------------------- hand-over to new groups
+
+
+def test_handover_loss_and_new_weight_by_hand(loop_path):
+    """Top level: per token the core gets 1 - sum(scale * p_group) and each chosen group scale * p_group;
+    handover_loss is the Switch loss of that mixture, new_weight its mean new part."""
+    m = _make((2, 3, 3), 1, 2, 1, "gelu")
+    x = torch.randn(6, D, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    with torch.no_grad():
+        m(x)
+        r = m.router
+        pg = torch.softmax(x @ r.group_gate.weight.t(), dim=-1)  # (N, 2)
+        chosen = pg.argmax(-1)
+        q = torch.zeros(6, 3, dtype=torch.float64)
+        for t in range(6):
+            g = int(chosen[t])
+            q[t, 1 + g] = pg[t, g] * r.group_scale[g]
+            q[t, 0] = 1 - q[t, 1 + g]
+        frac = torch.bincount(q.argmax(-1), minlength=3).double() / 6
+        want = 3 * (frac * q.mean(0)).sum()
+    assert float(m.handover_loss) == pytest.approx(float(want), rel=1e-6)
+    assert float(m.new_weight) == pytest.approx(float(q[:, 1:].sum(-1).mean()), rel=1e-6)
+    # routing weights of each token still sum to one (a convex mixture)
+    route = m.router(x)
+    tok, w = route.token, route.weight
+    sums = torch.zeros(6, dtype=torch.float64).index_add(0, tok, w.double())
+    assert torch.allclose(sums, torch.ones(6, dtype=torch.float64), atol=1e-6)
+
+
+def test_handover_loss_pushes_weight_to_new_groups_at_zero_scale(loop_path):
+    """At growth (scales 0) the model is the source, yet the hand-over loss has a negative gradient on every scale."""
+    m = _make((2, 3, 3), 1, 2, 1, "gelu")
+    with torch.no_grad():
+        m.router.group_scale.zero_()
+    x = torch.randn(16, D, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    m(x)
+    assert float(m.new_weight) == 0.0 and float(m.handover_loss.detach()) == pytest.approx(3.0)  # all weight on the core
+    m.handover_loss.backward()
+    assert (m.router.group_scale.grad < 0).all()
+
+
+def test_constrain_projects_scales_into_unit_interval():
+    m = _make((2, 3, 3), 1, 2, 1, "gelu")
+    with torch.no_grad():
+        m.router.group_scale.copy_(torch.tensor([-0.5, 1.7], dtype=m.router.group_scale.dtype))
+    m.constrain_()
+    assert m.router.group_scale.tolist() == [0.0, 1.0]

@@ -28,11 +28,8 @@ from stages.semisup import (
     MultiScaleTaskSelector,
     MultiTaskLoss,
     TaskDWSelector,
-    binary_soft_dice_loss,
     pseudo_targets,
-    sdf_loss,
     sigmoid_rampup,
-    soft_dice_loss,
     task_losses,
 )
 from upscale.checkpoint import Checkpoint, load_model
@@ -244,6 +241,32 @@ def test_multitask_loss_by_hand():
 
 
 # --------------------------------------------------------------------------- per-task losses
+# task_losses is the one implementation used by training (one process or many); these
+# wrappers feed it a single task's prediction so each term is checked against hand values.
+
+
+def _batch_for(b: int, c: int, h: int, w: int, **kw) -> tuple[dict, dict]:
+    out = {"seg": torch.zeros(b, c, h, w), "sdf": torch.zeros(b, c, h, w), "boundary": torch.zeros(b, 1, h, w)}
+    batch = {"mask": torch.zeros(b, h, w, dtype=torch.long), "sdf": torch.zeros(b, c, h, w), "boundary": torch.zeros(b, 1, h, w)}
+    for k, v in kw.items():
+        (out if k.startswith("pred_") else batch)[k.removeprefix("pred_")] = v
+    return out, batch
+
+
+def soft_dice_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = logits.shape
+    return task_losses(*_batch_for(b, c, h, w, pred_seg=logits, mask=mask))["seg"]
+
+
+def sdf_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    b, c, h, w = pred.shape
+    mask = torch.zeros(b, h, w, dtype=torch.long) if valid is None else torch.where(valid[:, 0] > 0, 0, 255)
+    return task_losses(*_batch_for(b, c, h, w, pred_sdf=pred, sdf=target, mask=mask))["sdf"]
+
+
+def boundary_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    b, _, h, w = logits.shape
+    return task_losses(*_batch_for(b, 1, h, w, pred_boundary=logits, boundary=target))["boundary"]
 
 
 def _logits_for(q: torch.Tensor) -> torch.Tensor:
@@ -299,19 +322,72 @@ def test_sdf_loss_values_and_shape_check():
     valid = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]]]])
     assert float(sdf_loss(pred, target, valid)) == pytest.approx(float((errs * valid).sum() / 3), rel=1e-6)
     # the original Semi-MoE broadcast (B,H,W) against (B,1,H,W) silently; here it must raise
-    with pytest.raises(ValueError):
-        sdf_loss(torch.zeros(2, 8, 8), torch.zeros(2, 1, 8, 8))
-    with pytest.raises(ValueError):
-        sdf_loss(torch.zeros(2, 1, 8, 8), torch.zeros(2, 8, 8))
-    with pytest.raises(ValueError):
-        binary_soft_dice_loss(torch.zeros(2, 8, 8), torch.zeros(2, 1, 8, 8))
+    for key, bad in (("sdf", torch.zeros(2, 8, 8)), ("boundary", torch.zeros(2, 8, 8))):
+        out, batch = _batch_for(2, 1, 8, 8)
+        batch[key] = bad
+        with pytest.raises(ValueError):
+            task_losses(out, batch)
+        out, batch = _batch_for(2, 1, 8, 8)
+        out[key] = bad
+        with pytest.raises(ValueError):
+            task_losses(out, batch)
 
 
-def test_binary_dice_by_hand():
-    logits = torch.tensor([[[[0.0, 100.0], [-100.0, 0.0]]]])  # p = .5, 1, 0, .5
+def test_boundary_loss_is_dice_plus_balanced_bce_by_hand():
+    logits = torch.tensor([[[[0.0, 100.0], [-100.0, 2.0]]]])  # p = .5, 1, 0, sigmoid(2)
     target = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
-    # inter = .5 + 1 = 1.5; sums 2 + 2
-    assert float(binary_soft_dice_loss(logits, target)) == pytest.approx(1 - 3 / 4, abs=1e-5)
+    p3 = 1 / (1 + math.exp(-2.0))
+    # Dice: inter = .5 + 1 = 1.5; sums (1.5 + p3) + 2.
+    # BCE: band pixels (ln 2 + 0) / 2, other pixels (0 + -ln(1 - p3)) / 2, averaged.
+    want = (1 - 3 / (3.5 + p3)) + 0.5 * (math.log(2) / 2 - math.log(1 - p3) / 2)
+    assert float(boundary_loss(logits, target)) == pytest.approx(want, abs=1e-5)
+
+
+def test_constant_band_prediction_is_no_longer_a_boundary_optimum():
+    """Regression: with Dice alone, predicting the band everywhere scored like a real edge map."""
+    target = torch.zeros(1, 1, 8, 8)
+    target[..., 3:5, :] = 1.0  # a 2-px band, 25% of the pixels
+    everywhere = torch.full_like(target, 2.0)
+    exact = (target * 2 - 1) * 4.0
+    assert float(boundary_loss(exact, target)) < 0.5 * float(boundary_loss(everywhere, target))
+
+
+def test_confidence_weights_every_loss_by_hand():
+    """Pseudo-label confidence weights each pixel: confidence 0 contributes nothing, 0.5 half."""
+    conf = torch.tensor([[[1.0, 0.5, 0.0]]])  # (B, H, W) = (1, 1, 3)
+    sdf_pred = torch.tensor([[[[0.0, 0.0, 5.0]]]])
+    sdf_t = torch.tensor([[[[0.5, -0.5, -1.0]]]])
+    seg = torch.tensor([[[[2.0, 0.0, -3.0]], [[0.0, 1.0, 3.0]]]])  # (1, 2, 1, 3)
+    mask = torch.tensor([[[0, 1, 0]]])
+    bnd = torch.tensor([[[[1.0, -1.0, 4.0]]]])
+    bnd_t = torch.tensor([[[[1.0, 0.0, 0.0]]]])
+    out, batch = _batch_for(1, 2, 1, 3, pred_seg=seg, pred_boundary=bnd, mask=mask, boundary=bnd_t, confidence=conf)
+    out["sdf"], batch["sdf"] = sdf_pred.expand(1, 2, 1, 3), sdf_t.expand(1, 2, 1, 3)
+    got = {k: float(v) for k, v in task_losses(out, batch).items()}
+    # by hand, weights w = (1, .5, 0)
+    p = torch.softmax(seg, 1)[0, :, 0]  # (2, 3)
+    w = [1.0, 0.5, 0.0]
+    dice = []
+    for c in range(2):
+        t = [float(mask[0, 0, i] == c) for i in range(3)]
+        inter = sum(w[i] * float(p[c, i]) * t[i] for i in range(3))
+        denom = sum(w[i] * float(p[c, i]) for i in range(3)) + sum(w[i] * t[i] for i in range(3))
+        dice.append((2 * inter + 1e-5) / (denom + 1e-5))
+    assert got["seg"] == pytest.approx(1 - sum(dice) / 2, abs=1e-6)
+    e = [(math.tanh(float(sdf_pred[0, 0, 0, i])) - float(sdf_t[0, 0, 0, i])) ** 2 for i in range(3)]
+    assert got["sdf"] == pytest.approx(2 * sum(w[i] * e[i] for i in range(3)) / (2 * 3), abs=1e-6)
+    pb = [1 / (1 + math.exp(-float(bnd[0, 0, 0, i]))) for i in range(3)]
+    tb = [float(bnd_t[0, 0, 0, i]) for i in range(3)]
+    bdice = 1 - (2 * sum(w[i] * pb[i] * tb[i] for i in range(3)) + 1e-5) / (sum(w[i] * pb[i] for i in range(3)) + sum(w[i] * tb[i] for i in range(3)) + 1e-5)
+    bce = [-(tb[i] * math.log(pb[i]) + (1 - tb[i]) * math.log(1 - pb[i])) for i in range(3)]
+    # balanced BCE: band pixel 0 (weight 1) alone; other pixels 1 (weight .5) and 2 (weight 0)
+    assert got["boundary"] == pytest.approx(bdice + 0.5 * (bce[0] + (0.5 * bce[1] + 0 * bce[2]) / 0.5), abs=1e-6)
+    # a confidence-0 pixel changes nothing, whatever is predicted there
+    out["sdf"] = out["sdf"].clone()
+    out["sdf"][..., 2] = -7.0
+    out["seg"] = out["seg"].clone()
+    out["seg"][..., 2] = 9.0
+    assert {k: float(v) for k, v in task_losses(out, batch).items()} == pytest.approx(got, abs=1e-7)
 
 
 def test_pseudo_targets_rules():
@@ -331,11 +407,12 @@ def _named_ids(model):
     return {id(p): n for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_optimizer_structure(grown: Path, stage: int):
+@pytest.mark.parametrize("stage,selector_gating", [(1, False), (1, True), (3, False)])
+def test_optimizer_structure(grown: Path, stage: int, selector_gating: bool):
     ckpt = Checkpoint.open(grown)
     model = load_model(grown)
-    apply_stage(model, ckpt.provenance, stage, 4)
+    apply_stage(model, ckpt.provenance, stage, 4, selector_gating)
+    seed004 = stage >= 2 or selector_gating  # stage 1 freezes the source's selector and gating by default
     lr = 0.01
     opts = build_optimizers(model, lr, momentum=0.9, wd=-5)
     names = _named_ids(model)
@@ -355,7 +432,7 @@ def test_optimizer_structure(grown: Path, stage: int):
     assert len(o2.param_groups) == 1 and o2.param_groups[0]["lr"] == 0.05
     assert [id(p) for p in o2.param_groups[0]["params"]] == [id(p) for p in model.loss.parameters()]
     assert len(o3.param_groups) == 1 and o3.param_groups[0]["lr"] == lr
-    assert {id(p) for p in o3.param_groups[0]["params"]} == {id(p) for p in model.gating.parameters()}
+    assert {id(p) for p in o3.param_groups[0]["params"]} == ({id(p) for p in model.gating.parameters()} if seed004 else set())
     members = {
         "backbone": [names[id(p)] for p in groups["backbone"]["params"]],
         "decoder": [names[id(p)] for p in groups["decoder"]["params"]],
@@ -365,7 +442,7 @@ def test_optimizer_structure(grown: Path, stage: int):
         routers = [names[id(p)] for p in groups["router"]["params"]]
         assert routers and all(".router." in n for n in routers)
         assert groups["router"]["momentum"] == 0.9
-    assert members["selector"] and all(n.startswith("selector.") for n in members["selector"])
+    assert bool(members["selector"]) == seed004 and all(n.startswith("selector.") for n in members["selector"])
     assert members["decoder"] and all(n.startswith("mask_decoder.") for n in members["decoder"])
     assert members["backbone"] and all(n.startswith("image_encoder.") for n in members["backbone"])
     seen: dict[str, int] = {}
@@ -382,8 +459,9 @@ def test_optimizer_structure(grown: Path, stage: int):
         assert "image_encoder.blocks.2.mlp.experts.0.w1" in frozen  # source experts
         assert "image_encoder.blocks.2.mlp.experts.1.w1" in trainable  # new experts
         assert "image_encoder.blocks.2.mlp.router.expert_gates.0.weight" in trainable  # every router
+        parts = ("selector.", "gating.", "loss.") if seed004 else ("loss.",)
         assert {n for n in trainable if n.startswith(("selector.", "gating.", "loss."))} == {
-            n for n, _ in model.named_parameters() if n.startswith(("selector.", "gating.", "loss."))}
+            n for n, _ in model.named_parameters() if n.startswith(parts)}
     else:
         assert not frozen
     # weight decay exponent: wd=-4 -> 5e-4

@@ -182,6 +182,43 @@ class SamMoE(nn.Module):
             if isinstance(module, MoEMLP):
                 yield name, module
 
+    def constrain_(self) -> None:
+        """Keep parameters in their valid range after an optimizer step (MoE group scales in [0, 1])."""
+        for _, layer in self.moe_layers():
+            layer.constrain_()
+
+    def routing_keys(self) -> list[str]:
+        """The keys of `routing_stats()`, without computing anything (no collectives)."""
+        keys = []
+        for name, layer in self.moe_layers():
+            scale = getattr(layer.router, "group_scale", None)
+            if scale is not None:
+                keys += [f"new_share:{name}"] + [f"group_scale:{name}:{g}" for g in range(scale.shape[0])]
+        return keys
+
+    def routing_stats(self) -> dict[str, float]:
+        """Per MoE layer of the last forward: new-group weight share and each routed group's scale.
+
+        Keys `new_share:<layer>` and `group_scale:<layer>:<routed group>` (the metrics.csv columns)."""
+        out: dict[str, float] = {}
+        for name, layer in self.moe_layers():
+            scale = getattr(layer.router, "group_scale", None)
+            if scale is None:
+                continue
+            out[f"new_share:{name}"] = float(layer.new_weight) if layer.new_weight is not None else 0.0
+            scale = scale.detach()
+            if hasattr(scale, "full_tensor"):  # FSDP2-sharded (collective: every process calls this)
+                scale = scale.full_tensor()
+            for g, v in enumerate(scale.float().tolist()):
+                out[f"group_scale:{name}:{g}"] = v
+        return out
+
+    def handover_loss(self) -> Tensor:
+        """Mean top-level (core vs new groups) balance loss of the grown MoE layers in the last forward."""
+        losses = [m.handover_loss for _, m in self.moe_layers()
+                  if m.handover_loss is not None and getattr(m.router, "group_scale", None) is not None and m.cfg.core_groups]
+        return torch.stack(losses).mean() if losses else torch.zeros(())
+
     def aux_loss(self) -> Tensor:
         """Mean load-balancing loss of the MoE layers in the last forward."""
         losses = [m.aux_loss for _, m in self.moe_layers() if m.aux_loss is not None]

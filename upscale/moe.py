@@ -15,16 +15,27 @@ of the source model, so a model whose experts are all copies of a dense MLP
 reproduces that MLP, and growth leaves the source's computation untouched.
 The remaining ("routed") groups are chosen per token by the group router
 (softmax over routed groups, top-k groups); inside a chosen group an in-group
-router picks top-k experts (renormalised). A routed group's output is weighted
-by `group_scale[g] * p_group`. The probability is not renormalised so the group
-router keeps a gradient with one chosen group (as in Switch Transformer).
+router picks top-k experts (renormalised).
 
-Why `group_scale`: growth initialises it to zero, so the grown model computes
-exactly what the source computed (function preserved, for any noise on new
-experts), while d(loss)/d(group_scale) = p_group * <expert output, grad> is
-non-zero from the first step. After one optimiser step the scales are non-zero
-and every router, new group and new expert that receives tokens gets gradient.
-A hard top-1 choice of the core group would instead starve the new groups.
+Hand-over mixing. A token's routed groups receive the weight
+`m_g = group_scale[g] * p_group` and the core experts the remaining `1 - sum_g m_g`:
+the layer's output is a convex mixture of the core output and the new groups'
+outputs (`group_scale` lives in [0, 1] and is projected back after each
+optimizer step, `MoEMLP.constrain_`). Growth initialises `group_scale` to zero,
+so the grown model computes exactly what the source computed, for any noise on
+the new experts. Because new experts start as (noisy) copies or interpolations
+of the source's, moving weight from the core to them barely changes the
+function, so routing weight can move without first hurting the loss (an
+additive `core + scale * new` would double the MLP output instead, and the
+loss holds the scales near zero: 1-3% of the weight after stage 1). What moves
+it is the top-level balance loss: the Switch-Transformer loss over the
+mixture (core, routed group 1..G), `handover_loss`, which counts the core as
+one more group, so a grown model is pushed to use its new groups as a flat MoE
+is pushed to use all its experts, against the task loss, which pulls weight
+back wherever new experts are worse. It is kept apart from the expert-level
+`aux_loss` so that training can weigh it on its own (`--handover-coef`). d loss / d group_scale = p_group *
+<new output - core output, upstream gradient> + the balance term, non-zero from
+the first step.
 
 Dispatch. Tokens are sorted by expert; each group's experts run as one grouped
 GEMM (`torch._grouped_mm`) over their contiguous slice, with a per-expert loop
@@ -127,6 +138,10 @@ class Routing:
     # (probs, chosen, num) of every pool whose balance loss entered aux_loss, in order:
     # what a data-parallel run needs to compute the global loss from sums
     pools: list[tuple[Tensor, Tensor, int]]
+    # Switch balance loss of the top-level mixture (core, routed groups); 0 without both
+    handover_loss: Tensor
+    # mean over tokens of the routing weight on routed (new) groups; each token's weights sum to one
+    new_weight: Tensor
 
 
 def _topk_renormalised(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -173,34 +188,46 @@ class HierarchicalRouter(nn.Module):
         cfg = self.cfg
         n = x.shape[0]
         tokens, experts, weights, aux, entropy, pools = [], [], [], [], [], []
+        mix = x.new_zeros(n, 0, dtype=torch.float32)
+        handover = x.new_zeros((), dtype=torch.float32)
 
         def balance(probs: Tensor, chosen: Tensor, num: int) -> None:
             pools.append((probs, chosen, num))
             aux.append(_balance_loss(probs, chosen, num))
         ar = torch.arange(n, device=x.device)
+        routed = len(cfg.groups) - cfg.core_groups
+        if routed:
+            g_probs = self.group_gate(x).float().softmax(dim=-1)
+            g_p, g_i = g_probs.topk(cfg.top_k_groups, dim=-1)
+            mix = g_p * self.group_scale.float()[g_i]  # (N, k_groups): weight of each chosen routed group
         if cfg.core_groups:
             logits = torch.cat([self.expert_gates[g](x) for g in range(cfg.core_groups)], dim=-1)
             probs, top_i, top_w = _topk_renormalised(logits, cfg.top_k)
+            core_w = top_w * (1 - mix.sum(-1, keepdim=True)) if routed else top_w
             tokens.append(ar.repeat_interleave(cfg.top_k))
             experts.append(top_i.flatten())
-            weights.append(top_w.flatten())
+            weights.append(core_w.flatten())
             balance(probs, top_i, cfg.num_core_experts)
             entropy.append(_entropy(probs))
-        if len(cfg.groups) > cfg.core_groups:
-            g_probs = self.group_gate(x).float().softmax(dim=-1)
-            g_p, g_i = g_probs.topk(cfg.top_k_groups, dim=-1)
-            balance(g_probs, g_i, g_probs.shape[-1])
+        if routed:
+            balance(g_probs, g_i, routed)
             entropy.append(_entropy(g_probs))
-            for r in range(g_probs.shape[-1]):
+            if cfg.core_groups:
+                # Top level: (core, routed groups) as one mixture per token, balanced like experts
+                # but kept apart from aux_loss: it has its own coefficient (the hand-over pressure).
+                top = torch.cat([1 - mix.sum(-1, keepdim=True), mix.new_zeros(n, routed).scatter_add(1, g_i, mix)], dim=-1)
+                top_chosen = top.argmax(dim=-1, keepdim=True)
+                pools.append((top, top_chosen, routed + 1))
+                handover = _balance_loss(top, top_chosen, routed + 1)
+            for r in range(routed):
                 g = cfg.core_groups + r
                 tok, slot = (g_i == r).nonzero(as_tuple=True)
                 if tok.numel() == 0:
                     continue
                 probs, top_i, top_w = _topk_renormalised(self.expert_gates[g](x[tok]), cfg.top_k)
-                scale = g_p[tok, slot] * self.group_scale[r]
                 tokens.append(tok.repeat_interleave(cfg.top_k))
                 experts.append((top_i + self.offsets[g]).flatten())
-                weights.append((top_w * scale[:, None]).flatten())
+                weights.append((top_w * mix[tok, slot][:, None]).flatten())
                 balance(probs, top_i, cfg.groups[g])
         return Routing(
             token=torch.cat(tokens),
@@ -209,6 +236,8 @@ class HierarchicalRouter(nn.Module):
             aux_loss=torch.stack(aux).mean() if aux else x.new_zeros(()),
             entropy=torch.stack(entropy).mean().detach() if entropy else x.new_zeros(()),
             pools=pools,
+            handover_loss=handover,
+            new_weight=mix.sum(-1).mean().detach() if routed and n else x.new_zeros((), dtype=torch.float32),
         )
 
 
@@ -238,9 +267,18 @@ class MoEMLP(nn.Module):
         self.group_counts: Tensor | None = None
         self.entropy: Tensor | None = None
         self.pools: list[tuple[Tensor, Tensor, int]] = []
+        self.new_weight: Tensor | None = None
+        self.handover_loss: Tensor | None = None
         # When True, forward keeps (token, expert) of every assignment for routing reports.
         self.record = False
         self.assignments: tuple[Tensor, Tensor, Tensor] | None = None
+
+    @torch.no_grad()
+    def constrain_(self) -> None:
+        """Project the group scales back into [0, 1] (after an optimizer step): the mixture stays convex."""
+        scale = getattr(self.router, "group_scale", None)
+        if scale is not None:
+            scale.clamp_(0.0, 1.0)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -264,6 +302,8 @@ class MoEMLP(nn.Module):
         self.expert_counts = counts.detach()
         self.entropy = route.entropy
         self.pools = route.pools
+        self.new_weight = route.new_weight
+        self.handover_loss = route.handover_loss
         if self.record:
             self.assignments = (route.token.detach(), route.expert.detach(), route.weight.detach())
         self.group_counts = torch.stack([counts[lo:hi].sum() for lo, hi in zip(self.router.offsets, self.router.offsets[1:])])
