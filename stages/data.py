@@ -717,6 +717,7 @@ class PseudoLabelFolder(LabelledFolder):
         if not conf_dir.is_dir():
             raise DataError(f"{self.root} has no confidence/ folder: re-run pseudo-labelling into a fresh --out")
         items = []
+        kept = total = 0.0
         for it in self.items:
             path = conf_dir / f"{it.name}.tif"
             if not path.is_file():
@@ -724,8 +725,12 @@ class PseudoLabelFolder(LabelledFolder):
             conf = read_confidence(path)
             if conf.shape != self._hw[it.name]:
                 raise DataError(f"confidence map {path} is {conf.shape[0]}x{conf.shape[1]} but its image is {self._hw[it.name][0]}x{self._hw[it.name][1]}: re-run pseudo-labelling")
+            kept += float(conf[read_mask(it.mask) != ignore_index].sum(dtype=np.float64))  # type: ignore[arg-type]
+            total += conf.size
             items.append(_Item(it.name, it.image, it.mask, path))
         self.items = items
+        # Share of the pixels' loss weight that survives (ignored pixels weigh 0, others their confidence).
+        self.kept_weight = kept / total if total else 0.0
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.items[i]
@@ -816,6 +821,7 @@ def make_demo_data(
     size: int = 128,
     seed: int = 0,
     force: bool = False,
+    preset: str = "easy",
 ) -> dict[str, Any]:
     """Write synthetic SAR scenes: ``out/A`` (labelled), ``out/A-test`` (held out), ``out/B`` (images only).
 
@@ -837,12 +843,20 @@ def make_demo_data(
         size: scene height and width in pixels (>= 16).
         seed: the random seed.
         force: replace an existing ``out``.
+        preset: ``easy`` (the scenes above) or ``hard`` (10 classes, capacity-bound:
+            stages/hard_scenes.py).
 
     Returns:
         A JSON-able summary: counts, size, seed, class names and the class
         pixel fractions of each labelled split.
     """
     out = Path(out)
+    from .hard_scenes import HARD_CLASS_NAMES, hard_scene
+
+    scenes = {"easy": (_demo_scene, CLASS_NAMES), "hard": (hard_scene, HARD_CLASS_NAMES)}
+    if preset not in scenes:
+        raise DataError(f"unknown demo-data preset {preset!r}: choose easy or hard")
+    scene, class_names = scenes[preset]
     if size < 16:
         raise DataError(f"size {size} is too small for demo scenes: use --size 16 or more")
     if min(labelled, unlabelled, test) < 0:
@@ -860,8 +874,9 @@ def make_demo_data(
     summary: dict[str, Any] = {
         "seed": seed,
         "size": size,
-        "num_classes": len(CLASS_NAMES),
-        "classes": list(CLASS_NAMES),
+        "preset": preset,
+        "num_classes": len(class_names),
+        "classes": list(class_names),
         "ignore_index": IGNORE_INDEX,
         "image_layout": "float32 (2, H, W) TIFF: VV, VH linear sigma0",
         "counts": counts,
@@ -872,19 +887,19 @@ def make_demo_data(
             (tmp / split / "images").mkdir(parents=True)
             if with_masks:
                 (tmp / split / "masks").mkdir()
-            hist = np.zeros(len(CLASS_NAMES), dtype=np.int64)
+            hist = np.zeros(len(class_names), dtype=np.int64)
             for i in range(counts[split]):
                 rng = np.random.default_rng([seed, stream, i])
-                image, mask = _demo_scene(rng, size)
+                image, mask = scene(rng, size)
                 stem = f"{prefix}-{i:04d}"
                 write_image(tmp / split / "images" / f"{stem}.tif", image)
                 if with_masks:
                     write_mask(tmp / split / "masks" / f"{stem}.png", mask)
-                    hist += np.bincount(mask.ravel(), minlength=len(CLASS_NAMES))
+                    hist += np.bincount(mask.ravel(), minlength=len(class_names))
             if with_masks:
                 total = max(int(hist.sum()), 1)
                 summary["class_fractions"][split] = {
-                    name: round(int(n) / total, 6) for name, n in zip(CLASS_NAMES, hist)
+                    name: round(int(n) / total, 6) for name, n in zip(class_names, hist)
                 }
         (tmp / "demo-data.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         write_marker(tmp, "demo-data")

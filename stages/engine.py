@@ -45,7 +45,7 @@ from .semisup import pseudo_targets, scaled_epochs, sigmoid_rampup, task_losses
 if TYPE_CHECKING:
     from .distributed import Distributed
 
-METRIC_FIELDS = ("step", "epoch", "loss", "loss_sup", "loss_unsup", "seg", "sdf", "boundary", "aux", "lr", "alpha",
+METRIC_FIELDS = ("step", "epoch", "loss", "loss_sup", "loss_unsup", "seg", "sdf", "boundary", "aux", "handover", "lr", "alpha",
                  "unsup_weight", "sigma_seg", "sigma_sdf", "sigma_boundary")
 SELECTOR_FIELDS = ("epoch", "alpha", "unsup_weight", "selector_mean", "selector_std")
 
@@ -77,6 +77,8 @@ class TrainConfig:
     log_every: int = 5
     aux_loss_coef: float | None = None
     router_lr_mult: float = 10.0
+    selector_gating: bool = False  # stage 1 also trains the source's selector and gating (seed 004)
+    handover_coef: float = 0.1  # weight of the top-level (core vs new groups) balance loss: upscale/moe.py
     skip_nonfinite: bool = False
     workers: int = 0
     mixed_precision: bool = False
@@ -85,7 +87,8 @@ class TrainConfig:
     def identity(self) -> dict[str, Any]:
         """The options a resumed run must share with the original one."""
         keep = ("stage", "data", "unlabelled", "epochs", "max_steps", "batch_size", "lr", "last_k", "seed", "momentum",
-                "wd", "unsup_weight", "alpha_rampup", "unsup_rampup", "warmup", "timeline", "aux_loss_coef", "router_lr_mult")
+                "wd", "unsup_weight", "alpha_rampup", "unsup_rampup", "warmup", "timeline", "aux_loss_coef", "router_lr_mult", "selector_gating",
+                "handover_coef")
         return {**{k: getattr(self, k) for k in keep}, "data_fingerprint": data_fingerprint(self.data, self.unlabelled)}
 
 
@@ -108,7 +111,6 @@ def data_fingerprint(*folders: str | None) -> str:
                 st = path.stat()
                 h.update(f"{path.relative_to(root).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return "sha256:" + h.hexdigest()
-
 
 
 class Interrupted(Exception):
@@ -141,6 +143,17 @@ def open_labelled(path: Path, num_classes: int, size: int) -> Dataset:
     if (path / "confidence").is_dir():
         return PseudoLabelFolder(path, num_classes, size=size)
     return LabelledFolder(path, num_classes, size=size)
+
+
+MIN_KEPT_WEIGHT = 0.01
+
+
+def check_pseudo_labels(data: Dataset, path: str) -> None:
+    """Refuse pseudo-labels that teach nothing: (nearly) every pixel ignored or of confidence 0."""
+    kept = getattr(data, "kept_weight", None)
+    if kept is not None and kept < MIN_KEPT_WEIGHT:
+        raise SamoeError(f"{path}: only {kept:.2%} of the pseudo-labelled pixels' weight is kept (the rest is ignored or has "
+                         "confidence 0), so training would learn nothing; re-run `samoe pseudo-label` with a lower --threshold")
 
 
 def _batches(n: int, batch_size: int, seed: int, epoch: int, start: int) -> list[list[int]]:
@@ -191,13 +204,14 @@ class StreamingLoader:
         return {"epoch": self.epoch, "pos": self.pos}
 
 
-def apply_stage(model: torch.nn.Module, provenance: dict[str, Any], stage: int, last_k: int) -> dict[str, list[int]]:
+def apply_stage(model: torch.nn.Module, provenance: dict[str, Any], stage: int, last_k: int,
+                selector_gating: bool = False) -> dict[str, list[int]]:
     """Set requires_grad per the stage plan; return {component: [trainable, total]} counts."""
     from upscale.summary import component_of
 
     counts: dict[str, list[int]] = {}
     for name, p in model.named_parameters():
-        train = is_trainable(name, provenance.get(name, "source"), stage, model.config, last_k)
+        train = is_trainable(name, provenance.get(name, "source"), stage, model.config, last_k, selector_gating)
         p.requires_grad_(train)
         c = counts.setdefault(component_of(name, model.config), [0, 0])
         c[0] += p.numel() if train else 0
@@ -248,16 +262,17 @@ def _tensorboard(run_dir: Path):
 
 
 def _losses(model: torch.nn.Module, out: dict[str, Any], targets: list[tuple[str, dict[str, Any]]],
-            dist: "Distributed | None") -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
-    """Per-task losses of each (output prefix, targets) and the MoE aux loss: of this batch, or of the global one."""
+            dist: "Distributed | None") -> tuple[list[dict[str, torch.Tensor]], torch.Tensor, torch.Tensor]:
+    """Per-task losses of each (output prefix, targets), the MoE aux loss and the hand-over loss:
+    of this batch, or of the global one."""
     if dist is not None:
         return dist.global_losses(out, targets, model.config.num_classes)
-    return [task_losses(out, t, prefix=prefix) for prefix, t in targets], model.aux_loss()
+    return [task_losses(out, t, prefix=prefix) for prefix, t in targets], model.aux_loss(), model.handover_loss()
 
 
 def train_step(model: torch.nn.Module, opts: Optimizers, batch: dict[str, Any], ubatch: dict[str, Any] | None,
                unsup_weight: float, aux_coef: float, skip_nonfinite: bool, step: int,
-               dist: "Distributed | None" = None) -> dict[str, float]:
+               dist: "Distributed | None" = None, handover_coef: float = 0.0) -> dict[str, float]:
     """Seed 004's step: unsupervised phase (gate frozen under no_grad), then supervised phase.
 
     With `dist`, `batch`/`ubatch` are this process's slices and the losses are those of the global batch.
@@ -268,28 +283,30 @@ def train_step(model: torch.nn.Module, opts: Optimizers, batch: dict[str, Any], 
         opts.opt2.zero_grad(set_to_none=True)
         out = model(ubatch["image"], gate_grad=False)
         pseudo = pseudo_targets({t: out[f"gate_{t}"] for t in ("seg", "sdf", "boundary")})
-        (per_task,), aux_u = _losses(model, out, [("", pseudo)], dist)
-        loss_u = unsup_weight * model.loss(per_task) + aux_coef * aux_u
+        (per_task,), aux_u, hand_u = _losses(model, out, [("", pseudo)], dist)
+        loss_u = unsup_weight * model.loss(per_task) + aux_coef * aux_u + handover_coef * hand_u
         if _finite(loss_u, step, skip_nonfinite):
             loss_u.backward()
             if dist is not None:
                 dist.after_backward()
             opts.opt1.step()
             opts.opt2.step()
+            model.constrain_()
         metrics["loss_unsup"] = loss_u.item()
     for opt in opts.named().values():
         opt.zero_grad(set_to_none=True)
     out = model(batch["image"])
-    (heads, gate), aux = _losses(model, out, [("", batch), ("gate_", batch)], dist)
+    (heads, gate), aux, handover = _losses(model, out, [("", batch), ("gate_", batch)], dist)
     per_task = {t: heads[t] + gate[t] for t in heads}
-    loss_s = model.loss(per_task) + aux_coef * aux
+    loss_s = model.loss(per_task) + aux_coef * aux + handover_coef * handover
     if _finite(loss_s, step, skip_nonfinite):
         loss_s.backward()
         if dist is not None:
             dist.after_backward()
         for opt in opts.named().values():
             opt.step()
-    metrics.update(loss_sup=loss_s.item(), aux=aux.item(), **{t: v.item() for t, v in heads.items()})
+        model.constrain_()
+    metrics.update(loss_sup=loss_s.item(), aux=aux.item(), handover=handover.item(), **{t: v.item() for t, v in heads.items()})
     metrics["loss"] = metrics["loss_sup"] + metrics["loss_unsup"]
     return metrics
 
@@ -358,9 +375,10 @@ def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], Non
         check_stage_input(src, cfg.stage)
     if dist is None:
         model = load_model(src.path)
-        counts = apply_stage(model, src.provenance, cfg.stage, cfg.last_k)
+        counts = apply_stage(model, src.provenance, cfg.stage, cfg.last_k, cfg.selector_gating)
     else:  # requires_grad is set before sharding; each process reads only its shards
-        model, counts = dist.build_model(src.path, lambda m: apply_stage(m, src.provenance, cfg.stage, cfg.last_k))
+        model, counts = dist.build_model(src.path, lambda m: apply_stage(m, src.provenance, cfg.stage, cfg.last_k,
+                                                                                 cfg.selector_gating))
     model_cfg = model.config
     if _device(model).type == "cpu":
         # Some CPU kernels reduce in an order that depends on threads and memory layout
@@ -371,6 +389,7 @@ def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], Non
     lr = cfg.lr if cfg.lr is not None else plan.lr
     aux_coef = cfg.aux_loss_coef if cfg.aux_loss_coef is not None else model_cfg.moe.aux_loss_coef
     data = open_labelled(Path(cfg.data), model_cfg.num_classes, model_cfg.img_size)
+    check_pseudo_labels(data, cfg.data)
     udata = None
     if cfg.unlabelled:
         from .data import UnlabelledFolder
@@ -409,7 +428,7 @@ def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], Non
     if main:
         _truncate_csv(run_dir / "metrics.csv", "step", step)
         _truncate_csv(run_dir / "selector_log.csv", "epoch", loader_state["epoch"] + (1 if loader_state["pos"] >= spe else 0))
-        metrics_log = CsvLog(run_dir / "metrics.csv", METRIC_FIELDS)
+        metrics_log = CsvLog(run_dir / "metrics.csv", METRIC_FIELDS + tuple(model.routing_keys()))
         selector_log = CsvLog(run_dir / "selector_log.csv", SELECTOR_FIELDS)
         tb = _tensorboard(run_dir)
     meta = build_meta(model_cfg, src.provenance, src.lineage, src.stages, _dtype(model), **_carry(src.meta))
@@ -442,7 +461,7 @@ def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], Non
             if dist is not None:
                 batch = dist.to_device(batch)
                 ubatch = dist.to_device(ubatch) if ubatch is not None else None
-            m = train_step(model, opts, batch, ubatch, unsup_w, aux_coef, cfg.skip_nonfinite, step, dist)
+            m = train_step(model, opts, batch, ubatch, unsup_w, aux_coef, cfg.skip_nonfinite, step, dist, cfg.handover_coef)
             step += 1
             if main and not state_file.exists():  # the run has really started: from now on it resumes
                 from upscale.checkpoint import atomic_write_text
@@ -450,13 +469,17 @@ def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], Non
                 atomic_write_text(state_file, json.dumps({"identity": identity, "source_digest": src.digest, "command": cfg.command}, indent=1) + "\n")
             sig = model.loss.log_vars.detach() if dist is None else dist.full_tensor(model.loss.log_vars.detach())
             row = dict(m, step=step, epoch=epoch, lr=lr * factor, alpha=alpha, unsup_weight=unsup_w,
-                       sigma_seg=float(sig[0]), sigma_sdf=float(sig[1]), sigma_boundary=float(sig[2]))
+                       sigma_seg=float(sig[0]), sigma_sdf=float(sig[1]), sigma_boundary=float(sig[2]),
+                       **model.routing_stats())
             if metrics_log is not None:
                 metrics_log.write(row)
             last_metrics = row
             if tb is not None:
                 for k in METRIC_FIELDS[2:]:
                     tb.add_scalar(f"train/{k}", row[k], step)
+                for k, v in row.items():  # new capacity engaging: new_share:<layer>, group_scale:<layer>:<g>
+                    if k.startswith(("new_share:", "group_scale:")):
+                        tb.add_scalar("routing/" + k.replace(":", "/"), v, step)
             epoch_end = loader.pos >= loader.steps_per_epoch
             if epoch_end and ((epoch + 1) % cfg.log_every == 0 or step >= total):
                 stats = model.selector.get_weight_stats() if dist is None else dist.selector_stats(model)

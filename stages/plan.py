@@ -3,7 +3,8 @@
 | stage | trains                                              | lr (default) |
 |-------|-----------------------------------------------------|--------------|
 | 1     | tensors whose provenance is not `source`, routers,  | 1e-2 (large) |
-|       | selector, gating, task-loss weights                 |              |
+|       | task-loss weights (source frozen, selector and      |              |
+|       | gating included, unless `selector_gating`)          |              |
 | 2     | stage 1 + FFN/MoE of the last K ViT blocks          | 1e-3         |
 | 3     | everything                                          | 1e-4 (tiny)  |
 
@@ -37,9 +38,12 @@ STAGES: dict[int, StagePlan] = {
     3: StagePlan(3, "full", 1e-4, "everything"),
 }
 
-# Seed 004: the selector is never frozen; the gate and the task-loss weights are
-# trained by their own optimizers in every stage. They are small.
-ALWAYS_TRAINED = ("selector.", "gating.", "loss.")
+# The task-loss sigmas are loss weights, not part of the model's function: they train in
+# every stage. The selector and gating model are source parts: the growth plan freezes
+# every source parameter in stage 1, seed 004 never freezes the selector. Stage 1 follows
+# the growth plan unless asked (`selector_gating=True`); stages 2 and 3 train them.
+LOSS_WEIGHTS = ("loss.",)
+SEED004_PARTS = ("selector.", "gating.")
 
 _BLOCK_MLP = re.compile(r"^image_encoder\.blocks\.(\d+)\.mlp\.")
 
@@ -50,12 +54,15 @@ def is_source(entry: Any) -> bool:
     return entry == "source"
 
 
-def is_trainable(name: str, provenance: Any, stage: int, cfg: SamMoEConfig, last_k: int = 4) -> bool:
+def is_trainable(name: str, provenance: Any, stage: int, cfg: SamMoEConfig, last_k: int = 4,
+                 selector_gating: bool = False) -> bool:
     """Whether tensor `name` trains in `stage` (see the module table)."""
     if stage >= 3:
         return True
-    if name.startswith(ALWAYS_TRAINED) or ".router." in name or not is_source(provenance):
+    if name.startswith(LOSS_WEIGHTS) or ".router." in name or not is_source(provenance):
         return True
+    if name.startswith(SEED004_PARTS):
+        return stage >= 2 or selector_gating
     if stage == 2:
         m = _BLOCK_MLP.match(name)
         return bool(m) and cfg.depth - last_k <= int(m.group(1)) < cfg.depth
@@ -63,7 +70,7 @@ def is_trainable(name: str, provenance: Any, stage: int, cfg: SamMoEConfig, last
 
 
 def stage_memory(cfg: SamMoEConfig, shapes: dict[str, tuple[int, ...]], provenance: dict[str, Any], esize: int,
-                 last_k: int = 4) -> dict[str, dict[str, int]]:
+                 last_k: int = 4, selector_gating: bool = False) -> dict[str, dict[str, int]]:
     """Bytes of weights, gradients and optimizer state per stage (activations excluded).
 
     Gradients and SGD-momentum buffers (seed 004's optimizer1) exist only for
@@ -73,7 +80,8 @@ def stage_memory(cfg: SamMoEConfig, shapes: dict[str, tuple[int, ...]], provenan
     numel = {n: _numel(s) for n, s in shapes.items()}
     total = sum(numel.values())
     for stage in STAGES:
-        trainable = sum(numel[n] for n in shapes if is_trainable(n, provenance.get(n, "source"), stage, cfg, last_k))
+        trainable = sum(numel[n] for n in shapes if is_trainable(n, provenance.get(n, "source"), stage, cfg, last_k,
+                                                                  selector_gating))
         out[f"stage{stage}"] = {
             "trainable_params": trainable,
             "weights_bytes": total * esize,

@@ -104,7 +104,7 @@ def _pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, b
             if not ((out / "masks" / f"{name}.png").exists() and (out / "confidence" / f"{name}.tif").exists())]
     if on_start:
         on_start(len(data_native), len(todo))
-    ignored = labelled = 0
+    ignored = labelled = pixels = 0
     for start in range(0, len(todo), batch_size):
         idx = todo[start : start + batch_size]
         items = [data_native[i] for i in idx]
@@ -117,6 +117,7 @@ def _pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, b
             mask = mask.numpy().astype(np.int64)
             mask[conf.numpy() < threshold] = IGNORE_INDEX
             ignored += int((mask == IGNORE_INDEX).sum())
+            pixels += mask.size
             name = it["name"]
             src_image = data_native.items[i].image
             _place_image(src_image, out / "images" / src_image.name)
@@ -126,4 +127,5 @@ def _pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, b
             if on_image:
                 on_image()
     shutil.rmtree(out / ".partial", ignore_errors=True)
-    return {"images": len(data_native), "labelled": labelled, "skipped": len(data_native) - len(todo), "ignored_pixels": ignored}
+    return {"images": len(data_native), "labelled": labelled, "skipped": len(data_native) - len(todo), "ignored_pixels": ignored,
+            "pixels": pixels, "kept_fraction": 1 - ignored / pixels if pixels else None}

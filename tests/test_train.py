@@ -46,7 +46,8 @@ from upscale.expand import GrowthSpec, expand_checkpoint, resolve_groups
 TINY = PRESETS["tiny"]  # depth 4, MoE in blocks 2, 3 and both decoder layers
 SAMOE = Path(sys.executable).with_name("samoe")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "120"}
-ALWAYS = ("selector.", "gating.", "loss.")
+LOSS_WEIGHTS = ("loss.",)  # the task-loss sigmas: the only source parameters stage 1 trains besides routers
+SEED004 = ("selector.", "gating.")
 
 
 # --------------------------------------------------------------------------- helpers and fixtures
@@ -152,12 +153,15 @@ def stage3(stage2: Path, data: Path, runs: Path) -> Path:
 
 
 def test_stage1_freezes_source_and_trains_new_parts(grown: Path, stage1: Path):
+    """The growth plan's stage 1: every source tensor except routers (and the loss sigmas) is bit-identical,
+    the selector and gating model included; every new tensor and router moves."""
     prov = Checkpoint.open(grown).provenance
     before, after = tensors(grown), tensors(stage1 / "final")
     params = param_names(grown)
     assert set(before) == set(after)
-    frozen = [n for n in before if prov[n] == "source" and ".router." not in n and not n.startswith(ALWAYS)]
+    frozen = [n for n in before if n in params and prov[n] == "source" and ".router." not in n and not n.startswith(LOSS_WEIGHTS)]
     assert len(frozen) > 150
+    assert any(n.startswith("selector.") for n in frozen) and any(n.startswith("gating.") for n in frozen)
     moved = [n for n in frozen if not torch.equal(before[n], after[n])]
     assert not moved, f"frozen source tensors changed in stage 1: {moved}"
     new = [n for n in before if n in params and (prov[n] != "source" or ".router." in n)]
@@ -165,8 +169,42 @@ def test_stage1_freezes_source_and_trains_new_parts(grown: Path, stage1: Path):
     unchanged = sorted(n for n in new if torch.equal(before[n], after[n]))
     assert not unchanged, unchanged
     for n in params:
-        if n.startswith(ALWAYS):
+        if n.startswith(LOSS_WEIGHTS):
             assert not torch.equal(before[n], after[n]), n
+
+
+def test_stage1_can_train_selector_and_gating_on_request(grown: Path, data: Path, runs: Path):
+    run = runs / "s1-seed004"
+    res = train("--stage", 1, "--from", grown, "--run-dir", run, "--data", data / "A", "--max-steps", 2,
+                "--train-selector-gating")
+    assert res.exit_code == 0, res.stderr
+    before, after = tensors(grown), tensors(run / "final")
+    for prefix in SEED004:
+        names = [n for n in before if n.startswith(prefix) and n in param_names(grown)]
+        assert names and any(not torch.equal(before[n], after[n]) for n in names), prefix
+
+
+def test_metrics_log_routing_engagement_every_step(grown: Path, stage1: Path):
+    """metrics.csv carries each MoE layer's new-group weight share and group scales, every step."""
+    rows = read_rows(stage1 / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    model = load_model(grown)
+    layers = [n for n, m in model.moe_layers()]
+    for name in layers:
+        assert f"new_share:{name}" in rows[0]
+        scales = [k for k in rows[0] if k.startswith(f"group_scale:{name}:")]
+        assert len(scales) == 2  # 8 experts: core group + 2 routed groups of 2 and 4
+    last = rows[-1]
+    # the logged scales are the checkpoint's (after the last step)
+    final = tensors(stage1 / "final")
+    for name in layers:
+        want = final[f"{name}.router.group_scale"].tolist()
+        got = [float(last[f"group_scale:{name}:{g}"]) for g in range(len(want))]
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-12)
+        assert 0.0 <= float(last[f"new_share:{name}"]) <= 1.0
+    assert any(float(last[f"new_share:{name}"]) > 0 for name in layers)
+    tb = list((stage1 / "tb").rglob("events.out.tfevents.*"))
+    assert tb
 
 
 def test_stage1_optimizer_state_only_for_trainable(grown: Path, stage1: Path):
@@ -175,7 +213,7 @@ def test_stage1_optimizer_state_only_for_trainable(grown: Path, stage1: Path):
     assert (stage1 / "checkpoints" / "latest").read_text().strip() == "step-2"
     prov = Checkpoint.open(grown).provenance
     params = param_names(grown)
-    trainable = {n for n in params if prov[n] != "source" or ".router." in n or n.startswith(ALWAYS)}
+    trainable = {n for n in params if prov[n] != "source" or ".router." in n or n.startswith(LOSS_WEIGHTS)}
     keys = load_file(str(stage1 / "checkpoints" / "step-2" / "optimizer.safetensors")).keys()
     by_opt: dict[str, set[str]] = {}
     for k in keys:
@@ -184,8 +222,8 @@ def test_stage1_optimizer_state_only_for_trainable(grown: Path, stage1: Path):
     named = set().union(*by_opt.values())
     assert named == trainable
     assert by_opt["optimizer2"] == {"loss.log_vars"}
-    assert by_opt["optimizer3"] == {n for n in params if n.startswith("gating.")}
-    assert not any(n.startswith(("gating.", "loss.")) for n in by_opt["optimizer1"])
+    assert "optimizer3" not in by_opt  # the gating model is a source part: frozen in stage 1
+    assert not any(n.startswith(("gating.", "loss.", "selector.")) for n in by_opt["optimizer1"])
     state = json.loads((stage1 / "checkpoints" / "step-2" / "trainer_state.json").read_text())
     assert state["step"] == 2
     g = {x["name"]: x for x in state["optimizers"]["optimizer1"]}
@@ -239,7 +277,7 @@ def test_stage2_unfreezes_last_k_block_mlp_only(grown: Path, stage1: Path, stage
         last = [n for n in last if not n.endswith(".router.group_gate.weight")]
     still = [n for n in last if torch.equal(before[n], after[n])]
     assert not still, still
-    frozen = [n for n in before if prov[n] == "source" and ".router." not in n and not n.startswith(ALWAYS)
+    frozen = [n for n in before if prov[n] == "source" and ".router." not in n and not n.startswith(LOSS_WEIGHTS + SEED004)
               and not n.startswith("image_encoder.blocks.3.mlp.")]
     assert any(n.startswith("image_encoder.blocks.0.") for n in frozen)
     assert any(n.startswith("image_encoder.blocks.2.mlp.") for n in frozen)
@@ -477,6 +515,20 @@ def test_pseudo_label_threshold_marks_ignore(src: Path, data: Path, runs: Path):
         total += int((mask == 255).sum())
     assert summary["ignored_pixels"] == total
     one_error_line(samoe("pseudo-label", src, "--images", data / "B", "--out", runs / "pl-x", "--threshold", 1.5))
+    assert summary["kept_fraction"] == pytest.approx(1 - total / (8 * 128 * 128))
+    assert "kept" in samoe("pseudo-label", src, "--images", data / "B", "--out", runs / "pl-thr2", "--threshold", 0.5).stdout
+
+
+def test_all_ignored_pseudo_labels_refused(src: Path, grown: Path, data: Path, runs: Path):
+    """A weak teacher with a high threshold can ignore every pixel: stage 1 must refuse, not train on zero losses."""
+    out = runs / "pl-all-ignored"
+    res = samoe("pseudo-label", src, "--images", data / "B", "--out", out, "--threshold", 1.0, "--json")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout[res.stdout.index("{"):])["kept_fraction"] == 0.0
+    run = runs / "s1-all-ignored"
+    res = train("--stage", 1, "--from", grown, "--run-dir", run, "--data", out, "--max-steps", 2)
+    one_error_line(res, str(out), "--threshold")
+    assert not (run / "final").exists()
 
 
 # --------------------------------------------------------------------------- non-finite loss
