@@ -5,9 +5,9 @@ live in one place:
 
 * **Ownership.** `--force` deletes only what samoe wrote: a directory holding the
   marker `.samoe-owner.json` (written by demo-data, train, pseudo-label) or a
-  format's own file (a checkpoint's `samoe.json`, a run directory's `run.json`),
-  or an empty directory. A user's folder, a regular file or a symlink is refused,
-  with or without `--force`.
+  format's own file (a checkpoint's `samoe.json`, a run directory's `run.json`,
+  demo data's `demo-data.json`), or an empty directory. A user's folder, a
+  regular file or a symlink is refused, with or without `--force`.
 * **Never its own input.** An output that is, contains or lies inside one of the
   command's inputs is refused before anything is deleted or written.
 * **One job per output.** An exclusive `flock` (the `filelock` package) on
@@ -64,6 +64,9 @@ def owner(directory: Path) -> str | None:
     run = _read_json(d / "run.json")
     if run is not None and "identity" in run:
         return "train"
+    demo = _read_json(d / "demo-data.json")  # demo data written before the marker existed
+    if demo is not None and "counts" in demo:
+        return "demo-data"
     return None
 
 
