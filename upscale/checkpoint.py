@@ -118,7 +118,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         if not (isinstance(entry, dict) and set(entry) == {"dtype", "shape", "data_offsets"}
-                and entry["dtype"] in ST_ITEMSIZE and _int_list(entry["shape"]) and _int_list(entry["data_offsets"])
+                and isinstance(entry["dtype"], str) and entry["dtype"] in ST_ITEMSIZE and _int_list(entry["shape"]) and _int_list(entry["data_offsets"])
                 and len(entry["data_offsets"]) == 2 and entry["data_offsets"][0] <= entry["data_offsets"][1]):
             raise SamoeError(f"{path}: malformed header entry for tensor {name!r}: re-create the file")
         (lo, hi), shape = entry["data_offsets"], tuple(entry["shape"])
@@ -194,9 +194,11 @@ def clean_stale_temporaries(out: Path) -> None:
 
 def prepare_output(out: Path, force: bool) -> None:
     """Refuse to overwrite without --force, and never overwrite something that is not ours."""
-    from .ownership import check_replaceable
-
-    check_replaceable(out, force)
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise SamoeError(f"{out} already exists: choose another --out or pass --force to replace it")
+        if not out.is_dir() or any(out.iterdir()) and not (out / META_FILE).exists():
+            raise SamoeError(f"{out} exists and is not a samoe checkpoint: refusing to replace it even with --force")
     parent = out.parent
     if not parent.exists():
         parent.mkdir(parents=True, exist_ok=True)
@@ -389,7 +391,7 @@ def check_meta(meta: dict[str, Any], where: Path) -> None:
         if not (isinstance(info, dict) and isinstance(info.get("sha256"), str) and len(info["sha256"]) == 64
                 and set(info["sha256"]) <= _HEX and type(info.get("bytes")) is int and info["bytes"] >= 0):
             raise bad(f"files[{name!r}]", "{\"sha256\": 64 hex digits, \"bytes\": a size}")
-    if "dtype" in meta and meta["dtype"] not in DTYPES:
+    if "dtype" in meta and (not isinstance(meta["dtype"], str) or meta["dtype"] not in DTYPES):
         raise bad("dtype", " or ".join(DTYPES))
     prov = meta.get("provenance", {})
     if not isinstance(prov, dict) or not all(isinstance(v, str) or isinstance(v, list) and all(isinstance(e, str) for e in v)
