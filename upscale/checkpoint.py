@@ -194,11 +194,9 @@ def clean_stale_temporaries(out: Path) -> None:
 
 def prepare_output(out: Path, force: bool) -> None:
     """Refuse to overwrite without --force, and never overwrite something that is not ours."""
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise SamoeError(f"{out} already exists: choose another --out or pass --force to replace it")
-        if not out.is_dir() or any(out.iterdir()) and not (out / META_FILE).exists():
-            raise SamoeError(f"{out} exists and is not a samoe checkpoint: refusing to replace it even with --force")
+    from .ownership import check_replaceable
+
+    check_replaceable(out, force)
     parent = out.parent
     if not parent.exists():
         parent.mkdir(parents=True, exist_ok=True)
