@@ -190,10 +190,11 @@ def test_metrics_log_routing_engagement_every_step(grown: Path, stage1: Path):
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     model = load_model(grown)
     layers = [n for n, m in model.moe_layers()]
+    routed = len(model.config.moe.groups) - model.config.moe.core_groups
     for name in layers:
         assert f"new_share:{name}" in rows[0]
         scales = [k for k in rows[0] if k.startswith(f"group_scale:{name}:")]
-        assert len(scales) == 2  # 8 experts: core group + 2 routed groups of 2 and 4
+        assert len(scales) == routed >= 1
     last = rows[-1]
     # the logged scales are the checkpoint's (after the last step)
     final = tensors(stage1 / "final")
