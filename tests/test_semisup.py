@@ -254,8 +254,23 @@ def _batch_for(b: int, c: int, h: int, w: int, **kw) -> tuple[dict, dict]:
 
 
 def soft_dice_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The Dice part of the seg loss: task_losses' seg minus a plain cross-entropy (checked by hand below)."""
     b, c, h, w = logits.shape
-    return task_losses(*_batch_for(b, c, h, w, pred_seg=logits, mask=mask))["seg"]
+    seg = task_losses(*_batch_for(b, c, h, w, pred_seg=logits, mask=mask))["seg"]
+    valid = mask != 255
+    ce = F.cross_entropy(logits, mask.clamp(max=c - 1), reduction="none")[valid]
+    return seg - (ce.mean() if ce.numel() else 0.0)
+
+
+def test_seg_loss_adds_pixel_cross_entropy_by_hand():
+    q = torch.tensor([[0.5, 0.75], [0.25, 0.9]])
+    mask = torch.tensor([[[1, 1], [0, 255]]])
+    b, c, h, w = 1, 2, 2, 2
+    seg = float(task_losses(*_batch_for(b, c, h, w, pred_seg=_logits_for(q), mask=mask))["seg"])
+    # Dice over the 3 valid pixels: class 1 inter .5+.75 = 1.25, denom 1.5 + 2; class 0 inter .75, denom 1.5 + 1
+    dice = 1 - (2 * 1.25 / 3.5 + 2 * 0.75 / 2.5) / 2
+    ce = -(math.log(0.5) + math.log(0.75) + math.log(0.75)) / 3
+    assert seg == pytest.approx(dice + ce, abs=1e-5)
 
 
 def sdf_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -373,7 +388,8 @@ def test_confidence_weights_every_loss_by_hand():
         inter = sum(w[i] * float(p[c, i]) * t[i] for i in range(3))
         denom = sum(w[i] * float(p[c, i]) for i in range(3)) + sum(w[i] * t[i] for i in range(3))
         dice.append((2 * inter + 1e-5) / (denom + 1e-5))
-    assert got["seg"] == pytest.approx(1 - sum(dice) / 2, abs=1e-6)
+    ce = [-math.log(float(p[int(mask[0, 0, i]), i])) for i in range(3)]
+    assert got["seg"] == pytest.approx(1 - sum(dice) / 2 + sum(w[i] * ce[i] for i in range(3)) / sum(w), abs=1e-6)
     e = [(math.tanh(float(sdf_pred[0, 0, 0, i])) - float(sdf_t[0, 0, 0, i])) ** 2 for i in range(3)]
     assert got["sdf"] == pytest.approx(2 * sum(w[i] * e[i] for i in range(3)) / (2 * 3), abs=1e-6)
     pb = [1 / (1 + math.exp(-float(bnd[0, 0, 0, i]))) for i in range(3)]
