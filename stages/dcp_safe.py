@@ -160,6 +160,8 @@ def check_metadata(md: Any, step: Path, path: Path) -> dcp_meta.Metadata:
 
 def read_metadata(step: Path, rank: int | None = None) -> dcp_meta.Metadata:
     """The validated metadata of the DCP directory `step` (global, or one rank's local file)."""
+    if step.is_symlink():
+        raise _damaged(step, "a link: samoe reads checkpoints only from inside the run directory")
     path = step / (METADATA_FILE if rank is None else f"__{rank}{METADATA_FILE}")
     return check_metadata(load_metadata(path), step, path)
 
