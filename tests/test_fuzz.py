@@ -10,7 +10,8 @@ runs on it through the CLI. Oracles, for every generated case:
 * exit 2 prints exactly one `error:` line on stderr and no traceback;
 * `--verify` exits 2 whenever a shard's bytes changed (the digests are recorded);
   an index whose weight_map differs from the true one is always exit 2;
-* nothing is left behind in the directory and each case takes bounded time.
+* nothing is left behind in the directory, each case takes bounded time and
+  the process's peak memory never grows by more than 512 MiB.
 
 Examples per test: SAMOE_FUZZ_EXAMPLES (default 80, three tests: 240 cases), with a
 fixed derandomized seed so the suite is reproducible.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import struct
 import tempfile
@@ -59,10 +61,27 @@ def multi(base: Path, tmp_path_factory) -> Path:
                       shard_bytes=200_000)
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+MEMORY = 512 * 1024**2  # no generated case may raise the peak by more (a tiny checkpoint is ~1 MB)
+_PEAK = {"before": 0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def peak_before():
+    """The peak before this module's cases (earlier test modules may have raised it; it never falls)."""
+    _PEAK["before"] = peak_rss()
+
+
 def run_cli(*args) -> tuple[int, str]:
     t = time.perf_counter()
     res = CliRunner().invoke(cli.app, [str(a) for a in args])
     assert time.perf_counter() - t < SECONDS, f"{args} took {time.perf_counter() - t:.1f}s"
+    grown = peak_rss() - _PEAK["before"]
+    assert grown < MEMORY, f"{args} raised peak memory by {grown >> 20} MiB"
     assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
     assert res.exit_code in (0, 2), (res.exit_code, res.stderr[-800:])
     assert "Traceback" not in res.stderr + res.stdout
