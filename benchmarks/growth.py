@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 GROW = ["--experts", "16", "--groups", "4", "--extra-blocks", "1"]
 STAGE_SHARE = {1: 0.4, 2: 0.3, 3: 0.3}
-STAGE_LR = {1: 0.05, 2: 0.02, 3: 0.01}
+STAGE_LR = {1: 0.1, 2: 0.1, 3: 0.05}  # (b)'s stages; (a) continues at --further-lr
 
 
 def samoe(*args: str) -> str:
@@ -127,7 +127,7 @@ def one_seed(w: Path, d: Path, seed: int, args: argparse.Namespace) -> dict:
     src = train(3, w / "init", w / "source", A, U, s_steps, args.lr, seed, force_input=True)
     # (a) the source trained further
     a_steps = max(1, round(E / f_src))
-    fa = train(3, src, w / "a", A, U, a_steps, STAGE_LR[2], seed, force_input=True)
+    fa = train(3, src, w / "a", A, U, a_steps, args.further_lr, seed, force_input=True)
     # (b) grow, pseudo-label, stages 1-3
     samoe("expand", str(src), "--out", str(w / "grown"), *GROW, "--noise-std", "0.01", "--seed", str(seed),
           "--verify", str(A), "--verify-tol", "1e-5")
@@ -159,11 +159,12 @@ def main() -> None:
     ap.add_argument("--labelled", type=int, default=128)
     ap.add_argument("--unlabelled", type=int, default=128)
     ap.add_argument("--test", type=int, default=48)
-    ap.add_argument("--source-epochs", type=int, default=8, help="source training, in epochs of A")
+    ap.add_argument("--source-epochs", type=int, default=16, help="source training, in epochs of A")
     ap.add_argument("--semisup", action="store_true", help="every arm also runs seed 004's unsupervised phase on B")
     ap.add_argument("--extra", type=float, default=0.5, help="extra compute E as a fraction of the source's S")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=0.05, help="lr of training from scratch")
+    ap.add_argument("--lr", type=float, default=0.2, help="lr of training from scratch (0.05 left a 10-class model flat)")
+    ap.add_argument("--further-lr", type=float, default=0.1, help="lr of (a), the source trained further")
     ap.add_argument("--bootstrap", type=int, default=2000)
     args = ap.parse_args()
     from stages.evaluate import METRICS, bootstrap_diff
