@@ -168,7 +168,7 @@ def read_run_json(path: Path) -> dict[str, Any]:
 
 
 def _loader_state(v: Any) -> bool:
-    return isinstance(v, dict) and all(type(v.get(k)) is int and v[k] >= 0 for k in ("epoch", "pos"))
+    return isinstance(v, dict) and set(v) == {"epoch", "pos"} and all(type(v[k]) is int and 0 <= v[k] < 2**31 for k in v)
 
 
 def read_trainer_state(step_dir: Path) -> dict[str, Any]:

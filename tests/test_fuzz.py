@@ -4,7 +4,10 @@ Hypothesis mutates a real tiny checkpoint: its safetensors shard header (near-va
 perturbations of shapes, offsets and dtypes, foreign JSON values, raw bytes, a wrong
 length prefix, truncation), its index file (`weight_map`) and its `samoe.json`
 (config fields, digests, lineage). Then `samoe inspect-checkpoint` (and `--verify`)
-runs on it through the CLI. Oracles, for every generated case:
+runs on it through the CLI. A fourth property damages a run's `trainer_state.json`
+(any field, a few levels deep) and resumes from it in-process: it must be refused
+with a one-line `SamoeError`, or else everything the engine reads next has its type.
+Oracles, for every generated checkpoint case:
 
 * the exit code is 0 or 2, never 1 (an internal error) and never an escaped exception;
 * exit 2 prints exactly one `error:` line on stderr and no traceback;
@@ -13,7 +16,7 @@ runs on it through the CLI. Oracles, for every generated case:
 * nothing is left behind in the directory, each case takes bounded time and
   the process's peak memory never grows by more than 512 MiB.
 
-Examples per test: SAMOE_FUZZ_EXAMPLES (default 80, three tests: 240 cases), with a
+Examples per test: SAMOE_FUZZ_EXAMPLES (default 80, four tests: 320 cases), with a
 fixed derandomized seed so the suite is reproducible.
 """
 
@@ -285,3 +288,86 @@ def test_fuzz_samoe_json(base, change):
         code, err = run_cli("inspect-checkpoint", ckpt, "--verify")
         if doc != before and where == "config" and field not in SHAPE_NEUTRAL:
             assert code == 2, f"a changed config passed --verify: {field}={value!r}"
+
+
+# --------------------------------------------------------------------------- trainer_state.json of a run
+
+
+@pytest.fixture(scope="module")
+def resumable(tmp_path_factory):
+    """A stage-1 step checkpoint of a tiny grown model, and the model and optimizers a resume loads it into."""
+    from stages.data import make_demo_data
+    from stages.engine import apply_stage
+    from stages.optim import build_optimizers
+    from upscale.expand import GrowthSpec, expand_checkpoint, resolve_groups
+
+    root = tmp_path_factory.mktemp("fzrun")
+    make_demo_data(root / "d", labelled=4, unlabelled=0, test=0, size=128, seed=0)
+    src = init_from_preset(PRESETS["tiny"], root / "src", 0, torch.float32, ["test"], False)
+    grown = expand_checkpoint(src, root / "g", GrowthSpec(experts=6, groups=resolve_groups(4, 6, "2", 1), extra_blocks=0,
+                                                          noise_std=0.01), ["test"])
+    res = CliRunner().invoke(cli.app, [str(a) for a in ["train", "--stage", 1, "--from", grown, "--data", root / "d" / "A",
+                                                         "--run-dir", root / "run", "--batch-size", 4, "--max-steps", 2,
+                                                         "--checkpoint-every", 1]])
+    assert res.exit_code == 0, res.stderr
+    model = load_model(grown)
+    apply_stage(model, Checkpoint.open(grown).provenance, 1, 1)
+    return root / "run" / "checkpoints" / "step-1", model, build_optimizers(model, 0.01)
+
+
+@st.composite
+def state_changes(draw, doc: dict):
+    """A path into trainer_state.json (top-level key first, then a few random steps down) and what to do there."""
+    path: list = [draw(st.sampled_from(sorted(doc)))]
+    node = doc[path[0]]
+    for _ in range(draw(st.integers(0, 3))):
+        if isinstance(node, dict) and node:
+            key = draw(st.sampled_from(sorted(node)))
+        elif isinstance(node, list) and node:
+            key = draw(st.integers(0, len(node) - 1))
+        else:
+            break
+        path.append(key)
+        node = node[key]
+    action = draw(st.sampled_from(["set", "set", "delete"]))
+    value = draw(st.one_of(json_values, near_ints, st.lists(near_ints, max_size=3)))
+    return path, action, value
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_trainer_state(resumable, data):
+    import random
+
+    import numpy as np
+
+    from stages.checkpointer import Checkpointer
+
+    step, model, opts = resumable
+    doc = json.loads((step / "trainer_state.json").read_text())
+    path, action, value = data.draw(state_changes(doc))
+    with Copy(step) as copy:
+        target = doc
+        for key in path[:-1]:
+            target = target[key]
+        if action == "delete":
+            del target[path[-1]]
+        else:
+            target[path[-1]] = value
+        (copy / "trainer_state.json").write_text(json.dumps(doc))
+        rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+        try:
+            state = Checkpointer(copy.parent / "run").load(copy, model, opts)
+        except SamoeError as e:
+            assert "\n" not in str(e)
+        else:  # accepted: everything the engine reads next has its type
+            assert type(state["step"]) is int and state["step"] >= 0
+            for key in ("loader", "uloader"):
+                assert set(state[key]) == {"epoch", "pos"} and all(type(v) is int for v in state[key].values())
+            for opt in opts.named().values():
+                for group in opt.param_groups:
+                    assert all(type(group[k]) in (int, float) for k in ("lr", "weight_decay")), group
+        finally:
+            torch.set_rng_state(rng[0])
+            np.random.set_state(rng[1])
+            random.setstate(rng[2])
