@@ -765,6 +765,23 @@ def _smooth_noise(rng: np.random.Generator, size: int, radius: int) -> np.ndarra
     return (a - a.mean()) / (a.std() + 1e-12)
 
 
+def river_band(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, shift: float, amp: tuple[float, float],
+               period: tuple[float, float], half_width: tuple[float, float]) -> np.ndarray:
+    """A meandering band at a random angle (bool H x W); ranges are fractions of the scene size.
+
+    Its centre line passes within `shift` of the scene centre; a sine of amplitude
+    `amp` and wavelength `period` bends it; `half_width` is half its width.
+    """
+    size = xx.shape[0]
+    theta = rng.uniform(0, np.pi)
+    u = xx * np.cos(theta) + yy * np.sin(theta)
+    v = -xx * np.sin(theta) + yy * np.cos(theta)
+    centre = (size / 2) * (np.cos(theta) - np.sin(theta)) + rng.uniform(-shift, shift) * size
+    a, wavelength, phase = rng.uniform(*amp) * size, rng.uniform(*period) * size, rng.uniform(0, 2 * np.pi)
+    half = rng.uniform(*half_width) * size
+    return np.abs(v - centre - a * np.sin(2 * np.pi * u / wavelength + phase)) < half
+
+
 def _demo_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic scene: (float32 (2, H, W) VV/VH linear sigma0, uint8 (H, W) class ids)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
@@ -773,14 +790,7 @@ def _demo_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nda
     mask = np.where(field > np.quantile(field, rng.uniform(0.35, 0.65)), 2, 3).astype(np.uint8)
     # Water: a meandering river band at a random angle, or a lake.
     if rng.random() < 0.75:
-        theta = rng.uniform(0, np.pi)
-        u = xx * np.cos(theta) + yy * np.sin(theta)
-        v = -xx * np.sin(theta) + yy * np.cos(theta)
-        # v of the image centre, shifted by up to a quarter of the scene
-        centre = (size / 2) * (np.cos(theta) - np.sin(theta)) + rng.uniform(-0.25, 0.25) * size
-        amp, period, phase = rng.uniform(0.03, 0.12) * size, rng.uniform(0.5, 1.5) * size, rng.uniform(0, 2 * np.pi)
-        half_width = rng.uniform(0.03, 0.07) * size
-        mask[np.abs(v - centre - amp * np.sin(2 * np.pi * u / period + phase)) < half_width] = 0
+        mask[river_band(rng, xx, yy, shift=0.25, amp=(0.03, 0.12), period=(0.5, 1.5), half_width=(0.03, 0.07))] = 0
     else:
         lake = _smooth_noise(rng, size, size // 8)
         mask[lake > np.quantile(lake, rng.uniform(0.8, 0.9))] = 0

@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .data import _smooth_noise as _smooth
+from .data import river_band
+
 HARD_CLASS_NAMES: tuple[str, ...] = (
     "calm_water", "rough_water", "dense_urban", "suburban", "forest",
     "wetland", "cropland", "grassland", "bare_soil", "sand",
@@ -50,12 +53,6 @@ _RADIOMETRY: dict[int, tuple[float, float, int, float, float]] = {
 _POINT_DENSITY = {2: 0.03, 3: 0.006}  # bright point scatterers per pixel (urban classes)
 
 
-def _smooth(rng: np.random.Generator, size: int, radius: int) -> np.ndarray:
-    from .data import _smooth_noise
-
-    return _smooth_noise(rng, size, radius)
-
-
 def hard_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """One scene: (float32 (2, H, W) VV/VH linear sigma0, uint8 (H, W) class ids 0..9)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
@@ -71,13 +68,7 @@ def hard_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndar
     # Water: a meandering river (calm or rough) or a lake.
     water = 1 if rng.random() < 0.4 else 0
     if rng.random() < 0.7:
-        theta = rng.uniform(0, np.pi)
-        u = xx * np.cos(theta) + yy * np.sin(theta)
-        v = -xx * np.sin(theta) + yy * np.cos(theta)
-        centre = (size / 2) * (np.cos(theta) - np.sin(theta)) + rng.uniform(-0.3, 0.3) * size
-        amp, period, phase = rng.uniform(0.03, 0.1) * size, rng.uniform(0.6, 1.5) * size, rng.uniform(0, 2 * np.pi)
-        half = rng.uniform(0.04, 0.09) * size
-        mask[np.abs(v - centre - amp * np.sin(2 * np.pi * u / period + phase)) < half] = water
+        mask[river_band(rng, xx, yy, shift=0.3, amp=(0.03, 0.1), period=(0.6, 1.5), half_width=(0.04, 0.09))] = water
     else:
         lake = _smooth(rng, size, size // 8)
         mask[lake > np.quantile(lake, rng.uniform(0.75, 0.88))] = water
