@@ -221,14 +221,20 @@ def apply_stage(model: torch.nn.Module, provenance: dict[str, Any], stage: int, 
 
 def _truncate_csv(path: Path, key: str, last: float) -> None:
     """Drop rows written after the checkpoint we resume from (they will be written again)."""
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-        fields = rows[0].keys() if rows else None
-    if fields is None:
-        return
-    kept = [r for r in rows if float(r[key]) <= last]
+    fix = "the run directory is damaged; pass --force to start over or use a new --run-dir"
+    if path.is_symlink() or not path.is_file():
+        raise SamoeError(f"{path} is not a regular file of the run (a link or a folder): samoe never writes through it; {fix}")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+            fields = rows[0].keys() if rows else None
+        if fields is None:
+            return
+        kept = [r for r in rows if float(r[key]) <= last]
+    except (ValueError, KeyError, TypeError, csv.Error) as e:  # UnicodeDecodeError is a ValueError
+        raise SamoeError(f"{path} is damaged ({type(e).__name__}): {fix}") from None
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(fields))
         w.writeheader()

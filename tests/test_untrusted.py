@@ -420,3 +420,19 @@ def test_oversized_image_in_data_is_exit_2_naming_it(grown, data, tmp_path, monk
     res = samoe("train", "--stage", 1, "--from", grown, "--data", folder, "--run-dir", tmp_path / "run",
                 "--batch-size", 4, "--max-steps", 1)
     one_error_line(res, image.name, "pixel")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "no-step-column", "link"])
+def test_damaged_or_linked_metrics_csv_is_exit_2_and_nothing_outside_is_written(grown, data, stopped, tmp_path, damage):
+    metrics = stopped / "metrics.csv"
+    outside = tmp_path / "precious.txt"
+    outside.write_text("step,loss\n1,keep me\n")
+    if damage == "garbage":
+        metrics.write_bytes(b"step,loss\n\xff\xfe,1\n")
+    elif damage == "no-step-column":
+        metrics.write_text("loss\n1.0\n")
+    else:
+        metrics.unlink()
+        metrics.symlink_to(outside)
+    one_error_line(samoe(*train_args(grown, data, stopped)), "metrics.csv")
+    assert outside.read_text() == "step,loss\n1,keep me\n"
