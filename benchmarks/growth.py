@@ -38,10 +38,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 GROW = ["--experts", "16", "--groups", "4", "--extra-blocks", "1"]
 STAGE_SHARE = {1: 0.4, 2: 0.3, 3: 0.3}
-STAGE_LR = {1: 0.1, 2: 0.1, 3: 0.05}  # (b)'s stages; (a) continues at --further-lr
 
 
-def samoe(*args: str) -> str:
+def samoe(*args: str, out: Path | None = None) -> str:
+    """Run one samoe command; with --reuse, skip it when its output `out` is already complete."""
+    if REUSE and out is not None and ((out / "samoe.json").exists() or (out / "final" / "samoe.json").exists()
+                                      or (out / ".samoe-owner.json").exists() and (out / "masks").is_dir()):
+        print(f"  reused  {out}", flush=True)
+        return ""
     t = time.perf_counter()
     # `python -m cli` from the repository root: a copy of the tree benchmarks itself, not the installed one
     proc = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=REPO)
@@ -101,22 +105,23 @@ def concat(stats: list):
 
 
 def train(stage: int, src: Path, run: Path, data: Path, unlabelled: Path | None, steps: int, lr: float, seed: int,
-          force_input: bool = False) -> Path:
+          force_input: bool = False, extra: tuple[str, ...] = ()) -> Path:
     args = ["train", "--stage", str(stage), "--from", str(src), "--run-dir", str(run), "--data", str(data),
             "--max-steps", str(steps), "--lr", str(lr), "--seed", str(seed), "--checkpoint-every", "100000"]
     if unlabelled is not None:
         args += ["--unlabelled", str(unlabelled)]
     if force_input:
         args.append("--force")
-    samoe(*args)
+    samoe(*args, *extra, out=run)
     return run / "final"
 
 
 def one_seed(w: Path, d: Path, seed: int, args: argparse.Namespace) -> dict:
     A, B, test = d / "A", d / "B", d / "A-test"
-    samoe("init", "--preset", "tiny", "--num-classes", "10", "--out", str(w / "init"), "--seed", str(seed))
+    samoe("init", "--preset", "tiny", "--num-classes", "10", "--out", str(w / "init"), "--seed", str(seed), out=w / "init")
     # the grown architecture from scratch: grow the untrained init (extra block = identity, experts = copies + noise)
-    samoe("expand", str(w / "init"), "--out", str(w / "init-grown"), *GROW, "--noise-std", "0.5", "--seed", str(seed))
+    samoe("expand", str(w / "init"), "--out", str(w / "init-grown"), *GROW, "--noise-std", "0.5", "--seed", str(seed),
+          out=w / "init-grown")
     U = B if args.semisup else None  # the seed-004 unsupervised phase doubles each step's cost
     f_src = step_flops(w / "init", 3, A, U, args.batch_size)
     f_big = step_flops(w / "init-grown", 3, A, U, args.batch_size)
@@ -127,19 +132,21 @@ def one_seed(w: Path, d: Path, seed: int, args: argparse.Namespace) -> dict:
     src = train(3, w / "init", w / "source", A, U, s_steps, args.lr, seed, force_input=True)
     # (a) the source trained further
     a_steps = max(1, round(E / f_src))
-    fa = train(3, src, w / "a", A, U, a_steps, args.further_lr, seed, force_input=True)
+    x = args.arm_suffix
+    fa = train(3, src, w / f"a{x}", A, U, a_steps, args.further_lr, seed, force_input=True)
     # (b) grow, pseudo-label, stages 1-3
     samoe("expand", str(src), "--out", str(w / "grown"), *GROW, "--noise-std", "0.01", "--seed", str(seed),
-          "--verify", str(A), "--verify-tol", "1e-5")
+          "--verify", str(A), "--verify-tol", "1e-5", out=w / "grown")
     # confidence weights the loss; no threshold (a weak teacher would have every pixel dropped)
-    samoe("pseudo-label", str(src), "--images", str(B), "--out", str(w / "B-pseudo"))
+    samoe("pseudo-label", str(src), "--images", str(B), "--out", str(w / "B-pseudo"), out=w / "B-pseudo")
     f_b = {1: step_flops(w / "grown", 1, w / "B-pseudo", None, args.batch_size),
            2: step_flops(w / "grown", 2, A, U, args.batch_size),
            3: step_flops(w / "grown", 3, A, U, args.batch_size)}
     b_steps = {k: max(1, round(STAGE_SHARE[k] * E / f_b[k])) for k in (1, 2, 3)}
-    s1 = train(1, w / "grown", w / "s1", w / "B-pseudo", None, b_steps[1], STAGE_LR[1], seed)
-    s2 = train(2, s1, w / "s2", A, U, b_steps[2], STAGE_LR[2], seed)
-    fb = train(3, s2, w / "s3", A, U, b_steps[3], STAGE_LR[3], seed)
+    lr_b, hand = args.stage_lrs, ("--handover-coef", str(args.handover_coef))
+    s1 = train(1, w / "grown", w / f"s1{x}", w / "B-pseudo", None, b_steps[1], lr_b[0], seed, extra=hand)
+    s2 = train(2, s1, w / f"s2{x}", A, U, b_steps[2], lr_b[1], seed, extra=hand)
+    fb = train(3, s2, w / f"s3{x}", A, U, b_steps[3], lr_b[2], seed, extra=hand)
     # (c) the grown architecture from scratch, compute S + E
     c_steps = max(1, round((S + E) / f_big))
     fc = train(3, w / "init-grown", w / "c", A, U, c_steps, args.lr, seed, force_input=True)
@@ -165,15 +172,24 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=0.2, help="lr of training from scratch (0.05 left a 10-class model flat)")
     ap.add_argument("--further-lr", type=float, default=0.1, help="lr of (a), the source trained further")
+    ap.add_argument("--stage-lrs", type=float, nargs=3, default=[0.1, 0.1, 0.05], help="lr of (b)'s stages 1, 2, 3")
+    ap.add_argument("--handover-coef", type=float, default=0.1, help="(b)'s hand-over loss weight (samoe train's option)")
+    ap.add_argument("--reuse", action="store_true", help="keep --work and skip every step whose output exists "
+                    "(e.g. rerun (a) and (b) with other learning rates under --arm-suffix)")
+    ap.add_argument("--arm-suffix", default="", help="run-dir suffix of (a)'s and (b)'s runs")
     ap.add_argument("--bootstrap", type=int, default=2000)
     args = ap.parse_args()
     from stages.evaluate import METRICS, bootstrap_diff
 
+    global REUSE
+    REUSE = args.reuse
     t0 = time.perf_counter()
-    shutil.rmtree(args.work, ignore_errors=True)
+    if not args.reuse:
+        shutil.rmtree(args.work, ignore_errors=True)
     d = args.work / "data"
-    samoe("demo-data", "--preset", "hard", "--out", str(d), "--labelled", str(args.labelled),
-          "--unlabelled", str(args.unlabelled), "--test", str(args.test), "--seed", "1234")
+    if not (d / "demo-data.json").exists():
+        samoe("demo-data", "--preset", "hard", "--out", str(d), "--labelled", str(args.labelled),
+              "--unlabelled", str(args.unlabelled), "--test", str(args.test), "--seed", "1234")
     runs = {}
     for seed in args.seeds:
         print(f"seed {seed}", flush=True)
@@ -205,7 +221,7 @@ def main() -> None:
           + ", ".join(f"{k.replace('image_encoder.blocks.', 'enc').replace('mask_decoder.transformer.layers.', 'dec').removesuffix('.mlp')}"
                       f" {v['new_weight_share']:.3f}" for k, v in route.items()))
     report["compute"] = {s: runs[s]["compute"] for s in args.seeds}
-    (args.work.parent / f"{args.work.name}.json").write_text(json.dumps(report, indent=1, default=float))
+    (args.work.parent / f"{args.work.name}{args.arm_suffix}.json").write_text(json.dumps(report, indent=1, default=float))
 
 
 if __name__ == "__main__":
