@@ -579,7 +579,8 @@ def _find_masks(root: Path, stems: Sequence[str], sub: str = "masks") -> dict[st
     return found
 
 
-def _check_mask(path: Path, hw: tuple[int, int], num_classes: int, ignore_index: int) -> None:
+def _check_mask(path: Path, hw: tuple[int, int], num_classes: int, ignore_index: int) -> np.ndarray:
+    """Read a mask and check its size and class ids; return it."""
     mask = read_mask(path)
     if mask.shape != hw:
         raise DataError(f"mask {path} is {mask.shape[0]}x{mask.shape[1]} but its image is {hw[0]}x{hw[1]}: regenerate the mask at the image size")
@@ -590,6 +591,7 @@ def _check_mask(path: Path, hw: tuple[int, int], num_classes: int, ignore_index:
             f"mask {path} has class id(s) {bad[:5].tolist()} >= num_classes={num_classes} "
             f"(ignore is {ignore_index}): fix the mask or raise num_classes"
         )
+    return mask
 
 
 def _resize(t: torch.Tensor, size: tuple[int, int] | None, mode: str) -> torch.Tensor:
@@ -677,7 +679,10 @@ class LabelledFolder(UnlabelledFolder):
         masks = _find_masks(self.root, self.names)
         self.items = [_Item(it.name, it.image, masks[it.name]) for it in self.items]
         for it in self.items:
-            _check_mask(it.mask, self._hw[it.name], num_classes, ignore_index)  # type: ignore[arg-type]
+            self._mask_checked(it, _check_mask(it.mask, self._hw[it.name], num_classes, ignore_index))  # type: ignore[arg-type]
+
+    def _mask_checked(self, item: _Item, mask: np.ndarray) -> None:
+        """Called once per item with its mask, read at construction anyway (subclasses use it: no second read)."""
 
     def _targets(self, item: _Item) -> dict[str, Any]:
         mask = torch.from_numpy(read_mask(item.mask).astype(np.int64))  # type: ignore[arg-type]
@@ -712,25 +717,30 @@ class PseudoLabelFolder(LabelledFolder):
         ignore_index: int = IGNORE_INDEX,
         boundary_radius: int = 2,
     ) -> None:
+        self._kept = self._total = 0.0
         super().__init__(root, num_classes, size, ignore_index, boundary_radius)
+        conf_dir = self._confidence_dir()  # also for a folder without images
+        self.items = [_Item(it.name, it.image, it.mask, conf_dir / f"{it.name}.tif") for it in self.items]
+        # Share of the pixels' loss weight that survives (ignored pixels weigh 0, others their confidence).
+        self.kept_weight = self._kept / self._total if self._total else 0.0
+
+    def _confidence_dir(self) -> Path:
         conf_dir = self.root / "confidence"
         if not conf_dir.is_dir():
             raise DataError(f"{self.root} has no confidence/ folder: re-run pseudo-labelling into a fresh --out")
-        items = []
-        kept = total = 0.0
-        for it in self.items:
-            path = conf_dir / f"{it.name}.tif"
-            if not path.is_file():
-                raise DataError(f"image {it.name!r} has no confidence map {path}: re-run pseudo-labelling")
-            conf = read_confidence(path)
-            if conf.shape != self._hw[it.name]:
-                raise DataError(f"confidence map {path} is {conf.shape[0]}x{conf.shape[1]} but its image is {self._hw[it.name][0]}x{self._hw[it.name][1]}: re-run pseudo-labelling")
-            kept += float(conf[read_mask(it.mask) != ignore_index].sum(dtype=np.float64))  # type: ignore[arg-type]
-            total += conf.size
-            items.append(_Item(it.name, it.image, it.mask, path))
-        self.items = items
-        # Share of the pixels' loss weight that survives (ignored pixels weigh 0, others their confidence).
-        self.kept_weight = kept / total if total else 0.0
+        return conf_dir
+
+    def _mask_checked(self, item: _Item, mask: np.ndarray) -> None:
+        """Check the item's confidence map and add its kept weight, with the mask already read."""
+        path = self._confidence_dir() / f"{item.name}.tif"
+        if not path.is_file():
+            raise DataError(f"image {item.name!r} has no confidence map {path}: re-run pseudo-labelling")
+        conf = read_confidence(path)
+        hw = self._hw[item.name]
+        if conf.shape != hw:
+            raise DataError(f"confidence map {path} is {conf.shape[0]}x{conf.shape[1]} but its image is {hw[0]}x{hw[1]}: re-run pseudo-labelling")
+        self._kept += float(conf[mask != self.ignore_index].sum(dtype=np.float64))
+        self._total += conf.size
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.items[i]
