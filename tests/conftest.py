@@ -1,5 +1,7 @@
 """Shared test fixtures."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,3 +13,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A fresh tiny checkpoint in one shard (for tests that damage copies of it)."""
+    from upscale.config import PRESETS
+    from upscale.create import init_from_preset
+
+    return init_from_preset(PRESETS["tiny"], tmp_path_factory.mktemp("base") / "tiny", 0, torch.float32, ["test"], False)
+
+
+@pytest.fixture(scope="module")
+def multi(base: Path, tmp_path_factory) -> Path:
+    """The same checkpoint in several shards with an index file."""
+    from upscale import load_model, save_model
+    from upscale.checkpoint import Checkpoint
+
+    return save_model(load_model(base), tmp_path_factory.mktemp("multi") / "m", dict(Checkpoint.open(base).meta),
+                      shard_bytes=200_000)

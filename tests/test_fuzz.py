@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import cli
-from upscale import load_model, save_model
+from upscale import load_model
 from upscale.checkpoint import INDEX_FILE, META_FILE, SINGLE_FILE, Checkpoint
 from upscale.config import PRESETS
 from upscale.create import init_from_preset
@@ -51,17 +51,6 @@ FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database
 SECONDS = 10.0  # per CLI call: headers of a tiny checkpoint take milliseconds
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return init_from_preset(PRESETS["tiny"], tmp_path_factory.mktemp("fz") / "tiny", 0, torch.float32, ["test"], False)
-
-
-@pytest.fixture(scope="module")
-def multi(base: Path, tmp_path_factory) -> Path:
-    return save_model(load_model(base), tmp_path_factory.mktemp("fzm") / "m", dict(Checkpoint.open(base).meta),
-                      shard_bytes=200_000)
 
 
 def peak_rss() -> int:

@@ -181,19 +181,7 @@ def test_dcp_metadata_declaring_huge_optimizer_state_is_refused(grown, data, sto
 # --------------------------------------------------------------------------- case 2: checkpoint files
 
 
-from upscale import load_model, save_model  # noqa: E402
 from upscale.checkpoint import INDEX_FILE, META_FILE, SINGLE_FILE  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return init_from_preset(PRESETS["tiny"], tmp_path_factory.mktemp("base") / "tiny", 0, torch.float32, ["test"], False)
-
-
-@pytest.fixture(scope="module")
-def multi(base: Path, tmp_path_factory) -> Path:
-    return save_model(load_model(base), tmp_path_factory.mktemp("multi") / "m", dict(Checkpoint.open(base).meta),
-                      shard_bytes=200_000)
 
 
 def split_shard(path: Path) -> tuple[dict, bytes]:
