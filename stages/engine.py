@@ -278,7 +278,7 @@ def _losses(model: torch.nn.Module, out: dict[str, Any], targets: list[tuple[str
 
 def train_step(model: torch.nn.Module, opts: Optimizers, batch: dict[str, Any], ubatch: dict[str, Any] | None,
                unsup_weight: float, aux_coef: float, skip_nonfinite: bool, step: int,
-               dist: "Distributed | None" = None, handover_coef: float = 0.1) -> dict[str, float]:
+               dist: "Distributed | None" = None, handover_coef: float = TrainConfig.handover_coef) -> dict[str, float]:
     """Seed 004's step: unsupervised phase (gate frozen under no_grad), then supervised phase.
 
     With `dist`, `batch`/`ubatch` are this process's slices and the losses are those of the global batch.
