@@ -472,6 +472,9 @@ def train(
     train_selector_gating: bool = typer.Option(False, "--train-selector-gating",
                                                help="Stage 1: also train the source's selector and gating model (seed 004 never "
                                                     "freezes the selector; the growth plan freezes every source part in stage 1)."),
+    restart_ramps: bool = typer.Option(False, "--restart-ramps",
+                                       help="Ramp the selector's alpha from 0 as a fresh seed-004 run does (default: continue "
+                                            "from the source's alpha, so a trained or grown model keeps its function)."),
     skip_nonfinite: bool = typer.Option(False, "--skip-nonfinite", help="Skip steps with a non-finite loss instead of stopping."),
     workers: int = typer.Option(0, "--workers", min=0, max=256, help="DataLoader worker processes."),
     force: bool = typer.Option(False, "--force", help="Start over in an existing run dir; skip the stage-input check."),
@@ -501,7 +504,7 @@ def train(
                       batch_size=batch_size, lr=lr, last_k=last_k, seed=seed, checkpoint_every=checkpoint_every, keep=keep,
                       momentum=momentum, wd=wd, unsup_weight=unsup_weight, alpha_rampup=alpha_rampup,
                       unsup_rampup=unsup_rampup, warmup=warmup, timeline=timeline, log_every=log_every, router_lr_mult=router_lr_mult,
-                      selector_gating=train_selector_gating, handover_coef=handover_coef, skip_nonfinite=skip_nonfinite, workers=workers, mixed_precision=mixed_precision, command=command)
+                      selector_gating=train_selector_gating, handover_coef=handover_coef, restart_ramps=restart_ramps, skip_nonfinite=skip_nonfinite, workers=workers, mixed_precision=mixed_precision, command=command)
     progress = Progress(TextColumn("stage {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("epoch {task.fields[epoch]} loss {task.fields[loss]} lr {task.fields[lr]} {task.fields[ips]} img/s"),
                         TimeRemainingColumn(), console=console)

@@ -40,7 +40,7 @@ from upscale.ownership import check_replaceable, check_separate, owner, write_ma
 from .checkpointer import Checkpointer, read_run_json
 from .optim import Optimizers, apply_lr, build_optimizers, lr_factor, param_role
 from .plan import STAGES, is_trainable
-from .semisup import pseudo_targets, scaled_epochs, sigmoid_rampup, task_losses
+from .semisup import continue_rampup, pseudo_targets, scaled_epochs, sigmoid_rampup, task_losses
 
 if TYPE_CHECKING:
     from .distributed import Distributed
@@ -79,6 +79,7 @@ class TrainConfig:
     router_lr_mult: float = 10.0
     selector_gating: bool = False  # stage 1 also trains the source's selector and gating (seed 004)
     handover_coef: float = 0.1  # weight of the top-level (core vs new groups) balance loss: upscale/moe.py
+    restart_ramps: bool = False  # ramp the selector's alpha from 0 again, as a fresh seed-004 run (changes the function)
     skip_nonfinite: bool = False
     workers: int = 0
     mixed_precision: bool = False
@@ -88,7 +89,7 @@ class TrainConfig:
         """The options a resumed run must share with the original one."""
         keep = ("stage", "data", "unlabelled", "epochs", "max_steps", "batch_size", "lr", "last_k", "seed", "momentum",
                 "wd", "unsup_weight", "alpha_rampup", "unsup_rampup", "warmup", "timeline", "aux_loss_coef", "router_lr_mult", "selector_gating",
-                "handover_coef")
+                "handover_coef", "restart_ramps")
         return {**{k: getattr(self, k) for k in keep}, "data_fingerprint": data_fingerprint(self.data, self.unlabelled)}
 
 
@@ -411,6 +412,8 @@ def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], Non
     epochs = cfg.epochs if cfg.epochs is not None else math.ceil((cfg.max_steps or spe) / spe)
     total = cfg.max_steps if cfg.max_steps is not None else epochs * spe
     t_alpha = scaled_epochs(cfg.alpha_rampup, epochs, cfg.timeline)
+    # Where the source's alpha ramp ended; read before any resume, so a resumed run ramps the same way.
+    alpha0 = 0.0 if cfg.restart_ramps else model.selector.alpha
     t_unsup = scaled_epochs(cfg.unsup_rampup, epochs, cfg.timeline)
     t_warm = scaled_epochs(cfg.warmup, epochs, cfg.timeline)
     opts = build_optimizers(model, lr, cfg.momentum, cfg.wd, router_lr_mult=cfg.router_lr_mult)
@@ -456,7 +459,7 @@ def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], Non
         model.train()
         while step < total:
             epoch = loader.epoch if loader.pos < loader.steps_per_epoch else loader.epoch + 1
-            alpha = sigmoid_rampup(epoch, t_alpha)
+            alpha = continue_rampup(alpha0, epoch, t_alpha)
             unsup_w = cfg.unsup_weight * sigmoid_rampup(epoch, t_unsup)
             model.selector.set_alpha(alpha)
             factor = lr_factor(step, spe, total, t_warm)
@@ -522,7 +525,7 @@ def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], Non
     }]
     final_meta = build_meta(model_cfg, src.provenance, src.lineage + [lineage_entry(cfg.command, cfg.seed, src)], history,
                             _dtype(model), **_carry(src.meta))
-    model.selector.set_alpha(sigmoid_rampup(epochs, t_alpha))
+    model.selector.set_alpha(continue_rampup(alpha0, epochs, t_alpha))
     if dist is None:
         return save_model(model, final_dir, final_meta, force=True)
     state = dist.full_state_dict(model)  # collective: rank 0 gets every tensor on CPU

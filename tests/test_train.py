@@ -476,6 +476,17 @@ def test_selector_log_every_5_epochs(grown: Path, data: Path, runs: Path):
     assert float(tensors(run / "final")["selector.selectors.seg_scale1.alpha"]) == pytest.approx(1.0)
 
 
+def test_continued_run_keeps_the_sources_alpha(stage1: Path, stage2: Path, data: Path, runs: Path):
+    """A stage that starts from a ramped model keeps alpha at 1: ramping from 0 again would change its function."""
+    assert float(tensors(stage1 / "final")["selector.selectors.seg_scale1.alpha"]) == 1.0
+    assert {float(m["alpha"]) for m in read_rows(stage2 / "metrics.csv")} == {1.0}
+    run = runs / "restarted"
+    res = train("--stage", 2, "--from", stage1 / "final", "--run-dir", run, "--data", data / "A", "--max-steps", 2,
+                "--last-k", 1, "--restart-ramps")
+    assert res.exit_code == 0, res.stderr
+    assert [float(m["alpha"]) for m in read_rows(run / "metrics.csv")] == pytest.approx([math.exp(-5)] * 2)
+
+
 # --------------------------------------------------------------------------- pseudo-labels
 
 
