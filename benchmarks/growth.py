@@ -25,10 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 GROW = ["--experts", "16", "--groups", "4", "--extra-blocks", "1"]
 STAGE_SHARE = {1: 0.4, 2: 0.3, 3: 0.3}
+REUSE = False
+THREADS = 0  # OMP_NUM_THREADS of each samoe process (0: torch's default)
+DEVICE: list[str] = []  # ["--device", D] for samoe train, when given
+BATCH = 4
 
 
 def samoe(*args: str, out: Path | None = None) -> str:
@@ -47,8 +53,10 @@ def samoe(*args: str, out: Path | None = None) -> str:
         print(f"  reused  {out}", flush=True)
         return ""
     t = time.perf_counter()
-    # `python -m cli` from the repository root: a copy of the tree benchmarks itself, not the installed one
-    proc = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=REPO)
+    # `python -m cli` from the repository root: a copy of the tree benchmarks itself, not the installed one;
+    # seeds run side by side (--jobs) share the cores instead of oversubscribing them
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS)) if THREADS else None
+    proc = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=REPO, env=env)
     if proc.returncode != 0:
         sys.exit(f"samoe {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     print(f"  {time.perf_counter() - t:6.1f} s  samoe {' '.join(args)}", flush=True)
@@ -107,7 +115,8 @@ def concat(stats: list):
 def train(stage: int, src: Path, run: Path, data: Path, unlabelled: Path | None, steps: int, lr: float, seed: int,
           force_input: bool = False, extra: tuple[str, ...] = ()) -> Path:
     args = ["train", "--stage", str(stage), "--from", str(src), "--run-dir", str(run), "--data", str(data),
-            "--max-steps", str(steps), "--lr", str(lr), "--seed", str(seed), "--checkpoint-every", "100000"]
+            "--max-steps", str(steps), "--lr", str(lr), "--seed", str(seed), "--checkpoint-every", "100000",
+            "--batch-size", str(BATCH), *DEVICE]
     if unlabelled is not None:
         args += ["--unlabelled", str(unlabelled)]
     if force_input:
@@ -117,6 +126,7 @@ def train(stage: int, src: Path, run: Path, data: Path, unlabelled: Path | None,
 
 
 def one_seed(w: Path, d: Path, seed: int, args: argparse.Namespace) -> dict:
+    print(f"seed {seed}", flush=True)
     A, B, test = d / "A", d / "B", d / "A-test"
     samoe("init", "--preset", "tiny", "--num-classes", "10", "--out", str(w / "init"), "--seed", str(seed), out=w / "init")
     # the grown architecture from scratch: grow the untrained init (extra block = identity, experts = copies + noise)
@@ -169,7 +179,7 @@ def main() -> None:
     ap.add_argument("--source-epochs", type=int, default=16, help="source training, in epochs of A")
     ap.add_argument("--semisup", action="store_true", help="every arm also runs seed 004's unsupervised phase on B")
     ap.add_argument("--extra", type=float, default=0.5, help="extra compute E as a fraction of the source's S")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=0.2, help="lr of training from scratch (0.05 left a 10-class model flat)")
     ap.add_argument("--further-lr", type=float, default=0.1, help="lr of (a), the source trained further")
     ap.add_argument("--stage-lrs", type=float, nargs=3, default=[0.1, 0.1, 0.05], help="lr of (b)'s stages 1, 2, 3")
@@ -178,11 +188,15 @@ def main() -> None:
                     "(e.g. rerun (a) and (b) with other learning rates under --arm-suffix)")
     ap.add_argument("--arm-suffix", default="", help="run-dir suffix of (a)'s and (b)'s runs")
     ap.add_argument("--bootstrap", type=int, default=2000)
+    ap.add_argument("--jobs", type=int, default=1, help="seeds trained side by side (each gets cores/jobs threads)")
+    ap.add_argument("--device", default=None, help="samoe train's --device for every run (e.g. cuda)")
     args = ap.parse_args()
     from stages.evaluate import METRICS, bootstrap_diff
 
-    global REUSE
-    REUSE = args.reuse
+    global REUSE, THREADS, DEVICE, BATCH
+    REUSE, BATCH = args.reuse, args.batch_size
+    THREADS = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else 0
+    DEVICE = ["--device", args.device] if args.device else []
     t0 = time.perf_counter()
     if not args.reuse:
         shutil.rmtree(args.work, ignore_errors=True)
@@ -190,10 +204,10 @@ def main() -> None:
     if not (d / "demo-data.json").exists():
         samoe("demo-data", "--preset", "hard", "--out", str(d), "--labelled", str(args.labelled),
               "--unlabelled", str(args.unlabelled), "--test", str(args.test), "--seed", "1234")
-    runs = {}
-    for seed in args.seeds:
-        print(f"seed {seed}", flush=True)
-        runs[seed] = one_seed(args.work / f"seed{seed}", d, seed, args)
+    torch.set_num_threads(max(1, THREADS) if THREADS else torch.get_num_threads())
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each seed mostly waits on its samoe processes
+        futures = {seed: pool.submit(one_seed, args.work / f"seed{seed}", d, seed, args) for seed in args.seeds}
+        runs = {seed: f.result() for seed, f in futures.items()}
     arms = ("source", "a", "b", "c")
     label = {"source": "source (tiny, 0.54M)", "a": "(a) source trained further", "b": "(b) grown + stages 1-3 (1.99M)",
              "c": "(c) grown arch. from scratch (1.99M)"}

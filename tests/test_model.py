@@ -12,9 +12,11 @@ checked equal to SAM's separately).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from segment_anything import sam_model_registry
@@ -218,3 +220,38 @@ def test_sam_moe_1_5b_parameter_count():
     # whatever else the model holds (selector, gating, loss weights) is small
     rest = total - _numel(model.image_encoder) - _numel(model.mask_decoder)
     assert 0 <= rest < 1e6
+
+
+def test_boundary_prior_marks_the_target_band_of_a_straight_class_change():
+    """Hard segmentation with a vertical change between columns 9 and 10: the prior's band is the target band."""
+    from stages.data import boundary_target
+    from upscale.model import seg_edge_logit
+
+    mask = np.zeros((16, 24), dtype=np.int64)
+    mask[:, 10:] = 1
+    seg = torch.nn.functional.one_hot(torch.from_numpy(mask), 2).permute(2, 0, 1)[None].float() * 50.0
+    band = (seg_edge_logit(seg, window=7)[0, 0] > 0).numpy()
+    np.testing.assert_array_equal(band, boundary_target(mask, radius=2).astype(bool))
+    assert band[:, 7:13].all() and not band[:, :7].any() and not band[:, 13:].any()  # columns 9-2 .. 10+2
+    # one sure class everywhere: no edge, the most negative logit the clamp allows
+    flat = seg_edge_logit(torch.full((1, 2, 8, 8), 0.0).index_fill_(1, torch.tensor([0]), 50.0), window=7)
+    assert torch.allclose(flat, torch.full_like(flat, math.log(0.01 / 0.99)))
+
+
+def test_boundary_prior_is_added_to_the_head_and_old_checkpoints_have_none():
+    from upscale.config import SamMoEConfig, get_preset
+    from upscale.model import build_model, seg_edge_logit
+
+    cfg = get_preset("tiny")
+    assert cfg.boundary_prior == 7
+    with_prior = build_model(cfg, seed=0).eval()
+    without = build_model(cfg.replace(boundary_prior=0), seed=0).eval()
+    x = torch.randn(1, 3, cfg.img_size, cfg.img_size)
+    with torch.no_grad():
+        a, b = with_prior(x), without(x)
+    torch.testing.assert_close(a["boundary"], b["boundary"] + seg_edge_logit(b["seg"], 7))
+    torch.testing.assert_close(a["gate_boundary"], b["gate_boundary"] + seg_edge_logit(b["gate_seg"], 7))
+    torch.testing.assert_close(a["seg"], b["seg"])
+    old = cfg.to_dict()
+    del old["boundary_prior"]
+    assert SamMoEConfig.from_dict(old).boundary_prior == 0

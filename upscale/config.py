@@ -91,6 +91,9 @@ class SamMoEConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     extra_blocks: int = 0
     extra_blocks_moe: bool = True
+    # Boundary head: the edge map of the model's own segmentation (a max-pool window of this
+    # size, odd; 0 = none) is added, as a logit, to the learned boundary logit: see upscale/model.py.
+    boundary_prior: int = 7
 
     @property
     def encoder_mlp_dim(self) -> int:
@@ -132,6 +135,8 @@ class SamMoEConfig:
             raise SamoeError(f"num_classes={self.num_classes} must be at least 1")
         if self.extra_blocks < 0:
             raise SamoeError(f"extra_blocks={self.extra_blocks} must be >= 0")
+        if self.boundary_prior and self.boundary_prior % 2 == 0:
+            raise SamoeError(f"config field boundary_prior={self.boundary_prior} must be 0 (none) or odd")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,6 +152,7 @@ class SamMoEConfig:
         if unknown:
             raise SamoeError(f"unknown model config keys {unknown}: the checkpoint was written by a newer samoe; upgrade samoe")
         kwargs = dict(data)
+        kwargs.setdefault("boundary_prior", 0)  # written before the prior existed: keep that model's function
         moe = kwargs.pop("moe", {})
         if not isinstance(moe, dict):
             raise _type_error(where, "moe", moe, "a table")
@@ -176,6 +182,7 @@ _RANGES: dict[str, tuple[int, int]] = {
     "img_size": (1, 8192), "patch_size": (1, 1024), "in_chans": (1, 64), "embed_dim": (1, 16384), "depth": (1, 256),
     "num_heads": (1, 1024), "window_size": (0, 1024), "out_chans": (2, 16384), "decoder_depth": (1, 64),
     "decoder_mlp_dim": (1, 65536), "decoder_num_heads": (1, 1024), "num_classes": (1, 1024), "extra_blocks": (0, 64),
+    "boundary_prior": (0, 63),
 }
 _KINDS: dict[str, str] = {
     **{name: "int" for name in _RANGES}, "mlp_ratio": "number", "global_attn_indexes": "ints", "moe_blocks": "ints",

@@ -11,7 +11,8 @@ a dense SAM checkpoint reproduces SAM's image-encoder output.
 Outputs (`SamMoE.forward`), at input resolution:
     seg       (B, C, H, W)  class logits
     sdf       (B, C, H, W)  per-class signed distance, pre-tanh (target in [-1, 1])
-    boundary  (B, 1, H, W)  class-boundary logit
+    boundary  (B, 1, H, W)  class-boundary logit (learned logit + the segmentation's edge prior,
+                            `config.boundary_prior`; checkpoints from before the prior have 0)
     gate_seg, gate_sdf, gate_boundary   the gating model's fused outputs (same shapes)
 Each output channel has its own learned token and hypernetwork MLP, as SAM's
 mask tokens do, so the decoder's MoE layers (which act on tokens) shape every
@@ -174,7 +175,11 @@ class SamMoE(nn.Module):
             gate = self.gating(task_feats)
         out.update({f"gate_{k}": v for k, v in gate.items()})
         size = images.shape[-2:]
-        return {k: F.interpolate(v, size, mode="bilinear", align_corners=False) for k, v in out.items()}
+        out = {k: F.interpolate(v, size, mode="bilinear", align_corners=False) for k, v in out.items()}
+        if self.config.boundary_prior:
+            for prefix in ("", "gate_"):
+                out[prefix + "boundary"] = out[prefix + "boundary"] + seg_edge_logit(out[prefix + "seg"], self.config.boundary_prior)
+        return out
 
     def moe_layers(self) -> Iterator[tuple[str, MoEMLP]]:
         """(qualified name, layer) of every MoE layer, encoder first."""
@@ -223,6 +228,22 @@ class SamMoE(nn.Module):
         """Mean load-balancing loss of the MoE layers in the last forward."""
         losses = [m.aux_loss for _, m in self.moe_layers() if m.aux_loss is not None]
         return torch.stack(losses).mean() if losses else torch.zeros(())
+
+
+def seg_edge_logit(seg: Tensor, window: int, eps: float = 0.01) -> Tensor:
+    """Logit of "this pixel's window holds more than one class" under the (detached) segmentation.
+
+    For class probabilities p, e = sum_c maxpool_window(p_c) - 1 is 0 in a window of one
+    sure class and 1 where two sure classes meet, so with hard predictions and a window of
+    2r + 3 it marks exactly the band within r of a class change across a straight boundary
+    (the training target, r = 2, window 7). The boundary head adds its logit to this prior:
+    a D/8-channel linear readout alone cannot draw a thin band (it stayed near a constant
+    prediction), while the segmentation already places the class changes. Detached, so the
+    boundary loss never pulls the segmentation.
+    """
+    p = seg.detach().float().softmax(dim=1)
+    e = F.max_pool2d(p, window, stride=1, padding=window // 2).sum(dim=1, keepdim=True) - 1
+    return torch.logit(e.clamp(eps, 1 - eps)).to(seg.dtype)
 
 
 def init_weights(model: SamMoE, seed: int) -> SamMoE:
