@@ -135,22 +135,16 @@ def launch(nproc: int, argv: list[str]) -> int:
 
 # --------------------------------------------------------------------------- MoE router statistics
 
-# The router computes per-pool balance losses from local tokens and leaves their ingredients
-# in `MoEMLP.pools` (probs, chosen, num); the global loss needs their sums over ranks.
+# The router returns, for every pool of `upscale.moe.router_pools`, the sums its balance loss is
+# formed from (`Routing.pool_sums`, kept on the layer as `MoEMLP.pool_sums`); the global loss needs
+# their sums over ranks.
 
 
 def _pools(cfg) -> list[tuple[str, int, int]]:
-    """(kind, group, experts) of each router pool, in the order the router appends its balance losses."""
-    pools = []
-    if cfg.core_groups:
-        pools.append(("core", -1, cfg.num_core_experts))
-    routed = len(cfg.groups) - cfg.core_groups
-    if routed:
-        pools.append(("group", -1, routed))
-        if cfg.core_groups:
-            pools.append(("top", -1, routed + 1))  # (core, routed groups) mixture
-        pools += [("routed", cfg.core_groups + r, cfg.groups[cfg.core_groups + r]) for r in range(routed)]
-    return pools
+    """(kind, group, experts) of each router pool, in the order of `MoEMLP.pool_sums`."""
+    from upscale.moe import router_pools
+
+    return router_pools(cfg)
 
 
 def _balance(s: Tensor, c: Tensor, tokens: Tensor, chosen: Tensor, num: int) -> Tensor:
@@ -351,28 +345,17 @@ class Distributed:
     # ----------------------------------------------------------------------- MoE hooks
 
     def _after_moe(self, name: str, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
-        """Turn the router's recorded pools into sums; give locally unused trainable parts a zero gradient."""
-        calls = module.pools
+        """Keep the router's pool sums for the global losses; give locally unused trainable parts a zero gradient."""
         cfg = module.router.cfg
-        group_counts = module.group_counts.tolist()
+        sums = module.pool_sums
         pools = _pools(cfg)
-        used = [kind != "routed" or group_counts[g] > 0 for kind, g, _ in pools]
-        if len(calls) != sum(used):
-            raise SamoeError(f"internal error: {name} recorded {len(calls)} router pools, expected {sum(used)} "
-                             "(upscale/moe.py's router pools changed; update stages/distributed.py)")
-        parts, it = [], iter(calls)
-        for (kind, g, num), u in zip(pools, used):
-            if not u:
-                parts.append(output.new_zeros(2 * num + 2, dtype=torch.float32))
-                continue
-            probs, chosen, n = next(it)
-            if n != num:
-                raise SamoeError(f"internal error: {name} pool {kind} has {n} experts, expected {num}")
-            parts += [probs.float().sum(dim=0), torch.bincount(chosen.flatten(), minlength=num).float(),
-                      torch.tensor([float(probs.shape[0]), float(chosen.numel())], device=probs.device)]
-        self._stats[name] = torch.cat(parts)
+        if len(sums) != len(pools) or any(s.numel() != 2 * num + 2 for s, (_, _, num) in zip(sums, pools)):
+            raise SamoeError(f"internal error: {name} returned {len(sums)} router pool sums, expected {len(pools)} "
+                             "(upscale/moe.py's router pools changed; update upscale.moe.router_pools)")
+        self._stats[name] = torch.cat(sums)
         if not torch.is_grad_enabled():
             return output
+        group_counts = module.group_counts.tolist()
         idle = [p for g, n in enumerate(group_counts) if n == 0 for p in module.experts[g].parameters()]
         idle += [module.router.expert_gates[g].weight for kind, g, _ in pools if kind == "routed" and group_counts[g] == 0]
         idle = [p for p in idle if p.requires_grad]
