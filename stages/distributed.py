@@ -4,7 +4,7 @@
 --nproc N` started torchrun itself). Each process then:
 
 * joins the process group: NCCL with one GPU per process (cuda:LOCAL_RANK), gloo
-  on CPU (no GPU, or SAMOE_DEVICE=cpu);
+  on CPU (no GPU, `--device cpu`, or SAMOE_DEVICE=cpu with `--device auto`);
 * builds the model on the meta device, sets requires_grad per stage, applies
   `fully_shard` to every MoE layer, every encoder block, every decoder layer and
   the root, then reads only its own shard of each tensor from the safetensors
@@ -98,6 +98,24 @@ def check_split(n: int, batch_size: int, world: int, what: str) -> None:
                          f"smaller than {world}")
 
 
+def process_device_kind(device: str = "auto") -> str:
+    """cpu or cuda for one process of a torchrun job: each process takes GPU LOCAL_RANK, so no index.
+
+    `--device auto` honours SAMOE_DEVICE (cpu or cuda), then picks CUDA when a GPU is visible.
+    """
+    spec = (device or "auto").strip().lower()
+    if spec == "auto":
+        spec = os.environ.get("SAMOE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+        if spec not in ("cpu", "cuda"):
+            raise SamoeError(f"SAMOE_DEVICE={spec!r} must be cpu or cuda")
+    if spec.startswith("cuda:"):
+        raise SamoeError(f"--device {spec}: under torchrun/--nproc each process uses GPU LOCAL_RANK; pass --device cuda "
+                         "(and CUDA_VISIBLE_DEVICES to choose the GPUs)")
+    if spec not in ("cpu", "cuda"):
+        raise SamoeError(f"--device {spec!r} is not one of auto, cpu, cuda")
+    return spec
+
+
 # --------------------------------------------------------------------------- launching
 
 
@@ -182,20 +200,18 @@ class _Usage:
 class Distributed:
     """One process of a torchrun job: process group, device, FSDP2 sharding, global losses."""
 
-    def __init__(self, mixed_precision: bool = False) -> None:
+    def __init__(self, precision: str = "fp32", device: str = "auto") -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         self.rank = int(os.environ["RANK"])
         self.world = int(os.environ["WORLD_SIZE"])
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        kind = os.environ.get("SAMOE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-        if kind not in ("cpu", "cuda"):
-            raise SamoeError(f"SAMOE_DEVICE={kind!r} must be cpu or cuda")
+        kind = process_device_kind(device)
         if kind == "cuda":
             if not torch.cuda.is_available() or self.local_rank >= torch.cuda.device_count():
                 raise SamoeError(f"process {self.rank} needs GPU {self.local_rank} but {torch.cuda.device_count()} are visible: "
-                                 f"start at most one process per GPU, or set SAMOE_DEVICE=cpu")
+                                 f"start at most one process per GPU, or use --device cpu")
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
         else:
@@ -204,23 +220,21 @@ class Distributed:
             dist.init_process_group("nccl" if kind == "cuda" else "gloo",
                                     device_id=self.device if kind == "cuda" else None)
         self.mesh = init_device_mesh(kind, (self.world,))
-        self.mixed_precision = mixed_precision
+        self.precision = precision
         # MoEMLP returns `out.reshape(...)`, a view; SAM's blocks only add it out of place (x = x + mlp(x)).
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPMoEMLP\) returned a view tensor")
         self.mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                          if mixed_precision else MixedPrecisionPolicy())
+                          if precision == "bf16" else MixedPrecisionPolicy())
         self.moe: dict[str, nn.Module] = {}
         self._stats: dict[str, Tensor] = {}
         self._usage: dict[str, _Usage] = {}
 
     @classmethod
-    def from_env(cls, mixed_precision: bool = False) -> "Distributed | None":
+    def from_env(cls, precision: str = "fp32", device: str = "auto") -> "Distributed | None":
         """The context when torchrun started several processes, else None (plain single-process training)."""
         if world_size() <= 1:
-            if mixed_precision:
-                raise SamoeError("--mixed-precision applies to sharded (FSDP) runs: add --nproc N or start with torchrun")
             return None
-        return cls(mixed_precision)
+        return cls(precision, device)
 
     @property
     def is_main(self) -> bool:

@@ -197,15 +197,64 @@ def test_one_process_checkpoint_resumes_on_two(grown: Path, data: Path, runs: Pa
 
 
 def test_mixed_precision(grown: Path, data: Path, runs: Path, single_s1: Path):
-    """bf16 compute, fp32 reduction: close to the fp32 losses, weights stay in the checkpoint's dtype."""
+    """bf16 compute, fp32 reduction: close to the fp32 losses, weights stay in the checkpoint's dtype.
+
+    `--mixed-precision` is `--precision bf16`: FSDP2's policy under torchrun, autocast in one process."""
     args = ["--stage", 1, "--from", grown, "--data", data / "A", "--unlabelled", data / "B", "--batch-size", 4, "--max-steps", 2]
-    res = CliRunner().invoke(cli.app, ["train", *map(str, args), "--run-dir", str(runs / "mp-one"), "--mixed-precision"])
-    assert res.exit_code == 2 and "--nproc" in res.stderr
-    torchrun(*args, "--run-dir", runs / "mp", "--mixed-precision")
-    for x, y in zip(rows(single_s1)[:2], rows(runs / "mp")):
-        assert float(y["loss"]) == pytest.approx(float(x["loss"]), rel=1e-2)
-    final = tensors(runs / "mp" / "final")
-    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in final.values())
+    train_1(*args, "--run-dir", runs / "mp-one", "--mixed-precision")
+    torchrun(*args, "--run-dir", runs / "mp", "--precision", "bf16")
+    for run in (runs / "mp", runs / "mp-one"):
+        for x, y in zip(rows(single_s1)[:2], rows(run)):
+            assert float(y["loss"]) == pytest.approx(float(x["loss"]), rel=1e-2)
+        final = tensors(run / "final")
+        assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in final.values())
+
+
+_SPY = """
+import os, sys
+from pathlib import Path
+
+import stages.engine as engine
+
+real = engine._prepare_run_dir
+spy_dir = sys.argv[1]
+
+
+def spy(*args, **kwargs):
+    Path(spy_dir, "rank" + os.environ["RANK"]).touch()
+    return real(*args, **kwargs)
+
+
+engine._prepare_run_dir = spy
+import cli
+
+sys.argv = ["samoe", "train", *sys.argv[2:]]
+cli.main()
+"""
+
+
+def test_force_only_rank0_touches_the_run_dir(grown: Path, data: Path, runs: Path, single_s1: Path, tmp_path: Path):
+    """--force on a finished run: rank 0 alone inspects and deletes it, the others wait for its verdict."""
+    run = runs / "force"
+    shutil.copytree(single_s1, run)
+    script = tmp_path / "spy.py"
+    script.write_text(_SPY)
+    args = ["--stage", 1, "--from", grown, "--data", data / "A", "--unlabelled", data / "B", "--batch-size", 4,
+            "--max-steps", 2, "--run-dir", run, "--force"]
+    for attempt in range(2):
+        spy = tmp_path / f"spy{attempt}"
+        spy.mkdir()
+        torchrun(spy, *args, script=[str(script)])
+        assert sorted(p.name for p in spy.iterdir()) == ["rank0"]
+        assert [r["step"] for r in rows(run)] == ["1", "2"] and (run / "final" / "samoe.json").is_file()
+    # a refusal reaches every rank as the same one line, exit 2 (not a hang)
+    (run / "run.json").unlink()
+    (run / "foreign.txt").write_text("not samoe's")
+    (run / ".samoe-owner.json").unlink()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "cli", "train", *map(str, args[:-1])]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+    assert res.returncode != 0 and "not a samoe run directory" in res.stderr, res.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------- an expert group used by one process only
