@@ -355,7 +355,7 @@ class HierarchicalRouter(nn.Module):
         if c:
             logits = torch.cat([self.expert_gates[g](x) for g in range(c)], dim=-1)
             probs, top_i, top_w = _topk_renormalised(logits, k)
-            tokens.append(ar.repeat_interleave(k))
+            tokens.append(ar[:, None].expand(n, k).flatten())
             experts.append(top_i.flatten())
             weights.append((top_w * (1 - mix.sum(-1, keepdim=True)) if routed else top_w).flatten())
             aux.append(_balance_loss(probs, top_i, cfg.num_core_experts))
