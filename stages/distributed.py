@@ -7,8 +7,8 @@
   on CPU (no GPU, `--device cpu`, or SAMOE_DEVICE=cpu with `--device auto`);
 * builds the model on the meta device, sets requires_grad per stage, applies
   `fully_shard` to every MoE layer, every encoder block, every decoder layer and
-  the root, then reads only its own shard of each tensor from the safetensors
-  checkpoint (no process ever holds the whole model). FSDP2 shards parameter by
+  the root, then reads only the rows of each tensor it owns from the safetensors
+  checkpoint (one positioned read per tensor; no process reads or holds the whole model). FSDP2 shards parameter by
   parameter, so frozen and trainable parameters may share a group: frozen ones
   are all-gathered for compute, never reduce-scattered, and sit in no optimizer,
   so their shards stay bit-identical;
@@ -275,7 +275,7 @@ class Distributed:
         result = prepare(model)
         self.shard(model)
         model.to_empty(device=self.device)
-        self.load_full_tensors(model, ckpt.iter_tensors(), str(ckpt.path))
+        self.load_own_rows(model, ckpt, str(ckpt.path))
         return model, result
 
     def shard(self, model: nn.Module) -> None:
@@ -300,22 +300,52 @@ class Distributed:
         # runs before FSDP's post-forward hook, while the layer's parameters are unsharded
         layer.register_forward_hook(partial(self._after_moe, name), prepend=True)
 
-    def load_full_tensors(self, model: nn.Module, items: Iterable[tuple[str, Tensor]], where: str) -> None:
-        """Copy full tensors (name, tensor) into the model: each rank keeps its own shard."""
+    def load_own_rows(self, model: nn.Module, ckpt: Any, where: str) -> int:
+        """Copy checkpoint tensors into the (sharded) model, each rank reading only the rows it owns.
+
+        FSDP2 shards every parameter on dim 0 (torch.chunk layout), so a rank's shard is one contiguous
+        byte range of the tensor in its safetensors file: one positioned read at the offset the strictly
+        checked header gave (Checkpoint.open), straight into the shard. Replicated tensors and layouts this
+        code does not know are read whole. Returns the bytes read (the tests check each rank reads ~1/N).
+        """
         targets: dict[str, Tensor] = dict(model.named_parameters())
         targets.update(model.named_buffers())
-        seen = set()
-        with torch.no_grad():
-            for name, full in items:
-                target = targets.get(name)
-                if target is None or tuple(target.shape) != tuple(full.shape):
-                    raise SamoeError(f"{where} does not match the model being trained ({name}): use a new --run-dir or --force")
-                local = _local(target)
-                local.copy_(self.local_shard(full, target))
-                seen.add(name)
-        missing = sorted(set(targets) - seen)
+        wrong = sorted(n for n, t in targets.items() if n in ckpt.tensors and tuple(ckpt.tensors[n].shape) != tuple(t.shape))
+        wrong += sorted(set(ckpt.tensors) - set(targets))
+        if wrong:
+            raise SamoeError(f"{where} does not match the model being trained ({wrong[0]}): use a new --run-dir or --force")
+        missing = sorted(set(targets) - set(ckpt.tensors))
         if missing:
             raise SamoeError(f"{where} lacks {len(missing)} tensors of the model, e.g. {missing[0]}: re-create it")
+        done = 0
+        by_file: dict[str, list[str]] = {}
+        for name, info in sorted(ckpt.tensors.items(), key=lambda kv: (kv[1].file, kv[1].offset)):
+            by_file.setdefault(info.file, []).append(name)
+        with torch.no_grad():
+            for fname, names in by_file.items():
+                with open(Path(ckpt.path) / fname, "rb") as f:
+                    for name in names:
+                        target, info = targets[name], ckpt.tensors[name]
+                        local = _local(target)
+                        rows = self._own_rows(target, tuple(info.shape))
+                        if rows is not None and rows[1] - rows[0] == local.shape[0]:
+                            part = _read_rows(f, info, *rows, where)
+                            local.copy_(part.to(local.device, local.dtype))
+                        else:
+                            part = _read_rows(f, info, 0, info.shape[0] if info.shape else 0, where)
+                            local.copy_(self.local_shard(part, target))
+                        done += part.numel() * part.element_size()
+        return done
+
+    def _own_rows(self, like: Tensor, shape: tuple[int, ...]) -> tuple[int, int] | None:
+        """[lo, hi) of dim 0 that this rank holds of a Shard(0) DTensor (torch.chunk layout), else None."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        if not isinstance(like, DTensor) or not shape or tuple(like.placements) != (Shard(0),):
+            return None
+        chunk = -(-shape[0] // self.world)
+        lo = min(self.rank * chunk, shape[0])
+        return lo, min(lo + chunk, shape[0])
 
     def local_shard(self, full: Tensor, like: Tensor) -> Tensor:
         """This rank's part of `full`, laid out like the (possibly sharded) tensor `like`, on its device."""
@@ -455,6 +485,27 @@ class Distributed:
             return {"mean": 0.0, "std": 0.0, "min": 0.0, "max": 0.0}
         var = max(0.0, (q - s * s / n) / (n - 1)) if n > 1 else 0.0
         return {"mean": s / n, "std": var**0.5, "min": float(lo), "max": float(hi)}
+
+
+def _read_rows(f: Any, info: Any, lo: int, hi: int, where: str) -> Tensor:
+    """Rows [lo, hi) of one tensor (dim 0) from its open shard file: one read of exactly their bytes.
+
+    A 0-d tensor is read whole. `info` is the header entry Checkpoint.open checked (offset and size
+    inside the file), so nothing here trusts the file beyond what was validated.
+    """
+    from upscale.checkpoint import ST_DTYPES
+
+    shape = tuple(info.shape)
+    if not shape:
+        lo, hi, row, out_shape = 0, 1, info.nbytes, ()
+    else:
+        row = info.nbytes // shape[0] if shape[0] else 0
+        out_shape = (hi - lo, *shape[1:])
+    buf = torch.empty((hi - lo) * row, dtype=torch.uint8)
+    f.seek(info.offset + lo * row)
+    if buf.numel() and f.readinto(memoryview(buf.numpy())) != buf.numel():
+        raise SamoeError(f"{where}: tensor data in {info.file} is cut short: the shard is truncated; re-create the checkpoint")
+    return buf.view(ST_DTYPES[info.dtype]).reshape(out_shape)
 
 
 def _local(t: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -311,6 +312,47 @@ def test_expert_group_used_by_one_process_only():
     assert "moe-ok" in res.stdout
 
 
+def _rows_worker(path: str) -> None:
+    """Run under torchrun (2 processes): build the sharded model from `path`, count the bytes each rank reads."""
+    import stages.distributed as sd
+    from stages.distributed import Distributed
+
+    read = []
+    real = sd._read_rows
+
+    def counting(f, info, lo, hi, where):
+        t = real(f, info, lo, hi, where)
+        read.append(t.numel() * t.element_size())
+        return t
+
+    sd._read_rows = counting
+    d = Distributed()
+    model, _ = d.build_model(path, lambda m: None)
+    state = d.full_state_dict(model)
+    total = sum(info.nbytes for info in Checkpoint.open(path).tensors.values())
+    print(f"rank{d.rank} read {sum(read)} of {total}", flush=True)
+    if d.rank == 0:
+        want = dict(Checkpoint.open(path).iter_tensors())
+        assert set(state) == set(want)
+        for n, t in want.items():
+            assert torch.equal(state[n], t), n
+        print("rows-ok")
+    d.close()
+
+
+def test_each_rank_reads_only_its_rows(grown: Path):
+    """Two processes build the sharded model: together they read the checkpoint about once, not twice,
+    and the gathered weights equal the checkpoint's bit for bit."""
+    res = torchrun(script=[__file__, "--rows-worker", str(grown)])
+    assert "rows-ok" in res.stdout
+    got = dict(re.findall(r"rank(\d) read (\d+) of", res.stdout))
+    total = int(re.search(r"of (\d+)", res.stdout).group(1))
+    assert set(got) == {"0", "1"}
+    for rank, n in got.items():
+        assert int(n) < 0.6 * total, (rank, n, total)
+    assert sum(int(n) for n in got.values()) < 1.1 * total
+
+
 def test_batch_split():
     from stages.distributed import check_split, rank_slice, split_sizes
     from upscale.errors import SamoeError
@@ -327,3 +369,5 @@ def test_batch_split():
 
 if __name__ == "__main__" and "--moe-worker" in sys.argv:
     _moe_worker()
+if __name__ == "__main__" and "--rows-worker" in sys.argv:
+    _rows_worker(sys.argv[sys.argv.index("--rows-worker") + 1])
