@@ -292,12 +292,12 @@ def evaluate(paths: list[Path], data_dir: Path, batch_size: int = 4, bootstrap: 
         st, routing = run_model(model, data, batch_size, on_batch, precision)
         cm = st.cm.sum(0)
         b = st.boundary.sum(0)
-        precision, recall, f1 = f1_from_counts(*b)
+        b_precision, recall, f1 = f1_from_counts(*b)
         metrics = st.metrics()
         metrics.update(
             iou={n: _num(v) for n, v in zip(names, iou_per_class(cm))},
             dice={n: _num(v) for n, v in zip(names, dice_per_class(cm))},
-            boundary_precision=precision, boundary_recall=recall,
+            boundary_precision=b_precision, boundary_recall=recall,
         )
         results.append({
             "path": str(ck.path), "digest": ck.digest,

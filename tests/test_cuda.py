@@ -34,6 +34,13 @@ from upscale.moe import MoEMLP
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
+@pytest.fixture
+def no_tf32(monkeypatch):
+    """fp32 means fp32 in the comparisons with the CPU: PyTorch's default lets cuDNN convolutions use TF32."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "demo"
@@ -114,10 +121,11 @@ def test_grouped_gemm_matches_per_expert_reference(autocast: bool):
     gout = torch.randn_like(ref)
     banks = [m.experts[0].w1, m.experts[0].w2, m.experts[2].w1, m.experts[3].b2]
     got = torch.autograd.grad(y, banks, gout.to(y.dtype))
-    want = torch.autograd.grad(ref, banks, gout)
+    want = torch.autograd.grad(ref, banks, gout, allow_unused=True)
     for g, w in zip(got, want):
-        assert g.abs().sum() > 0
-        torch.testing.assert_close(g.float(), w.float(), rtol=5e-2, atol=5e-2 * float(w.abs().max()))
+        w = torch.zeros_like(g, dtype=torch.float32) if w is None else w.float()
+        assert w.abs().sum() > 0, "test setup: a bank without tokens"
+        torch.testing.assert_close(g.float(), w, rtol=5e-2, atol=5e-2 * float(w.abs().max()))
 
 
 def test_moe_forward_never_waits_for_the_host():
@@ -160,7 +168,7 @@ def cpu_run(grown: Path, data: Path, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("precision,rel", [("fp32", 5e-3), ("bf16", 5e-2)])
-def test_one_gpu_training_steps(grown: Path, data: Path, cpu_run: Path, tmp_path: Path, precision: str, rel: float):
+def test_one_gpu_training_steps(grown: Path, data: Path, cpu_run: Path, tmp_path: Path, precision: str, rel: float, no_tf32):
     final = _train(grown, data, tmp_path / "run", "cuda", precision)
     rows, ref = _rows(tmp_path / "run"), _rows(cpu_run)
     assert [r["step"] for r in rows] == ["1", "2"]
@@ -181,7 +189,7 @@ def test_one_gpu_training_steps(grown: Path, data: Path, cpu_run: Path, tmp_path
 # --------------------------------------------------------------------------- eval, pseudo-label, verify
 
 
-def test_eval_pseudo_label_and_verify_on_gpu(src: Path, grown: Path, data: Path, tmp_path: Path):
+def test_eval_pseudo_label_and_verify_on_gpu(src: Path, grown: Path, data: Path, tmp_path: Path, no_tf32):
     reports = {}
     for device in ("cpu", "cuda"):
         res = CliRunner().invoke(cli.app, ["eval", str(grown), "--data", str(data / "A-test"), "--bootstrap", "10",
@@ -209,7 +217,7 @@ def test_eval_pseudo_label_and_verify_on_gpu(src: Path, grown: Path, data: Path,
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_two_gpus_nccl_equal_one_gpu(grown: Path, data: Path, tmp_path: Path):
+def test_two_gpus_nccl_equal_one_gpu(grown: Path, data: Path, tmp_path: Path, no_tf32):
     one = tmp_path / "one"
     _train(grown, data, one, "cuda", "fp32")
     with socket.socket() as s:
