@@ -133,6 +133,21 @@ def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
+_DEVICE_HELP = "auto | cpu | cuda | cuda:N (auto: CUDA when a GPU is visible, else CPU)."
+_PRECISION_HELP = ("fp32 | bf16. bf16: autocast on one device (CUDA, or CPU bf16 kernels) with fp32 weights and "
+                   "optimizer state; FSDP2 mixed precision (bf16 compute, fp32 gradient reduction) under --nproc/torchrun.")
+
+
+def _precision(precision: Optional[str], mixed_precision: bool = False) -> str:
+    """--precision, with --mixed-precision as its bf16 alias."""
+    from upscale.device import check_precision
+    from upscale.errors import SamoeError
+
+    if mixed_precision and precision not in (None, "bf16"):
+        raise SamoeError(f"--mixed-precision means --precision bf16 but --precision {precision} was given: pass one of them")
+    return check_precision("bf16" if mixed_precision else (precision or "fp32"))
+
+
 def _parse_ints(text: str, option: str) -> tuple[int, ...]:
     from upscale.errors import SamoeError
 
@@ -346,7 +361,7 @@ def plan(
         raise SamoeError("give exactly one of a SOURCE checkpoint or --preset NAME")
     src_cfg = get_preset(preset) if preset else Checkpoint.open(source).config
     spec = _growth_spec(src_cfg, experts, groups, core_groups, top_k_groups, extra_blocks, extra_dense, "copy-noise", 0.0, 0.3, 0)
-    report = plan_report(src_cfg, spec, parse_dtype(dtype))
+    report = plan_report(src_cfg, spec, parse_dtype(dtype), last_k=last_k)
     if as_json:
         _print_json(report)
         return
@@ -388,6 +403,7 @@ def expand(
     verify: Optional[Path] = typer.Option(None, "--verify", help="Data folder: compare source and grown outputs on its images."),
     verify_tol: Optional[float] = typer.Option(None, "--verify-tol", min=0, callback=_finite, help="Exit 3 if a head's relative deviation exceeds this."),
     verify_images: int = typer.Option(8, "--verify-images", min=1, help="Images used by --verify."),
+    device: str = typer.Option("auto", "--device", help="Where --verify runs both models (fp32): " + _DEVICE_HELP),
     force: bool = typer.Option(False, "--force", help="Replace an existing checkpoint at --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary (and verify report) as JSON."),
 ) -> None:
@@ -399,7 +415,10 @@ def expand(
 
     src = Checkpoint.open(source)
     images = None
-    if verify is not None:  # read the --verify images before writing anything: a bad folder leaves no --out
+    if verify is not None:
+        from upscale.device import resolve_device
+
+        verify_device = resolve_device(device)  # read the --verify images before writing anything: a bad folder leaves no --out
         from upscale.ownership import check_separate
         from upscale.verify import load_images
 
@@ -420,7 +439,7 @@ def expand(
         from upscale.checkpoint import load_model
         from upscale.verify import output_deviation
 
-        report = output_deviation(load_model(source), load_model(path), images)
+        report = output_deviation(load_model(source, device=verify_device), load_model(path, device=verify_device), images)
     if as_json:
         from upscale.summary import inspect_checkpoint
 
@@ -479,9 +498,16 @@ def train(
     workers: int = typer.Option(0, "--workers", min=0, max=256, help="DataLoader worker processes."),
     force: bool = typer.Option(False, "--force", help="Start over in an existing run dir; skip the stage-input check."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes (GPUs) on this node: starts torchrun, shards the model with FSDP2."),
-    mixed_precision: bool = typer.Option(False, "--mixed-precision", help="Sharded runs: bf16 compute, fp32 weights and gradient reduction."),
+    device: str = typer.Option("auto", "--device", help=_DEVICE_HELP + " Under --nproc/torchrun each process takes GPU LOCAL_RANK."),
+    precision: Optional[str] = typer.Option(None, "--precision", help=_PRECISION_HELP + " Default fp32."),
+    mixed_precision: bool = typer.Option(False, "--mixed-precision", help="Alias of --precision bf16 (kept for old scripts)."),
 ) -> None:
-    """Train one stage as a resumable job; RUN/final is the next stage's --from."""
+    """Train one stage as a resumable job; RUN/final is the next stage's --from.
+
+    Determinism: on CPU a resumed run is bit-identical to an uninterrupted one (deterministic kernels,
+    same thread count); on CUDA it resumes from the same state, data order and schedules but agrees to
+    float rounding only (atomics in index_add/scatter, cuBLAS kernel choice).
+    """
     import os
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -493,10 +519,17 @@ def train(
         epochs = timeline
     from stages.distributed import LAUNCH_COMMAND_ENV, is_main_process, launch, world_size
 
+    precision = _precision(precision, mixed_precision)
+    if nproc > 1 or world_size() > 1:
+        from stages.distributed import process_device_kind
+
+        process_device_kind(device)  # cpu or cuda: each process takes GPU LOCAL_RANK
+    else:
+        from upscale.device import resolve_device
+
+        resolve_device(device)  # a missing GPU fails here, before anything is locked or written
     if nproc > 1 and world_size() == 1:  # not under torchrun yet: start it (it runs this same command)
         raise typer.Exit(launch(nproc, sys.argv[1:]))
-    if mixed_precision and nproc == 1 and world_size() == 1:
-        raise SamoeError("--mixed-precision applies to sharded runs: add --nproc N or start samoe under torchrun")
     launched = os.environ.get(LAUNCH_COMMAND_ENV)  # the command the user typed, when `--nproc` started torchrun
     command = json.loads(launched) if launched else _command_line()
     cfg = TrainConfig(stage=stage, source=str(source), run_dir=str(run_dir), data=str(data),
@@ -504,7 +537,8 @@ def train(
                       batch_size=batch_size, lr=lr, last_k=last_k, seed=seed, checkpoint_every=checkpoint_every, keep=keep,
                       momentum=momentum, wd=wd, unsup_weight=unsup_weight, alpha_rampup=alpha_rampup,
                       unsup_rampup=unsup_rampup, warmup=warmup, timeline=timeline, log_every=log_every, router_lr_mult=router_lr_mult,
-                      selector_gating=train_selector_gating, handover_coef=handover_coef, restart_ramps=restart_ramps, skip_nonfinite=skip_nonfinite, workers=workers, mixed_precision=mixed_precision, command=command)
+                      selector_gating=train_selector_gating, handover_coef=handover_coef, restart_ramps=restart_ramps,
+                      skip_nonfinite=skip_nonfinite, workers=workers, device=device, precision=precision, command=command)
     progress = Progress(TextColumn("stage {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("epoch {task.fields[epoch]} loss {task.fields[loss]} lr {task.fields[lr]} {task.fields[ips]} img/s"),
                         TimeRemainingColumn(), console=console)
@@ -560,17 +594,22 @@ def pseudo_label(
     out: Path = typer.Option(..., "--out", help="Pseudo-label folder to create or complete."),
     threshold: float = typer.Option(0.0, "--threshold", min=0, max=1, callback=_finite, help="Pixels with confidence below this become ignore (255)."),
     batch_size: int = typer.Option(4, "--batch-size", min=1),
+    device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (autocast for the teacher's forward)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Label an unlabelled folder with a teacher checkpoint (resumable: labelled images are skipped)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from stages.pseudo import pseudo_label as run_pseudo
+    from upscale.device import resolve_device
+
+    torch_device, precision = resolve_device(device), _precision(precision)
 
     with _one_job(out), Progress("pseudo-labelling", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                                  console=console, transient=as_json) as progress:
         task = progress.add_task("label", total=None)
-        summary = run_pseudo(checkpoint, images, out, threshold, batch_size,
+        summary = run_pseudo(checkpoint, images, out, threshold, batch_size, device=torch_device, precision=precision,
                              on_start=lambda n, todo: progress.update(task, total=n, completed=n - todo),
                              on_image=lambda: progress.advance(task))
     if as_json:
@@ -595,6 +634,8 @@ def evaluate(
     report_dir: Optional[Path] = typer.Option(None, "--report", help="Write report.md (tables + embedded figures) here."),
     fmt: str = typer.Option("png", "--format", help="Figure format for --plots: png (200 dpi), svg or pdf."),
     force: bool = typer.Option(False, "--force", help="Write into a non-empty --plots / --report folder that samoe wrote, replacing its figures."),
+    device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (autocast for the forward; metrics in fp32)."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole report as one JSON object."),
 ) -> None:
     """Compare checkpoints side by side on a labelled folder, with routing statistics."""
@@ -604,14 +645,17 @@ def evaluate(
     from stages.figures import check_format, check_output_dir
     from stages.report import write_eval_outputs
 
+    from upscale.device import resolve_device
+
     check_format(fmt)
+    torch_device, precision = resolve_device(device), _precision(precision)
     inputs = {"--data": data, **{f"checkpoint {c}": c for c in checkpoints}}
     for folder, option in ((plots, "--plots"), (report_dir, "--report")):
         if folder is not None:
             check_output_dir(folder, force, option, inputs)
     with Progress("evaluating", BarColumn(), MofNCompleteColumn(), console=console, transient=True) as progress:
         task = progress.add_task("eval", total=None)
-        report = run_eval(checkpoints, data, batch_size, bootstrap, seed,
+        report = run_eval(checkpoints, data, batch_size, bootstrap, seed, device=torch_device, precision=precision,
                           on_start=lambda n: progress.update(task, total=n), on_batch=lambda n: progress.advance(task, n))
     report.update(write_eval_outputs(report, plots, report_dir, fmt))
     if as_json:

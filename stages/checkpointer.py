@@ -297,7 +297,7 @@ class Checkpointer:
         if (step_dir / "dcp").is_dir():
             return self._load_sharded(step_dir, model, opts)
         if self.dist is not None:  # a single-process checkpoint into a sharded model
-            self.dist.load_full_tensors(model, Checkpoint.open(step_dir / "model").iter_tensors(), str(step_dir))
+            self.dist.load_own_rows(model, Checkpoint.open(step_dir / "model"), str(step_dir))
             state = read_trainer_state(step_dir)
             load_optimizer_tensors(opts, dict(model.named_parameters()), read_optimizer_file(step_dir),
                                    state["optimizers"], place=self.dist.shard_like)

@@ -4,11 +4,11 @@
 --nproc N` started torchrun itself). Each process then:
 
 * joins the process group: NCCL with one GPU per process (cuda:LOCAL_RANK), gloo
-  on CPU (no GPU, or SAMOE_DEVICE=cpu);
+  on CPU (no GPU, `--device cpu`, or SAMOE_DEVICE=cpu with `--device auto`);
 * builds the model on the meta device, sets requires_grad per stage, applies
   `fully_shard` to every MoE layer, every encoder block, every decoder layer and
-  the root, then reads only its own shard of each tensor from the safetensors
-  checkpoint (no process ever holds the whole model). FSDP2 shards parameter by
+  the root, then reads only the rows of each tensor it owns from the safetensors
+  checkpoint (one positioned read per tensor; no process reads or holds the whole model). FSDP2 shards parameter by
   parameter, so frozen and trainable parameters may share a group: frozen ones
   are all-gathered for compute, never reduce-scattered, and sit in no optimizer,
   so their shards stay bit-identical;
@@ -98,6 +98,24 @@ def check_split(n: int, batch_size: int, world: int, what: str) -> None:
                          f"smaller than {world}")
 
 
+def process_device_kind(device: str = "auto") -> str:
+    """cpu or cuda for one process of a torchrun job: each process takes GPU LOCAL_RANK, so no index.
+
+    `--device auto` honours SAMOE_DEVICE (cpu or cuda), then picks CUDA when a GPU is visible.
+    """
+    spec = (device or "auto").strip().lower()
+    if spec == "auto":
+        spec = os.environ.get("SAMOE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+        if spec not in ("cpu", "cuda"):
+            raise SamoeError(f"SAMOE_DEVICE={spec!r} must be cpu or cuda")
+    if spec.startswith("cuda:"):
+        raise SamoeError(f"--device {spec}: under torchrun/--nproc each process uses GPU LOCAL_RANK; pass --device cuda "
+                         "(and CUDA_VISIBLE_DEVICES to choose the GPUs)")
+    if spec not in ("cpu", "cuda"):
+        raise SamoeError(f"--device {spec!r} is not one of auto, cpu, cuda")
+    return spec
+
+
 # --------------------------------------------------------------------------- launching
 
 
@@ -135,22 +153,16 @@ def launch(nproc: int, argv: list[str]) -> int:
 
 # --------------------------------------------------------------------------- MoE router statistics
 
-# The router computes per-pool balance losses from local tokens and leaves their ingredients
-# in `MoEMLP.pools` (probs, chosen, num); the global loss needs their sums over ranks.
+# The router returns, for every pool of `upscale.moe.router_pools`, the sums its balance loss is
+# formed from (`Routing.pool_sums`, kept on the layer as `MoEMLP.pool_sums`); the global loss needs
+# their sums over ranks.
 
 
 def _pools(cfg) -> list[tuple[str, int, int]]:
-    """(kind, group, experts) of each router pool, in the order the router appends its balance losses."""
-    pools = []
-    if cfg.core_groups:
-        pools.append(("core", -1, cfg.num_core_experts))
-    routed = len(cfg.groups) - cfg.core_groups
-    if routed:
-        pools.append(("group", -1, routed))
-        if cfg.core_groups:
-            pools.append(("top", -1, routed + 1))  # (core, routed groups) mixture
-        pools += [("routed", cfg.core_groups + r, cfg.groups[cfg.core_groups + r]) for r in range(routed)]
-    return pools
+    """(kind, group, experts) of each router pool, in the order of `MoEMLP.pool_sums`."""
+    from upscale.moe import router_pools
+
+    return router_pools(cfg)
 
 
 def _balance(s: Tensor, c: Tensor, tokens: Tensor, chosen: Tensor, num: int) -> Tensor:
@@ -188,20 +200,18 @@ class _Usage:
 class Distributed:
     """One process of a torchrun job: process group, device, FSDP2 sharding, global losses."""
 
-    def __init__(self, mixed_precision: bool = False) -> None:
+    def __init__(self, precision: str = "fp32", device: str = "auto") -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         self.rank = int(os.environ["RANK"])
         self.world = int(os.environ["WORLD_SIZE"])
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        kind = os.environ.get("SAMOE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-        if kind not in ("cpu", "cuda"):
-            raise SamoeError(f"SAMOE_DEVICE={kind!r} must be cpu or cuda")
+        kind = process_device_kind(device)
         if kind == "cuda":
             if not torch.cuda.is_available() or self.local_rank >= torch.cuda.device_count():
                 raise SamoeError(f"process {self.rank} needs GPU {self.local_rank} but {torch.cuda.device_count()} are visible: "
-                                 f"start at most one process per GPU, or set SAMOE_DEVICE=cpu")
+                                 f"start at most one process per GPU, or use --device cpu")
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
         else:
@@ -210,23 +220,21 @@ class Distributed:
             dist.init_process_group("nccl" if kind == "cuda" else "gloo",
                                     device_id=self.device if kind == "cuda" else None)
         self.mesh = init_device_mesh(kind, (self.world,))
-        self.mixed_precision = mixed_precision
+        self.precision = precision
         # MoEMLP returns `out.reshape(...)`, a view; SAM's blocks only add it out of place (x = x + mlp(x)).
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPMoEMLP\) returned a view tensor")
         self.mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                          if mixed_precision else MixedPrecisionPolicy())
+                          if precision == "bf16" else MixedPrecisionPolicy())
         self.moe: dict[str, nn.Module] = {}
         self._stats: dict[str, Tensor] = {}
         self._usage: dict[str, _Usage] = {}
 
     @classmethod
-    def from_env(cls, mixed_precision: bool = False) -> "Distributed | None":
+    def from_env(cls, precision: str = "fp32", device: str = "auto") -> "Distributed | None":
         """The context when torchrun started several processes, else None (plain single-process training)."""
         if world_size() <= 1:
-            if mixed_precision:
-                raise SamoeError("--mixed-precision applies to sharded (FSDP) runs: add --nproc N or start with torchrun")
             return None
-        return cls(mixed_precision)
+        return cls(precision, device)
 
     @property
     def is_main(self) -> bool:
@@ -267,7 +275,7 @@ class Distributed:
         result = prepare(model)
         self.shard(model)
         model.to_empty(device=self.device)
-        self.load_full_tensors(model, ckpt.iter_tensors(), str(ckpt.path))
+        self.load_own_rows(model, ckpt, str(ckpt.path))
         return model, result
 
     def shard(self, model: nn.Module) -> None:
@@ -292,22 +300,52 @@ class Distributed:
         # runs before FSDP's post-forward hook, while the layer's parameters are unsharded
         layer.register_forward_hook(partial(self._after_moe, name), prepend=True)
 
-    def load_full_tensors(self, model: nn.Module, items: Iterable[tuple[str, Tensor]], where: str) -> None:
-        """Copy full tensors (name, tensor) into the model: each rank keeps its own shard."""
+    def load_own_rows(self, model: nn.Module, ckpt: Any, where: str) -> int:
+        """Copy checkpoint tensors into the (sharded) model, each rank reading only the rows it owns.
+
+        FSDP2 shards every parameter on dim 0 (torch.chunk layout), so a rank's shard is one contiguous
+        byte range of the tensor in its safetensors file: one positioned read at the offset the strictly
+        checked header gave (Checkpoint.open), straight into the shard. Replicated tensors and layouts this
+        code does not know are read whole. Returns the bytes read (the tests check each rank reads ~1/N).
+        """
         targets: dict[str, Tensor] = dict(model.named_parameters())
         targets.update(model.named_buffers())
-        seen = set()
-        with torch.no_grad():
-            for name, full in items:
-                target = targets.get(name)
-                if target is None or tuple(target.shape) != tuple(full.shape):
-                    raise SamoeError(f"{where} does not match the model being trained ({name}): use a new --run-dir or --force")
-                local = _local(target)
-                local.copy_(self.local_shard(full, target))
-                seen.add(name)
-        missing = sorted(set(targets) - seen)
+        wrong = sorted(n for n, t in targets.items() if n in ckpt.tensors and tuple(ckpt.tensors[n].shape) != tuple(t.shape))
+        wrong += sorted(set(ckpt.tensors) - set(targets))
+        if wrong:
+            raise SamoeError(f"{where} does not match the model being trained ({wrong[0]}): use a new --run-dir or --force")
+        missing = sorted(set(targets) - set(ckpt.tensors))
         if missing:
             raise SamoeError(f"{where} lacks {len(missing)} tensors of the model, e.g. {missing[0]}: re-create it")
+        done = 0
+        by_file: dict[str, list[str]] = {}
+        for name, info in sorted(ckpt.tensors.items(), key=lambda kv: (kv[1].file, kv[1].offset)):
+            by_file.setdefault(info.file, []).append(name)
+        with torch.no_grad():
+            for fname, names in by_file.items():
+                with open(Path(ckpt.path) / fname, "rb") as f:
+                    for name in names:
+                        target, info = targets[name], ckpt.tensors[name]
+                        local = _local(target)
+                        rows = self._own_rows(target, tuple(info.shape))
+                        if rows is not None and rows[1] - rows[0] == local.shape[0]:
+                            part = _read_rows(f, info, *rows, where)
+                            local.copy_(part.to(local.device, local.dtype))
+                        else:
+                            part = _read_rows(f, info, 0, info.shape[0] if info.shape else 0, where)
+                            local.copy_(self.local_shard(part, target))
+                        done += part.numel() * part.element_size()
+        return done
+
+    def _own_rows(self, like: Tensor, shape: tuple[int, ...]) -> tuple[int, int] | None:
+        """[lo, hi) of dim 0 that this rank holds of a Shard(0) DTensor (torch.chunk layout), else None."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        if not isinstance(like, DTensor) or not shape or tuple(like.placements) != (Shard(0),):
+            return None
+        chunk = -(-shape[0] // self.world)
+        lo = min(self.rank * chunk, shape[0])
+        return lo, min(lo + chunk, shape[0])
 
     def local_shard(self, full: Tensor, like: Tensor) -> Tensor:
         """This rank's part of `full`, laid out like the (possibly sharded) tensor `like`, on its device."""
@@ -351,28 +389,17 @@ class Distributed:
     # ----------------------------------------------------------------------- MoE hooks
 
     def _after_moe(self, name: str, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
-        """Turn the router's recorded pools into sums; give locally unused trainable parts a zero gradient."""
-        calls = module.pools
+        """Keep the router's pool sums for the global losses; give locally unused trainable parts a zero gradient."""
         cfg = module.router.cfg
-        group_counts = module.group_counts.tolist()
+        sums = module.pool_sums
         pools = _pools(cfg)
-        used = [kind != "routed" or group_counts[g] > 0 for kind, g, _ in pools]
-        if len(calls) != sum(used):
-            raise SamoeError(f"internal error: {name} recorded {len(calls)} router pools, expected {sum(used)} "
-                             "(upscale/moe.py's router pools changed; update stages/distributed.py)")
-        parts, it = [], iter(calls)
-        for (kind, g, num), u in zip(pools, used):
-            if not u:
-                parts.append(output.new_zeros(2 * num + 2, dtype=torch.float32))
-                continue
-            probs, chosen, n = next(it)
-            if n != num:
-                raise SamoeError(f"internal error: {name} pool {kind} has {n} experts, expected {num}")
-            parts += [probs.float().sum(dim=0), torch.bincount(chosen.flatten(), minlength=num).float(),
-                      torch.tensor([float(probs.shape[0]), float(chosen.numel())], device=probs.device)]
-        self._stats[name] = torch.cat(parts)
+        if len(sums) != len(pools) or any(s.numel() != 2 * num + 2 for s, (_, _, num) in zip(sums, pools)):
+            raise SamoeError(f"internal error: {name} returned {len(sums)} router pool sums, expected {len(pools)} "
+                             "(upscale/moe.py's router pools changed; update upscale.moe.router_pools)")
+        self._stats[name] = torch.cat(sums)
         if not torch.is_grad_enabled():
             return output
+        group_counts = module.group_counts.tolist()
         idle = [p for g, n in enumerate(group_counts) if n == 0 for p in module.experts[g].parameters()]
         idle += [module.router.expert_gates[g].weight for kind, g, _ in pools if kind == "routed" and group_counts[g] == 0]
         idle = [p for p in idle if p.requires_grad]
@@ -458,6 +485,27 @@ class Distributed:
             return {"mean": 0.0, "std": 0.0, "min": 0.0, "max": 0.0}
         var = max(0.0, (q - s * s / n) / (n - 1)) if n > 1 else 0.0
         return {"mean": s / n, "std": var**0.5, "min": float(lo), "max": float(hi)}
+
+
+def _read_rows(f: Any, info: Any, lo: int, hi: int, where: str) -> Tensor:
+    """Rows [lo, hi) of one tensor (dim 0) from its open shard file: one read of exactly their bytes.
+
+    A 0-d tensor is read whole. `info` is the header entry Checkpoint.open checked (offset and size
+    inside the file), so nothing here trusts the file beyond what was validated.
+    """
+    from upscale.checkpoint import ST_DTYPES
+
+    shape = tuple(info.shape)
+    if not shape:
+        lo, hi, row, out_shape = 0, 1, info.nbytes, ()
+    else:
+        row = info.nbytes // shape[0] if shape[0] else 0
+        out_shape = (hi - lo, *shape[1:])
+    buf = torch.empty((hi - lo) * row, dtype=torch.uint8)
+    f.seek(info.offset + lo * row)
+    if buf.numel() and f.readinto(memoryview(buf.numpy())) != buf.numel():
+        raise SamoeError(f"{where}: tensor data in {info.file} is cut short: the shard is truncated; re-create the checkpoint")
+    return buf.view(ST_DTYPES[info.dtype]).reshape(out_shape)
 
 
 def _local(t: Tensor) -> Tensor:

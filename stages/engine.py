@@ -12,6 +12,12 @@ states are restored from the latest step checkpoint; the same command continues
 where it stopped and gives bit-identical weights on CPU. SIGINT/SIGTERM finish
 the current step, save, print the resume command and exit.
 
+Devices and precision (`--device`, `--precision`, upscale/device.py): the model,
+every batch and the optimizer state live on the run's device; bf16 runs the
+forward under autocast with fp32 weights, gradients and optimizer state. CPU
+training runs under deterministic algorithms (scoped to the run) and resumes
+bit-exactly; CUDA runs resume from the same state but agree to float rounding.
+
 Under torchrun (WORLD_SIZE > 1) the same loop runs in every process on the
 FSDP2-sharded model, each on a contiguous slice of the global batch, with the
 losses formed over the global batch (stages/distributed.py); step checkpoints
@@ -28,12 +34,13 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from upscale.checkpoint import Checkpoint, build_meta, lineage_entry, load_model, save_model
+from upscale.device import autocast, check_precision, deterministic, resolve_device, to_device
 from upscale.errors import SamoeError
 from upscale.ownership import check_replaceable, check_separate, owner, write_marker
 
@@ -82,7 +89,8 @@ class TrainConfig:
     restart_ramps: bool = False  # ramp the selector's alpha from 0 again, as a fresh seed-004 run (changes the function)
     skip_nonfinite: bool = False
     workers: int = 0
-    mixed_precision: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (upscale/device.py); not part of the run's identity
+    precision: str = "fp32"  # fp32 | bf16: autocast on one device, FSDP2 mixed precision under torchrun
     command: list[str] = field(default_factory=list)
 
     def identity(self) -> dict[str, Any]:
@@ -173,8 +181,9 @@ class StreamingLoader:
     """
 
     def __init__(self, data: Dataset, batch_size: int, seed: int, workers: int, epoch: int = 0, pos: int = 0,
-                 rank: int = 0, world: int = 1) -> None:
+                 rank: int = 0, world: int = 1, pin_memory: bool = False) -> None:
         self.data, self.batch_size, self.seed, self.workers = data, batch_size, seed, workers
+        self.pin_memory = pin_memory  # page-locked batches copy to a GPU asynchronously
         self.epoch, self.pos = epoch, pos
         self.rank, self.world = rank, world
         self.steps_per_epoch = math.ceil(len(data) / batch_size)
@@ -189,7 +198,7 @@ class StreamingLoader:
             from .distributed import rank_slice
 
             batches = [rank_slice(b, self.rank, self.world) for b in batches]
-        self._it = iter(DataLoader(self.data, batch_sampler=batches, num_workers=self.workers))
+        self._it = iter(DataLoader(self.data, batch_sampler=batches, num_workers=self.workers, pin_memory=self.pin_memory))
 
     def next(self) -> dict[str, Any]:
         if self.pos >= self.steps_per_epoch:
@@ -277,39 +286,59 @@ def _losses(model: torch.nn.Module, out: dict[str, Any], targets: list[tuple[str
     return [task_losses(out, t, prefix=prefix) for prefix, t in targets], model.aux_loss(), model.handover_loss()
 
 
+def _forward(model: torch.nn.Module, amp: Callable[[], ContextManager] | None, image: torch.Tensor,
+             **kw: Any) -> dict[str, Any]:
+    """The model's forward, under `amp` (bf16 autocast) when given; floating outputs back in fp32 for the losses."""
+    if amp is None:
+        return model(image, **kw)
+    with amp():
+        out = model(image, **kw)
+    return {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
+
+
+def _after_backward(model: torch.nn.Module, dist: "Distributed | None") -> None:
+    """Parts that got no token get no gradient (None): the optimizer skips them whatever the device."""
+    if dist is not None:
+        dist.after_backward()
+    else:
+        from upscale.moe import drop_idle_grads
+
+        drop_idle_grads([m for _, m in model.moe_layers()])
+
+
 def train_step(model: torch.nn.Module, opts: Optimizers, batch: dict[str, Any], ubatch: dict[str, Any] | None,
                unsup_weight: float, aux_coef: float, skip_nonfinite: bool, step: int,
-               dist: "Distributed | None" = None, handover_coef: float = TrainConfig.handover_coef) -> dict[str, float]:
+               dist: "Distributed | None" = None, handover_coef: float = TrainConfig.handover_coef,
+               amp: Callable[[], ContextManager] | None = None) -> dict[str, float]:
     """Seed 004's step: unsupervised phase (gate frozen under no_grad), then supervised phase.
 
     With `dist`, `batch`/`ubatch` are this process's slices and the losses are those of the global batch.
+    `amp` makes the forward's precision context (bf16 autocast); the losses are computed in fp32.
     """
     metrics = {"loss_unsup": 0.0}
     if ubatch is not None:
         opts.opt1.zero_grad(set_to_none=True)
         opts.opt2.zero_grad(set_to_none=True)
-        out = model(ubatch["image"], gate_grad=False)
+        out = _forward(model, amp, ubatch["image"], gate_grad=False)
         pseudo = pseudo_targets({t: out[f"gate_{t}"] for t in ("seg", "sdf", "boundary")})
         (per_task,), aux_u, hand_u = _losses(model, out, [("", pseudo)], dist)
         loss_u = unsup_weight * model.loss(per_task) + aux_coef * aux_u + handover_coef * hand_u
         if _finite(loss_u, step, skip_nonfinite):
             loss_u.backward()
-            if dist is not None:
-                dist.after_backward()
+            _after_backward(model, dist)
             opts.opt1.step()
             opts.opt2.step()
             model.constrain_()
         metrics["loss_unsup"] = loss_u.item()
     for opt in opts.named().values():
         opt.zero_grad(set_to_none=True)
-    out = model(batch["image"])
+    out = _forward(model, amp, batch["image"])
     (heads, gate), aux, handover = _losses(model, out, [("", batch), ("gate_", batch)], dist)
     per_task = {t: heads[t] + gate[t] for t in heads}
     loss_s = model.loss(per_task) + aux_coef * aux + handover_coef * handover
     if _finite(loss_s, step, skip_nonfinite):
         loss_s.backward()
-        if dist is not None:
-            dist.after_backward()
+        _after_backward(model, dist)
         for opt in opts.named().values():
             opt.step()
         model.constrain_()
@@ -331,39 +360,33 @@ def run(cfg: TrainConfig, force: bool = False, on_start: Callable[[dict[str, Any
     """Run (or resume) one stage; return RUN/final. Under torchrun (WORLD_SIZE > 1) this is one process of a sharded run."""
     from .distributed import Distributed
 
-    dist = Distributed.from_env(cfg.mixed_precision)
+    check_precision(cfg.precision)
+    dist = Distributed.from_env(cfg.precision, cfg.device)
     if dist is not None and not dist.is_main:
         on_start = on_step = on_log = None
     try:
-        return _run(cfg, force, on_start, on_step, on_log, dist)
+        device = dist.device if dist is not None else resolve_device(cfg.device)
+        # CPU: deterministic kernels make resume bit-exact (upscale/device.py); only for this run
+        with deterministic(device.type == "cpu"):
+            return _run(cfg, force, on_start, on_step, on_log, dist, device)
     finally:
         if dist is not None:
             dist.close()
 
 
-def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], None] | None,
-         on_step: Callable[[dict[str, Any]], None] | None, on_log: Callable[[dict[str, Any]], None] | None,
-         dist: "Distributed | None") -> Path:
+def _prepare_run_dir(cfg: TrainConfig, force: bool, identity: dict[str, Any]) -> bool:
+    """Check (and with --force, empty) the run directory; True when it holds this run to resume. Rank 0 only."""
     import shutil
 
-    main = dist is None or dist.is_main
     run_dir = Path(cfg.run_dir)
-    final_dir = run_dir / "final"
     state_file = run_dir / "run.json"
     # --force deletes the run dir: never when it holds (or lies inside) this run's own inputs
     check_separate(run_dir, "--run-dir", {"--from": cfg.source, "--data": cfg.data, "--unlabelled": cfg.unlabelled})
     # run.json is written after the first step: a marked run dir without it is a run that never started
     never_started = not state_file.exists() and owner(run_dir) == "train"
-    wipe = (force or never_started) and run_dir.exists()
-    if wipe:
+    if (force or never_started) and run_dir.exists():
         check_replaceable(run_dir, True, "--run-dir")
-    if dist is not None:
-        dist.barrier()
-    if wipe and main:
         shutil.rmtree(run_dir)
-    if dist is not None:
-        dist.barrier()
-    identity = cfg.identity()
     if state_file.exists():
         saved = read_run_json(state_file)
         options = {k: v for k, v in identity.items() if k != "data_fingerprint"}
@@ -372,26 +395,48 @@ def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], Non
         if saved["identity"].get("data_fingerprint") != identity["data_fingerprint"]:
             raise SamoeError(f"the files in --data/--unlabelled changed since {run_dir} started (names, sizes or times differ): "
                              "restore them, use a new --run-dir, or pass --force to start over")
-        if (final_dir / "samoe.json").exists():
-            raise SamoeError(f"{run_dir} already finished: its result is {final_dir}; use a new --run-dir or --force to train again")
-    elif run_dir.exists() and any(run_dir.iterdir()):
+        if (run_dir / "final" / "samoe.json").exists():
+            raise SamoeError(f"{run_dir} already finished: its result is {run_dir / 'final'}; use a new --run-dir or --force to train again")
+        return True
+    if run_dir.exists() and any(run_dir.iterdir()):
         raise SamoeError(f"{run_dir} exists and is not a samoe run directory: choose a new --run-dir")
+    return False
+
+
+def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], None] | None,
+         on_step: Callable[[dict[str, Any]], None] | None, on_log: Callable[[dict[str, Any]], None] | None,
+         dist: "Distributed | None", device: torch.device) -> Path:
+    main = dist is None or dist.is_main
+    run_dir = Path(cfg.run_dir)
+    final_dir = run_dir / "final"
+    state_file = run_dir / "run.json"
+    identity = cfg.identity() if main else {}
+    # Only rank 0 looks at, and deletes, the run directory; the others wait for its verdict (no race).
+    error, resuming = None, False
+    if main:
+        try:
+            resuming = _prepare_run_dir(cfg, force, identity)
+        except SamoeError as e:
+            if dist is None:
+                raise
+            error = str(e)
+    if dist is not None:
+        error, resuming = dist.broadcast((error, resuming))
+        if error is not None:
+            raise SamoeError(error)
 
     src = Checkpoint.open(cfg.source)
     if not force:
         check_stage_input(src, cfg.stage)
     if dist is None:
-        model = load_model(src.path)
+        model = load_model(src.path, device=device)
         counts = apply_stage(model, src.provenance, cfg.stage, cfg.last_k, cfg.selector_gating)
     else:  # requires_grad is set before sharding; each process reads only its shards
         model, counts = dist.build_model(src.path, lambda m: apply_stage(m, src.provenance, cfg.stage, cfg.last_k,
                                                                                  cfg.selector_gating))
     model_cfg = model.config
-    if _device(model).type == "cpu":
-        # Some CPU kernels reduce in an order that depends on threads and memory layout
-        # (runs differed by ~1e-11 in router tensors); their deterministic versions make
-        # CPU training, and so resume after a kill, bit-exact with any thread count.
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    # one process: bf16 autocast around the forward; under torchrun FSDP2's policy casts instead
+    amp = (lambda: autocast(device, cfg.precision)) if dist is None and cfg.precision != "fp32" else None
     plan = STAGES[cfg.stage]
     lr = cfg.lr if cfg.lr is not None else plan.lr
     aux_coef = cfg.aux_loss_coef if cfg.aux_loss_coef is not None else model_cfg.moe.aux_loss_coef
@@ -423,16 +468,17 @@ def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], Non
         write_marker(run_dir, "train")
     checkpointer = Checkpointer(run_dir, cfg.keep, dist)
     step, loader_state, uloader_state = 0, {"epoch": 0, "pos": 0}, {"epoch": 0, "pos": 0}
-    latest = checkpointer.latest() if state_file.exists() else None
+    latest = checkpointer.latest() if resuming else None
     if latest is not None:
         ts = checkpointer.load(latest, model, opts)
         step, loader_state, uloader_state = ts["step"], ts["loader"], ts["uloader"]
     if dist is not None:
         dist.barrier()
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
-    loader = StreamingLoader(data, cfg.batch_size, cfg.seed, cfg.workers, **loader_state, rank=rank, world=world)
-    uloader = (StreamingLoader(udata, cfg.batch_size, cfg.seed + 1, cfg.workers, **uloader_state, rank=rank, world=world)
-               if udata is not None else None)
+    pin = device.type == "cuda"
+    loader = StreamingLoader(data, cfg.batch_size, cfg.seed, cfg.workers, **loader_state, rank=rank, world=world, pin_memory=pin)
+    uloader = (StreamingLoader(udata, cfg.batch_size, cfg.seed + 1, cfg.workers, **uloader_state, rank=rank, world=world,
+                               pin_memory=pin) if udata is not None else None)
     metrics_log = selector_log = tb = None
     if main:
         _truncate_csv(run_dir / "metrics.csv", "step", step)
@@ -465,12 +511,9 @@ def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], Non
             factor = lr_factor(step, spe, total, t_warm)
             apply_lr(opts, factor)
             t0 = time.perf_counter()
-            batch = loader.next()
-            ubatch = uloader.next() if uloader is not None else None
-            if dist is not None:
-                batch = dist.to_device(batch)
-                ubatch = dist.to_device(ubatch) if ubatch is not None else None
-            m = train_step(model, opts, batch, ubatch, unsup_w, aux_coef, cfg.skip_nonfinite, step, dist, cfg.handover_coef)
+            batch = to_device(loader.next(), device)
+            ubatch = to_device(uloader.next(), device) if uloader is not None else None
+            m = train_step(model, opts, batch, ubatch, unsup_w, aux_coef, cfg.skip_nonfinite, step, dist, cfg.handover_coef, amp)
             step += 1
             if main and not state_file.exists():  # the run has really started: from now on it resumes
                 from upscale.checkpoint import atomic_write_text
@@ -543,10 +586,6 @@ class _StateView:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._state
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _dtype(model: torch.nn.Module) -> torch.dtype:

@@ -210,7 +210,12 @@ def _patch_classes(mask: torch.Tensor, grid: tuple[int, int], num_classes: int) 
 
 @torch.no_grad()
 def run_model(model: torch.nn.Module, data: LabelledFolder, batch_size: int,
-              on_batch: Callable[[int], None] | None = None) -> tuple[ImageStats, dict[str, RoutingAccumulator]]:
+              on_batch: Callable[[int], None] | None = None,
+              precision: str = "fp32") -> tuple[ImageStats, dict[str, RoutingAccumulator]]:
+    """Metrics and routing statistics of `model` on `data`, computed where the model lives (`precision`
+    bf16: autocast forward); outputs come back to the CPU in fp32 for the metrics."""
+    from upscale.device import autocast
+
     cfg = model.config
     c = cfg.num_classes
     grid = (cfg.img_size // cfg.patch_size,) * 2
@@ -220,13 +225,16 @@ def run_model(model: torch.nn.Module, data: LabelledFolder, batch_size: int,
         layer.record = True
     cms, bounds, sdfs = [], [], []
     model.eval()
-    dtype = next(model.parameters()).dtype
+    first = next(model.parameters())
+    dtype, device = first.dtype, first.device
     try:
         for start in range(0, len(data), batch_size):
             items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
-            x = torch.stack([it["image"] for it in items]).to(dtype)
+            x = torch.stack([it["image"] for it in items]).to(device, dtype)
             mask = torch.stack([it["mask"] for it in items])
-            out = model(x)
+            with autocast(device, precision):
+                out = model(x)
+            out = {k: v.float().cpu() for k, v in out.items() if k in ("seg", "boundary", "sdf")}
             pred = out["seg"].argmax(1)
             valid = (mask != IGNORE_INDEX)
             pb = (torch.sigmoid(out["boundary"].float()) > 0.5)[:, 0] & valid
@@ -239,10 +247,10 @@ def run_model(model: torch.nn.Module, data: LabelledFolder, batch_size: int,
             classes = _patch_classes(mask, grid, c)
             for name, layer in layers.items():
                 acc = routing[name]
-                acc.expert_counts += layer.expert_counts.numpy()
+                acc.expert_counts += layer.expert_counts.cpu().numpy()
                 acc.entropy_sum += float(layer.entropy)
                 acc.batches += 1
-                token, expert, weight = layer.assignments
+                token, expert, weight = (t.cpu() for t in layer.assignments)
                 core = expert < sum(acc.groups[: acc.core_groups])
                 acc.weight_core += float(weight[core].abs().sum())
                 acc.weight_total += float(weight.abs().sum())
@@ -266,7 +274,7 @@ def class_names(num_classes: int) -> list[str]:
 
 
 def evaluate(paths: list[Path], data_dir: Path, batch_size: int = 4, bootstrap: int = 1000, seed: int = 0,
-             on_start: Callable[[int], None] | None = None, on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
+             device: torch.device | str = "cpu", precision: str = "fp32", on_start: Callable[[int], None] | None = None, on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Evaluate checkpoints on one labelled folder; the first is the baseline of the comparisons."""
     ckpts = [Checkpoint.open(p) for p in paths]
     base = ckpts[0].config
@@ -280,16 +288,16 @@ def evaluate(paths: list[Path], data_dir: Path, batch_size: int = 4, bootstrap: 
     names = class_names(base.num_classes)
     results, stats = [], []
     for ck in ckpts:
-        model = load_model(ck.path)
-        st, routing = run_model(model, data, batch_size, on_batch)
+        model = load_model(ck.path, device=device)
+        st, routing = run_model(model, data, batch_size, on_batch, precision)
         cm = st.cm.sum(0)
         b = st.boundary.sum(0)
-        precision, recall, f1 = f1_from_counts(*b)
+        b_precision, recall, f1 = f1_from_counts(*b)
         metrics = st.metrics()
         metrics.update(
             iou={n: _num(v) for n, v in zip(names, iou_per_class(cm))},
             dice={n: _num(v) for n, v in zip(names, dice_per_class(cm))},
-            boundary_precision=precision, boundary_recall=recall,
+            boundary_precision=b_precision, boundary_recall=recall,
         )
         results.append({
             "path": str(ck.path), "digest": ck.digest,

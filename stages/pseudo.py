@@ -49,7 +49,7 @@ def _place_image(src: Path, dst: Path) -> None:
 
 
 def pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, batch_size: int = 4,
-                 on_start: Callable[[int, int], None] | None = None, on_image: Callable[[], None] | None = None) -> dict[str, int]:
+                 device: torch.device | str = "cpu", precision: str = "fp32", on_start: Callable[[int, int], None] | None = None, on_image: Callable[[], None] | None = None) -> dict[str, int]:
     """Label every image of IMAGES/images not yet labelled in OUT; return counts.
 
     OUT must be new, empty, or an earlier pseudo-label output (its `.samoe-owner.json`):
@@ -73,7 +73,7 @@ def pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, ba
         out.mkdir(parents=True, exist_ok=True)
         if owner(out) != "pseudo-label":
             write_marker(out, "pseudo-label")
-        return _pseudo_label(ckpt, images, out, threshold, batch_size, on_start, counted)
+        return _pseudo_label(ckpt, images, out, threshold, batch_size, on_start, counted, torch.device(device), precision)
     except BaseException as e:
         if created and done[0] == 0:
             shutil.rmtree(out, ignore_errors=True)
@@ -86,8 +86,15 @@ def pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, ba
 
 @torch.no_grad()
 def _pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, batch_size: int = 4,
-                  on_start: Callable[[int, int], None] | None = None, on_image: Callable[[], None] | None = None) -> dict[str, int]:
-    """Label every image of IMAGES/images not yet labelled in OUT; return counts."""
+                  on_start: Callable[[int, int], None] | None = None, on_image: Callable[[], None] | None = None,
+                  device: torch.device = torch.device("cpu"), precision: str = "fp32") -> dict[str, int]:
+    """Label every image of IMAGES/images not yet labelled in OUT; return counts.
+
+    The teacher runs on `device` (bf16 autocast with `precision` bf16); masks and confidences are
+    computed from its fp32 probabilities on the CPU, at each image's native size.
+    """
+    from upscale.device import autocast
+
     if not 0.0 <= threshold <= 1.0:
         raise SamoeError(f"--threshold {threshold} must be in [0, 1]")
     if batch_size < 1:
@@ -95,7 +102,7 @@ def _pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, b
     if out.resolve() == images.resolve():
         raise SamoeError("--out must differ from --images: pseudo-labels go to a new folder")
     data_native = UnlabelledFolder(images)  # validates the folder; native sizes
-    model = load_model(ckpt)
+    model = load_model(ckpt, device=device)
     model.eval()
     size = model.config.img_size
     for sub in ("images", "masks", "confidence"):
@@ -109,7 +116,9 @@ def _pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, b
         idx = todo[start : start + batch_size]
         items = [data_native[i] for i in idx]
         x = torch.stack([F.interpolate(it["image"][None], (size, size), mode="bilinear", align_corners=False)[0] for it in items])
-        probs = model(x.to(next(model.parameters()).dtype))["gate_seg"].float().softmax(dim=1)
+        with autocast(device, precision):
+            logits = model(x.to(device, next(model.parameters()).dtype))["gate_seg"]
+        probs = logits.float().softmax(dim=1).cpu()
         for it, i, p in zip(items, idx, probs):
             h, w = it["image"].shape[-2:]
             p = F.interpolate(p[None], (h, w), mode="bilinear", align_corners=False)[0]

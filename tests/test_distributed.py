@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -197,15 +198,64 @@ def test_one_process_checkpoint_resumes_on_two(grown: Path, data: Path, runs: Pa
 
 
 def test_mixed_precision(grown: Path, data: Path, runs: Path, single_s1: Path):
-    """bf16 compute, fp32 reduction: close to the fp32 losses, weights stay in the checkpoint's dtype."""
+    """bf16 compute, fp32 reduction: close to the fp32 losses, weights stay in the checkpoint's dtype.
+
+    `--mixed-precision` is `--precision bf16`: FSDP2's policy under torchrun, autocast in one process."""
     args = ["--stage", 1, "--from", grown, "--data", data / "A", "--unlabelled", data / "B", "--batch-size", 4, "--max-steps", 2]
-    res = CliRunner().invoke(cli.app, ["train", *map(str, args), "--run-dir", str(runs / "mp-one"), "--mixed-precision"])
-    assert res.exit_code == 2 and "--nproc" in res.stderr
-    torchrun(*args, "--run-dir", runs / "mp", "--mixed-precision")
-    for x, y in zip(rows(single_s1)[:2], rows(runs / "mp")):
-        assert float(y["loss"]) == pytest.approx(float(x["loss"]), rel=1e-2)
-    final = tensors(runs / "mp" / "final")
-    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in final.values())
+    train_1(*args, "--run-dir", runs / "mp-one", "--mixed-precision")
+    torchrun(*args, "--run-dir", runs / "mp", "--precision", "bf16")
+    for run in (runs / "mp", runs / "mp-one"):
+        for x, y in zip(rows(single_s1)[:2], rows(run)):
+            assert float(y["loss"]) == pytest.approx(float(x["loss"]), rel=1e-2)
+        final = tensors(run / "final")
+        assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in final.values())
+
+
+_SPY = """
+import os, sys
+from pathlib import Path
+
+import stages.engine as engine
+
+real = engine._prepare_run_dir
+spy_dir = sys.argv[1]
+
+
+def spy(*args, **kwargs):
+    Path(spy_dir, "rank" + os.environ["RANK"]).touch()
+    return real(*args, **kwargs)
+
+
+engine._prepare_run_dir = spy
+import cli
+
+sys.argv = ["samoe", "train", *sys.argv[2:]]
+cli.main()
+"""
+
+
+def test_force_only_rank0_touches_the_run_dir(grown: Path, data: Path, runs: Path, single_s1: Path, tmp_path: Path):
+    """--force on a finished run: rank 0 alone inspects and deletes it, the others wait for its verdict."""
+    run = runs / "force"
+    shutil.copytree(single_s1, run)
+    script = tmp_path / "spy.py"
+    script.write_text(_SPY)
+    args = ["--stage", 1, "--from", grown, "--data", data / "A", "--unlabelled", data / "B", "--batch-size", 4,
+            "--max-steps", 2, "--run-dir", run, "--force"]
+    for attempt in range(2):
+        spy = tmp_path / f"spy{attempt}"
+        spy.mkdir()
+        torchrun(spy, *args, script=[str(script)])
+        assert sorted(p.name for p in spy.iterdir()) == ["rank0"]
+        assert [r["step"] for r in rows(run)] == ["1", "2"] and (run / "final" / "samoe.json").is_file()
+    # a refusal reaches every rank as the same one line, exit 2 (not a hang)
+    (run / "run.json").unlink()
+    (run / "foreign.txt").write_text("not samoe's")
+    (run / ".samoe-owner.json").unlink()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "cli", "train", *map(str, args[:-1])]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+    assert res.returncode != 0 and "not a samoe run directory" in res.stderr, res.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------- an expert group used by one process only
@@ -262,6 +312,47 @@ def test_expert_group_used_by_one_process_only():
     assert "moe-ok" in res.stdout
 
 
+def _rows_worker(path: str) -> None:
+    """Run under torchrun (2 processes): build the sharded model from `path`, count the bytes each rank reads."""
+    import stages.distributed as sd
+    from stages.distributed import Distributed
+
+    read = []
+    real = sd._read_rows
+
+    def counting(f, info, lo, hi, where):
+        t = real(f, info, lo, hi, where)
+        read.append(t.numel() * t.element_size())
+        return t
+
+    sd._read_rows = counting
+    d = Distributed()
+    model, _ = d.build_model(path, lambda m: None)
+    state = d.full_state_dict(model)
+    total = sum(info.nbytes for info in Checkpoint.open(path).tensors.values())
+    print(f"rank{d.rank} read {sum(read)} of {total}", flush=True)
+    if d.rank == 0:
+        want = dict(Checkpoint.open(path).iter_tensors())
+        assert set(state) == set(want)
+        for n, t in want.items():
+            assert torch.equal(state[n], t), n
+        print("rows-ok")
+    d.close()
+
+
+def test_each_rank_reads_only_its_rows(grown: Path):
+    """Two processes build the sharded model: together they read the checkpoint about once, not twice,
+    and the gathered weights equal the checkpoint's bit for bit."""
+    res = torchrun(script=[__file__, "--rows-worker", str(grown)])
+    assert "rows-ok" in res.stdout
+    got = dict(re.findall(r"rank(\d) read (\d+) of", res.stdout))
+    total = int(re.search(r"of (\d+)", res.stdout).group(1))
+    assert set(got) == {"0", "1"}
+    for rank, n in got.items():
+        assert int(n) < 0.6 * total, (rank, n, total)
+    assert sum(int(n) for n in got.values()) < 1.1 * total
+
+
 def test_batch_split():
     from stages.distributed import check_split, rank_slice, split_sizes
     from upscale.errors import SamoeError
@@ -278,3 +369,5 @@ def test_batch_split():
 
 if __name__ == "__main__" and "--moe-worker" in sys.argv:
     _moe_worker()
+if __name__ == "__main__" and "--rows-worker" in sys.argv:
+    _rows_worker(sys.argv[sys.argv.index("--rows-worker") + 1])

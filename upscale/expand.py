@@ -479,8 +479,9 @@ def expand_checkpoint(
     return execute(src, plans, out, meta, dtype, workers=workers, shard_bytes=shard_bytes, force=force, on_tensor=on_tensor)
 
 
-def plan_report(src_cfg: SamMoEConfig, spec: GrowthSpec, dtype: torch.dtype) -> dict[str, Any]:
-    """`samoe plan`: grown parameter counts per component and per-stage memory, from the meta device."""
+def plan_report(src_cfg: SamMoEConfig, spec: GrowthSpec, dtype: torch.dtype, last_k: int = 4) -> dict[str, Any]:
+    """`samoe plan`: grown parameter counts per component and per-stage memory, from the meta device
+    (stage 2 unfreezes the FFN/MoE of the last `last_k` ViT blocks, as `samoe train --last-k`)."""
     from stages.plan import stage_memory  # training memory model lives with the stage plans
     from .summary import summarize
 
@@ -491,7 +492,14 @@ def plan_report(src_cfg: SamMoEConfig, spec: GrowthSpec, dtype: torch.dtype) -> 
     esize = torch.empty((), dtype=dtype).element_size()
     report = summarize(cfg, shapes, provenance, dtype_name(dtype), esize)
     report["source_params"] = sum(t.numel() for t in build_model(src_cfg, device="meta").state_dict().values())
-    report["memory_per_stage"] = stage_memory(cfg, shapes, provenance, esize)
+    # gradients and optimizer state exist for trainable parameters only, never for buffers (e.g. selector alphas)
+    model = build_model(cfg, device="meta")
+    params = {k: tuple(v.shape) for k, v in model.named_parameters()}
+    buffer_bytes = sum(b.numel() for b in model.buffers()) * esize
+    report["memory_per_stage"] = stage_memory(cfg, params, provenance, esize, last_k=last_k)
+    for stage in report["memory_per_stage"].values():
+        stage["weights_bytes"] += buffer_bytes
+        stage["total_bytes"] += buffer_bytes
     report["config"] = cfg.to_dict()
     return report
 

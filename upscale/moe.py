@@ -42,14 +42,31 @@ GEMM (`torch._grouped_mm`) over their contiguous slice, with a per-expert loop
 as fallback where grouped GEMM is unavailable; results are weighted and
 scattered back with `index_add`. Only the experts a token uses are computed, and
 the in-group routers only see the tokens of their group.
+
+Dispatch on CUDA (`static_dispatch`). The CPU path above reads the expert counts
+on the host (`.tolist()`, one `nonzero` per routed group) to cut rows into
+groups; on a GPU each such read waits for the queue to drain, once per layer.
+On CUDA every shape is known without looking at the data instead: the in-group
+routers score every token (one small GEMM over all routed experts, under 0.5%
+of the layer's FLOPs at ViT width) and each token keeps only its chosen group's
+scores; the group weights are cast and concatenated in one copy (the same copy
+bf16 autocast makes anyway) so that the whole layer runs as ONE grouped GEMM
+whose offsets stay on the device; balance statistics are per-group sums
+(`index_add`; `torch.bincount` reads the largest index on the host, so counts are
+scatter-adds). Banks that received no token get a zero gradient
+there; `drop_idle_grads` turns it back into None after backward so that the
+optimizer skips them as on the CPU path. torch's bf16 grouped GEMM (sm90+) is
+sync-free; in fp32 torch itself falls back to a per-expert loop that reads the
+offsets (use bf16 on GPUs, fp32 there is a reference mode).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Type
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MoEConfig
@@ -65,6 +82,22 @@ def _grouped_mm_ok(x: Tensor, weight: Tensor) -> bool:
     return all(d * x.element_size() % 16 == 0 for d in weight.shape[1:])
 
 
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast computes matmuls in on x's device, None when autocast is off."""
+    kind = x.device.type
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
+def _compute_dtype(x: Tensor, *params: Tensor) -> tuple[Tensor, ...]:
+    """x and params in autocast's dtype when autocast is on (torch._grouped_mm is not on autocast's lists)."""
+    dtype = _autocast_dtype(x)
+    if dtype is None:
+        return (x, *params)
+    return tuple(t.to(dtype) for t in (x, *params))
+
+
 def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor, counts: Tensor, counts_list: list[int]) -> Tensor:
     """Apply expert e's linear layer to its contiguous slice of rows.
 
@@ -78,6 +111,7 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor, counts: Tensor, coun
         Tensor: (n, out).
     """
     n = x.shape[0]
+    x, weight, bias = _compute_dtype(x, weight, bias)
     if _grouped_mm_ok(x, weight):
         offs = torch.cumsum(counts, 0).to(torch.int32)
         y = torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
@@ -142,6 +176,9 @@ class Routing:
     handover_loss: Tensor
     # mean over tokens of the routing weight on routed (new) groups; each token's weights sum to one
     new_weight: Tensor
+    # for EVERY pool of `router_pools(cfg)`, in that order: (prob sums (num,), assignment counts (num,),
+    # [tokens, assignments]) -- the sums a global balance loss is formed from (zeros for an unused group)
+    pool_sums: list[Tensor] = field(default_factory=list)
 
 
 def _topk_renormalised(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -154,8 +191,41 @@ def _balance_loss(probs: Tensor, chosen: Tensor, num: int) -> Tensor:
     """Switch-Transformer load-balancing loss: num * sum_e f_e * mean_p_e (1.0 when uniform)."""
     if probs.shape[0] == 0:
         return probs.new_zeros(())
-    frac = torch.bincount(chosen.flatten(), minlength=num).float() / chosen.numel()
+    frac = _bincount(chosen.flatten(), num).float() / chosen.numel()
     return num * (frac * probs.mean(dim=0)).sum()
+
+
+def _bincount(index: Tensor, n: int) -> Tensor:
+    """torch.bincount(index, minlength=n) for indices < n, without its host read of index.max() on CUDA."""
+    if index.device.type != "cuda":
+        return torch.bincount(index, minlength=n)
+    return torch.zeros(n, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
+
+
+def _pool_sums(probs: Tensor, chosen: Tensor, num: int) -> Tensor:
+    """(prob sums (num,), assignment counts (num,), [tokens, assignments]) of one router pool, float32."""
+    counts = _bincount(chosen.flatten(), num).float()
+    rows = counts.new_full((1,), float(probs.shape[0]))  # a fill, not a host-to-device copy
+    return torch.cat([probs.float().sum(dim=0), counts, rows, counts.sum()[None]])
+
+
+def router_pools(cfg: MoEConfig) -> list[tuple[str, int, int]]:
+    """(kind, group, experts) of each router pool, in the order of `Routing.pool_sums` and `pools`."""
+    pools = []
+    if cfg.core_groups:
+        pools.append(("core", -1, cfg.num_core_experts))
+    routed = len(cfg.groups) - cfg.core_groups
+    if routed:
+        pools.append(("group", -1, routed))
+        if cfg.core_groups:
+            pools.append(("top", -1, routed + 1))  # (core, routed groups) mixture
+        pools += [("routed", cfg.core_groups + r, cfg.groups[cfg.core_groups + r]) for r in range(routed)]
+    return pools
+
+
+def static_dispatch(x: Tensor) -> bool:
+    """Whether MoE layers dispatch with device-side shapes only (always on CUDA; tests switch it on for CPU)."""
+    return x.device.type == "cuda"
 
 
 def _entropy(probs: Tensor) -> Tensor:
@@ -191,8 +261,13 @@ class HierarchicalRouter(nn.Module):
         mix = x.new_zeros(n, 0, dtype=torch.float32)
         handover = x.new_zeros((), dtype=torch.float32)
 
+        if static_dispatch(x):
+            return self._forward_static(x)
+        sums: list[Tensor] = []
+
         def balance(probs: Tensor, chosen: Tensor, num: int) -> None:
             pools.append((probs, chosen, num))
+            sums.append(_pool_sums(probs, chosen, num))
             aux.append(_balance_loss(probs, chosen, num))
         ar = torch.arange(n, device=x.device)
         routed = len(cfg.groups) - cfg.core_groups
@@ -218,26 +293,120 @@ class HierarchicalRouter(nn.Module):
                 top = torch.cat([1 - mix.sum(-1, keepdim=True), mix.new_zeros(n, routed).scatter_add(1, g_i, mix)], dim=-1)
                 top_chosen = top.argmax(dim=-1, keepdim=True)
                 pools.append((top, top_chosen, routed + 1))
+                sums.append(_pool_sums(top, top_chosen, routed + 1))
                 handover = _balance_loss(top, top_chosen, routed + 1)
             for r in range(routed):
                 g = cfg.core_groups + r
                 tok, slot = (g_i == r).nonzero(as_tuple=True)
                 if tok.numel() == 0:
+                    sums.append(x.new_zeros(2 * cfg.groups[g] + 2, dtype=torch.float32))
                     continue
                 probs, top_i, top_w = _topk_renormalised(self.expert_gates[g](x[tok]), cfg.top_k)
                 tokens.append(tok.repeat_interleave(cfg.top_k))
                 experts.append((top_i + self.offsets[g]).flatten())
                 weights.append((top_w * mix[tok, slot][:, None]).flatten())
                 balance(probs, top_i, cfg.groups[g])
+        empty = x.new_zeros(0, dtype=torch.long)
         return Routing(
-            token=torch.cat(tokens),
-            expert=torch.cat(experts),
-            weight=torch.cat(weights),
+            token=torch.cat(tokens) if tokens else empty,
+            expert=torch.cat(experts) if experts else empty,
+            weight=torch.cat(weights) if weights else x.new_zeros(0, dtype=torch.float32),
             aux_loss=torch.stack(aux).mean() if aux else x.new_zeros(()),
             entropy=torch.stack(entropy).mean().detach() if entropy else x.new_zeros(()),
             pools=pools,
             handover_loss=handover,
             new_weight=mix.sum(-1).mean().detach() if routed and n else x.new_zeros((), dtype=torch.float32),
+            pool_sums=sums,
+        )
+
+    def _static_index(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Constant index tensors of the static path, made once per device (no copy per forward).
+
+        col (G_r, emax): column of expert j of routed group r among all routed experts (padding repeats
+        the last); pad (G_r, emax): padding positions; starts (G_r,): global index of each routed group's
+        first expert; num (G_r,): experts per routed group (float).
+        """
+        cache = self.__dict__.setdefault("_index_cache", {})
+        if device not in cache:
+            cfg = self.cfg
+            sizes = cfg.groups[cfg.core_groups:]
+            emax = max(sizes)
+            col = [[sum(sizes[:r]) + min(j, s - 1) for j in range(emax)] for r, s in enumerate(sizes)]
+            cache[device] = (torch.tensor(col, device=device),
+                             torch.tensor([[j >= s for j in range(emax)] for s in sizes], device=device),
+                             torch.tensor(self.offsets[cfg.core_groups : len(cfg.groups)], device=device),
+                             torch.tensor(sizes, device=device, dtype=torch.float32))
+        return cache[device]
+
+    def _forward_static(self, x: Tensor) -> Routing:
+        """The same routing as `forward` with shapes fixed by N alone: no host reads (see module docstring)."""
+        cfg = self.cfg
+        n, k = x.shape[0], cfg.top_k
+        c, routed = cfg.core_groups, len(cfg.groups) - cfg.core_groups
+        ar = torch.arange(n, device=x.device)
+        tokens, experts, weights, aux, entropy, sums = [], [], [], [], [], []
+        aux_count = x.new_zeros((), dtype=torch.float32)
+        mix = x.new_zeros(n, 0, dtype=torch.float32)
+        handover = x.new_zeros((), dtype=torch.float32)
+        if routed:
+            g_probs = self.group_gate(x).float().softmax(dim=-1)
+            g_p, g_i = g_probs.topk(cfg.top_k_groups, dim=-1)
+            mix = g_p * self.group_scale.float()[g_i]
+        if c:
+            logits = torch.cat([self.expert_gates[g](x) for g in range(c)], dim=-1)
+            probs, top_i, top_w = _topk_renormalised(logits, k)
+            tokens.append(ar[:, None].expand(n, k).flatten())
+            experts.append(top_i.flatten())
+            weights.append((top_w * (1 - mix.sum(-1, keepdim=True)) if routed else top_w).flatten())
+            aux.append(_balance_loss(probs, top_i, cfg.num_core_experts))
+            sums.append(_pool_sums(probs, top_i, cfg.num_core_experts))
+            entropy.append(_entropy(probs))
+        if routed:
+            aux.append(_balance_loss(g_probs, g_i, routed))
+            sums.append(_pool_sums(g_probs, g_i, routed))
+            entropy.append(_entropy(g_probs))
+            if c:
+                top = torch.cat([1 - mix.sum(-1, keepdim=True), mix.new_zeros(n, routed).scatter_add(1, g_i, mix)], dim=-1)
+                top_chosen = top.argmax(dim=-1, keepdim=True)
+                sums.append(_pool_sums(top, top_chosen, routed + 1))
+                handover = _balance_loss(top, top_chosen, routed + 1)
+            sizes = cfg.groups[c:]
+            emax = max(sizes)
+            col, pad, starts, num = self._static_index(x.device)
+            # every routed expert's score for every token, laid out (N, routed groups, emax), padding at -inf
+            scores = F.linear(x, torch.cat([self.expert_gates[c + r].weight for r in range(routed)])).float()
+            padded = scores[:, col].masked_fill(pad, float("-inf"))
+            own = padded.gather(1, g_i[:, :, None].expand(-1, -1, emax))  # (N, k_groups, emax): the chosen groups' scores
+            probs = own.softmax(dim=-1)
+            top_p, top_i = probs.topk(k, dim=-1)
+            tokens.append(ar[:, None, None].expand(n, cfg.top_k_groups, k).flatten())
+            experts.append((top_i + starts[g_i][:, :, None]).flatten())
+            weights.append((top_p / top_p.sum(-1, keepdim=True) * mix[:, :, None]).flatten())
+            # balance of each routed group over its own tokens (Switch loss from sums), present groups only
+            flat_g = g_i.flatten()
+            group_tokens = _bincount(flat_g, routed).float()
+            psum = probs.new_zeros(routed, emax).index_add(0, flat_g, probs.reshape(-1, emax))
+            local = (g_i[:, :, None] * emax + top_i).flatten()
+            chosen = _bincount(local, routed * emax).float().reshape(routed, emax)
+            present = group_tokens > 0
+            per_group = num * ((chosen / (group_tokens * k).clamp_min(1)[:, None]) * (psum / group_tokens.clamp_min(1)[:, None])).sum(-1)
+            aux_count = present.sum().float()
+            aux.append((per_group * present).sum())
+            for r, s in enumerate(sizes):
+                sums.append(torch.cat([psum[r, :s], chosen[r, :s], torch.stack([group_tokens[r], group_tokens[r] * k])]))
+        # mean over the pools that had tokens: core and group router always (when N > 0), routed groups when chosen
+        always = len(aux) - (1 if routed else 0)
+        aux_loss = (torch.stack(aux).sum() / (always + aux_count)) if aux else x.new_zeros(())
+        return Routing(
+            token=torch.cat(tokens),
+            expert=torch.cat(experts),
+            weight=torch.cat(weights),
+            aux_loss=aux_loss,
+            entropy=torch.stack(entropy).mean().detach() if entropy else x.new_zeros(()),
+            pools=[],
+            handover_loss=handover,
+            new_weight=mix.sum(-1).mean().detach() if routed and n else x.new_zeros((), dtype=torch.float32),
+            pool_sums=sums,
         )
 
 
@@ -267,6 +436,7 @@ class MoEMLP(nn.Module):
         self.group_counts: Tensor | None = None
         self.entropy: Tensor | None = None
         self.pools: list[tuple[Tensor, Tensor, int]] = []
+        self.pool_sums: list[Tensor] = []
         self.new_weight: Tensor | None = None
         self.handover_loss: Tensor | None = None
         # When True, forward keeps (token, expert) of every assignment for routing reports.
@@ -286,19 +456,24 @@ class MoEMLP(nn.Module):
         route = self.router(x)
         order = torch.argsort(route.expert, stable=True)
         token = route.token[order]
-        counts = torch.bincount(route.expert, minlength=self.cfg.num_experts)
-        counts_list = counts.tolist()
+        counts = _bincount(route.expert, self.cfg.num_experts)
         rows = x[token]
-        outs, start = [], 0
-        for g, bank in enumerate(self.experts):
-            lo, hi = self.router.offsets[g], self.router.offsets[g + 1]
-            n = sum(counts_list[lo:hi])
-            if n:
-                outs.append(bank(rows[start : start + n], counts[lo:hi], counts_list[lo:hi]))
-            start += n
-        y = torch.cat(outs) * route.weight[order].to(x.dtype)[:, None]
-        out = torch.zeros_like(x).index_add(0, token, y)
+        if static_dispatch(x):
+            y = self._experts_static(rows, route.expert[order], counts)
+        else:
+            counts_list = counts.tolist()
+            outs, start = [], 0
+            for g, bank in enumerate(self.experts):
+                lo, hi = self.router.offsets[g], self.router.offsets[g + 1]
+                n = sum(counts_list[lo:hi])
+                if n:
+                    outs.append(bank(rows[start : start + n], counts[lo:hi], counts_list[lo:hi]))
+                start += n
+            y = torch.cat(outs) if outs else x.new_zeros(0, shape[-1])  # a layer that got no token returns zeros
+        y = y * route.weight[order].to(y.dtype)[:, None]
+        out = torch.zeros_like(x).index_add(0, token, y.to(x.dtype))
         self.aux_loss = route.aux_loss
+        self.pool_sums = route.pool_sums
         self.expert_counts = counts.detach()
         self.entropy = route.entropy
         self.pools = route.pools
@@ -308,3 +483,63 @@ class MoEMLP(nn.Module):
             self.assignments = (route.token.detach(), route.expert.detach(), route.weight.detach())
         self.group_counts = torch.stack([counts[lo:hi].sum() for lo, hi in zip(self.router.offsets, self.router.offsets[1:])])
         return out.reshape(shape)
+
+    def _experts_static(self, rows: Tensor, expert: Tensor, counts: Tensor) -> Tensor:
+        """All banks as one grouped GEMM over rows sorted by expert; offsets stay on the device."""
+        banks = list(self.experts)
+        dtype = _autocast_dtype(rows) or rows.dtype
+        w1, b1, w2, b2 = (_cat_experts([getattr(b, name) for b in banks], dtype) for name in ("w1", "b1", "w2", "b2"))
+        rows = rows.to(dtype)
+        if not _grouped_mm_ok(rows, w1):  # float64 or unaligned widths: the loop, which reads counts on the host
+            counts_list = counts.tolist()
+            h = banks[0].act(grouped_linear(rows, w1, b1, counts, counts_list))
+            return grouped_linear(h, w2, b2, counts, counts_list)
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        h = banks[0].act(torch._grouped_mm(rows, w1.transpose(-2, -1), offs=offs) + b1[expert])
+        return torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs) + b2[expert]
+
+
+class _CatExperts(torch.autograd.Function):
+    """Cast and concatenate expert banks along dim 0 in one copy; backward hands each bank its slice."""
+
+    @staticmethod
+    def forward(ctx, dtype: torch.dtype, *banks: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.sizes = [b.shape[0] for b in banks]
+        ctx.dtypes = [b.dtype for b in banks]
+        out = banks[0].new_empty((sum(ctx.sizes), *banks[0].shape[1:]), dtype=dtype)
+        for part, b in zip(out.split(ctx.sizes), banks):
+            part.copy_(b)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return (None, *(g.to(d) for g, d in zip(grad.split(ctx.sizes), ctx.dtypes)))
+
+
+def _cat_experts(banks: list[Tensor], dtype: torch.dtype) -> Tensor:
+    if len(banks) == 1:
+        return banks[0].to(dtype)
+    return _CatExperts.apply(dtype, *banks)
+
+
+@torch.no_grad()
+def drop_idle_grads(layers: list[MoEMLP]) -> None:
+    """After backward: banks (and in-group routers) that got no token in the last forward get grad None.
+
+    The CPU path never puts an idle bank in the graph; the static (CUDA) path gives it a zero gradient.
+    With None the optimizer skips it on both paths (no weight decay, no momentum step). One host read
+    for all layers, after backward: nothing waits inside the forward.
+    """
+    layers = [m for m in layers if m.group_counts is not None]
+    if not layers:
+        return
+    counts = torch.cat([m.group_counts for m in layers]).tolist()
+    pos = 0
+    for m in layers:
+        for g, bank in enumerate(m.experts):
+            if counts[pos + g] == 0:
+                for p in bank.parameters():
+                    p.grad = None
+                if g >= m.cfg.core_groups:
+                    m.router.expert_gates[g].weight.grad = None
+        pos += len(m.experts)

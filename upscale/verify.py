@@ -41,8 +41,9 @@ def output_deviation(source: torch.nn.Module, grown: torch.nn.Module, images: to
     max_ref: dict[str, float] = {}
     for i in range(0, images.shape[0], batch):
         x = images[i : i + batch]
-        a = source(x.to(next(source.parameters()).dtype))
-        b = grown(x.to(next(grown.parameters()).dtype))
+        p, q = next(source.parameters()), next(grown.parameters())
+        a = source(x.to(p.device, p.dtype))
+        b = grown(x.to(q.device, q.dtype))
         for head in a:
             d = (b[head].double() - a[head].double())
             sq_diff[head] = sq_diff.get(head, 0.0) + float(d.pow(2).sum())

@@ -1,0 +1,173 @@
+"""`--device` and `--precision` (upscale/device.py) on a machine without a GPU.
+
+Oracles: where the engine really puts the model, each batch and the optimizer state
+(resumed onto PyTorch's `meta` device, which stands in for a GPU here: a tensor left
+on the CPU by mistake is caught); the CLI's one-line errors; the process-wide
+deterministic setting before and after a run; bf16 autocast on CPU against fp32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import cli
+import stages.engine as engine
+from stages.data import make_demo_data
+from stages.engine import TrainConfig
+from upscale.config import PRESETS
+from upscale.create import init_from_preset
+from upscale.device import autocast, deterministic, resolve_device
+from upscale.errors import SamoeError
+from upscale.expand import GrowthSpec, expand_checkpoint, resolve_groups
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "demo"
+    make_demo_data(out, labelled=8, unlabelled=4, test=4, size=128, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory) -> Path:
+    src = init_from_preset(PRESETS["tiny"], tmp_path_factory.mktemp("src") / "tiny", 0, torch.float32, ["test"], False)
+    spec = GrowthSpec(experts=8, groups=resolve_groups(4, 8, "2", 1), extra_blocks=1, noise_std=0.01)
+    return expand_checkpoint(src, tmp_path_factory.mktemp("grown") / "g", spec, ["test"])
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resolve_device(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(SamoeError, match="--device cpu"):
+        resolve_device("cuda")
+    with pytest.raises(SamoeError, match="not one of"):
+        resolve_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(SamoeError, match="only 2 GPU"):
+        resolve_device("cuda:2")
+
+
+def test_deterministic_is_scoped():
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    assert before == (False, False)
+    with deterministic(True):
+        assert torch.are_deterministic_algorithms_enabled()
+    assert (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) == before
+    torch.use_deterministic_algorithms(True)  # a caller's own setting survives a run that switches it
+    try:
+        with deterministic(True):
+            pass
+        assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def _cfg(grown: Path, data: Path, run: Path, **kw) -> TrainConfig:
+    kw = {"max_steps": 4, "batch_size": 4, "checkpoint_every": 2, **kw}
+    return TrainConfig(stage=1, source=str(grown), run_dir=str(run), data=str(data / "A"), unlabelled=str(data / "B"), **kw)
+
+
+def test_model_batch_and_optimizer_state_land_on_the_device(grown: Path, data: Path, tmp_path: Path, monkeypatch):
+    """Run 2 steps on the CPU, stop, resume onto `meta`: every tensor the step touches must be there."""
+    run = tmp_path / "run"
+    real_step = engine.train_step
+    calls = []
+
+    def stop_after_two(*a, **kw):
+        if len(calls) == 2:
+            raise _Stop
+        calls.append(1)
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(engine, "train_step", stop_after_two)
+    with pytest.raises(_Stop):
+        engine.run(_cfg(grown, data, run, device="cpu"))
+    assert (run / "checkpoints" / "step-2").is_dir()
+    assert not torch.are_deterministic_algorithms_enabled(), "the CPU run left deterministic algorithms on"
+
+    seen = {}
+
+    def record(model, opts, batch, ubatch, *a, **kw):
+        seen["params"] = {p.device.type for p in model.parameters()}
+        seen["buffers"] = {b.device.type for b in model.buffers()}
+        seen["batch"] = {v.device.type for b in (batch, ubatch) for v in b.values() if torch.is_tensor(v)}
+        seen["state"] = {v.device.type for opt in opts.named().values() for st in opt.state.values()
+                         for v in st.values() if torch.is_tensor(v) and v.dim()}
+        seen["states"] = sum(len(opt.state) for opt in opts.named().values())
+        raise _Stop
+
+    monkeypatch.setattr(engine, "train_step", record)
+    monkeypatch.setattr(engine, "resolve_device", lambda spec: torch.device("meta"))
+    with pytest.raises(_Stop):
+        engine.run(_cfg(grown, data, run, device="cuda"))
+    assert seen["states"] > 0, "resume installed no optimizer state"
+    assert seen["params"] == seen["buffers"] == seen["batch"] == seen["state"] == {"meta"}, seen
+
+
+@no_cuda
+@pytest.mark.parametrize("command", ["train", "eval", "pseudo-label", "expand"])
+def test_cuda_without_a_gpu_is_one_line(grown: Path, data: Path, tmp_path: Path, command: str):
+    args = {
+        "train": ["train", "--stage", "1", "--from", grown, "--run-dir", tmp_path / "r", "--data", data / "A", "--max-steps", "1"],
+        "eval": ["eval", grown, "--data", data / "A-test"],
+        "pseudo-label": ["pseudo-label", grown, "--images", data / "B", "--out", tmp_path / "p"],
+        "expand": ["expand", grown, "--out", tmp_path / "e", "--experts", "12", "--groups", "3", "--verify", data / "A"],
+    }[command]
+    res = CliRunner().invoke(cli.app, [*map(str, args), "--device", "cuda"])
+    assert res.exit_code == 2, (res.exit_code, res.stderr)
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and "--device cuda" in lines[0] and "--device cpu" in lines[0], res.stderr
+    assert not (tmp_path / "r").exists() and not (tmp_path / "p").exists() and not (tmp_path / "e").exists()
+
+
+def test_precision_options(grown: Path, data: Path, tmp_path: Path):
+    base = ["train", "--stage", "1", "--from", str(grown), "--data", str(data / "A"), "--max-steps", "1"]
+    res = CliRunner().invoke(cli.app, [*base, "--run-dir", str(tmp_path / "a"), "--precision", "fp16"])
+    assert res.exit_code == 2 and "--precision 'fp16'" in res.stderr
+    res = CliRunner().invoke(cli.app, [*base, "--run-dir", str(tmp_path / "b"), "--precision", "fp32", "--mixed-precision"])
+    assert res.exit_code == 2 and "--mixed-precision means --precision bf16" in res.stderr
+    res = CliRunner().invoke(cli.app, [*base, "--run-dir", str(tmp_path / "c"), "--nproc", "2", "--device", "cuda:1"])
+    assert res.exit_code == 2 and "--device cuda" in res.stderr
+
+
+def test_cpu_bf16_training_step_is_close_to_fp32(grown: Path, data: Path, tmp_path: Path):
+    """`--precision bf16` on the CPU: autocast, fp32 weights; the losses track fp32's to bf16 accuracy."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        cfg = _cfg(grown, data, tmp_path / precision, device="cpu", precision=precision, max_steps=2)
+        engine.run(cfg)
+        with open(tmp_path / precision / "metrics.csv") as f:
+            import csv
+
+            runs[precision] = list(csv.DictReader(f))
+    for a, b in zip(runs["fp32"], runs["bf16"]):
+        assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=3e-2)
+        assert float(b["loss"]) != float(a["loss"]), "bf16 computed exactly what fp32 did: autocast was not on"
+    from upscale.checkpoint import Checkpoint
+
+    final = dict(Checkpoint.open(tmp_path / "bf16" / "final").iter_tensors())
+    assert all(t.dtype == torch.float32 for t in final.values() if t.is_floating_point())
+
+
+def test_autocast_context():
+    assert not torch.is_autocast_enabled("cpu")
+    with autocast(torch.device("cpu"), "bf16"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with autocast(torch.device("cpu"), "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
