@@ -415,13 +415,12 @@ def expand(
 
     src = Checkpoint.open(source)
     images = None
-    if verify is not None:
+    if verify is not None:  # resolve the device, read the --verify images before writing anything: a bad one leaves no --out
         from upscale.device import resolve_device
-
-        verify_device = resolve_device(device)  # read the --verify images before writing anything: a bad folder leaves no --out
         from upscale.ownership import check_separate
         from upscale.verify import load_images
 
+        verify_device = resolve_device(device)
         check_separate(out, "--out", {"--verify": verify})
         images = load_images(verify, src.config.img_size, verify_images)
     spec = _growth_spec(src.config, experts, groups, core_groups, top_k_groups, extra_blocks, extra_dense, init, noise_std, interp_weight, seed)
@@ -513,7 +512,6 @@ def train(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from stages.engine import Interrupted, TrainConfig, resume_command, run
-    from upscale.errors import SamoeError
 
     if epochs is None and max_steps is None:
         epochs = timeline

@@ -52,7 +52,7 @@ import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -397,7 +397,9 @@ class Distributed:
             raise SamoeError(f"internal error: {name} returned {len(sums)} router pool sums, expected {len(pools)} "
                              "(upscale/moe.py's router pools changed; update upscale.moe.router_pools)")
         self._stats[name] = torch.cat(sums)
-        if not torch.is_grad_enabled():
+        from upscale.moe import static_dispatch
+
+        if not torch.is_grad_enabled() or static_dispatch(output):  # static (CUDA) dispatch: every bank is in the graph
             return output
         group_counts = module.group_counts.tolist()
         idle = [p for g, n in enumerate(group_counts) if n == 0 for p in module.experts[g].parameters()]
