@@ -39,6 +39,15 @@ def flops(w: Path, d: Path, batch: int) -> dict[str, float]:
                                                                                None, batch) for k in (1, 2, 3)}}
 
 
+def converge(work: Path, seed: int, steps: int, lr: float) -> None:
+    """Train seed's source `steps` more and grow it, into work/converged-<steps>/seed<N>/{source/final,grown}."""
+    w, out = work / f"seed{seed}", work / f"converged-{steps}" / f"seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    src = train(3, w / "source" / "final", out / "source", work / "data" / "A", None, steps, lr, seed, force_input=True)
+    samoe("expand", str(src), "--out", str(out / "grown"), *growth.GROW, "--noise-std", "0.01", "--seed", str(seed),
+          out=out / "grown")
+
+
 def run_arm(arm: str, w: Path, d: Path, seed: int, E: float, f: dict[str, float]) -> Path:
     """Train one arm of one seed with extra compute E (FLOPs); returns its final checkpoint."""
     kind, _, rest = arm.partition(":")
@@ -68,11 +77,21 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each samoe process")
     ap.add_argument("--bootstrap", type=int, default=2000)
+    ap.add_argument("--converge", type=int, default=0, metavar="STEPS",
+                    help="first train each source STEPS more (stage 3, --converge-lr) and grow that: a source nearer "
+                         "its plateau, as a user's trained model is; E stays a fraction of the original S")
+    ap.add_argument("--converge-lr", type=float, default=0.1)
+    ap.add_argument("--device", default=None, help="samoe train's --device for every run (e.g. cuda)")
     args = ap.parse_args()
     from stages.evaluate import bootstrap_diff
 
     growth.REUSE, growth.THREADS, growth.BATCH = True, args.threads, args.batch_size
+    growth.DEVICE = ["--device", args.device] if args.device else []
     d, t0 = args.work / "data", time.perf_counter()
+    if args.converge:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(lambda s: converge(args.work, s, args.converge, args.converge_lr), args.seeds))
+        args.work = args.work / f"converged-{args.converge}"
     f = {}
     for s in args.seeds:
         w = args.work / f"seed{s}"
@@ -83,11 +102,12 @@ def main() -> None:
         futures = {(s, arm): pool.submit(run_arm, arm, args.work / f"seed{s}", d, s,
                                          args.extra * args.source_steps * f[s]["src"], f[s])
                    for s in args.seeds for arm in args.arms}
-        finals = {key: f.result() for key, f in futures.items()}
+        finals = {key: fut.result() for key, fut in futures.items()}
     stats = {arm: concat([image_stats(finals[s, arm], d / "A-test")[0] for s in args.seeds]) for arm in args.arms}
     source = concat([image_stats(args.work / f"seed{s}" / "source" / "final", d / "A-test")[0] for s in args.seeds])
     print(f"\nextra compute E = {args.extra} S; seeds {args.seeds}; {time.perf_counter() - t0:.0f} s\n")
     print("| arm | miou | sdf_mae | miou - source [95% CI] | miou - first arm [95% CI] |\n|---|---|---|---|---|")
+    print(f"| source | {source.metrics()['miou']:.4f} | {source.metrics()['sdf_mae']:.4f} | | |")
     first = args.arms[0]
     for arm in args.arms:
         m = stats[arm].metrics()
