@@ -169,9 +169,6 @@ class Routing:
     weight: Tensor  # (A,) mixing weight
     aux_loss: Tensor  # scalar load-balancing loss
     entropy: Tensor  # mean entropy of the top-level routing distribution (nats)
-    # (probs, chosen, num) of every pool whose balance loss entered aux_loss, in order:
-    # what a data-parallel run needs to compute the global loss from sums
-    pools: list[tuple[Tensor, Tensor, int]]
     # Switch balance loss of the top-level mixture (core, routed groups); 0 without both
     handover_loss: Tensor
     # mean over tokens of the routing weight on routed (new) groups; each token's weights sum to one
@@ -210,7 +207,7 @@ def _pool_sums(probs: Tensor, chosen: Tensor, num: int) -> Tensor:
 
 
 def router_pools(cfg: MoEConfig) -> list[tuple[str, int, int]]:
-    """(kind, group, experts) of each router pool, in the order of `Routing.pool_sums` and `pools`."""
+    """(kind, group, experts) of each router pool, in the order of `Routing.pool_sums`."""
     pools = []
     if cfg.core_groups:
         pools.append(("core", -1, cfg.num_core_experts))
@@ -257,7 +254,7 @@ class HierarchicalRouter(nn.Module):
         """x: (N, D) -> Routing over the N tokens."""
         cfg = self.cfg
         n = x.shape[0]
-        tokens, experts, weights, aux, entropy, pools = [], [], [], [], [], []
+        tokens, experts, weights, aux, entropy = [], [], [], [], []
         mix = x.new_zeros(n, 0, dtype=torch.float32)
         handover = x.new_zeros((), dtype=torch.float32)
 
@@ -266,7 +263,6 @@ class HierarchicalRouter(nn.Module):
         sums: list[Tensor] = []
 
         def balance(probs: Tensor, chosen: Tensor, num: int) -> None:
-            pools.append((probs, chosen, num))
             sums.append(_pool_sums(probs, chosen, num))
             aux.append(_balance_loss(probs, chosen, num))
         ar = torch.arange(n, device=x.device)
@@ -292,7 +288,6 @@ class HierarchicalRouter(nn.Module):
                 # but kept apart from aux_loss: it has its own coefficient (the hand-over pressure).
                 top = torch.cat([1 - mix.sum(-1, keepdim=True), mix.new_zeros(n, routed).scatter_add(1, g_i, mix)], dim=-1)
                 top_chosen = top.argmax(dim=-1, keepdim=True)
-                pools.append((top, top_chosen, routed + 1))
                 sums.append(_pool_sums(top, top_chosen, routed + 1))
                 handover = _balance_loss(top, top_chosen, routed + 1)
             for r in range(routed):
@@ -313,7 +308,6 @@ class HierarchicalRouter(nn.Module):
             weight=torch.cat(weights) if weights else x.new_zeros(0, dtype=torch.float32),
             aux_loss=torch.stack(aux).mean() if aux else x.new_zeros(()),
             entropy=torch.stack(entropy).mean().detach() if entropy else x.new_zeros(()),
-            pools=pools,
             handover_loss=handover,
             new_weight=mix.sum(-1).mean().detach() if routed and n else x.new_zeros((), dtype=torch.float32),
             pool_sums=sums,
@@ -403,7 +397,6 @@ class HierarchicalRouter(nn.Module):
             weight=torch.cat(weights),
             aux_loss=aux_loss,
             entropy=torch.stack(entropy).mean().detach() if entropy else x.new_zeros(()),
-            pools=[],
             handover_loss=handover,
             new_weight=mix.sum(-1).mean().detach() if routed and n else x.new_zeros((), dtype=torch.float32),
             pool_sums=sums,
@@ -422,7 +415,8 @@ class MoEMLP(nn.Module):
     After each forward, `aux_loss` holds the load-balancing loss,
     `expert_counts` / `group_counts` the token-expert assignments of each
     expert / group and `entropy` the mean top-level router entropy (detached
-    statistics for routing reports); with `record = True`, `assignments` keeps
+    statistics for routing reports), `pool_sums` the router's balance-loss sums
+    (what N processes all-reduce); with `record = True`, `assignments` keeps
     (token, expert, weight) of every assignment.
     """
 
@@ -435,7 +429,6 @@ class MoEMLP(nn.Module):
         self.expert_counts: Tensor | None = None
         self.group_counts: Tensor | None = None
         self.entropy: Tensor | None = None
-        self.pools: list[tuple[Tensor, Tensor, int]] = []
         self.pool_sums: list[Tensor] = []
         self.new_weight: Tensor | None = None
         self.handover_loss: Tensor | None = None
@@ -476,7 +469,6 @@ class MoEMLP(nn.Module):
         self.pool_sums = route.pool_sums
         self.expert_counts = counts.detach()
         self.entropy = route.entropy
-        self.pools = route.pools
         self.new_weight = route.new_weight
         self.handover_loss = route.handover_loss
         if self.record:
