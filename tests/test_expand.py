@@ -3,19 +3,19 @@
 Oracles: outputs of the source model on the same inputs (growth must preserve
 the function), tensors read back straight from the safetensors shards and
 compared with the recipes recorded in `samoe.json` (recomputed here), the
-growth rules of the module docstrings worked by hand, sha256 of the shard
+growth rules of the module docstrings worked by hand, BLAKE3 of the shard
 files, and gradients of a plain SGD step.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from blake3 import blake3
 from safetensors.torch import load_file
 
 import upscale
@@ -484,7 +484,7 @@ def test_every_new_group_receives_tokens(which, sgd_run):
 
 
 def _digests(path: Path) -> dict[str, str]:
-    return {name: v["sha256"] for name, v in _meta(path)["files"].items()}
+    return {name: v["blake3"] for name, v in _meta(path)["files"].items()}
 
 
 def test_growth_is_deterministic_across_workers_and_shards(src, tmp_path):
@@ -496,7 +496,7 @@ def test_growth_is_deterministic_across_workers_and_shards(src, tmp_path):
     e = _grow(src, tmp_path / "e", workers=2, **dict(opts, seed=6))
     for p in (a, b, c, d, e):  # recorded digests are the files' digests
         for name, digest in _digests(p).items():
-            assert hashlib.sha256((p / name).read_bytes()).hexdigest() == digest
+            assert blake3((p / name).read_bytes()).hexdigest() == digest
     assert len(_digests(a)) == 1 and _digests(a) == _digests(b)
     assert len(_digests(c)) > 2 and _digests(c) == _digests(d)
     assert Checkpoint.open(a).digest == Checkpoint.open(b).digest
