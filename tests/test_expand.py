@@ -581,3 +581,18 @@ def test_added_noise_is_rounded_once_in_the_storage_dtype():
     noise = GaussianNoise(3).sample(4096, 0.01, torch.bfloat16)
     assert torch.equal(out, (base.float() + noise.float()).to(torch.bfloat16))
     assert 0.008 < float((out.float() - base.float()).std()) < 0.012
+
+
+def test_buffer_pool_recycles_only_its_own_buffers():
+    from upscale.expand import BufferPool
+
+    pool = BufferPool(keep=1)
+    a = pool.empty((3, 5), torch.bfloat16)
+    foreign = torch.empty(15, dtype=torch.bfloat16)
+    pool.give_back(foreign)  # not handed out by the pool: never reused
+    pool.give_back(a[1:])  # a part of a buffer is not the buffer
+    assert pool.empty((3, 5), torch.bfloat16).data_ptr() != a.data_ptr()
+    pool.give_back(a)
+    b = pool.empty((15,), torch.bfloat16)
+    assert b.data_ptr() == a.data_ptr() and b.shape == (15,)
+    assert pool.empty((15,), torch.bfloat16).data_ptr() not in (a.data_ptr(), foreign.data_ptr())

@@ -317,8 +317,7 @@ class CheckpointWriter:
             self.abort()
 
     def _write(self, data: Any) -> None:
-        self.hasher.update(data)
-        self.file.write(data)
+        self.file.write(data)  # hashes as it copies
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next tensor of the layout (it must come in layout order, with its dtype and shape)."""
@@ -329,8 +328,9 @@ class CheckpointWriter:
             raise ValueError(f"expected {spec.name} {spec.dtype} {list(spec.shape)}, got {name} {tensor.dtype} {list(tensor.shape)}")
         if self.file is None:
             header = _safetensors_header(self.shards[k])
-            self.file = ShardFile(self.tmp / self.file_names[k], len(header) + sum(s.nbytes for s in self.shards[k]), direct=self.direct)
             self.hasher = new_hasher(self.digest)
+            self.file = ShardFile(self.tmp / self.file_names[k], len(header) + sum(s.nbytes for s in self.shards[k]),
+                                  direct=self.direct, hasher=self.hasher)
             self._write(header)
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         self._write(data)

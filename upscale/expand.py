@@ -192,9 +192,14 @@ def row_stats(bank: torch.Tensor) -> tuple[list[float], bool]:
     if bank.element_size() != 2 or not bank.is_floating_point() or flat.shape[1] == 0:
         finite = bool(torch.isfinite(flat).all()) if bank.is_floating_point() else True
         return ([_std(r) for r in flat] if finite else [float("nan")] * rows), finite
-    keys = flat.view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF)
-    keys += torch.arange(rows, dtype=torch.int32).mul_(65536).unsqueeze(1)
-    counts = torch.bincount(keys.reshape(-1), minlength=rows * 65536).reshape(rows, 65536).double().numpy()
+    counts = np.zeros((rows, 65536))
+    chunk = 1 << 20
+    keys = torch.empty(min(chunk, flat.shape[1]), dtype=torch.int32)  # reused: no fresh pages per row
+    for r in range(rows):
+        bits = flat[r].view(torch.int16)
+        for lo in range(0, bits.numel(), chunk):
+            k = keys[: min(chunk, bits.numel() - lo)].copy_(bits[lo:lo + chunk]).bitwise_and_(0xFFFF)
+            counts[r] += torch.bincount(k, minlength=65536).numpy()
     values, finite_mask = _bit_pattern_values(bank.dtype)
     if counts[:, ~finite_mask].any():
         return [float("nan")] * rows, False
@@ -225,36 +230,53 @@ class GaussianNoise:
     64 random bits per step, i.e. four table indices; the table is scaled and cast
     to the output dtype first (65536 values), so the noise is born in the storage
     precision and `add(base, noise, out=...)` rounds once: add and cast fused.
+    Work goes in chunks through reused scratch buffers: fresh multi-MB temporaries
+    per row would cost more in page faults than the arithmetic.
     """
+
+    CHUNK = 1 << 18  # elements per step (a multiple of 4: chunking does not change the stream)
 
     def __init__(self, seed: int) -> None:
         self.bits = np.random.SFC64(seed)
+        self.idx = torch.empty(self.CHUNK, dtype=torch.int32)
+        self.noise: torch.Tensor | None = None
 
-    def indices(self, n: int) -> torch.Tensor:
+    def indices(self, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """n uniform indices in [0, 65536) as int32 (what index_select takes)."""
-        raw = self.bits.random_raw((n + 3) // 4).view(np.int16)[:n]
-        return torch.from_numpy(raw).to(torch.int32).bitwise_and_(0xFFFF)
+        raw = torch.from_numpy(self.bits.random_raw((n + 3) // 4).view(np.int16)[:n])
+        out = torch.empty(n, dtype=torch.int32) if out is None else out[:n]
+        return out.copy_(raw).bitwise_and_(0xFFFF)
 
     def sample(self, n: int, std: float, dtype: torch.dtype) -> torch.Tensor:
-        table = (unit_gaussian_table() * std).to(dtype)
-        return torch.index_select(table, 0, self.indices(n))
+        out = torch.empty(n, dtype=dtype)
+        self.add_to(torch.zeros(n, dtype=dtype), std, out)
+        return out
 
     def add_to(self, base: torch.Tensor, std: float, out: torch.Tensor) -> None:
         """out = base + N(0, std^2) noise, computed and rounded once in out's dtype."""
-        noise = self.sample(base.numel(), std, out.dtype).view(base.shape)
-        torch.add(base, noise, out=out)
+        table = (unit_gaussian_table() * std).to(out.dtype)
+        if self.noise is None or self.noise.dtype != out.dtype:
+            self.noise = torch.empty(self.CHUNK, dtype=out.dtype)
+        src, dst = base.reshape(-1), out.view(-1)
+        for lo in range(0, src.numel(), self.CHUNK):
+            m = min(self.CHUNK, src.numel() - lo)
+            noise = torch.index_select(table, 0, self.indices(m, self.idx), out=self.noise[:m])
+            torch.add(src[lo:lo + m], noise, out=dst[lo:lo + m])
 
 
 def make_new_bank(source: torch.Tensor, recipes: list[tuple[str, tuple[int, ...]]], spec: GrowthSpec, seed: int,
-                  std_of: Callable[[int], float] | None = None) -> torch.Tensor:
+                  std_of: Callable[[int], float] | None = None,
+                  empty: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] = lambda shape, dtype: torch.empty(shape, dtype=dtype),
+                  ) -> torch.Tensor:
     """Stack new experts (rows along dim 0) made from `source` (S, ...) by their recipes.
 
     copy-noise rows are one table lookup and one add straight into the output
     bank at the storage dtype (this is the CPU cost of a 10B expand); only
-    interpolation goes through a float32 scratch row.
+    interpolation goes through a float32 scratch row. `empty` allocates the
+    output (expand passes a pool of recycled buffers; every row is overwritten).
     """
     noise = GaussianNoise(seed) if spec.noise_std > 0 else None
-    out = torch.empty((len(recipes),) + tuple(source.shape[1:]), dtype=source.dtype)
+    out = empty((len(recipes),) + tuple(source.shape[1:]), source.dtype)
     row = None
     for i, (kind, src) in enumerate(recipes):
         if kind == "copy-noise":
@@ -316,7 +338,8 @@ def _random_normal(shape: tuple[int, ...], dtype: torch.dtype, seed: int, std: f
 def _new_bank(src_name: str, recipes, spec: GrowthSpec, seed: int) -> Callable[[Reader], torch.Tensor]:
     def make(read: Reader) -> torch.Tensor:
         std_of = getattr(read, "row_std", None)
-        return make_new_bank(read(src_name), recipes, spec, seed, std_of and (lambda i: std_of(src_name, i)))
+        kw = {"empty": read.empty} if hasattr(read, "empty") else {}
+        return make_new_bank(read(src_name), recipes, spec, seed, std_of and (lambda i: std_of(src_name, i)), **kw)
     return make
 
 
@@ -442,6 +465,47 @@ def _source_dtype(src: Checkpoint) -> torch.dtype:
 # --------------------------------------------------------------------------- execute
 
 
+class BufferPool:
+    """Recycled output buffers: a new bank is written into the memory of one already on disk.
+
+    Fresh multi-MB allocations come from mmap as new pages, which the kernel must
+    fault in and zero (about 1 s of system CPU per 2 GB on this kind of VM);
+    banks of a grown model come in a handful of sizes, so reuse is near total.
+    Only buffers that `empty` handed out are taken back (the pool holds a
+    reference to each, so no other tensor can ever share its address); at most
+    `keep` wait.
+    """
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.free: dict[int, list[torch.Tensor]] = {}
+        self.owned: dict[int, torch.Tensor] = {}
+        self.lock = threading.Lock()
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        with self.lock:
+            free = self.free.get(nbytes)
+            buf = free.pop() if free else None
+        if buf is None:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            with self.lock:
+                self.owned[buf.data_ptr()] = buf
+        return buf.view(dtype).view(shape)
+
+    def give_back(self, tensor: torch.Tensor) -> None:
+        """Return a tensor's memory once nothing reads it any more (it has been written)."""
+        ptr = tensor.data_ptr()
+        with self.lock:
+            buf = self.owned.get(ptr)
+            if buf is None or tensor.numel() * tensor.element_size() != buf.numel():
+                return
+            if sum(len(v) for v in self.free.values()) >= self.keep:
+                del self.owned[ptr]
+                return
+            self.free.setdefault(buf.numel(), []).append(buf)
+
+
 class SourceCache:
     """Thread-safe lazy reader of source tensors that keeps the few most recent ones.
 
@@ -455,6 +519,8 @@ class SourceCache:
         self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.stds: dict[str, dict[int, float]] = {}
         self.lock = threading.Lock()
+        self.pool = BufferPool(keep=8)
+        self.empty = self.pool.empty  # make functions allocate their outputs here
 
     def row_std(self, name: str, index: int) -> float:
         """Std of source expert `index` of tensor `name`, computed once (every copy of it reuses it).
@@ -507,6 +573,17 @@ def execute(
     read = SourceCache(src, budget_bytes=max(3 * largest, 256 * 1024**2))
     window = max(2, 2 * workers)
     layout = [TensorSpec(p.name, dtype, p.shape) for p in plans]
+    # Parallelism comes from our own threads; torch's intra-op (OpenMP) pool on top of them
+    # oversubscribes the cores and its spinning threads slowed a 1-worker expand ~8x.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _execute(src, plans, out, meta, dtype, read, window, layout, workers, shard_bytes, force, on_tensor)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _execute(src, plans, out, meta, dtype, read, window, layout, workers, shard_bytes, force, on_tensor) -> Path:
     with CheckpointWriter(out, layout, shard_bytes=shard_bytes, force=force) as writer:
         # Workers make tensors; one I/O thread writes (and hashes) them in plan order, so
         # generation, writing and hashing overlap. At most `window` made and 2 queued tensors.
@@ -521,11 +598,16 @@ def execute(
 
             def write(name: str, tensor: torch.Tensor) -> int:
                 writer.add(name, tensor)
+                read.pool.give_back(tensor)  # its bytes are in the writer's staging buffer now
                 return tensor.numel() * tensor.element_size()
 
             def hand_over() -> None:
                 plan, fut = made.popleft()
-                written.append(io.submit(write, plan.name, fut.result().to(dtype)))
+                made_tensor = fut.result()
+                tensor = made_tensor.to(dtype)
+                if tensor is not made_tensor:
+                    read.pool.give_back(made_tensor)
+                written.append(io.submit(write, plan.name, tensor))
                 while len(written) > 2:
                     finish_write()
 

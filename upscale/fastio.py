@@ -66,14 +66,15 @@ def _round_up(n: int, k: int) -> int:
 class ShardFile:
     """A new file written sequentially, through O_DIRECT where the file system allows it.
 
-    `write()` copies bytes into the current aligned staging buffer; a full buffer
+    `write()` copies bytes into the current aligned staging buffer (and feeds
+    them to `hasher`, if given, while they are in cache); a full buffer
     is handed to a single writer thread (`pwrite` releases the GIL) and the other
     buffer is filled meanwhile. `close()` writes the zero-padded aligned tail,
     truncates the file to its real length and fsyncs it. Peak memory: two
     staging buffers, whatever the file size.
     """
 
-    def __init__(self, path: Path, size_hint: int | None = None, direct: bool = True) -> None:
+    def __init__(self, path: Path, size_hint: int | None = None, direct: bool = True, hasher: Any = None) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         self.direct = direct and hasattr(os, "O_DIRECT")
         self.fd = -1
@@ -95,6 +96,7 @@ class ShardFile:
         self.fill = 0
         self.offset = 0  # file offset of the current buffer's first byte
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-write")
+        self.hasher = hasher
 
     @property
     def size(self) -> int:
@@ -108,7 +110,10 @@ class ShardFile:
             if self.fill == 0:
                 self._wait(self.cur)  # the buffer we are about to fill may still be on its way to disk
             n = min(self.cap - self.fill, src.size - pos)
-            self.bufs[self.cur][self.fill:self.fill + n] = src[pos:pos + n]
+            piece = self.bufs[self.cur][self.fill:self.fill + n]
+            piece[:] = src[pos:pos + n]
+            if self.hasher is not None:  # hashed piece by piece while hot in cache, so the disk never waits for a whole tensor's hash
+                self.hasher.update(piece)
             self.fill += n
             pos += n
             if self.fill == self.cap:
