@@ -4,7 +4,9 @@ For the tiny preset (grown 4 -> 13 experts in 4 groups + 1 extra block) and,
 unless `--no-vitb`, a ViT-B-width grown model (256 px, 4 blocks, 16 -> 32
 experts), runs the seed-004 training step of each stage (unsupervised +
 supervised phase, demo data, batch `--batch`) exactly as `samoe train` does
-(same loader, optimizers, deterministic CPU kernels), and reports
+(same loader, optimizers, deterministic CPU kernels) after one warm-up epoch
+(steady state: the labelled set's targets are cached from the second epoch
+on), and reports
   - images/s (labelled images; each step also runs one unlabelled batch);
   - the share of a step in data loading (`StreamingLoader.next`), forward
     (model calls), backward, optimizer steps, and the rest (losses,
@@ -108,7 +110,8 @@ def measure_stage(path: Path, stage: int, data: Path, steps: int, batch: int, wo
         def step(i: int) -> None:
             b, u = loader.next(), uloader.next()
             train_step(model, opts, b, u, 0.5, 0.01, False, i)
-        step(0)  # warm-up (first-touch allocations, lazy inits)
+        for i in range(loader.steps_per_epoch):  # warm-up: one epoch (allocations, lazy inits, the target cache)
+            step(i)
         with FlopCounterMode(display=False) as fc:
             b = loader.next()
             model(b["image"])
