@@ -3,7 +3,9 @@
 Runs, each in its own process (peak RSS is that process's VmHWM):
   1. `samoe init --preset sam-moe-1.5b --dtype bfloat16` (peak RSS = the process's VmHWM)
   2. `samoe expand` to 117 experts in 8 groups + 1 extra block (copy+noise 0.01),
-     against a plain sequential write (with fsync) of the same bytes to the same disk;
+     against an O_DIRECT write and a buffered+fsync write of the same bytes to the
+     same disk, each after the same idle time, imports outside the timer, best of
+     `--repeats` (see expand_io.py: `compare`);
   3. `samoe inspect-checkpoint` of the result: time and bytes read (/proc/self/io rchar);
   4. `upscale.load_model` of the 1.5B checkpoint vs reading its bytes (warm page cache for both).
 
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from expand_io import plain_write  # noqa: E402
+from expand_io import compare, report  # noqa: E402
 
 WRAP = """
 import sys, time
@@ -53,6 +55,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/samoe-full"))
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--idle", type=float, default=10.0, help="seconds of idle before each timed write")
+    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     d = args.dir
     shutil.rmtree(d, ignore_errors=True)
@@ -61,14 +65,12 @@ def main() -> None:
     res["init"] = run(CLI, "init", "--preset", "sam-moe-1.5b", "--dtype", "bfloat16", "--out", str(d / "1.5b"))
     src_bytes = sum(p.stat().st_size for p in (d / "1.5b").glob("*.safetensors"))
     print(f"init 1.5B bf16: {res['init']['seconds']:.1f} s, peak RSS {res['init']['peak_rss_gb']:.2f} GiB, {src_bytes / 2**30:.2f} GiB", flush=True)
-    res["expand"] = run(CLI, "expand", str(d / "1.5b"), "--out", str(d / "10b"), "--experts", "117", "--groups", "8",
-                        "--extra-blocks", "1", "--noise-std", "0.01", "--seed", "0", "--shard-size", "2")
-    written = sum(p.stat().st_size for p in (d / "10b").glob("*.safetensors"))
-    res["expand"]["bytes"] = written
-    res["plain_write_s"] = plain_write(d / "plain", written, 2 * 2**30)
-    ratio = res["expand"]["seconds"] / res["plain_write_s"]
-    print(f"expand to 10.3B: {res['expand']['seconds']:.1f} s, peak RSS {res['expand']['peak_rss_gb']:.2f} GiB, "
-          f"{written / 2**30:.2f} GiB written; plain write {res['plain_write_s']:.1f} s; ratio {ratio:.2f}", flush=True)
+    expand_args = ["expand", str(d / "1.5b"), "--out", str(d / "10b"), "--experts", "117", "--groups", "8",
+                   "--extra-blocks", "1", "--noise-std", "0.01", "--seed", "0", "--shard-size", "2"]
+    res["expand_vs_writes"] = compare(d / "10b", expand_args, 2 * 2**30, args.idle, args.repeats)
+    print(report("expand 1.5B -> 10.3B", res["expand_vs_writes"]), flush=True)
+    written = res["expand_vs_writes"]["bytes"]
+    run(CLI, *expand_args)  # once more, kept for inspect (not timed)
     res["inspect"] = run(CLI, "inspect-checkpoint", str(d / "10b"), "--json")
     print(f"inspect 10.3B: {res['inspect']['seconds']:.2f} s, {res['inspect']['read_bytes'] / 2**20:.1f} MiB read "
           f"(checkpoint {written / 2**30:.1f} GiB)", flush=True)
@@ -81,7 +83,6 @@ def main() -> None:
     res["read_bytes_s"] = time.perf_counter() - t
     print(f"load_model 1.5B: {res['load']['seconds']:.1f} s (incl. imports), peak RSS {res['load']['peak_rss_gb']:.2f} GiB; "
           f"reading its {src_bytes / 2**30:.2f} GiB: {res['read_bytes_s']:.1f} s", flush=True)
-    res["ratio_expand_vs_plain"] = ratio
     print(json.dumps(res))
     if not args.keep:
         shutil.rmtree(d)

@@ -7,7 +7,15 @@ both do the same expert FLOPs. Routing, permutation and un-permutation are
 included in the MoE time. The router share is the forward + backward time of the
 `HierarchicalRouter` alone divided by the layer's. Ratios come from one run.
 
+`--targets` instead runs the issue-17 CPU cases at ViT-B width (16 experts fp32,
+117 experts in 8 groups fp32, and the same under `torch.autocast("cpu",
+dtype=torch.bfloat16)` with fp32 parameters, what `--precision bf16` does),
+each fwd+bwd with gradients freshly allocated every step (`zero_grad(set_to_none=True)`)
+and with gradient buffers kept (`set_to_none=False`), against the dense MLP of
+equal FLOPs under the same precision; best of `--repeats`, interleaved.
+
     .venv/bin/python benchmarks/moe_layer.py [--tokens 4096] [--repeats 5] [--device cpu|cuda] [--dtype float32|bfloat16]
+    .venv/bin/python benchmarks/moe_layer.py --targets [--tokens 4096] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -47,12 +55,44 @@ def timed(fn, repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
-def fwd_bwd(module: nn.Module, x: torch.Tensor):
+def fwd_bwd(module: nn.Module, x: torch.Tensor, set_to_none: bool = True, autocast: bool = False):
     def run() -> None:
-        module.zero_grad(set_to_none=True)
+        module.zero_grad(set_to_none=set_to_none)
         x.grad = None
-        module(x).float().square().mean().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = module(x)
+        y.float().square().mean().backward()
     return run
+
+
+TARGETS = [  # name, MoEConfig, bf16 autocast, target ratio
+    ("vit-b 16e fp32", MoEConfig(groups=(16,), top_k=2), False, 1.25),
+    ("vit-b 117e/8g fp32", MoEConfig(groups=(16, 15, 15, 15, 14, 14, 14, 14), top_k=2), False, 1.5),
+    ("vit-b 117e/8g bf16", MoEConfig(groups=(16, 15, 15, 15, 14, 14, 14, 14), top_k=2), True, 1.25),
+]
+
+
+def targets(tokens: int, repeats: int) -> None:
+    """The issue-17 CPU cases: fresh vs kept gradient buffers, fp32 and bf16 autocast, vs dense of equal FLOPs."""
+    print(f"cpu, {tokens} tokens, ViT-B width, torch {torch.__version__}, threads {torch.get_num_threads()}, best of {repeats}")
+    print(f"{'case':20} {'k':>2} {'dense ms':>9} {'fresh grads':>11} {'kept grads':>10} {'target':>6}")
+    for name, cfg, ac, target in TARGETS:
+        torch.manual_seed(0)
+        moe, dense = MoEMLP(768, 3072, cfg, nn.GELU), MLPBlock(768, 3072, nn.GELU)
+        k = cfg.top_k * (1 + (cfg.top_k_groups if len(cfg.groups) > cfg.core_groups else 0))
+        x = torch.randn(tokens, 768, requires_grad=True)
+        xd = torch.randn(tokens * k, 768, requires_grad=True)
+        runs = {"dense": fwd_bwd(dense, xd, True, ac), "fresh": fwd_bwd(moe, x, True, ac), "kept": fwd_bwd(moe, x, False, ac)}
+        for fn in runs.values():
+            fn()  # warm-up
+        best = {key: float("inf") for key in runs}
+        for _ in range(repeats):  # interleaved: contention hits all three alike
+            for key, fn in runs.items():
+                t = time.perf_counter()
+                fn()
+                best[key] = min(best[key], time.perf_counter() - t)
+        print(f"{name:20} {k:>2} {best['dense'] * 1e3:9.1f} {best['fresh'] / best['dense']:10.2f}x "
+              f"{best['kept'] / best['dense']:9.2f}x {target:5.2f}x", flush=True)
 
 
 def main() -> None:
@@ -61,7 +101,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--targets", action="store_true", help="the issue-17 CPU cases (see above)")
     args = ap.parse_args()
+    if args.targets:
+        return targets(args.tokens, args.repeats)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     cases = CASES if args.device == "cpu" else CASES + GPU_CASES

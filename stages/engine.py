@@ -317,27 +317,27 @@ def train_step(model: torch.nn.Module, opts: Optimizers, batch: dict[str, Any], 
     """
     metrics = {"loss_unsup": 0.0}
     if ubatch is not None:
-        opts.opt1.zero_grad(set_to_none=True)
-        opts.opt2.zero_grad(set_to_none=True)
+        opts.zero_grad([opts.opt1, opts.opt2])
         out = _forward(model, amp, ubatch["image"], gate_grad=False)
         pseudo = pseudo_targets({t: out[f"gate_{t}"] for t in ("seg", "sdf", "boundary")})
         (per_task,), aux_u, hand_u = _losses(model, out, [("", pseudo)], dist)
         loss_u = unsup_weight * model.loss(per_task) + aux_coef * aux_u + handover_coef * hand_u
         if _finite(loss_u, step, skip_nonfinite):
             loss_u.backward()
+            opts.after_backward()
             _after_backward(model, dist)
             opts.opt1.step()
             opts.opt2.step()
             model.constrain_()
         metrics["loss_unsup"] = loss_u.item()
-    for opt in opts.named().values():
-        opt.zero_grad(set_to_none=True)
+    opts.zero_grad(list(opts.named().values()))
     out = _forward(model, amp, batch["image"])
     (heads, gate), aux, handover = _losses(model, out, [("", batch), ("gate_", batch)], dist)
     per_task = {t: heads[t] + gate[t] for t in heads}
     loss_s = model.loss(per_task) + aux_coef * aux + handover_coef * handover
     if _finite(loss_s, step, skip_nonfinite):
         loss_s.backward()
+        opts.after_backward()
         _after_backward(model, dist)
         for opt in opts.named().values():
             opt.step()
@@ -462,6 +462,10 @@ def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], Non
     t_unsup = scaled_epochs(cfg.unsup_rampup, epochs, cfg.timeline)
     t_warm = scaled_epochs(cfg.warmup, epochs, cfg.timeline)
     opts = build_optimizers(model, lr, cfg.momentum, cfg.wd, router_lr_mult=cfg.router_lr_mult)
+    if dist is None:  # FSDP manages its own gradient memory
+        from .optim import KeptGrads
+
+        opts.kept = KeptGrads(list(model.parameters()))
 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,19 @@ class Optimizers:
     opt1: torch.optim.SGD
     opt2: torch.optim.Adam
     opt3: torch.optim.SGD
+    kept: "KeptGrads | None" = None  # gradient buffers reused across steps (one process only)
+
+    def zero_grad(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        """Clear the gradients of `optimizers`' parameters (set to None, or kept buffers zeroed: see KeptGrads)."""
+        if self.kept is not None:
+            self.kept.zero_grad(optimizers)
+        else:
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+
+    def after_backward(self) -> None:
+        if self.kept is not None:
+            self.kept.after_backward()
 
     def named(self) -> dict[str, torch.optim.Optimizer]:
         return {"optimizer1": self.opt1, "optimizer2": self.opt2, "optimizer3": self.opt3}
@@ -81,3 +94,51 @@ def apply_lr(opts: Optimizers, factor: float) -> None:
     for opt in (opts.opt1, opts.opt3):
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * factor
+
+
+class KeptGrads:
+    """Gradient memory of large trainable parameters kept across steps, with `set_to_none` semantics.
+
+    With `zero_grad(set_to_none=True)` every step hands autograd fresh
+    gradient tensors; for a bank of 117 experts that is GBs of new pages per
+    step for the kernel to fault in and zero. Here a parameter's gradient from
+    its last step is zeroed and put back before the backward, so autograd
+    accumulates into memory that is already mapped. A parameter that then gets
+    no gradient (an expert group no token chose) is reset to None, exactly as
+    `set_to_none=True` leaves it, so SGD momentum and weight decay skip it as
+    before (a zero gradient would not: training would change). Values are the
+    same: 0 + g == g. Only for one process: FSDP manages its own gradients.
+    """
+
+    def __init__(self, params: list[nn.Parameter], min_numel: int = 1 << 16) -> None:
+        self.large = {id(p): p for p in params if p.requires_grad and p.numel() >= min_numel}
+        self.kept: dict[int, torch.Tensor] = {}
+        self.used: set[int] = set()
+        self.armed: list[nn.Parameter] = []
+        for p in self.large.values():
+            p.register_post_accumulate_grad_hook(lambda q: self.used.add(id(q)))
+
+    def zero_grad(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        """`opt.zero_grad(set_to_none=True)` for each, then hand the large parameters their kept buffers, zeroed."""
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.used.clear()
+        self.armed = []
+        for opt in optimizers:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    buf = self.kept.get(id(p))
+                    if buf is not None:
+                        p.grad = buf.zero_()
+                        self.armed.append(p)
+
+    def after_backward(self) -> None:
+        """Keep this step's gradient buffers; parameters that received none go back to None."""
+        for p in self.armed:
+            if id(p) not in self.used:
+                p.grad = None
+        for i in self.used:
+            p = self.large.get(i)
+            if p is not None and p.grad is not None:
+                self.kept[i] = p.grad
+        self.armed = []

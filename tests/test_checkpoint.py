@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from blake3 import blake3
 from typer.testing import CliRunner
 
 import cli
@@ -158,7 +159,7 @@ def test_samoe_json_files_match_disk(tiny, which):
     for name, info in meta["files"].items():
         raw = (path / name).read_bytes()
         assert info["bytes"] == len(raw)
-        assert info["sha256"] == hashlib.sha256(raw).hexdigest()
+        assert set(info) == {"blake3", "bytes"} and info["blake3"] == blake3(raw).hexdigest()
     assert set(meta["provenance"]) == set(tiny["reference"])
     assert Checkpoint.open(path).verify_digests() == []
 
@@ -199,7 +200,7 @@ def test_inspect_checkpoint_json_totals_match_headers(tiny, which):
     assert [s["file"] for s in report["shards"]] == sorted(headers)
     for s in report["shards"]:
         raw = (path / s["file"]).read_bytes()
-        assert s["bytes"] == len(raw) and s["sha256"] == hashlib.sha256(raw).hexdigest()
+        assert s["bytes"] == len(raw) and s["blake3"] == blake3(raw).hexdigest()
     assert report["verify"]["ok"] is True
     # MoE layout: tiny has MoE in encoder blocks 2, 3 and both decoder layers
     assert sorted(report["experts_per_layer"]) == sorted(

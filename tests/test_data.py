@@ -515,3 +515,23 @@ def test_truncated_pixel_data_fails_on_read(tmp_path: Path) -> None:
         return  # caught at construction: also fine
     with pytest.raises(DataError, match="s1.tif"):
         ds[1]
+
+
+def test_cached_targets_equal_recomputed_ones_and_respect_the_budget(demo: Path) -> None:
+    """Targets served from the cache are identical to a fresh computation, every epoch; the byte budget holds."""
+    fresh = LabelledFolder(demo / "A", 4, cache_bytes=0)
+    cached = LabelledFolder(demo / "A", 4)
+    one = sum(v.numel() * v.element_size() for k, v in fresh[0].items() if k in ("mask", "sdf", "boundary"))
+    partial = LabelledFolder(demo / "A", 4, cache_bytes=2 * one)
+    for _ in range(2):
+        for i in range(len(fresh)):
+            ref = fresh[i]
+            for ds in (cached, partial):
+                got = ds[i]
+                assert got.keys() == ref.keys() and got["name"] == ref["name"]
+                for k in ("image", "mask", "sdf", "boundary"):
+                    assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
+    assert len(cached._cache) == len(fresh) and len(partial._cache) == 2 and fresh._cache == {}
+    item = cached[0]
+    item["sdf"].fill_(7.0)  # a caller that modifies its item does not change what the next one gets
+    assert torch.equal(cached[0]["sdf"], fresh[0]["sdf"])

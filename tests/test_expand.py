@@ -3,19 +3,19 @@
 Oracles: outputs of the source model on the same inputs (growth must preserve
 the function), tensors read back straight from the safetensors shards and
 compared with the recipes recorded in `samoe.json` (recomputed here), the
-growth rules of the module docstrings worked by hand, sha256 of the shard
+growth rules of the module docstrings worked by hand, BLAKE3 of the shard
 files, and gradients of a plain SGD step.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from blake3 import blake3
 from safetensors.torch import load_file
 
 import upscale
@@ -484,7 +484,7 @@ def test_every_new_group_receives_tokens(which, sgd_run):
 
 
 def _digests(path: Path) -> dict[str, str]:
-    return {name: v["sha256"] for name, v in _meta(path)["files"].items()}
+    return {name: v["blake3"] for name, v in _meta(path)["files"].items()}
 
 
 def test_growth_is_deterministic_across_workers_and_shards(src, tmp_path):
@@ -496,7 +496,7 @@ def test_growth_is_deterministic_across_workers_and_shards(src, tmp_path):
     e = _grow(src, tmp_path / "e", workers=2, **dict(opts, seed=6))
     for p in (a, b, c, d, e):  # recorded digests are the files' digests
         for name, digest in _digests(p).items():
-            assert hashlib.sha256((p / name).read_bytes()).hexdigest() == digest
+            assert blake3((p / name).read_bytes()).hexdigest() == digest
     assert len(_digests(a)) == 1 and _digests(a) == _digests(b)
     assert len(_digests(c)) > 2 and _digests(c) == _digests(d)
     assert Checkpoint.open(a).digest == Checkpoint.open(b).digest
@@ -521,3 +521,78 @@ def test_lineage_records_parent_command_seed_version(src, tmp_path):
     assert last["seed"] == 42
     assert last["version"] == upscale.__version__
     assert _meta(out)["growth"]["groups"] == [4, 3, 3, 3]
+
+
+# --------------------------------------------------------------------------- 9. the fast noise and statistics
+
+
+def test_quantile_table_noise_is_gaussian_with_the_requested_std():
+    """Moments and tails of 4M samples against N(0, s^2): mean 0, std s, kurtosis 3, mass beyond 3 and 4 sigma."""
+    from upscale.expand import GaussianNoise
+
+    s = 0.37
+    x = GaussianNoise(123).sample(4_000_000, s, torch.float32).double() / s
+    assert abs(float(x.mean())) < 0.003  # standard error 5e-4
+    assert abs(float(x.std()) - 1.0) < 0.003
+    assert abs(float((x**4).mean()) - 3.0) < 0.03
+    beyond3 = float((x.abs() > 3).double().mean())
+    assert abs(beyond3 - 0.0026998) < 0.0003  # 2 * (1 - Phi(3))
+    assert float(x.abs().max()) > 4.3  # the table reaches +-4.33 sigma
+    beyond4 = float((x.abs() > 4).double().mean())
+    assert 2e-5 < beyond4 < 1.5e-4  # true value 6.3e-5
+    # 16-bit indices are uniform: every table entry is hit about equally often
+    idx = GaussianNoise(5).indices(65536 * 64)
+    counts = torch.bincount(idx, minlength=65536)
+    assert int(idx.min()) == 0 and int(idx.max()) == 65535 and counts.numel() == 65536
+    assert abs(float(counts.double().std()) - 8.0) < 0.5  # Poisson(64): std 8
+
+
+def test_noise_is_a_pure_function_of_the_seed():
+    from upscale.expand import GaussianNoise
+
+    a, b = GaussianNoise(7), GaussianNoise(7)
+    assert torch.equal(a.sample(1001, 1.0, torch.bfloat16), b.sample(1001, 1.0, torch.bfloat16))
+    assert not torch.equal(GaussianNoise(8).sample(1001, 1.0, torch.float32), GaussianNoise(7).sample(1001, 1.0, torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_row_stats_match_numpy_std_and_find_non_finite_values(dtype):
+    from upscale.expand import row_stats
+
+    bank = (torch.randn(5, 7, 33) * torch.tensor([0.01, 1.0, 3.0, 0.2, 0.0]).view(5, 1, 1) + 0.5).to(dtype)
+    stds, finite = row_stats(bank)
+    assert finite
+    import numpy as np
+    ref = [float(np.std(r.double().numpy())) for r in bank]
+    assert stds == pytest.approx(ref, rel=1e-9, abs=1e-12)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        broken = bank.clone()
+        broken[3, 2, 1] = bad
+        assert row_stats(broken)[1] is False
+
+
+def test_added_noise_is_rounded_once_in_the_storage_dtype():
+    """bf16 copy-noise rows equal base + noise computed in float32 and rounded once (the fused add)."""
+    from upscale.expand import GaussianNoise
+
+    base = torch.randn(4096).to(torch.bfloat16)
+    out = torch.empty_like(base)
+    GaussianNoise(3).add_to(base, 0.01, out)
+    noise = GaussianNoise(3).sample(4096, 0.01, torch.bfloat16)
+    assert torch.equal(out, (base.float() + noise.float()).to(torch.bfloat16))
+    assert 0.008 < float((out.float() - base.float()).std()) < 0.012
+
+
+def test_buffer_pool_recycles_only_its_own_buffers():
+    from upscale.expand import BufferPool
+
+    pool = BufferPool(keep=1)
+    a = pool.empty((3, 5), torch.bfloat16)
+    foreign = torch.empty(15, dtype=torch.bfloat16)
+    pool.give_back(foreign)  # not handed out by the pool: never reused
+    pool.give_back(a[1:])  # a part of a buffer is not the buffer
+    assert pool.empty((3, 5), torch.bfloat16).data_ptr() != a.data_ptr()
+    pool.give_back(a)
+    b = pool.empty((15,), torch.bfloat16)
+    assert b.data_ptr() == a.data_ptr() and b.shape == (15,)
+    assert pool.empty((15,), torch.bfloat16).data_ptr() not in (a.data_ptr(), foreign.data_ptr())

@@ -27,6 +27,7 @@ import torch
 
 from .config import SamMoEConfig
 from .errors import SamoeError
+from .fastio import DEFAULT_DIGEST, DIGESTS, ShardFile, file_digest, new_hasher
 from .safe_io import file_inside, load_json, parse_json, plain_name
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -146,12 +147,16 @@ def _int_list(value: Any) -> bool:
     return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
 
 
-def sha256_file(path: Path, chunk: int = 16 * 1024**2) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path: Path) -> str:
+    return file_digest(path, "sha256")
+
+
+def digest_of(info: dict[str, Any]) -> tuple[str, str]:
+    """(algorithm, hex) of one `files` entry of samoe.json: `{"blake3": hex}` now, `{"sha256": hex}` before."""
+    for algorithm in DIGESTS:
+        if algorithm in info:
+            return algorithm, info[algorithm]
+    raise KeyError("no digest")
 
 
 def _fsync_path(path: Path) -> None:
@@ -275,14 +280,19 @@ class CheckpointWriter:
     The layout (names, dtypes, shapes, in order) is given up front, so each
     shard's header is known before its data and every tensor's bytes go to disk
     as soon as it is made: memory held is the tensor being written, not a shard.
-    Digests are computed from the bytes as they are written (no re-read).
+    Digests (BLAKE3) are computed from the bytes as they are written (no
+    re-read); shards are written through `O_DIRECT` where the file system
+    allows it (see upscale/fastio.py).
 
     Use as a context manager: an exception (or KeyboardInterrupt) removes the
     temporary directory, so no half-written checkpoint is ever left at `out`.
     """
 
-    def __init__(self, out: Path, layout: list[TensorSpec], shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False) -> None:
+    def __init__(self, out: Path, layout: list[TensorSpec], shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False,
+                 digest: str = DEFAULT_DIGEST, direct: bool = True) -> None:
         self.out = Path(out)
+        self.digest = digest
+        self.direct = direct
         names = [s.name for s in layout]
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names in the checkpoint layout")
@@ -306,9 +316,8 @@ class CheckpointWriter:
         if exc_type is not None:
             self.abort()
 
-    def _write(self, data: bytes | memoryview) -> None:
-        self.file.write(data)
-        self.hasher.update(data)
+    def _write(self, data: Any) -> None:
+        self.file.write(data)  # hashes as it copies
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next tensor of the layout (it must come in layout order, with its dtype and shape)."""
@@ -318,19 +327,18 @@ class CheckpointWriter:
         if name != spec.name or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise ValueError(f"expected {spec.name} {spec.dtype} {list(spec.shape)}, got {name} {tensor.dtype} {list(tensor.shape)}")
         if self.file is None:
-            self.file = open(self.tmp / self.file_names[k], "wb")
-            self.hasher = hashlib.sha256()
-            self._write(_safetensors_header(self.shards[k]))
+            header = _safetensors_header(self.shards[k])
+            self.hasher = new_hasher(self.digest)
+            self.file = ShardFile(self.tmp / self.file_names[k], len(header) + sum(s.nbytes for s in self.shards[k]),
+                                  direct=self.direct, hasher=self.hasher)
+            self._write(header)
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._write(memoryview(data))
+        self._write(data)
         self.position += 1
         if self.position == len(self.queue) or self.queue[self.position][0] != k:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            size = self.file.tell()
-            self.file.close()
-            self.file = None
-            self.files[self.file_names[k]] = {"sha256": self.hasher.hexdigest(), "bytes": size}
+            file, self.file = self.file, None
+            size = file.close()
+            self.files[self.file_names[k]] = {self.digest: self.hasher.hexdigest(), "bytes": size}
 
     def commit(self, meta: dict[str, Any]) -> Path:
         """Write index and samoe.json (with file digests) and rename the directory into place."""
@@ -348,7 +356,7 @@ class CheckpointWriter:
 
     def abort(self) -> None:
         if self.file is not None:
-            self.file.close()
+            self.file.abort()
             self.file = None
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -386,9 +394,10 @@ def check_meta(meta: dict[str, Any], where: Path) -> None:
     for name, info in files.items():
         if not plain_name(name):
             raise bad(f"files[{name!r}]", "a plain file name")
-        if not (isinstance(info, dict) and isinstance(info.get("sha256"), str) and len(info["sha256"]) == 64
-                and set(info["sha256"]) <= _HEX and type(info.get("bytes")) is int and info["bytes"] >= 0):
-            raise bad(f"files[{name!r}]", "{\"sha256\": 64 hex digits, \"bytes\": a size}")
+        algos = [a for a in DIGESTS if isinstance(info, dict) and a in info]
+        if not (len(algos) == 1 and isinstance(info[algos[0]], str) and len(info[algos[0]]) == 64
+                and set(info[algos[0]]) <= _HEX and type(info.get("bytes")) is int and info["bytes"] >= 0):
+            raise bad(f"files[{name!r}]", "{\"blake3\" or \"sha256\": 64 hex digits, \"bytes\": a size}")
     if "dtype" in meta and (not isinstance(meta["dtype"], str) or meta["dtype"] not in DTYPES):
         raise bad("dtype", " or ".join(DTYPES))
     prov = meta.get("provenance", {})
@@ -407,8 +416,15 @@ def check_meta(meta: dict[str, Any], where: Path) -> None:
 
 
 def files_digest(files: dict[str, dict[str, Any]]) -> str:
-    """Digest of a whole checkpoint: sha256 over its shard names and digests."""
-    text = "".join(f"{name}:{files[name]['sha256']}\n" for name in sorted(files))
+    """Digest of a whole checkpoint: sha256 over its shard names and digests.
+
+    sha256 shard digests enter as bare hex (as they always did, so the digests
+    that older lineages recorded still match); others as `algorithm:hex`."""
+    def entry(info: dict[str, Any]) -> str:
+        algorithm, hexdigest = digest_of(info)
+        return hexdigest if algorithm == "sha256" else f"{algorithm}:{hexdigest}"
+
+    text = "".join(f"{name}:{entry(files[name])}\n" for name in sorted(files))
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -570,7 +586,11 @@ class Checkpoint:
         bad = []
         for fname, info in self.files.items():
             p = self.path / fname
-            if not p.is_file() or p.is_symlink() or p.stat().st_size != info["bytes"] or sha256_file(p) != info["sha256"]:
+            if not p.is_file() or p.is_symlink() or p.stat().st_size != info["bytes"]:
+                bad.append(fname)
+                continue
+            algorithm, expected = digest_of(info)
+            if file_digest(p, algorithm) != expected:
                 bad.append(fname)
         return bad
 

@@ -30,6 +30,7 @@ a different expert, so sources are used evenly and deterministically.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import threading
@@ -166,31 +167,132 @@ def new_expert_recipe(spec: GrowthSpec, j: int, s: int) -> tuple[str, tuple[int,
 
 
 def _std(x: torch.Tensor) -> float:
-    """Deterministic std of a float32 tensor (numpy, float64 accumulation, independent of thread count)."""
-    return float(np.std(x.numpy(), dtype=np.float64))
+    """Deterministic std of a tensor (numpy, float64 accumulation, independent of thread count)."""
+    return float(np.std(x.to(torch.float32).numpy(), dtype=np.float64))
+
+
+@functools.lru_cache(maxsize=None)
+def _bit_pattern_values(dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Every 16-bit pattern of a 2-byte float dtype as float64, and which of them are finite."""
+    values = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype).double().numpy()
+    return values, np.isfinite(values)
+
+
+def row_stats(bank: torch.Tensor) -> tuple[list[float], bool]:
+    """(std of each row along dim 0, all values finite) in one pass over the bank.
+
+    For 2-byte floats (bf16/fp16, how large checkpoints are stored) this is one
+    `bincount` of (row, bit pattern) pairs: every row's std is then exact in
+    float64 from at most 65536 distinct values, deterministic, and ~7x cheaper
+    than converting to float and calling np.std; finiteness falls out of the same
+    histogram. Other dtypes take np.std per row and isfinite.
+    """
+    rows = bank.shape[0] if bank.dim() else 1
+    flat = bank.reshape(rows, -1)
+    if bank.element_size() != 2 or not bank.is_floating_point() or flat.shape[1] == 0:
+        finite = bool(torch.isfinite(flat).all()) if bank.is_floating_point() else True
+        return ([_std(r) for r in flat] if finite else [float("nan")] * rows), finite
+    counts = np.zeros((rows, 65536))
+    chunk = 1 << 20
+    keys = torch.empty(min(chunk, flat.shape[1]), dtype=torch.int32)  # reused: no fresh pages per row
+    for r in range(rows):
+        bits = flat[r].view(torch.int16)
+        for lo in range(0, bits.numel(), chunk):
+            k = keys[: min(chunk, bits.numel() - lo)].copy_(bits[lo:lo + chunk]).bitwise_and_(0xFFFF)
+            counts[r] += torch.bincount(k, minlength=65536).numpy()
+    values, finite_mask = _bit_pattern_values(bank.dtype)
+    if counts[:, ~finite_mask].any():
+        return [float("nan")] * rows, False
+    c, v = counts[:, finite_mask], values[finite_mask]
+    n = c.sum(axis=1)
+    mean = c @ v / n
+    var = (c * (v[None, :] - mean[:, None]) ** 2).sum(axis=1) / n
+    return [float(x) for x in np.sqrt(var)], True
+
+
+@functools.lru_cache(maxsize=None)
+def unit_gaussian_table() -> torch.Tensor:
+    """65536 standard-normal quantiles at (i + 0.5) / 65536, rescaled to variance exactly 1 (float64).
+
+    Indexed by uniform 16-bit integers this is N(0, 1) sampled to 16-bit
+    resolution: mean exactly 0 (the table is symmetric), tails to +-4.33 sigma
+    (beyond that lie 1.5e-5 of a true Gaussian's mass), and ~3x cheaper per value
+    than torch's `normal_` because the table lookup needs no transcendental math.
+    """
+    q = torch.special.ndtri((torch.arange(65536, dtype=torch.float64) + 0.5) / 65536)
+    return q / q.pow(2).mean().sqrt()
+
+
+class GaussianNoise:
+    """Deterministic Gaussian noise at the storage dtype: numpy SFC64 bits -> 16-bit indices -> quantile table.
+
+    SFC64 (numpy's small fast chaotic generator, passes PractRand/BigCrush) gives
+    64 random bits per step, i.e. four table indices; the table is scaled and cast
+    to the output dtype first (65536 values), so the noise is born in the storage
+    precision and `add(base, noise, out=...)` rounds once: add and cast fused.
+    Work goes in chunks through reused scratch buffers: fresh multi-MB temporaries
+    per row would cost more in page faults than the arithmetic.
+    """
+
+    CHUNK = 1 << 18  # elements per step (a multiple of 4: chunking does not change the stream)
+
+    def __init__(self, seed: int) -> None:
+        self.bits = np.random.SFC64(seed)
+        self.idx = torch.empty(self.CHUNK, dtype=torch.int32)
+        self.noise: torch.Tensor | None = None
+
+    def indices(self, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """n uniform indices in [0, 65536) as int32 (what index_select takes)."""
+        raw = torch.from_numpy(self.bits.random_raw((n + 3) // 4).view(np.int16)[:n])
+        out = torch.empty(n, dtype=torch.int32) if out is None else out[:n]
+        return out.copy_(raw).bitwise_and_(0xFFFF)
+
+    def sample(self, n: int, std: float, dtype: torch.dtype) -> torch.Tensor:
+        out = torch.empty(n, dtype=dtype)
+        self.add_to(torch.zeros(n, dtype=dtype), std, out)
+        return out
+
+    def add_to(self, base: torch.Tensor, std: float, out: torch.Tensor) -> None:
+        """out = base + N(0, std^2) noise, computed and rounded once in out's dtype."""
+        table = (unit_gaussian_table() * std).to(out.dtype)
+        if self.noise is None or self.noise.dtype != out.dtype:
+            self.noise = torch.empty(self.CHUNK, dtype=out.dtype)
+        src, dst = base.reshape(-1), out.view(-1)
+        for lo in range(0, src.numel(), self.CHUNK):
+            m = min(self.CHUNK, src.numel() - lo)
+            noise = torch.index_select(table, 0, self.indices(m, self.idx), out=self.noise[:m])
+            torch.add(src[lo:lo + m], noise, out=dst[lo:lo + m])
 
 
 def make_new_bank(source: torch.Tensor, recipes: list[tuple[str, tuple[int, ...]]], spec: GrowthSpec, seed: int,
-                  std_of: Callable[[int], float] | None = None) -> torch.Tensor:
+                  std_of: Callable[[int], float] | None = None,
+                  empty: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] = lambda shape, dtype: torch.empty(shape, dtype=dtype),
+                  ) -> torch.Tensor:
     """Stack new experts (rows along dim 0) made from `source` (S, ...) by their recipes.
 
-    Works in one float32 scratch row and writes each result straight into the
-    output bank (no per-row temporaries: this is the CPU cost of a 10B expand).
+    copy-noise rows are one table lookup and one add straight into the output
+    bank at the storage dtype (this is the CPU cost of a 10B expand); only
+    interpolation goes through a float32 scratch row. `empty` allocates the
+    output (expand passes a pool of recycled buffers; every row is overwritten).
     """
-    gen = torch.Generator().manual_seed(seed)
-    out = torch.empty((len(recipes),) + tuple(source.shape[1:]), dtype=source.dtype)
-    row = torch.empty(source.shape[1:], dtype=torch.float32)
-    noise = torch.empty_like(row) if spec.noise_std > 0 else None
+    noise = GaussianNoise(seed) if spec.noise_std > 0 else None
+    out = empty((len(recipes),) + tuple(source.shape[1:]), source.dtype)
+    row = None
     for i, (kind, src) in enumerate(recipes):
-        row.copy_(source[src[0]])
         if kind == "copy-noise":
+            scale = 0.0
             if noise is not None:
-                noise.normal_(generator=gen)
-                std = std_of(src[0]) if std_of is not None else _std(row)
-                row.add_(noise, alpha=spec.noise_std * std)
+                scale = spec.noise_std * (std_of(src[0]) if std_of is not None else _std(source[src[0]]))
+            if scale > 0:
+                noise.add_to(source[src[0]], scale, out[i])
+            else:
+                out[i].copy_(source[src[0]])
         else:
+            if row is None:
+                row = torch.empty(source.shape[1:], dtype=torch.float32)
+            row.copy_(source[src[0]])
             row.mul_(spec.interp_weight).add_(source[src[1]].to(torch.float32) * (1.0 - spec.interp_weight))
-        out[i].copy_(row)
+            out[i].copy_(row)
     return out
 
 
@@ -218,10 +320,10 @@ class TensorPlan:
     make: Callable[[Reader], torch.Tensor]
 
 
-def _passthrough(src_name: str, index: slice | None = None) -> Callable[[Reader], torch.Tensor]:
+def _passthrough(src_name: str, index: slice | int | None = None) -> Callable[[Reader], torch.Tensor]:
     def make(read: Reader) -> torch.Tensor:
-        t = read(src_name)  # cached and shared: always return a private copy
-        return (t[index] if index is not None else t).clone()
+        t = read(src_name)  # cached and shared, but the writer only reads it: no copy
+        return t[index] if index is not None else t
     return make
 
 
@@ -236,7 +338,8 @@ def _random_normal(shape: tuple[int, ...], dtype: torch.dtype, seed: int, std: f
 def _new_bank(src_name: str, recipes, spec: GrowthSpec, seed: int) -> Callable[[Reader], torch.Tensor]:
     def make(read: Reader) -> torch.Tensor:
         std_of = getattr(read, "row_std", None)
-        return make_new_bank(read(src_name), recipes, spec, seed, std_of and (lambda i: std_of(src_name, i)))
+        kw = {"empty": read.empty} if hasattr(read, "empty") else {}
+        return make_new_bank(read(src_name), recipes, spec, seed, std_of and (lambda i: std_of(src_name, i)), **kw)
     return make
 
 
@@ -362,6 +465,47 @@ def _source_dtype(src: Checkpoint) -> torch.dtype:
 # --------------------------------------------------------------------------- execute
 
 
+class BufferPool:
+    """Recycled output buffers: a new bank is written into the memory of one already on disk.
+
+    Fresh multi-MB allocations come from mmap as new pages, which the kernel must
+    fault in and zero (about 1 s of system CPU per 2 GB on this kind of VM);
+    banks of a grown model come in a handful of sizes, so reuse is near total.
+    Only buffers that `empty` handed out are taken back (the pool holds a
+    reference to each, so no other tensor can ever share its address); at most
+    `keep` wait.
+    """
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.free: dict[int, list[torch.Tensor]] = {}
+        self.owned: dict[int, torch.Tensor] = {}
+        self.lock = threading.Lock()
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        with self.lock:
+            free = self.free.get(nbytes)
+            buf = free.pop() if free else None
+        if buf is None:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            with self.lock:
+                self.owned[buf.data_ptr()] = buf
+        return buf.view(dtype).view(shape)
+
+    def give_back(self, tensor: torch.Tensor) -> None:
+        """Return a tensor's memory once nothing reads it any more (it has been written)."""
+        ptr = tensor.data_ptr()
+        with self.lock:
+            buf = self.owned.get(ptr)
+            if buf is None or tensor.numel() * tensor.element_size() != buf.numel():
+                return
+            if sum(len(v) for v in self.free.values()) >= self.keep:
+                del self.owned[ptr]
+                return
+            self.free.setdefault(buf.numel(), []).append(buf)
+
+
 class SourceCache:
     """Thread-safe lazy reader of source tensors that keeps the few most recent ones.
 
@@ -373,15 +517,21 @@ class SourceCache:
         self.ckpt = ckpt
         self.budget = budget_bytes
         self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.stds: dict[tuple[str, int], float] = {}
+        self.stds: dict[str, dict[int, float]] = {}
         self.lock = threading.Lock()
+        self.pool = BufferPool(keep=8)
+        self.empty = self.pool.empty  # make functions allocate their outputs here
 
     def row_std(self, name: str, index: int) -> float:
-        """Std of source expert `index` of tensor `name`, computed once (every copy of it reuses it)."""
-        key = (name, index)
-        if key not in self.stds:
-            self.stds[key] = _std(self(name)[index].to(torch.float32))
-        return self.stds[key]
+        """Std of source expert `index` of tensor `name`, computed once (every copy of it reuses it).
+
+        2-byte banks got all their row stds with the finiteness check when read;
+        others (float32) are computed here, row by row, on first use."""
+        tensor = self(name)  # reads it (and fills its row stds) unless cached
+        stds = self.stds.setdefault(name, {})
+        if index not in stds:
+            stds[index] = _std(tensor[index])
+        return stds[index]
 
     def __call__(self, name: str) -> torch.Tensor:
         with self.lock:
@@ -389,9 +539,15 @@ class SourceCache:
                 self.cache.move_to_end(name)
                 return self.cache[name]
         tensor = self.ckpt.get(name)
-        if not torch.isfinite(tensor).all() if tensor.is_floating_point() else False:
+        if ".experts." in name and tensor.dim() >= 1 and tensor.is_floating_point() and tensor.element_size() == 2:
+            stds, finite = row_stats(tensor)  # an expert bank: row stds and finiteness in one pass
+        else:
+            stds, finite = None, bool(torch.isfinite(tensor).all()) if tensor.is_floating_point() else True
+        if not finite:
             raise SamoeError(f"source tensor {name} contains NaN or Inf: the source checkpoint is damaged; fix or re-create it")
         with self.lock:
+            if stds is not None:
+                self.stds[name] = dict(enumerate(stds))
             self.cache[name] = tensor
             size = sum(t.numel() * t.element_size() for t in self.cache.values())
             while size > self.budget and len(self.cache) > 1:
@@ -417,6 +573,17 @@ def execute(
     read = SourceCache(src, budget_bytes=max(3 * largest, 256 * 1024**2))
     window = max(2, 2 * workers)
     layout = [TensorSpec(p.name, dtype, p.shape) for p in plans]
+    # Parallelism comes from our own threads; torch's intra-op (OpenMP) pool on top of them
+    # oversubscribes the cores and its spinning threads slowed a 1-worker expand ~8x.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _execute(src, plans, out, meta, dtype, read, window, layout, workers, shard_bytes, force, on_tensor)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _execute(src, plans, out, meta, dtype, read, window, layout, workers, shard_bytes, force, on_tensor) -> Path:
     with CheckpointWriter(out, layout, shard_bytes=shard_bytes, force=force) as writer:
         # Workers make tensors; one I/O thread writes (and hashes) them in plan order, so
         # generation, writing and hashing overlap. At most `window` made and 2 queued tensors.
@@ -431,11 +598,16 @@ def execute(
 
             def write(name: str, tensor: torch.Tensor) -> int:
                 writer.add(name, tensor)
+                read.pool.give_back(tensor)  # its bytes are in the writer's staging buffer now
                 return tensor.numel() * tensor.element_size()
 
             def hand_over() -> None:
                 plan, fut = made.popleft()
-                written.append(io.submit(write, plan.name, fut.result().to(dtype)))
+                made_tensor = fut.result()
+                tensor = made_tensor.to(dtype)
+                if tensor is not made_tensor:
+                    read.pool.give_back(made_tensor)
+                written.append(io.submit(write, plan.name, tensor))
                 while len(written) > 2:
                     finish_write()
 

@@ -10,7 +10,7 @@ import re
 from collections import Counter
 from typing import Any, Iterable
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, digest_of
 from .config import SamMoEConfig
 
 COMPONENTS = ("encoder", "moe_experts", "routers", "extra_blocks", "decoder", "heads", "selector", "gating", "loss")
@@ -112,7 +112,7 @@ def inspect_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
         path=str(ckpt.path),
         digest=ckpt.digest,
         tensor_dtypes=dict(dtypes),
-        shards=[{"file": f, "bytes": v["bytes"], "sha256": v["sha256"]} for f, v in sorted(ckpt.files.items())],
+        shards=[{"file": f, "bytes": v["bytes"], **dict([digest_of(v)])} for f, v in sorted(ckpt.files.items())],
         lineage=ckpt.lineage,
         stages=ckpt.stages,
         config=ckpt.config.to_dict(),
