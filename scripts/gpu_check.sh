@@ -3,9 +3,10 @@
 #
 #   bash scripts/gpu_check.sh            # from the repository root
 #
-# Made for a bare GPU machine without internet: it installs segment-anything from the
-# wheel carried in .whl/ (pip download --no-deps --only-binary=:all: segment-anything==1.0
-# -d .whl) into /tmp/site and runs from the source tree. Everything it prints also goes
+# Made for a bare GPU machine without internet: it installs segment-anything and blake3
+# from the wheels carried in .whl/ (pip download --no-deps --only-binary=:all:
+# --python-version 3.12 --platform manylinux2014_x86_64 -d .whl segment-anything==1.0
+# blake3==1.0.11) into /tmp/site and runs from the source tree. Everything it prints also goes
 # to $OUT/gpu-check.log ($OUT defaults to ./gpu-check-out).
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 set -uo pipefail
