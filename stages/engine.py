@@ -52,6 +52,9 @@ from .semisup import continue_rampup, pseudo_targets, scaled_epochs, sigmoid_ram
 if TYPE_CHECKING:
     from .distributed import Distributed
 
+# One of the selector's alpha buffers (all hold the same ramp value): read from the source file, not
+# from the model, which may live on any device.
+ALPHA_KEY = "selector.selectors.seg_scale1.alpha"
 METRIC_FIELDS = ("step", "epoch", "loss", "loss_sup", "loss_unsup", "seg", "sdf", "boundary", "aux", "handover", "lr", "alpha",
                  "unsup_weight", "sigma_seg", "sigma_sdf", "sigma_boundary")
 SELECTOR_FIELDS = ("epoch", "alpha", "unsup_weight", "selector_mean", "selector_std")
@@ -458,7 +461,7 @@ def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], Non
     total = cfg.max_steps if cfg.max_steps is not None else epochs * spe
     t_alpha = scaled_epochs(cfg.alpha_rampup, epochs, cfg.timeline)
     # Where the source's alpha ramp ended; read before any resume, so a resumed run ramps the same way.
-    alpha0 = 0.0 if cfg.restart_ramps else model.selector.alpha
+    alpha0 = 0.0 if cfg.restart_ramps else float(src.get(ALPHA_KEY))
     t_unsup = scaled_epochs(cfg.unsup_rampup, epochs, cfg.timeline)
     t_warm = scaled_epochs(cfg.warmup, epochs, cfg.timeline)
     opts = build_optimizers(model, lr, cfg.momentum, cfg.wd, router_lr_mult=cfg.router_lr_mult)
