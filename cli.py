@@ -355,7 +355,7 @@ def plan(
     from upscale.checkpoint import Checkpoint, parse_dtype
     from upscale.config import get_preset
     from upscale.errors import SamoeError
-    from upscale.expand import plan_report
+    from stages.plan import plan_report
 
     if (source is None) == (preset is None):
         raise SamoeError("give exactly one of a SOURCE checkpoint or --preset NAME")
@@ -418,7 +418,7 @@ def expand(
     if verify is not None:  # resolve the device, read the --verify images before writing anything: a bad one leaves no --out
         from upscale.device import resolve_device
         from upscale.ownership import check_separate
-        from upscale.verify import load_images
+        from stages.data import load_images
 
         verify_device = resolve_device(device)
         check_separate(out, "--out", {"--verify": verify})

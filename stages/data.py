@@ -92,6 +92,7 @@ __all__ = [
     "UnlabelledFolder",
     "boundary_target",
     "distance_transform",
+    "load_images",
     "make_demo_data",
     "read_confidence",
     "read_image",
@@ -769,6 +770,15 @@ class PseudoLabelFolder(LabelledFolder):
         conf = torch.from_numpy(read_confidence(item.confidence))  # type: ignore[arg-type]
         out["confidence"] = _resize(conf[None], self.size, "nearest")[0]
         return out
+
+
+def load_images(folder: Path, size: int, limit: int) -> torch.Tensor:
+    """Up to `limit` images of a samoe data folder (DIR/images/*), as a (B, 3, size, size) batch (`expand --verify`)."""
+    if not (folder / "images").is_dir():
+        raise DataError(f"{folder} has no images/ folder: pass a data folder such as data/A (see `samoe demo-data`)")
+    data = UnlabelledFolder(folder, size=size)
+    n = min(limit, len(data))
+    return torch.stack([data[i]["image"] for i in range(n)])
 
 
 # --------------------------------------------------------------------------- demo data
