@@ -520,7 +520,7 @@ def train(
     precision = _precision(precision, mixed_precision)
     _check_train_device(nproc, device)
     cfg = _train_config(options, precision)
-    display = _TrainDisplay(router_lr_mult)
+    display = _TrainDisplay()
     try:
         with _one_job(run_dir, "--run-dir") if is_main_process() else nullcontext():  # rank 0 holds it for all ranks
             final = run(cfg, force=force, on_start=display.on_start, on_step=display.on_step, on_log=display.on_log)
@@ -582,10 +582,9 @@ def _train_config(options: dict[str, Any], precision: str) -> TrainConfig:
 class _TrainDisplay:
     """What `samoe train` prints: the stage table when it starts, a progress bar per step, the selector log."""
 
-    def __init__(self, router_lr_mult: float) -> None:
+    def __init__(self) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.router_lr_mult = router_lr_mult
         self.progress = Progress(TextColumn("stage {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("epoch {task.fields[epoch]} loss {task.fields[loss]} lr {task.fields[lr]} "
                                             "{task.fields[ips]} img/s"),
@@ -597,9 +596,9 @@ class _TrainDisplay:
         t = Table(title=f"stage {plan.stage} ({plan.name}): {plan.description}; base lr {info['lr']:g}")
         for col in ("component", "trainable", "total", "lr"):
             t.add_column(col, justify="right")
-        for comp, (tr, tot) in info["counts"].items():
-            lr_ = {"selector": info["lr"] * 5, "loss": 0.05, "routers": info["lr"] * self.router_lr_mult}.get(comp, info["lr"])
-            t.add_row(comp, f"{tr:,}", f"{tot:,}", f"{lr_:g}" if tr else "frozen")
+        for comp, (tr, tot) in info["counts"].items():  # the learning rates the optimizers really use
+            lrs = ", ".join(f"{lr:g}" for lr in info["lrs"].get(comp, []))
+            t.add_row(comp, f"{tr:,}", f"{tot:,}", lrs if tr else "frozen")
         console.print(t)
         console.print("params: " + ", ".join(f"{k.capitalize()} {v:,}" for k, v in info["params"].items()))
         if info["resumed_from"]:

@@ -43,9 +43,10 @@ from upscale.checkpoint import Checkpoint, build_meta, lineage_entry, load_model
 from upscale.device import autocast, check_precision, deterministic, resolve_device, to_device
 from upscale.errors import SamoeError
 from upscale.ownership import check_replaceable, check_separate, owner, write_marker
+from upscale.roles import SEED004_ROLES, in_decoder, param_role
 
 from .checkpointer import Checkpointer, read_run_json
-from .optim import Optimizers, apply_lr, build_optimizers, lr_factor, param_role
+from .optim import Optimizers, apply_lr, build_optimizers, lr_factor
 from .plan import STAGES, is_trainable
 from .semisup import continue_rampup, pseudo_targets, scaled_epochs, sigmoid_rampup, task_losses
 
@@ -230,6 +231,22 @@ def apply_stage(model: torch.nn.Module, provenance: dict[str, Any], stage: int, 
         c[0] += p.numel() if train else 0
         c[1] += p.numel()
     return counts
+
+
+def component_lrs(model: torch.nn.Module, opts: Optimizers) -> dict[str, list[float]]:
+    """Per component (as `apply_stage` counts them), the base learning rates its trainable parameters get.
+
+    Read from the optimizers' own groups, so a table of them shows what training does;
+    a component can hold several (an extra block's routers train at the router lr).
+    """
+    from upscale.summary import component_of
+
+    lr_of = {id(p): g.get("base_lr", g["lr"]) for opt in opts.named().values() for g in opt.param_groups for p in g["params"]}
+    lrs: dict[str, set[float]] = {}
+    for name, p in model.named_parameters():
+        if id(p) in lr_of:
+            lrs.setdefault(component_of(name, model.config), set()).add(lr_of[id(p)])
+    return {c: sorted(v) for c, v in lrs.items()}
 
 
 def _truncate_csv(path: Path, key: str, last: float) -> None:
@@ -556,11 +573,12 @@ class _Trainer:
         params = {r: 0 for r in ("selector", "encoder", "decoder", "gating", "loss")}
         for name, p in self.model.named_parameters():
             role = param_role(name)
-            if role in ("backbone", "router"):
-                role = "decoder" if name.startswith("mask_decoder.") else "encoder"
+            if role not in SEED004_ROLES:
+                role = "decoder" if in_decoder(name) else "encoder"
             params[role] += p.numel()
         params["total"] = sum(params.values())
-        on_start({"stage": self.plan, "lr": self.lr, "counts": self.counts, "params": params, "total_steps": self.total,
+        on_start({"stage": self.plan, "lr": self.lr, "counts": self.counts, "lrs": component_lrs(self.model, self.opts),
+                  "params": params, "total_steps": self.total,
                   "start_step": self.step, "epochs": self.epochs, "steps_per_epoch": self.spe,
                   "resumed_from": str(self.latest) if self.latest else None})
 

@@ -26,6 +26,7 @@ from upscale.checkpoint import dtype_name
 from upscale.config import SamMoEConfig
 from upscale.expand import GrowthSpec, grown_config, planned_provenance
 from upscale.model import build_model
+from upscale.roles import is_source, param_role
 from upscale.summary import summarize
 
 
@@ -45,20 +46,7 @@ STAGES: dict[int, StagePlan] = {
     3: StagePlan(3, "full", 1e-4, "everything"),
 }
 
-# The task-loss sigmas are loss weights, not part of the model's function: they train in
-# every stage. The selector and gating model are source parts: the growth plan freezes
-# every source parameter in stage 1, seed 004 never freezes the selector. Stage 1 follows
-# the growth plan unless asked (`selector_gating=True`); stages 2 and 3 train them.
-LOSS_WEIGHTS = ("loss.",)
-SEED004_PARTS = ("selector.", "gating.")
-
 _BLOCK_MLP = re.compile(r"^image_encoder\.blocks\.(\d+)\.mlp\.")
-
-
-def is_source(entry: Any) -> bool:
-    if isinstance(entry, list):
-        return all(is_source(e) for e in entry)
-    return entry == "source"
 
 
 def is_trainable(name: str, provenance: Any, stage: int, cfg: SamMoEConfig, last_k: int = 4,
@@ -66,9 +54,14 @@ def is_trainable(name: str, provenance: Any, stage: int, cfg: SamMoEConfig, last
     """Whether tensor `name` trains in `stage` (see the module table)."""
     if stage >= 3:
         return True
-    if name.startswith(LOSS_WEIGHTS) or ".router." in name or not is_source(provenance):
+    # The task-loss sigmas are loss weights, not part of the model's function: they train in
+    # every stage. The selector and gating model are source parts: the growth plan freezes
+    # every source parameter in stage 1, seed 004 never freezes the selector. Stage 1 follows
+    # the growth plan unless asked (`selector_gating=True`); stages 2 and 3 train them.
+    role = param_role(name)
+    if role in ("loss", "router") or not is_source(provenance):
         return True
-    if name.startswith(SEED004_PARTS):
+    if role in ("selector", "gating"):
         return stage >= 2 or selector_gating
     if stage == 2:
         m = _BLOCK_MLP.match(name)

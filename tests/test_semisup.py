@@ -637,3 +637,29 @@ def test_model_package_does_not_import_training_package():
                 names = [node.module or ""]
             offenders += [f"{f.name}:{node.lineno}" for n in names if n == "stages" or n.startswith("stages.")]
     assert not offenders, offenders
+
+
+def test_lr_table_comes_from_the_optimizer_groups():
+    """The CLI's learning-rate table reads the optimizers: an extra block's routers show the router lr, its MLP the base lr."""
+    from stages.engine import component_lrs
+    from upscale.expand import grown_config
+    from upscale.model import build_model
+
+    cfg = grown_config(TINY, GrowthSpec(experts=8, groups=resolve_groups(4, 8, "2", 1), extra_blocks=1))
+    model = build_model(cfg)
+    lrs = component_lrs(model, build_optimizers(model, 0.01, router_lr_mult=10.0))
+    assert lrs["extra_blocks"] == pytest.approx([0.01, 0.1])
+    assert lrs["routers"] == pytest.approx([0.1]) and lrs["selector"] == pytest.approx([0.05])
+    assert lrs["loss"] == pytest.approx([0.05]) and lrs["encoder"] == pytest.approx([0.01])
+
+
+def test_param_roles():
+    from upscale.roles import param_role
+
+    assert param_role("image_encoder.blocks.5.mlp.router.group_gate.weight") == "router"
+    assert param_role("mask_decoder.transformer.layers.0.mlp.experts.0.w1") == "expert"
+    assert param_role("mask_decoder.mask_tokens.weight") == "head"
+    assert param_role("selector.selectors.seg_scale1.conv.weight") == "selector"
+    assert param_role("gating.mlp.0.weight") == "gating" and param_role("loss.log_vars") == "loss"
+    assert param_role("image_encoder.patch_embed.proj.weight") == "encoder"
+    assert param_role("mask_decoder.transformer.final_attn_token_to_image.q_proj.weight") == "decoder"
