@@ -11,11 +11,15 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from stages.engine import TrainConfig
+
 
 class _OneLineErrors(typer.core.TyperGroup):
     """Bad option values (parsed by typer) are one `error:` line and exit 2, like every other bad input."""
@@ -355,7 +359,7 @@ def plan(
     from upscale.checkpoint import Checkpoint, parse_dtype
     from upscale.config import get_preset
     from upscale.errors import SamoeError
-    from upscale.expand import plan_report
+    from stages.plan import plan_report
 
     if (source is None) == (preset is None):
         raise SamoeError("give exactly one of a SOURCE checkpoint or --preset NAME")
@@ -418,7 +422,7 @@ def expand(
     if verify is not None:  # resolve the device, read the --verify images before writing anything: a bad one leaves no --out
         from upscale.device import resolve_device
         from upscale.ownership import check_separate
-        from upscale.verify import load_images
+        from stages.data import load_images
 
         verify_device = resolve_device(device)
         check_separate(out, "--out", {"--verify": verify})
@@ -507,17 +511,34 @@ def train(
     same thread count); on CUDA it resumes from the same state, data order and schedules but agrees to
     float rounding only (atomics in index_add/scatter, cuBLAS kernel choice).
     """
-    import os
+    options = dict(locals())  # the parsed options, taken before any other name is bound here
+    from contextlib import nullcontext
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from stages.engine import Interrupted, TrainConfig, resume_command, run
-
-    if epochs is None and max_steps is None:
-        epochs = timeline
-    from stages.distributed import LAUNCH_COMMAND_ENV, is_main_process, launch, world_size
+    from stages.distributed import is_main_process
+    from stages.engine import Interrupted, resume_command, run
 
     precision = _precision(precision, mixed_precision)
+    _check_train_device(nproc, device)
+    cfg = _train_config(options, precision)
+    display = _TrainDisplay()
+    try:
+        with _one_job(run_dir, "--run-dir") if is_main_process() else nullcontext():  # rank 0 holds it for all ranks
+            final = run(cfg, force=force, on_start=display.on_start, on_step=display.on_step, on_log=display.on_log)
+    except Interrupted as e:
+        display.progress.stop()
+        if is_main_process():
+            sys.stderr.write(f"interrupted: saved {e.step_dir}; resume with: {resume_command(cfg.command)}\n")
+        raise typer.Exit(128 + e.signum)
+    finally:
+        display.progress.stop()
+    if is_main_process():
+        console.print(f"done: {final} (next stage's --from)")
+
+
+def _check_train_device(nproc: int, device: str) -> None:
+    """Fail on a missing device before anything is locked or written; with --nproc > 1, start torchrun and exit."""
+    from stages.distributed import launch, world_size
+
     if nproc > 1 or world_size() > 1:
         from stages.distributed import process_device_kind
 
@@ -525,63 +546,75 @@ def train(
     else:
         from upscale.device import resolve_device
 
-        resolve_device(device)  # a missing GPU fails here, before anything is locked or written
+        resolve_device(device)
     if nproc > 1 and world_size() == 1:  # not under torchrun yet: start it (it runs this same command)
         raise typer.Exit(launch(nproc, sys.argv[1:]))
+
+
+# `samoe train` options whose TrainConfig field has another name
+_TRAIN_OPTION_FIELDS = {"train_selector_gating": "selector_gating"}
+
+
+def _train_config(options: dict[str, Any], precision: str) -> TrainConfig:
+    """The TrainConfig of `samoe train`'s parsed options: every option named like a field fills it, paths as strings.
+
+    TrainConfig stays the one list of train options; options that steer the command
+    itself (--force, --nproc, --mixed-precision) have no field and are left out.
+    """
+    import os
+    from dataclasses import fields
+
+    from stages.distributed import LAUNCH_COMMAND_ENV
+    from stages.engine import TrainConfig
+
+    values = {_TRAIN_OPTION_FIELDS.get(k, k): v for k, v in options.items()}
+    values = {f.name: values[f.name] for f in fields(TrainConfig) if f.name in values}
+    for k, v in values.items():
+        if isinstance(v, Path):
+            values[k] = str(v)
+    if values["epochs"] is None and values["max_steps"] is None:
+        values["epochs"] = values["timeline"]
     launched = os.environ.get(LAUNCH_COMMAND_ENV)  # the command the user typed, when `--nproc` started torchrun
     command = json.loads(launched) if launched else _command_line()
-    cfg = TrainConfig(stage=stage, source=str(source), run_dir=str(run_dir), data=str(data),
-                      unlabelled=str(unlabelled) if unlabelled else None, epochs=epochs, max_steps=max_steps,
-                      batch_size=batch_size, lr=lr, last_k=last_k, seed=seed, checkpoint_every=checkpoint_every, keep=keep,
-                      momentum=momentum, wd=wd, unsup_weight=unsup_weight, alpha_rampup=alpha_rampup,
-                      unsup_rampup=unsup_rampup, warmup=warmup, timeline=timeline, log_every=log_every, router_lr_mult=router_lr_mult,
-                      selector_gating=train_selector_gating, handover_coef=handover_coef, restart_ramps=restart_ramps,
-                      skip_nonfinite=skip_nonfinite, workers=workers, device=device, precision=precision, command=command)
-    progress = Progress(TextColumn("stage {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("epoch {task.fields[epoch]} loss {task.fields[loss]} lr {task.fields[lr]} {task.fields[ips]} img/s"),
-                        TimeRemainingColumn(), console=console)
-    task = None
+    return TrainConfig(**dict(values, precision=precision, command=command))
 
-    def on_start(info: dict) -> None:
-        nonlocal task
+
+class _TrainDisplay:
+    """What `samoe train` prints: the stage table when it starts, a progress bar per step, the selector log."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("stage {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("epoch {task.fields[epoch]} loss {task.fields[loss]} lr {task.fields[lr]} "
+                                            "{task.fields[ips]} img/s"),
+                                 TimeRemainingColumn(), console=console)
+        self.task: Any = None
+
+    def on_start(self, info: dict) -> None:
         plan = info["stage"]
         t = Table(title=f"stage {plan.stage} ({plan.name}): {plan.description}; base lr {info['lr']:g}")
         for col in ("component", "trainable", "total", "lr"):
             t.add_column(col, justify="right")
-        for comp, (tr, tot) in info["counts"].items():
-            lr_ = {"selector": info["lr"] * 5, "loss": 0.05, "routers": info["lr"] * router_lr_mult}.get(comp, info["lr"])
-            t.add_row(comp, f"{tr:,}", f"{tot:,}", f"{lr_:g}" if tr else "frozen")
+        for comp, (tr, tot) in info["counts"].items():  # the learning rates the optimizers really use
+            lrs = ", ".join(f"{lr:g}" for lr in info["lrs"].get(comp, []))
+            t.add_row(comp, f"{tr:,}", f"{tot:,}", lrs if tr else "frozen")
         console.print(t)
         console.print("params: " + ", ".join(f"{k.capitalize()} {v:,}" for k, v in info["params"].items()))
         if info["resumed_from"]:
             console.print(f"resuming from {info['resumed_from']} (step {info['start_step']})")
         console.print(f"{info['epochs']} epochs x {info['steps_per_epoch']} steps = {info['total_steps']} steps")
-        progress.start()
-        task = progress.add_task("train", total=info["total_steps"], completed=info["start_step"], stage=plan.stage,
-                                 epoch=0, loss="-", lr="-", ips="-")
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=info["total_steps"], completed=info["start_step"],
+                                           stage=plan.stage, epoch=0, loss="-", lr="-", ips="-")
 
-    def on_step(row: dict) -> None:
-        progress.update(task, completed=row["step"], epoch=row["epoch"], loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                        ips=f"{row['images_per_s']:.1f}")
+    def on_step(self, row: dict) -> None:
+        self.progress.update(self.task, completed=row["step"], epoch=row["epoch"], loss=f"{row['loss']:.4f}",
+                             lr=f"{row['lr']:.2e}", ips=f"{row['images_per_s']:.1f}")
 
-    def on_log(row: dict) -> None:
-        progress.console.print(f"epoch {row['epoch']}: alpha {row['alpha']:.4f}  unsup_weight {row['unsup_weight']:.4f}  "
-                               f"selector mean {row['selector_mean']:.4f} std {row['selector_std']:.4f}")
-
-    from contextlib import nullcontext
-
-    try:
-        with _one_job(run_dir, "--run-dir") if is_main_process() else nullcontext():  # rank 0 holds it for all ranks
-            final = run(cfg, force=force, on_start=on_start, on_step=on_step, on_log=on_log)
-    except Interrupted as e:
-        progress.stop()
-        if is_main_process():
-            sys.stderr.write(f"interrupted: saved {e.step_dir}; resume with: {resume_command(cfg.command)}\n")
-        raise typer.Exit(128 + e.signum)
-    finally:
-        progress.stop()
-    if is_main_process():
-        console.print(f"done: {final} (next stage's --from)")
+    def on_log(self, row: dict) -> None:
+        self.progress.console.print(f"epoch {row['epoch']}: alpha {row['alpha']:.4f}  unsup_weight {row['unsup_weight']:.4f}  "
+                                    f"selector mean {row['selector_mean']:.4f} std {row['selector_std']:.4f}")
 
 
 @app.command("pseudo-label")

@@ -134,7 +134,8 @@ def train_case(label: str, src_cfg, spec, precision: str, batch_size: int, steps
     from stages.engine import apply_stage, train_step
     from stages.optim import build_optimizers
     from upscale.device import autocast
-    from upscale.expand import _planned_provenance, grown_config, plan_report
+    from stages.plan import plan_report
+    from upscale.expand import grown_config, planned_provenance
     from upscale.model import build_model
 
     torch.cuda.reset_peak_memory_stats()
@@ -153,7 +154,7 @@ def train_case(label: str, src_cfg, spec, precision: str, batch_size: int, steps
         for b in model.buffers():
             b.zero_()
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    provenance = _planned_provenance(src_cfg, cfg, shapes) if spec is not None else {}
+    provenance = planned_provenance(src_cfg, cfg, shapes) if spec is not None else {}
     counts = apply_stage(model, provenance, stage if spec is not None else 3, 4)
     trainable = sum(c[0] for c in counts.values())
     opts = build_optimizers(model, 1e-3)

@@ -92,6 +92,7 @@ __all__ = [
     "UnlabelledFolder",
     "boundary_target",
     "distance_transform",
+    "load_images",
     "make_demo_data",
     "read_confidence",
     "read_image",
@@ -771,6 +772,15 @@ class PseudoLabelFolder(LabelledFolder):
         return out
 
 
+def load_images(folder: Path, size: int, limit: int) -> torch.Tensor:
+    """Up to `limit` images of a samoe data folder (DIR/images/*), as a (B, 3, size, size) batch (`expand --verify`)."""
+    if not (folder / "images").is_dir():
+        raise DataError(f"{folder} has no images/ folder: pass a data folder such as data/A (see `samoe demo-data`)")
+    data = UnlabelledFolder(folder, size=size)
+    n = min(limit, len(data))
+    return torch.stack([data[i]["image"] for i in range(n)])
+
+
 # --------------------------------------------------------------------------- demo data
 
 
@@ -854,6 +864,58 @@ def _demo_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nda
     return (sigma0 * speckle).astype(np.float32), mask
 
 
+def _demo_scenes(preset: str, size: int, counts: tuple[int, ...]) -> tuple[Any, tuple[str, ...]]:
+    """The scene generator and class names of a demo-data preset, after checking the options."""
+    from .hard_scenes import HARD_CLASS_NAMES, hard_scene
+
+    scenes = {"easy": (_demo_scene, CLASS_NAMES), "hard": (hard_scene, HARD_CLASS_NAMES)}
+    if preset not in scenes:
+        raise DataError(f"unknown demo-data preset {preset!r}: choose easy or hard")
+    if size < 16:
+        raise DataError(f"size {size} is too small for demo scenes: use --size 16 or more")
+    if min(counts) < 0:
+        raise DataError("scene counts must be >= 0")
+    return scenes[preset]
+
+
+def _write_demo_split(folder: Path, prefix: str, n: int, with_masks: bool, scene: Any, num_classes: int,
+                      size: int, seed: int, stream: int) -> np.ndarray:
+    """Write `n` scenes into folder/images (and folder/masks); return the masks' class pixel counts.
+
+    Scene i draws from its own generator seeded by (seed, stream, i), so a split's
+    files do not depend on how many scenes the other splits hold.
+    """
+    (folder / "images").mkdir(parents=True)
+    if with_masks:
+        (folder / "masks").mkdir()
+    hist = np.zeros(num_classes, dtype=np.int64)
+    for i in range(n):
+        rng = np.random.default_rng([seed, stream, i])
+        image, mask = scene(rng, size)
+        stem = f"{prefix}-{i:04d}"
+        write_image(folder / "images" / f"{stem}.tif", image)
+        if with_masks:
+            write_mask(folder / "masks" / f"{stem}.png", mask)
+            hist += np.bincount(mask.ravel(), minlength=num_classes)
+    return hist
+
+
+def _replace_folder(tmp: Path, out: Path) -> None:
+    """Move the finished `tmp` to `out`, replacing an existing `out` with two renames, so `out` is never half-written."""
+    if out.exists() or out.is_symlink():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)  # left by a crashed earlier run
+        os.replace(out, old)
+        os.replace(tmp, out)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+    else:
+        os.replace(tmp, out)
+
+
 def make_demo_data(
     out: Path,
     labelled: int = 24,
@@ -892,16 +954,7 @@ def make_demo_data(
         pixel fractions of each labelled split.
     """
     out = Path(out)
-    from .hard_scenes import HARD_CLASS_NAMES, hard_scene
-
-    scenes = {"easy": (_demo_scene, CLASS_NAMES), "hard": (hard_scene, HARD_CLASS_NAMES)}
-    if preset not in scenes:
-        raise DataError(f"unknown demo-data preset {preset!r}: choose easy or hard")
-    scene, class_names = scenes[preset]
-    if size < 16:
-        raise DataError(f"size {size} is too small for demo scenes: use --size 16 or more")
-    if min(labelled, unlabelled, test) < 0:
-        raise DataError("scene counts must be >= 0")
+    scene, class_names = _demo_scenes(preset, size, (labelled, unlabelled, test))
     if out.exists() and not force:
         raise DataError(f"{out} already exists: pass --force to replace it or choose another --out")
     from upscale.ownership import check_replaceable, write_marker
@@ -925,18 +978,8 @@ def make_demo_data(
     }
     try:
         for split, prefix, stream, with_masks in _SPLITS:
-            (tmp / split / "images").mkdir(parents=True)
-            if with_masks:
-                (tmp / split / "masks").mkdir()
-            hist = np.zeros(len(class_names), dtype=np.int64)
-            for i in range(counts[split]):
-                rng = np.random.default_rng([seed, stream, i])
-                image, mask = scene(rng, size)
-                stem = f"{prefix}-{i:04d}"
-                write_image(tmp / split / "images" / f"{stem}.tif", image)
-                if with_masks:
-                    write_mask(tmp / split / "masks" / f"{stem}.png", mask)
-                    hist += np.bincount(mask.ravel(), minlength=len(class_names))
+            hist = _write_demo_split(tmp / split, prefix, counts[split], with_masks, scene, len(class_names),
+                                     size, seed, stream)
             if with_masks:
                 total = max(int(hist.sum()), 1)
                 summary["class_fractions"][split] = {
@@ -944,18 +987,7 @@ def make_demo_data(
                 }
         (tmp / "demo-data.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         write_marker(tmp, "demo-data")
-        if out.exists() or out.is_symlink():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old)  # left by a crashed earlier run
-            os.replace(out, old)
-            os.replace(tmp, out)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-        else:
-            os.replace(tmp, out)
+        _replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

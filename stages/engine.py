@@ -43,9 +43,10 @@ from upscale.checkpoint import Checkpoint, build_meta, lineage_entry, load_model
 from upscale.device import autocast, check_precision, deterministic, resolve_device, to_device
 from upscale.errors import SamoeError
 from upscale.ownership import check_replaceable, check_separate, owner, write_marker
+from upscale.roles import SEED004_ROLES, in_decoder, param_role
 
 from .checkpointer import Checkpointer, read_run_json
-from .optim import Optimizers, apply_lr, build_optimizers, lr_factor, param_role
+from .optim import Optimizers, apply_lr, build_optimizers, lr_factor
 from .plan import STAGES, is_trainable
 from .semisup import continue_rampup, pseudo_targets, scaled_epochs, sigmoid_rampup, task_losses
 
@@ -232,6 +233,22 @@ def apply_stage(model: torch.nn.Module, provenance: dict[str, Any], stage: int, 
     return counts
 
 
+def component_lrs(model: torch.nn.Module, opts: Optimizers) -> dict[str, list[float]]:
+    """Per component (as `apply_stage` counts them), the base learning rates its trainable parameters get.
+
+    Read from the optimizers' own groups, so a table of them shows what training does;
+    a component can hold several (an extra block's routers train at the router lr).
+    """
+    from upscale.summary import component_of
+
+    lr_of = {id(p): g.get("base_lr", g["lr"]) for opt in opts.named().values() for g in opt.param_groups for p in g["params"]}
+    lrs: dict[str, set[float]] = {}
+    for name, p in model.named_parameters():
+        if id(p) in lr_of:
+            lrs.setdefault(component_of(name, model.config), set()).add(lr_of[id(p)])
+    return {c: sorted(v) for c, v in lrs.items()}
+
+
 def _truncate_csv(path: Path, key: str, last: float) -> None:
     """Drop rows written after the checkpoint we resume from (they will be written again)."""
     if not path.exists() and not path.is_symlink():
@@ -409,180 +426,266 @@ def _prepare_run_dir(cfg: TrainConfig, force: bool, identity: dict[str, Any]) ->
 def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], None] | None,
          on_step: Callable[[dict[str, Any]], None] | None, on_log: Callable[[dict[str, Any]], None] | None,
          dist: "Distributed | None", device: torch.device) -> Path:
-    main = dist is None or dist.is_main
-    run_dir = Path(cfg.run_dir)
-    final_dir = run_dir / "final"
-    state_file = run_dir / "run.json"
-    identity = cfg.identity() if main else {}
-    # Only rank 0 looks at, and deletes, the run directory; the others wait for its verdict (no race).
-    error, resuming = None, False
-    if main:
-        try:
-            resuming = _prepare_run_dir(cfg, force, identity)
-        except SamoeError as e:
-            if dist is None:
-                raise
-            error = str(e)
-    if dist is not None:
-        error, resuming = dist.broadcast((error, resuming))
-        if error is not None:
-            raise SamoeError(error)
+    """One stage as a sequence of named steps; their order is part of the bit-exact resume contract."""
+    trainer = _Trainer(cfg, dist, device)
+    resuming = trainer.prepare_run_dir(force)
+    trainer.build_model(force)
+    trainer.open_data()
+    trainer.schedule()
+    trainer.build_optimizers()
+    trainer.resume(resuming)
+    trainer.open_loaders()
+    trainer.open_logs()
+    trainer.announce(on_start)
+    trainer.loop(on_step, on_log)
+    return trainer.finish()
 
-    src = Checkpoint.open(cfg.source)
-    if not force:
-        check_stage_input(src, cfg.stage)
-    if dist is None:
-        model = load_model(src.path, device=device)
-        counts = apply_stage(model, src.provenance, cfg.stage, cfg.last_k, cfg.selector_gating)
-    else:  # requires_grad is set before sharding; each process reads only its shards
-        model, counts = dist.build_model(src.path, lambda m: apply_stage(m, src.provenance, cfg.stage, cfg.last_k,
-                                                                                 cfg.selector_gating))
-    model_cfg = model.config
-    # one process: bf16 autocast around the forward; under torchrun FSDP2's policy casts instead
-    amp = (lambda: autocast(device, cfg.precision)) if dist is None and cfg.precision != "fp32" else None
-    plan = STAGES[cfg.stage]
-    lr = cfg.lr if cfg.lr is not None else plan.lr
-    aux_coef = cfg.aux_loss_coef if cfg.aux_loss_coef is not None else model_cfg.moe.aux_loss_coef
-    data = open_labelled(Path(cfg.data), model_cfg.num_classes, model_cfg.img_size)
-    check_pseudo_labels(data, cfg.data)
-    udata = None
-    if cfg.unlabelled:
-        from .data import UnlabelledFolder
 
-        udata = UnlabelledFolder(Path(cfg.unlabelled), size=model_cfg.img_size)
-    if dist is not None:
-        from .distributed import check_split
+class _Trainer:
+    """The state of one stage run, filled in by `_run`'s steps in order (rank 0 alone owns the logs)."""
 
-        check_split(len(data), cfg.batch_size, dist.world, f"--data {cfg.data}")
-        if udata is not None:
-            check_split(len(udata), cfg.batch_size, dist.world, f"--unlabelled {cfg.unlabelled}")
-    spe = math.ceil(len(data) / cfg.batch_size)
-    epochs = cfg.epochs if cfg.epochs is not None else math.ceil((cfg.max_steps or spe) / spe)
-    total = cfg.max_steps if cfg.max_steps is not None else epochs * spe
-    t_alpha = scaled_epochs(cfg.alpha_rampup, epochs, cfg.timeline)
-    # Where the source's alpha ramp ended; read before any resume, so a resumed run ramps the same way.
-    alpha0 = 0.0 if cfg.restart_ramps else float(src.get(ALPHA_KEY))
-    t_unsup = scaled_epochs(cfg.unsup_rampup, epochs, cfg.timeline)
-    t_warm = scaled_epochs(cfg.warmup, epochs, cfg.timeline)
-    opts = build_optimizers(model, lr, cfg.momentum, cfg.wd, router_lr_mult=cfg.router_lr_mult)
-    if dist is None:  # FSDP manages its own gradient memory
-        from .optim import KeptGrads
+    def __init__(self, cfg: TrainConfig, dist: "Distributed | None", device: torch.device) -> None:
+        self.cfg, self.dist, self.device = cfg, dist, device
+        self.main = dist is None or dist.is_main
+        self.run_dir = Path(cfg.run_dir)
+        self.state_file = self.run_dir / "run.json"
+        self.identity = cfg.identity() if self.main else {}
+        self.plan = STAGES[cfg.stage]
+        self.step = 0
+        self.latest: Path | None = None
+        self.loader_state = {"epoch": 0, "pos": 0}
+        self.uloader_state = {"epoch": 0, "pos": 0}
+        self.metrics_log: CsvLog | None = None
+        self.selector_log: CsvLog | None = None
+        self.tb: Any = None
+        self.last_metrics: dict[str, Any] = {}
 
-        opts.kept = KeptGrads(list(model.parameters()))
+    def prepare_run_dir(self, force: bool) -> bool:
+        """Only rank 0 looks at, and deletes, the run directory; the others wait for its verdict (no race)."""
+        error, resuming = None, False
+        if self.main:
+            try:
+                resuming = _prepare_run_dir(self.cfg, force, self.identity)
+            except SamoeError as e:
+                if self.dist is None:
+                    raise
+                error = str(e)
+        if self.dist is not None:
+            error, resuming = self.dist.broadcast((error, resuming))
+            if error is not None:
+                raise SamoeError(error)
+        return resuming
 
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_marker(run_dir, "train")
-    checkpointer = Checkpointer(run_dir, cfg.keep, dist)
-    step, loader_state, uloader_state = 0, {"epoch": 0, "pos": 0}, {"epoch": 0, "pos": 0}
-    latest = checkpointer.latest() if resuming else None
-    if latest is not None:
-        ts = checkpointer.load(latest, model, opts)
-        step, loader_state, uloader_state = ts["step"], ts["loader"], ts["uloader"]
-    if dist is not None:
-        dist.barrier()
-    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
-    pin = device.type == "cuda"
-    loader = StreamingLoader(data, cfg.batch_size, cfg.seed, cfg.workers, **loader_state, rank=rank, world=world, pin_memory=pin)
-    uloader = (StreamingLoader(udata, cfg.batch_size, cfg.seed + 1, cfg.workers, **uloader_state, rank=rank, world=world,
-                               pin_memory=pin) if udata is not None else None)
-    metrics_log = selector_log = tb = None
-    if main:
-        _truncate_csv(run_dir / "metrics.csv", "step", step)
-        _truncate_csv(run_dir / "selector_log.csv", "epoch", loader_state["epoch"] + (1 if loader_state["pos"] >= spe else 0))
-        metrics_log = CsvLog(run_dir / "metrics.csv", METRIC_FIELDS + tuple(model.routing_keys()))
-        selector_log = CsvLog(run_dir / "selector_log.csv", SELECTOR_FIELDS)
-        tb = _tensorboard(run_dir)
-    meta = build_meta(model_cfg, src.provenance, src.lineage, src.stages, _dtype(model), **_carry(src.meta))
-    if on_start:
+    def build_model(self, force: bool) -> None:
+        """Load the source with this stage's trainable set; under torchrun each process reads only its shards."""
+        cfg, dist = self.cfg, self.dist
+        self.src = src = Checkpoint.open(cfg.source)
+        if not force:
+            check_stage_input(src, cfg.stage)
+        if dist is None:
+            self.model = load_model(src.path, device=self.device)
+            self.counts = apply_stage(self.model, src.provenance, cfg.stage, cfg.last_k, cfg.selector_gating)
+        else:  # requires_grad is set before sharding
+            self.model, self.counts = dist.build_model(src.path, lambda m: apply_stage(m, src.provenance, cfg.stage, cfg.last_k,
+                                                                                        cfg.selector_gating))
+        self.model_cfg = self.model.config
+        # one process: bf16 autocast around the forward; under torchrun FSDP2's policy casts instead
+        self.amp = (lambda: autocast(self.device, cfg.precision)) if dist is None and cfg.precision != "fp32" else None
+        self.lr = cfg.lr if cfg.lr is not None else self.plan.lr
+        self.aux_coef = cfg.aux_loss_coef if cfg.aux_loss_coef is not None else self.model_cfg.moe.aux_loss_coef
+
+    def open_data(self) -> None:
+        """The labelled (and optional unlabelled) folders, checked against the model and the world size."""
+        cfg, model_cfg = self.cfg, self.model_cfg
+        self.data = open_labelled(Path(cfg.data), model_cfg.num_classes, model_cfg.img_size)
+        check_pseudo_labels(self.data, cfg.data)
+        self.udata = None
+        if cfg.unlabelled:
+            from .data import UnlabelledFolder
+
+            self.udata = UnlabelledFolder(Path(cfg.unlabelled), size=model_cfg.img_size)
+        if self.dist is not None:
+            from .distributed import check_split
+
+            check_split(len(self.data), cfg.batch_size, self.dist.world, f"--data {cfg.data}")
+            if self.udata is not None:
+                check_split(len(self.udata), cfg.batch_size, self.dist.world, f"--unlabelled {cfg.unlabelled}")
+
+    def schedule(self) -> None:
+        """Steps, epochs and seed 004's ramps, scaled to this run's length."""
+        cfg = self.cfg
+        self.spe = spe = math.ceil(len(self.data) / cfg.batch_size)
+        self.epochs = cfg.epochs if cfg.epochs is not None else math.ceil((cfg.max_steps or spe) / spe)
+        self.total = cfg.max_steps if cfg.max_steps is not None else self.epochs * spe
+        self.t_alpha = scaled_epochs(cfg.alpha_rampup, self.epochs, cfg.timeline)
+        # Where the source's alpha ramp ended; read before any resume, so a resumed run ramps the same way.
+        self.alpha0 = 0.0 if cfg.restart_ramps else float(self.src.get(ALPHA_KEY))
+        self.t_unsup = scaled_epochs(cfg.unsup_rampup, self.epochs, cfg.timeline)
+        self.t_warm = scaled_epochs(cfg.warmup, self.epochs, cfg.timeline)
+
+    def build_optimizers(self) -> None:
+        cfg = self.cfg
+        self.opts = build_optimizers(self.model, self.lr, cfg.momentum, cfg.wd, router_lr_mult=cfg.router_lr_mult)
+        if self.dist is None:  # FSDP manages its own gradient memory
+            from .optim import KeptGrads
+
+            self.opts.kept = KeptGrads(list(self.model.parameters()))
+
+    def resume(self, resuming: bool) -> None:
+        """Mark the run directory and, when resuming, restore model, optimizers and loader positions."""
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_marker(self.run_dir, "train")
+        self.checkpointer = Checkpointer(self.run_dir, self.cfg.keep, self.dist)
+        self.latest = self.checkpointer.latest() if resuming else None
+        if self.latest is not None:
+            ts = self.checkpointer.load(self.latest, self.model, self.opts)
+            self.step, self.loader_state, self.uloader_state = ts["step"], ts["loader"], ts["uloader"]
+        if self.dist is not None:
+            self.dist.barrier()
+
+    def open_loaders(self) -> None:
+        cfg = self.cfg
+        rank, world = (self.dist.rank, self.dist.world) if self.dist is not None else (0, 1)
+        pin = self.device.type == "cuda"
+        self.loader = StreamingLoader(self.data, cfg.batch_size, cfg.seed, cfg.workers, **self.loader_state, rank=rank,
+                                      world=world, pin_memory=pin)
+        self.uloader = (StreamingLoader(self.udata, cfg.batch_size, cfg.seed + 1, cfg.workers, **self.uloader_state,
+                                        rank=rank, world=world, pin_memory=pin) if self.udata is not None else None)
+
+    def open_logs(self) -> None:
+        """Rank 0's CSV logs (cut back to the resumed step) and TensorBoard writer."""
+        if not self.main:
+            return
+        run_dir, ls = self.run_dir, self.loader_state
+        _truncate_csv(run_dir / "metrics.csv", "step", self.step)
+        _truncate_csv(run_dir / "selector_log.csv", "epoch", ls["epoch"] + (1 if ls["pos"] >= self.spe else 0))
+        self.metrics_log = CsvLog(run_dir / "metrics.csv", METRIC_FIELDS + tuple(self.model.routing_keys()))
+        self.selector_log = CsvLog(run_dir / "selector_log.csv", SELECTOR_FIELDS)
+        self.tb = _tensorboard(run_dir)
+
+    def announce(self, on_start: Callable[[dict[str, Any]], None] | None) -> None:
+        """Build the step checkpoints' metadata and tell the caller what this run will do."""
+        src = self.src
+        self.meta = build_meta(self.model_cfg, src.provenance, src.lineage, src.stages, _dtype(self.model), **_carry(src.meta))
+        if not on_start:
+            return
         params = {r: 0 for r in ("selector", "encoder", "decoder", "gating", "loss")}
-        for name, p in model.named_parameters():
+        for name, p in self.model.named_parameters():
             role = param_role(name)
-            if role in ("backbone", "router"):
-                role = "decoder" if name.startswith("mask_decoder.") else "encoder"
+            if role not in SEED004_ROLES:
+                role = "decoder" if in_decoder(name) else "encoder"
             params[role] += p.numel()
         params["total"] = sum(params.values())
-        on_start({"stage": plan, "lr": lr, "counts": counts, "params": params, "total_steps": total, "start_step": step,
-                  "epochs": epochs, "steps_per_epoch": spe, "resumed_from": str(latest) if latest else None})
+        on_start({"stage": self.plan, "lr": self.lr, "counts": self.counts, "lrs": component_lrs(self.model, self.opts),
+                  "params": params, "total_steps": self.total,
+                  "start_step": self.step, "epochs": self.epochs, "steps_per_epoch": self.spe,
+                  "resumed_from": str(self.latest) if self.latest else None})
 
-    stop: list[int] = []
-    handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
-    last_metrics: dict[str, Any] = {}
-    try:
-        model.train()
-        while step < total:
-            epoch = loader.epoch if loader.pos < loader.steps_per_epoch else loader.epoch + 1
-            alpha = continue_rampup(alpha0, epoch, t_alpha)
-            unsup_w = cfg.unsup_weight * sigmoid_rampup(epoch, t_unsup)
-            model.selector.set_alpha(alpha)
-            factor = lr_factor(step, spe, total, t_warm)
-            apply_lr(opts, factor)
-            t0 = time.perf_counter()
-            batch = to_device(loader.next(), device)
-            ubatch = to_device(uloader.next(), device) if uloader is not None else None
-            m = train_step(model, opts, batch, ubatch, unsup_w, aux_coef, cfg.skip_nonfinite, step, dist, cfg.handover_coef, amp)
-            step += 1
-            if main and not state_file.exists():  # the run has really started: from now on it resumes
-                from upscale.checkpoint import atomic_write_text
+    def loop(self, on_step: Callable[[dict[str, Any]], None] | None, on_log: Callable[[dict[str, Any]], None] | None) -> None:
+        """Train to the last step; a signal saves a step checkpoint and raises Interrupted. Closes the logs."""
+        stop: list[int] = []
+        handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.model.train()
+            while self.step < self.total:
+                t0 = time.perf_counter()
+                row = self.train_one_step()
+                self.log_step(row, on_log)
+                if on_step:
+                    on_step(dict(row, images_per_s=self.loader.global_size / max(time.perf_counter() - t0, 1e-9),
+                                 total=self.total))
+                self.checkpoint_or_stop(stop)
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            if self.metrics_log is not None:
+                self.metrics_log.close()
+                self.selector_log.close()
+            if self.tb is not None:
+                self.tb.close()
 
-                atomic_write_text(state_file, json.dumps({"identity": identity, "source_digest": src.digest, "command": cfg.command}, indent=1) + "\n")
-            sig = model.loss.log_vars.detach() if dist is None else dist.full_tensor(model.loss.log_vars.detach())
-            row = dict(m, step=step, epoch=epoch, lr=lr * factor, alpha=alpha, unsup_weight=unsup_w,
-                       sigma_seg=float(sig[0]), sigma_sdf=float(sig[1]), sigma_boundary=float(sig[2]),
-                       **model.routing_stats())
-            if metrics_log is not None:
-                metrics_log.write(row)
-            last_metrics = row
-            if tb is not None:
-                for k in METRIC_FIELDS[2:]:
-                    tb.add_scalar(f"train/{k}", row[k], step)
-                for k, v in row.items():  # new capacity engaging: new_share:<layer>, group_scale:<layer>:<g>
-                    if k.startswith(("new_share:", "group_scale:")):
-                        tb.add_scalar("routing/" + k.replace(":", "/"), v, step)
-            epoch_end = loader.pos >= loader.steps_per_epoch
-            if epoch_end and ((epoch + 1) % cfg.log_every == 0 or step >= total):
-                stats = model.selector.get_weight_stats() if dist is None else dist.selector_stats(model)
-                srow = {"epoch": epoch + 1, "alpha": alpha, "unsup_weight": unsup_w,
-                        "selector_mean": stats["mean"], "selector_std": stats["std"]}
-                if selector_log is not None:
-                    selector_log.write(srow)
-                if on_log:
-                    on_log(srow)
-            if on_step:
-                on_step(dict(row, images_per_s=loader.global_size / max(time.perf_counter() - t0, 1e-9), total=total))
-            trainer_state = {"step": step, "loader": loader.state(), "uloader": uloader.state() if uloader else {"epoch": 0, "pos": 0},
-                             "config": asdict(cfg)}
-            # processes are signalled at different moments: all stop at the first step where one was
-            stopping = dist.any(bool(stop)) if dist is not None else bool(stop)
-            if stopping:
-                path = checkpointer.save(step, model, meta, opts, trainer_state)
-                raise Interrupted(stop[0] if stop else signal.SIGTERM, path)
-            if step % cfg.checkpoint_every == 0 and step < total:
-                checkpointer.save(step, model, meta, opts, trainer_state)
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        if metrics_log is not None:
-            metrics_log.close()
-            selector_log.close()
-        if tb is not None:
-            tb.close()
+    def train_one_step(self) -> dict[str, Any]:
+        """Set the ramps and learning rate of this step, run it, and return its metrics row."""
+        cfg, model, dist, loader = self.cfg, self.model, self.dist, self.loader
+        epoch = loader.epoch if loader.pos < loader.steps_per_epoch else loader.epoch + 1
+        alpha = continue_rampup(self.alpha0, epoch, self.t_alpha)
+        unsup_w = cfg.unsup_weight * sigmoid_rampup(epoch, self.t_unsup)
+        model.selector.set_alpha(alpha)
+        factor = lr_factor(self.step, self.spe, self.total, self.t_warm)
+        apply_lr(self.opts, factor)
+        batch = to_device(loader.next(), self.device)
+        ubatch = to_device(self.uloader.next(), self.device) if self.uloader is not None else None
+        m = train_step(model, self.opts, batch, ubatch, unsup_w, self.aux_coef, cfg.skip_nonfinite, self.step, dist,
+                       cfg.handover_coef, self.amp)
+        self.step += 1
+        if self.main and not self.state_file.exists():  # the run has really started: from now on it resumes
+            from upscale.checkpoint import atomic_write_text
 
-    history = list(src.stages) + [{
-        "stage": cfg.stage, "name": plan.name, "steps": step, "epochs": epochs, "lr": lr, "batch_size": cfg.batch_size,
-        "data": cfg.data, "unlabelled": cfg.unlabelled, "last_k": cfg.last_k if cfg.stage == 2 else None,
-        "trainable_params": sum(c[0] for c in counts.values()), "final_loss": last_metrics.get("loss"),
-    }]
-    final_meta = build_meta(model_cfg, src.provenance, src.lineage + [lineage_entry(cfg.command, cfg.seed, src)], history,
-                            _dtype(model), **_carry(src.meta))
-    model.selector.set_alpha(continue_rampup(alpha0, epochs, t_alpha))
-    if dist is None:
-        return save_model(model, final_dir, final_meta, force=True)
-    state = dist.full_state_dict(model)  # collective: rank 0 gets every tensor on CPU
-    if main:
-        save_model(_StateView(state), final_dir, final_meta, force=True)
-    dist.barrier()
-    return final_dir
+            atomic_write_text(self.state_file, json.dumps({"identity": self.identity, "source_digest": self.src.digest,
+                                                           "command": cfg.command}, indent=1) + "\n")
+        sig = model.loss.log_vars.detach() if dist is None else dist.full_tensor(model.loss.log_vars.detach())
+        row = dict(m, step=self.step, epoch=epoch, lr=self.lr * factor, alpha=alpha, unsup_weight=unsup_w,
+                   sigma_seg=float(sig[0]), sigma_sdf=float(sig[1]), sigma_boundary=float(sig[2]),
+                   **model.routing_stats())
+        self.last_metrics = row
+        return row
+
+    def log_step(self, row: dict[str, Any], on_log: Callable[[dict[str, Any]], None] | None) -> None:
+        """Metrics CSV and TensorBoard every step; the selector log every `log_every` epochs and at the end."""
+        step = self.step
+        if self.metrics_log is not None:
+            self.metrics_log.write(row)
+        if self.tb is not None:
+            for k in METRIC_FIELDS[2:]:
+                self.tb.add_scalar(f"train/{k}", row[k], step)
+            for k, v in row.items():  # new capacity engaging: new_share:<layer>, group_scale:<layer>:<g>
+                if k.startswith(("new_share:", "group_scale:")):
+                    self.tb.add_scalar("routing/" + k.replace(":", "/"), v, step)
+        epoch = row["epoch"]
+        epoch_end = self.loader.pos >= self.loader.steps_per_epoch
+        if epoch_end and ((epoch + 1) % self.cfg.log_every == 0 or step >= self.total):
+            stats = self.model.selector.get_weight_stats() if self.dist is None else self.dist.selector_stats(self.model)
+            srow = {"epoch": epoch + 1, "alpha": row["alpha"], "unsup_weight": row["unsup_weight"],
+                    "selector_mean": stats["mean"], "selector_std": stats["std"]}
+            if self.selector_log is not None:
+                self.selector_log.write(srow)
+            if on_log:
+                on_log(srow)
+
+    def checkpoint_or_stop(self, stop: list[int]) -> None:
+        """Save every `checkpoint_every` steps; when a process was signalled, all save and stop at this step."""
+        trainer_state = {"step": self.step, "loader": self.loader.state(),
+                         "uloader": self.uloader.state() if self.uloader else {"epoch": 0, "pos": 0},
+                         "config": asdict(self.cfg)}
+        # processes are signalled at different moments: all stop at the first step where one was
+        stopping = self.dist.any(bool(stop)) if self.dist is not None else bool(stop)
+        if stopping:
+            path = self.checkpointer.save(self.step, self.model, self.meta, self.opts, trainer_state)
+            raise Interrupted(stop[0] if stop else signal.SIGTERM, path)
+        if self.step % self.cfg.checkpoint_every == 0 and self.step < self.total:
+            self.checkpointer.save(self.step, self.model, self.meta, self.opts, trainer_state)
+
+    def finish(self) -> Path:
+        """Write RUN/final with this stage added to the history and the selector's alpha at its end-of-run value."""
+        cfg, src, model = self.cfg, self.src, self.model
+        final_dir = self.run_dir / "final"
+        history = list(src.stages) + [{
+            "stage": cfg.stage, "name": self.plan.name, "steps": self.step, "epochs": self.epochs, "lr": self.lr,
+            "batch_size": cfg.batch_size, "data": cfg.data, "unlabelled": cfg.unlabelled,
+            "last_k": cfg.last_k if cfg.stage == 2 else None,
+            "trainable_params": sum(c[0] for c in self.counts.values()), "final_loss": self.last_metrics.get("loss"),
+        }]
+        final_meta = build_meta(self.model_cfg, src.provenance, src.lineage + [lineage_entry(cfg.command, cfg.seed, src)],
+                                history, _dtype(model), **_carry(src.meta))
+        model.selector.set_alpha(continue_rampup(self.alpha0, self.epochs, self.t_alpha))
+        if self.dist is None:
+            return save_model(model, final_dir, final_meta, force=True)
+        state = self.dist.full_state_dict(model)  # collective: rank 0 gets every tensor on CPU
+        if self.main:
+            save_model(_StateView(state), final_dir, final_meta, force=True)
+        self.dist.barrier()
+        return final_dir
 
 
 class _StateView:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from upscale.roles import SEED004_ROLES, in_decoder, param_role
+
 from .semisup import poly_factor, warmup_factor
 
 
@@ -49,14 +51,13 @@ class Optimizers:
         return {"optimizer1": self.opt1, "optimizer2": self.opt2, "optimizer3": self.opt3}
 
 
-def param_role(name: str) -> str:
-    """backbone | decoder | selector | gating | loss, by parameter name."""
-    for prefix, role in (("selector.", "selector"), ("gating.", "gating"), ("loss.", "loss")):
-        if name.startswith(prefix):
-            return role
-    if ".router." in name:
-        return "router"
-    return "decoder" if name.startswith("mask_decoder.") else "backbone"
+def param_group(name: str) -> str:
+    """The optimizer group of a parameter: its role (upscale/roles.py) for the seed-004 parts and routers,
+    else backbone or decoder by where it lives (experts train with their block)."""
+    role = param_role(name)
+    if role in SEED004_ROLES or role == "router":
+        return role
+    return "decoder" if in_decoder(name) else "backbone"
 
 
 def build_optimizers(model: nn.Module, lr: float, momentum: float = 0.9, wd: float = -5.0,
@@ -66,7 +67,7 @@ def build_optimizers(model: nn.Module, lr: float, momentum: float = 0.9, wd: flo
     roles: dict[str, list[nn.Parameter]] = {r: [] for r in ("backbone", "decoder", "selector", "router", "gating", "loss")}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            roles[param_role(name)].append(p)
+            roles[param_group(name)].append(p)
     groups = [
         {"params": roles["backbone"], "lr": lr, "name": "backbone", "base_lr": lr},
         {"params": roles["decoder"], "lr": lr, "name": "decoder", "base_lr": lr},

@@ -10,7 +10,8 @@
 
 Provenance comes from `samoe.json`; expert banks carry one entry per expert and
 are trainable when any of their experts is new (banks are per group, and a
-group is either all source or all new).
+group is either all source or all new). `plan_report` is `samoe plan`: a grown
+model's parameter counts and this memory model, before anything is written.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from upscale.checkpoint import dtype_name
 from upscale.config import SamMoEConfig
+from upscale.expand import GrowthSpec, grown_config, planned_provenance
+from upscale.model import build_model
+from upscale.roles import is_source, param_role
+from upscale.summary import summarize
 
 
 @dataclass(frozen=True)
@@ -38,20 +46,7 @@ STAGES: dict[int, StagePlan] = {
     3: StagePlan(3, "full", 1e-4, "everything"),
 }
 
-# The task-loss sigmas are loss weights, not part of the model's function: they train in
-# every stage. The selector and gating model are source parts: the growth plan freezes
-# every source parameter in stage 1, seed 004 never freezes the selector. Stage 1 follows
-# the growth plan unless asked (`selector_gating=True`); stages 2 and 3 train them.
-LOSS_WEIGHTS = ("loss.",)
-SEED004_PARTS = ("selector.", "gating.")
-
 _BLOCK_MLP = re.compile(r"^image_encoder\.blocks\.(\d+)\.mlp\.")
-
-
-def is_source(entry: Any) -> bool:
-    if isinstance(entry, list):
-        return all(is_source(e) for e in entry)
-    return entry == "source"
 
 
 def is_trainable(name: str, provenance: Any, stage: int, cfg: SamMoEConfig, last_k: int = 4,
@@ -59,9 +54,14 @@ def is_trainable(name: str, provenance: Any, stage: int, cfg: SamMoEConfig, last
     """Whether tensor `name` trains in `stage` (see the module table)."""
     if stage >= 3:
         return True
-    if name.startswith(LOSS_WEIGHTS) or ".router." in name or not is_source(provenance):
+    # The task-loss sigmas are loss weights, not part of the model's function: they train in
+    # every stage. The selector and gating model are source parts: the growth plan freezes
+    # every source parameter in stage 1, seed 004 never freezes the selector. Stage 1 follows
+    # the growth plan unless asked (`selector_gating=True`); stages 2 and 3 train them.
+    role = param_role(name)
+    if role in ("loss", "router") or not is_source(provenance):
         return True
-    if name.startswith(SEED004_PARTS):
+    if role in ("selector", "gating"):
         return stage >= 2 or selector_gating
     if stage == 2:
         m = _BLOCK_MLP.match(name)
@@ -97,3 +97,25 @@ def _numel(shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= s
     return n
+
+
+def plan_report(src_cfg: SamMoEConfig, spec: GrowthSpec, dtype: torch.dtype, last_k: int = 4) -> dict[str, Any]:
+    """`samoe plan`: grown parameter counts per component and per-stage memory, from the meta device
+    (stage 2 unfreezes the FFN/MoE of the last `last_k` ViT blocks, as `samoe train --last-k`)."""
+    cfg = grown_config(src_cfg, spec)
+    state = build_model(cfg, device="meta").state_dict()
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    provenance = planned_provenance(src_cfg, cfg, shapes)
+    esize = torch.empty((), dtype=dtype).element_size()
+    report = summarize(cfg, shapes, provenance, dtype_name(dtype), esize)
+    report["source_params"] = sum(t.numel() for t in build_model(src_cfg, device="meta").state_dict().values())
+    # gradients and optimizer state exist for trainable parameters only, never for buffers (e.g. selector alphas)
+    model = build_model(cfg, device="meta")
+    params = {k: tuple(v.shape) for k, v in model.named_parameters()}
+    buffer_bytes = sum(b.numel() for b in model.buffers()) * esize
+    report["memory_per_stage"] = stage_memory(cfg, params, provenance, esize, last_k=last_k)
+    for stage in report["memory_per_stage"].values():
+        stage["weights_bytes"] += buffer_bytes
+        stage["total_bytes"] += buffer_bytes
+    report["config"] = cfg.to_dict()
+    return report

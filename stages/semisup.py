@@ -1,21 +1,13 @@
-"""The semi-supervised regime of seed 004: multi-scale task selector, gating, task loss, ramps.
+"""The semi-supervised regime of seed 004: task losses, ramps, pseudo targets.
 
 Semi-MoE's three task branches (segmentation, SDF, boundary) become three views
 of one shared encoder/decoder. A `MultiScaleTaskSelector` modulates the shared
 decoder features per task at 5 scales; each task head reads its own modulated
 features; a `GatingModel` fuses the three task features per image into the
 outputs that become pseudo-labels of unlabelled images; a `MultiTaskLoss` with a
-learnable sigma per task weighs the three losses.
-
-The 5 scales. SAM's ViT has a single 1/16 resolution, so the scales are built
-explicitly as a parameter-free pyramid of the decoder's upscaled features F
-(resolution 4h for an h x h ViT grid): F average-pooled to 4h, 2h, h, h/2, h/4,
-i.e. x4, x2, x1, x1/2, x1/4 of the ViT grid (the ViTDet simple-pyramid scales).
-Each of the 3 x 5 `TaskDWSelector`s (a depthwise 3x3 conv) turns its scale into
-a sigmoid weight map w and returns the seed's `x * (1 + alpha * w)`; the task
-feature is F plus every scale's modulation upsampled back:
-    T_task = F + sum_s up(P_s * (1 + alpha * w_s) - P_s)
-so with alpha = 0 (the start of the ramp) every head sees exactly F.
+learnable sigma per task weighs the three losses. Those three are model parts
+(upscale/heads.py, where the 5 scales are explained); this module holds the
+training maths around them.
 
 Known flaws of the original code that are avoided here: SDF prediction and
 target must have identical shapes (checked, no broadcasting); targets are defined
@@ -30,10 +22,8 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-TASKS = ("seg", "sdf", "boundary")
-NUM_SCALES = 5
 IGNORE_INDEX = 255
 
 
@@ -44,150 +34,6 @@ def sigmoid_rampup(current: float, rampup_length: float) -> float:
     current = float(np.clip(current, 0.0, rampup_length))
     phase = 1.0 - current / rampup_length
     return float(np.exp(-5.0 * phase * phase))
-
-
-def _stats(w: Tensor | None) -> dict[str, float]:
-    if w is None:
-        return {"mean": 0.0, "std": 0.0, "min": 0.0, "max": 0.0}
-    w = w.float()
-    return {"mean": float(w.mean()), "std": float(w.std()) if w.numel() > 1 else 0.0,
-            "min": float(w.min()), "max": float(w.max())}
-
-
-class TaskDWSelector(nn.Module):
-    """One task at one scale: depthwise conv -> sigmoid weight map; x * (1 + alpha * w).
-
-    Arguments:
-        channels (int): feature channels (depthwise: one 3x3 filter each).
-    `alpha` is a buffer so the ramp's current value travels with checkpoints.
-    """
-
-    def __init__(self, channels: int, kernel_size: int = 3) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
-        self.register_buffer("alpha", torch.zeros(()))
-        self.last_weight: Tensor | None = None
-
-    def set_alpha(self, alpha: float) -> None:
-        self.alpha.fill_(alpha)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) -> (B, C, H, W)."""
-        w = torch.sigmoid(self.conv(x))
-        self.last_weight = w.detach()
-        return x * (1 + self.alpha.to(x.dtype) * w)
-
-    def get_weight_stats(self) -> dict[str, float]:
-        """mean/std/min/max of the weight map of the last forward."""
-        return _stats(self.last_weight)
-
-
-class MultiScaleTaskSelector(nn.Module):
-    """3 tasks x 5 scales of `TaskDWSelector` over a pyramid of the shared features.
-
-    Arguments:
-        channels (int): channels of the decoder's upscaled features.
-    """
-
-    def __init__(self, channels: int, tasks: tuple[str, ...] = TASKS, num_scales: int = NUM_SCALES) -> None:
-        super().__init__()
-        self.tasks = tasks
-        self.num_scales = num_scales
-        self.selectors = nn.ModuleDict(
-            {self.key(t, s): TaskDWSelector(channels) for t in tasks for s in range(num_scales)}
-        )
-
-    @staticmethod
-    def key(task: str, scale: int) -> str:
-        return f"{task}_scale{scale + 1}"
-
-    def set_alpha(self, alpha: float) -> None:
-        for sel in self.selectors.values():
-            sel.set_alpha(alpha)
-
-    @property
-    def alpha(self) -> float:
-        return float(next(iter(self.selectors.values())).alpha)
-
-    def pyramid(self, x: Tensor) -> list[Tensor]:
-        h, w = x.shape[-2:]
-        return [x] + [F.adaptive_avg_pool2d(x, (max(1, h >> s), max(1, w >> s))) for s in range(1, self.num_scales)]
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """(B, C, H, W) shared features -> {task: (B, C, H, W)} task features."""
-        levels = self.pyramid(x)
-        out = {}
-        for task in self.tasks:
-            feat = x
-            for s, p in enumerate(levels):
-                delta = self.selectors[self.key(task, s)](p) - p
-                feat = feat + (delta if s == 0 else F.interpolate(delta, x.shape[-2:], mode="bilinear", align_corners=False))
-            out[task] = feat
-        return out
-
-    def get_all_weight_stats(self) -> dict[str, dict[str, float]]:
-        """{task_scaleK: {mean, std, min, max}} for all tasks x scales (last forward)."""
-        return {k: sel.get_weight_stats() for k, sel in self.selectors.items()}
-
-    def get_weight_stats(self) -> dict[str, float]:
-        """Pooled stats over all 15 weight maps of the last forward (what the 5-epoch log prints)."""
-        maps = [s.last_weight.flatten() for s in self.selectors.values() if s.last_weight is not None]
-        return _stats(torch.cat(maps) if maps else None)
-
-
-class GatingModel(nn.Module):
-    """Semi-MoE's gate: per image and per task, softmax weights over the three task branches.
-
-    The three task feature maps are concatenated and average-pooled; an MLP
-    predicts, for each output task, one weight per branch (per image, not per
-    pixel); the mixed feature goes through a 1x1 head (seg C, sdf C, boundary 1).
-
-    Arguments:
-        channels (int): task feature channels.
-        num_classes (int): segmentation classes C.
-        hidden (int): MLP width.
-    """
-
-    def __init__(self, channels: int, num_classes: int, hidden: int = 64) -> None:
-        super().__init__()
-        n = len(TASKS)
-        self.mlp = nn.Sequential(nn.Linear(n * channels, hidden), nn.ReLU(), nn.Linear(hidden, n * n))
-        outs = {"seg": num_classes, "sdf": num_classes, "boundary": 1}
-        self.heads = nn.ModuleDict({t: nn.Conv2d(channels, outs[t], 1) for t in TASKS})
-        self.last_weights: Tensor | None = None
-
-    def forward(self, feats: dict[str, Tensor]) -> dict[str, Tensor]:
-        """{task: (B, C, H, W)} -> {task: (B, out_t, H, W)} fused outputs."""
-        stacked = torch.stack([feats[t] for t in TASKS], dim=1)  # (B, branches, C, H, W)
-        b = stacked.shape[0]
-        weights = self.mlp(stacked.mean(dim=(3, 4)).flatten(1)).view(b, len(TASKS), len(TASKS)).softmax(-1)
-        self.last_weights = weights.detach()
-        out = {}
-        for i, task in enumerate(TASKS):
-            mixed = (weights[:, i, :, None, None, None] * stacked).sum(dim=1)
-            out[task] = self.heads[task](mixed)
-        return out
-
-
-class MultiTaskLoss(nn.Module):
-    """Uncertainty weighting as in Semi-MoE: sum_t c_t * exp(-s_t) * L_t + 0.4 * exp(s_t).
-
-    `s_t` (one per task, init 1.0) is learnable and trained by its own Adam
-    (optimizer2, lr 0.05). c = (1, 0.5, 1) for (seg, sdf, boundary).
-    """
-
-    def __init__(self, coefficients: tuple[float, ...] = (1.0, 0.5, 1.0), init: float = 1.0, reg: float = 0.4) -> None:
-        super().__init__()
-        self.log_vars = nn.Parameter(torch.full((len(TASKS),), float(init)))
-        self.register_buffer("coefficients", torch.tensor(coefficients, dtype=torch.float32))
-        self.reg = reg
-
-    def forward(self, losses: dict[str, Tensor]) -> Tensor:
-        s = self.log_vars
-        total = s.new_zeros(())
-        for i, task in enumerate(TASKS):
-            total = total + self.coefficients[i] * torch.exp(-s[i]) * losses[task] + self.reg * torch.exp(s[i])
-        return total
 
 
 # --------------------------------------------------------------------------- per-task losses

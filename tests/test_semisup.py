@@ -1,4 +1,4 @@
-"""Tests for stages/semisup.py, stages/optim.py and the two-phase step of stages/engine.py (seed 004).
+"""Tests for upscale/heads.py, stages/semisup.py, stages/optim.py and the two-phase step of stages/engine.py (seed 004).
 
 Oracles: values worked by hand from the formulas of seed 004 (sigmoid ramp-up,
 uncertainty-weighted multi-task loss, selector modulation, soft Dice), reference
@@ -22,20 +22,12 @@ from torch.utils.data import default_collate
 from stages.data import LabelledFolder, UnlabelledFolder, make_demo_data
 from stages.engine import apply_stage, train_step
 from stages.optim import apply_lr, build_optimizers, lr_factor
-from stages.semisup import (
-    TASKS,
-    GatingModel,
-    MultiScaleTaskSelector,
-    MultiTaskLoss,
-    TaskDWSelector,
-    pseudo_targets,
-    sigmoid_rampup,
-    task_losses,
-)
+from stages.semisup import pseudo_targets, sigmoid_rampup, task_losses
 from upscale.checkpoint import Checkpoint, load_model
 from upscale.config import PRESETS
 from upscale.create import init_from_preset
 from upscale.expand import GrowthSpec, expand_checkpoint, resolve_groups
+from upscale.heads import TASKS, GatingModel, MultiScaleTaskSelector, MultiTaskLoss, TaskDWSelector
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = PRESETS["tiny"]
@@ -633,3 +625,41 @@ def test_no_retain_graph_anywhere():
         code_only = [ln.split("#")[0] for ln in f.read_text().splitlines()]
         assert not any("retain_graph=" in ln.replace(" ", "") for ln in code_only), f
     assert not offenders, offenders
+
+
+def test_model_package_does_not_import_training_package():
+    """upscale/ (the model and its growth) never imports stages/ (training): the dependency points one way."""
+    offenders = []
+    for f in sorted((REPO / "upscale").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            offenders += [f"{f.name}:{node.lineno}" for n in names if n == "stages" or n.startswith("stages.")]
+    assert not offenders, offenders
+
+
+def test_lr_table_comes_from_the_optimizer_groups():
+    """The CLI's learning-rate table reads the optimizers: an extra block's routers show the router lr, its MLP the base lr."""
+    from stages.engine import component_lrs
+    from upscale.expand import grown_config
+    from upscale.model import build_model
+
+    cfg = grown_config(TINY, GrowthSpec(experts=8, groups=resolve_groups(4, 8, "2", 1), extra_blocks=1))
+    model = build_model(cfg)
+    lrs = component_lrs(model, build_optimizers(model, 0.01, router_lr_mult=10.0))
+    assert lrs["extra_blocks"] == pytest.approx([0.01, 0.1])
+    assert lrs["routers"] == pytest.approx([0.1]) and lrs["selector"] == pytest.approx([0.05])
+    assert lrs["loss"] == pytest.approx([0.05]) and lrs["encoder"] == pytest.approx([0.01])
+
+
+def test_param_roles():
+    from upscale.roles import param_role
+
+    assert param_role("image_encoder.blocks.5.mlp.router.group_gate.weight") == "router"
+    assert param_role("mask_decoder.transformer.layers.0.mlp.experts.0.w1") == "expert"
+    assert param_role("mask_decoder.mask_tokens.weight") == "head"
+    assert param_role("selector.selectors.seg_scale1.conv.weight") == "selector"
+    assert param_role("gating.mlp.0.weight") == "gating" and param_role("loss.log_vars") == "loss"
+    assert param_role("image_encoder.patch_embed.proj.weight") == "encoder"
+    assert param_role("mask_decoder.transformer.final_attn_token_to_image.q_proj.weight") == "decoder"

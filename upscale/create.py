@@ -24,6 +24,7 @@ from .checkpoint import build_meta, lineage_entry, save_model
 from .config import SAM_VITS, MoEConfig, SamMoEConfig
 from .errors import SamoeError
 from .model import build_model
+from .roles import SEED004_ROLES, param_role
 
 _EXPERT = re.compile(r"(?P<prefix>.*\.mlp)\.experts\.(?P<group>\d+)\.(?P<param>w1|b1|w2|b2)$")
 _DENSE = {"w1": "lin1.weight", "b1": "lin1.bias", "w2": "lin2.weight", "b2": "lin2.bias"}
@@ -91,8 +92,7 @@ def sam_config(state: dict[str, torch.Tensor], experts: int, moe_blocks: tuple[i
 
 def _expected_from_sam(name: str) -> bool:
     """Tensors every SAM checkpoint provides (the rest are new: routers, task tokens, heads, seed-004 parts)."""
-    if ".router." in name or name.startswith(("selector.", "gating.", "loss.", "mask_decoder.mask_tokens",
-                                              "mask_decoder.output_hypernetworks_mlps")):
+    if param_role(name) in (*SEED004_ROLES, "router", "head"):
         return False
     return name.startswith(("image_encoder.", "mask_decoder."))
 
@@ -110,7 +110,7 @@ def upcycle_state(model_state: dict[str, torch.Tensor], sam: dict[str, torch.Ten
                 provenance[name] = f"upcycle:{src_key}"
         else:
             src_key = _DECODER_MOVES.get(name, name)
-            if src_key in sam and ".router." not in name and not name.startswith(("mask_decoder.mask_tokens", "mask_decoder.output_hypernetworks_mlps")):
+            if src_key in sam and param_role(name) not in ("router", "head"):
                 value = sam[src_key]
                 provenance[name] = f"sam:{src_key}"
         if value is None:

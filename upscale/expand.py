@@ -43,7 +43,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, CheckpointWriter, TensorSpec, build_meta, dtype_name, lineage_entry
+from .checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, CheckpointWriter, TensorSpec, build_meta, lineage_entry
 from .config import MoEConfig, SamMoEConfig
 from .errors import SamoeError
 from .model import build_model
@@ -651,32 +651,7 @@ def expand_checkpoint(
     return execute(src, plans, out, meta, dtype, workers=workers, shard_bytes=shard_bytes, force=force, on_tensor=on_tensor)
 
 
-def plan_report(src_cfg: SamMoEConfig, spec: GrowthSpec, dtype: torch.dtype, last_k: int = 4) -> dict[str, Any]:
-    """`samoe plan`: grown parameter counts per component and per-stage memory, from the meta device
-    (stage 2 unfreezes the FFN/MoE of the last `last_k` ViT blocks, as `samoe train --last-k`)."""
-    from stages.plan import stage_memory  # training memory model lives with the stage plans
-    from .summary import summarize
-
-    cfg = grown_config(src_cfg, spec)
-    state = build_model(cfg, device="meta").state_dict()
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    provenance = _planned_provenance(src_cfg, cfg, shapes)
-    esize = torch.empty((), dtype=dtype).element_size()
-    report = summarize(cfg, shapes, provenance, dtype_name(dtype), esize)
-    report["source_params"] = sum(t.numel() for t in build_model(src_cfg, device="meta").state_dict().values())
-    # gradients and optimizer state exist for trainable parameters only, never for buffers (e.g. selector alphas)
-    model = build_model(cfg, device="meta")
-    params = {k: tuple(v.shape) for k, v in model.named_parameters()}
-    buffer_bytes = sum(b.numel() for b in model.buffers()) * esize
-    report["memory_per_stage"] = stage_memory(cfg, params, provenance, esize, last_k=last_k)
-    for stage in report["memory_per_stage"].values():
-        stage["weights_bytes"] += buffer_bytes
-        stage["total_bytes"] += buffer_bytes
-    report["config"] = cfg.to_dict()
-    return report
-
-
-def _planned_provenance(src_cfg: SamMoEConfig, cfg: SamMoEConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+def planned_provenance(src_cfg: SamMoEConfig, cfg: SamMoEConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     """Coarse provenance for planning: source vs new, per tensor (expert banks per expert)."""
     prov: dict[str, Any] = {}
     for name, shape in shapes.items():

@@ -17,7 +17,7 @@ Outputs (`SamMoE.forward`), at input resolution:
 Each output channel has its own learned token and hypernetwork MLP, as SAM's
 mask tokens do, so the decoder's MoE layers (which act on tokens) shape every
 head. Each head reads its task's features from the multi-scale task selector
-(seed 004, see stages/semisup.py); the gating model fuses the three task
+(seed 004, see upscale/heads.py); the gating model fuses the three task
 features into the outputs used as pseudo-labels. The selector, gating model and
 multi-task loss weights live in the model so that checkpoints carry them.
 """
@@ -37,9 +37,8 @@ from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import Tensor, nn
 
-from stages.semisup import GatingModel, MultiScaleTaskSelector, MultiTaskLoss
-
 from .config import SamMoEConfig
+from .heads import GatingModel, MultiScaleTaskSelector, MultiTaskLoss
 from .moe import MoEMLP
 
 

@@ -12,6 +12,7 @@ from typing import Any, Iterable
 
 from .checkpoint import Checkpoint, digest_of
 from .config import SamMoEConfig
+from .roles import param_role
 
 COMPONENTS = ("encoder", "moe_experts", "routers", "extra_blocks", "decoder", "heads", "selector", "gating", "loss")
 _BLOCK = re.compile(r"^image_encoder\.blocks\.(\d+)\.")
@@ -22,20 +23,8 @@ def component_of(name: str, cfg: SamMoEConfig) -> str:
     m = _BLOCK.match(name)
     if m and int(m.group(1)) >= cfg.depth:
         return "extra_blocks"
-    if ".router." in name:
-        return "routers"
-    if ".mlp.experts." in name:
-        return "moe_experts"
-    if name.startswith("image_encoder."):
-        return "encoder"
-    if name.startswith(("mask_decoder.mask_tokens", "mask_decoder.output_hypernetworks_mlps")):
-        return "heads"
-    if name.startswith("mask_decoder."):
-        return "decoder"
-    for prefix in ("selector", "gating", "loss"):
-        if name.startswith(prefix + "."):
-            return prefix
-    return "other"
+    role = param_role(name)
+    return {"router": "routers", "expert": "moe_experts", "head": "heads"}.get(role, role)
 
 
 def provenance_kind(entry: str) -> str:

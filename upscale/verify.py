@@ -4,30 +4,13 @@ Growth with `--noise-std 0` and copy init must preserve the function (new
 groups are gated by zero-initialised scales, new blocks start as the identity),
 so `samoe expand --verify DATA` reports, per head, the relative deviation
 ||grown - source||_F / ||source||_F over a few images, and the worst
-max|grown - source| / max|source|.
+max|grown - source| / max|source|. The images come in as a tensor (the CLI
+reads them with `stages.data.load_images`): the model package reads no data folders.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-
-from .errors import SamoeError
-
-
-def load_images(folder: Path, size: int, limit: int) -> torch.Tensor:
-    """Up to `limit` images of a samoe data folder (DIR/images/*), as a (B, 3, size, size) batch."""
-    from stages.data import DataError, UnlabelledFolder
-
-    if not (folder / "images").is_dir():
-        raise SamoeError(f"{folder} has no images/ folder: pass a data folder such as data/A (see `samoe demo-data`)")
-    try:
-        data = UnlabelledFolder(folder, size=size)
-    except DataError as e:
-        raise SamoeError(str(e)) from None
-    n = min(limit, len(data))
-    return torch.stack([data[i]["image"] for i in range(n)])
 
 
 @torch.no_grad()
