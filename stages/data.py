@@ -731,16 +731,9 @@ class PseudoLabelFolder(LabelledFolder):
     resized nearest so each pixel keeps its own label's confidence.
     """
 
-    def __init__(
-        self,
-        root: str | Path,
-        num_classes: int,
-        size: int | Sequence[int] | None = None,
-        ignore_index: int = IGNORE_INDEX,
-        boundary_radius: int = 2,
-    ) -> None:
+    def __init__(self, root: str | Path, num_classes: int, **options: Any) -> None:
         self._kept = self._total = 0.0
-        super().__init__(root, num_classes, size, ignore_index, boundary_radius)
+        super().__init__(root, num_classes, **options)
         conf_dir = self._confidence_dir()  # also for a folder without images
         self.items = [_Item(it.name, it.image, it.mask, conf_dir / f"{it.name}.tif") for it in self.items]
         # Share of the pixels' loss weight that survives (ignored pixels weigh 0, others their confidence).

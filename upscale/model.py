@@ -42,40 +42,29 @@ from .heads import GatingModel, MultiScaleTaskSelector, MultiTaskLoss
 from .moe import MoEMLP
 
 
+def _sam_vit_args(cfg: SamMoEConfig) -> dict:
+    """The block arguments segment-anything's `_build_sam` gives both the ViT and each of its blocks."""
+    return dict(num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True,
+                norm_layer=partial(nn.LayerNorm, eps=1e-6), act_layer=nn.GELU, use_rel_pos=True, rel_pos_zero_init=True)
+
+
 def _vit_block(cfg: SamMoEConfig, window_size: int) -> Block:
     """A block configured exactly like segment-anything's `_build_sam` does."""
     grid = cfg.img_size // cfg.patch_size
-    return Block(
-        dim=cfg.embed_dim,
-        num_heads=cfg.num_heads,
-        mlp_ratio=cfg.mlp_ratio,
-        qkv_bias=True,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        act_layer=nn.GELU,
-        use_rel_pos=True,
-        rel_pos_zero_init=True,
-        window_size=window_size,
-        input_size=(grid, grid),
-    )
+    return Block(dim=cfg.embed_dim, **_sam_vit_args(cfg), window_size=window_size, input_size=(grid, grid))
 
 
 def build_image_encoder(cfg: SamMoEConfig) -> ImageEncoderViT:
     """SAM's ViT with MoE MLPs in `cfg.moe_blocks` and `cfg.extra_blocks` global-attention blocks appended."""
     encoder = ImageEncoderViT(
+        **_sam_vit_args(cfg),
         img_size=cfg.img_size,
         patch_size=cfg.patch_size,
         in_chans=cfg.in_chans,
         embed_dim=cfg.embed_dim,
         depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        mlp_ratio=cfg.mlp_ratio,
         out_chans=cfg.out_chans,
-        qkv_bias=True,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        act_layer=nn.GELU,
         use_abs_pos=True,
-        use_rel_pos=True,
-        rel_pos_zero_init=True,
         window_size=cfg.window_size,
         global_attn_indexes=cfg.global_attn_indexes,
     )
