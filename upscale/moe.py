@@ -225,6 +225,16 @@ def static_dispatch(x: Tensor) -> bool:
     return x.device.type == "cuda"
 
 
+def _top_mixture(mix: Tensor, g_i: Tensor, routed: int) -> tuple[Tensor, Tensor]:
+    """Pool sums and Switch balance loss of the top level: (core, routed groups) as one mixture per token.
+
+    Balanced like experts but kept apart from aux_loss: it has its own coefficient (the hand-over pressure).
+    """
+    top = torch.cat([1 - mix.sum(-1, keepdim=True), mix.new_zeros(mix.shape[0], routed).scatter_add(1, g_i, mix)], dim=-1)
+    top_chosen = top.argmax(dim=-1, keepdim=True)
+    return _pool_sums(top, top_chosen, routed + 1), _balance_loss(top, top_chosen, routed + 1)
+
+
 def _entropy(probs: Tensor) -> Tensor:
     return -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean() if probs.shape[0] else probs.new_zeros(())
 
@@ -252,14 +262,13 @@ class HierarchicalRouter(nn.Module):
 
     def forward(self, x: Tensor) -> Routing:
         """x: (N, D) -> Routing over the N tokens."""
+        if static_dispatch(x):
+            return self._forward_static(x)
         cfg = self.cfg
         n = x.shape[0]
         tokens, experts, weights, aux, entropy = [], [], [], [], []
         mix = x.new_zeros(n, 0, dtype=torch.float32)
         handover = x.new_zeros((), dtype=torch.float32)
-
-        if static_dispatch(x):
-            return self._forward_static(x)
         sums: list[Tensor] = []
 
         def balance(probs: Tensor, chosen: Tensor, num: int) -> None:
@@ -284,12 +293,8 @@ class HierarchicalRouter(nn.Module):
             balance(g_probs, g_i, routed)
             entropy.append(_entropy(g_probs))
             if cfg.core_groups:
-                # Top level: (core, routed groups) as one mixture per token, balanced like experts
-                # but kept apart from aux_loss: it has its own coefficient (the hand-over pressure).
-                top = torch.cat([1 - mix.sum(-1, keepdim=True), mix.new_zeros(n, routed).scatter_add(1, g_i, mix)], dim=-1)
-                top_chosen = top.argmax(dim=-1, keepdim=True)
-                sums.append(_pool_sums(top, top_chosen, routed + 1))
-                handover = _balance_loss(top, top_chosen, routed + 1)
+                top_sums, handover = _top_mixture(mix, g_i, routed)
+                sums.append(top_sums)
             for r in range(routed):
                 g = cfg.core_groups + r
                 tok, slot = (g_i == r).nonzero(as_tuple=True)
@@ -360,10 +365,8 @@ class HierarchicalRouter(nn.Module):
             sums.append(_pool_sums(g_probs, g_i, routed))
             entropy.append(_entropy(g_probs))
             if c:
-                top = torch.cat([1 - mix.sum(-1, keepdim=True), mix.new_zeros(n, routed).scatter_add(1, g_i, mix)], dim=-1)
-                top_chosen = top.argmax(dim=-1, keepdim=True)
-                sums.append(_pool_sums(top, top_chosen, routed + 1))
-                handover = _balance_loss(top, top_chosen, routed + 1)
+                top_sums, handover = _top_mixture(mix, g_i, routed)
+                sums.append(top_sums)
             sizes = cfg.groups[c:]
             emax = max(sizes)
             col, pad, starts, num = self._static_index(x.device)
