@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -231,13 +233,8 @@ def _show_summary(ckpt: Any, as_json: bool, verify: bool = False) -> None:
             _fail(report["verify"]["message"], 2)
         return
     console.print(f"[bold]{report['path']}[/]  {report['digest'][:19]}…  dtype {report['dtype']}")
-    t = Table(title="parameters")
-    t.add_column("component")
-    t.add_column("params", justify="right")
-    for comp, n in report["params_by_component"].items():
-        t.add_row(comp, f"{n:,}")
-    t.add_row("[bold]total[/]", f"[bold]{report['total_params']:,}[/] ({report['total_params'] / 1e9:.3f}B)")
-    console.print(t)
+    console.print(_params_table("parameters", report["params_by_component"],
+                                f"[bold]{report['total_params']:,}[/] ({report['total_params'] / 1e9:.3f}B)"))
     p = Table(title="provenance")
     p.add_column("kind")
     p.add_column("params", justify="right")
@@ -321,36 +318,77 @@ def demo_data(
         console.print(f"demo data in {out}: {json.dumps(summary, default=str)}", soft_wrap=True)
 
 
-def _growth_spec(source_cfg: Any, experts: int, groups: str, core_groups: int, top_k_groups: int, extra_blocks: int,
-                 extra_dense: bool, init: str, noise_std: float, interp_weight: float, seed: int) -> Any:
+def _params_table(title: str, by_component: dict[str, int], total: str) -> Table:
+    """Parameters per component and their total (inspect-checkpoint and plan)."""
+    t = Table(title=title)
+    t.add_column("component")
+    t.add_column("params", justify="right")
+    for comp, n in by_component.items():
+        t.add_row(comp, f"{n:,}")
+    t.add_row("[bold]total[/]", total)
+    return t
+
+
+def _growth_spec(source_cfg: Any, g: _Growth, init: str, noise_std: float, interp_weight: float, seed: int) -> Any:
     from upscale.expand import GrowthSpec, resolve_groups
 
-    sizes = resolve_groups(source_cfg.moe.num_experts, experts, groups, core_groups)
-    return GrowthSpec(experts=experts, groups=sizes, core_groups=core_groups, top_k_groups=top_k_groups,
-                      extra_blocks=extra_blocks, extra_dense=extra_dense, init=init, noise_std=noise_std,
+    sizes = resolve_groups(source_cfg.moe.num_experts, g.experts, g.groups, g.core_groups)
+    return GrowthSpec(experts=g.experts, groups=sizes, core_groups=g.core_groups, top_k_groups=g.top_k_groups,
+                      extra_blocks=g.extra_blocks, extra_dense=g.extra_dense, init=init, noise_std=noise_std,
                       interp_weight=interp_weight, seed=seed)
 
 
-_GROWTH_HELP = {
-    "experts": "Experts per MoE layer after growth (e.g. 117).",
-    "groups": "Number of groups (e.g. 8) or explicit sizes, core group(s) first (e.g. 16,15,15,15,14,14,14,14).",
-    "core_groups": "Groups holding the source experts (1 or 2); always active.",
-    "top_k_groups": "New groups chosen per token by the group router.",
-    "extra_blocks": "Blocks appended after the last ViT block (start as the identity).",
+@dataclass(frozen=True)
+class _Growth:
+    """The grown layout's options, which `plan` and `expand` share (declared once, in `_GROWTH_OPTIONS`)."""
+
+    experts: int
+    groups: str
+    core_groups: int
+    top_k_groups: int
+    extra_blocks: int
+    extra_dense: bool
+
+
+_GROWTH_OPTIONS = {
+    "experts": (int, typer.Option(..., "--experts", min=1, help="Experts per MoE layer after growth (e.g. 117).")),
+    "groups": (str, typer.Option("8", "--groups", help="Number of groups (e.g. 8) or explicit sizes, core group(s) first "
+                                                       "(e.g. 16,15,15,15,14,14,14,14).")),
+    "core_groups": (int, typer.Option(1, "--core-groups", min=1, help="Groups holding the source experts (1 or 2); always active.")),
+    "top_k_groups": (int, typer.Option(1, "--top-k-groups", min=1, help="New groups chosen per token by the group router.")),
+    "extra_blocks": (int, typer.Option(0, "--extra-blocks", min=0, help="Blocks appended after the last ViT block (start as the identity).")),
+    "extra_dense": (bool, typer.Option(False, "--extra-dense", help="Extra blocks get a dense MLP instead of MoE.")),
 }
+
+
+def _growth_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a command the growth options where its `growth: _Growth` parameter stands; it receives them as one
+    `_Growth`. typer reads a command's options from its signature, so the wrapper shows typer the expanded one."""
+    sig = inspect.signature(fn)
+    params: list[inspect.Parameter] = []
+    for p in sig.parameters.values():
+        if p.name != "growth":
+            params.append(p)
+            continue
+        params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option, annotation=kind)
+                   for name, (kind, option) in _GROWTH_OPTIONS.items()]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        growth = _Growth(**{name: kwargs.pop(name) for name in _GROWTH_OPTIONS})
+        return fn(*args, growth=growth, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    return wrapper
 
 
 @app.command()
 @handles_errors
+@_growth_options
 def plan(
     source: Optional[Path] = typer.Argument(None, help="Source checkpoint (or use --preset)."),
     preset: Optional[str] = typer.Option(None, "--preset", help="Plan from a preset instead of a checkpoint."),
-    experts: int = typer.Option(..., "--experts", min=1, help=_GROWTH_HELP["experts"]),
-    groups: str = typer.Option("8", "--groups", help=_GROWTH_HELP["groups"]),
-    core_groups: int = typer.Option(1, "--core-groups", min=1, help=_GROWTH_HELP["core_groups"]),
-    top_k_groups: int = typer.Option(1, "--top-k-groups", min=1, help=_GROWTH_HELP["top_k_groups"]),
-    extra_blocks: int = typer.Option(0, "--extra-blocks", min=0, help=_GROWTH_HELP["extra_blocks"]),
-    extra_dense: bool = typer.Option(False, "--extra-dense", help="Extra blocks get a dense MLP instead of MoE."),
+    growth: _Growth = None,  # type: ignore[assignment]  # the shared growth options (_growth_options)
     dtype: str = typer.Option("bfloat16", "--dtype", help="Training dtype for the memory estimate."),
     last_k: int = typer.Option(4, "--last-k", min=0, help="Stage 2 unfreezes the FFN/MoE of the last K ViT blocks."),
     as_json: bool = typer.Option(False, "--json"),
@@ -364,18 +402,13 @@ def plan(
     if (source is None) == (preset is None):
         raise SamoeError("give exactly one of a SOURCE checkpoint or --preset NAME")
     src_cfg = get_preset(preset) if preset else Checkpoint.open(source).config
-    spec = _growth_spec(src_cfg, experts, groups, core_groups, top_k_groups, extra_blocks, extra_dense, "copy-noise", 0.0, 0.3, 0)
+    spec = _growth_spec(src_cfg, growth, "copy-noise", 0.0, 0.3, 0)
     report = plan_report(src_cfg, spec, parse_dtype(dtype), last_k=last_k)
     if as_json:
         _print_json(report)
         return
-    t = Table(title=f"grown model: {report['total_params'] / 1e9:.3f}B parameters (source {report['source_params'] / 1e9:.3f}B)")
-    t.add_column("component")
-    t.add_column("params", justify="right")
-    for comp, n in report["params_by_component"].items():
-        t.add_row(comp, f"{n:,}")
-    t.add_row("[bold]total[/]", f"[bold]{report['total_params']:,}[/]")
-    console.print(t)
+    title = f"grown model: {report['total_params'] / 1e9:.3f}B parameters (source {report['source_params'] / 1e9:.3f}B)"
+    console.print(_params_table(title, report["params_by_component"], f"[bold]{report['total_params']:,}[/]"))
     groups_ = next(iter(report["groups"].values()))
     console.print(f"{report['num_moe_layers']} MoE layers, groups {groups_}, {report['num_blocks']} encoder blocks")
     m = Table(title=f"memory per stage ({dtype} weights/grads, SGD momentum; activations not included)")
@@ -388,15 +421,11 @@ def plan(
 
 @app.command()
 @handles_errors
+@_growth_options
 def expand(
     source: Path = typer.Argument(..., help="Source (flat MoE) checkpoint."),
     out: Path = typer.Option(..., "--out", help="Grown checkpoint directory to create."),
-    experts: int = typer.Option(..., "--experts", min=1, help=_GROWTH_HELP["experts"]),
-    groups: str = typer.Option("8", "--groups", help=_GROWTH_HELP["groups"]),
-    core_groups: int = typer.Option(1, "--core-groups", min=1, help=_GROWTH_HELP["core_groups"]),
-    top_k_groups: int = typer.Option(1, "--top-k-groups", min=1, help=_GROWTH_HELP["top_k_groups"]),
-    extra_blocks: int = typer.Option(0, "--extra-blocks", min=0, help=_GROWTH_HELP["extra_blocks"]),
-    extra_dense: bool = typer.Option(False, "--extra-dense", help="Extra blocks get a dense MLP instead of MoE."),
+    growth: _Growth = None,  # type: ignore[assignment]  # the shared growth options (_growth_options)
     init: str = typer.Option("copy-noise", "--init", help="copy-noise | interpolate | mixed"),
     noise_std: float = typer.Option(0.01, "--noise-std", min=0, callback=_finite, help="Noise std relative to each tensor's own std (copy-noise)."),
     interp_weight: float = typer.Option(0.3, "--interp-weight", min=0, max=1, callback=_finite, help="W in W*A + (1-W)*B (interpolate)."),
@@ -427,7 +456,7 @@ def expand(
         verify_device = resolve_device(device)
         check_separate(out, "--out", {"--verify": verify})
         images = load_images(verify, src.config.img_size, verify_images)
-    spec = _growth_spec(src.config, experts, groups, core_groups, top_k_groups, extra_blocks, extra_dense, init, noise_std, interp_weight, seed)
+    spec = _growth_spec(src.config, growth, init, noise_std, interp_weight, seed)
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=console, transient=as_json) as progress, _one_job(out):
         task = progress.add_task("expanding", total=None)

@@ -65,35 +65,42 @@ SELECTOR_FIELDS = ("epoch", "alpha", "unsup_weight", "selector_mean", "selector_
 class TrainConfig:
     """Everything that defines a training run (saved in trainer_state.json)."""
 
+    # what to train, on what
     stage: int
     source: str
     run_dir: str
     data: str
     unlabelled: str | None = None
+    # how long: --epochs (default: the seed's 200-epoch timeline) or --max-steps
     epochs: int | None = None
     max_steps: int | None = None
     batch_size: int = 4
-    lr: float | None = None
-    last_k: int = 4
     seed: int = 0
-    checkpoint_every: int = 50
-    keep: int = 2
+    # optimizers (stages/optim.py): base lr per stage when None; weight_decay = 5 * 10**wd
+    lr: float | None = None
     momentum: float = 0.9
     wd: float = -5.0
-    unsup_weight: float = 1.0
+    router_lr_mult: float = 10.0
+    last_k: int = 4  # stage 2 unfreezes the FFN/MoE of the last K ViT blocks
+    selector_gating: bool = False  # stage 1 also trains the source's selector and gating (seed 004)
+    # seed 004's schedules, in epochs of a `timeline`-epoch run (they scale to the run's length)
+    timeline: int = 200
+    warmup: float = 10.0
     alpha_rampup: float = 20.0
     unsup_rampup: float = 80.0
-    warmup: float = 10.0
-    timeline: int = 200
-    log_every: int = 5
-    aux_loss_coef: float | None = None
-    router_lr_mult: float = 10.0
-    selector_gating: bool = False  # stage 1 also trains the source's selector and gating (seed 004)
-    handover_coef: float = 0.1  # weight of the top-level (core vs new groups) balance loss: upscale/moe.py
+    unsup_weight: float = 1.0
     restart_ramps: bool = False  # ramp the selector's alpha from 0 again, as a fresh seed-004 run (changes the function)
+    # MoE losses: expert-level balance (None: the checkpoint's) and the top-level (core vs new groups) one, upscale/moe.py
+    aux_loss_coef: float | None = None
+    handover_coef: float = 0.1
+    # checkpoints and logs
+    checkpoint_every: int = 50
+    keep: int = 2
+    log_every: int = 5
     skip_nonfinite: bool = False
+    # hardware: not part of the run's identity
     workers: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (upscale/device.py); not part of the run's identity
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (upscale/device.py)
     precision: str = "fp32"  # fp32 | bf16: autocast on one device, FSDP2 mixed precision under torchrun
     command: list[str] = field(default_factory=list)
 

@@ -16,6 +16,25 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Demo data: 8 labelled (A), 8 unlabelled (B), 4 held-out (A-test) 128 px images."""
+    from stages.data import make_demo_data
+
+    out = tmp_path_factory.mktemp("data") / "demo"
+    make_demo_data(out, labelled=8, unlabelled=8, test=4, size=128, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    """A fresh tiny source checkpoint."""
+    from upscale.config import PRESETS
+    from upscale.create import init_from_preset
+
+    return init_from_preset(PRESETS["tiny"], tmp_path_factory.mktemp("src") / "tiny", 0, torch.float32, ["test"], False)
+
+
+@pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A fresh tiny checkpoint in one shard (for tests that damage copies of it)."""
     from upscale.config import PRESETS

@@ -23,11 +23,10 @@ import torch
 from typer.testing import CliRunner
 
 import cli
-from stages.data import make_demo_data, read_mask
+from stages.data import read_mask
 from stages.engine import TrainConfig, run
 from upscale.checkpoint import Checkpoint
-from upscale.config import PRESETS, MoEConfig
-from upscale.create import init_from_preset
+from upscale.config import MoEConfig
 from upscale.expand import GrowthSpec, expand_checkpoint, resolve_groups
 from upscale.moe import MoEMLP
 
@@ -39,18 +38,6 @@ def no_tf32(monkeypatch):
     """fp32 means fp32 in the comparisons with the CPU: PyTorch's default lets cuDNN convolutions use TF32."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "demo"
-    make_demo_data(out, labelled=8, unlabelled=8, test=4, size=128, seed=0)
-    return out
-
-
-@pytest.fixture(scope="module")
-def src(tmp_path_factory) -> Path:
-    return init_from_preset(PRESETS["tiny"], tmp_path_factory.mktemp("src") / "tiny", 0, torch.float32, ["test"], False)
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import default_collate
 
-from stages.data import LabelledFolder, UnlabelledFolder, make_demo_data
+from stages.data import LabelledFolder, UnlabelledFolder
 from stages.engine import apply_stage, train_step
 from stages.optim import apply_lr, build_optimizers, lr_factor
 from stages.semisup import pseudo_targets, sigmoid_rampup, task_losses
 from upscale.checkpoint import Checkpoint, load_model
 from upscale.config import PRESETS
-from upscale.create import init_from_preset
 from upscale.expand import GrowthSpec, expand_checkpoint, resolve_groups
 from upscale.heads import TASKS, GatingModel, MultiScaleTaskSelector, MultiTaskLoss, TaskDWSelector
 
@@ -37,18 +36,6 @@ TINY = PRESETS["tiny"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "demo"
-    make_demo_data(out, labelled=8, unlabelled=8, test=4, size=128, seed=0)
-    return out
-
-
-@pytest.fixture(scope="module")
-def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return init_from_preset(TINY, tmp_path_factory.mktemp("src") / "tiny", 0, torch.float32, ["test"], False)
 
 
 @pytest.fixture(scope="module")

@@ -33,17 +33,14 @@ from torch.utils.data import default_collate
 from typer.testing import CliRunner
 
 import cli
-from stages.data import LabelledFolder, make_demo_data, read_confidence, read_mask
+from stages.data import LabelledFolder, read_confidence, read_mask
 from stages.engine import apply_stage, train_step
 from stages.optim import build_optimizers
 from stages.semisup import sigmoid_rampup
 from upscale import load_model
 from upscale.checkpoint import Checkpoint
-from upscale.config import PRESETS
-from upscale.create import init_from_preset
 from upscale.expand import GrowthSpec, expand_checkpoint, resolve_groups
 
-TINY = PRESETS["tiny"]  # depth 4, MoE in blocks 2, 3 and both decoder layers
 SAMOE = Path(sys.executable).with_name("samoe")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "120"}
 LOSS_WEIGHTS = ("loss.",)  # the task-loss sigmas: the only source parameters stage 1 trains besides routers
@@ -97,18 +94,6 @@ def latest_step(run: Path) -> int:
 def single_routed_group(cfg) -> bool:
     """With one routed group the group router's softmax is constantly 1: group_gate never gets gradient."""
     return len(cfg.moe.groups) - cfg.moe.core_groups == 1
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "demo"
-    make_demo_data(out, labelled=8, unlabelled=8, test=4, size=128, seed=0)
-    return out
-
-
-@pytest.fixture(scope="module")
-def src(tmp_path_factory) -> Path:
-    return init_from_preset(TINY, tmp_path_factory.mktemp("src") / "tiny", 0, torch.float32, ["test"], False)
 
 
 @pytest.fixture(scope="module")
