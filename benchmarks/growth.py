@@ -113,10 +113,10 @@ def concat(stats: list):
 
 
 def train(stage: int, src: Path, run: Path, data: Path, unlabelled: Path | None, steps: int, lr: float, seed: int,
-          force_input: bool = False, extra: tuple[str, ...] = ()) -> Path:
+          force_input: bool = False, extra: tuple[str, ...] = (), batch: int = 0) -> Path:
     args = ["train", "--stage", str(stage), "--from", str(src), "--run-dir", str(run), "--data", str(data),
             "--max-steps", str(steps), "--lr", str(lr), "--seed", str(seed), "--checkpoint-every", "100000",
-            "--batch-size", str(BATCH), *DEVICE]
+            "--batch-size", str(batch or BATCH), *DEVICE]
     if unlabelled is not None:
         args += ["--unlabelled", str(unlabelled)]
     if force_input:

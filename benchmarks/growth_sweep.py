@@ -7,15 +7,23 @@ compute E = `--extra` x the source's S, counted as in growth.py (FLOPs of one re
 stage, so the grown model's costlier steps buy it fewer of them). Arms:
 
     a:<lr>                  the source trained further (stage 3)
+    <grown arm>@<variant>   the same, from another growth of the source: @noise<std> (copy + noise of
+                            that relative std) or @interp<w> (interpolation of two source experts)
     ft:<lr>                 the grown model, stage 3 only (every parameter trains)
     staged:<s1>/<s2>/<s3>:<lr1>/<lr2>/<lr3>   stages 1-3 sharing E (shares in percent); stage 1 on
                             the source's pseudo-labels of B, stages 2-3 on A
 
-It prints mIoU and SDF error per arm and every arm against the first, with paired bootstrap 95%
-intervals over (seed, image) pairs; selecting the best of several arms on the same test images
-flatters it, so report the whole table.
+It prints mIoU and SDF error per arm, every arm against the source and the first arm, every grown
+arm against every (a), and each seed's mIoU, with paired bootstrap 95% intervals over (seed, image)
+pairs; selecting the best of several arms on the same test images flatters it, so report the whole
+table (and `--test` scores the same runs on a larger held-out set drawn from another seed).
+
+`--converge N` first trains each source N more steps (and grows that): growth is for a model that has
+stopped improving, and on an under-trained source "train it further" wins by default.
 
     python benchmarks/growth_sweep.py --work W --extra 0.5 --arms a:0.05 a:0.1 ft:0.1 staged:10/30/60:0.1/0.1/0.1
+    python benchmarks/growth_sweep.py --work W --converge 864 --converge-lr 0.2 --converge-batch 16 --extra 2 \
+        --arms a:0.02 a:0.01 a:0.05 ft:0.02 ft:0.05 staged:5/15/80:0.05/0.02/0.02 --test T/A-test
 """
 
 from __future__ import annotations
@@ -39,20 +47,40 @@ def flops(w: Path, d: Path, batch: int) -> dict[str, float]:
                                                                                None, batch) for k in (1, 2, 3)}}
 
 
-def converge(work: Path, seed: int, steps: int, lr: float) -> None:
-    """Train seed's source `steps` more and grow it, into work/converged-<steps>/seed<N>/{source/final,grown}."""
+def converge(work: Path, seed: int, steps: int, lr: float, batch: int) -> None:
+    """Train seed's source `steps` more (batch `batch`) and grow it, into work/converged-<steps>/seed<N>/{source/final,grown}."""
     w, out = work / f"seed{seed}", work / f"converged-{steps}" / f"seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
-    src = train(3, w / "source" / "final", out / "source", work / "data" / "A", None, steps, lr, seed, force_input=True)
-    samoe("expand", str(src), "--out", str(out / "grown"), *growth.GROW, "--noise-std", "0.01", "--seed", str(seed),
-          out=out / "grown")
+    train(3, w / "source" / "final", out / "source", work / "data" / "A", None, steps, lr, seed, force_input=True,
+                batch=batch)
+    grow(out, seed, "")
+
+
+def growth_args(variant: str) -> list[str]:
+    """expand's init options for an arm's `@variant`: '' (copy + 1% noise), noise<std>, or interp<w>."""
+    if not variant:
+        return ["--noise-std", "0.01"]
+    if variant.startswith("noise"):
+        return ["--noise-std", variant[len("noise"):]]
+    if variant.startswith("interp"):
+        return ["--init", "interpolate", "--interp-weight", variant[len("interp"):] or "0.3"]
+    raise SystemExit(f"unknown growth variant @{variant}: use @noise<std> or @interp<w>")
+
+
+def grow(w: Path, seed: int, variant: str) -> Path:
+    """w/grown (the default growth) or w/grown-<variant>, grown from w/source/final."""
+    out = w / (f"grown-{variant}" if variant else "grown")
+    samoe("expand", str(w / "source" / "final"), "--out", str(out), *growth.GROW, *growth_args(variant), "--seed", str(seed),
+          out=out)
+    return out
 
 
 def run_arm(arm: str, w: Path, d: Path, seed: int, E: float, f: dict[str, float]) -> Path:
     """Train one arm of one seed with extra compute E (FLOPs); returns its final checkpoint."""
+    arm, _, variant = arm.partition("@")
     kind, _, rest = arm.partition(":")
-    A, tag = d / "A", arm.replace(":", "_").replace("/", "-")
-    src, grown = w / "source" / "final", w / "grown"
+    A, tag = d / "A", (arm + (f"@{variant}" if variant else "")).replace(":", "_").replace("/", "-")
+    src, grown = w / "source" / "final", w / (f"grown-{variant}" if variant else "grown")
     if kind == "a":
         return train(3, src, w / f"sweep-{tag}", A, None, max(1, round(E / f["src"])), float(rest), seed, force_input=True)
     if kind == "ft":
@@ -81,6 +109,11 @@ def main() -> None:
                     help="first train each source STEPS more (stage 3, --converge-lr) and grow that: a source nearer "
                          "its plateau, as a user's trained model is; E stays a fraction of the original S")
     ap.add_argument("--converge-lr", type=float, default=0.1)
+    ap.add_argument("--converge-threads", type=int, default=0, help="OMP_NUM_THREADS of the --converge runs (0: --threads)")
+    ap.add_argument("--converge-batch", type=int, default=0, help="batch size of the --converge runs (0: --batch-size); "
+                    "a larger batch uses a core better, and only the source's end point matters")
+    ap.add_argument("--test", type=Path, default=None, help="held-out folder the arms are scored on (default: "
+                    "WORK/data/A-test); a larger one from another seed narrows the intervals")
     ap.add_argument("--device", default=None, help="samoe train's --device for every run (e.g. cuda)")
     args = ap.parse_args()
     from stages.evaluate import bootstrap_diff
@@ -89,32 +122,52 @@ def main() -> None:
     growth.DEVICE = ["--device", args.device] if args.device else []
     d, t0 = args.work / "data", time.perf_counter()
     if args.converge:
+        growth.THREADS = args.converge_threads or args.threads
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            list(pool.map(lambda s: converge(args.work, s, args.converge, args.converge_lr), args.seeds))
+            list(pool.map(lambda s: converge(args.work, s, args.converge, args.converge_lr, args.converge_batch), args.seeds))
         args.work = args.work / f"converged-{args.converge}"
-    f = {}
-    for s in args.seeds:
-        w = args.work / f"seed{s}"
+        growth.THREADS = args.threads
+    def pseudo_label(w: Path) -> None:
         samoe("pseudo-label", str(w / "source" / "final"), "--images", str(d / "B"), "--out", str(w / "B-pseudo"),
               out=w / "B-pseudo")
-        f[s] = flops(w, d, args.batch_size)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(pseudo_label, [args.work / f"seed{s}" for s in args.seeds]))
+    f = {s: flops(args.work / f"seed{s}", d, args.batch_size) for s in args.seeds}
+    variants = sorted({arm.partition("@")[2] for arm in args.arms} - {""})
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # growth variants of the same architecture: same FLOPs
+        list(pool.map(lambda sv: grow(args.work / f"seed{sv[0]}", *sv), [(s, v) for s in args.seeds for v in variants]))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {(s, arm): pool.submit(run_arm, arm, args.work / f"seed{s}", d, s,
                                          args.extra * args.source_steps * f[s]["src"], f[s])
                    for s in args.seeds for arm in args.arms}
         finals = {key: fut.result() for key, fut in futures.items()}
-    stats = {arm: concat([image_stats(finals[s, arm], d / "A-test")[0] for s in args.seeds]) for arm in args.arms}
-    source = concat([image_stats(args.work / f"seed{s}" / "source" / "final", d / "A-test")[0] for s in args.seeds])
-    print(f"\nextra compute E = {args.extra} S; seeds {args.seeds}; {time.perf_counter() - t0:.0f} s\n")
+    test = args.test or d / "A-test"
+    per_seed = {arm: [image_stats(finals[s, arm], test)[0] for s in args.seeds] for arm in args.arms}
+    per_seed["source"] = [image_stats(args.work / f"seed{s}" / "source" / "final", test)[0] for s in args.seeds]
+    stats = {arm: concat(v) for arm, v in per_seed.items()}
+    source = stats["source"]
+    n_test = len(list((test / "images").iterdir()))
+    print(f"\nextra compute E = {args.extra} S; seeds {args.seeds}; {n_test} held-out images ({test}); "
+          f"{time.perf_counter() - t0:.0f} s\n")
     print("| arm | miou | sdf_mae | miou - source [95% CI] | miou - first arm [95% CI] |\n|---|---|---|---|---|")
     print(f"| source | {source.metrics()['miou']:.4f} | {source.metrics()['sdf_mae']:.4f} | | |")
     first = args.arms[0]
+    fmt = lambda x: f"{x['diff']:+.4f} [{x['ci_low']:+.4f}, {x['ci_high']:+.4f}]"
     for arm in args.arms:
         m = stats[arm].metrics()
         vs_src = bootstrap_diff(source, stats[arm], args.bootstrap)["miou"]
         vs_first = bootstrap_diff(stats[first], stats[arm], args.bootstrap)["miou"]
-        fmt = lambda x: f"{x['diff']:+.4f} [{x['ci_low']:+.4f}, {x['ci_high']:+.4f}]"
         print(f"| {arm} | {m['miou']:.4f} | {m['sdf_mae']:.4f} | {fmt(vs_src)} | {fmt(vs_first)} |")
+    a_arms = [arm for arm in args.arms if arm.startswith("a:")]
+    b_arms = [arm for arm in args.arms if not arm.startswith("a:")]
+    if a_arms and b_arms:  # every grown arm against every (a): the claim needs the best (a), whichever it is
+        print("\n| mIoU, grown arm - (a) [95% CI] | " + " | ".join(a_arms) + " |\n|---|" + "---|" * len(a_arms))
+        for arm in b_arms:
+            cells = [fmt(bootstrap_diff(stats[a], stats[arm], args.bootstrap)["miou"]) for a in a_arms]
+            print(f"| {arm} | " + " | ".join(cells) + " |")
+    print("\n| per-seed mIoU | " + " | ".join(f"seed {s}" for s in args.seeds) + " |\n|---|" + "---|" * len(args.seeds))
+    for arm in ["source", *args.arms]:
+        print(f"| {arm} | " + " | ".join(f"{st.metrics()['miou']:.4f}" for st in per_seed[arm]) + " |")
 
 
 if __name__ == "__main__":
