@@ -77,9 +77,9 @@ def grow(w: Path, seed: int, variant: str) -> Path:
 
 def run_arm(arm: str, w: Path, d: Path, seed: int, E: float, f: dict[str, float]) -> Path:
     """Train one arm of one seed with extra compute E (FLOPs); returns its final checkpoint."""
+    A, tag = d / "A", arm.replace(":", "_").replace("/", "-")
     arm, _, variant = arm.partition("@")
     kind, _, rest = arm.partition(":")
-    A, tag = d / "A", (arm + (f"@{variant}" if variant else "")).replace(":", "_").replace("/", "-")
     src, grown = w / "source" / "final", w / (f"grown-{variant}" if variant else "grown")
     if kind == "a":
         return train(3, src, w / f"sweep-{tag}", A, None, max(1, round(E / f["src"])), float(rest), seed, force_input=True)
@@ -127,6 +127,7 @@ def main() -> None:
             list(pool.map(lambda s: converge(args.work, s, args.converge, args.converge_lr, args.converge_batch), args.seeds))
         args.work = args.work / f"converged-{args.converge}"
         growth.THREADS = args.threads
+
     def pseudo_label(w: Path) -> None:
         samoe("pseudo-label", str(w / "source" / "final"), "--images", str(d / "B"), "--out", str(w / "B-pseudo"),
               out=w / "B-pseudo")
