@@ -16,10 +16,7 @@ from typer.testing import CliRunner
 
 import cli
 import stages.engine as engine
-from stages.data import make_demo_data
 from stages.engine import TrainConfig
-from upscale.config import PRESETS
-from upscale.create import init_from_preset
 from upscale.device import autocast, deterministic, resolve_device
 from upscale.errors import SamoeError
 from upscale.expand import GrowthSpec, expand_checkpoint, resolve_groups
@@ -29,15 +26,7 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "demo"
-    make_demo_data(out, labelled=8, unlabelled=4, test=4, size=128, seed=0)
-    return out
-
-
-@pytest.fixture(scope="module")
-def grown(tmp_path_factory) -> Path:
-    src = init_from_preset(PRESETS["tiny"], tmp_path_factory.mktemp("src") / "tiny", 0, torch.float32, ["test"], False)
+def grown(src: Path, tmp_path_factory) -> Path:
     spec = GrowthSpec(experts=8, groups=resolve_groups(4, 8, "2", 1), extra_blocks=1, noise_std=0.01)
     return expand_checkpoint(src, tmp_path_factory.mktemp("grown") / "g", spec, ["test"])
 

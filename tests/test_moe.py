@@ -140,6 +140,22 @@ def loop_path(monkeypatch):
     monkeypatch.setattr(moe_mod, "_grouped_mm_ok", lambda *a, **k: False)
 
 
+def float32_case(groups, core, tkg, k, act) -> tuple[MoEMLP, torch.Tensor, torch.Tensor, list[int]]:
+    """A float32 layer, its input, and the float64 reference's output and expert counts for that case."""
+    m64 = _make(groups, core, k, tkg, act)
+    x64 = torch.randn(3, 7, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref, counts, _ = reference(m64, x64, act)
+    return _make(groups, core, k, tkg, act, dtype=torch.float32), x64.float(), ref, counts
+
+
+def count_grouped_mm(monkeypatch) -> list[int]:
+    """Record the number of experts of every torch._grouped_mm call (the call still runs)."""
+    calls: list[int] = []
+    real_mm = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(a[1].shape[0]) or real_mm(*a, **kw))
+    return calls
+
+
 def _close(a, b, rtol, atol, msg=None):
     """allclose with atol scaled by max(1, max|b|): inputs and upstream gradients are O(1).
 
@@ -186,14 +202,9 @@ def test_matches_reference_float64(loop_path, groups, core, tkg, k, act):
 @pytest.mark.parametrize("groups,core,tkg,k,act", CASES)
 def test_grouped_gemm_path_matches_reference_float32(monkeypatch, groups, core, tkg, k, act):
     """The default (torch._grouped_mm) path, float32, against the float64 reference."""
-    m64 = _make(groups, core, k, tkg, act)
-    x64 = torch.randn(3, 7, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    ref, counts, _ = reference(m64, x64, act)
-    m32 = _make(groups, core, k, tkg, act, dtype=torch.float32)
-    calls = []
-    real_mm = torch._grouped_mm
-    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(1) or real_mm(*a, **kw))
-    out = m32(x64.float())
+    m32, x, ref, counts = float32_case(groups, core, tkg, k, act)
+    calls = count_grouped_mm(monkeypatch)
+    out = m32(x)
     assert calls, "grouped GEMM path was not taken"
     _close(out.double(), ref, RTOL32, ATOL32)
     assert m32.expert_counts.tolist() == counts
@@ -211,9 +222,7 @@ def test_grouped_gemm_equals_loop_fallback(monkeypatch, groups, core, tkg, k, ac
         out = m(xi)
         return out.detach(), _grads(out, [xi, *params], gout), m.expert_counts.clone()
 
-    calls = []
-    real_mm = torch._grouped_mm
-    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(1) or real_mm(*a, **kw))
+    calls = count_grouped_mm(monkeypatch)
     out_g, grads_g, counts_g = run()
     assert calls, "grouped GEMM path was not taken"
     calls.clear()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import upscale.moe as moe_mod
-from test_moe import ATOL32, CASES, D, RTOL32, _close, _grads, _make, _params, reference
+from test_moe import ATOL32, CASES, D, RTOL32, _close, _grads, _make, _params, count_grouped_mm, float32_case
 from upscale.config import MoEConfig
 from upscale.moe import MoEMLP, drop_idle_grads, router_pools
 
@@ -34,17 +34,11 @@ def _run(m: MoEMLP, x: torch.Tensor, gout: torch.Tensor):
 
 @pytest.mark.parametrize("groups,core,tkg,k,act", CASES)
 def test_static_path_matches_reference_and_cpu_path(monkeypatch, groups, core, tkg, k, act):
-    m64 = _make(groups, core, k, tkg, act)
-    x64 = torch.randn(3, 7, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    ref, counts, _ = reference(m64, x64, act)
-    m = _make(groups, core, k, tkg, act, dtype=torch.float32)
-    x = x64.float()
+    m, x, ref, counts = float32_case(groups, core, tkg, k, act)
     gout = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
     cpu_out, cpu_grads, cpu_stats = _run(m, x, gout)
 
-    calls = []
-    real_mm = torch._grouped_mm
-    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(a[1].shape[0]) or real_mm(*a, **kw))
+    calls = count_grouped_mm(monkeypatch)
     monkeypatch.setattr(moe_mod, "static_dispatch", lambda x: True)
     out, grads, stats = _run(m, x, gout)
     # one grouped GEMM per linear layer, over every expert of every group
