@@ -30,10 +30,7 @@ import torch
 from typer.testing import CliRunner
 
 import cli
-from stages.data import make_demo_data
 from upscale.checkpoint import Checkpoint, load_model
-from upscale.config import PRESETS
-from upscale.create import init_from_preset
 from upscale.expand import GrowthSpec, expand_checkpoint, resolve_groups
 
 SAMOE = Path(sys.executable).with_name("samoe")
@@ -105,16 +102,8 @@ def stopped_copy(run: Path, out: Path, step: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "demo"
-    make_demo_data(out, labelled=8, unlabelled=8, test=2, size=128, seed=0)
-    return out
-
-
-@pytest.fixture(scope="module")
-def grown(tmp_path_factory) -> Path:
+def grown(src: Path, tmp_path_factory) -> Path:
     """The tiny preset grown to 12 experts in 3 groups (two routed groups) plus an extra block."""
-    src = init_from_preset(PRESETS["tiny"], tmp_path_factory.mktemp("src") / "tiny", 0, torch.float32, ["test"], False)
     spec = GrowthSpec(experts=12, groups=resolve_groups(4, 12, "3", 1), extra_blocks=1, noise_std=0.01)
     return expand_checkpoint(src, tmp_path_factory.mktemp("grown") / "g", spec, ["test"])
 
@@ -304,6 +293,7 @@ def _moe_worker() -> None:
             if g is not None:
                 assert torch.allclose(g, got[n], rtol=1e-5, atol=1e-7), (n, (g - got[n]).abs().max())
         print("moe-ok")
+    torch.distributed.barrier()  # rank 1 must not tear gloo down while rank 0 still checks (an abort at exit)
     d.close()
 
 
@@ -337,6 +327,7 @@ def _rows_worker(path: str) -> None:
         for n, t in want.items():
             assert torch.equal(state[n], t), n
         print("rows-ok")
+    torch.distributed.barrier()  # as in _moe_worker
     d.close()
 
 
