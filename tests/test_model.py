@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from segment_anything import sam_model_registry
 from typer.testing import CliRunner
 
@@ -236,6 +238,21 @@ def test_boundary_prior_marks_the_target_band_of_a_straight_class_change():
     # one sure class everywhere: no edge, the most negative logit the clamp allows
     flat = seg_edge_logit(torch.full((1, 2, 8, 8), 0.0).index_fill_(1, torch.tensor([0]), 50.0), window=7)
     assert torch.allclose(flat, torch.full_like(flat, math.log(0.01 / 0.99)))
+
+
+@settings(max_examples=60, derandomize=True, deadline=None, database=None)
+@given(shape=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 12), st.integers(1, 12)),
+       window=st.sampled_from([1, 3, 5, 7, 9]), seed=st.integers(0, 2**31 - 1), ties=st.booleans())
+def test_window_max_is_max_pool2d_bit_for_bit(shape, window, seed, ties):
+    """The boundary prior's running max against torch's own max_pool2d: any size (also smaller than the window),
+    any odd window, values with ties (rounded) and without."""
+    from upscale.model import window_max
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    if ties:
+        x = x.round()
+    ref = torch.nn.functional.max_pool2d(x, window, stride=1, padding=window // 2)
+    assert torch.equal(window_max(x, window), ref)
 
 
 def test_boundary_prior_is_added_to_the_head_and_old_checkpoints_have_none():

@@ -230,8 +230,28 @@ def seg_edge_logit(seg: Tensor, window: int, eps: float = 0.01) -> Tensor:
     boundary loss never pulls the segmentation.
     """
     p = seg.detach().float().softmax(dim=1)
-    e = F.max_pool2d(p, window, stride=1, padding=window // 2).sum(dim=1, keepdim=True) - 1
+    e = window_max(p, window).sum(dim=1, keepdim=True) - 1
     return torch.logit(e.clamp(eps, 1 - eps)).to(seg.dtype)
+
+
+def window_max(x: Tensor, window: int) -> Tensor:
+    """`F.max_pool2d(x, window, stride=1, padding=window // 2)` for odd `window`, bit for bit, without autograd.
+
+    Max over a square is max over rows of max over columns, and each 1-d running
+    max is `window - 1` elementwise maxima of shifted views. On CPU, max_pool2d's
+    stride-1 kernel visits window^2 inputs per output: with the seed's 7 x 7
+    window it took a fifth of a tiny model's training step (36 ms per call on a
+    (4, 10, 128, 128) map); this takes about a fourteenth of that.
+    """
+    r = window // 2
+    for dim in (-2, -1):
+        n, out = x.shape[dim], x.clone()
+        for s in range(1, min(r, x.shape[dim] - 1) + 1):
+            lo, hi = out.narrow(dim, 0, n - s), out.narrow(dim, s, n - s)
+            torch.maximum(lo, x.narrow(dim, s, n - s), out=lo)
+            torch.maximum(hi, x.narrow(dim, 0, n - s), out=hi)
+        x = out
+    return x
 
 
 def init_weights(model: SamMoE, seed: int) -> SamMoE:
