@@ -146,6 +146,8 @@ class SamMoE(nn.Module):
         self.selector = MultiScaleTaskSelector(feat)
         self.gating = GatingModel(feat, cfg.num_classes)
         self.loss = MultiTaskLoss()
+        # the layout is fixed once built; walking every module several times a step cost ~2% of a tiny model's step
+        self._moe_layers = tuple((n, m) for n, m in self.named_modules() if isinstance(m, MoEMLP))
 
     def forward(self, images: Tensor, gate_grad: bool = True) -> dict[str, Tensor]:
         """(B, 3, S, S) normalised images, S = img_size -> dict of (B, *, S, S) outputs.
@@ -171,9 +173,7 @@ class SamMoE(nn.Module):
 
     def moe_layers(self) -> Iterator[tuple[str, MoEMLP]]:
         """(qualified name, layer) of every MoE layer, encoder first."""
-        for name, module in self.named_modules():
-            if isinstance(module, MoEMLP):
-                yield name, module
+        return iter(self._moe_layers)
 
     def constrain_(self) -> None:
         """Keep parameters in their valid range after an optimizer step (MoE group scales in [0, 1])."""
