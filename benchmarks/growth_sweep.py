@@ -57,20 +57,25 @@ def converge(work: Path, seed: int, steps: int, lr: float, batch: int) -> None:
 
 
 def growth_args(variant: str) -> list[str]:
-    """expand's init options for an arm's `@variant`: '' (copy + 1% noise), noise<std>, or interp<w>."""
+    """expand's options for an arm's `@variant`: '' (growth.py's layout, copy + 1% noise), noise<std>, interp<w>,
+    or blocks<n> (n extra blocks instead of growth.py's 1: a cheaper step when n = 0)."""
+    layout = list(growth.GROW)
+    if variant.startswith("blocks"):
+        layout[layout.index("--extra-blocks") + 1] = variant[len("blocks"):]
+        return [*layout, "--noise-std", "0.01"]
     if not variant:
-        return ["--noise-std", "0.01"]
+        return [*layout, "--noise-std", "0.01"]
     if variant.startswith("noise"):
-        return ["--noise-std", variant[len("noise"):]]
+        return [*layout, "--noise-std", variant[len("noise"):]]
     if variant.startswith("interp"):
-        return ["--init", "interpolate", "--interp-weight", variant[len("interp"):] or "0.3"]
-    raise SystemExit(f"unknown growth variant @{variant}: use @noise<std> or @interp<w>")
+        return [*layout, "--init", "interpolate", "--interp-weight", variant[len("interp"):] or "0.3"]
+    raise SystemExit(f"unknown growth variant @{variant}: use @noise<std>, @interp<w> or @blocks<n>")
 
 
 def grow(w: Path, seed: int, variant: str) -> Path:
     """w/grown (the default growth) or w/grown-<variant>, grown from w/source/final."""
     out = w / (f"grown-{variant}" if variant else "grown")
-    samoe("expand", str(w / "source" / "final"), "--out", str(out), *growth.GROW, *growth_args(variant), "--seed", str(seed),
+    samoe("expand", str(w / "source" / "final"), "--out", str(out), *growth_args(variant), "--seed", str(seed),
           out=out)
     return out
 
@@ -84,7 +89,10 @@ def run_arm(arm: str, w: Path, d: Path, seed: int, E: float, f: dict[str, float]
     if kind == "a":
         return train(3, src, w / f"sweep-{tag}", A, None, max(1, round(E / f["src"])), float(rest), seed, force_input=True)
     if kind == "ft":
-        return train(3, grown, w / f"sweep-{tag}", A, None, max(1, round(E / f["g3"])), float(rest), seed, force_input=True)
+        return train(3, grown, w / f"sweep-{tag}", A, None, max(1, round(E / f[f"g3@{variant}" if variant else "g3"])),
+                     float(rest), seed, force_input=True)
+    if variant.startswith("blocks"):
+        raise SystemExit(f"{arm}@{variant}: staged arms count the default layout's FLOPs; use ft: with @blocks<n>")
     shares, lrs = ([float(v) for v in part.split("/")] for part in rest.split(":"))
     ckpt = grown
     for stage, share, lr in zip((1, 2, 3), shares, lrs):
@@ -137,6 +145,9 @@ def main() -> None:
     variants = sorted({arm.partition("@")[2] for arm in args.arms} - {""})
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # growth variants of the same architecture: same FLOPs
         list(pool.map(lambda sv: grow(args.work / f"seed{sv[0]}", *sv), [(s, v) for s in args.seeds for v in variants]))
+    for s in args.seeds:  # a variant's own stage-3 step (one thread: the counter is a global mode)
+        for v in variants:
+            f[s][f"g3@{v}"] = step_flops(args.work / f"seed{s}" / f"grown-{v}", 3, d / "A", None, args.batch_size)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {(s, arm): pool.submit(run_arm, arm, args.work / f"seed{s}", d, s,
                                          args.extra * args.source_steps * f[s]["src"], f[s])
@@ -166,6 +177,8 @@ def main() -> None:
         for arm in b_arms:
             cells = [fmt(bootstrap_diff(stats[a], stats[arm], args.bootstrap)["miou"]) for a in a_arms]
             print(f"| {arm} | " + " | ".join(cells) + " |")
+    costs = {k: np.mean([f[s][k] / f[s]["src"] for s in args.seeds]) for k in f[args.seeds[0]] if k != "src"}
+    print("\nFLOPs per step / the source's: " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items()))
     print("\n| per-seed mIoU | " + " | ".join(f"seed {s}" for s in args.seeds) + " |\n|---|" + "---|" * len(args.seeds))
     for arm in ["source", *args.arms]:
         print(f"| {arm} | " + " | ".join(f"{st.metrics()['miou']:.4f}" for st in per_seed[arm]) + " |")

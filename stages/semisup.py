@@ -80,8 +80,8 @@ def task_stats(out: dict[str, Tensor], batch: dict[str, Tensor], prefix: str = "
     logp = seg.log_softmax(dim=1)
     target = mask.clamp(0, c - 1).unsqueeze(1)
     logp_t = logp.gather(1, target)  # log-probability of each pixel's target class
-    # per-class sums over pixels by class index: a (B, C, H, W) one-hot and its products took
-    # about a tenth of a tiny model's training step on CPU, these two passes over the pixels ~1%
+    # per-class sums by class index: a (B, C, H, W) one-hot and three products with it were the
+    # costliest part of this function on CPU (forward + backward 38 -> 24 ms for a tiny-preset batch)
     t = target.flatten()
     inter = seg.new_zeros(c).index_add(0, t, (logp_t.exp() * w).flatten())
     target_sum = torch.bincount(t, weights=w.flatten(), minlength=c).to(seg.dtype)
@@ -93,11 +93,13 @@ def task_stats(out: dict[str, Tensor], batch: dict[str, Tensor], prefix: str = "
     p = torch.sigmoid(bnd)
     bce = F.binary_cross_entropy_with_logits(bnd, bnd_t, reduction="none")
     valid = (mask != IGNORE_INDEX).sum().to(seg.dtype) * err.shape[1]
+    band_w = bnd_t * w  # weights of band pixels; w - band_w those of the others
+    rest_w = w - band_w
+    n_band = band_w.sum()
     return torch.cat([
         inter, (logp.exp() * w).sum(dim=(0, 2, 3)), target_sum,
-        torch.stack([(err * w).sum(), valid, (p * bnd_t * w).sum(), (p * w).sum(), (bnd_t * w).sum(),
-                     (bce * bnd_t * w).sum(), (bnd_t * w).sum(), (bce * (1 - bnd_t) * w).sum(), ((1 - bnd_t) * w).sum(),
-                     -(logp_t * w).sum(), w.sum()]),
+        torch.stack([(err * w).sum(), valid, (p * band_w).sum(), (p * w).sum(), n_band,
+                     (bce * band_w).sum(), n_band, (bce * rest_w).sum(), rest_w.sum(), -(logp_t * w).sum(), w.sum()]),
     ])
 
 
