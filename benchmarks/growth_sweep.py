@@ -8,7 +8,8 @@ stage, so the grown model's costlier steps buy it fewer of them). Arms:
 
     a:<lr>                  the source trained further (stage 3)
     <grown arm>@<variant>   the same, from another growth of the source: @noise<std> (copy + noise of
-                            that relative std) or @interp<w> (interpolation of two source experts)
+                            that relative std), @interp<w> (interpolation of two source experts) or
+                            @blocks<n> (n extra blocks, not 1: another layout, so its own FLOPs per step)
     ft:<lr>                 the grown model, stage 3 only (every parameter trains)
     staged:<s1>/<s2>/<s3>:<lr1>/<lr2>/<lr3>   stages 1-3 sharing E (shares in percent); stage 1 on
                             the source's pseudo-labels of B, stages 2-3 on A
