@@ -458,13 +458,11 @@ class MoEMLP(nn.Module):
             y = self._experts_static(rows, route.expert[order], counts)
         else:
             counts_list = counts.tolist()
-            outs, start = [], 0
-            for g, bank in enumerate(self.experts):
-                lo, hi = self.router.offsets[g], self.router.offsets[g + 1]
-                n = sum(counts_list[lo:hi])
-                if n:
-                    outs.append(bank(rows[start : start + n], counts[lo:hi], counts_list[lo:hi]))
-                start += n
+            bounds = list(zip(self.router.offsets, self.router.offsets[1:]))
+            # one split, not a slice per bank: each slice's backward zero-fills a gradient the size of all rows
+            parts = rows.split([sum(counts_list[lo:hi]) for lo, hi in bounds])
+            outs = [bank(part, counts[lo:hi], counts_list[lo:hi])
+                    for bank, part, (lo, hi) in zip(self.experts, parts, bounds) if part.shape[0]]
             y = torch.cat(outs) if outs else x.new_zeros(0, shape[-1])  # a layer that got no token returns zeros
         y = y * route.weight[order].to(y.dtype)[:, None]
         out = torch.zeros_like(x).index_add(0, token, y.to(x.dtype))
