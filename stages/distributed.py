@@ -243,8 +243,16 @@ class Distributed:
     def barrier(self) -> None:
         dist.barrier()
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
+        """Tear the process group down; after a finished run, only once every rank is done with it.
+
+        Without the barrier a rank that finished first tore gloo down while another still used it,
+        and that one aborted at exit ("terminate called without an active exception") although its
+        run had finished. After a failure there is no barrier: the failed rank would never reach it.
+        """
         if dist.is_initialized():
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
     def broadcast(self, obj: Any) -> Any:

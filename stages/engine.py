@@ -391,14 +391,17 @@ def run(cfg: TrainConfig, force: bool = False, on_start: Callable[[dict[str, Any
     dist = Distributed.from_env(cfg.precision, cfg.device)
     if dist is not None and not dist.is_main:
         on_start = on_step = on_log = None
+    finished = False
     try:
         device = dist.device if dist is not None else resolve_device(cfg.device)
         # CPU: deterministic kernels make resume bit-exact (upscale/device.py); only for this run
         with deterministic(device.type == "cpu"):
-            return _run(cfg, force, on_start, on_step, on_log, dist, device)
+            result = _run(cfg, force, on_start, on_step, on_log, dist, device)
+        finished = True
+        return result
     finally:
         if dist is not None:
-            dist.close()
+            dist.close(finished)
 
 
 def _prepare_run_dir(cfg: TrainConfig, force: bool, identity: dict[str, Any]) -> bool:
