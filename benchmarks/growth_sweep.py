@@ -62,8 +62,7 @@ def growth_args(variant: str) -> list[str]:
     or blocks<n> (n extra blocks instead of growth.py's 1: a cheaper step when n = 0)."""
     layout = list(growth.GROW)
     if variant.startswith("blocks"):
-        layout[layout.index("--extra-blocks") + 1] = variant[len("blocks"):]
-        return [*layout, "--noise-std", "0.01"]
+        layout[layout.index("--extra-blocks") + 1], variant = variant[len("blocks"):], ""
     if not variant:
         return [*layout, "--noise-std", "0.01"]
     if variant.startswith("noise"):
@@ -90,7 +89,7 @@ def run_arm(arm: str, w: Path, d: Path, seed: int, E: float, f: dict[str, float]
     if kind == "a":
         return train(3, src, w / f"sweep-{tag}", A, None, max(1, round(E / f["src"])), float(rest), seed, force_input=True)
     if kind == "ft":
-        return train(3, grown, w / f"sweep-{tag}", A, None, max(1, round(E / f[f"g3@{variant}" if variant else "g3"])),
+        return train(3, grown, w / f"sweep-{tag}", A, None, max(1, round(E / f.get(f"g3@{variant}", f["g3"]))),
                      float(rest), seed, force_input=True)
     if variant.startswith("blocks"):
         raise SystemExit(f"{arm}@{variant}: staged arms count the default layout's FLOPs; use ft: with @blocks<n>")
@@ -146,8 +145,8 @@ def main() -> None:
     variants = sorted({arm.partition("@")[2] for arm in args.arms} - {""})
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # growth variants of the same architecture: same FLOPs
         list(pool.map(lambda sv: grow(args.work / f"seed{sv[0]}", *sv), [(s, v) for s in args.seeds for v in variants]))
-    for s in args.seeds:  # a variant's own stage-3 step (one thread: the counter is a global mode)
-        for v in variants:
+    for s in args.seeds:  # a layout variant's own stage-3 step (one thread: the counter is a global mode)
+        for v in (v for v in variants if v.startswith("blocks")):
             f[s][f"g3@{v}"] = step_flops(args.work / f"seed{s}" / f"grown-{v}", 3, d / "A", None, args.batch_size)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {(s, arm): pool.submit(run_arm, arm, args.work / f"seed{s}", d, s,

@@ -246,7 +246,7 @@ def window_max(x: Tensor, window: int) -> Tensor:
     r = window // 2
     for dim in (-2, -1):
         n, out = x.shape[dim], x.clone()
-        for s in range(1, min(r, x.shape[dim] - 1) + 1):
+        for s in range(1, min(r, n - 1) + 1):
             lo, hi = out.narrow(dim, 0, n - s), out.narrow(dim, s, n - s)
             torch.maximum(lo, x.narrow(dim, s, n - s), out=lo)
             torch.maximum(hi, x.narrow(dim, 0, n - s), out=hi)
