@@ -7,9 +7,10 @@ compute E = `--extra` x the source's S, counted as in growth.py (FLOPs of one re
 stage, so the grown model's costlier steps buy it fewer of them). Arms:
 
     a:<lr>                  the source trained further (stage 3)
-    <grown arm>@<variant>   the same, from another growth of the source: @noise<std> (copy + noise of
-                            that relative std), @interp<w> (interpolation of two source experts) or
-                            @blocks<n> (n extra blocks, not 1: another layout, so its own FLOPs per step)
+    <grown arm>@<variant>   the same, from another growth of the source, parts joined by '+': noise<std>
+                            (copy + noise of that relative std), interp<w> (interpolation of two source
+                            experts), blocks<n> (n extra blocks, not 1) or rk<k> (k experts per token in a
+                            new group); blocks and rk change the layout, so the arm counts its own FLOPs
     ft:<lr>                 the grown model, stage 3 only (every parameter trains)
     staged:<s1>/<s2>/<s3>:<lr1>/<lr2>/<lr3>   stages 1-3 sharing E (shares in percent); stage 1 on
                             the source's pseudo-labels of B, stages 2-3 on A
@@ -57,19 +58,31 @@ def converge(work: Path, seed: int, steps: int, lr: float, batch: int) -> None:
     grow(out, seed, "")
 
 
+LAYOUT_PARTS = ("blocks", "rk")  # variant parts that change the grown layout, hence the FLOPs of a step
+
+
 def growth_args(variant: str) -> list[str]:
-    """expand's options for an arm's `@variant`: '' (growth.py's layout, copy + 1% noise), noise<std>, interp<w>,
-    or blocks<n> (n extra blocks instead of growth.py's 1: a cheaper step when n = 0)."""
-    layout = list(growth.GROW)
-    if variant.startswith("blocks"):
-        layout[layout.index("--extra-blocks") + 1], variant = variant[len("blocks"):], ""
-    if not variant:
-        return [*layout, "--noise-std", "0.01"]
-    if variant.startswith("noise"):
-        return [*layout, "--noise-std", variant[len("noise"):]]
-    if variant.startswith("interp"):
-        return [*layout, "--init", "interpolate", "--interp-weight", variant[len("interp"):] or "0.3"]
-    raise SystemExit(f"unknown growth variant @{variant}: use @noise<std>, @interp<w> or @blocks<n>")
+    """expand's options for an arm's `@variant`: parts joined by '+', each one of noise<std> or interp<w> (the
+    init; default copy + 1% noise), blocks<n> (n extra blocks instead of growth.py's 1) or rk<k> (k experts per
+    token inside a chosen new group: `--routed-top-k`); '' is growth.py's growth."""
+    layout, init = list(growth.GROW), ["--noise-std", "0.01"]
+    for part in filter(None, variant.split("+")):
+        if part.startswith("blocks"):
+            layout[layout.index("--extra-blocks") + 1] = part[len("blocks"):]
+        elif part.startswith("rk"):
+            layout += ["--routed-top-k", part[len("rk"):]]
+        elif part.startswith("noise"):
+            init = ["--noise-std", part[len("noise"):]]
+        elif part.startswith("interp"):
+            init = ["--init", "interpolate", "--interp-weight", part[len("interp"):] or "0.3"]
+        else:
+            raise SystemExit(f"unknown growth variant part {part!r} in @{variant}: use noise<std>, interp<w>, "
+                             "blocks<n> or rk<k>, joined by '+'")
+    return [*layout, *init]
+
+
+def changes_layout(variant: str) -> bool:
+    return any(part.startswith(LAYOUT_PARTS) for part in variant.split("+"))
 
 
 def grow(w: Path, seed: int, variant: str) -> Path:
@@ -91,8 +104,8 @@ def run_arm(arm: str, w: Path, d: Path, seed: int, E: float, f: dict[str, float]
     if kind == "ft":
         return train(3, grown, w / f"sweep-{tag}", A, None, max(1, round(E / f.get(f"g3@{variant}", f["g3"]))),
                      float(rest), seed, force_input=True)
-    if variant.startswith("blocks"):
-        raise SystemExit(f"{arm}@{variant}: staged arms count the default layout's FLOPs; use ft: with @blocks<n>")
+    if changes_layout(variant):
+        raise SystemExit(f"{arm}@{variant}: staged arms count the default layout's FLOPs; use ft: with @blocks<n> or @rk<k>")
     shares, lrs = ([float(v) for v in part.split("/")] for part in rest.split(":"))
     ckpt = grown
     for stage, share, lr in zip((1, 2, 3), shares, lrs):
@@ -146,7 +159,7 @@ def main() -> None:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # growth variants of the same architecture: same FLOPs
         list(pool.map(lambda sv: grow(args.work / f"seed{sv[0]}", *sv), [(s, v) for s in args.seeds for v in variants]))
     for s in args.seeds:  # a layout variant's own stage-3 step (one thread: the counter is a global mode)
-        for v in (v for v in variants if v.startswith("blocks")):
+        for v in filter(changes_layout, variants):
             f[s][f"g3@{v}"] = step_flops(args.work / f"seed{s}" / f"grown-{v}", 3, d / "A", None, args.batch_size)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {(s, arm): pool.submit(run_arm, arm, args.work / f"seed{s}", d, s,

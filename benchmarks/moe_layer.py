@@ -79,7 +79,7 @@ def targets(tokens: int, repeats: int) -> None:
     for name, cfg, ac, target in TARGETS:
         torch.manual_seed(0)
         moe, dense = MoEMLP(768, 3072, cfg, nn.GELU), MLPBlock(768, 3072, nn.GELU)
-        k = cfg.top_k * (1 + (cfg.top_k_groups if len(cfg.groups) > cfg.core_groups else 0))
+        k = cfg.top_k + (cfg.top_k_groups * cfg.k_routed if len(cfg.groups) > cfg.core_groups else 0)
         x = torch.randn(tokens, 768, requires_grad=True)
         xd = torch.randn(tokens * k, 768, requires_grad=True)
         runs = {"dense": fwd_bwd(dense, xd, True, ac), "fresh": fwd_bwd(moe, x, True, ac), "kept": fwd_bwd(moe, x, False, ac)}
@@ -112,7 +112,7 @@ def main() -> None:
     print(f"{'case':15} {'k':>2} {'moe ms':>9} {'dense ms':>9} {'ratio':>6} {'router ms':>9} {'router %':>8}")
     for name, d, h, cfg in cases:
         moe = MoEMLP(d, h, cfg, nn.GELU).to(args.device, dtype)
-        k = cfg.top_k * (1 + (cfg.top_k_groups if len(cfg.groups) > cfg.core_groups else 0))
+        k = cfg.top_k + (cfg.top_k_groups * cfg.k_routed if len(cfg.groups) > cfg.core_groups else 0)
         dense = MLPBlock(d, h, nn.GELU).to(args.device, dtype)
         x = torch.randn(args.tokens, d, device=args.device, dtype=dtype, requires_grad=True)
         xd = torch.randn(args.tokens * k, d, device=args.device, dtype=dtype, requires_grad=True)

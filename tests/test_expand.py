@@ -169,6 +169,7 @@ PRESERVING = {
     "mixed-noise0.5-extra2": dict(experts=13, groups="4", init="mixed", noise_std=0.5, extra_blocks=2),
     "copy-noise0.5-extra1": dict(experts=13, groups="4,3,3,3", noise_std=0.5, extra_blocks=1),
     "topk-groups2-noise0.5": dict(experts=13, groups="4", top_k_groups=2, noise_std=0.5),
+    "routed-top-k1-noise0.5": dict(experts=13, groups="4", routed_top_k=1, noise_std=0.5, extra_blocks=1),
     "extra-dense": dict(experts=13, groups="4", noise_std=0.0, extra_blocks=1, extra_dense=True),
 }
 
@@ -183,6 +184,7 @@ def test_growth_preserves_function(case, src, images, src_out, tmp_path):
     assert cfg.total_blocks == TINY.depth + options.get("extra_blocks", 0)
     if case == "11-groups4-ragged":
         assert cfg.moe.groups == (4, 3, 2, 2)
+    assert cfg.moe.k_routed == (options.get("routed_top_k") or TINY.moe.top_k)
     model = load_model(out)
     grown = _forward(model, images)
     for h in HEADS:

@@ -245,9 +245,9 @@ def test_fuzz_index(multi, data):
 CONFIG_FIELDS = ["img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "window_size",
                  "global_attn_indexes", "out_chans", "decoder_depth", "decoder_mlp_dim", "decoder_num_heads",
                  "num_classes", "moe_blocks", "decoder_moe", "extra_blocks", "extra_blocks_moe", "moe",
-                 "moe.groups", "moe.core_groups", "moe.top_k", "moe.top_k_groups", "moe.aux_loss_coef"]
+                 "moe.groups", "moe.core_groups", "moe.top_k", "moe.top_k_groups", "moe.aux_loss_coef", "moe.routed_top_k"]
 # fields that need not change any tensor's shape (routing settings, head counts without per-head tensors, ...)
-SHAPE_NEUTRAL = {"aux_loss_coef", "top_k", "top_k_groups", "core_groups", "extra_blocks_moe", "decoder_num_heads", "mlp_ratio"}
+SHAPE_NEUTRAL = {"aux_loss_coef", "top_k", "top_k_groups", "routed_top_k", "core_groups", "extra_blocks_moe", "decoder_num_heads", "mlp_ratio"}
 META_FIELDS = ["config", "files", "lineage", "provenance", "stages", "dtype", "format_version", "format"]
 
 

@@ -83,7 +83,7 @@ def reference(m: MoEMLP, x: torch.Tensor, act: str) -> tuple[torch.Tensor, list[
             g = cfg.core_groups + rr
             group_tokens[g].append(t)
             q = torch.softmax(r.expert_gates[g].weight @ xt, dim=0)
-            idx = torch.topk(q.detach(), cfg.top_k).indices.tolist()
+            idx = torch.topk(q.detach(), cfg.routed_top_k or cfg.top_k).indices.tolist()
             z = sum(q[i] for i in idx)
             for i in idx:
                 out = out + pg[rr] * r.group_scale[rr] * (q[i] / z) * _expert(m, g, i, xt, act)
@@ -96,7 +96,9 @@ def reference(m: MoEMLP, x: torch.Tensor, act: str) -> tuple[torch.Tensor, list[
 
 
 def _make(groups, core_groups, top_k, top_k_groups, act, dtype=torch.float64, seed=0) -> MoEMLP:
-    cfg = MoEConfig(groups=groups, core_groups=core_groups, top_k=top_k, top_k_groups=top_k_groups)
+    """top_k: an int, or (top_k, routed_top_k) for a different k inside routed groups."""
+    top_k, routed_top_k = top_k if isinstance(top_k, tuple) else (top_k, 0)
+    cfg = MoEConfig(groups=groups, core_groups=core_groups, top_k=top_k, top_k_groups=top_k_groups, routed_top_k=routed_top_k)
     cfg.validate()
     torch.manual_seed(seed)
     m = MoEMLP(D, H, cfg, nn.GELU if act == "gelu" else nn.ReLU)
@@ -121,14 +123,19 @@ def _grads(out: torch.Tensor, inputs: list[torch.Tensor], gout: torch.Tensor) ->
 
 def _valid_cases():
     cases = []
+    # k: top_k, or (top_k, routed_top_k) when routed groups pick a different number (GELU only: fewer cases)
     for (groups, core), tkg, k, act in itertools.product(
-        [((3, 2, 4, 3), 1), ((2, 2, 3), 2), ((2, 2, 3), 0)], (1, 2), (1, 2), ("gelu", "relu")
+        [((3, 2, 4, 3), 1), ((2, 2, 3), 2), ((2, 2, 3), 0)], (1, 2), (1, 2, (2, 1), (1, 2)), ("gelu", "relu")
     ):
+        top_k, routed_top_k = k if isinstance(k, tuple) else (k, 0)
         try:
-            MoEConfig(groups=groups, core_groups=core, top_k=k, top_k_groups=tkg).validate()
+            MoEConfig(groups=groups, core_groups=core, top_k=top_k, top_k_groups=tkg, routed_top_k=routed_top_k).validate()
         except SamoeError:
             continue
-        cases.append(pytest.param(groups, core, tkg, k, act, id=f"g{'-'.join(map(str, groups))}-core{core}-tkg{tkg}-k{k}-{act}"))
+        if isinstance(k, tuple) and (act == "relu" or core == 0):
+            continue
+        name = f"k{k}" if not routed_top_k else f"k{top_k}-routed{routed_top_k}"
+        cases.append(pytest.param(groups, core, tkg, k, act, id=f"g{'-'.join(map(str, groups))}-core{core}-tkg{tkg}-{name}-{act}"))
     return cases
 
 
@@ -259,7 +266,8 @@ def test_only_used_experts_are_computed(monkeypatch, loop_path, groups, core, tk
     for h in hooks:
         h.remove()
 
-    per_token = k * ((1 if core else 0) + (tkg if core < len(groups) else 0))
+    k, kr = k if isinstance(k, tuple) else (k, k)
+    per_token = (k if core else 0) + (tkg * kr if core < len(groups) else 0)
     assert int(m.expert_counts.sum()) == n * per_token
     assert m.expert_counts.tolist() == counts
     offs = [0]

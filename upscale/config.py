@@ -28,6 +28,10 @@ class MoEConfig:
         top_k: experts chosen per token inside the core pool and inside each
             routed group.
         top_k_groups: routed (non-core) groups chosen per token by the group router.
+        routed_top_k: experts chosen per token inside each routed group; 0 means top_k.
+            1 keeps a grown model's cost per token near its source's (the new
+            capacity is mostly parameters, not compute), which is what pays when
+            growth is compared at equal training FLOPs.
         aux_loss_coef: weight of the load-balancing loss a training step adds.
     """
 
@@ -36,6 +40,12 @@ class MoEConfig:
     top_k: int = 2
     top_k_groups: int = 1
     aux_loss_coef: float = 0.01
+    routed_top_k: int = 0
+
+    @property
+    def k_routed(self) -> int:
+        """Experts per token inside a routed group."""
+        return self.routed_top_k or self.top_k
 
     @property
     def num_experts(self) -> int:
@@ -50,11 +60,14 @@ class MoEConfig:
             raise SamoeError(f"every expert group needs at least one expert, got groups={list(self.groups)}")
         if not 0 <= self.core_groups <= len(self.groups):
             raise SamoeError(f"core_groups={self.core_groups} must be between 0 and the number of groups ({len(self.groups)})")
-        smallest = min(self.groups) if self.core_groups == 0 else min(
-            [self.num_core_experts] + list(self.groups[self.core_groups:]))
-        if not 1 <= self.top_k <= smallest:
-            raise SamoeError(f"top_k={self.top_k} must be between 1 and the smallest routed pool ({smallest} experts)")
         routed = len(self.groups) - self.core_groups
+        if self.top_k < 1 or self.core_groups and self.top_k > self.num_core_experts:
+            raise SamoeError(f"top_k={self.top_k} must be between 1 and the core pool's {self.num_core_experts} experts")
+        if self.routed_top_k < 0:
+            raise SamoeError(f"routed_top_k={self.routed_top_k} must be 0 (the same as top_k) or more")
+        if routed and not 1 <= self.k_routed <= min(self.groups[self.core_groups:]):
+            raise SamoeError(f"top_k={self.k_routed} inside routed groups must be between 1 and the smallest routed group "
+                             f"({min(self.groups[self.core_groups:])} experts)")
         if routed and not 1 <= self.top_k_groups <= routed:
             raise SamoeError(f"top_k_groups={self.top_k_groups} must be between 1 and the number of routed groups ({routed})")
 
@@ -187,7 +200,7 @@ _RANGES: dict[str, tuple[int, int]] = {
 _KINDS: dict[str, str] = {
     **{name: "int" for name in _RANGES}, "mlp_ratio": "number", "global_attn_indexes": "ints", "moe_blocks": "ints",
     "decoder_moe": "bool", "extra_blocks_moe": "bool", "moe.groups": "ints", "moe.core_groups": "int", "moe.top_k": "int",
-    "moe.top_k_groups": "int", "moe.aux_loss_coef": "number",
+    "moe.top_k_groups": "int", "moe.aux_loss_coef": "number", "moe.routed_top_k": "int",
 }
 _KIND_TEXT = {"int": "an integer", "number": "a finite number", "ints": "a list of integers", "bool": "true or false"}
 

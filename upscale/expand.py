@@ -61,6 +61,7 @@ class GrowthSpec:
     groups: tuple[int, ...]
     core_groups: int = 1
     top_k_groups: int = 1
+    routed_top_k: int = 0  # experts per token inside a routed group; 0: the source's top-k
     extra_blocks: int = 0
     extra_dense: bool = False
     init: str = "copy-noise"
@@ -133,15 +134,18 @@ def validate_spec(src: SamMoEConfig, spec: GrowthSpec) -> None:
     routed = len(spec.groups) - spec.core_groups
     if not 1 <= spec.top_k_groups <= routed:
         raise SamoeError(f"--top-k-groups {spec.top_k_groups} must be between 1 and the {routed} new groups")
-    if src.moe.top_k > min(spec.groups[spec.core_groups:]):
-        raise SamoeError(f"every new group needs at least top-k={src.moe.top_k} experts; got groups {list(spec.groups)}")
+    k = spec.routed_top_k or src.moe.top_k
+    if spec.routed_top_k < 0:
+        raise SamoeError(f"--routed-top-k {spec.routed_top_k} must be 0 (the source's top-k) or more")
+    if k > min(spec.groups[spec.core_groups:]):
+        raise SamoeError(f"every new group needs at least top-k={k} experts; got groups {list(spec.groups)}")
 
 
 def grown_config(src: SamMoEConfig, spec: GrowthSpec) -> SamMoEConfig:
     validate_spec(src, spec)
     moe = MoEConfig(
         groups=spec.groups, core_groups=spec.core_groups, top_k=src.moe.top_k,
-        top_k_groups=spec.top_k_groups, aux_loss_coef=src.moe.aux_loss_coef,
+        top_k_groups=spec.top_k_groups, aux_loss_coef=src.moe.aux_loss_coef, routed_top_k=spec.routed_top_k,
     )
     extra_moe = src.extra_blocks_moe if src.extra_blocks else not spec.extra_dense
     if src.extra_blocks and extra_moe == spec.extra_dense:

@@ -301,8 +301,8 @@ class HierarchicalRouter(nn.Module):
                 if tok.numel() == 0:
                     sums.append(x.new_zeros(2 * cfg.groups[g] + 2, dtype=torch.float32))
                     continue
-                probs, top_i, top_w = _topk_renormalised(self.expert_gates[g](x[tok]), cfg.top_k)
-                tokens.append(tok.repeat_interleave(cfg.top_k))
+                probs, top_i, top_w = _topk_renormalised(self.expert_gates[g](x[tok]), cfg.k_routed)
+                tokens.append(tok.repeat_interleave(cfg.k_routed))
                 experts.append((top_i + self.offsets[g]).flatten())
                 weights.append((top_w * mix[tok, slot][:, None]).flatten())
                 balance(probs, top_i, cfg.groups[g])
@@ -375,8 +375,9 @@ class HierarchicalRouter(nn.Module):
             padded = scores[:, col].masked_fill(pad, float("-inf"))
             own = padded.gather(1, g_i[:, :, None].expand(-1, -1, emax))  # (N, k_groups, emax): the chosen groups' scores
             probs = own.softmax(dim=-1)
-            top_p, top_i = probs.topk(k, dim=-1)
-            tokens.append(ar[:, None, None].expand(n, cfg.top_k_groups, k).flatten())
+            kr = cfg.k_routed
+            top_p, top_i = probs.topk(kr, dim=-1)
+            tokens.append(ar[:, None, None].expand(n, cfg.top_k_groups, kr).flatten())
             experts.append((top_i + starts[g_i][:, :, None]).flatten())
             weights.append((top_p / top_p.sum(-1, keepdim=True) * mix[:, :, None]).flatten())
             # balance of each routed group over its own tokens (Switch loss from sums), present groups only
@@ -386,11 +387,11 @@ class HierarchicalRouter(nn.Module):
             local = (g_i[:, :, None] * emax + top_i).flatten()
             chosen = _bincount(local, routed * emax).float().reshape(routed, emax)
             present = group_tokens > 0
-            per_group = num * ((chosen / (group_tokens * k).clamp_min(1)[:, None]) * (psum / group_tokens.clamp_min(1)[:, None])).sum(-1)
+            per_group = num * ((chosen / (group_tokens * kr).clamp_min(1)[:, None]) * (psum / group_tokens.clamp_min(1)[:, None])).sum(-1)
             aux_count = present.sum().float()
             aux.append((per_group * present).sum())
             for r, s in enumerate(sizes):
-                sums.append(torch.cat([psum[r, :s], chosen[r, :s], torch.stack([group_tokens[r], group_tokens[r] * k])]))
+                sums.append(torch.cat([psum[r, :s], chosen[r, :s], torch.stack([group_tokens[r], group_tokens[r] * kr])]))
         # mean over the pools that had tokens: core and group router always (when N > 0), routed groups when chosen
         always = len(aux) - (1 if routed else 0)
         aux_loss = (torch.stack(aux).sum() / (always + aux_count)) if aux else x.new_zeros(())

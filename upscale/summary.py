@@ -84,6 +84,7 @@ def summarize(
         "core_groups": cfg.moe.core_groups,
         "top_k": cfg.moe.top_k,
         "top_k_groups": cfg.moe.top_k_groups,
+        "routed_top_k": cfg.moe.k_routed,
         "num_moe_layers": len(experts),
         "num_blocks": cfg.total_blocks,
         "extra_blocks": cfg.extra_blocks,
