@@ -415,7 +415,9 @@ def plan(
     title = f"grown model: {report['total_params'] / 1e9:.3f}B parameters (source {report['source_params'] / 1e9:.3f}B)"
     console.print(_params_table(title, report["params_by_component"], f"[bold]{report['total_params']:,}[/]"))
     groups_ = next(iter(report["groups"].values()))
-    console.print(f"{report['num_moe_layers']} MoE layers, groups {groups_}, {report['num_blocks']} encoder blocks")
+    console.print(f"{report['num_moe_layers']} MoE layers, groups {groups_}, {report['num_blocks']} encoder blocks; "
+                  f"experts per token in an encoder MoE layer: {report['top_k']} core + {report['top_k_groups']} new "
+                  f"group(s) x {report['routed_top_k']} (the source's: {report['top_k']})")
     m = Table(title=f"memory per stage ({dtype} weights/grads, SGD momentum; activations not included)")
     for col in ("stage", "trainable params", "weights", "grads", "optimizer", "total"):
         m.add_column(col, justify="right")

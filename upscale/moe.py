@@ -15,7 +15,9 @@ of the source model, so a model whose experts are all copies of a dense MLP
 reproduces that MLP, and growth leaves the source's computation untouched.
 The remaining ("routed") groups are chosen per token by the group router
 (softmax over routed groups, top-k groups); inside a chosen group an in-group
-router picks top-k experts (renormalised).
+router picks `routed_top_k` experts (renormalised; 0 means top-k). With 1, a
+token of a grown model runs top-k + 1 experts instead of 2 x top-k: the new
+capacity costs parameters more than compute per step.
 
 Hand-over mixing. A token's routed groups receive the weight
 `m_g = group_scale[g] * p_group` and the core experts the remaining `1 - sum_g m_g`:
