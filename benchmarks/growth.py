@@ -94,14 +94,20 @@ def step_flops(ckpt: Path, stage: int, data: Path, unlabelled: Path | None, batc
     return float(counter.get_total_flops())
 
 
-def image_stats(ckpt: Path, data: Path):
+def image_stats(ckpt: Path, data: Path, limit: int = 0):
+    """Per-image statistics of `ckpt` on the labelled folder `data` (its first `limit` images when limit > 0)."""
+    from torch.utils.data import Subset
+
     from stages.data import LabelledFolder
     from stages.evaluate import run_model
     from upscale.checkpoint import load_model
 
     model = load_model(ckpt)
     cfg = model.config
-    stats, routing = run_model(model, LabelledFolder(data, cfg.num_classes, size=cfg.img_size), 8)
+    folder = LabelledFolder(data, cfg.num_classes, size=cfg.img_size)
+    if 0 < limit < len(folder):
+        folder = Subset(folder, range(limit))
+    stats, routing = run_model(model, folder, 8)
     return stats, {k: v.report() for k, v in routing.items()}
 
 

@@ -135,6 +135,9 @@ def main() -> None:
                     "a larger batch uses a core better, and only the source's end point matters")
     ap.add_argument("--test", type=Path, default=None, help="held-out folder the arms are scored on (default: "
                     "WORK/data/A-test); a larger one from another seed narrows the intervals")
+    ap.add_argument("--train-score", type=int, default=0, metavar="K",
+                    help="also score every arm on the first K training images of A: a large train - held-out gap says "
+                         "the set, not the model's capacity, limits what growth can add")
     ap.add_argument("--device", default=None, help="samoe train's --device for every run (e.g. cuda)")
     args = ap.parse_args()
     from stages.evaluate import bootstrap_diff
@@ -192,6 +195,13 @@ def main() -> None:
             print(f"| {arm} | " + " | ".join(cells) + " |")
     costs = {k: np.mean([f[s][k] / f[s]["src"] for s in args.seeds]) for k in f[args.seeds[0]] if k != "src"}
     print("\nFLOPs per step / the source's: " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items()))
+    if args.train_score:
+        print(f"\n| arm | mIoU on {args.train_score} training images per seed | held out | gap |\n|---|---|---|---|")
+        for arm in ["source", *args.arms]:
+            ckpts = [args.work / f"seed{s}" / "source" / "final" if arm == "source" else finals[s, arm] for s in args.seeds]
+            fit = concat([image_stats(c, d / "A", args.train_score)[0] for c in ckpts]).metrics()["miou"]
+            held = stats[arm].metrics()["miou"]
+            print(f"| {arm} | {fit:.4f} | {held:.4f} | {fit - held:+.4f} |")
     print("\n| per-seed mIoU | " + " | ".join(f"seed {s}" for s in args.seeds) + " |\n|---|" + "---|" * len(args.seeds))
     for arm in ["source", *args.arms]:
         print(f"| {arm} | " + " | ".join(f"{st.metrics()['miou']:.4f}" for st in per_seed[arm]) + " |")
