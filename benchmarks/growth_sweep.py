@@ -12,6 +12,9 @@ stage, so the grown model's costlier steps buy it fewer of them). Arms:
                             experts), blocks<n> (n extra blocks, not 1) or rk<k> (k experts per token in a
                             new group); blocks and rk change the layout, so the arm counts its own FLOPs
     ft:<lr>                 the grown model, stage 3 only (every parameter trains)
+    stage1:<lr>             the grown model, stage 1 only, on A: the source frozen, only the new experts
+                            and the routers train (the plan's integration stage; cheaper steps, no weight
+                            gradients for the source's parts, and the source's function cannot be lost)
     staged:<s1>/<s2>/<s3>:<lr1>/<lr2>/<lr3>   stages 1-3 sharing E (shares in percent); stage 1 on
                             the source's pseudo-labels of B, stages 2-3 on A
 
@@ -101,9 +104,10 @@ def run_arm(arm: str, w: Path, d: Path, seed: int, E: float, f: dict[str, float]
     src, grown = w / "source" / "final", w / (f"grown-{variant}" if variant else "grown")
     if kind == "a":
         return train(3, src, w / f"sweep-{tag}", A, None, max(1, round(E / f["src"])), float(rest), seed, force_input=True)
-    if kind == "ft":
-        return train(3, grown, w / f"sweep-{tag}", A, None, max(1, round(E / f.get(f"g3@{variant}", f["g3"]))),
-                     float(rest), seed, force_input=True)
+    if kind in ("ft", "stage1"):
+        stage, per_step = (3, f.get(f"g3@{variant}", f["g3"])) if kind == "ft" else (1, f[f"g1A@{variant}"])
+        return train(stage, grown, w / f"sweep-{tag}", A, None, max(1, round(E / per_step)), float(rest), seed,
+                     force_input=True)
     if changes_layout(variant):
         raise SystemExit(f"{arm}@{variant}: staged arms count the default layout's FLOPs; use ft: with @blocks<n> or @rk<k>")
     shares, lrs = ([float(v) for v in part.split("/")] for part in rest.split(":"))
@@ -161,9 +165,13 @@ def main() -> None:
     variants = sorted({arm.partition("@")[2] for arm in args.arms} - {""})
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # growth variants of the same architecture: same FLOPs
         list(pool.map(lambda sv: grow(args.work / f"seed{sv[0]}", *sv), [(s, v) for s in args.seeds for v in variants]))
+    stage1_variants = {arm.partition("@")[2] for arm in args.arms if arm.startswith("stage1:")}
     for s in args.seeds:  # a layout variant's own stage-3 step (one thread: the counter is a global mode)
         for v in filter(changes_layout, variants):
             f[s][f"g3@{v}"] = step_flops(args.work / f"seed{s}" / f"grown-{v}", 3, d / "A", None, args.batch_size)
+        for v in stage1_variants:  # stage 1 on A: the frozen source gets no weight gradients
+            f[s][f"g1A@{v}"] = step_flops(args.work / f"seed{s}" / (f"grown-{v}" if v else "grown"), 1, d / "A", None,
+                                          args.batch_size)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {(s, arm): pool.submit(run_arm, arm, args.work / f"seed{s}", d, s,
                                          args.extra * args.source_steps * f[s]["src"], f[s])
