@@ -2,8 +2,8 @@
 
 For each (width, experts) case: forward + backward time of `MoEMLP` on N tokens
 against a dense SAM `MLPBlock` on N * k tokens, where k is the number of experts
-a token actually uses (top_k in the core pool + top_k per chosen new group), so
-both do the same expert FLOPs. Routing, permutation and un-permutation are
+a token actually uses (`MoEConfig.experts_per_token`: top_k in the core pool +
+the routed top-k per chosen new group), so both do the same expert FLOPs. Routing, permutation and un-permutation are
 included in the MoE time. The router share is the forward + backward time of the
 `HierarchicalRouter` alone divided by the layer's. Ratios come from one run.
 
@@ -79,7 +79,7 @@ def targets(tokens: int, repeats: int) -> None:
     for name, cfg, ac, target in TARGETS:
         torch.manual_seed(0)
         moe, dense = MoEMLP(768, 3072, cfg, nn.GELU), MLPBlock(768, 3072, nn.GELU)
-        k = cfg.top_k + (cfg.top_k_groups * cfg.k_routed if len(cfg.groups) > cfg.core_groups else 0)
+        k = cfg.experts_per_token
         x = torch.randn(tokens, 768, requires_grad=True)
         xd = torch.randn(tokens * k, 768, requires_grad=True)
         runs = {"dense": fwd_bwd(dense, xd, True, ac), "fresh": fwd_bwd(moe, x, True, ac), "kept": fwd_bwd(moe, x, False, ac)}
@@ -112,7 +112,7 @@ def main() -> None:
     print(f"{'case':15} {'k':>2} {'moe ms':>9} {'dense ms':>9} {'ratio':>6} {'router ms':>9} {'router %':>8}")
     for name, d, h, cfg in cases:
         moe = MoEMLP(d, h, cfg, nn.GELU).to(args.device, dtype)
-        k = cfg.top_k + (cfg.top_k_groups * cfg.k_routed if len(cfg.groups) > cfg.core_groups else 0)
+        k = cfg.experts_per_token
         dense = MLPBlock(d, h, nn.GELU).to(args.device, dtype)
         x = torch.randn(args.tokens, d, device=args.device, dtype=dtype, requires_grad=True)
         xd = torch.randn(args.tokens * k, d, device=args.device, dtype=dtype, requires_grad=True)

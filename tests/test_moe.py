@@ -268,6 +268,7 @@ def test_only_used_experts_are_computed(monkeypatch, loop_path, groups, core, tk
 
     k, kr = k if isinstance(k, tuple) else (k, k)
     per_token = (k if core else 0) + (tkg * kr if core < len(groups) else 0)
+    assert m.cfg.experts_per_token == per_token
     assert int(m.expert_counts.sum()) == n * per_token
     assert m.expert_counts.tolist() == counts
     offs = [0]

@@ -48,6 +48,12 @@ class MoEConfig:
         return self.routed_top_k or self.top_k
 
     @property
+    def experts_per_token(self) -> int:
+        """Experts a token runs through in one layer with `top_k_groups` routed groups: its compute per token."""
+        routed = len(self.groups) - self.core_groups
+        return (self.top_k if self.core_groups else 0) + (self.top_k_groups * self.k_routed if routed else 0)
+
+    @property
     def num_experts(self) -> int:
         return sum(self.groups)
 
@@ -61,8 +67,10 @@ class MoEConfig:
         if not 0 <= self.core_groups <= len(self.groups):
             raise SamoeError(f"core_groups={self.core_groups} must be between 0 and the number of groups ({len(self.groups)})")
         routed = len(self.groups) - self.core_groups
-        if self.top_k < 1 or self.core_groups and self.top_k > self.num_core_experts:
-            raise SamoeError(f"top_k={self.top_k} must be between 1 and the core pool's {self.num_core_experts} experts")
+        if self.top_k < 1:
+            raise SamoeError(f"top_k={self.top_k} must be at least 1")
+        if self.core_groups and self.top_k > self.num_core_experts:
+            raise SamoeError(f"top_k={self.top_k} must be at most the core pool's {self.num_core_experts} experts")
         if self.routed_top_k < 0:
             raise SamoeError(f"routed_top_k={self.routed_top_k} must be 0 (the same as top_k) or more")
         if routed and not 1 <= self.k_routed <= min(self.groups[self.core_groups:]):
