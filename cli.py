@@ -330,14 +330,15 @@ def _params_table(title: str, by_component: dict[str, int], total: str) -> Table
     return t
 
 
-def _growth_spec(source_cfg: Any, g: _Growth, init: str, noise_std: float, interp_weight: float, seed: int) -> Any:
+def _growth_spec(source_cfg: Any, g: _Growth, init: str, noise_std: float, interp_weight: float, seed: int,
+                 reinit_ratio: float = 0.0) -> Any:
     from upscale.expand import GrowthSpec, resolve_groups
 
     sizes = resolve_groups(source_cfg.moe.num_experts, g.experts, g.groups, g.core_groups)
     return GrowthSpec(experts=g.experts, groups=sizes, core_groups=g.core_groups, top_k_groups=g.top_k_groups,
                       routed_top_k=g.routed_top_k,
                       extra_blocks=g.extra_blocks, extra_dense=g.extra_dense, init=init, noise_std=noise_std,
-                      interp_weight=interp_weight, seed=seed)
+                      interp_weight=interp_weight, reinit_ratio=reinit_ratio, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -436,6 +437,9 @@ def expand(
     init: str = typer.Option("copy-noise", "--init", help="copy-noise | interpolate | mixed"),
     noise_std: float = typer.Option(0.01, "--noise-std", min=0, callback=_finite, help="Noise std relative to each tensor's own std (copy-noise)."),
     interp_weight: float = typer.Option(0.3, "--interp-weight", min=0, max=1, callback=_finite, help="W in W*A + (1-W)*B (interpolate)."),
+    reinit_ratio: float = typer.Option(0.0, "--reinit-ratio", min=0, max=1, callback=_finite,
+                                       help="Drop-Upcycling: draw this fraction of each new expert's hidden units afresh (0.5 in the paper), "
+                                            "so copies of one source expert can specialise apart; the function is still preserved."),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (default: the source's)."),
     shard_size: float = typer.Option(2.0, "--shard-size", callback=_positive, help="Shard size in GiB."),
@@ -463,7 +467,7 @@ def expand(
         verify_device = resolve_device(device)
         check_separate(out, "--out", {"--verify": verify})
         images = load_images(verify, src.config.img_size, verify_images)
-    spec = _growth_spec(src.config, growth, init, noise_std, interp_weight, seed)
+    spec = _growth_spec(src.config, growth, init, noise_std, interp_weight, seed, reinit_ratio)
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=console, transient=as_json) as progress, _one_job(out):
         task = progress.add_task("expanding", total=None)

@@ -9,7 +9,8 @@ stage, so the grown model's costlier steps buy it fewer of them). Arms:
     a:<lr>                  the source trained further (stage 3)
     <grown arm>@<variant>   the same, from another growth of the source, parts joined by '+': noise<std>
                             (copy + noise of that relative std), interp<w> (interpolation of two source
-                            experts), blocks<n> (n extra blocks, not 1) or rk<k> (k experts per token in a
+                            experts), reinit<r> (that fraction of each new expert's hidden units drawn
+                            afresh), blocks<n> (n extra blocks, not 1) or rk<k> (k experts per token in a
                             new group); blocks and rk change the layout, so the arm counts its own FLOPs
     ft:<lr>                 the grown model, stage 3 only (every parameter trains)
     stage1:<lr>             the grown model, stage 1 only, on A: the source frozen, only the new experts
@@ -66,9 +67,9 @@ LAYOUT_PARTS = ("blocks", "rk")  # variant parts that change the grown layout, h
 
 def growth_args(variant: str) -> list[str]:
     """expand's options for an arm's `@variant`: parts joined by '+', each one of noise<std> or interp<w> (the
-    init; default copy + 1% noise), blocks<n> (n extra blocks instead of growth.py's 1) or rk<k> (k experts per
+    init; default copy + 1% noise), reinit<r> (Drop-Upcycling: `--reinit-ratio r`), blocks<n> (n extra blocks instead of growth.py's 1) or rk<k> (k experts per
     token inside a chosen new group: `--routed-top-k`); '' is growth.py's growth."""
-    layout, init = list(growth.GROW), ["--noise-std", "0.01"]
+    layout, init, extra = list(growth.GROW), ["--noise-std", "0.01"], []
     for part in filter(None, variant.split("+")):
         if part.startswith("blocks"):
             layout[layout.index("--extra-blocks") + 1] = part[len("blocks"):]
@@ -78,10 +79,12 @@ def growth_args(variant: str) -> list[str]:
             init = ["--noise-std", part[len("noise"):]]
         elif part.startswith("interp"):
             init = ["--init", "interpolate", "--interp-weight", part[len("interp"):] or "0.3"]
+        elif part.startswith("reinit"):
+            extra += ["--reinit-ratio", part[len("reinit"):] or "0.5"]
         else:
             raise SystemExit(f"unknown growth variant part {part!r} in @{variant}: use noise<std>, interp<w>, "
-                             "blocks<n> or rk<k>, joined by '+'")
-    return [*layout, *init]
+                             "reinit<r>, blocks<n> or rk<k>, joined by '+'")
+    return [*layout, *init, *extra]
 
 
 def changes_layout(variant: str) -> bool:

@@ -171,6 +171,7 @@ PRESERVING = {
     "topk-groups2-noise0.5": dict(experts=13, groups="4", top_k_groups=2, noise_std=0.5),
     "routed-top-k1-noise0.5": dict(experts=13, groups="4", routed_top_k=1, noise_std=0.5, extra_blocks=1),
     "extra-dense": dict(experts=13, groups="4", noise_std=0.0, extra_blocks=1, extra_dense=True),
+    "reinit0.5-noise0.1-extra1": dict(experts=13, groups="4", reinit_ratio=0.5, noise_std=0.1, extra_blocks=1),
 }
 
 
@@ -347,6 +348,48 @@ def test_mixed_alternates_copy_noise_and_interpolate(src, tmp_path):
         assert int(m["a"]) == HAND_COPY[j]
         if j % 2:
             assert int(m["b"]) == HAND_PARTNER[j]
+
+
+@pytest.mark.parametrize("init", ["copy-noise", "interpolate"])
+def test_reinit_draws_the_same_fresh_hidden_units_in_w1_b1_w2(init, src, src_tensors, tmp_path):
+    """Drop-Upcycling, checked against the recipe without it: a new expert differs from it in exactly
+    round(r * H) hidden units (w1 rows, b1 entries, w2 columns, the same units in all three), the fresh
+    values have the source expert's std, b2 and the router rows are untouched, and experts pick different units."""
+    r, opts = 0.5, dict(experts=13, groups="4", init=init, noise_std=0.0, seed=4)
+    plain, fresh = _grow(src, tmp_path / "plain", **opts), _grow(src, tmp_path / "fresh", reinit_ratio=r, **opts)
+    tp, tf, prov = _tensors(plain), _tensors(fresh), _meta(fresh)["provenance"]
+    for prefix in _moe_prefixes(TINY):
+        hidden = tf[f"{prefix}.experts.0.b1"].shape[1]
+        k = round(r * hidden)
+        picked = []
+        for g in (1, 2, 3):
+            w1, b1, w2 = (f"{prefix}.experts.{g}.{p}" for p in ("w1", "b1", "w2"))
+            for i in range(tf[w1].shape[0]):
+                rows = (tf[w1][i] != tp[w1][i]).any(dim=1)
+                assert int(rows.sum()) == k, (w1, i)
+                assert torch.equal((tf[b1][i] != tp[b1][i]), rows), (b1, i)
+                assert torch.equal((tf[w2][i] != tp[w2][i]).any(dim=0), rows), (w2, i)
+                a = int(re.search(r"\[(\d+)\]", prov[w1][i])[1])
+                expected = float(src_tensors[f"{prefix}.experts.0.w1"][a].double().std())
+                assert abs(float(tf[w1][i][rows].double().std()) / expected - 1) < 0.1, (w1, i)
+                picked.append(tuple(rows.nonzero().flatten().tolist()))
+            for name in (f"{prefix}.experts.{g}.b2", f"{prefix}.router.expert_gates.{g}.weight"):
+                assert torch.equal(tf[name], tp[name]), name
+                assert not any("reinit" in e for e in prov[name])
+            assert all(e.endswith(f"+reinit:{r:g}") for e in prov[w1] + prov[b1] + prov[w2])
+        assert len(set(picked)) == len(picked), prefix  # every new expert its own units
+    assert _meta(fresh)["growth"]["reinit_ratio"] == r
+    for name in tf:  # the source's experts and everything else: as without reinit
+        if not re.search(r"\.experts\.[123]\.(w1|b1|w2)$", name):
+            assert torch.equal(tf[name], tp[name]), name
+
+
+def test_reinit_is_deterministic_across_workers(src, tmp_path):
+    opts = dict(experts=13, groups="4,3,3,3", noise_std=0.05, reinit_ratio=0.25, seed=2)
+    a = _grow(src, tmp_path / "a", workers=1, **opts)
+    b = _grow(src, tmp_path / "b", workers=3, shard_bytes=1_000_000, **opts)
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 def test_new_groups_deviate_more_with_more_noise(src, images, tmp_path):

@@ -14,6 +14,8 @@ What grows (strategy 1 of the growth plan):
   new experts fill the other groups, each made by `copy-noise` (a source expert
   plus Gaussian noise scaled to that tensor's own std), `interpolate`
   (W*A + (1-W)*B of two distinct source experts) or `mixed` (alternating).
+  `reinit_ratio` > 0 then draws that fraction of each new expert's hidden units
+  afresh (Drop-Upcycling), so that copies of one source expert can diverge.
   In-group router rows follow their experts (same recipe). The group router is
   new (small random), and each routed group's `group_scale` starts at zero, so
   the grown model computes exactly what the source computed while the new parts
@@ -67,6 +69,7 @@ class GrowthSpec:
     init: str = "copy-noise"
     noise_std: float = 0.01
     interp_weight: float = 0.3
+    reinit_ratio: float = 0.0  # Drop-Upcycling: fraction of each new expert's hidden units drawn fresh
     seed: int = 0
 
 
@@ -127,6 +130,8 @@ def validate_spec(src: SamMoEConfig, spec: GrowthSpec) -> None:
         raise SamoeError(f"--noise-std {spec.noise_std} must be a finite number >= 0")
     if not 0.0 <= spec.interp_weight <= 1.0:
         raise SamoeError(f"--interp-weight {spec.interp_weight} must be in [0, 1]")
+    if not 0.0 <= spec.reinit_ratio <= 1.0:
+        raise SamoeError(f"--reinit-ratio {spec.reinit_ratio} must be in [0, 1]")
     if spec.init != "copy-noise" and src.moe.num_experts < 2:
         raise SamoeError("--init interpolate/mixed needs at least 2 source experts: use --init copy-noise")
     if spec.extra_blocks < 0:
@@ -268,9 +273,31 @@ class GaussianNoise:
             torch.add(src[lo:lo + m], noise, out=dst[lo:lo + m])
 
 
+def reinit_units(spec: GrowthSpec, layer: str, j: int, hidden: int) -> torch.Tensor | None:
+    """The hidden units of new expert j of `layer` that Drop-Upcycling re-initialises (sorted), or None.
+
+    Seeded by (seed, layer, j) alone, so w1's rows, b1's entries and w2's
+    columns of one expert pick the same units in whichever worker makes them.
+    """
+    k = round(spec.reinit_ratio * hidden)
+    if k == 0:
+        return None
+    gen = torch.Generator().manual_seed(tensor_seed(spec.seed, f"{layer}.new_expert.{j}.reinit"))
+    return torch.randperm(hidden, generator=gen)[:k].sort().values
+
+
+@dataclass(frozen=True)
+class Reinit:
+    """Which part of each new expert of a bank starts fresh: `units[i]` along `axis` of row i (None: none)."""
+
+    axis: int
+    units: list[torch.Tensor | None]
+
+
 def make_new_bank(source: torch.Tensor, recipes: list[tuple[str, tuple[int, ...]]], spec: GrowthSpec, seed: int,
                   std_of: Callable[[int], float] | None = None,
                   empty: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] = lambda shape, dtype: torch.empty(shape, dtype=dtype),
+                  reinit: Reinit | None = None,
                   ) -> torch.Tensor:
     """Stack new experts (rows along dim 0) made from `source` (S, ...) by their recipes.
 
@@ -278,15 +305,22 @@ def make_new_bank(source: torch.Tensor, recipes: list[tuple[str, tuple[int, ...]
     bank at the storage dtype (this is the CPU cost of a 10B expand); only
     interpolation goes through a float32 scratch row. `empty` allocates the
     output (expand passes a pool of recycled buffers; every row is overwritten).
+    With `reinit`, the chosen hidden units of each row are then overwritten with
+    N(0, std^2) at the std of the row's (first) source expert: copies of one
+    source expert stop being near-duplicates, so they can specialise apart
+    (Drop-Upcycling, Nakamura et al. 2025); group_scale = 0 still hides them.
     """
     noise = GaussianNoise(seed) if spec.noise_std > 0 else None
+    fresh = GaussianNoise(tensor_seed(seed, "reinit")) if reinit is not None else None
     out = empty((len(recipes),) + tuple(source.shape[1:]), source.dtype)
     row = None
+
+    def std(i: int) -> float:
+        return std_of(i) if std_of is not None else _std(source[i])
+
     for i, (kind, src) in enumerate(recipes):
         if kind == "copy-noise":
-            scale = 0.0
-            if noise is not None:
-                scale = spec.noise_std * (std_of(src[0]) if std_of is not None else _std(source[src[0]]))
+            scale = spec.noise_std * std(src[0]) if noise is not None else 0.0
             if scale > 0:
                 noise.add_to(source[src[0]], scale, out[i])
             else:
@@ -297,14 +331,22 @@ def make_new_bank(source: torch.Tensor, recipes: list[tuple[str, tuple[int, ...]
             row.copy_(source[src[0]])
             row.mul_(spec.interp_weight).add_(source[src[1]].to(torch.float32) * (1.0 - spec.interp_weight))
             out[i].copy_(row)
+        units = reinit.units[i] if reinit is not None else None
+        if units is not None:
+            shape = list(out.shape[1:])
+            shape[reinit.axis] = len(units)
+            values = fresh.sample(int(np.prod(shape)), std(src[0]), out.dtype).view(shape)
+            out[i].index_copy_(reinit.axis, units, values)
     return out
 
 
-def recipe_provenance(recipe: tuple[str, tuple[int, ...]], src_name: str, spec: GrowthSpec) -> str:
+def recipe_provenance(recipe: tuple[str, tuple[int, ...]], src_name: str, spec: GrowthSpec, reinit: bool = False) -> str:
     kind, src = recipe
     if kind == "copy-noise":
-        return f"copy-noise:{src_name}[{src[0]}]:{spec.noise_std:g}"
-    return f"interpolate:{src_name}[{src[0]}]:{src_name}[{src[1]}]:{spec.interp_weight:g}"
+        entry = f"copy-noise:{src_name}[{src[0]}]:{spec.noise_std:g}"
+    else:
+        entry = f"interpolate:{src_name}[{src[0]}]:{src_name}[{src[1]}]:{spec.interp_weight:g}"
+    return entry + (f"+reinit:{spec.reinit_ratio:g}" if reinit else "")
 
 
 # --------------------------------------------------------------------------- plan
@@ -339,12 +381,15 @@ def _random_normal(shape: tuple[int, ...], dtype: torch.dtype, seed: int, std: f
     return lambda read: (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * std).to(dtype)
 
 
-def _new_bank(src_name: str, recipes, spec: GrowthSpec, seed: int) -> Callable[[Reader], torch.Tensor]:
+def _new_bank(src_name: str, recipes, spec: GrowthSpec, seed: int, reinit: Reinit | None) -> Callable[[Reader], torch.Tensor]:
     def make(read: Reader) -> torch.Tensor:
         std_of = getattr(read, "row_std", None)
         kw = {"empty": read.empty} if hasattr(read, "empty") else {}
-        return make_new_bank(read(src_name), recipes, spec, seed, std_of and (lambda i: std_of(src_name, i)), **kw)
+        return make_new_bank(read(src_name), recipes, spec, seed, std_of and (lambda i: std_of(src_name, i)), reinit=reinit, **kw)
     return make
+
+
+_HIDDEN_AXIS = {"w1": 0, "b1": 0, "w2": 1}  # where an expert's hidden units lie in one row of each bank
 
 
 def _moe_layer_plans(
@@ -362,6 +407,8 @@ def _moe_layer_plans(
     plans: list[TensorPlan] = []
     offsets = np.cumsum((0,) + groups).tolist()
     recipes = [new_expert_recipe(spec, j, s) for j in range(cfg.moe.num_experts - s)]
+    hidden = shapes[f"{out_prefix}.experts.0.b1"][1]
+    units = [reinit_units(spec, out_prefix, j, hidden) for j in range(len(recipes))]
     for g, size in enumerate(groups):
         lo, hi = offsets[g], offsets[g + 1]
         names = [(f"{out_prefix}.experts.{g}.{p}", f"{src_prefix}.experts.0.{p}") for p in _EXPERT_PARAMS]
@@ -380,8 +427,10 @@ def _moe_layer_plans(
                     plans.append(TensorPlan(out_name, shape, prov, (src_name,), _passthrough(src_name, slice(lo, hi))))
             else:
                 rec = recipes[lo - s : hi - s]
-                prov = [recipe_provenance(r, src_name, spec) for r in rec]
-                plans.append(TensorPlan(out_name, shape, prov, (src_name,), _new_bank(src_name, rec, spec, tensor_seed(spec.seed, out_name))))
+                axis = _HIDDEN_AXIS.get(out_name.rsplit(".", 1)[1])
+                reinit = Reinit(axis, units[lo - s : hi - s]) if axis is not None and any(u is not None for u in units) else None
+                prov = [recipe_provenance(r, src_name, spec, reinit is not None) for r in rec]
+                plans.append(TensorPlan(out_name, shape, prov, (src_name,), _new_bank(src_name, rec, spec, tensor_seed(spec.seed, out_name), reinit)))
     gate = f"{out_prefix}.router.group_gate.weight"
     plans.append(TensorPlan(gate, shapes[gate], "random", (), _random_normal(shapes[gate], dtype, tensor_seed(spec.seed, gate), 0.02)))
     scale = f"{out_prefix}.router.group_scale"
