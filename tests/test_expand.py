@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -548,6 +549,49 @@ def test_growth_is_deterministic_across_workers_and_shards(src, tmp_path):
     assert _digests(e) != _digests(a)
     ta, tc = _tensors(a), _tensors(c)
     assert ta.keys() == tc.keys() and all(torch.equal(ta[k], tc[k]) for k in ta)
+
+
+def test_source_cache_reads_a_tensor_once_however_many_workers_want_it():
+    """Single-flight reads: 4 threads asking at once cause one read; a failed read fails every waiter
+    and leaves nothing behind, so the next call reads again."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from upscale.expand import SourceCache
+
+    class Slow:
+        def __init__(self) -> None:
+            self.reads: list[str] = []
+            self.fail = False
+            self.gate = threading.Barrier(4)
+
+        def get(self, name: str) -> torch.Tensor:
+            self.reads.append(name)
+            time.sleep(0.2)  # the other callers arrive while this read is in flight
+            if self.fail:
+                raise SamoeError("disk error")
+            return torch.ones(3, 2, dtype=torch.bfloat16)
+
+    ckpt = Slow()
+    cache = SourceCache(ckpt, budget_bytes=1 << 20)
+
+    def call(name: str):
+        ckpt.gate.wait()
+        try:
+            return cache(name)
+        except SamoeError as e:
+            return e
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(call, ["a.experts.0.w1"] * 4))
+    assert ckpt.reads == ["a.experts.0.w1"] and all(t is got[0] for t in got)
+    assert cache.row_std("a.experts.0.w1", 1) == 0.0 and ckpt.reads == ["a.experts.0.w1"]
+    ckpt.fail = True
+    with ThreadPoolExecutor(4) as pool:
+        errors = list(pool.map(call, ["b"] * 4))
+    assert ckpt.reads.count("b") == 1 and all(isinstance(e, SamoeError) for e in errors)
+    ckpt.fail = False
+    assert torch.equal(cache("b"), torch.ones(3, 2, dtype=torch.bfloat16)) and ckpt.reads.count("b") == 2
 
 
 # --------------------------------------------------------------------------- 8. lineage

@@ -37,7 +37,7 @@ import hashlib
 import re
 import threading
 from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -563,13 +563,16 @@ class SourceCache:
     """Thread-safe lazy reader of source tensors that keeps the few most recent ones.
 
     A source expert bank feeds every group of its layer, so it is read once per
-    layer, not once per output tensor; the byte budget bounds memory.
+    layer, not once per output tensor; the byte budget bounds memory. Reads are
+    single-flight: workers that want a tensor another worker is reading wait for
+    that read instead of reading (and checking) the same bytes again.
     """
 
     def __init__(self, ckpt: Checkpoint, budget_bytes: int) -> None:
         self.ckpt = ckpt
         self.budget = budget_bytes
         self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.reading: dict[str, Future] = {}
         self.stds: dict[str, dict[int, float]] = {}
         self.lock = threading.Lock()
         self.pool = BufferPool(keep=8)
@@ -591,6 +594,28 @@ class SourceCache:
             if name in self.cache:
                 self.cache.move_to_end(name)
                 return self.cache[name]
+            flight = self.reading.get(name)
+            if flight is None:
+                flight = self.reading[name] = Future()
+                flight.set_running_or_notify_cancel()
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            return flight.result()  # the reader's tensor, or its error raised here too
+        try:
+            tensor = self._read(name)
+        except BaseException as e:
+            flight.set_exception(e)
+            raise
+        finally:
+            with self.lock:
+                del self.reading[name]
+        flight.set_result(tensor)
+        return tensor
+
+    def _read(self, name: str) -> torch.Tensor:
+        """Read and check one tensor, and cache it (evicting the oldest beyond the budget)."""
         tensor = self.ckpt.get(name)
         if ".experts." in name and tensor.dim() >= 1 and tensor.is_floating_point() and tensor.element_size() == 2:
             stds, finite = row_stats(tensor)  # an expert bank: row stds and finiteness in one pass
