@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import gc
 import inspect
 import json
 import sys
@@ -468,6 +469,7 @@ def expand(
         check_separate(out, "--out", {"--verify": verify})
         images = load_images(verify, src.config.img_size, verify_images)
     spec = _growth_spec(src.config, growth, init, noise_std, interp_weight, seed, reinit_ratio)
+    gc.freeze()  # the collector's full passes would rescan torch's ~10^5 import-time objects all through the write
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=console, transient=as_json) as progress, _one_job(out):
         task = progress.add_task("expanding", total=None)

@@ -214,7 +214,7 @@ def row_stats(bank: torch.Tensor) -> tuple[list[float], bool]:
         return [float("nan")] * rows, False
     c, v = counts[:, finite_mask], values[finite_mask]
     n = c.sum(axis=1)
-    mean = c @ v / n
+    mean = np.einsum("ij,j->i", c, v) / n  # not `c @ v`: BLAS threads would spin on the cores the workers need
     var = (c * (v[None, :] - mean[:, None]) ** 2).sum(axis=1) / n
     return [float(x) for x in np.sqrt(var)], True
 
