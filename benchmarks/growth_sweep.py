@@ -99,9 +99,11 @@ def grow(w: Path, seed: int, variant: str) -> Path:
     return out
 
 
-def run_arm(arm: str, w: Path, d: Path, seed: int, E: float, f: dict[str, float]) -> Path:
-    """Train one arm of one seed with extra compute E (FLOPs); returns its final checkpoint."""
-    A, tag = d / "A", arm.replace(":", "_").replace("/", "-")
+def run_arm(arm: str, w: Path, d: Path, seed: int, E: float, f: dict[str, float], extra: float) -> Path:
+    """Train one arm of one seed with extra compute E (FLOPs); returns its final checkpoint.
+
+    Runs are named by arm and `--extra`, so a sweep with another E never reuses them."""
+    A, tag = d / "A", arm.replace(":", "_").replace("/", "-") + f"-E{extra:g}"
     arm, _, variant = arm.partition("@")
     kind, _, rest = arm.partition(":")
     src, grown = w / "source" / "final", w / (f"grown-{variant}" if variant else "grown")
@@ -177,7 +179,7 @@ def main() -> None:
                                           args.batch_size)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {(s, arm): pool.submit(run_arm, arm, args.work / f"seed{s}", d, s,
-                                         args.extra * args.source_steps * f[s]["src"], f[s])
+                                         args.extra * args.source_steps * f[s]["src"], f[s], args.extra)
                    for s in args.seeds for arm in args.arms}
         finals = {key: fut.result() for key, fut in futures.items()}
     test = args.test or d / "A-test"
