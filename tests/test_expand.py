@@ -385,6 +385,13 @@ def test_reinit_draws_the_same_fresh_hidden_units_in_w1_b1_w2(init, src, src_ten
             assert torch.equal(tf[name], tp[name]), name
 
 
+@pytest.mark.parametrize("ratio", [-0.1, 1.5, float("nan")])
+def test_reinit_ratio_outside_0_1_is_refused_before_writing(ratio, src, tmp_path):
+    with pytest.raises(SamoeError, match="--reinit-ratio"):
+        _grow(src, tmp_path / "bad", experts=13, groups="4", reinit_ratio=ratio)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_reinit_is_deterministic_across_workers(src, tmp_path):
     opts = dict(experts=13, groups="4,3,3,3", noise_std=0.05, reinit_ratio=0.25, seed=2)
     a = _grow(src, tmp_path / "a", workers=1, **opts)

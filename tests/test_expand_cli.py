@@ -132,6 +132,7 @@ BAD = {
     "core-too-large": (["--experts", "13", "--groups", "5,4,4"], "core group"),
     "negative-noise": ([*VALID, "--noise-std=-0.1"], "--noise-std"),
     "interp-weight": ([*VALID, "--init", "interpolate", "--interp-weight", "1.5"], "--interp-weight"),
+    "reinit-ratio": ([*VALID, "--reinit-ratio", "1.5"], "--reinit-ratio"),
     "core-groups-3": ([*VALID, "--core-groups", "3"], "--core-groups"),
     "existing-out": (VALID, "already exists"),
     "source-empty-dir": (VALID, "not a samoe checkpoint"),
