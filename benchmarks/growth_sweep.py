@@ -67,8 +67,9 @@ LAYOUT_PARTS = ("blocks", "rk")  # variant parts that change the grown layout, h
 
 def growth_args(variant: str) -> list[str]:
     """expand's options for an arm's `@variant`: parts joined by '+', each one of noise<std> or interp<w> (the
-    init; default copy + 1% noise), reinit<r> (Drop-Upcycling: `--reinit-ratio r`), blocks<n> (n extra blocks instead of growth.py's 1) or rk<k> (k experts per
-    token inside a chosen new group: `--routed-top-k`); '' is growth.py's growth."""
+    init; default copy + 1% noise), reinit<r> (Drop-Upcycling: `--reinit-ratio r`), blocks<n> (n extra blocks
+    instead of growth.py's 1) or rk<k> (k experts per token inside a chosen new group: `--routed-top-k`); '' is
+    growth.py's growth."""
     layout, init, extra = list(growth.GROW), ["--noise-std", "0.01"], []
     for part in filter(None, variant.split("+")):
         if part.startswith("blocks"):
@@ -91,9 +92,14 @@ def changes_layout(variant: str) -> bool:
     return any(part.startswith(LAYOUT_PARTS) for part in variant.split("+"))
 
 
+def grown_dir(w: Path, variant: str) -> Path:
+    """w/grown (the default growth) or w/grown-<variant>."""
+    return w / (f"grown-{variant}" if variant else "grown")
+
+
 def grow(w: Path, seed: int, variant: str) -> Path:
-    """w/grown (the default growth) or w/grown-<variant>, grown from w/source/final."""
-    out = w / (f"grown-{variant}" if variant else "grown")
+    """grown_dir(w, variant), grown from w/source/final."""
+    out = grown_dir(w, variant)
     samoe("expand", str(w / "source" / "final"), "--out", str(out), *growth_args(variant), "--seed", str(seed),
           out=out)
     return out
@@ -106,7 +112,7 @@ def run_arm(arm: str, w: Path, d: Path, seed: int, E: float, f: dict[str, float]
     A, tag = d / "A", arm.replace(":", "_").replace("/", "-") + f"-E{extra:g}"
     arm, _, variant = arm.partition("@")
     kind, _, rest = arm.partition(":")
-    src, grown = w / "source" / "final", w / (f"grown-{variant}" if variant else "grown")
+    src, grown = w / "source" / "final", grown_dir(w, variant)
     if kind == "a":
         return train(3, src, w / f"sweep-{tag}", A, None, max(1, round(E / f["src"])), float(rest), seed, force_input=True)
     if kind in ("ft", "stage1"):
@@ -173,10 +179,9 @@ def main() -> None:
     stage1_variants = {arm.partition("@")[2] for arm in args.arms if arm.startswith("stage1:")}
     for s in args.seeds:  # a layout variant's own stage-3 step (one thread: the counter is a global mode)
         for v in filter(changes_layout, variants):
-            f[s][f"g3@{v}"] = step_flops(args.work / f"seed{s}" / f"grown-{v}", 3, d / "A", None, args.batch_size)
+            f[s][f"g3@{v}"] = step_flops(grown_dir(args.work / f"seed{s}", v), 3, d / "A", None, args.batch_size)
         for v in stage1_variants:  # stage 1 on A: the frozen source gets no weight gradients
-            f[s][f"g1A@{v}"] = step_flops(args.work / f"seed{s}" / (f"grown-{v}" if v else "grown"), 1, d / "A", None,
-                                          args.batch_size)
+            f[s][f"g1A@{v}"] = step_flops(grown_dir(args.work / f"seed{s}", v), 1, d / "A", None, args.batch_size)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {(s, arm): pool.submit(run_arm, arm, args.work / f"seed{s}", d, s,
                                          args.extra * args.source_steps * f[s]["src"], f[s], args.extra)

@@ -273,25 +273,22 @@ class GaussianNoise:
             torch.add(src[lo:lo + m], noise, out=dst[lo:lo + m])
 
 
-def reinit_units(spec: GrowthSpec, layer: str, j: int, hidden: int) -> torch.Tensor | None:
-    """The hidden units of new expert j of `layer` that Drop-Upcycling re-initialises (sorted), or None.
+def reinit_units(spec: GrowthSpec, layer: str, j: int, hidden: int) -> torch.Tensor:
+    """The round(reinit_ratio * hidden) hidden units of new expert j of `layer` that Drop-Upcycling redraws (sorted).
 
     Seeded by (seed, layer, j) alone, so w1's rows, b1's entries and w2's
     columns of one expert pick the same units in whichever worker makes them.
     """
-    k = round(spec.reinit_ratio * hidden)
-    if k == 0:
-        return None
     gen = torch.Generator().manual_seed(tensor_seed(spec.seed, f"{layer}.new_expert.{j}.reinit"))
-    return torch.randperm(hidden, generator=gen)[:k].sort().values
+    return torch.randperm(hidden, generator=gen)[:round(spec.reinit_ratio * hidden)].sort().values
 
 
 @dataclass(frozen=True)
 class Reinit:
-    """Which part of each new expert of a bank starts fresh: `units[i]` along `axis` of row i (None: none)."""
+    """Which part of each new expert of a bank starts fresh: `units[i]` along `axis` of row i."""
 
     axis: int
-    units: list[torch.Tensor | None]
+    units: list[torch.Tensor]
 
 
 def make_new_bank(source: torch.Tensor, recipes: list[tuple[str, tuple[int, ...]]], spec: GrowthSpec, seed: int,
@@ -331,12 +328,11 @@ def make_new_bank(source: torch.Tensor, recipes: list[tuple[str, tuple[int, ...]
             row.copy_(source[src[0]])
             row.mul_(spec.interp_weight).add_(source[src[1]].to(torch.float32) * (1.0 - spec.interp_weight))
             out[i].copy_(row)
-        units = reinit.units[i] if reinit is not None else None
-        if units is not None:
+        if reinit is not None:
             shape = list(out.shape[1:])
-            shape[reinit.axis] = len(units)
+            shape[reinit.axis] = len(reinit.units[i])
             values = fresh.sample(int(np.prod(shape)), std(src[0]), out.dtype).view(shape)
-            out[i].index_copy_(reinit.axis, units, values)
+            out[i].index_copy_(reinit.axis, reinit.units[i], values)
     return out
 
 
@@ -408,7 +404,8 @@ def _moe_layer_plans(
     offsets = np.cumsum((0,) + groups).tolist()
     recipes = [new_expert_recipe(spec, j, s) for j in range(cfg.moe.num_experts - s)]
     hidden = shapes[f"{out_prefix}.experts.0.b1"][1]
-    units = [reinit_units(spec, out_prefix, j, hidden) for j in range(len(recipes))]
+    redraws = round(spec.reinit_ratio * hidden) > 0
+    units = [reinit_units(spec, out_prefix, j, hidden) for j in range(len(recipes))] if redraws else []
     for g, size in enumerate(groups):
         lo, hi = offsets[g], offsets[g + 1]
         names = [(f"{out_prefix}.experts.{g}.{p}", f"{src_prefix}.experts.0.{p}") for p in _EXPERT_PARAMS]
@@ -428,7 +425,7 @@ def _moe_layer_plans(
             else:
                 rec = recipes[lo - s : hi - s]
                 axis = _HIDDEN_AXIS.get(out_name.rsplit(".", 1)[1])
-                reinit = Reinit(axis, units[lo - s : hi - s]) if axis is not None and any(u is not None for u in units) else None
+                reinit = Reinit(axis, units[lo - s : hi - s]) if axis is not None and redraws else None
                 prov = [recipe_provenance(r, src_name, spec, reinit is not None) for r in rec]
                 plans.append(TensorPlan(out_name, shape, prov, (src_name,), _new_bank(src_name, rec, spec, tensor_seed(spec.seed, out_name), reinit)))
     gate = f"{out_prefix}.router.group_gate.weight"
@@ -597,7 +594,6 @@ class SourceCache:
             flight = self.reading.get(name)
             if flight is None:
                 flight = self.reading[name] = Future()
-                flight.set_running_or_notify_cancel()
                 mine = True
             else:
                 mine = False
