@@ -8,11 +8,14 @@ included in the MoE time. The router share is the forward + backward time of the
 `HierarchicalRouter` alone divided by the layer's. Ratios come from one run.
 
 `--targets` instead runs the issue-17 CPU cases at ViT-B width (16 experts fp32,
-117 experts in 8 groups fp32, and the same under `torch.autocast("cpu",
-dtype=torch.bfloat16)` with fp32 parameters, what `--precision bf16` does),
-each fwd+bwd with gradients freshly allocated every step (`zero_grad(set_to_none=True)`)
-and with gradient buffers kept (`set_to_none=False`), against the dense MLP of
-equal FLOPs under the same precision; best of `--repeats`, interleaved.
+117 experts in 8 groups fp32, and the same in bf16 as `samoe train --precision
+bf16` runs it: `torch.autocast("cpu", dtype=torch.bfloat16)` with the expert
+banks stored in bf16 and fp32 masters, stages/master.py; for reference also
+plain autocast over fp32 banks, which casts every bank in each step), each
+fwd+bwd with gradients freshly allocated every step (`zero_grad(set_to_none=True)`)
+and with gradient buffers kept (`set_to_none=False`, what KeptGrads gives a
+one-process run), against the dense MLP of equal FLOPs under the same scheme
+(its weights stored in bf16 too); best of `--repeats`, interleaved.
 
     .venv/bin/python benchmarks/moe_layer.py [--tokens 4096] [--repeats 5] [--device cpu|cuda] [--dtype float32|bfloat16]
     .venv/bin/python benchmarks/moe_layer.py --targets [--tokens 4096] [--repeats 2]
@@ -28,6 +31,7 @@ import torch
 from segment_anything.modeling.common import MLPBlock
 from torch import nn
 
+from stages.master import BankMasters, expert_bank_params
 from upscale.config import MoEConfig
 from upscale.moe import MoEMLP
 
@@ -65,20 +69,26 @@ def fwd_bwd(module: nn.Module, x: torch.Tensor, set_to_none: bool = True, autoca
     return run
 
 
-TARGETS = [  # name, MoEConfig, bf16 autocast, target ratio
-    ("vit-b 16e fp32", MoEConfig(groups=(16,), top_k=2), False, 1.25),
-    ("vit-b 117e/8g fp32", MoEConfig(groups=(16, 15, 15, 15, 14, 14, 14, 14), top_k=2), False, 1.5),
-    ("vit-b 117e/8g bf16", MoEConfig(groups=(16, 15, 15, 15, 14, 14, 14, 14), top_k=2), True, 1.25),
+G117 = MoEConfig(groups=(16, 15, 15, 15, 14, 14, 14, 14), top_k=2)
+TARGETS = [  # name, MoEConfig, precision (fp32 | bf16: banks stored bf16 | autocast: fp32 banks), target ratio
+    ("vit-b 16e fp32", MoEConfig(groups=(16,), top_k=2), "fp32", 1.25),
+    ("vit-b 117e/8g fp32", G117, "fp32", 1.5),
+    ("vit-b 117e/8g bf16", G117, "bf16", 1.25),
+    ("  (fp32 banks, autocast)", G117, "autocast", None),
 ]
 
 
 def targets(tokens: int, repeats: int) -> None:
     """The issue-17 CPU cases: fresh vs kept gradient buffers, fp32 and bf16 autocast, vs dense of equal FLOPs."""
     print(f"cpu, {tokens} tokens, ViT-B width, torch {torch.__version__}, threads {torch.get_num_threads()}, best of {repeats}")
-    print(f"{'case':20} {'k':>2} {'dense ms':>9} {'fresh grads':>11} {'kept grads':>10} {'target':>6}")
-    for name, cfg, ac, target in TARGETS:
+    print(f"{'case':26} {'k':>2} {'dense ms':>9} {'fresh grads':>11} {'kept grads':>10} {'target':>6}")
+    for name, cfg, precision, target in TARGETS:
         torch.manual_seed(0)
         moe, dense = MoEMLP(768, 3072, cfg, nn.GELU), MLPBlock(768, 3072, nn.GELU)
+        ac = precision != "fp32"
+        if precision == "bf16":  # what `samoe train --precision bf16` does to the banks (and would to a dense MLP)
+            BankMasters(expert_bank_params(moe))
+            BankMasters(list(dense.parameters()))
         k = cfg.experts_per_token
         x = torch.randn(tokens, 768, requires_grad=True)
         xd = torch.randn(tokens * k, 768, requires_grad=True)
@@ -91,8 +101,9 @@ def targets(tokens: int, repeats: int) -> None:
                 t = time.perf_counter()
                 fn()
                 best[key] = min(best[key], time.perf_counter() - t)
-        print(f"{name:20} {k:>2} {best['dense'] * 1e3:9.1f} {best['fresh'] / best['dense']:10.2f}x "
-              f"{best['kept'] / best['dense']:9.2f}x {target:5.2f}x", flush=True)
+        goal = f"{target:5.2f}x" if target else "     -"
+        print(f"{name:26} {k:>2} {best['dense'] * 1e3:9.1f} {best['fresh'] / best['dense']:10.2f}x "
+              f"{best['kept'] / best['dense']:9.2f}x {goal}", flush=True)
 
 
 def main() -> None:

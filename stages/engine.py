@@ -14,7 +14,9 @@ the current step, save, print the resume command and exit.
 
 Devices and precision (`--device`, `--precision`, upscale/device.py): the model,
 every batch and the optimizer state live on the run's device; bf16 runs the
-forward under autocast with fp32 weights, gradients and optimizer state. CPU
+forward under autocast with fp32 weights, gradients and optimizer state, except
+that expert banks are stored in bf16 with fp32 masters (stages/master.py: the
+same numbers without casting GBs of expert weights every step). CPU
 training runs under deterministic algorithms (scoped to the run) and resumes
 bit-exactly; CUDA runs resume from the same state but agree to float rounding.
 
@@ -353,8 +355,7 @@ def train_step(model: torch.nn.Module, opts: Optimizers, batch: dict[str, Any], 
             loss_u.backward()
             opts.after_backward()
             _after_backward(model, dist)
-            opts.opt1.step()
-            opts.opt2.step()
+            opts.step([opts.opt1, opts.opt2])
             model.constrain_()
         metrics["loss_unsup"] = loss_u.item()
     opts.zero_grad(list(opts.named().values()))
@@ -366,8 +367,7 @@ def train_step(model: torch.nn.Module, opts: Optimizers, batch: dict[str, Any], 
         loss_s.backward()
         opts.after_backward()
         _after_backward(model, dist)
-        for opt in opts.named().values():
-            opt.step()
+        opts.step(list(opts.named().values()))
         model.constrain_()
     metrics.update(loss_sup=loss_s.item(), aux=aux.item(), handover=handover.item(), **{t: v.item() for t, v in heads.items()})
     metrics["loss"] = metrics["loss_sup"] + metrics["loss_unsup"]
@@ -444,6 +444,7 @@ def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], Non
     trainer.schedule()
     trainer.build_optimizers()
     trainer.resume(resuming)
+    trainer.store_banks_low()
     trainer.open_loaders()
     trainer.open_logs()
     trainer.announce(on_start)
@@ -553,6 +554,14 @@ class _Trainer:
             self.step, self.loader_state, self.uloader_state = ts["step"], ts["loader"], ts["uloader"]
         if self.dist is not None:
             self.dist.barrier()
+
+    def store_banks_low(self) -> None:
+        """bf16 in one process: expert banks stored in bf16, fp32 masters in the optimizer (stages/master.py).
+        After resume, which loads fp32 values into the fp32 parameters."""
+        if self.dist is None and self.cfg.precision == "bf16":
+            from .master import BankMasters, expert_bank_params
+
+            self.opts.masters = BankMasters(expert_bank_params(self.model))
 
     def open_loaders(self) -> None:
         cfg = self.cfg
@@ -671,10 +680,12 @@ class _Trainer:
         # processes are signalled at different moments: all stop at the first step where one was
         stopping = self.dist.any(bool(stop)) if self.dist is not None else bool(stop)
         if stopping:
-            path = self.checkpointer.save(self.step, self.model, self.meta, self.opts, trainer_state)
+            with self.opts.full_precision():
+                path = self.checkpointer.save(self.step, self.model, self.meta, self.opts, trainer_state)
             raise Interrupted(stop[0] if stop else signal.SIGTERM, path)
         if self.step % self.cfg.checkpoint_every == 0 and self.step < self.total:
-            self.checkpointer.save(self.step, self.model, self.meta, self.opts, trainer_state)
+            with self.opts.full_precision():
+                self.checkpointer.save(self.step, self.model, self.meta, self.opts, trainer_state)
 
     def finish(self) -> Path:
         """Write RUN/final with this stage added to the history and the selector's alpha at its end-of-run value."""
@@ -690,7 +701,8 @@ class _Trainer:
                                 history, _dtype(model), **_carry(src.meta))
         model.selector.set_alpha(continue_rampup(self.alpha0, self.epochs, self.t_alpha))
         if self.dist is None:
-            return save_model(model, final_dir, final_meta, force=True)
+            with self.opts.full_precision():
+                return save_model(model, final_dir, final_meta, force=True)
         state = self.dist.full_state_dict(model)  # collective: rank 0 gets every tensor on CPU
         if self.main:
             save_model(_StateView(state), final_dir, final_meta, force=True)

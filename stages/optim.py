@@ -18,7 +18,9 @@ polynomial decay (power 0.9) as in Semi-MoE's scripts.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ContextManager
 
 import torch
 from torch import nn
@@ -27,6 +29,9 @@ from upscale.roles import SEED004_ROLES, in_decoder, param_role
 
 from .semisup import poly_factor, warmup_factor
 
+if TYPE_CHECKING:
+    from .master import BankMasters
+
 
 @dataclass
 class Optimizers:
@@ -34,6 +39,7 @@ class Optimizers:
     opt2: torch.optim.Adam
     opt3: torch.optim.SGD
     kept: "KeptGrads | None" = None  # gradient buffers reused across steps (one process only)
+    masters: "BankMasters | None" = None  # bf16 expert banks with fp32 masters (one process, --precision bf16)
 
     def zero_grad(self, optimizers: list[torch.optim.Optimizer]) -> None:
         """Clear the gradients of `optimizers`' parameters (set to None, or kept buffers zeroed: see KeptGrads)."""
@@ -46,6 +52,18 @@ class Optimizers:
     def after_backward(self) -> None:
         if self.kept is not None:
             self.kept.after_backward()
+
+    def step(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        """Step `optimizers`; the expert banks' fp32 masters are what they update (stages/master.py)."""
+        with self.full_precision(grads=True):
+            for opt in optimizers:
+                opt.step()
+
+    def full_precision(self, grads: bool = False, refresh_all: bool = False) -> ContextManager:
+        """Inside, every parameter holds fp32 values: for optimizer steps, checkpoint saves and loads."""
+        if self.masters is None:
+            return nullcontext()
+        return self.masters.full_precision(grads, refresh_all)
 
     def named(self) -> dict[str, torch.optim.Optimizer]:
         return {"optimizer1": self.opt1, "optimizer2": self.opt2, "optimizer3": self.opt3}

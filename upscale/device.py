@@ -4,7 +4,9 @@
 visible, else the CPU) and `--precision fp32|bf16` mean the same for `train`,
 `eval`, `pseudo-label` and `expand --verify`. bf16 is autocast on one device
 (CUDA, or the CPU's bf16 kernels) with fp32 weights, gradients and optimizer
-state; under torchrun it is FSDP2's MixedPrecisionPolicy (bf16 compute, fp32
+state (in training, expert banks are stored in bf16 beside fp32 masters, which
+computes the same numbers without casting every bank each step: stages/master.py);
+under torchrun it is FSDP2's MixedPrecisionPolicy (bf16 compute, fp32
 gradient reduction) instead (stages/distributed.py).
 
 What each device promises:
