@@ -533,6 +533,10 @@ def train(
     handover_coef: float = typer.Option(0.1, "--handover-coef", min=0.0, callback=_finite,
                                         help="Weight of the top-level balance loss that moves routing weight from the "
                                              "source experts to the new groups (0: only the task loss moves it)."),
+    mixture_lr: bool = typer.Option(False, "--mixture-lr",
+                                    help="Divide each grown MoE layer's expert gradients by their pool's mean mixture "
+                                         "weight (core: 1 - w, new groups: w), so its MLPs learn as fast per step as the "
+                                         "source's did (one process)."),
     train_selector_gating: bool = typer.Option(False, "--train-selector-gating",
                                                help="Stage 1: also train the source's selector and gating model (seed 004 never "
                                                     "freezes the selector; the growth plan freezes every source part in stage 1)."),

@@ -13,6 +13,7 @@ stage, so the grown model's costlier steps buy it fewer of them). Arms:
                             afresh), blocks<n> (n extra blocks, not 1) or rk<k> (k experts per token in a
                             new group); blocks and rk change the layout, so the arm counts its own FLOPs
     ft:<lr>                 the grown model, stage 3 only (every parameter trains)
+    <kind>:<lr>+mix         the same with `samoe train --mixture-lr` (a:, ft: and stage1:)
     stage1:<lr>             the grown model, stage 1 only, on A: the source frozen, only the new experts
                             and the routers train (the plan's integration stage; cheaper steps, no weight
                             gradients for the source's parts, and the source's function cannot be lost)
@@ -113,12 +114,14 @@ def run_arm(arm: str, w: Path, d: Path, seed: int, E: float, f: dict[str, float]
     arm, _, variant = arm.partition("@")
     kind, _, rest = arm.partition(":")
     src, grown = w / "source" / "final", grown_dir(w, variant)
+    rest, mix = (rest[:-4], ("--mixture-lr",)) if rest.endswith("+mix") else (rest, ())
     if kind == "a":
-        return train(3, src, w / f"sweep-{tag}", A, None, max(1, round(E / f["src"])), float(rest), seed, force_input=True)
+        return train(3, src, w / f"sweep-{tag}", A, None, max(1, round(E / f["src"])), float(rest), seed, force_input=True,
+                     extra=mix)
     if kind in ("ft", "stage1"):
         stage, per_step = (3, f.get(f"g3@{variant}", f["g3"])) if kind == "ft" else (1, f[f"g1A@{variant}"])
         return train(stage, grown, w / f"sweep-{tag}", A, None, max(1, round(E / per_step)), float(rest), seed,
-                     force_input=True)
+                     force_input=True, extra=mix)
     if changes_layout(variant):
         raise SystemExit(f"{arm}@{variant}: staged arms count the default layout's FLOPs; use ft: with @blocks<n> or @rk<k>")
     shares, lrs = ([float(v) for v in part.split("/")] for part in rest.split(":"))

@@ -95,6 +95,7 @@ class TrainConfig:
     # MoE losses: expert-level balance (None: the checkpoint's) and the top-level (core vs new groups) one, upscale/moe.py
     aux_loss_coef: float | None = None
     handover_coef: float = 0.1
+    mixture_lr: bool = False  # expert gradients divided by their pool's mixture weight (upscale/moe.py)
     # checkpoints and logs
     checkpoint_every: int = 50
     keep: int = 2
@@ -111,7 +112,10 @@ class TrainConfig:
         keep = ("stage", "data", "unlabelled", "epochs", "max_steps", "batch_size", "lr", "last_k", "seed", "momentum",
                 "wd", "unsup_weight", "alpha_rampup", "unsup_rampup", "warmup", "timeline", "aux_loss_coef", "router_lr_mult", "selector_gating",
                 "handover_coef", "restart_ramps")
-        return {**{k: getattr(self, k) for k in keep}, "data_fingerprint": data_fingerprint(self.data, self.unlabelled)}
+        ident = {k: getattr(self, k) for k in keep}
+        if self.mixture_lr:  # only when on: runs started before the option existed still resume
+            ident["mixture_lr"] = True
+        return {**ident, "data_fingerprint": data_fingerprint(self.data, self.unlabelled)}
 
 
 def data_fingerprint(*folders: str | None) -> str:
@@ -325,20 +329,24 @@ def _forward(model: torch.nn.Module, amp: Callable[[], ContextManager] | None, i
     return {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
 
 
-def _after_backward(model: torch.nn.Module, dist: "Distributed | None") -> None:
-    """Parts that got no token get no gradient (None): the optimizer skips them whatever the device."""
+def _after_backward(model: torch.nn.Module, dist: "Distributed | None", mixture_lr: bool = False) -> None:
+    """Parts that got no token get no gradient (None): the optimizer skips them whatever the device.
+    With `mixture_lr`, expert gradients are divided by their pool's mixture weight (one process)."""
     if dist is not None:
         dist.after_backward()
     else:
-        from upscale.moe import drop_idle_grads
+        from upscale.moe import drop_idle_grads, mixture_normalise_grads
 
-        drop_idle_grads([m for _, m in model.moe_layers()])
+        layers = [m for _, m in model.moe_layers()]
+        drop_idle_grads(layers)
+        if mixture_lr:
+            mixture_normalise_grads(layers)
 
 
 def train_step(model: torch.nn.Module, opts: Optimizers, batch: dict[str, Any], ubatch: dict[str, Any] | None,
                unsup_weight: float, aux_coef: float, skip_nonfinite: bool, step: int,
                dist: "Distributed | None" = None, handover_coef: float = TrainConfig.handover_coef,
-               amp: Callable[[], ContextManager] | None = None) -> dict[str, float]:
+               amp: Callable[[], ContextManager] | None = None, mixture_lr: bool = False) -> dict[str, float]:
     """Seed 004's step: unsupervised phase (gate frozen under no_grad), then supervised phase.
 
     With `dist`, `batch`/`ubatch` are this process's slices and the losses are those of the global batch.
@@ -354,7 +362,7 @@ def train_step(model: torch.nn.Module, opts: Optimizers, batch: dict[str, Any], 
         if _finite(loss_u, step, skip_nonfinite):
             loss_u.backward()
             opts.after_backward()
-            _after_backward(model, dist)
+            _after_backward(model, dist, mixture_lr)
             opts.step([opts.opt1, opts.opt2])
             model.constrain_()
         metrics["loss_unsup"] = loss_u.item()
@@ -366,7 +374,7 @@ def train_step(model: torch.nn.Module, opts: Optimizers, batch: dict[str, Any], 
     if _finite(loss_s, step, skip_nonfinite):
         loss_s.backward()
         opts.after_backward()
-        _after_backward(model, dist)
+        _after_backward(model, dist, mixture_lr)
         opts.step(list(opts.named().values()))
         model.constrain_()
     metrics.update(loss_sup=loss_s.item(), aux=aux.item(), handover=handover.item(), **{t: v.item() for t, v in heads.items()})
@@ -393,6 +401,8 @@ def run(cfg: TrainConfig, force: bool = False, on_start: Callable[[dict[str, Any
         on_start = on_step = on_log = None
     finished = False
     try:
+        if dist is not None and cfg.mixture_lr:
+            raise SamoeError("--mixture-lr runs in one process: drop --nproc (torchrun) or the option")
         device = dist.device if dist is not None else resolve_device(cfg.device)
         # CPU: deterministic kernels make resume bit-exact (upscale/device.py); only for this run
         with deterministic(device.type == "cpu"):
@@ -636,7 +646,7 @@ class _Trainer:
         batch = to_device(loader.next(), self.device)
         ubatch = to_device(self.uloader.next(), self.device) if self.uloader is not None else None
         m = train_step(model, self.opts, batch, ubatch, unsup_w, self.aux_coef, cfg.skip_nonfinite, self.step, dist,
-                       cfg.handover_coef, self.amp)
+                       cfg.handover_coef, self.amp, cfg.mixture_lr)
         self.step += 1
         if self.main and not self.state_file.exists():  # the run has really started: from now on it resumes
             from upscale.checkpoint import atomic_write_text

@@ -539,3 +539,27 @@ def drop_idle_grads(layers: list[MoEMLP]) -> None:
                 if g >= m.cfg.core_groups:
                     m.router.expert_gates[g].weight.grad = None
         pos += len(m.experts)
+
+
+@torch.no_grad()
+def mixture_normalise_grads(layers: list[MoEMLP], floor: float = 0.25) -> None:
+    """After backward: divide each grown layer's expert gradients by their pool's mean mixture weight.
+
+    Why: a grown layer's output is `(1 - w) core + w new`, with w the tokens' mean weight on the
+    new groups (`new_weight`). Under SGD each pool's gradient is scaled by its weight, and so is its
+    effect on the output: at w = 0.5 the layer's MLPs change the function half as fast per step as
+    the source's did, and a grown model falls behind its source trained further at equal compute.
+    Dividing the core banks' gradients by 1 - w and the new banks' by w (each at least `floor`)
+    restores the source's per-step rate. A layer without new groups is left alone, so the source
+    trains as before. One host read for all layers.
+    """
+    layers = [m for m in layers if m.new_weight is not None and m.cfg.core_groups < len(m.cfg.groups)]
+    if not layers:
+        return
+    shares = torch.stack([m.new_weight.float() for m in layers]).tolist()
+    for m, w in zip(layers, shares):
+        for g, bank in enumerate(m.experts):
+            pool = 1.0 - w if g < m.cfg.core_groups else w
+            for p in bank.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(1.0 / max(pool, floor))
