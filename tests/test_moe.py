@@ -413,3 +413,27 @@ def test_constrain_projects_scales_into_unit_interval():
         m.router.group_scale.copy_(torch.tensor([-0.5, 1.7], dtype=m.router.group_scale.dtype))
     m.constrain_()
     assert m.router.group_scale.tolist() == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("scale,new_factor", [(0.3, 1 / 0.3), (0.1, 4.0)], ids=["open", "floored"])
+def test_mixture_normalise_grads_against_hand_computed_factors(scale: float, new_factor: float):
+    """`--mixture-lr`: with one routed group its group probability is 1, so every token's new-group weight is
+    `group_scale` = w exactly; core bank gradients are divided by 1 - w, new ones by max(w, 0.25)."""
+    from upscale.moe import mixture_normalise_grads
+
+    torch.manual_seed(0)
+    grown = MoEMLP(8, 16, MoEConfig(groups=(3, 2), core_groups=1, top_k=2, routed_top_k=1), nn.GELU)
+    flat = MoEMLP(8, 16, MoEConfig(groups=(3,), top_k=2), nn.GELU)
+    with torch.no_grad():
+        grown.router.group_scale.fill_(scale)
+    for m in (grown, flat):
+        m(torch.randn(2, 5, 8)).square().sum().backward()
+    assert grown.new_weight.item() == pytest.approx(scale)
+    before = {(id(m), n): p.grad.clone() for m in (grown, flat) for n, p in m.experts.named_parameters()}
+    mixture_normalise_grads([grown, flat])
+    for n, p in grown.experts.named_parameters():
+        factor = 1 / (1 - scale) if n.startswith("0.") else new_factor
+        torch.testing.assert_close(p.grad, before[(id(grown), n)] * factor, rtol=1e-6, atol=0)
+    for n, p in flat.experts.named_parameters():  # a layer without new groups trains as before
+        assert torch.equal(p.grad, before[(id(flat), n)])
+    assert grown.router.group_gate.weight.grad is not None  # routers keep their gradients (not in the banks)

@@ -546,3 +546,14 @@ def test_nonfinite_loss_stops_with_exit_2(grown: Path, data: Path, runs: Path):
     assert (runs / "nan-skip" / "final" / "samoe.json").exists()
     rows = read_rows(runs / "nan-skip" / "metrics.csv")
     assert len(rows) == 6 and any(not math.isfinite(float(r["loss"])) for r in rows)
+
+
+def test_mixture_lr_is_part_of_a_runs_identity_only_when_on(tmp_path: Path):
+    """A run started before `--mixture-lr` existed has no such key in run.json and must still resume;
+    a run with it on must not resume without it (nor the other way round)."""
+    from stages.engine import TrainConfig
+
+    off = TrainConfig(stage=1, source="s", run_dir=str(tmp_path / "r"), data=str(tmp_path))
+    on = TrainConfig(stage=1, source="s", run_dir=str(tmp_path / "r"), data=str(tmp_path), mixture_lr=True)
+    assert "mixture_lr" not in off.identity()
+    assert on.identity() == {**off.identity(), "mixture_lr": True}
