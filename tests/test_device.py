@@ -35,6 +35,19 @@ class _Stop(Exception):
     pass
 
 
+def _stop_after_two(monkeypatch) -> None:
+    """engine.train_step runs twice, then raises _Stop (a checkpoint every 2 steps is on disk by then)."""
+    real_step, calls = engine.train_step, []
+
+    def step(*a, **kw):
+        if len(calls) == 2:
+            raise _Stop
+        calls.append(1)
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(engine, "train_step", step)
+
+
 def test_resolve_device(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -75,16 +88,7 @@ def _cfg(grown: Path, data: Path, run: Path, **kw) -> TrainConfig:
 def test_model_batch_and_optimizer_state_land_on_the_device(grown: Path, data: Path, tmp_path: Path, monkeypatch):
     """Run 2 steps on the CPU, stop, resume onto `meta`: every tensor the step touches must be there."""
     run = tmp_path / "run"
-    real_step = engine.train_step
-    calls = []
-
-    def stop_after_two(*a, **kw):
-        if len(calls) == 2:
-            raise _Stop
-        calls.append(1)
-        return real_step(*a, **kw)
-
-    monkeypatch.setattr(engine, "train_step", stop_after_two)
+    _stop_after_two(monkeypatch)
     with pytest.raises(_Stop):
         engine.run(_cfg(grown, data, run, device="cpu"))
     assert (run / "checkpoints" / "step-2").is_dir()
@@ -199,15 +203,7 @@ def test_bf16_banks_with_fp32_masters_train_exactly_as_autocast(grown: Path, dat
     assert all(torch.equal(masters[n], plain[n]) for n in masters), \
         [n for n in masters if not torch.equal(masters[n], plain[n])][:5]
 
-    calls = []
-
-    def stop_after_two(*a, **kw):
-        if len(calls) == 2:
-            raise _Stop
-        calls.append(1)
-        return real_step(*a, **kw)
-
-    monkeypatch.setattr(engine, "train_step", stop_after_two)
+    _stop_after_two(monkeypatch)
     with pytest.raises(_Stop):
         engine.run(_cfg(grown, data, tmp_path / "resumed", **cfg))
     monkeypatch.setattr(engine, "train_step", real_step)
