@@ -17,13 +17,16 @@ on), and reports
     and the ratio of the real step to it.
 The machine is shared: run the cases of one comparison in one invocation.
 
-    .venv/bin/python benchmarks/train_speed.py [--steps 6] [--batch 4] [--workers 0] [--no-vitb]
+    .venv/bin/python benchmarks/train_speed.py [--steps 6] [--batch 4] [--workers 0] [--no-vitb | --no-tiny] [--precision bf16 [--no-masters]]
+
+The FLOP-bound estimate always uses the float32 matmul rate (a bf16 run's ratio is relative to it).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import shutil
 import time
@@ -35,10 +38,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from stages import engine
 from stages.data import UnlabelledFolder, make_demo_data
 from stages.engine import StreamingLoader, apply_stage, open_labelled, train_step
-from stages.optim import build_optimizers
+from stages.master import BankMasters, expert_bank_params
+from stages.optim import KeptGrads, build_optimizers
 from upscale import load_model
 from upscale.checkpoint import Checkpoint, build_meta, save_model
 from upscale.config import PRESETS, SAM_VITS, MoEConfig, SamMoEConfig
+from upscale.device import autocast
 from upscale.expand import GrowthSpec, expand_checkpoint, resolve_groups
 from upscale.model import build_model
 
@@ -89,12 +94,17 @@ def grown_checkpoint(work: Path, which: str) -> Path:
     return expand_checkpoint(work / f"{which}-src", work / f"{which}-grown", spec, ["benchmark"])
 
 
-def measure_stage(path: Path, stage: int, data: Path, steps: int, batch: int, workers: int, flops_per_s: float) -> dict:
+def measure_stage(path: Path, stage: int, data: Path, steps: int, batch: int, workers: int, flops_per_s: float,
+                  precision: str = "fp32", masters: bool = True) -> dict:
     ck = Checkpoint.open(path)
     model = load_model(path)
     apply_stage(model, ck.provenance, stage, 1)
     torch.use_deterministic_algorithms(True, warn_only=True)  # as `samoe train` on CPU
     opts = build_optimizers(model, 1e-3)
+    opts.kept = KeptGrads(list(model.parameters()))  # as `samoe train` in one process
+    amp = (lambda: autocast(torch.device("cpu"), precision)) if precision != "fp32" else None
+    if precision == "bf16" and masters:  # as `samoe train --precision bf16` in one process
+        opts.masters = BankMasters(expert_bank_params(model))
     size = model.config.img_size
     loader = StreamingLoader(open_labelled(data / "A", model.config.num_classes, size), batch, 0, workers)
     uloader = StreamingLoader(UnlabelledFolder(data / "B", size=size), batch, 1, workers)
@@ -109,10 +119,10 @@ def measure_stage(path: Path, stage: int, data: Path, steps: int, batch: int, wo
     try:
         def step(i: int) -> None:
             b, u = loader.next(), uloader.next()
-            train_step(model, opts, b, u, 0.5, 0.01, False, i)
+            train_step(model, opts, b, u, 0.5, 0.01, False, i, amp=amp)
         for i in range(loader.steps_per_epoch):  # warm-up: one epoch (allocations, lazy inits, the target cache)
             step(i)
-        with FlopCounterMode(display=False) as fc:
+        with FlopCounterMode(display=False) as fc, amp() if amp else contextlib.nullcontext():
             b = loader.next()
             model(b["image"])
             model(b["image"], gate_grad=False)
@@ -140,20 +150,25 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--no-vitb", action="store_true")
+    ap.add_argument("--no-tiny", action="store_true")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, as samoe train")
+    ap.add_argument("--no-masters", action="store_true", help="bf16 without the bf16 banks + fp32 masters (plain autocast)")
     args = ap.parse_args()
     shutil.rmtree(args.dir, ignore_errors=True)
     args.dir.mkdir(parents=True)
     flops = matmul_flops()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 matmul {flops / 1e9:.1f} GFLOP/s (best of 5, 2048^3)")
+    print(f"precision {args.precision}{' (plain autocast)' if args.no_masters else ''}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 matmul {flops / 1e9:.1f} GFLOP/s (best of 5, 2048^3)")
     rows = []
-    for which in ["tiny"] + ([] if args.no_vitb else ["vit-b"]):
+    for which in ([] if args.no_tiny else ["tiny"]) + ([] if args.no_vitb else ["vit-b"]):
         path = grown_checkpoint(args.dir, which)
         size = Checkpoint.open(path).config.img_size
         make_demo_data(args.dir / f"data-{size}", labelled=4 * args.batch, unlabelled=4 * args.batch, test=1, size=size)
         print(f"{which} grown: {sum(i.numel for i in Checkpoint.open(path).tensors.values()):,} params, {size} px, batch {args.batch}")
         print(f"  {'stage':>5} {'img/s':>7} {'step s':>7} {'data':>6} {'fwd':>6} {'bwd':>6} {'optim':>6} {'other':>6} {'GFLOP':>7} {'x FLOP-bound':>12}")
         for stage in (1, 2, 3):
-            r = measure_stage(path, stage, args.dir / f"data-{size}", args.steps, args.batch, args.workers, flops)
+            r = measure_stage(path, stage, args.dir / f"data-{size}", args.steps, args.batch, args.workers, flops,
+                              args.precision, not args.no_masters)
             r["model"] = which
             rows.append(r)
             s = r["shares"]
