@@ -557,3 +557,24 @@ def test_mixture_lr_is_part_of_a_runs_identity_only_when_on(tmp_path: Path):
     on = TrainConfig(stage=1, source="s", run_dir=str(tmp_path / "r"), data=str(tmp_path), mixture_lr=True)
     assert "mixture_lr" not in off.identity()
     assert on.identity() == {**off.identity(), "mixture_lr": True}
+
+
+def test_mixture_lr_is_refused_under_torchrun(tmp_path: Path, monkeypatch):
+    """Each rank would divide by its own batch's mixture weight: refused with one line, nothing written."""
+    from stages import distributed
+    from stages.engine import TrainConfig, run
+    from upscale.errors import SamoeError
+
+    closed = []
+
+    class OneOfTwoRanks:
+        is_main = True
+
+        def close(self, finished: bool) -> None:
+            closed.append(finished)
+
+    monkeypatch.setattr(distributed.Distributed, "from_env", classmethod(lambda cls, precision, device: OneOfTwoRanks()))
+    cfg = TrainConfig(stage=1, source="s", run_dir=str(tmp_path / "r"), data=str(tmp_path), mixture_lr=True)
+    with pytest.raises(SamoeError, match="--mixture-lr runs in one process"):
+        run(cfg)
+    assert closed == [False] and not (tmp_path / "r").exists()
