@@ -16,7 +16,8 @@ How: each bank parameter keeps its identity (optimizers, KeptGrads and the
 checkpoint's names refer to it) and swaps its storage. Inside `full_precision()`
 the parameter holds its fp32 master (and, with `grads=True`, an fp32 copy of
 its gradient); on leaving, the masters that may have changed are cast back
-into the bf16 storage. Optimizer steps, checkpoint saves and loads run inside.
+into the bf16 storage. Optimizer steps and checkpoint saves run inside; the
+masters are made after a resume has loaded fp32 values into the fp32 parameters.
 FSDP2 (torchrun) has its own mixed-precision policy and does not use this.
 """
 
@@ -40,14 +41,11 @@ class BankMasters:
         for p, low in zip(self.params, self.low):
             p.data = low
 
-    def __len__(self) -> int:
-        return len(self.params)
-
     @contextmanager
-    def full_precision(self, grads: bool = False, refresh_all: bool = False) -> Iterator[None]:
+    def full_precision(self, grads: bool = False) -> Iterator[None]:
         """Inside, every parameter holds its fp32 master; with `grads`, its gradient in fp32 too (for an
-        optimizer step, which may change the masters that have one). On leaving, those (all with
-        `refresh_all`) are cast into the bf16 storage; every parameter gets its bf16 storage and gradient back."""
+        optimizer step, which may change the masters that have one). On leaving, those are cast into the
+        bf16 storage; every parameter gets its bf16 storage and gradient back."""
         saved = [p.grad for p in self.params]
         for i, (p, m, g) in enumerate(zip(self.params, self.master, saved)):
             p.grad = None  # a gradient must match its parameter's dtype: detach it before the swap
@@ -61,7 +59,7 @@ class BankMasters:
             yield
         finally:
             for p, m, low, g in zip(self.params, self.master, self.low, saved):
-                if refresh_all or grads and g is not None:
+                if grads and g is not None:
                     low.copy_(m)
                 p.grad = None
                 p.data = low

@@ -59,11 +59,11 @@ class Optimizers:
             for opt in optimizers:
                 opt.step()
 
-    def full_precision(self, grads: bool = False, refresh_all: bool = False) -> ContextManager:
-        """Inside, every parameter holds fp32 values: for optimizer steps, checkpoint saves and loads."""
+    def full_precision(self, grads: bool = False) -> ContextManager:
+        """Inside, every parameter holds fp32 values: for optimizer steps and checkpoint saves."""
         if self.masters is None:
             return nullcontext()
-        return self.masters.full_precision(grads, refresh_all)
+        return self.masters.full_precision(grads)
 
     def named(self) -> dict[str, torch.optim.Optimizer]:
         return {"optimizer1": self.opt1, "optimizer2": self.opt2, "optimizer3": self.opt3}
