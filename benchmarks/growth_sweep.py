@@ -13,12 +13,12 @@ stage, so the grown model's costlier steps buy it fewer of them). Arms:
                             afresh), blocks<n> (n extra blocks, not 1) or rk<k> (k experts per token in a
                             new group); blocks and rk change the layout, so the arm counts its own FLOPs
     ft:<lr>                 the grown model, stage 3 only (every parameter trains)
-    <kind>:<lr>+mix         the same with `samoe train --mixture-lr` (a:, ft: and stage1:)
     stage1:<lr>             the grown model, stage 1 only, on A: the source frozen, only the new experts
                             and the routers train (the plan's integration stage; cheaper steps, no weight
                             gradients for the source's parts, and the source's function cannot be lost)
     staged:<s1>/<s2>/<s3>:<lr1>/<lr2>/<lr3>   stages 1-3 sharing E (shares in percent); stage 1 on
                             the source's pseudo-labels of B, stages 2-3 on A
+    <kind>:<lrs>+mix        any arm above with `samoe train --mixture-lr` (every stage of a staged arm)
 
 It prints mIoU and SDF error per arm, every arm against the source and the first arm, every grown
 arm against every (a), and each seed's mIoU, with paired bootstrap 95% intervals over (seed, image)
@@ -129,7 +129,8 @@ def run_arm(arm: str, w: Path, d: Path, seed: int, E: float, f: dict[str, float]
     for stage, share, lr in zip((1, 2, 3), shares, lrs):
         if share > 0:
             steps = max(1, round(share / 100 * E / f[f"g{stage}"]))
-            ckpt = train(stage, ckpt, w / f"sweep-{tag}-s{stage}", w / "B-pseudo" if stage == 1 else A, None, steps, lr, seed)
+            ckpt = train(stage, ckpt, w / f"sweep-{tag}-s{stage}", w / "B-pseudo" if stage == 1 else A, None, steps, lr, seed,
+                         extra=mix)
     return ckpt
 
 
