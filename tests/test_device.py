@@ -80,6 +80,12 @@ def test_deterministic_is_scoped():
         torch.use_deterministic_algorithms(False)
 
 
+def _final_tensors(run: Path) -> dict[str, torch.Tensor]:
+    from upscale.checkpoint import Checkpoint
+
+    return dict(Checkpoint.open(run / "final").iter_tensors())
+
+
 def _cfg(grown: Path, data: Path, run: Path, **kw) -> TrainConfig:
     kw = {"stage": 1, "max_steps": 4, "batch_size": 4, "checkpoint_every": 2, **kw}
     return TrainConfig(source=str(grown), run_dir=str(run), data=str(data / "A"), unlabelled=str(data / "B"), **kw)
@@ -152,9 +158,7 @@ def test_cpu_bf16_training_step_is_close_to_fp32(grown: Path, data: Path, tmp_pa
     for a, b in zip(runs["fp32"], runs["bf16"]):
         assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=3e-2)
         assert float(b["loss"]) != float(a["loss"]), "bf16 computed exactly what fp32 did: autocast was not on"
-    from upscale.checkpoint import Checkpoint
-
-    final = dict(Checkpoint.open(tmp_path / "bf16" / "final").iter_tensors())
+    final = _final_tensors(tmp_path / "bf16")
     assert all(t.dtype == torch.float32 for t in final.values() if t.is_floating_point())
 
 
@@ -164,12 +168,6 @@ def test_autocast_context():
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     with autocast(torch.device("cpu"), "fp32"):
         assert not torch.is_autocast_enabled("cpu")
-
-
-def _final_tensors(run: Path) -> dict[str, torch.Tensor]:
-    from upscale.checkpoint import Checkpoint
-
-    return dict(Checkpoint.open(run / "final").iter_tensors())
 
 
 def test_bf16_banks_with_fp32_masters_train_exactly_as_autocast(grown: Path, data: Path, tmp_path: Path, monkeypatch):
