@@ -305,6 +305,10 @@ def demo_data(
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX),
     preset: str = typer.Option("easy", "--preset", help="easy: 4 classes far apart (the demo) | hard: 10 classes told apart "
                                                         "by polarimetric ratio, texture, rows and context (capacity-bound)."),
+    regions: int = typer.Option(1, "--regions", min=1, max=64, help="hard only: scenes from this many regions, each with "
+                                "its own class signatures and sensor noise floor (knowledge a larger model must hold)."),
+    region: Optional[int] = typer.Option(None, "--region", min=0, help="hard only: every scene from this region "
+                                         "(0..regions-1), for a per-region test set."),
     force: bool = typer.Option(False, "--force"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -313,7 +317,7 @@ def demo_data(
 
     with _one_job(out), console.status("writing demo data...", spinner="dots"):
         summary = make_demo_data(out, labelled=labelled, unlabelled=unlabelled, test=test, size=size, seed=seed, force=force,
-                                 preset=preset)
+                                 preset=preset, regions=regions, region=region)
     if as_json:
         _print_json(summary)
     else:

@@ -58,6 +58,7 @@ corrupt behind a valid header raises ``DataError`` when it is read.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -857,18 +858,28 @@ def _demo_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nda
     return (sigma0 * speckle).astype(np.float32), mask
 
 
-def _demo_scenes(preset: str, size: int, counts: tuple[int, ...]) -> tuple[Any, tuple[str, ...]]:
+def _demo_scenes(preset: str, size: int, counts: tuple[int, ...], regions: int = 1,
+                 region: int | None = None) -> tuple[Any, tuple[str, ...]]:
     """The scene generator and class names of a demo-data preset, after checking the options."""
     from .hard_scenes import HARD_CLASS_NAMES, hard_scene
 
     scenes = {"easy": (_demo_scene, CLASS_NAMES), "hard": (hard_scene, HARD_CLASS_NAMES)}
     if preset not in scenes:
         raise DataError(f"unknown demo-data preset {preset!r}: choose easy or hard")
+    if regions < 1:
+        raise DataError(f"--regions must be >= 1, got {regions}")
+    if region is not None and not 0 <= region < regions:
+        raise DataError(f"--region {region} is not one of the {regions} regions: use 0..{regions - 1} or raise --regions")
+    if (regions > 1 or region is not None) and preset != "hard":
+        raise DataError("--regions and --region need --preset hard")
     if size < 16:
         raise DataError(f"size {size} is too small for demo scenes: use --size 16 or more")
     if min(counts) < 0:
         raise DataError("scene counts must be >= 0")
-    return scenes[preset]
+    scene, names = scenes[preset]
+    if regions > 1:
+        scene = functools.partial(hard_scene, regions=regions, region=region)
+    return scene, names
 
 
 def _write_demo_split(folder: Path, prefix: str, n: int, with_masks: bool, scene: Any, num_classes: int,
@@ -918,6 +929,8 @@ def make_demo_data(
     seed: int = 0,
     force: bool = False,
     preset: str = "easy",
+    regions: int = 1,
+    region: int | None = None,
 ) -> dict[str, Any]:
     """Write synthetic SAR scenes: ``out/A`` (labelled), ``out/A-test`` (held out), ``out/B`` (images only).
 
@@ -941,13 +954,17 @@ def make_demo_data(
         force: replace an existing ``out``.
         preset: ``easy`` (the scenes above) or ``hard`` (10 classes, capacity-bound:
             stages/hard_scenes.py).
+        regions: ``hard`` only: scenes come from this many regions, each with its own
+            class signatures and sensor noise floor (stages/hard_scenes.py).
+        region: ``hard`` only: every scene from this one of the ``regions`` (a per-region
+            test set).
 
     Returns:
         A JSON-able summary: counts, size, seed, class names and the class
         pixel fractions of each labelled split.
     """
     out = Path(out)
-    scene, class_names = _demo_scenes(preset, size, (labelled, unlabelled, test))
+    scene, class_names = _demo_scenes(preset, size, (labelled, unlabelled, test), regions, region)
     if out.exists() and not force:
         raise DataError(f"{out} already exists: pass --force to replace it or choose another --out")
     from upscale.ownership import check_replaceable, write_marker
@@ -969,6 +986,10 @@ def make_demo_data(
         "counts": counts,
         "class_fractions": {},
     }
+    if regions > 1:
+        summary["regions"] = regions
+        if region is not None:
+            summary["region"] = region
     try:
         for split, prefix, stream, with_masks in _SPLITS:
             hist = _write_demo_split(tmp / split, prefix, counts[split], with_masks, scene, len(class_names),

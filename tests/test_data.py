@@ -133,6 +133,76 @@ def test_demo_data_class_coverage_and_backscatter(demo: Path) -> None:
         assert 5.0 <= float(np.mean(ratio_db[c])) <= 9.0
 
 
+def test_hard_scene_single_region_is_unchanged() -> None:
+    """Every growth measurement in the README used single-region hard scenes: the regions option must not move them."""
+    from stages.hard_scenes import hard_scene
+
+    golden = ["666406e0e1b069f1", "f153a1fdc267218d", "20ce124c07d71758"]
+    for i, want in enumerate(golden):
+        for kwargs in ({}, {"regions": 1}, {"region": 0}):
+            img, mask = hard_scene(np.random.default_rng([5, 1, i]), 64, **kwargs)
+            assert hashlib.sha256(img.tobytes() + mask.tobytes()).hexdigest()[:16] == want
+
+
+@pytest.mark.parametrize("region", [0, 1, 2, 3])
+def test_hard_scene_region_gives_classes_the_permuted_signatures(region: int) -> None:
+    """VV / (VH - noise floor) of a class's mean intensities is its signature's ratio: texture, rows, points and
+    the calibration offset are shared by both channels, speckle has mean 1, and the floor adds its power."""
+    from stages.hard_scenes import _RADIOMETRY, hard_scene, region_noise_floor_db, region_signatures
+
+    wears = region_signatures(region)
+    floor = 10 ** (region_noise_floor_db(region) / 10) if region else 0.0
+    assert sorted(wears) == list(range(10))
+    checked = set()
+    for i in range(24):
+        img, mask = hard_scene(np.random.default_rng([7, region, i]), 128, regions=4, region=region)
+        for c in range(10):
+            sel = mask == c
+            db, ratio = _RADIOMETRY[int(wears[c])][:2]
+            if sel.sum() < 1500 or db < -12:
+                continue
+            measured = 10 * np.log10(img[0][sel].astype(np.float64).mean() / (img[1][sel].astype(np.float64).mean() - floor))
+            assert measured == pytest.approx(ratio, abs=0.6), (region, c, measured, ratio)
+            checked.add(c)
+    assert len(checked) >= 3  # the test saw several classes
+    if region:
+        assert (wears != np.arange(10)).sum() >= 6  # a region really re-maps most classes
+
+
+def test_hard_scene_regions_draw_and_noise_floor(monkeypatch: pytest.MonkeyPatch) -> None:
+    import stages.hard_scenes as hs
+
+    assert hs.region_noise_floor_db(0) is None and hs.region_noise_floor_db(3) == -25.0
+    # every class at -80 dB and no point targets: what is left of a scene is its sensor's noise floor (mean 1 speckle)
+    monkeypatch.setattr(hs, "_RADIOMETRY", {c: (-80.0, 0.0, 4, 0.0, 0.0) for c in range(10)})
+    monkeypatch.setattr(hs, "_POINT_DENSITY", {2: 0.0, 3: 0.0})
+    for region, want in ((0, 0.0), (1, 10 ** -2.9), (3, 10 ** -2.5)):
+        img, _ = hs.hard_scene(np.random.default_rng([1, 2, 3]), 128, regions=4, region=region)
+        assert img.astype(np.float64).mean() == pytest.approx(want, rel=0.02, abs=1e-6)
+    monkeypatch.undo()
+    # regions > 1 draws the region from the scene's generator: masks differ from the single-region scene's
+    one, _ = hs.hard_scene(np.random.default_rng([9, 9, 9]), 64)
+    many, _ = hs.hard_scene(np.random.default_rng([9, 9, 9]), 64, regions=4)
+    assert one.shape == many.shape and not np.array_equal(one, many)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"preset": "easy", "regions": 2}, "--regions and --region need --preset hard"),
+    ({"preset": "hard", "regions": 2, "region": 2}, "--region 2 is not one of the 2 regions"),
+    ({"preset": "hard", "regions": 0}, "--regions must be >= 1"),
+])
+def test_demo_data_region_errors(tmp_path: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        make_demo_data(tmp_path / "d", **SMALL, **kwargs)
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_data_regions_summary(tmp_path: Path) -> None:
+    summary = make_demo_data(tmp_path / "d", **SMALL, preset="hard", regions=4, region=1)
+    assert summary["regions"] == 4 and summary["region"] == 1
+    assert "regions" not in make_demo_data(tmp_path / "e", **SMALL, preset="hard")
+
+
 # --------------------------------------------------------------------------- normalisation
 
 
