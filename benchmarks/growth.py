@@ -115,7 +115,7 @@ def concat(stats: list):
     from stages.evaluate import ImageStats
 
     return ImageStats(np.concatenate([s.cm for s in stats]), np.concatenate([s.boundary for s in stats]),
-                      np.concatenate([s.sdf for s in stats]))
+                      np.concatenate([s.sdf for s in stats]), np.concatenate([s.interior for s in stats]))
 
 
 def train(stage: int, src: Path, run: Path, data: Path, unlabelled: Path | None, steps: int, lr: float, seed: int,

@@ -31,6 +31,7 @@ from stages.evaluate import (
     dice_per_class,
     evaluate,
     f1_from_counts,
+    interior_mask,
     iou_per_class,
     pixel_accuracy,
 )
@@ -129,6 +130,42 @@ def test_image_stats_metrics_single_image():
     assert m["sdf_mae"] == pytest.approx(0.5)
 
 
+def test_interior_mask_hand_example():
+    # columns 0-2 class 0, 3-5 class 1: border pixels are columns 2 and 3
+    t = torch.tensor([[0, 0, 0, 1, 1, 1]] * 6)[None]
+    cols = lambda m: sorted(set(torch.nonzero(m[0])[:, 1].tolist()))  # noqa: E731
+    assert cols(interior_mask(t, 0)) == [0, 1, 4, 5]
+    assert cols(interior_mask(t, 1)) == [0, 5]
+    assert not interior_mask(t, 2).any()
+    assert interior_mask(torch.zeros(1, 5, 5, dtype=torch.long), 3).all()  # one class: no border anywhere
+    t[0, 0, 0] = 255  # an ignored pixel is a border too
+    assert not interior_mask(t, 1)[0, :2, :2].any() and interior_mask(t, 1)[0, 5, 0]
+
+
+def test_interior_mask_matches_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 3, (2, 4, 5), generator=gen).repeat_interleave(3, 1).repeat_interleave(3, 2)  # 12 x 15 blocks
+    h, w = t.shape[1:]
+    for margin in (0, 1, 2, 4):
+        got = interior_mask(t, margin)
+        for n in range(2):
+            border = [(y, x) for y in range(h) for x in range(w)
+                      if any(0 <= y + dy < h and 0 <= x + dx < w and t[n, y + dy, x + dx] != t[n, y, x]
+                             for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)))]
+            for y in range(h):
+                for x in range(w):
+                    want = all(max(abs(y - by), abs(x - bx)) > margin for by, bx in border)
+                    assert bool(got[n, y, x]) == want, (margin, n, y, x)
+
+
+def test_image_stats_interior_miou():
+    inner = np.array([[[4, 0], [1, 3]]])  # IoU 4/5 and 3/4
+    st = ImageStats(CM[None], np.zeros((1, 3)), np.array([[0.0, 1.0]]), inner)
+    assert st.metrics()["miou_interior"] == pytest.approx((4 / 5 + 3 / 4) / 2)
+    assert st.metrics()["miou"] == pytest.approx((0.5 + 0.6 + 0.6) / 3)  # the whole image's is unchanged
+    assert math.isnan(ImageStats(CM[None], np.zeros((1, 3)), np.array([[0.0, 1.0]])).metrics()["miou_interior"])
+
+
 def test_image_stats_all_ignored_gives_nan_not_error():
     st = ImageStats(np.zeros((1, 3, 3), dtype=np.int64), np.zeros((1, 3)), np.zeros((1, 2)))
     m = st.metrics()
@@ -173,12 +210,13 @@ def _random_stats(rng: np.random.Generator, n: int = 20, c: int = 3) -> ImageSta
     cm = rng.integers(0, 30, size=(n, c, c)) + np.eye(c, dtype=np.int64) * 40
     bound = rng.integers(1, 20, size=(n, 3)).astype(np.float64)
     sdf = np.stack([rng.uniform(1, 10, n), rng.integers(10, 20, n).astype(np.float64)], 1)
-    return ImageStats(cm, bound, sdf)
+    return ImageStats(cm, bound, sdf, cm // 2 + np.eye(c, dtype=np.int64) * rng.integers(0, 9, size=(n, 1, 1)))
 
 
 def test_bootstrap_two_image_case_by_hand():
-    a, b = ImageStats(CM_A, A_BOUND, A_SDF), ImageStats(CM_B, B_BOUND, B_SDF)
+    a, b = ImageStats(CM_A, A_BOUND, A_SDF, CM_A), ImageStats(CM_B, B_BOUND, B_SDF, CM_B)
     out = bootstrap_diff(a, b, n=400, seed=0)
+    assert out["miou_interior"] == out["miou"]  # the interiors here are the whole images
     assert set(out) == set(METRICS)
     # point estimates: a is perfect (miou 1, dice 1, acc 1, bf1 1, sdf 0)
     assert out["miou"]["diff"] == pytest.approx((4 / 5 + 3 / 4) / 2 - 1)
@@ -267,6 +305,20 @@ def test_evaluate_report_shape(reports, setup):
         p, r = m["boundary_precision"], m["boundary_recall"]
         assert m["boundary_f1"] == pytest.approx(2 * p * r / (p + r) if p + r else 0.0)
     assert rep["checkpoints"][0]["groups"] == [4] and rep["checkpoints"][1]["groups"] == [4, 4]
+
+
+def test_interior_counts_are_the_pixels_away_from_borders(setup):
+    from stages.data import LabelledFolder
+    from stages.evaluate import run_model
+    from upscale.checkpoint import load_model
+
+    model = load_model(setup["src"])
+    data = LabelledFolder(setup["data"], model.config.num_classes, size=model.config.img_size)
+    st, _ = run_model(model, data, 4)
+    masks = torch.stack([data[i]["mask"] for i in range(len(data))])
+    kept = interior_mask(masks, model.config.patch_size // 2).sum((1, 2))
+    np.testing.assert_array_equal(st.interior.sum((1, 2)), kept.numpy())  # each image's interior pixels, counted once
+    assert (st.interior <= st.cm).all() and 0 < st.interior.sum() < st.cm.sum()
 
 
 def test_growth_preserves_metrics_and_diffs_are_zero(reports):
