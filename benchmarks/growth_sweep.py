@@ -152,15 +152,14 @@ def main() -> None:
     ap.add_argument("--converge-threads", type=int, default=0, help="OMP_NUM_THREADS of the --converge runs (0: --threads)")
     ap.add_argument("--converge-batch", type=int, default=0, help="batch size of the --converge runs (0: --batch-size); "
                     "a larger batch uses a core better, and only the source's end point matters")
-    ap.add_argument("--test", type=Path, default=None, help="held-out folder the arms are scored on (default: "
-                    "WORK/data/A-test); a larger one from another seed narrows the intervals")
+    ap.add_argument("--test", type=Path, nargs="+", default=None, help="held-out folder(s) the arms are scored on, "
+                    "one set of tables each (default: WORK/data/A-test); a larger one from another seed narrows the "
+                    "intervals, and per-region sets (demo-data --region r) show what was kept and what was learnt")
     ap.add_argument("--train-score", type=int, default=0, metavar="K",
                     help="also score every arm on the first K training images of A: a large train - held-out gap says "
                          "the set, not the model's capacity, limits what growth can add")
     ap.add_argument("--device", default=None, help="samoe train's --device for every run (e.g. cuda)")
     args = ap.parse_args()
-    from stages.evaluate import bootstrap_diff
-
     growth.REUSE, growth.THREADS, growth.BATCH = True, args.threads, args.batch_size
     growth.DEVICE = ["--device", args.device] if args.device else []
     d, t0 = args.work / "data", time.perf_counter()
@@ -191,7 +190,20 @@ def main() -> None:
                                          args.extra * args.source_steps * f[s]["src"], f[s], args.extra)
                    for s in args.seeds for arm in args.arms}
         finals = {key: fut.result() for key, fut in futures.items()}
-    test = args.test or d / "A-test"
+    for test in args.test or [d / "A-test"]:
+        report(args, test, finals, f, t0)
+    if args.train_score:
+        print(f"\n| arm | mIoU on {args.train_score} training images per seed |\n|---|---|")
+        for arm in ["source", *args.arms]:
+            ckpts = [args.work / f"seed{s}" / "source" / "final" if arm == "source" else finals[s, arm] for s in args.seeds]
+            fit = concat([image_stats(c, d / "A", args.train_score)[0] for c in ckpts]).metrics()["miou"]
+            print(f"| {arm} | {fit:.4f} |")
+
+
+def report(args: argparse.Namespace, test: Path, finals: dict, f: dict, t0: float) -> None:
+    """The tables of one held-out folder: every arm against the source, the first arm and every (a); each seed's mIoU."""
+    from stages.evaluate import bootstrap_diff
+
     per_seed = {arm: [image_stats(finals[s, arm], test)[0] for s in args.seeds] for arm in args.arms}
     per_seed["source"] = [image_stats(args.work / f"seed{s}" / "source" / "final", test)[0] for s in args.seeds]
     stats = {arm: concat(v) for arm, v in per_seed.items()}
@@ -220,13 +232,6 @@ def main() -> None:
                 print(f"| {arm} | " + " | ".join(cells) + " |")
     costs = {k: np.mean([f[s][k] / f[s]["src"] for s in args.seeds]) for k in f[args.seeds[0]] if k != "src"}
     print("\nFLOPs per step / the source's: " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items()))
-    if args.train_score:
-        print(f"\n| arm | mIoU on {args.train_score} training images per seed | held out | gap |\n|---|---|---|---|")
-        for arm in ["source", *args.arms]:
-            ckpts = [args.work / f"seed{s}" / "source" / "final" if arm == "source" else finals[s, arm] for s in args.seeds]
-            fit = concat([image_stats(c, d / "A", args.train_score)[0] for c in ckpts]).metrics()["miou"]
-            held = stats[arm].metrics()["miou"]
-            print(f"| {arm} | {fit:.4f} | {held:.4f} | {fit - held:+.4f} |")
     print("\n| per-seed mIoU | " + " | ".join(f"seed {s}" for s in args.seeds) + " |\n|---|" + "---|" * len(args.seeds))
     for arm in ["source", *args.arms]:
         print(f"| {arm} | " + " | ".join(f"{st.metrics()['miou']:.4f}" for st in per_seed[arm]) + " |")
