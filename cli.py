@@ -248,7 +248,8 @@ def _show_summary(ckpt: Any, as_json: bool, verify: bool = False) -> None:
         console.print(
             f"MoE: {len(layers)} layers x {next(iter(layers.values()))} experts in {len(groups)} groups {groups} "
             f"(core groups {report['core_groups']}, top-k {report['top_k']}, top-k groups {report['top_k_groups']}"
-            + (f", top-k in a new group {report['routed_top_k']})" if len(groups) > report["core_groups"] else ")")
+            + (f", top-k in a new group {report['routed_top_k']}" + (", hand-over per token" if report.get("token_handover") else "")
+               + ")" if len(groups) > report["core_groups"] else ")")
         )
     console.print(f"encoder blocks: {report['num_blocks']} ({report['extra_blocks']} extra)")
     console.print(f"shards: {len(report['shards'])}, {sum(s['bytes'] for s in report['shards']):,} bytes")
@@ -341,7 +342,7 @@ def _growth_spec(source_cfg: Any, g: _Growth, init: str, noise_std: float, inter
 
     sizes = resolve_groups(source_cfg.moe.num_experts, g.experts, g.groups, g.core_groups)
     return GrowthSpec(experts=g.experts, groups=sizes, core_groups=g.core_groups, top_k_groups=g.top_k_groups,
-                      routed_top_k=g.routed_top_k,
+                      routed_top_k=g.routed_top_k, token_handover=g.token_handover,
                       extra_blocks=g.extra_blocks, extra_dense=g.extra_dense, init=init, noise_std=noise_std,
                       interp_weight=interp_weight, reinit_ratio=reinit_ratio, seed=seed)
 
@@ -355,6 +356,7 @@ class _Growth:
     core_groups: int
     top_k_groups: int
     routed_top_k: int
+    token_handover: bool
     extra_blocks: int
     extra_dense: bool
 
@@ -367,6 +369,9 @@ _GROWTH_OPTIONS = {
     "top_k_groups": (int, typer.Option(1, "--top-k-groups", min=1, help="New groups chosen per token by the group router.")),
     "routed_top_k": (int, typer.Option(0, "--routed-top-k", min=0, help="Experts per token inside a chosen new group "
                                        "(0: the source's top-k). 1 keeps the grown step's cost near the source's.")),
+    "token_handover": (bool, typer.Option(False, "--token-handover", help="The source's experts compete with the new "
+                                          "groups in the group router, so each token's hand-over is learnt per token "
+                                          "(a token the source handles well can stay on it). Off: one share per group.")),
     "extra_blocks": (int, typer.Option(0, "--extra-blocks", min=0, help="Blocks appended after the last ViT block (start as the identity).")),
     "extra_dense": (bool, typer.Option(False, "--extra-dense", help="Extra blocks get a dense MLP instead of MoE.")),
 }

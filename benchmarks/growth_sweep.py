@@ -10,8 +10,10 @@ stage, so the grown model's costlier steps buy it fewer of them). Arms:
     <grown arm>@<variant>   the same, from another growth of the source, parts joined by '+': noise<std>
                             (copy + noise of that relative std), interp<w> (interpolation of two source
                             experts), reinit<r> (that fraction of each new expert's hidden units drawn
-                            afresh), blocks<n> (n extra blocks, not 1) or rk<k> (k experts per token in a
-                            new group); blocks and rk change the layout, so the arm counts its own FLOPs
+                            afresh), blocks<n> (n extra blocks, not 1), rk<k> (k experts per token in a
+                            new group) or th (`--token-handover`: the router decides per token how much
+                            leaves the source's experts); blocks and rk change the layout, so the arm
+                            counts its own FLOPs
     ft:<lr>                 the grown model, stage 3 only (every parameter trains)
     stage1:<lr>             the grown model, stage 1 only, on A: the source frozen, only the new experts
                             and the routers train (the plan's integration stage; cheaper steps, no weight
@@ -69,8 +71,8 @@ LAYOUT_PARTS = ("blocks", "rk")  # variant parts that change the grown layout, h
 def growth_args(variant: str) -> list[str]:
     """expand's options for an arm's `@variant`: parts joined by '+', each one of noise<std> or interp<w> (the
     init; default copy + 1% noise), reinit<r> (Drop-Upcycling: `--reinit-ratio r`), blocks<n> (n extra blocks
-    instead of growth.py's 1) or rk<k> (k experts per token inside a chosen new group: `--routed-top-k`); '' is
-    growth.py's growth."""
+    instead of growth.py's 1), rk<k> (k experts per token inside a chosen new group: `--routed-top-k`) or th
+    (`--token-handover`); '' is growth.py's growth."""
     layout, init, extra = list(growth.GROW), ["--noise-std", "0.01"], []
     for part in filter(None, variant.split("+")):
         if part.startswith("blocks"):
@@ -83,9 +85,11 @@ def growth_args(variant: str) -> list[str]:
             init = ["--init", "interpolate", "--interp-weight", part[len("interp"):] or "0.3"]
         elif part.startswith("reinit"):
             extra += ["--reinit-ratio", part[len("reinit"):] or "0.5"]
+        elif part == "th":
+            extra += ["--token-handover"]
         else:
             raise SystemExit(f"unknown growth variant part {part!r} in @{variant}: use noise<std>, interp<w>, "
-                             "reinit<r>, blocks<n> or rk<k>, joined by '+'")
+                             "reinit<r>, blocks<n>, rk<k> or th, joined by '+'")
     return [*layout, *init, *extra]
 
 

@@ -33,6 +33,13 @@ class MoEConfig:
             capacity is mostly parameters, not compute), which is what pays when
             growth is compared at equal training FLOPs.
         aux_loss_coef: weight of the load-balancing loss a training step adds.
+        token_handover: the core pool competes with the routed groups in the group
+            router, as one more option whose logit is fixed at 0, so how much of a
+            token leaves the source's experts depends on the token (a token the
+            source handles well can stay on it while another moves to new experts).
+            False: that share is set by the per-group `group_scale` alone, the same
+            for every token a group is chosen by. Either way growth starts at
+            `group_scale = 0` and preserves the source's function exactly.
     """
 
     groups: tuple[int, ...] = (16,)
@@ -41,6 +48,7 @@ class MoEConfig:
     top_k_groups: int = 1
     aux_loss_coef: float = 0.01
     routed_top_k: int = 0
+    token_handover: bool = False
 
     @property
     def k_routed(self) -> int:
@@ -78,6 +86,9 @@ class MoEConfig:
                              f"({min(self.groups[self.core_groups:])} experts)")
         if routed and not 1 <= self.top_k_groups <= routed:
             raise SamoeError(f"top_k_groups={self.top_k_groups} must be between 1 and the number of routed groups ({routed})")
+        if self.token_handover and not (self.core_groups and routed):
+            raise SamoeError("token_handover needs a core pool and new (routed) groups: it decides per token how much "
+                             "moves from one to the other")
 
 
 @dataclass(frozen=True)
@@ -209,6 +220,7 @@ _KINDS: dict[str, str] = {
     **{name: "int" for name in _RANGES}, "mlp_ratio": "number", "global_attn_indexes": "ints", "moe_blocks": "ints",
     "decoder_moe": "bool", "extra_blocks_moe": "bool", "moe.groups": "ints", "moe.core_groups": "int", "moe.top_k": "int",
     "moe.top_k_groups": "int", "moe.aux_loss_coef": "number", "moe.routed_top_k": "int",
+    "moe.token_handover": "bool",
 }
 _KIND_TEXT = {"int": "an integer", "number": "a finite number", "ints": "a list of integers", "bool": "true or false"}
 

@@ -64,6 +64,7 @@ class GrowthSpec:
     core_groups: int = 1
     top_k_groups: int = 1
     routed_top_k: int = 0  # experts per token inside a routed group; 0: the source's top-k
+    token_handover: bool = False  # the core competes in the group router: a per-token hand-over (MoEConfig)
     extra_blocks: int = 0
     extra_dense: bool = False
     init: str = "copy-noise"
@@ -151,6 +152,7 @@ def grown_config(src: SamMoEConfig, spec: GrowthSpec) -> SamMoEConfig:
     moe = MoEConfig(
         groups=spec.groups, core_groups=spec.core_groups, top_k=src.moe.top_k,
         top_k_groups=spec.top_k_groups, aux_loss_coef=src.moe.aux_loss_coef, routed_top_k=spec.routed_top_k,
+        token_handover=spec.token_handover,
     )
     extra_moe = src.extra_blocks_moe if src.extra_blocks else not spec.extra_dense
     if src.extra_blocks and extra_moe == spec.extra_dense:

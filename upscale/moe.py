@@ -25,7 +25,13 @@ the layer's output is a convex mixture of the core output and the new groups'
 outputs (`group_scale` lives in [0, 1] and is projected back after each
 optimizer step, `MoEMLP.constrain_`). Growth initialises `group_scale` to zero,
 so the grown model computes exactly what the source computed, for any noise on
-the new experts. Because new experts start as (noisy) copies or interpolations
+the new experts. `group_scale` is one number per group, so without more the
+share a token hands over depends on the token only through `p_group`. With
+`token_handover` (`expand --token-handover`) the core is one more option of the
+group softmax, with its logit fixed at 0: `m_g = group_scale[g] * p_group *
+(1 - p_core)`, `p_core = 1 / (1 + sum_g exp z_g)`. The router can then keep the
+tokens the source already handles (an old region, an old sensor) on the source's
+experts while others move to the new ones: inherit, then develop. Because new experts start as (noisy) copies or interpolations
 of the source's, moving weight from the core to them barely changes the
 function, so routing weight can move without first hurting the loss (an
 additive `core + scale * new` would double the MLP output instead, and the
@@ -262,6 +268,23 @@ class HierarchicalRouter(nn.Module):
             offsets.append(offsets[-1] + e)
         self.offsets = offsets
 
+    def _group_mix(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Group router: probabilities over the routed groups (N, G_r), the chosen groups (N, k_groups) and
+        their mixing weights m (N, k_groups), in float32.
+
+        With `token_handover` the core is one more option of the group softmax, with logit 0, so m is scaled by
+        each token's probability of leaving the core, 1 - 1 / (1 + sum_g exp z_g) = sigmoid(logsumexp z): the
+        same selection and balance statistics over the routed groups, but the router can keep a token on the
+        source's experts by lowering all of its group logits.
+        """
+        logits = self.group_gate(x).float()
+        g_probs = logits.softmax(dim=-1)
+        g_p, g_i = g_probs.topk(self.cfg.top_k_groups, dim=-1)
+        mix = g_p * self.group_scale.float()[g_i]
+        if self.cfg.token_handover:
+            mix = mix * torch.sigmoid(torch.logsumexp(logits, dim=-1, keepdim=True))
+        return g_probs, g_i, mix
+
     def forward(self, x: Tensor) -> Routing:
         """x: (N, D) -> Routing over the N tokens."""
         if static_dispatch(x):
@@ -279,9 +302,7 @@ class HierarchicalRouter(nn.Module):
         ar = torch.arange(n, device=x.device)
         routed = len(cfg.groups) - cfg.core_groups
         if routed:
-            g_probs = self.group_gate(x).float().softmax(dim=-1)
-            g_p, g_i = g_probs.topk(cfg.top_k_groups, dim=-1)
-            mix = g_p * self.group_scale.float()[g_i]  # (N, k_groups): weight of each chosen routed group
+            g_probs, g_i, mix = self._group_mix(x)
         if cfg.core_groups:
             logits = torch.cat([self.expert_gates[g](x) for g in range(cfg.core_groups)], dim=-1)
             probs, top_i, top_w = _topk_renormalised(logits, cfg.top_k)
@@ -350,9 +371,7 @@ class HierarchicalRouter(nn.Module):
         mix = x.new_zeros(n, 0, dtype=torch.float32)
         handover = x.new_zeros((), dtype=torch.float32)
         if routed:
-            g_probs = self.group_gate(x).float().softmax(dim=-1)
-            g_p, g_i = g_probs.topk(cfg.top_k_groups, dim=-1)
-            mix = g_p * self.group_scale.float()[g_i]
+            g_probs, g_i, mix = self._group_mix(x)
         if c:
             logits = torch.cat([self.expert_gates[g](x) for g in range(c)], dim=-1)
             probs, top_i, top_w = _topk_renormalised(logits, k)

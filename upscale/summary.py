@@ -85,6 +85,7 @@ def summarize(
         "top_k": cfg.moe.top_k,
         "top_k_groups": cfg.moe.top_k_groups,
         "routed_top_k": cfg.moe.k_routed,
+        "token_handover": cfg.moe.token_handover,
         "num_moe_layers": len(experts),
         "num_blocks": cfg.total_blocks,
         "extra_blocks": cfg.extra_blocks,
