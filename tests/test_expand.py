@@ -173,6 +173,8 @@ PRESERVING = {
     "routed-top-k1-noise0.5": dict(experts=13, groups="4", routed_top_k=1, noise_std=0.5, extra_blocks=1),
     "extra-dense": dict(experts=13, groups="4", noise_std=0.0, extra_blocks=1, extra_dense=True),
     "reinit0.5-noise0.1-extra1": dict(experts=13, groups="4", reinit_ratio=0.5, noise_std=0.1, extra_blocks=1),
+    "token-handover-noise0.5-extra1": dict(experts=13, groups="4", token_handover=True, routed_top_k=1, noise_std=0.5,
+                                           extra_blocks=1),
 }
 
 
@@ -187,6 +189,7 @@ def test_growth_preserves_function(case, src, images, src_out, tmp_path):
     if case == "11-groups4-ragged":
         assert cfg.moe.groups == (4, 3, 2, 2)
     assert cfg.moe.k_routed == (options.get("routed_top_k") or TINY.moe.top_k)
+    assert cfg.moe.token_handover == options.get("token_handover", False)
     model = load_model(out)
     grown = _forward(model, images)
     for h in HEADS:

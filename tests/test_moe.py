@@ -14,6 +14,8 @@ routing weights; RTOL64 allows for that and nothing more.
 from __future__ import annotations
 
 import itertools
+import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -67,7 +69,10 @@ def reference(m: MoEMLP, x: torch.Tensor, act: str) -> tuple[torch.Tensor, list[
         routed = len(cfg.groups) - cfg.core_groups
         chosen, pg, handed = [], None, 0.0
         if routed:
-            pg = torch.softmax(r.group_gate.weight @ xt, dim=0)
+            logits = r.group_gate.weight @ xt
+            pg = torch.softmax(logits, dim=0)
+            if cfg.token_handover:  # the core is one more option of the group softmax, with logit 0
+                pg = torch.softmax(torch.cat([logits.new_zeros(1), logits]), dim=0)[1:]
             chosen = torch.topk(pg.detach(), cfg.top_k_groups).indices.tolist()
             handed = sum(pg[rr] * r.group_scale[rr] for rr in chosen)  # weight handed to routed groups
         if cfg.core_groups:
@@ -95,10 +100,11 @@ def reference(m: MoEMLP, x: torch.Tensor, act: str) -> tuple[torch.Tensor, list[
 # --------------------------------------------------------------------------- helpers
 
 
-def _make(groups, core_groups, top_k, top_k_groups, act, dtype=torch.float64, seed=0) -> MoEMLP:
+def _make(groups, core_groups, top_k, top_k_groups, act, dtype=torch.float64, seed=0, token_handover=False) -> MoEMLP:
     """top_k: an int, or (top_k, routed_top_k) for a different k inside routed groups."""
     top_k, routed_top_k = top_k if isinstance(top_k, tuple) else (top_k, 0)
-    cfg = MoEConfig(groups=groups, core_groups=core_groups, top_k=top_k, top_k_groups=top_k_groups, routed_top_k=routed_top_k)
+    cfg = MoEConfig(groups=groups, core_groups=core_groups, top_k=top_k, top_k_groups=top_k_groups, routed_top_k=routed_top_k,
+                    token_handover=token_handover)
     cfg.validate()
     torch.manual_seed(seed)
     m = MoEMLP(D, H, cfg, nn.GELU if act == "gelu" else nn.ReLU)
@@ -405,6 +411,54 @@ def test_handover_loss_pushes_weight_to_new_groups_at_zero_scale(loop_path):
     assert float(m.new_weight) == 0.0 and float(m.handover_loss.detach()) == pytest.approx(3.0)  # all weight on the core
     m.handover_loss.backward()
     assert (m.router.group_scale.grad < 0).all()
+
+
+TOKEN_HANDOVER = [((3, 2, 4, 3), 1, 1, 2, "gelu"), ((2, 2, 3), 1, 2, (2, 1), "relu"), ((2, 2, 3), 2, 1, 1, "gelu")]
+
+
+@pytest.mark.parametrize("groups,core,tkg,k,act", TOKEN_HANDOVER)
+@pytest.mark.parametrize("path", ["loop", "grouped"])
+def test_token_handover_matches_reference(monkeypatch, path, groups, core, tkg, k, act):
+    """With token_handover the reference takes the group softmax over [0 (the core), z]: outputs and every
+    gradient match, the group gate's included."""
+    if path == "loop":
+        monkeypatch.setattr(moe_mod, "_grouped_mm_ok", lambda *a, **k: False)
+    m = _make(groups, core, k, tkg, act, token_handover=True)
+    x = torch.randn(2, 9, D, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
+    _compare(m, x, act, RTOL64, ATOL64)
+
+
+def test_token_handover_keeps_a_token_on_the_core_by_hand(loop_path):
+    """Scales at 1: a token whose group logits are all very negative stays on the source's experts, one with a
+    large logit leaves them almost entirely. Without token_handover both hand over at least 1/G_r."""
+    m = _make((2, 3, 3), 1, 1, 1, "relu", token_handover=True)
+    with torch.no_grad():
+        m.router.group_scale.fill_(1.0)
+        m.router.group_gate.weight.zero_()
+        m.router.group_gate.weight[:, 0] = torch.tensor([10.0, 5.0], dtype=torch.float64)
+    x = torch.zeros(2, D, dtype=torch.float64)
+    x[0, 0], x[1, 0] = -2.0, 2.0  # logits (-20, -10) and (20, 10)
+    m(x)
+    route = m.router(x)
+    core = route.expert < 2
+    stay = torch.zeros(2, dtype=torch.float64).index_add(0, route.token[core], route.weight[core].double())
+    # by hand: core weight 1 - e^z1 / (1 + e^z1 + e^z2) for the chosen group 1
+    want = torch.tensor([1 - math.exp(-10) / (1 + math.exp(-20) + math.exp(-10)),
+                         1 - math.exp(20) / (1 + math.exp(20) + math.exp(10))], dtype=torch.float64)
+    torch.testing.assert_close(stay, want, rtol=1e-5, atol=1e-7)
+    assert stay[0] > 0.9999 and stay[1] < 0.0001
+    m.cfg = m.router.cfg = replace(m.cfg, token_handover=False)
+    route = m.router(x)
+    core = route.expert < 2
+    stay = torch.zeros(2, dtype=torch.float64).index_add(0, route.token[core], route.weight[core].double())
+    assert (stay < 0.5).all()  # p_group of the chosen group >= 1/2: at least half leaves the core
+
+
+def test_token_handover_needs_core_and_new_groups():
+    with pytest.raises(SamoeError, match="token_handover needs a core pool and new"):
+        MoEConfig(groups=(4,), core_groups=1, token_handover=True).validate()
+    with pytest.raises(SamoeError, match="token_handover needs a core pool and new"):
+        MoEConfig(groups=(2, 2), core_groups=0, top_k=1, token_handover=True).validate()
 
 
 def test_constrain_projects_scales_into_unit_interval():

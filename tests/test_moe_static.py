@@ -129,3 +129,18 @@ def test_cpu_bf16_autocast(monkeypatch, static_path):
     assert seen and all(d == (torch.bfloat16, torch.bfloat16) for d in seen)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("groups,core,tkg,k,act", [((3, 2, 4, 3), 1, 2, (2, 1), "gelu"), ((2, 2, 3), 2, 1, 1, "relu")])
+def test_static_path_matches_cpu_path_with_token_handover(monkeypatch, groups, core, tkg, k, act):
+    m = _make(groups, core, k, tkg, act, dtype=torch.float32, token_handover=True)
+    x = torch.randn(3, 7, D, generator=torch.Generator().manual_seed(1))
+    gout = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    cpu_out, cpu_grads, cpu_stats = _run(m, x, gout)
+    monkeypatch.setattr(moe_mod, "static_dispatch", lambda x: True)
+    out, grads, stats = _run(m, x, gout)
+    torch.testing.assert_close(out, cpu_out, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, cpu_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(stats[:4], cpu_stats[:4]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6)
