@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from upscale.checkpoint import Checkpoint, load_model
 from upscale.errors import SamoeError
 
-from .data import IGNORE_INDEX, LabelledFolder
+from .data import IGNORE_INDEX, LabelledFolder, boundary_target
 
 METRICS = ("miou", "mean_dice", "pixel_accuracy", "boundary_f1", "sdf_mae", "miou_interior")
 
@@ -57,20 +57,14 @@ def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int, ign
 
 
 def interior_mask(target: torch.Tensor, margin: int) -> torch.Tensor:
-    """(N, H, W) bool: pixels with no other class (or ignored pixel) within `margin` px (Chebyshev distance).
+    """(N, H, W) bool: pixels farther than `margin` px from every class border.
 
-    A pixel is on a border when a 4-neighbour has another value; the interior is what
-    a (2 margin + 1)-square window around it keeps clear of every border pixel.
+    The complement of `boundary_target`'s band with the margin as its radius (a Euclidean
+    disk around each labelled pixel whose 4-neighbour holds another class; ignored pixels
+    make no border), so the boundary head and this metric share one definition of "near a
+    border".
     """
-    t = target[:, None]
-    edge = torch.zeros_like(t, dtype=torch.bool)
-    dy, dx = t[..., 1:, :] != t[..., :-1, :], t[..., :, 1:] != t[..., :, :-1]
-    edge[..., 1:, :] |= dy
-    edge[..., :-1, :] |= dy
-    edge[..., :, 1:] |= dx
-    edge[..., :, :-1] |= dx
-    near = F.max_pool2d(edge.float(), 2 * margin + 1, stride=1, padding=margin) > 0
-    return ~near[:, 0]
+    return torch.from_numpy(np.stack([boundary_target(t, margin) == 0 for t in target.cpu().numpy()]))
 
 
 def iou_per_class(cm: np.ndarray) -> np.ndarray:

@@ -138,8 +138,12 @@ def test_interior_mask_hand_example():
     assert cols(interior_mask(t, 1)) == [0, 5]
     assert not interior_mask(t, 2).any()
     assert interior_mask(torch.zeros(1, 5, 5, dtype=torch.long), 3).all()  # one class: no border anywhere
-    t[0, 0, 0] = 255  # an ignored pixel is a border too
-    assert not interior_mask(t, 1)[0, :2, :2].any() and interior_mask(t, 1)[0, 5, 0]
+    t[0, 0, 1] = 255  # an ignored pixel makes no border (it is left out of every metric anyway)
+    assert interior_mask(t, 1)[0, 0, 0] and interior_mask(t, 1)[0, 1, 0]
+    # a Euclidean disk, not a square: (0, 0) lies sqrt(8) from the border pixel (2, 2)
+    t = torch.zeros(1, 5, 5, dtype=torch.long)
+    t[0, 2, 2] = 1
+    assert interior_mask(t, 2)[0, 0, 0] and not interior_mask(t, 2)[0, 0, 2]
 
 
 def test_interior_mask_matches_brute_force():
@@ -154,7 +158,7 @@ def test_interior_mask_matches_brute_force():
                              for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)))]
             for y in range(h):
                 for x in range(w):
-                    want = all(max(abs(y - by), abs(x - bx)) > margin for by, bx in border)
+                    want = all((y - by) ** 2 + (x - bx) ** 2 > margin**2 for by, bx in border)
                     assert bool(got[n, y, x]) == want, (margin, n, y, x)
 
 
