@@ -94,3 +94,40 @@ def test_frozen_parameters_hold_no_gradient(base, one_thread):
         train_step(model, opts, batch, {"image": torch.randn(2, 3, s, s)}, 0.5, 0.01, False, step)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert frozen and all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def _bank_steps(kept: bool, monkeypatch) -> tuple[list[torch.Tensor], list[set[tuple[int, ...]]]]:
+    """Three SGD steps of a bf16 MoE layer on the CPU grouped-GEMM path; returns its parameters and, per
+    step, the shapes of the zeros_like tensors made (the expert GEMMs' fresh weight gradients)."""
+    from upscale.config import MoEConfig
+    from upscale.moe import MoEMLP
+
+    torch.manual_seed(0)
+    m = MoEMLP(32, 64, MoEConfig(groups=(3, 2, 3), top_k=2), nn.GELU).to(torch.bfloat16)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    k = KeptGrads(list(m.parameters()), min_numel=1) if kept else None
+    made: list[set[tuple[int, ...]]] = []
+    real = torch.zeros_like
+    monkeypatch.setattr(torch, "zeros_like", lambda t, **kw: made[-1].add(tuple(t.shape)) or real(t, **kw))
+    for step in range(3):
+        made.append(set())
+        k.zero_grad([opt]) if k is not None else opt.zero_grad(set_to_none=True)
+        x = torch.randn(24, 32, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
+        m(x).float().square().mean().backward()
+        if k is not None:
+            k.after_backward()
+        opt.step()
+    return [p.detach().clone() for p in m.parameters()], made
+
+
+def test_expert_weight_gradients_go_straight_into_kept_buffers(monkeypatch):
+    """With kept buffers the expert GEMMs' backward allocates no weight gradient (it accumulates into the
+    kept one) and training stays bit-identical to fresh gradients; a fresh step allocates one per bank GEMM."""
+    ref, fresh_made = _bank_steps(False, monkeypatch)
+    got, kept_made = _bank_steps(True, monkeypatch)
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)
+    banks = {(3, 64, 32), (3, 32, 64), (2, 64, 32), (2, 32, 64)}
+    assert all(banks <= step for step in fresh_made)
+    assert banks <= kept_made[0]  # the first step makes the buffers that are kept
+    assert not banks & (kept_made[1] | kept_made[2])

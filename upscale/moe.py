@@ -122,11 +122,52 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor, counts: Tensor, coun
     x, weight, bias = _compute_dtype(x, weight, bias)
     if _grouped_mm_ok(x, weight):
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        y = torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
+        if x.device.type == "cpu" and torch.is_grad_enabled() and weight.requires_grad:
+            y = _ExpertGemm.apply(x, weight, offs, counts_list)
+        else:
+            y = torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
     else:
         parts = [xe @ weight[e].t() for e, xe in enumerate(torch.split(x, counts_list)) if xe.shape[0]]
         y = torch.cat(parts) if parts else x.new_zeros(0, weight.shape[1])
     return y + torch.repeat_interleave(bias, counts, dim=0, output_size=n)
+
+
+class _ExpertGemm(torch.autograd.Function):
+    """`x_e @ weight[e].T` over rows sorted by expert (CPU), whose backward writes the weight's gradient
+    straight into its kept gradient buffer when it has one.
+
+    Why: torch._grouped_mm's backward returns a fresh (E, out, in) weight gradient, 70 MB for a bank of
+    15 ViT-B experts in bf16, which AccumulateGrad then adds into the buffer `KeptGrads` kept
+    (stages/optim.py). The kernel faults in and zeroes those fresh pages every step, which made the
+    weight-gradient GEMMs take about twice as long as the others. Here each expert's gradient is
+    `addmm_`-ed into `weight.grad` (into a zeroed buffer that is bit-identical to `mm`), and the Function
+    returns an expanded zero, so AccumulateGrad still runs (one cheap pass) and its hooks see the
+    parameter as used. Without a kept buffer (a fresh step, a cast weight under autocast, double
+    backward) it returns a new gradient as torch._grouped_mm would.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, offs: Tensor, counts_list: list[int]) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight, offs)
+        ctx.counts = counts_list
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight, offs = ctx.saved_tensors
+        grad_x = torch._grouped_mm(grad_y.contiguous(), weight, offs=offs) if ctx.needs_input_grad[0] else None
+        if not ctx.needs_input_grad[1]:
+            return grad_x, None, None, None
+        kept = weight.grad if weight.is_leaf else None
+        direct = (kept is not None and not torch.is_grad_enabled() and kept.dtype == weight.dtype
+                  and kept.shape == weight.shape and kept.is_contiguous())
+        out = kept if direct else torch.zeros_like(weight, memory_format=torch.contiguous_format)
+        lo = 0
+        for e, rows in enumerate(ctx.counts):
+            if rows:
+                out[e].addmm_(grad_y[lo:lo + rows].t(), x[lo:lo + rows])
+            lo += rows
+        return grad_x, (out.new_zeros(()).expand(out.shape) if direct else out), None, None
 
 
 class ExpertBank(nn.Module):
