@@ -9,8 +9,9 @@ supervised phase, demo data, batch `--batch`) exactly as `samoe train` does
 on), and reports
   - images/s (labelled images; each step also runs one unlabelled batch);
   - the share of a step in data loading (`StreamingLoader.next`), forward
-    (model calls), backward, optimizer steps, and the rest (losses,
-    pseudo-targets, bookkeeping);
+    (model calls), the losses (`engine._losses`: task losses, pseudo-targets
+    and routing losses, the objective's forward; their backward is in
+    backward), backward, optimizer steps, and the rest (bookkeeping);
   - forward FLOPs per step counted by `torch.utils.flop_counter`, times 3 for
     forward + backward, against this machine's float32 matmul FLOP/s measured in
     the same run (a 2048^3 matmul on all threads): the FLOP-bound time of a step
@@ -112,6 +113,8 @@ def measure_stage(path: Path, stage: int, data: Path, steps: int, batch: int, wo
     loader.next = timer.wrap(loader.next, "data")
     uloader.next = timer.wrap(uloader.next, "data")
     model.forward = timer.wrap(model.forward, "forward")
+    losses = engine._losses
+    engine._losses = timer.wrap(losses, "loss")
     for opt in opts.named().values():
         opt.step = timer.wrap(opt.step, "optimizer")
     backward = torch.Tensor.backward
@@ -135,6 +138,7 @@ def measure_stage(path: Path, stage: int, data: Path, steps: int, batch: int, wo
         total = time.perf_counter() - t
     finally:
         torch.Tensor.backward = backward
+        engine._losses = losses
         torch.use_deterministic_algorithms(False)
     shares = {k: v / total for k, v in timer.acc.items()}
     shares["other"] = 1 - sum(shares.values())
@@ -165,7 +169,7 @@ def main() -> None:
         size = Checkpoint.open(path).config.img_size
         make_demo_data(args.dir / f"data-{size}", labelled=4 * args.batch, unlabelled=4 * args.batch, test=1, size=size)
         print(f"{which} grown: {sum(i.numel for i in Checkpoint.open(path).tensors.values()):,} params, {size} px, batch {args.batch}")
-        print(f"  {'stage':>5} {'img/s':>7} {'step s':>7} {'data':>6} {'fwd':>6} {'bwd':>6} {'optim':>6} {'other':>6} {'GFLOP':>7} {'x FLOP-bound':>12}")
+        print(f"  {'stage':>5} {'img/s':>7} {'step s':>7} {'data':>6} {'fwd':>6} {'loss':>6} {'bwd':>6} {'optim':>6} {'other':>6} {'GFLOP':>7} {'x FLOP-bound':>12}")
         for stage in (1, 2, 3):
             r = measure_stage(path, stage, args.dir / f"data-{size}", args.steps, args.batch, args.workers, flops,
                               args.precision, not args.no_masters)
@@ -173,7 +177,7 @@ def main() -> None:
             rows.append(r)
             s = r["shares"]
             print(f"  {stage:>5} {r['images_per_s']:7.2f} {r['step_s']:7.3f} " + " ".join(f"{100 * s.get(k, 0):5.1f}%" for k in
-                  ("data", "forward", "backward", "optimizer", "other")) + f" {r['step_gflop']:7.1f} {r['ratio_to_flop_bound']:11.1f}x", flush=True)
+                  ("data", "forward", "loss", "backward", "optimizer", "other")) + f" {r['step_gflop']:7.1f} {r['ratio_to_flop_bound']:11.1f}x", flush=True)
     print(json.dumps({"matmul_flops": flops, "rows": rows}))
     shutil.rmtree(args.dir)
 
