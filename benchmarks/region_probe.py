@@ -1,0 +1,81 @@
+"""Can a router tell the regions apart? A linear probe on the tokens an MoE layer's router sees.
+
+For each encoder MoE block, collects the MLP inputs (what the router scores) of the first `--images`
+test images of every region folder (`samoe demo-data --preset hard --regions D --region r`), fits
+a linear classifier (Adam, standardised features) on 3/4 of the tokens and reports held-out token
+accuracy for "which region" and for "region 0 or another", against always guessing the most common
+answer. Near chance means no per-token router over these (frozen) features can route by region.
+
+    .venv/bin/python benchmarks/region_probe.py CKPT /tmp/gw7/region0/A-test /tmp/gw7/region1/A-test ...
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from stages.data import LabelledFolder
+from upscale import load_model
+
+
+def block_inputs(model: torch.nn.Module, images: torch.Tensor, blocks: list[int]) -> dict[int, torch.Tensor]:
+    """(tokens, D) MLP inputs of each block for a batch of images."""
+    got: dict[int, torch.Tensor] = {}
+    hooks = [model.image_encoder.blocks[b].mlp.register_forward_pre_hook(
+        lambda mod, args, b=b: got.__setitem__(b, args[0].detach().reshape(-1, args[0].shape[-1]))) for b in blocks]
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    return got
+
+
+def probe(x: torch.Tensor, y: torch.Tensor, steps: int = 300) -> tuple[float, float]:
+    """(held-out accuracy, majority-class accuracy) of a linear classifier fit on the first 3/4 of (x, y)."""
+    n = len(y) * 3 // 4
+    mu, sd = x[:n].mean(0), x[:n].std(0) + 1e-6
+    x = (x - mu) / sd
+    lin = torch.nn.Linear(x.shape[1], int(y.max()) + 1)
+    opt = torch.optim.Adam(lin.parameters(), 1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(lin(x[:n]), y[:n]).backward()
+        opt.step()
+    with torch.no_grad():
+        acc = float((lin(x[n:]).argmax(1) == y[n:]).float().mean())
+    return acc, float(torch.bincount(y[n:]).max()) / len(y[n:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("ckpt")
+    ap.add_argument("regions", nargs="+", help="one labelled test folder per region, region 0 first")
+    ap.add_argument("--images", type=int, default=48)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model = load_model(args.ckpt).eval()
+    cfg = model.config
+    blocks = [b for b in range(cfg.total_blocks) if cfg.is_moe_block(b)]
+    feats: dict[int, list[torch.Tensor]] = {b: [] for b in blocks}
+    labels: list[torch.Tensor] = []
+    for r, folder in enumerate(args.regions):
+        data = LabelledFolder(folder, cfg.num_classes)
+        images = torch.stack([data[i]["image"] for i in range(min(args.images, len(data)))])
+        got = block_inputs(model, images, blocks)
+        for b in blocks:
+            feats[b].append(got[b])
+        labels.append(torch.full((got[blocks[0]].shape[0],), r))
+    y = torch.cat(labels)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    for b in blocks:
+        x = torch.cat(feats[b])[order]
+        for name, target in (("which region", y[order]), ("region 0 or another", (y[order] == 0).long())):
+            acc, chance = probe(x, target)
+            print(f"block {b}, {name}: held-out token accuracy {acc:.3f} (majority {chance:.3f})")
+
+
+if __name__ == "__main__":
+    main()
