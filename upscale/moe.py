@@ -162,11 +162,9 @@ class _ExpertGemm(torch.autograd.Function):
         direct = (kept is not None and not torch.is_grad_enabled() and kept.dtype == weight.dtype
                   and kept.shape == weight.shape and kept.is_contiguous())
         out = kept if direct else torch.zeros_like(weight, memory_format=torch.contiguous_format)
-        lo = 0
-        for e, rows in enumerate(ctx.counts):
-            if rows:
-                out[e].addmm_(grad_y[lo:lo + rows].t(), x[lo:lo + rows])
-            lo += rows
+        for e, (gy, xe) in enumerate(zip(grad_y.split(ctx.counts), x.split(ctx.counts))):
+            if xe.shape[0]:
+                out[e].addmm_(gy.t(), xe)
         return grad_x, (out.new_zeros(()).expand(out.shape) if direct else out), None, None
 
 
