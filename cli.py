@@ -799,7 +799,14 @@ def plot(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as e:
+        # a torchrun worker leaves without interpreter finalization once its process group is gone
+        distributed = sys.modules.get("stages.distributed")
+        if distributed is not None and distributed.closed_process_group():
+            distributed.exit_worker(e.code)
+        raise
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ checkpoint. RUN/final is the usual safetensors checkpoint, gathered on rank 0.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -52,7 +53,7 @@ import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -63,6 +64,34 @@ from upscale.errors import SamoeError
 from .semisup import losses_from_stats, task_stats
 
 LAUNCH_COMMAND_ENV = "SAMOE_LAUNCH_COMMAND"
+
+
+_closed = False  # this process tore its process group down (Distributed.close)
+
+
+def closed_process_group() -> bool:
+    """True once this process has torn its process group down: it must then end through `exit_worker`."""
+    return _closed
+
+
+def exit_worker(code: int | str | None) -> NoReturn:
+    """End a torchrun worker whose process group is torn down, without interpreter finalization.
+
+    A gloo worker thread may still hold the last reference to the tensors of the final collective when
+    the main thread returns. It drops them during finalization, needs the GIL, and the process aborts
+    ("terminate called without an active exception", SIGABRT) although its run had finished, so torchrun
+    reports the run failed. gdb on such a core: ProcessGroupGloo::runLoop -> ~AsyncBarrierWork ->
+    decref_pyobject -> take_gil -> pthread_exit. It happened in about 1 of 10-40 two-process runs on a
+    loaded 2-core machine, the barrier in `close` notwithstanding. Every output is written and closed by
+    then, so the process flushes its streams and leaves with the command's exit code.
+    """
+    if isinstance(code, str):  # SystemExit("message"): Python would print it and exit 1
+        sys.stderr.write(code + "\n")
+        code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if code is None else code)
 
 
 def world_size() -> int:
@@ -250,10 +279,12 @@ class Distributed:
         and that one aborted at exit ("terminate called without an active exception") although its
         run had finished. After a failure there is no barrier: the failed rank would never reach it.
         """
+        global _closed
         if dist.is_initialized():
             if finished:
                 dist.barrier()
             dist.destroy_process_group()
+            _closed = True
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's value of `obj` on every rank."""

@@ -30,6 +30,7 @@ import torch
 from typer.testing import CliRunner
 
 import cli
+from stages.distributed import exit_worker
 from upscale.checkpoint import Checkpoint, load_model
 from upscale.expand import GrowthSpec, expand_checkpoint, resolve_groups
 
@@ -358,5 +359,7 @@ def test_batch_split():
 
 if __name__ == "__main__" and "--moe-worker" in sys.argv:
     _moe_worker()
+    exit_worker(0)
 if __name__ == "__main__" and "--rows-worker" in sys.argv:
     _rows_worker(sys.argv[sys.argv.index("--rows-worker") + 1])
+    exit_worker(0)
