@@ -343,6 +343,15 @@ def test_each_rank_reads_only_its_rows(grown: Path):
     assert sum(int(n) for n in got.values()) < 1.1 * total
 
 
+@pytest.mark.parametrize("code, rc, err", [(None, 0, ""), (2, 2, ""), ("error: bad input", 1, "error: bad input\n")])
+def test_exit_worker_keeps_output_and_exit_code(code, rc, err):
+    """exit_worker skips finalization (os._exit): what the command printed must still arrive, with its exit code."""
+    prog = f"import sys; from stages.distributed import exit_worker; print('done', end=''); sys.stderr.write('w;'); exit_worker({code!r})"
+    env = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}  # buffered, as a worker's stdout may be
+    res = subprocess.run([sys.executable, "-c", prog], env=env, capture_output=True, text=True, timeout=120)
+    assert (res.returncode, res.stdout, res.stderr) == (rc, "done", "w;" + err)
+
+
 def test_batch_split():
     from stages.distributed import check_split, rank_slice, split_sizes
     from upscale.errors import SamoeError
