@@ -245,12 +245,8 @@ def _show_summary(ckpt: Any, as_json: bool, verify: bool = False) -> None:
     layers = report["experts_per_layer"]
     if layers:
         groups = next(iter(report["groups"].values()))
-        console.print(
-            f"MoE: {len(layers)} layers x {next(iter(layers.values()))} experts in {len(groups)} groups {groups} "
-            f"(core groups {report['core_groups']}, top-k {report['top_k']}, top-k groups {report['top_k_groups']}"
-            + (f", top-k in a new group {report['routed_top_k']}" + (", hand-over per token" if report.get("token_handover") else "")
-               + ")" if len(groups) > report["core_groups"] else ")")
-        )
+        console.print(f"MoE: {len(layers)} layers x {next(iter(layers.values()))} experts in {len(groups)} groups {groups} "
+                      f"({_routing_summary(report, len(groups) > report['core_groups'])})")
     console.print(f"encoder blocks: {report['num_blocks']} ({report['extra_blocks']} extra)")
     console.print(f"shards: {len(report['shards'])}, {sum(s['bytes'] for s in report['shards']):,} bytes")
     for i, entry in enumerate(report["lineage"]):
@@ -336,13 +332,23 @@ def _params_table(title: str, by_component: dict[str, int], total: str) -> Table
     return t
 
 
+def _routing_summary(report: dict[str, Any], routed: bool) -> str:
+    """The routing options of a checkpoint summary, in words; the new groups' options only where there are some."""
+    parts = [f"core groups {report['core_groups']}", f"top-k {report['top_k']}", f"top-k groups {report['top_k_groups']}"]
+    if routed:
+        parts.append(f"top-k in a new group {report['routed_top_k']}")
+        parts += [words for key, words in (("token_handover", "hand-over per token"),
+                                           ("image_context", "image context in the group router")) if report.get(key)]
+    return ", ".join(parts)
+
+
 def _growth_spec(source_cfg: Any, g: _Growth, init: str, noise_std: float, interp_weight: float, seed: int,
                  reinit_ratio: float = 0.0) -> Any:
     from upscale.expand import GrowthSpec, resolve_groups
 
     sizes = resolve_groups(source_cfg.moe.num_experts, g.experts, g.groups, g.core_groups)
     return GrowthSpec(experts=g.experts, groups=sizes, core_groups=g.core_groups, top_k_groups=g.top_k_groups,
-                      routed_top_k=g.routed_top_k, token_handover=g.token_handover,
+                      routed_top_k=g.routed_top_k, token_handover=g.token_handover, image_context=g.image_context,
                       extra_blocks=g.extra_blocks, extra_dense=g.extra_dense, init=init, noise_std=noise_std,
                       interp_weight=interp_weight, reinit_ratio=reinit_ratio, seed=seed)
 
@@ -357,6 +363,7 @@ class _Growth:
     top_k_groups: int
     routed_top_k: int
     token_handover: bool
+    image_context: bool
     extra_blocks: int
     extra_dense: bool
 
@@ -372,6 +379,9 @@ _GROWTH_OPTIONS = {
     "token_handover": (bool, typer.Option(False, "--token-handover", help="The source's experts compete with the new "
                                           "groups in the group router, so each token's hand-over is learnt per token "
                                           "(a token the source handles well can stay on it). Off: one share per group.")),
+    "image_context": (bool, typer.Option(False, "--image-context", help="The group router also sees the mean and std of "
+                                         "each image's tokens (zero at growth), so it can route a whole image by its "
+                                         "sensor or region; best with --token-handover.")),
     "extra_blocks": (int, typer.Option(0, "--extra-blocks", min=0, help="Blocks appended after the last ViT block (start as the identity).")),
     "extra_dense": (bool, typer.Option(False, "--extra-dense", help="Extra blocks get a dense MLP instead of MoE.")),
 }

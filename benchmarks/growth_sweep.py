@@ -11,7 +11,8 @@ stage, so the grown model's costlier steps buy it fewer of them). Arms:
                             (copy + noise of that relative std), interp<w> (interpolation of two source
                             experts), reinit<r> (that fraction of each new expert's hidden units drawn
                             afresh), blocks<n> (n extra blocks, not 1), rk<k> (k experts per token in a
-                            new group) or th (`--token-handover`: the router decides per token how much
+                            new group), ctx (`--image-context`: the group router sees each image's token
+                            statistics) or th (`--token-handover`: the router decides per token how much
                             leaves the source's experts); blocks and rk change the layout, so the arm
                             counts its own FLOPs
     ft:<lr>                 the grown model, stage 3 only (every parameter trains)
@@ -72,7 +73,7 @@ def growth_args(variant: str) -> list[str]:
     """expand's options for an arm's `@variant`: parts joined by '+', each one of noise<std> or interp<w> (the
     init; default copy + 1% noise), reinit<r> (Drop-Upcycling: `--reinit-ratio r`), blocks<n> (n extra blocks
     instead of growth.py's 1), rk<k> (k experts per token inside a chosen new group: `--routed-top-k`) or th
-    (`--token-handover`); '' is growth.py's growth."""
+    (`--token-handover`) or ctx (`--image-context`); '' is growth.py's growth."""
     layout, init, extra = list(growth.GROW), ["--noise-std", "0.01"], []
     for part in filter(None, variant.split("+")):
         if part.startswith("blocks"):
@@ -87,9 +88,11 @@ def growth_args(variant: str) -> list[str]:
             extra += ["--reinit-ratio", part[len("reinit"):] or "0.5"]
         elif part == "th":
             extra += ["--token-handover"]
+        elif part == "ctx":
+            extra += ["--image-context"]
         else:
             raise SystemExit(f"unknown growth variant part {part!r} in @{variant}: use noise<std>, interp<w>, "
-                             "reinit<r>, blocks<n>, rk<k> or th, joined by '+'")
+                             "reinit<r>, blocks<n>, rk<k>, th or ctx, joined by '+'")
     return [*layout, *init, *extra]
 
 

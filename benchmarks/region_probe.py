@@ -5,6 +5,8 @@ test images of every region folder (`samoe demo-data --preset hard --regions D -
 a linear classifier (Adam, standardised features) on 3/4 of the tokens and reports held-out token
 accuracy for "which region" and for "region 0 or another", against always guessing the most common
 answer. Near chance means no per-token router over these (frozen) features can route by region.
+`--pooled` probes each image's token mean and std instead (what a router given the image's
+context would see): the region is an image-wide statistic (the sensor's noise floor).
 
     .venv/bin/python benchmarks/region_probe.py CKPT /tmp/gw7/region0/A-test /tmp/gw7/region1/A-test ...
 """
@@ -19,11 +21,16 @@ from stages.data import LabelledFolder
 from upscale import load_model
 
 
-def block_inputs(model: torch.nn.Module, images: torch.Tensor, blocks: list[int]) -> dict[int, torch.Tensor]:
-    """(tokens, D) MLP inputs of each block for a batch of images."""
+def block_inputs(model: torch.nn.Module, images: torch.Tensor, blocks: list[int], pooled: bool = False) -> dict[int, torch.Tensor]:
+    """(tokens, D) MLP inputs of each block for a batch of images; (images, 2 D) token mean and std with `pooled`."""
     got: dict[int, torch.Tensor] = {}
-    hooks = [model.image_encoder.blocks[b].mlp.register_forward_pre_hook(
-        lambda mod, args, b=b: got.__setitem__(b, args[0].detach().reshape(-1, args[0].shape[-1]))) for b in blocks]
+
+    def keep(b: int, x: torch.Tensor) -> None:
+        x = x.detach().reshape(x.shape[0], -1, x.shape[-1])
+        got[b] = torch.cat([x.mean(1), x.std(1)], 1) if pooled else x.reshape(-1, x.shape[-1])
+
+    hooks = [model.image_encoder.blocks[b].mlp.register_forward_pre_hook(lambda mod, args, b=b: keep(b, args[0]))
+             for b in blocks]
     try:
         with torch.no_grad():
             model(images)
@@ -54,6 +61,7 @@ def main() -> None:
     ap.add_argument("ckpt")
     ap.add_argument("regions", nargs="+", help="one labelled test folder per region, region 0 first")
     ap.add_argument("--images", type=int, default=48)
+    ap.add_argument("--pooled", action="store_true", help="probe per image (token mean and std), not per token")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = load_model(args.ckpt).eval()
@@ -64,7 +72,7 @@ def main() -> None:
     for r, folder in enumerate(args.regions):
         data = LabelledFolder(folder, cfg.num_classes)
         images = torch.stack([data[i]["image"] for i in range(min(args.images, len(data)))])
-        got = block_inputs(model, images, blocks)
+        got = block_inputs(model, images, blocks, args.pooled)
         for b in blocks:
             feats[b].append(got[b])
         labels.append(torch.full((got[blocks[0]].shape[0],), r))
@@ -74,7 +82,8 @@ def main() -> None:
         x = torch.cat(feats[b])[order]
         for name, target in (("which region", y[order]), ("region 0 or another", (y[order] == 0).long())):
             acc, chance = probe(x, target)
-            print(f"block {b}, {name}: held-out token accuracy {acc:.3f} (majority {chance:.3f})")
+            unit = "image" if args.pooled else "token"
+            print(f"block {b}, {name}: held-out {unit} accuracy {acc:.3f} (majority {chance:.3f})")
 
 
 if __name__ == "__main__":

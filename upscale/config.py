@@ -40,6 +40,10 @@ class MoEConfig:
             False: that share is set by the per-group `group_scale` alone, the same
             for every token a group is chosen by. Either way growth starts at
             `group_scale = 0` and preserves the source's function exactly.
+        image_context: the group router also sees the mean and standard deviation of
+            the layer's input over each image's tokens (`router.group_context`, zero
+            at growth), so it can route by what holds for a whole image (a sensor's
+            noise floor, a region, a season) that single tokens carry weakly.
     """
 
     groups: tuple[int, ...] = (16,)
@@ -49,6 +53,7 @@ class MoEConfig:
     aux_loss_coef: float = 0.01
     routed_top_k: int = 0
     token_handover: bool = False
+    image_context: bool = False
 
     @property
     def k_routed(self) -> int:
@@ -89,6 +94,8 @@ class MoEConfig:
         if self.token_handover and not (self.core_groups and routed):
             raise SamoeError("token_handover needs a core pool and new (routed) groups: it decides per token how much "
                              "moves from one to the other")
+        if self.image_context and not routed:
+            raise SamoeError("image_context needs new (routed) groups: it is an input of the group router")
 
 
 @dataclass(frozen=True)
@@ -221,6 +228,7 @@ _KINDS: dict[str, str] = {
     "decoder_moe": "bool", "extra_blocks_moe": "bool", "moe.groups": "ints", "moe.core_groups": "int", "moe.top_k": "int",
     "moe.top_k_groups": "int", "moe.aux_loss_coef": "number", "moe.routed_top_k": "int",
     "moe.token_handover": "bool",
+    "moe.image_context": "bool",
 }
 _KIND_TEXT = {"int": "an integer", "number": "a finite number", "ints": "a list of integers", "bool": "true or false"}
 

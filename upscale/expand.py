@@ -65,6 +65,7 @@ class GrowthSpec:
     top_k_groups: int = 1
     routed_top_k: int = 0  # experts per token inside a routed group; 0: the source's top-k
     token_handover: bool = False  # the core competes in the group router: a per-token hand-over (MoEConfig)
+    image_context: bool = False  # the group router also sees each image's token statistics (MoEConfig)
     extra_blocks: int = 0
     extra_dense: bool = False
     init: str = "copy-noise"
@@ -152,7 +153,7 @@ def grown_config(src: SamMoEConfig, spec: GrowthSpec) -> SamMoEConfig:
     moe = MoEConfig(
         groups=spec.groups, core_groups=spec.core_groups, top_k=src.moe.top_k,
         top_k_groups=spec.top_k_groups, aux_loss_coef=src.moe.aux_loss_coef, routed_top_k=spec.routed_top_k,
-        token_handover=spec.token_handover,
+        token_handover=spec.token_handover, image_context=spec.image_context,
     )
     extra_moe = src.extra_blocks_moe if src.extra_blocks else not spec.extra_dense
     if src.extra_blocks and extra_moe == spec.extra_dense:
@@ -434,6 +435,9 @@ def _moe_layer_plans(
     plans.append(TensorPlan(gate, shapes[gate], "random", (), _random_normal(shapes[gate], dtype, tensor_seed(spec.seed, gate), 0.02)))
     scale = f"{out_prefix}.router.group_scale"
     plans.append(TensorPlan(scale, shapes[scale], "identity-new", (), _zeros(shapes[scale], dtype)))
+    context = f"{out_prefix}.router.group_context.weight"
+    if context in shapes:  # image statistics start with no say in routing: the grown model stays exact
+        plans.append(TensorPlan(context, shapes[context], "identity-new", (), _zeros(shapes[context], dtype)))
     return plans
 
 

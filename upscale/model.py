@@ -268,7 +268,7 @@ def init_weights(model: SamMoE, seed: int) -> SamMoE:
         for name, p in model.named_parameters():
             if name.endswith("pos_embed"):
                 p.copy_(torch.randn(p.shape, generator=gen).clamp_(-2, 2) * 0.02)
-            elif ".router.expert_gates." in name or ".router.group_gate." in name:
+            elif ".router.expert_gates." in name or ".router.group_gate." in name or ".router.group_context." in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     return model
 

@@ -5,6 +5,8 @@ Layout of one MoE layer (it replaces a SAM `MLPBlock`, same input/output shape):
     router.expert_gates.{g}.weight  (E_g, D)   in-group router rows, one per expert
     router.group_gate.weight        (G_r, D)   group router over the routed groups
     router.group_scale              (G_r,)     learnable scale of each routed group
+    router.group_context.weight     (G_r, 2D)  with `image_context`: the group router's weights on the
+                                               mean and std of the layer input over the token's image
     experts.{g}.w1 / b1             (E_g, H, D) / (E_g, H)   = stacked `lin1` of SAM's MLP
     experts.{g}.w2 / b2             (E_g, D, H) / (E_g, D)   = stacked `lin2`
 
@@ -31,7 +33,12 @@ share a token hands over depends on the token only through `p_group`. With
 group softmax, with its logit fixed at 0: `m_g = group_scale[g] * p_group *
 (1 - p_core)`, `p_core = 1 / (1 + sum_g exp z_g)`. The router can then keep the
 tokens the source already handles (an old region, an old sensor) on the source's
-experts while others move to the new ones: inherit, then develop. Because new experts start as (noisy) copies or interpolations
+experts while others move to the new ones: inherit, then develop. With
+`image_context` the group logits add `group_context @ [mean, std]` of the layer
+input over the token's image (the leading dimension of the layer's input): a
+region or sensor is a property of the whole image (its noise floor), which a
+single token carries weakly, so routing by it needs the image's statistics.
+`group_context` starts at zero, so growth stays exact. Because new experts start as (noisy) copies or interpolations
 of the source's, moving weight from the core to them barely changes the
 function, so routing weight can move without first hurting the loss (an
 additive `core + scale * new` would double the MLP output instead, and the
@@ -302,14 +309,17 @@ class HierarchicalRouter(nn.Module):
         if routed:
             self.group_gate = nn.Linear(dim, routed, bias=False)
             self.group_scale = nn.Parameter(torch.ones(routed))
+            if cfg.image_context:
+                self.group_context = nn.Linear(2 * dim, routed, bias=False)
         offsets = [0]
         for e in cfg.groups:
             offsets.append(offsets[-1] + e)
         self.offsets = offsets
 
-    def _group_mix(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _group_mix(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """Group router: probabilities over the routed groups (N, G_r), the chosen groups (N, k_groups) and
-        their mixing weights m (N, k_groups), in float32.
+        their mixing weights m (N, k_groups), in float32. `context` (N, 2D): each token's image statistics,
+        given with `image_context` (see `image_context`).
 
         With `token_handover` the core is one more option of the group softmax, with logit 0, so m is scaled by
         each token's probability of leaving the core, 1 - 1 / (1 + sum_g exp z_g) = sigmoid(logsumexp z): the
@@ -317,6 +327,10 @@ class HierarchicalRouter(nn.Module):
         source's experts by lowering all of its group logits.
         """
         logits = self.group_gate(x).float()
+        if self.cfg.image_context:
+            if context is None:
+                raise ValueError("this router has image_context: call it with each token's image statistics")
+            logits = logits + self.group_context(context).float()
         g_probs = logits.softmax(dim=-1)
         g_p, g_i = g_probs.topk(self.cfg.top_k_groups, dim=-1)
         mix = g_p * self.group_scale.float()[g_i]
@@ -324,10 +338,10 @@ class HierarchicalRouter(nn.Module):
             mix = mix * torch.sigmoid(torch.logsumexp(logits, dim=-1, keepdim=True))
         return g_probs, g_i, mix
 
-    def forward(self, x: Tensor) -> Routing:
-        """x: (N, D) -> Routing over the N tokens."""
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Routing:
+        """x: (N, D) -> Routing over the N tokens; `context` (N, 2D) with `image_context` (`image_context`)."""
         if static_dispatch(x):
-            return self._forward_static(x)
+            return self._forward_static(x, context)
         cfg = self.cfg
         n = x.shape[0]
         tokens, experts, weights, aux, entropy = [], [], [], [], []
@@ -341,7 +355,7 @@ class HierarchicalRouter(nn.Module):
         ar = torch.arange(n, device=x.device)
         routed = len(cfg.groups) - cfg.core_groups
         if routed:
-            g_probs, g_i, mix = self._group_mix(x)
+            g_probs, g_i, mix = self._group_mix(x, context)
         if cfg.core_groups:
             logits = torch.cat([self.expert_gates[g](x) for g in range(cfg.core_groups)], dim=-1)
             probs, top_i, top_w = _topk_renormalised(logits, cfg.top_k)
@@ -399,7 +413,7 @@ class HierarchicalRouter(nn.Module):
                              torch.tensor(sizes, device=device, dtype=torch.float32))
         return cache[device]
 
-    def _forward_static(self, x: Tensor) -> Routing:
+    def _forward_static(self, x: Tensor, context: Tensor | None = None) -> Routing:
         """The same routing as `forward` with shapes fixed by N alone: no host reads (see module docstring)."""
         cfg = self.cfg
         n, k = x.shape[0], cfg.top_k
@@ -410,7 +424,7 @@ class HierarchicalRouter(nn.Module):
         mix = x.new_zeros(n, 0, dtype=torch.float32)
         handover = x.new_zeros((), dtype=torch.float32)
         if routed:
-            g_probs, g_i, mix = self._group_mix(x)
+            g_probs, g_i, mix = self._group_mix(x, context)
         if c:
             logits = torch.cat([self.expert_gates[g](x) for g in range(c)], dim=-1)
             probs, top_i, top_w = _topk_renormalised(logits, k)
@@ -467,6 +481,17 @@ class HierarchicalRouter(nn.Module):
         )
 
 
+def image_context(x: Tensor) -> Tensor:
+    """(..., D) -> (N, 2D): for each of the N tokens, the mean and standard deviation of `x` over its image's
+    tokens. The leading dimension indexes images (B, H, W, D in an encoder block, B, T, D in the decoder); a
+    2-D input is one image."""
+    d = x.shape[-1]
+    per_image = x.reshape(x.shape[0] if x.dim() > 2 else 1, -1, d)
+    std, mean = torch.std_mean(per_image, dim=1, correction=0)
+    stats = torch.cat([mean, std], dim=-1)
+    return stats[:, None, :].expand(-1, per_image.shape[1], -1).reshape(-1, 2 * d)
+
+
 class MoEMLP(nn.Module):
     """Drop-in replacement for SAM's `MLPBlock`: same call, any leading dims.
 
@@ -509,8 +534,9 @@ class MoEMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
+        context = image_context(x) if self.cfg.image_context else None
         x = x.reshape(-1, shape[-1])
-        route = self.router(x)
+        route = self.router(x, context)
         order = torch.argsort(route.expert, stable=True)
         token = route.token[order]
         counts = _bincount(route.expert, self.cfg.num_experts)

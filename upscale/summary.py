@@ -86,6 +86,7 @@ def summarize(
         "top_k_groups": cfg.moe.top_k_groups,
         "routed_top_k": cfg.moe.k_routed,
         "token_handover": cfg.moe.token_handover,
+        "image_context": cfg.moe.image_context,
         "num_moe_layers": len(experts),
         "num_blocks": cfg.total_blocks,
         "extra_blocks": cfg.extra_blocks,
