@@ -175,6 +175,8 @@ PRESERVING = {
     "reinit0.5-noise0.1-extra1": dict(experts=13, groups="4", reinit_ratio=0.5, noise_std=0.1, extra_blocks=1),
     "token-handover-noise0.5-extra1": dict(experts=13, groups="4", token_handover=True, routed_top_k=1, noise_std=0.5,
                                            extra_blocks=1),
+    "image-context-handover-extra1": dict(experts=13, groups="4", token_handover=True, image_context=True, noise_std=0.5,
+                                          extra_blocks=1),
 }
 
 
@@ -190,6 +192,7 @@ def test_growth_preserves_function(case, src, images, src_out, tmp_path):
         assert cfg.moe.groups == (4, 3, 2, 2)
     assert cfg.moe.k_routed == (options.get("routed_top_k") or TINY.moe.top_k)
     assert cfg.moe.token_handover == options.get("token_handover", False)
+    assert cfg.moe.image_context == options.get("image_context", False)
     model = load_model(out)
     grown = _forward(model, images)
     for h in HEADS:
@@ -197,6 +200,9 @@ def test_growth_preserves_function(case, src, images, src_out, tmp_path):
     # Not vacuous: the new groups do compute something, it is hidden by group_scale = 0 alone.
     scales = [p for n, p in model.named_parameters() if n.endswith(".router.group_scale")]
     assert scales and all(torch.equal(s, torch.zeros_like(s)) for s in scales)
+    # image statistics start with no say in which new group a token picks
+    contexts = [p for n, p in model.named_parameters() if n.endswith(".router.group_context.weight")]
+    assert len(contexts) == (len(scales) if options.get("image_context") else 0) and not any(c.any() for c in contexts)
     _set_group_scales(model, 1.0)
     opened = _forward(model, images)
     assert max(_rel(src_out[h], opened[h]) for h in HEADS) > 1e-3

@@ -176,3 +176,13 @@ def test_bad_option_is_one_error_line_and_writes_nothing(case, runs):
     else:
         assert not out.exists()
     assert not list(parent.glob(".grown.tmp-*")) and not list(parent.glob(".grown.*"))
+
+
+def test_routing_summary_names_the_new_groups_options_only_where_there_are_new_groups():
+    from cli import _routing_summary
+
+    report = {"core_groups": 1, "top_k": 2, "top_k_groups": 1, "routed_top_k": 1, "token_handover": True, "image_context": True}
+    assert _routing_summary(report, routed=True) == ("core groups 1, top-k 2, top-k groups 1, top-k in a new group 1, "
+                                                     "hand-over per token, image context in the group router")
+    assert _routing_summary({**report, "token_handover": False}, routed=True).endswith("new group 1, image context in the group router")
+    assert _routing_summary(report, routed=False) == "core groups 1, top-k 2, top-k groups 1"

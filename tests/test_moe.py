@@ -25,7 +25,7 @@ from torch import nn
 import upscale.moe as moe_mod
 from upscale.config import MoEConfig
 from upscale.errors import SamoeError
-from upscale.moe import MoEMLP
+from upscale.moe import MoEMLP, image_context
 
 D, H = 16, 32  # float32 rows of 64/128 bytes: valid strides for torch._grouped_mm
 RTOL64, ATOL64 = 1e-6, 1e-6  # ATOL is relative to the tensor's largest magnitude (see _close)
@@ -63,6 +63,7 @@ def reference(m: MoEMLP, x: torch.Tensor, act: str) -> tuple[torch.Tensor, list[
         offsets.append(offsets[-1] + n)
     group_tokens: list[list[int]] = [[] for _ in cfg.groups]
     rows = []
+    per_image = flat.shape[0] // (x.shape[0] if x.dim() > 2 else 1)
     for t in range(flat.shape[0]):
         xt = flat[t]
         out = torch.zeros_like(xt)
@@ -70,6 +71,11 @@ def reference(m: MoEMLP, x: torch.Tensor, act: str) -> tuple[torch.Tensor, list[
         chosen, pg, handed = [], None, 0.0
         if routed:
             logits = r.group_gate.weight @ xt
+            if cfg.image_context:  # the token's image: its mean and (population) std, feature by feature
+                img = flat[t // per_image * per_image : (t // per_image + 1) * per_image]
+                mean = img.sum(0) / per_image
+                std = ((img - mean) ** 2).sum(0).div(per_image).sqrt()
+                logits = logits + r.group_context.weight @ torch.cat([mean, std])
             pg = torch.softmax(logits, dim=0)
             if cfg.token_handover:  # the core is one more option of the group softmax, with logit 0
                 pg = torch.softmax(torch.cat([logits.new_zeros(1), logits]), dim=0)[1:]
@@ -100,11 +106,12 @@ def reference(m: MoEMLP, x: torch.Tensor, act: str) -> tuple[torch.Tensor, list[
 # --------------------------------------------------------------------------- helpers
 
 
-def _make(groups, core_groups, top_k, top_k_groups, act, dtype=torch.float64, seed=0, token_handover=False) -> MoEMLP:
+def _make(groups, core_groups, top_k, top_k_groups, act, dtype=torch.float64, seed=0, token_handover=False,
+          image_context=False) -> MoEMLP:
     """top_k: an int, or (top_k, routed_top_k) for a different k inside routed groups."""
     top_k, routed_top_k = top_k if isinstance(top_k, tuple) else (top_k, 0)
     cfg = MoEConfig(groups=groups, core_groups=core_groups, top_k=top_k, top_k_groups=top_k_groups, routed_top_k=routed_top_k,
-                    token_handover=token_handover)
+                    token_handover=token_handover, image_context=image_context)
     cfg.validate()
     torch.manual_seed(seed)
     m = MoEMLP(D, H, cfg, nn.GELU if act == "gelu" else nn.ReLU)
@@ -115,6 +122,8 @@ def _make(groups, core_groups, top_k, top_k_groups, act, dtype=torch.float64, se
             m.router.group_gate.weight.normal_(0, 0.5)
             # distinct scales inside (0, 1) so routed groups and the hand-over both matter
             m.router.group_scale.copy_(torch.rand(m.router.group_scale.shape) * 0.8 + 0.1)
+        if hasattr(m.router, "group_context"):
+            m.router.group_context.weight.normal_(0, 0.5)
     return m.to(dtype)
 
 
@@ -452,6 +461,48 @@ def test_token_handover_keeps_a_token_on_the_core_by_hand(loop_path):
     core = route.expert < 2
     stay = torch.zeros(2, dtype=torch.float64).index_add(0, route.token[core], route.weight[core].double())
     assert (stay < 0.5).all()  # p_group of the chosen group >= 1/2: at least half leaves the core
+
+
+@pytest.mark.parametrize("groups,core,tkg,k,act", TOKEN_HANDOVER)
+@pytest.mark.parametrize("handover", [False, True])
+def test_image_context_matches_reference(monkeypatch, handover, groups, core, tkg, k, act):
+    """With image_context the reference adds group_context @ [mean, std] of the token's image (worked out
+    per image in the loop) to the group logits: outputs and every gradient match, group_context's included."""
+    m = _make(groups, core, k, tkg, act, token_handover=handover, image_context=True)
+    x = torch.randn(3, 2, 4, D, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    x[1] = x[1] * 3 + 1  # images that differ in their statistics
+    _compare(m, x, act, RTOL64, ATOL64)
+    params = dict(m.named_parameters())
+    assert params["router.group_context.weight"].grad is None  # _compare takes gradients with autograd.grad
+    m(x).sum().backward()
+    if handover or len(groups) - core > 1:  # a softmax over one group without the core is constant 1
+        assert params["router.group_context.weight"].grad.abs().sum() > 0
+
+
+def test_image_context_routes_whole_images_by_hand(loop_path):
+    """Token handover, scales at 1, a group gate of zero: only the image's mean of feature 0 sets the group
+    logits (10 x mean). Every token of an image whose mean is -2 stays on the source's experts, every token of
+    one whose mean is +2 leaves them, whatever the token itself holds."""
+    m = _make((2, 3, 3), 1, 1, 1, "relu", token_handover=True, image_context=True)
+    with torch.no_grad():
+        m.router.group_scale.fill_(1.0)
+        m.router.group_gate.weight.zero_()
+        m.router.group_context.weight.zero_()
+        m.router.group_context.weight[:, 0] = torch.tensor([10.0, 5.0], dtype=torch.float64)
+    x = torch.zeros(2, 3, D, dtype=torch.float64)
+    x[0, :, 0] = torch.tensor([-5.0, -2.0, 1.0])  # mean -2, one token positive
+    x[1, :, 0] = torch.tensor([5.0, 2.0, -1.0])  # mean +2, one token negative
+    m(x)
+    route = m.router(x.reshape(-1, D), image_context(x))
+    core = route.expert < 2
+    stay = torch.zeros(6, dtype=torch.float64).index_add(0, route.token[core], route.weight[core].double())
+    low, high = 1 - math.exp(-10) / (1 + math.exp(-20) + math.exp(-10)), 1 - math.exp(20) / (1 + math.exp(20) + math.exp(10))
+    torch.testing.assert_close(stay, torch.tensor([low] * 3 + [high] * 3, dtype=torch.float64), rtol=1e-5, atol=1e-7)
+
+
+def test_image_context_needs_new_groups():
+    with pytest.raises(SamoeError, match="image_context needs new"):
+        MoEConfig(groups=(4,), core_groups=1, image_context=True).validate()
 
 
 def test_token_handover_needs_core_and_new_groups():

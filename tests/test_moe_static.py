@@ -132,8 +132,9 @@ def test_cpu_bf16_autocast(monkeypatch, static_path):
 
 
 @pytest.mark.parametrize("groups,core,tkg,k,act", [((3, 2, 4, 3), 1, 2, (2, 1), "gelu"), ((2, 2, 3), 2, 1, 1, "relu")])
-def test_static_path_matches_cpu_path_with_token_handover(monkeypatch, groups, core, tkg, k, act):
-    m = _make(groups, core, k, tkg, act, dtype=torch.float32, token_handover=True)
+@pytest.mark.parametrize("image_context", [False, True])
+def test_static_path_matches_cpu_path_with_token_handover(monkeypatch, groups, core, tkg, k, act, image_context):
+    m = _make(groups, core, k, tkg, act, dtype=torch.float32, token_handover=True, image_context=image_context)
     x = torch.randn(3, 7, D, generator=torch.Generator().manual_seed(1))
     gout = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
     cpu_out, cpu_grads, cpu_stats = _run(m, x, gout)
