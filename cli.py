@@ -381,7 +381,7 @@ _GROWTH_OPTIONS = {
                                           "(a token the source handles well can stay on it). Off: one share per group.")),
     "image_context": (bool, typer.Option(False, "--image-context", help="The group router also sees the mean and std of "
                                          "each image's tokens (zero at growth), so it can route a whole image by its "
-                                         "sensor or region; best with --token-handover.")),
+                                         "sensor or region. Off: the router sees each token alone.")),
     "extra_blocks": (int, typer.Option(0, "--extra-blocks", min=0, help="Blocks appended after the last ViT block (start as the identity).")),
     "extra_dense": (bool, typer.Option(False, "--extra-dense", help="Extra blocks get a dense MLP instead of MoE.")),
 }

@@ -318,8 +318,8 @@ class HierarchicalRouter(nn.Module):
 
     def _group_mix(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """Group router: probabilities over the routed groups (N, G_r), the chosen groups (N, k_groups) and
-        their mixing weights m (N, k_groups), in float32. `context` (N, 2D): each token's image statistics,
-        given with `image_context` (see `image_context`).
+        their mixing weights m (N, k_groups), in float32. `context` (N, 2D): each token's image statistics
+        (`image_context()`), required when the config has `image_context`.
 
         With `token_handover` the core is one more option of the group softmax, with logit 0, so m is scaled by
         each token's probability of leaving the core, 1 - 1 / (1 + sum_g exp z_g) = sigmoid(logsumexp z): the
@@ -339,7 +339,7 @@ class HierarchicalRouter(nn.Module):
         return g_probs, g_i, mix
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Routing:
-        """x: (N, D) -> Routing over the N tokens; `context` (N, 2D) with `image_context` (`image_context`)."""
+        """x: (N, D) -> Routing over the N tokens; `context` (N, 2D): see `_group_mix`."""
         if static_dispatch(x):
             return self._forward_static(x, context)
         cfg = self.cfg
