@@ -465,7 +465,7 @@ def test_token_handover_keeps_a_token_on_the_core_by_hand(loop_path):
 
 @pytest.mark.parametrize("groups,core,tkg,k,act", TOKEN_HANDOVER)
 @pytest.mark.parametrize("handover", [False, True])
-def test_image_context_matches_reference(monkeypatch, handover, groups, core, tkg, k, act):
+def test_image_context_matches_reference(handover, groups, core, tkg, k, act):
     """With image_context the reference adds group_context @ [mean, std] of the token's image (worked out
     per image in the loop) to the group logits: outputs and every gradient match, group_context's included."""
     m = _make(groups, core, k, tkg, act, token_handover=handover, image_context=True)
