@@ -19,15 +19,16 @@ import torch
 
 from stages.data import LabelledFolder
 from upscale import load_model
+from upscale.moe import image_stats
 
 
 def block_inputs(model: torch.nn.Module, images: torch.Tensor, blocks: list[int], pooled: bool = False) -> dict[int, torch.Tensor]:
-    """(tokens, D) MLP inputs of each block for a batch of images; (images, 2 D) token mean and std with `pooled`."""
+    """(tokens, D) MLP inputs of each block for a batch of images; with `pooled`, (images, 2 D): `image_stats`."""
     got: dict[int, torch.Tensor] = {}
 
     def keep(b: int, x: torch.Tensor) -> None:
-        x = x.detach().reshape(x.shape[0], -1, x.shape[-1])
-        got[b] = torch.cat([x.mean(1), x.std(1)], 1) if pooled else x.reshape(-1, x.shape[-1])
+        x = x.detach()
+        got[b] = image_stats(x) if pooled else x.reshape(-1, x.shape[-1])  # pooled: what --image-context routes by
 
     hooks = [model.image_encoder.blocks[b].mlp.register_forward_pre_hook(lambda mod, args, b=b: keep(b, args[0]))
              for b in blocks]

@@ -481,15 +481,20 @@ class HierarchicalRouter(nn.Module):
         )
 
 
-def image_context(x: Tensor) -> Tensor:
-    """(..., D) -> (N, 2D): for each of the N tokens, the mean and standard deviation of `x` over its image's
-    tokens. The leading dimension indexes images (B, H, W, D in an encoder block, B, T, D in the decoder); a
-    2-D input is one image."""
-    d = x.shape[-1]
-    per_image = x.reshape(x.shape[0] if x.dim() > 2 else 1, -1, d)
+def image_stats(x: Tensor) -> Tensor:
+    """(..., D) -> (images, 2D): the mean and (population) standard deviation of `x` over each image's tokens.
+    The leading dimension indexes images (B, H, W, D in an encoder block, B, T, D in the decoder); a 2-D input
+    is one image."""
+    per_image = x.reshape(x.shape[0] if x.dim() > 2 else 1, -1, x.shape[-1])
     std, mean = torch.std_mean(per_image, dim=1, correction=0)
-    stats = torch.cat([mean, std], dim=-1)
-    return stats[:, None, :].expand(-1, per_image.shape[1], -1).reshape(-1, 2 * d)
+    return torch.cat([mean, std], dim=-1)
+
+
+def image_context(x: Tensor) -> Tensor:
+    """(..., D) -> (N, 2D): `image_stats` of each of the N tokens' image, what the group router sees."""
+    stats = image_stats(x)
+    tokens = x[0].numel() // x.shape[-1] if x.dim() > 2 else x.shape[0]
+    return stats[:, None, :].expand(-1, tokens, -1).reshape(-1, stats.shape[-1])
 
 
 class MoEMLP(nn.Module):
