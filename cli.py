@@ -338,18 +338,24 @@ def _routing_summary(report: dict[str, Any], routed: bool) -> str:
     if routed:
         parts.append(f"top-k in a new group {report['routed_top_k']}")
         parts += [words for key, words in (("token_handover", "hand-over per token"),
-                                           ("image_context", "image context in the group router")) if report.get(key)]
+                                           ("image_context", "image context in the group router"),
+                                           ("replicas", "groups are replicas of the source's experts")) if report.get(key)]
     return ", ".join(parts)
 
 
 def _growth_spec(source_cfg: Any, g: _Growth, init: str, noise_std: float, interp_weight: float, seed: int,
                  reinit_ratio: float = 0.0) -> Any:
-    from upscale.expand import GrowthSpec, resolve_groups
+    from upscale.errors import SamoeError
+    from upscale.expand import GrowthSpec, resolve_groups, resolve_replicas
 
-    sizes = resolve_groups(source_cfg.moe.num_experts, g.experts, g.groups, g.core_groups)
-    return GrowthSpec(experts=g.experts, groups=sizes, core_groups=g.core_groups, top_k_groups=g.top_k_groups,
-                      routed_top_k=g.routed_top_k, token_handover=g.token_handover, image_context=g.image_context,
-                      extra_blocks=g.extra_blocks, extra_dense=g.extra_dense, init=init, noise_std=noise_std,
+    if g.replicate and g.core_groups != 1:
+        raise SamoeError("--replicate has no core group (every group is a copy of the source's experts): drop --core-groups")
+    sizes = (resolve_replicas(source_cfg.moe.num_experts, g.experts, g.groups) if g.replicate
+             else resolve_groups(source_cfg.moe.num_experts, g.experts, g.groups, g.core_groups))
+    return GrowthSpec(experts=g.experts, groups=sizes, core_groups=0 if g.replicate else g.core_groups,
+                      top_k_groups=g.top_k_groups, routed_top_k=g.routed_top_k, token_handover=g.token_handover,
+                      image_context=g.image_context, replicate=g.replicate, extra_blocks=g.extra_blocks,
+                      extra_dense=g.extra_dense, init=init, noise_std=noise_std,
                       interp_weight=interp_weight, reinit_ratio=reinit_ratio, seed=seed)
 
 
@@ -364,6 +370,7 @@ class _Growth:
     routed_top_k: int
     token_handover: bool
     image_context: bool
+    replicate: bool
     extra_blocks: int
     extra_dense: bool
 
@@ -382,6 +389,11 @@ _GROWTH_OPTIONS = {
     "image_context": (bool, typer.Option(False, "--image-context", help="The group router also sees the mean and std of "
                                          "each image's tokens (zero at growth), so it can route a whole image by its "
                                          "sensor or region. Off: the router sees each token alone.")),
+    "replicate": (bool, typer.Option(False, "--replicate", help="Every group is an exact copy of the source's experts "
+                                     "(group 0 its own) and each token takes one group: the grown step costs what the "
+                                     "source's did, the new capacity is parameters (sparse upcycling). --experts must be "
+                                     "groups x the source's experts; no noise. Off: the source's experts stay a core pool "
+                                     "that new groups join.")),
     "extra_blocks": (int, typer.Option(0, "--extra-blocks", min=0, help="Blocks appended after the last ViT block (start as the identity).")),
     "extra_dense": (bool, typer.Option(False, "--extra-dense", help="Extra blocks get a dense MLP instead of MoE.")),
 }
@@ -436,9 +448,10 @@ def plan(
     title = f"grown model: {report['total_params'] / 1e9:.3f}B parameters (source {report['source_params'] / 1e9:.3f}B)"
     console.print(_params_table(title, report["params_by_component"], f"[bold]{report['total_params']:,}[/]"))
     groups_ = next(iter(report["groups"].values()))
+    per_token = (f"{report['top_k_groups']} replica group(s) x {report['routed_top_k']}" if report.get("replicas") else
+                 f"{report['top_k']} core + {report['top_k_groups']} new group(s) x {report['routed_top_k']}")
     console.print(f"{report['num_moe_layers']} MoE layers, groups {groups_}, {report['num_blocks']} encoder blocks; "
-                  f"experts per token in an encoder MoE layer: {report['top_k']} core + {report['top_k_groups']} new "
-                  f"group(s) x {report['routed_top_k']} (the source's: {report['top_k']})")
+                  f"experts per token in an encoder MoE layer: {per_token} (the source's: {report['top_k']})")
     m = Table(title=f"memory per stage ({dtype} weights/grads, SGD momentum; activations not included)")
     for col in ("stage", "trainable params", "weights", "grads", "optimizer", "total"):
         m.add_column(col, justify="right")
@@ -455,7 +468,9 @@ def expand(
     out: Path = typer.Option(..., "--out", help="Grown checkpoint directory to create."),
     growth: _Growth = None,  # type: ignore[assignment]  # the shared growth options (_growth_options)
     init: str = typer.Option("copy-noise", "--init", help="copy-noise | interpolate | mixed"),
-    noise_std: float = typer.Option(0.01, "--noise-std", min=0, callback=_finite, help="Noise std relative to each tensor's own std (copy-noise)."),
+    noise_std: Optional[float] = typer.Option(None, "--noise-std", min=0, callback=_finite,
+                                              help="Noise std relative to each tensor's own std (copy-noise; default 0.01, "
+                                                   "0 with --replicate)."),
     interp_weight: float = typer.Option(0.3, "--interp-weight", min=0, max=1, callback=_finite, help="W in W*A + (1-W)*B (interpolate)."),
     reinit_ratio: float = typer.Option(0.0, "--reinit-ratio", min=0, max=1, callback=_finite,
                                        help="Drop-Upcycling: draw this fraction of each new expert's hidden units afresh (0.5 in the paper), "
@@ -487,7 +502,8 @@ def expand(
         verify_device = resolve_device(device)
         check_separate(out, "--out", {"--verify": verify})
         images = load_images(verify, src.config.img_size, verify_images)
-    spec = _growth_spec(src.config, growth, init, noise_std, interp_weight, seed, reinit_ratio)
+    noise = noise_std if noise_std is not None else 0.0 if growth.replicate else 0.01
+    spec = _growth_spec(src.config, growth, init, noise, interp_weight, seed, reinit_ratio)
     gc.freeze()  # the collector's full passes would rescan torch's ~10^5 import-time objects all through the write
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=console, transient=as_json) as progress, _one_job(out):

@@ -12,9 +12,10 @@ stage, so the grown model's costlier steps buy it fewer of them). Arms:
                             experts), reinit<r> (that fraction of each new expert's hidden units drawn
                             afresh), blocks<n> (n extra blocks, not 1), rk<k> (k experts per token in a
                             new group), ctx (`--image-context`: the group router sees each image's token
-                            statistics) or th (`--token-handover`: the router decides per token how much
-                            leaves the source's experts); blocks and rk change the layout, so the arm
-                            counts its own FLOPs
+                            statistics), th (`--token-handover`: the router decides per token how much
+                            leaves the source's experts) or rep (`--replicate`: 4 exact copies of the
+                            source's experts, each token routed to one, at the source's cost per token);
+                            blocks, rk and rep change the layout, so the arm counts its own FLOPs
     ft:<lr>                 the grown model, stage 3 only (every parameter trains)
     stage1:<lr>             the grown model, stage 1 only, on A: the source frozen, only the new experts
                             and the routers train (the plan's integration stage; cheaper steps, no weight
@@ -66,14 +67,15 @@ def converge(work: Path, seed: int, steps: int, lr: float, batch: int) -> None:
     grow(out, seed, "")
 
 
-LAYOUT_PARTS = ("blocks", "rk")  # variant parts that change the grown layout, hence the FLOPs of a step
+LAYOUT_PARTS = ("blocks", "rk", "rep")  # variant parts that change the grown layout, hence the FLOPs of a step
 
 
 def growth_args(variant: str) -> list[str]:
     """expand's options for an arm's `@variant`: parts joined by '+', each one of noise<std> or interp<w> (the
     init; default copy + 1% noise), reinit<r> (Drop-Upcycling: `--reinit-ratio r`), blocks<n> (n extra blocks
     instead of growth.py's 1), rk<k> (k experts per token inside a chosen new group: `--routed-top-k`) or th
-    (`--token-handover`) or ctx (`--image-context`); '' is growth.py's growth."""
+    (`--token-handover`) or ctx (`--image-context`) or rep (`--replicate`: 4 exact copies of the source's experts,
+    one per token, at the source's cost per token); '' is growth.py's growth."""
     layout, init, extra = list(growth.GROW), ["--noise-std", "0.01"], []
     for part in filter(None, variant.split("+")):
         if part.startswith("blocks"):
@@ -86,13 +88,16 @@ def growth_args(variant: str) -> list[str]:
             init = ["--init", "interpolate", "--interp-weight", part[len("interp"):] or "0.3"]
         elif part.startswith("reinit"):
             extra += ["--reinit-ratio", part[len("reinit"):] or "0.5"]
+        elif part == "rep":
+            extra += ["--replicate"]
+            init = []
         elif part == "th":
             extra += ["--token-handover"]
         elif part == "ctx":
             extra += ["--image-context"]
         else:
             raise SystemExit(f"unknown growth variant part {part!r} in @{variant}: use noise<std>, interp<w>, "
-                             "reinit<r>, blocks<n>, rk<k>, th or ctx, joined by '+'")
+                             "reinit<r>, blocks<n>, rk<k>, th, ctx or rep, joined by '+'")
     return [*layout, *init, *extra]
 
 

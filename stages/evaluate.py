@@ -180,7 +180,7 @@ class RoutingAccumulator:
     """Sums routing statistics of one MoE layer over an evaluation."""
 
     groups: tuple[int, ...]
-    core_groups: int
+    core_groups: int  # the leading groups of the source's own experts (MoEConfig.source_groups)
     num_classes: int
     expert_counts: np.ndarray = field(init=False)
     class_group: np.ndarray = field(init=False)
@@ -239,7 +239,7 @@ def run_model(model: torch.nn.Module, data: LabelledFolder, batch_size: int,
     c = cfg.num_classes
     grid = (cfg.img_size // cfg.patch_size,) * 2
     layers = dict(model.moe_layers())
-    routing = {name: RoutingAccumulator(cfg.moe.groups, cfg.moe.core_groups, c) for name in layers}
+    routing = {name: RoutingAccumulator(cfg.moe.groups, cfg.moe.source_groups, c) for name in layers}
     for layer in layers.values():
         layer.record = True
     cms, bounds, sdfs, interiors = [], [], [], []

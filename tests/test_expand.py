@@ -208,6 +208,60 @@ def test_growth_preserves_function(case, src, images, src_out, tmp_path):
     assert max(_rel(src_out[h], opened[h]) for h in HEADS) > 1e-3
 
 
+@pytest.mark.parametrize("extra_blocks", [0, 1])
+def test_replicate_copies_the_pool_and_preserves_function(extra_blocks, src, src_tensors, images, src_out, tmp_path):
+    """--replicate: 4 groups, each the source's 4 experts and router rows bit for bit (group 0 keeps provenance
+    `source`, the others are `copy:`), no core pool, group scales 1; the grown model computes the source's
+    function up to float rounding. Not vacuous: changing one replica changes the output."""
+    spec = GrowthSpec(experts=16, groups=(4, 4, 4, 4), core_groups=0, replicate=True, noise_std=0.0, extra_blocks=extra_blocks)
+    out = expand_checkpoint(src, tmp_path / "rep", spec, ["samoe", "expand", str(src)])
+    cfg, t, prov = Checkpoint.open(out).config, _tensors(out), _meta(out)["provenance"]
+    assert cfg.moe.replicas and cfg.moe.core_groups == 0 and cfg.moe.groups == (4, 4, 4, 4) and cfg.moe.k_routed == TINY.moe.top_k
+    for prefix in _moe_prefixes(TINY):
+        for g in range(4):
+            names = [(f"{prefix}.experts.{g}.{p}", f"{prefix}.experts.0.{p}") for p in PARAMS]
+            names.append((f"{prefix}.router.expert_gates.{g}.weight", f"{prefix}.router.expert_gates.0.weight"))
+            for name, src_name in names:
+                assert torch.equal(t[name], src_tensors[src_name]), name
+                assert prov[name] == ("source" if g == 0 else [f"copy:{src_name}[{e}]" for e in range(S)]), name
+        assert torch.equal(t[f"{prefix}.router.group_scale"], torch.ones(4))
+    new = f"image_encoder.blocks.{TINY.depth}.mlp"
+    for g in range(4 if extra_blocks else 0):  # the extra block's replicas start as the identity
+        assert not t[f"{new}.experts.{g}.w2"].any() and not t[f"{new}.experts.{g}.b2"].any()
+    model = load_model(out)
+    grown = _forward(model, images)
+    for h in HEADS:
+        assert _rel(src_out[h], grown[h]) <= TOL, (h, _rel(src_out[h], grown[h]))
+    with torch.no_grad():
+        model.image_encoder.blocks[2].mlp.experts[3].w2.mul_(2.0)
+    changed = _forward(model, images)
+    assert max(_rel(src_out[h], changed[h]) for h in HEADS) > 1e-4
+
+
+@pytest.mark.parametrize(("options", "words"), [
+    (dict(noise_std=0.01), "drop --init, --noise-std"),
+    (dict(noise_std=0.0, init="interpolate"), "drop --init"),
+    (dict(noise_std=0.0, reinit_ratio=0.5), "--reinit-ratio"),
+    (dict(noise_std=0.0, routed_top_k=1), "drop --routed-top-k"),
+])
+def test_replicate_rejects_what_would_break_exactness(options, words, src, tmp_path):
+    spec = GrowthSpec(experts=16, groups=(4, 4, 4, 4), core_groups=0, replicate=True, **options)
+    with pytest.raises(SamoeError, match=re.escape(words)):
+        expand_checkpoint(src, tmp_path / "rep", spec, ["samoe", "expand", str(src)])
+    assert not (tmp_path / "rep").exists()
+
+
+def test_resolve_replicas_by_hand():
+    from upscale.expand import resolve_replicas
+
+    assert resolve_replicas(16, 128, "8") == (16,) * 8
+    assert resolve_replicas(4, 16, "4,4,4,4") == (4, 4, 4, 4)
+    for experts, groups, words in ((117, "8", "pass --experts 128"), (16, "4,4,8", "of the source's 4 experts each"),
+                                   (4, "1", "need 2 or more groups"), (16, "x", "must be a number")):
+        with pytest.raises(SamoeError, match=re.escape(words)):
+            resolve_replicas(4 if experts != 117 else 16, experts, groups)
+
+
 def test_vit_b_shaped_growth_preserves_function(tmp_path):
     """vit_b widths (768 wide, 12 heads, 3072 MLP, 256 decoder) at a cheap depth and resolution."""
     vit = dict(SAM_VITS["vit_b"], depth=4, global_attn_indexes=(1, 3))

@@ -80,6 +80,8 @@ def reference(m: MoEMLP, x: torch.Tensor, act: str) -> tuple[torch.Tensor, list[
             if cfg.token_handover:  # the core is one more option of the group softmax, with logit 0
                 pg = torch.softmax(torch.cat([logits.new_zeros(1), logits]), dim=0)[1:]
             chosen = torch.topk(pg.detach(), cfg.top_k_groups).indices.tolist()
+            if cfg.replicas:  # the chosen replicas share the token whole; the sum is a constant to autograd
+                pg = pg / sum(pg[rr] for rr in chosen).detach()
             handed = sum(pg[rr] * r.group_scale[rr] for rr in chosen)  # weight handed to routed groups
         if cfg.core_groups:
             w = torch.cat([r.expert_gates[g].weight for g in range(cfg.core_groups)])  # (E_core, D)
@@ -107,11 +109,11 @@ def reference(m: MoEMLP, x: torch.Tensor, act: str) -> tuple[torch.Tensor, list[
 
 
 def _make(groups, core_groups, top_k, top_k_groups, act, dtype=torch.float64, seed=0, token_handover=False,
-          image_context=False) -> MoEMLP:
+          image_context=False, replicas=False) -> MoEMLP:
     """top_k: an int, or (top_k, routed_top_k) for a different k inside routed groups."""
     top_k, routed_top_k = top_k if isinstance(top_k, tuple) else (top_k, 0)
     cfg = MoEConfig(groups=groups, core_groups=core_groups, top_k=top_k, top_k_groups=top_k_groups, routed_top_k=routed_top_k,
-                    token_handover=token_handover, image_context=image_context)
+                    token_handover=token_handover, image_context=image_context, replicas=replicas)
     cfg.validate()
     torch.manual_seed(seed)
     m = MoEMLP(D, H, cfg, nn.GELU if act == "gelu" else nn.ReLU)
@@ -518,6 +520,86 @@ def test_constrain_projects_scales_into_unit_interval():
         m.router.group_scale.copy_(torch.tensor([-0.5, 1.7], dtype=m.router.group_scale.dtype))
     m.constrain_()
     assert m.router.group_scale.tolist() == [0.0, 1.0]
+
+
+REPLICAS = [((3, 3, 3), 1, 2, "gelu", False), ((2, 2, 2, 2), 2, 1, "relu", False), ((3, 3, 3), 3, 2, "gelu", False),
+            ((3, 3, 3), 1, 2, "gelu", True)]
+
+
+@pytest.mark.parametrize("groups,tkg,k,act,context", REPLICAS)
+@pytest.mark.parametrize("path", ["loop", "grouped"])
+def test_replicas_match_reference(monkeypatch, path, groups, tkg, k, act, context):
+    """replicas: the reference divides the chosen groups' probabilities by their (detached) sum: outputs and every
+    gradient match; the group gate learns (through log p) even with one group per token, whose weight is 1."""
+    if path == "loop":
+        monkeypatch.setattr(moe_mod, "_grouped_mm_ok", lambda *a, **k: False)
+    m = _make(groups, 0, k, tkg, act, replicas=True, image_context=context)
+    x = torch.randn(2, 9, D, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+    _compare(m, x, act, RTOL64, ATOL64)
+    route = m.router(x.reshape(-1, D), image_context(x) if context else None)
+    if tkg == 1:  # a token's weights add up to its one group's scale: no share of p is lost
+        per_token = torch.zeros(18, dtype=torch.float64).index_add(0, route.token, route.weight.double())
+        group_of = torch.empty(18, dtype=torch.long)
+        group_of[route.token] = route.expert // groups[0]
+        torch.testing.assert_close(per_token, m.router.group_scale.double()[group_of])
+    m(x).square().sum().backward()
+    assert m.router.group_gate.weight.grad.abs().sum() > 0
+
+
+def test_replicas_of_one_pool_compute_the_source_by_hand(loop_path):
+    """Every group a copy of a flat layer's experts and router rows, scales at 1: whichever group a token takes
+    (one, or all of them mixed), the layer computes the flat layer's output; new_weight is the share of tokens
+    that left group 0."""
+    torch.manual_seed(3)
+    flat = MoEMLP(D, H, MoEConfig(groups=(4,), top_k=2), nn.GELU).double()
+    x = torch.randn(5, 6, D, dtype=torch.float64)
+    for tkg in (1, 3):
+        rep = MoEMLP(D, H, MoEConfig(groups=(4, 4, 4), core_groups=0, top_k=2, top_k_groups=tkg, replicas=True), nn.GELU).double()
+        with torch.no_grad():
+            for g in range(3):
+                for name in ("w1", "b1", "w2", "b2"):
+                    getattr(rep.experts[g], name).copy_(getattr(flat.experts[0], name))
+                rep.router.expert_gates[g].weight.copy_(flat.router.expert_gates[0].weight)
+            rep.router.group_gate.weight.normal_(0, 1.0)
+            rep.router.group_scale.fill_(1.0)
+        # one group: the same float32 weights as the flat router's; mixing three: their float32 sum is 1 to ~1e-7
+        tol = 1e-12 if tkg == 1 else 1e-6
+        torch.testing.assert_close(rep(x), flat(x), rtol=tol, atol=tol)
+        assert rep.group_counts.tolist() != [60, 0, 0] and min(rep.group_counts.tolist()) > 0  # not vacuous
+        if tkg == 1:
+            left = 1 - rep.group_counts[0].item() / rep.group_counts.sum().item()
+            assert rep.new_weight.item() == pytest.approx(left)
+            torch.testing.assert_close(rep.group_weight, rep.group_counts.double() / rep.group_counts.sum(), rtol=1e-6, atol=0,
+                                       check_dtype=False)
+
+
+def test_replicas_need_no_core_pool():
+    with pytest.raises(SamoeError, match="replicas have no core pool"):
+        MoEConfig(groups=(4, 4), core_groups=1, replicas=True).validate()
+
+
+def test_mixture_normalise_grads_divides_each_replica_by_its_share(loop_path):
+    """--mixture-lr on replicas: each group's bank gradients are divided by the share of the tokens it took
+    (its group_weight), floored at half a fair share, 1 / (2 G)."""
+    from upscale.moe import mixture_normalise_grads
+
+    m = _make((2, 2, 2), 0, 1, 1, "gelu", replicas=True)
+    with torch.no_grad():
+        m.router.group_scale.fill_(1.0)
+        m.router.group_gate.weight.zero_()
+        m.router.group_gate.weight[:, 0] = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64) * 50
+    x = torch.randn(40, D, dtype=torch.float64)
+    x[:, 0] = torch.cat([torch.full((3,), -1.0), torch.full((37,), 1.0)])  # 3 tokens to group 0, 37 to group 2
+    m(x).square().sum().backward()
+    assert m.group_counts.tolist() == [3, 0, 37]
+    before = {n: p.grad.clone() for n, p in m.experts.named_parameters() if p.grad is not None}
+    mixture_normalise_grads([m])
+    for n, p in m.experts.named_parameters():
+        if n.startswith("1."):
+            assert p.grad is None  # no token, no gradient, nothing to scale
+            continue
+        factor = 1 / max(3 / 40, 1 / 6) if n.startswith("0.") else 40 / 37
+        torch.testing.assert_close(p.grad, before[n] * factor, rtol=1e-6, atol=0)  # shares are float32
 
 
 @pytest.mark.parametrize("scale,new_factor", [(0.3, 1 / 0.3), (0.1, 4.0)], ids=["open", "floored"])

@@ -131,10 +131,12 @@ def test_cpu_bf16_autocast(monkeypatch, static_path):
     torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2)
 
 
-@pytest.mark.parametrize("groups,core,tkg,k,act", [((3, 2, 4, 3), 1, 2, (2, 1), "gelu"), ((2, 2, 3), 2, 1, 1, "relu")])
+@pytest.mark.parametrize("groups,core,tkg,k,act,routing", [
+    ((3, 2, 4, 3), 1, 2, (2, 1), "gelu", "token_handover"), ((2, 2, 3), 2, 1, 1, "relu", "token_handover"),
+    ((3, 3, 3), 0, 1, 2, "gelu", "replicas"), ((3, 3, 3), 0, 3, 2, "relu", "replicas")])
 @pytest.mark.parametrize("image_context", [False, True])
-def test_static_path_matches_cpu_path_with_token_handover(monkeypatch, groups, core, tkg, k, act, image_context):
-    m = _make(groups, core, k, tkg, act, dtype=torch.float32, token_handover=True, image_context=image_context)
+def test_static_path_matches_cpu_path_with_token_handover(monkeypatch, groups, core, tkg, k, act, routing, image_context):
+    m = _make(groups, core, k, tkg, act, dtype=torch.float32, image_context=image_context, **{routing: True})
     x = torch.randn(3, 7, D, generator=torch.Generator().manual_seed(1))
     gout = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
     cpu_out, cpu_grads, cpu_stats = _run(m, x, gout)

@@ -44,6 +44,13 @@ class MoEConfig:
             the layer's input over each image's tokens (`router.group_context`, zero
             at growth), so it can route by what holds for a whole image (a sensor's
             noise floor, a region, a season) that single tokens carry weakly.
+        replicas: every group is a copy of the source's expert pool (group 0 the source's
+            own experts; `expand --replicate`) and there is no core pool. A token's chosen
+            groups get their probabilities renormalised to sum to one, the sum held constant
+            in the gradient, times `group_scale` (1 at growth): with one group per token
+            the forward is a hard choice (value 1, gradient of log p). Whichever groups a
+            token takes, it computes what the source computed, so growth is exact at the
+            source's cost per token. Needs `core_groups = 0`.
     """
 
     groups: tuple[int, ...] = (16,)
@@ -54,6 +61,7 @@ class MoEConfig:
     routed_top_k: int = 0
     token_handover: bool = False
     image_context: bool = False
+    replicas: bool = False
 
     @property
     def k_routed(self) -> int:
@@ -65,6 +73,11 @@ class MoEConfig:
         """Experts a token runs through in one layer with `top_k_groups` routed groups: its compute per token."""
         routed = len(self.groups) - self.core_groups
         return (self.top_k if self.core_groups else 0) + (self.top_k_groups * self.k_routed if routed else 0)
+
+    @property
+    def source_groups(self) -> int:
+        """The leading groups holding the source model's own experts: the core groups, or group 0 of replicas."""
+        return self.core_groups or int(self.replicas)
 
     @property
     def num_experts(self) -> int:
@@ -96,6 +109,8 @@ class MoEConfig:
                              "moves from one to the other")
         if self.image_context and not routed:
             raise SamoeError("image_context needs new (routed) groups: it is an input of the group router")
+        if self.replicas and self.core_groups:
+            raise SamoeError("replicas have no core pool: every group is a copy of the source's experts (core_groups=0)")
 
 
 @dataclass(frozen=True)
@@ -229,6 +244,7 @@ _KINDS: dict[str, str] = {
     "moe.top_k_groups": "int", "moe.aux_loss_coef": "number", "moe.routed_top_k": "int",
     "moe.token_handover": "bool",
     "moe.image_context": "bool",
+    "moe.replicas": "bool",
 }
 _KIND_TEXT = {"int": "an integer", "number": "a finite number", "ints": "a list of integers", "bool": "true or false"}
 

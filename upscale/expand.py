@@ -20,10 +20,17 @@ What grows (strategy 1 of the growth plan):
   new (small random), and each routed group's `group_scale` starts at zero, so
   the grown model computes exactly what the source computed while the new parts
   receive gradient from the first step (see upscale/moe.py).
+- or, with `replicate` (`expand --replicate`), every group is an exact copy of the
+  source's experts and router rows (group 0 keeps provenance `source`), there is no
+  core pool, each token takes one group whole (`group_scale` = 1) and the group
+  router is new: whichever group a token takes it computes what the source did, at
+  the source's cost per token (sparse upcycling one level up; upscale/moe.py). No
+  noise: routing gives each copy its own tokens, which is what sets them apart.
 - extra blocks are appended after the last block, copied from the last
   global-attention block (LLaMA-Pro style depth growth) with the attention
   output projection and the core experts' output layers zeroed (new groups are
-  hidden by their zero group_scale): each starts as the identity.
+  hidden by their zero group_scale; with replicas, every group's output layers):
+  each starts as the identity.
 
 New expert j (0-based over all routed groups, in group order) copies source
 expert j mod S; interpolation pairs it with (a + 1 + (j // S) mod (S-1)) mod S,
@@ -66,6 +73,7 @@ class GrowthSpec:
     routed_top_k: int = 0  # experts per token inside a routed group; 0: the source's top-k
     token_handover: bool = False  # the core competes in the group router: a per-token hand-over (MoEConfig)
     image_context: bool = False  # the group router also sees each image's token statistics (MoEConfig)
+    replicate: bool = False  # every group an exact copy of the source's pool, one group per token (MoEConfig.replicas)
     extra_blocks: int = 0
     extra_dense: bool = False
     init: str = "copy-noise"
@@ -123,6 +131,21 @@ def resolve_groups(source_experts: int, experts: int, groups: str, core_groups: 
     return sizes
 
 
+def resolve_replicas(source_experts: int, experts: int, groups: str) -> tuple[int, ...]:
+    """`--replicate --groups 4` (or 16,16,16,16) -> group sizes, each the source's expert count."""
+    text = groups.strip()
+    try:
+        sizes = tuple(int(v) for v in text.split(",")) if "," in text else (source_experts,) * int(text)
+    except ValueError:
+        raise SamoeError(f"--groups {groups!r} must be a number of groups or a comma-separated list of sizes") from None
+    if len(sizes) < 2 or any(s != source_experts for s in sizes):
+        raise SamoeError(f"--replicate --groups {groups}: need 2 or more groups of the source's {source_experts} experts each")
+    if experts != sum(sizes):
+        raise SamoeError(f"--replicate with {len(sizes)} groups of {source_experts} makes {sum(sizes)} experts, but --experts "
+                         f"is {experts}: pass --experts {sum(sizes)}")
+    return sizes
+
+
 def validate_spec(src: SamMoEConfig, spec: GrowthSpec) -> None:
     if len(src.moe.groups) != 1:
         raise SamoeError(f"the source already has {len(src.moe.groups)} expert groups: expand the flat (one-group) source checkpoint instead")
@@ -138,6 +161,14 @@ def validate_spec(src: SamMoEConfig, spec: GrowthSpec) -> None:
         raise SamoeError("--init interpolate/mixed needs at least 2 source experts: use --init copy-noise")
     if spec.extra_blocks < 0:
         raise SamoeError(f"--extra-blocks {spec.extra_blocks} must be >= 0")
+    if spec.replicate:
+        if spec.init != "copy-noise" or spec.noise_std or spec.reinit_ratio:
+            raise SamoeError("--replicate copies the source's experts exactly (routing, not noise, sets the copies apart): "
+                             "drop --init, --noise-std and --reinit-ratio")
+        if spec.routed_top_k not in (0, src.moe.top_k):
+            raise SamoeError(f"--replicate keeps the source's top-{src.moe.top_k} inside each group: drop --routed-top-k")
+        if spec.core_groups:
+            raise SamoeError("--replicate has no core group: every group is a copy of the source's experts")
     routed = len(spec.groups) - spec.core_groups
     if not 1 <= spec.top_k_groups <= routed:
         raise SamoeError(f"--top-k-groups {spec.top_k_groups} must be between 1 and the {routed} new groups")
@@ -153,7 +184,7 @@ def grown_config(src: SamMoEConfig, spec: GrowthSpec) -> SamMoEConfig:
     moe = MoEConfig(
         groups=spec.groups, core_groups=spec.core_groups, top_k=src.moe.top_k,
         top_k_groups=spec.top_k_groups, aux_loss_coef=src.moe.aux_loss_coef, routed_top_k=spec.routed_top_k,
-        token_handover=spec.token_handover, image_context=spec.image_context,
+        token_handover=spec.token_handover, image_context=spec.image_context, replicas=spec.replicate,
     )
     extra_moe = src.extra_blocks_moe if src.extra_blocks else not spec.extra_dense
     if src.extra_blocks and extra_moe == spec.extra_dense:
@@ -376,6 +407,10 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Callable[[Reader], tor
     return lambda read: torch.zeros(shape, dtype=dtype)
 
 
+def _ones(shape: tuple[int, ...], dtype: torch.dtype) -> Callable[[Reader], torch.Tensor]:
+    return lambda read: torch.ones(shape, dtype=dtype)
+
+
 def _random_normal(shape: tuple[int, ...], dtype: torch.dtype, seed: int, std: float) -> Callable[[Reader], torch.Tensor]:
     return lambda read: (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * std).to(dtype)
 
@@ -413,6 +448,9 @@ def _moe_layer_plans(
         lo, hi = offsets[g], offsets[g + 1]
         names = [(f"{out_prefix}.experts.{g}.{p}", f"{src_prefix}.experts.0.{p}") for p in _EXPERT_PARAMS]
         names.append((f"{out_prefix}.router.expert_gates.{g}.weight", f"{src_prefix}.router.expert_gates.0.weight"))
+        if cfg.moe.replicas:
+            plans += [_replica_plan(out_name, src_name, shapes[out_name], dtype, g, s, new_block) for out_name, src_name in names]
+            continue
         for out_name, src_name in names:
             shape = shapes[out_name]
             # In a new block only the core experts' output layers are zeroed: the new
@@ -434,11 +472,23 @@ def _moe_layer_plans(
     gate = f"{out_prefix}.router.group_gate.weight"
     plans.append(TensorPlan(gate, shapes[gate], "random", (), _random_normal(shapes[gate], dtype, tensor_seed(spec.seed, gate), 0.02)))
     scale = f"{out_prefix}.router.group_scale"
-    plans.append(TensorPlan(scale, shapes[scale], "identity-new", (), _zeros(shapes[scale], dtype)))
+    # replicas take a token whole (scale 1: each computes the source's function); new groups enter at 0
+    start = _ones if cfg.moe.replicas else _zeros
+    plans.append(TensorPlan(scale, shapes[scale], "identity-new", (), start(shapes[scale], dtype)))
     context = f"{out_prefix}.router.group_context.weight"
     if context in shapes:  # image statistics start with no say in routing: the grown model stays exact
         plans.append(TensorPlan(context, shapes[context], "identity-new", (), _zeros(shapes[context], dtype)))
     return plans
+
+
+def _replica_plan(out_name: str, src_name: str, shape: tuple[int, ...], dtype: torch.dtype, g: int, s: int,
+                  new_block: bool) -> TensorPlan:
+    """One tensor of replica group g: the source's own (g = 0) or an exact copy of it. In a new block every
+    replica's output layer is zero (each token takes one replica whole): the block starts as the identity."""
+    if new_block and out_name.endswith((".w2", ".b2")):
+        return TensorPlan(out_name, shape, "identity-new", (), _zeros(shape, dtype))
+    prov = "source" if g == 0 and not new_block else [f"copy:{src_name}[{e}]" for e in range(s)]
+    return TensorPlan(out_name, shape, prov, (src_name,), _passthrough(src_name))
 
 
 def _template_block(src: SamMoEConfig) -> int:
@@ -742,5 +792,5 @@ def planned_provenance(src_cfg: SamMoEConfig, cfg: SamMoEConfig, shapes: dict[st
             prov[name] = "new"
         else:
             g = re.search(r"\.(?:experts|expert_gates)\.(\d+)\.", name)
-            prov[name] = "new" if g and int(g.group(1)) >= cfg.moe.core_groups else "source"
+            prov[name] = "new" if g and int(g.group(1)) >= cfg.moe.source_groups else "source"
     return prov

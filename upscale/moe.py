@@ -52,6 +52,18 @@ back wherever new experts are worse. It is kept apart from the expert-level
 <new output - core output, upstream gradient> + the balance term, non-zero from
 the first step.
 
+Replicas (`replicas`, `expand --replicate`). Every group is an exact copy of the
+source's experts (group 0 is the source's own), there is no core pool, and each
+token goes to ONE group with weight `group_scale` (1 at growth): whichever group a
+token takes, it computes what the source computed, at the source's cost per token.
+(With several groups per token, as in the decoder, their probabilities are
+renormalised to sum to one: still exact.)
+The new capacity is parameters alone (Sparse Upcycling, Komatsuzaki et al. 2023,
+one level up: copies of the whole expert pool, not of one dense MLP). The group
+router learns through `p / stop_gradient(p)`, whose value is 1 and whose gradient
+is that of log p; routing sends each replica its own tokens, so the copies drift
+apart and specialise.
+
 Dispatch. Tokens are sorted by expert; each group's experts run as one grouped
 GEMM (`torch._grouped_mm`) over their contiguous slice, with a per-expert loop
 as fallback where grouped GEMM is unavailable; results are weighted and
@@ -289,6 +301,13 @@ def _top_mixture(mix: Tensor, g_i: Tensor, routed: int) -> tuple[Tensor, Tensor]
     return _pool_sums(top, top_chosen, routed + 1), _balance_loss(top, top_chosen, routed + 1)
 
 
+def _new_weight(cfg: MoEConfig, mix: Tensor, g_i: Tensor) -> Tensor:
+    """Mean routing weight of the layer's tokens on new experts (detached): the routed groups' weight, or with
+    `replicas` (group 0 holds the source's own experts) the weight on groups other than group 0."""
+    new = mix * (g_i > 0) if cfg.replicas else mix
+    return new.sum(-1).mean().detach()
+
+
 def _entropy(probs: Tensor) -> Tensor:
     return -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean() if probs.shape[0] else probs.new_zeros(())
 
@@ -333,6 +352,8 @@ class HierarchicalRouter(nn.Module):
             logits = logits + self.group_context(context).float()
         g_probs = logits.softmax(dim=-1)
         g_p, g_i = g_probs.topk(self.cfg.top_k_groups, dim=-1)
+        if self.cfg.replicas:  # chosen replicas share the token whole; the router learns through the numerator
+            g_p = g_p / g_p.sum(-1, keepdim=True).detach()
         mix = g_p * self.group_scale.float()[g_i]
         if self.cfg.token_handover:
             mix = mix * torch.sigmoid(torch.logsumexp(logits, dim=-1, keepdim=True))
@@ -390,7 +411,7 @@ class HierarchicalRouter(nn.Module):
             aux_loss=torch.stack(aux).mean() if aux else x.new_zeros(()),
             entropy=torch.stack(entropy).mean().detach() if entropy else x.new_zeros(()),
             handover_loss=handover,
-            new_weight=mix.sum(-1).mean().detach() if routed and n else x.new_zeros((), dtype=torch.float32),
+            new_weight=_new_weight(cfg, mix, g_i) if routed and n else x.new_zeros((), dtype=torch.float32),
             pool_sums=sums,
         )
 
@@ -476,7 +497,7 @@ class HierarchicalRouter(nn.Module):
             aux_loss=aux_loss,
             entropy=torch.stack(entropy).mean().detach() if entropy else x.new_zeros(()),
             handover_loss=handover,
-            new_weight=mix.sum(-1).mean().detach() if routed and n else x.new_zeros((), dtype=torch.float32),
+            new_weight=_new_weight(cfg, mix, g_i) if routed and n else x.new_zeros((), dtype=torch.float32),
             pool_sums=sums,
         )
 
@@ -526,6 +547,7 @@ class MoEMLP(nn.Module):
         self.pool_sums: list[Tensor] = []
         self.new_weight: Tensor | None = None
         self.handover_loss: Tensor | None = None
+        self.group_weight: Tensor | None = None
         # When True, forward keeps (token, expert) of every assignment for routing reports.
         self.record = False
         self.assignments: tuple[Tensor, Tensor, Tensor] | None = None
@@ -566,7 +588,11 @@ class MoEMLP(nn.Module):
         self.handover_loss = route.handover_loss
         if self.record:
             self.assignments = (route.token.detach(), route.expert.detach(), route.weight.detach())
-        self.group_counts = torch.stack([counts[lo:hi].sum() for lo, hi in zip(self.router.offsets, self.router.offsets[1:])])
+        bounds = list(zip(self.router.offsets, self.router.offsets[1:]))
+        self.group_counts = torch.stack([counts[lo:hi].sum() for lo, hi in bounds])
+        if self.cfg.replicas:  # each replica's share of the tokens' routing weight, for mixture_normalise_grads
+            per_expert = torch.zeros(self.cfg.num_experts, device=x.device).index_add(0, route.expert, route.weight.detach().float())
+            self.group_weight = torch.stack([per_expert[lo:hi].sum() for lo, hi in bounds]) / max(x.shape[0], 1)
         return out.reshape(shape)
 
     def _experts_static(self, rows: Tensor, expert: Tensor, counts: Tensor) -> Tensor:
@@ -632,23 +658,38 @@ def drop_idle_grads(layers: list[MoEMLP]) -> None:
 
 @torch.no_grad()
 def mixture_normalise_grads(layers: list[MoEMLP], floor: float = 0.25) -> None:
-    """After backward: divide each grown layer's expert gradients by their pool's mean mixture weight.
+    """After backward: divide each grown layer's expert gradients by their pool's share of the routing weight.
 
     Why: a grown layer's output is `(1 - w) core + w new`, with w the tokens' mean weight on the
     new groups (`new_weight`). Under SGD each pool's gradient is scaled by its weight, and so is its
     effect on the output: at w = 0.5 the layer's MLPs change the function half as fast per step as
     the source's did, and a grown model falls behind its source trained further at equal compute.
     Dividing the core banks' gradients by 1 - w and the new banks' by w (each at least `floor`)
-    restores the source's per-step rate. A layer without new groups is left alone, so the source
-    trains as before. One host read for all layers.
+    restores the source's per-step rate. With `replicas` each group's share is its mean weight over
+    the layer's tokens (`group_weight`; the fraction of tokens it took, with one group per token): a
+    replica that took a quarter of the tokens gets four times its gradient, so in expectation over routing each replica moves as the
+    source's experts would have on the whole batch (floor: half a fair share, 1 / (2 G)). A layer
+    without new groups is left alone, so the source trains as before. One host read for all layers.
     """
     layers = [m for m in layers if m.new_weight is not None and m.cfg.core_groups < len(m.cfg.groups)]
     if not layers:
         return
-    shares = torch.stack([m.new_weight.float() for m in layers]).tolist()
-    for m, w in zip(layers, shares):
-        for g, bank in enumerate(m.experts):
-            pool = 1.0 - w if g < m.cfg.core_groups else w
+    rows, floors = [], []
+    for m in layers:
+        groups = len(m.experts)
+        if m.cfg.replicas:
+            rows.append(m.group_weight.float())
+            floors += [0.5 / groups] * groups
+        else:
+            w = m.new_weight.float().reshape(1)
+            rows.append(torch.cat([(1 - w).expand(m.cfg.core_groups), w.expand(groups - m.cfg.core_groups)]))
+            floors += [floor] * groups
+    shares = torch.cat(rows).tolist()
+    pos = 0
+    for m in layers:
+        for bank in m.experts:
+            scale = 1.0 / max(shares[pos], floors[pos])
+            pos += 1
             for p in bank.parameters():
                 if p.grad is not None:
-                    p.grad.mul_(1.0 / max(pool, floor))
+                    p.grad.mul_(scale)

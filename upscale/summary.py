@@ -87,6 +87,7 @@ def summarize(
         "routed_top_k": cfg.moe.k_routed,
         "token_handover": cfg.moe.token_handover,
         "image_context": cfg.moe.image_context,
+        "replicas": cfg.moe.replicas,
         "num_moe_layers": len(experts),
         "num_blocks": cfg.total_blocks,
         "extra_blocks": cfg.extra_blocks,
