@@ -591,7 +591,8 @@ class MoEMLP(nn.Module):
         bounds = list(zip(self.router.offsets, self.router.offsets[1:]))
         self.group_counts = torch.stack([counts[lo:hi].sum() for lo, hi in bounds])
         if self.cfg.replicas:  # each replica's share of the tokens' routing weight, for mixture_normalise_grads
-            per_expert = torch.zeros(self.cfg.num_experts, device=x.device).index_add(0, route.expert, route.weight.detach().float())
+            weight = route.weight.detach().float()
+            per_expert = torch.zeros(self.cfg.num_experts, device=x.device).index_add(0, route.expert, weight)
             self.group_weight = torch.stack([per_expert[lo:hi].sum() for lo, hi in bounds]) / max(x.shape[0], 1)
         return out.reshape(shape)
 
@@ -667,9 +668,10 @@ def mixture_normalise_grads(layers: list[MoEMLP], floor: float = 0.25) -> None:
     Dividing the core banks' gradients by 1 - w and the new banks' by w (each at least `floor`)
     restores the source's per-step rate. With `replicas` each group's share is its mean weight over
     the layer's tokens (`group_weight`; the fraction of tokens it took, with one group per token): a
-    replica that took a quarter of the tokens gets four times its gradient, so in expectation over routing each replica moves as the
-    source's experts would have on the whole batch (floor: half a fair share, 1 / (2 G)). A layer
-    without new groups is left alone, so the source trains as before. One host read for all layers.
+    replica that took a quarter of the tokens gets four times its gradient, so in expectation over
+    routing each replica moves as the source's experts would have on the whole batch (floor: half a
+    fair share, 1 / (2 G)). A layer without new groups is left alone, so the source trains as
+    before. One host read for all layers.
     """
     layers = [m for m in layers if m.new_weight is not None and m.cfg.core_groups < len(m.cfg.groups)]
     if not layers:
