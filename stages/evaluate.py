@@ -129,14 +129,30 @@ class ImageStats:
         }
 
 
-def bootstrap_diff(a: ImageStats, b: ImageStats, n: int = 1000, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Paired bootstrap over images of metric(b) - metric(a): point estimate and 95% interval."""
+def _resample(rng: np.random.Generator, count: int, clusters: np.ndarray | None) -> np.ndarray:
+    """Indices of one bootstrap resample of `count` images: images drawn with replacement, or with `clusters`
+    (one label per image, e.g. the training seed that produced it) a two-stage draw: clusters with replacement,
+    then images with replacement inside each drawn cluster."""
+    if clusters is None:
+        return rng.integers(0, count, count)
+    members = [np.flatnonzero(clusters == c) for c in np.unique(clusters)]
+    drawn = rng.integers(0, len(members), len(members))
+    return np.concatenate([members[c][rng.integers(0, len(members[c]), len(members[c]))] for c in drawn])
+
+
+def bootstrap_diff(a: ImageStats, b: ImageStats, n: int = 1000, seed: int = 0,
+                   clusters: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """Paired bootstrap over images of metric(b) - metric(a): point estimate and 95% interval.
+
+    `clusters` (one label per image) resamples clusters first, then images inside them: where the images come
+    from a few training runs (seeds), the interval then carries the run-to-run spread too, which resampling
+    pooled images alone treats as if every image were an independent run."""
     rng = np.random.default_rng(seed)
     count = a.cm.shape[0]
     base_a, base_b = a.metrics(), b.metrics()
     samples = {m: [] for m in METRICS}
     for _ in range(n):
-        idx = rng.integers(0, count, count)
+        idx = _resample(rng, count, clusters)
         ma, mb = a.metrics(idx), b.metrics(idx)
         for m in METRICS:
             samples[m].append(mb[m] - ma[m])
@@ -161,7 +177,7 @@ def bootstrap_class_diff(a: ImageStats, b: ImageStats, names: list[str], n: int 
     count = a.cm.shape[0]
     samples = np.empty((n, len(names)))
     for i in range(n):
-        idx = rng.integers(0, count, count)
+        idx = _resample(rng, count, None)
         samples[i] = iou_per_class(b.cm[idx].sum(0)) - iou_per_class(a.cm[idx].sum(0))
     point = iou_per_class(b.cm.sum(0)) - iou_per_class(a.cm.sum(0))
     out: dict[str, dict[str, float | None]] = {}

@@ -253,6 +253,23 @@ def test_bootstrap_seeded():
         assert first[m]["ci_low"] <= first[m]["diff"] <= first[m]["ci_high"], m
 
 
+def test_bootstrap_clusters_carry_the_run_to_run_spread():
+    # 2 runs (clusters) x 50 one-pixel images: in run 0 model a is right and b wrong on every image, in run 1 the
+    # reverse. Pooled, b - a in pixel accuracy is 0, and resampling images keeps it near 0 (each resample holds
+    # about 50 of each). Resampling runs first gives {0, 0} (p 1/4) -> -1, {1, 1} (1/4) -> +1, {0, 1} -> 0, and
+    # inside a run every image is the same, so the 95% interval is exactly [-1, +1].
+    right, wrong = np.array([[1, 0], [0, 0]]), np.array([[0, 1], [0, 0]])
+    runs = np.repeat([0, 1], 50)
+    zeros, sdf = np.zeros((100, 3)), np.ones((100, 2))
+    a = ImageStats(np.stack([right if r == 0 else wrong for r in runs]), zeros, sdf)
+    b = ImageStats(np.stack([wrong if r == 0 else right for r in runs]), zeros, sdf)
+    pooled = bootstrap_diff(a, b, n=400, seed=0)["pixel_accuracy"]
+    clustered = bootstrap_diff(a, b, n=400, seed=0, clusters=runs)["pixel_accuracy"]
+    assert pooled["diff"] == clustered["diff"] == 0.0
+    assert -0.4 < pooled["ci_low"] < 0 < pooled["ci_high"] < 0.4
+    assert (clustered["ci_low"], clustered["ci_high"]) == (-1.0, 1.0)
+
+
 def test_bootstrap_identical_inputs_give_zero():
     st = _random_stats(np.random.default_rng(5))
     out = bootstrap_diff(st, st, n=100, seed=0)
