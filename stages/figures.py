@@ -129,8 +129,13 @@ def layer_order(name: str) -> tuple[int, int, str]:
     return (0 if name.startswith("image_encoder.") else 1, index, name)
 
 
-def group_labels(groups: list[int], core_groups: int) -> list[str]:
-    return [f"g{g} core" if g < core_groups else f"g{g} new" for g in range(len(groups))]
+def group_labels(ck: dict[str, Any]) -> list[str]:
+    """Each group's tick label: the source's core groups and the new ones, or with replicas (`expand --replicate`)
+    group 0, which holds the source's own experts, and its copies. Reports written before `replicas` have none."""
+    groups = range(len(ck["groups"]))
+    if ck.get("replicas"):
+        return [f"g{g} source" if g == 0 else f"g{g} copy" for g in groups]
+    return [f"g{g} core" if g < ck["core_groups"] else f"g{g} new" for g in groups]
 
 
 def _annotate(ax: Any, m: np.ndarray, norm: Normalize, fmt: str, size: float) -> None:
@@ -174,7 +179,7 @@ def expert_usage_figure(report: dict[str, Any], k: int) -> Figure | None:
     ax.set_ylabel("MoE layer")
     starts = np.concatenate([[0], np.cumsum(groups)])
     top = ax.secondary_xaxis("top")
-    top.set_xticks((starts[:-1] + starts[1:] - 1) / 2, group_labels(groups, ck["core_groups"]))
+    top.set_xticks((starts[:-1] + starts[1:] - 1) / 2, group_labels(ck))
     top.tick_params(length=0, labelsize=9)
     if usage.size <= MAX_ANNOTATED_CELLS and n_experts <= 24:
         _annotate(ax, usage, norm, ".0f" if usage.max() >= 10 else ".1f", 7)
@@ -207,7 +212,7 @@ def class_group_figure(report: dict[str, Any], k: int) -> Figure | None:
         m = np.asarray(ck["routing"][layers[i]]["class_group_share"], dtype=np.float64)
         im = ax.imshow(m, cmap=CMAP, norm=norm, aspect="auto", interpolation="nearest")
         ax.set_title(layer_label(layers[i]), fontsize=10)
-        ax.set_xticks(range(len(groups)), group_labels(groups, ck["core_groups"]), rotation=45 if len(groups) > 3 else 0,
+        ax.set_xticks(range(len(groups)), group_labels(ck), rotation=45 if len(groups) > 3 else 0,
                       ha="right" if len(groups) > 3 else "center", fontsize=8)
         ax.set_yticks(range(len(classes)), classes)
         for g in range(1, len(groups)):

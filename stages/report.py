@@ -65,7 +65,8 @@ def render_report(report: dict[str, Any], figures: list[Written], out: Path) -> 
               "Share of assignments per group, traffic to new groups by tokens and by routing weight, "
               "dead experts, load imbalance (coefficient of variation) and mean router entropy.", ""]
     for i, ck in enumerate(cks):
-        lines += [f"### [{i}] groups {ck['groups']}, core {ck['core_groups']}", ""]
+        layout = "replicas of the source's experts" if ck.get("replicas") else f"core {ck['core_groups']}"
+        lines += [f"### [{i}] groups {ck['groups']}, {layout}", ""]
         rows = [[layer_label(name), " ".join(f"{x:.2f}" for x in v["group_share"]), f"{v['new_share']:.3f}",
                  f"{v['new_weight_share']:.3f}", v["dead_experts"], f"{v['load_cv']:.2f}", f"{v['router_entropy']:.3f}"]
                 for name, v in sorted(ck["routing"].items(), key=lambda kv: layer_order(kv[0]))]

@@ -134,6 +134,17 @@ def test_expert_usage_figure_texts_scale_and_groups():
     assert texts_inside(fig) == []
 
 
+def test_replica_groups_are_labelled_source_and_copies():
+    # a replicated model (`expand --replicate`): group 0 holds the source's experts, the others copy them, no core
+    rep = make_report()
+    rep["checkpoints"][1].update(core_groups=0, replicas=True)
+    top = figures.expert_usage_figure(rep, 1).axes[0].child_axes[0]
+    assert tick_labels(top) == ["g0 source", "g1 copy", "g2 copy", "g3 copy"]
+    text = render_report(rep, [], Path("/r/out"))
+    assert "groups [4, 4, 4, 4], replicas of the source's experts" in text
+    assert "groups [4], core 1" in text  # reports without the key keep their labels
+
+
 def test_expert_usage_large_bank_has_no_cell_values():
     fig = figures.expert_usage_figure(make_report(experts=64), 1)
     assert len(fig.axes[0].texts) == 0
