@@ -214,12 +214,36 @@ def main() -> None:
             print(f"| {arm} | {fit:.4f} |")
 
 
+def scores(ckpt: Path, test: Path):
+    """`image_stats` of a checkpoint on a held-out folder, kept beside its run (score-<folder digest>.npz) so a
+    later sweep with more arms or seeds scores only what is new. Keyed by the folder's path and image names."""
+    import hashlib
+
+    from stages.evaluate import ImageStats
+
+    names = sorted(p.name for p in (test / "images").iterdir())
+    key = hashlib.sha256("\n".join([str(test.resolve()), *names]).encode()).hexdigest()[:16]
+    cache = ckpt.parent / f"score-{key}.npz"
+    if cache.exists():
+        with np.load(cache) as z:
+            return ImageStats(z["cm"], z["boundary"], z["sdf"], z["interior"])
+    st = image_stats(ckpt, test)[0]
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez(tmp, cm=st.cm, boundary=st.boundary, sdf=st.sdf, interior=st.interior)
+    tmp.replace(cache)
+    return st
+
+
 def report(args: argparse.Namespace, test: Path, finals: dict, f: dict, t0: float) -> None:
     """The tables of one held-out folder: every arm against the source, the first arm and every (a); each seed's mIoU."""
     from stages.evaluate import bootstrap_diff
 
-    per_seed = {arm: [image_stats(finals[s, arm], test)[0] for s in args.seeds] for arm in args.arms}
-    per_seed["source"] = [image_stats(args.work / f"seed{s}" / "source" / "final", test)[0] for s in args.seeds]
+    growth.torch.set_num_threads(max(1, args.threads))  # `--jobs` checkpoints scored at once, like the runs
+    ckpts = {(s, arm): finals[s, arm] for s in args.seeds for arm in args.arms}
+    ckpts |= {(s, "source"): args.work / f"seed{s}" / "source" / "final" for s in args.seeds}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        scored = dict(zip(ckpts, pool.map(lambda c: scores(c, test), ckpts.values())))
+    per_seed = {arm: [scored[s, arm] for s in args.seeds] for arm in ["source", *args.arms]}
     stats = {arm: concat(v) for arm, v in per_seed.items()}
     source = stats["source"]
     n_test = len(list((test / "images").iterdir()))
