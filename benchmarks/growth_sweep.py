@@ -42,6 +42,8 @@ stopped improving, and on an under-trained source "train it further" wins by def
 from __future__ import annotations
 
 import argparse
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -228,7 +230,7 @@ def scores(ckpt: Path, test: Path):
         with np.load(cache) as z:
             return ImageStats(z["cm"], z["boundary"], z["sdf"], z["interior"])
     st = image_stats(ckpt, test)[0]
-    tmp = cache.with_suffix(".tmp.npz")
+    tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npz")  # one writer each
     np.savez(tmp, cm=st.cm, boundary=st.boundary, sdf=st.sdf, interior=st.interior)
     tmp.replace(cache)
     return st
