@@ -217,14 +217,16 @@ def main() -> None:
 
 
 def scores(ckpt: Path, test: Path):
-    """`image_stats` of a checkpoint on a held-out folder, kept beside its run (score-<folder digest>.npz) so a
-    later sweep with more arms or seeds scores only what is new. Keyed by the folder's path and image names."""
+    """`image_stats` of a checkpoint on a held-out folder, kept beside its run (score-<digest>.npz) so a later
+    sweep with more arms or seeds scores only what is new. Keyed by the folder's path and image names and by the
+    checkpoint's manifest (which holds its weights' hash), so a run trained again is scored again."""
     import hashlib
 
     from stages.evaluate import ImageStats
 
     names = sorted(p.name for p in (test / "images").iterdir())
-    key = hashlib.sha256("\n".join([str(test.resolve()), *names]).encode()).hexdigest()[:16]
+    manifest = hashlib.sha256((ckpt / "samoe.json").read_bytes()).hexdigest()
+    key = hashlib.sha256("\n".join([str(test.resolve()), *names, manifest]).encode()).hexdigest()[:16]
     cache = ckpt.parent / f"score-{key}.npz"
     if cache.exists():
         with np.load(cache) as z:
