@@ -25,33 +25,42 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from upscale import load_model  # noqa: E402
+from upscale.checkpoint import Checkpoint  # noqa: E402
 
 
 def banks(path: Path) -> dict[str, torch.Tensor]:
-    """Every MoE layer's expert `w1` banks of a checkpoint, by key."""
-    return {k: v.detach().float() for k, v in load_model(path).state_dict().items() if k.endswith(".w1") and ".experts." in k}
+    """Every MoE layer's expert `w1` banks of a checkpoint, by key (read from disk, no model built)."""
+    ck = Checkpoint.open(path)
+    names = [k for k in ck.tensors if k.endswith(".w1") and ".experts." in k]
+    return {k: v.float() for k, v in ck.iter_tensors(names)}
 
 
 def rel(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x - y).norm() / y.norm())
 
 
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def moved(before: torch.Tensor, after: torch.Tensor) -> float:
+    """Mean relative movement of a bank's experts (E, H, D) between two checkpoints."""
+    return mean([rel(after[j], before[j]) for j in range(before.shape[0])])
+
+
 def layer_drift(g0: dict, g1: dict, layer: str) -> dict[str, float]:
     """The first three measures of the module docstring for one MoE layer (group 0 is the core)."""
     core0, core1 = g0[f"{layer}.experts.0.w1"], g1[f"{layer}.experts.0.w1"]
-    sib, moved = [], []
+    sib, new = [], []
     g = 1
     while f"{layer}.experts.{g}.w1" in g0:
         n0, n1 = g0[f"{layer}.experts.{g}.w1"], g1[f"{layer}.experts.{g}.w1"]
         for j in range(n0.shape[0]):
             origin = int((core0 - n0[j]).flatten(1).norm(dim=1).argmin())
             sib.append(rel(n1[j], core1[origin]))
-            moved.append(rel(n1[j], n0[j]))
+        new.append(moved(n0, n1))
         g += 1
-    core = [rel(core1[j], core0[j]) for j in range(core0.shape[0])]
-    mean = lambda v: sum(v) / len(v) if v else float("nan")
-    return {"new vs sibling": mean(sib), "new moved": mean(moved), "core moved": mean(core)}
+    return {"new vs sibling": mean(sib), "new moved": mean(new), "core moved": moved(core0, core1)}
 
 
 def main() -> None:
@@ -67,7 +76,7 @@ def main() -> None:
     for layer in layers:
         d = layer_drift(g0, g1, layer)
         key = f"{layer}.experts.0.w1"
-        a = (sum(rel(a1[key][j], a0[key][j]) for j in range(a0[key].shape[0])) / a0[key].shape[0]) if key in a0 else float("nan")
+        a = moved(a0[key], a1[key]) if key in a0 else float("nan")
         print(f"| {layer} | {d['new vs sibling']:.3f} | {d['new moved']:.3f} | {d['core moved']:.3f} | {a:.3f} |")
 
 
