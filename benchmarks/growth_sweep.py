@@ -42,6 +42,7 @@ stopped improving, and on an under-trained source "train it further" wins by def
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import threading
 import time
@@ -49,6 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import growth
 from growth import concat, image_stats, samoe, step_flops, train
@@ -216,17 +218,20 @@ def main() -> None:
             print(f"| {arm} | {fit:.4f} |")
 
 
-def scores(ckpt: Path, test: Path):
-    """`image_stats` of a checkpoint on a held-out folder, kept beside its run (score-<digest>.npz) so a later
-    sweep with more arms or seeds scores only what is new. Keyed by the folder's path and image names and by the
-    checkpoint's manifest (which holds its weights' hash), so a run trained again is scored again."""
-    import hashlib
-
-    from stages.evaluate import ImageStats
-
+def folder_key(test: Path) -> str:
+    """A held-out folder's identity for the score cache: its path and image names."""
     names = sorted(p.name for p in (test / "images").iterdir())
-    manifest = hashlib.sha256((ckpt / "samoe.json").read_bytes()).hexdigest()
-    key = hashlib.sha256("\n".join([str(test.resolve()), *names, manifest]).encode()).hexdigest()[:16]
+    return hashlib.sha256("\n".join([str(test.resolve()), *names]).encode()).hexdigest()
+
+
+def scores(ckpt: Path, test: Path, folder: str):
+    """`image_stats` of a checkpoint on a held-out folder (`folder`: its `folder_key`), kept beside its run
+    (score-<digest>.npz) so a later sweep with more arms or seeds scores only what is new. Keyed by the folder and
+    by the checkpoint's digest (its files' hashes), so a run trained again is scored again."""
+    from stages.evaluate import ImageStats
+    from upscale.checkpoint import Checkpoint
+
+    key = hashlib.sha256(f"{folder}\n{Checkpoint.open(ckpt).digest}".encode()).hexdigest()[:16]
     cache = ckpt.parent / f"score-{key}.npz"
     if cache.exists():
         with np.load(cache) as z:
@@ -242,11 +247,12 @@ def report(args: argparse.Namespace, test: Path, finals: dict, f: dict, t0: floa
     """The tables of one held-out folder: every arm against the source, the first arm and every (a); each seed's mIoU."""
     from stages.evaluate import bootstrap_diff
 
-    growth.torch.set_num_threads(max(1, args.threads))  # `--jobs` checkpoints scored at once, like the runs
+    torch.set_num_threads(max(1, args.threads))  # `--jobs` checkpoints scored at once, like the runs
     ckpts = {(s, arm): finals[s, arm] for s in args.seeds for arm in args.arms}
     ckpts |= {(s, "source"): args.work / f"seed{s}" / "source" / "final" for s in args.seeds}
+    folder = folder_key(test)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        scored = dict(zip(ckpts, pool.map(lambda c: scores(c, test), ckpts.values())))
+        scored = dict(zip(ckpts, pool.map(lambda c: scores(c, test, folder), ckpts.values())))
     per_seed = {arm: [scored[s, arm] for s in args.seeds] for arm in ["source", *args.arms]}
     stats = {arm: concat(v) for arm, v in per_seed.items()}
     source = stats["source"]
