@@ -339,7 +339,8 @@ def _routing_summary(report: dict[str, Any], routed: bool) -> str:
         parts.append(f"top-k in a new group {report['routed_top_k']}")
         parts += [words for key, words in (("token_handover", "hand-over per token"),
                                            ("image_context", "image context in the group router"),
-                                           ("replicas", "groups are replicas of the source's experts")) if report.get(key)]
+                                           ("replicas", "groups are replicas of the source's experts"),
+                                           ("residual", "new groups add to the source's experts")) if report.get(key)]
     return ", ".join(parts)
 
 
@@ -354,7 +355,8 @@ def _growth_spec(source_cfg: Any, g: _Growth, init: str, noise_std: float, inter
              else resolve_groups(source_cfg.moe.num_experts, g.experts, g.groups, g.core_groups))
     return GrowthSpec(experts=g.experts, groups=sizes, core_groups=0 if g.replicate else g.core_groups,
                       top_k_groups=g.top_k_groups, routed_top_k=g.routed_top_k, token_handover=g.token_handover,
-                      image_context=g.image_context, replicate=g.replicate, extra_blocks=g.extra_blocks,
+                      image_context=g.image_context, replicate=g.replicate, residual=g.residual_experts,
+                      extra_blocks=g.extra_blocks,
                       extra_dense=g.extra_dense, init=init, noise_std=noise_std,
                       interp_weight=interp_weight, reinit_ratio=reinit_ratio, seed=seed)
 
@@ -371,6 +373,7 @@ class _Growth:
     token_handover: bool
     image_context: bool
     replicate: bool
+    residual_experts: bool
     extra_blocks: int
     extra_dense: bool
 
@@ -394,6 +397,10 @@ _GROWTH_OPTIONS = {
                                      "source's did, the new capacity is parameters (sparse upcycling). --experts must be "
                                      "groups x the source's experts; no noise. Off: the source's experts stay a core pool "
                                      "that new groups join.")),
+    "residual_experts": (bool, typer.Option(False, "--residual-experts", help="New groups add to the source's experts' "
+                                            "output instead of taking a share of it; their output layers start at zero, so "
+                                            "growth is exact whatever they start as (with --reinit-ratio 1: fresh, not "
+                                            "copies). Off: new groups take a learnt share (group_scale, 0 at growth).")),
     "extra_blocks": (int, typer.Option(0, "--extra-blocks", min=0, help="Blocks appended after the last ViT block (start as the identity).")),
     "extra_dense": (bool, typer.Option(False, "--extra-dense", help="Extra blocks get a dense MLP instead of MoE.")),
 }

@@ -13,8 +13,10 @@ stage, so the grown model's costlier steps buy it fewer of them). Arms:
                             afresh), blocks<n> (n extra blocks, not 1), rk<k> (k experts per token in a
                             new group), ctx (`--image-context`: the group router sees each image's token
                             statistics), th (`--token-handover`: the router decides per token how much
-                            leaves the source's experts) or rep (`--replicate`: 4 exact copies of the
-                            source's experts, each token routed to one, at the source's cost per token);
+                            leaves the source's experts), rep (`--replicate`: 4 exact copies of the
+                            source's experts, each token routed to one, at the source's cost per token) or
+                            res (`--residual-experts`: new groups add to the source's experts' output, their
+                            output layers zero at growth; with reinit1, fresh experts instead of copies);
                             blocks, rk and rep change the layout, so the arm counts its own FLOPs
     ft:<lr>                 the grown model, stage 3 only (every parameter trains)
     stage1:<lr>             the grown model, stage 1 only, on A: the source frozen, only the new experts
@@ -81,7 +83,8 @@ def growth_args(variant: str) -> list[str]:
     init; default copy + 1% noise), reinit<r> (Drop-Upcycling: `--reinit-ratio r`), blocks<n> (n extra blocks
     instead of growth.py's 1), rk<k> (k experts per token inside a chosen new group: `--routed-top-k`) or th
     (`--token-handover`) or ctx (`--image-context`) or rep (`--replicate`: 4 exact copies of the source's experts,
-    one per token, at the source's cost per token); '' is growth.py's growth."""
+    one per token, at the source's cost per token) or res (`--residual-experts`: new groups add to the source's
+    experts' output, their output layers zero at growth); '' is growth.py's growth."""
     layout, init, extra = list(growth.GROW), ["--noise-std", "0.01"], []
     for part in filter(None, variant.split("+")):
         if part.startswith("blocks"):
@@ -101,9 +104,11 @@ def growth_args(variant: str) -> list[str]:
             extra += ["--token-handover"]
         elif part == "ctx":
             extra += ["--image-context"]
+        elif part == "res":
+            extra += ["--residual-experts"]
         else:
             raise SystemExit(f"unknown growth variant part {part!r} in @{variant}: use noise<std>, interp<w>, "
-                             "reinit<r>, blocks<n>, rk<k>, th, ctx or rep, joined by '+'")
+                             "reinit<r>, blocks<n>, rk<k>, th, ctx, rep or res, joined by '+'")
     return [*layout, *init, *extra]
 
 

@@ -251,6 +251,47 @@ def test_replicate_rejects_what_would_break_exactness(options, words, src, tmp_p
     assert not (tmp_path / "rep").exists()
 
 
+@pytest.mark.parametrize("extra_blocks", [0, 1])
+def test_residual_experts_start_fresh_and_preserve_function(extra_blocks, src, src_tensors, images, src_out, tmp_path):
+    """--residual-experts --reinit-ratio 1: the new groups' first layers are fresh draws (no row equals or nearly
+    equals a source expert's), their output layers zero, their scales 1, the core is the source's; the grown model
+    computes the source's function. Not vacuous: a non-zero output layer in one new group changes the output."""
+    spec = GrowthSpec(experts=16, groups=(4, 4, 4, 4), routed_top_k=1, residual=True, reinit_ratio=1.0, extra_blocks=extra_blocks)
+    out = expand_checkpoint(src, tmp_path / "res", spec, ["samoe", "expand", str(src)])
+    cfg, t, prov = Checkpoint.open(out).config, _tensors(out), _meta(out)["provenance"]
+    assert cfg.moe.residual and cfg.moe.core_groups == 1
+    for prefix in _moe_prefixes(TINY):
+        for p in PARAMS:
+            assert torch.equal(t[f"{prefix}.experts.0.{p}"], src_tensors[f"{prefix}.experts.0.{p}"])
+        for g in (1, 2, 3):
+            for p in ("w2", "b2"):
+                assert not t[f"{prefix}.experts.{g}.{p}"].any() and prov[f"{prefix}.experts.{g}.{p}"] == "identity-new"
+            w1, s1 = t[f"{prefix}.experts.{g}.w1"], src_tensors[f"{prefix}.experts.0.w1"]
+            gap = (w1[:, None] - s1[None]).flatten(2).norm(dim=-1) / s1.flatten(1).norm(dim=-1)[None]
+            assert gap.min() > 0.5  # fresh, not a copy + 1% noise (about 0.01) of any source expert
+            assert (w1.std() / s1.std()).item() == pytest.approx(1.0, abs=0.2)  # at the source experts' scale
+        assert torch.equal(t[f"{prefix}.router.group_scale"], torch.ones(3))
+    model = load_model(out)
+    grown = _forward(model, images)
+    for h in HEADS:
+        assert _rel(src_out[h], grown[h]) <= TOL, (h, _rel(src_out[h], grown[h]))
+    with torch.no_grad():
+        model.image_encoder.blocks[2].mlp.experts[2].b2.fill_(0.5)
+    changed = _forward(model, images)
+    assert max(_rel(src_out[h], changed[h]) for h in HEADS) > 1e-4
+
+
+@pytest.mark.parametrize(("options", "words"), [
+    (dict(token_handover=True), "residual and token_handover exclude each other"),
+    (dict(core_groups=0, replicate=True, noise_std=0.0), "residual needs a core pool"),
+])
+def test_residual_experts_reject_what_they_cannot_mean(options, words, src, tmp_path):
+    spec = GrowthSpec(experts=16, groups=(4, 4, 4, 4), residual=True, **options)
+    with pytest.raises(SamoeError, match=re.escape(words)):
+        expand_checkpoint(src, tmp_path / "res", spec, ["samoe", "expand", str(src)])
+    assert not (tmp_path / "res").exists()
+
+
 def test_resolve_replicas_by_hand():
     from upscale.expand import resolve_replicas
 

@@ -137,6 +137,7 @@ BAD = {
     "replicate-experts": (["--experts", "13", "--groups", "4", "--replicate"], "pass --experts 16"),
     "replicate-noise": (["--experts", "16", "--groups", "4", "--replicate", "--noise-std", "0.1"], "drop --init, --noise-std"),
     "replicate-core-groups": (["--experts", "16", "--groups", "4", "--replicate", "--core-groups", "2"], "no core group"),
+    "residual-token-handover": ([*VALID, "--residual-experts", "--token-handover"], "exclude each other"),
     "existing-out": (VALID, "already exists"),
     "source-empty-dir": (VALID, "not a samoe checkpoint"),
     "source-file": (VALID, "is a file"),
@@ -192,3 +193,5 @@ def test_routing_summary_names_the_new_groups_options_only_where_there_are_new_g
     replicas = {"core_groups": 0, "top_k": 2, "top_k_groups": 1, "routed_top_k": 2, "replicas": True}
     assert _routing_summary(replicas, routed=True) == ("core groups 0, top-k 2, top-k groups 1, top-k in a new group 2, "
                                                        "groups are replicas of the source's experts")
+    residual = {**report, "token_handover": False, "image_context": False, "residual": True}
+    assert _routing_summary(residual, routed=True).endswith("new group 1, new groups add to the source's experts")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -90,7 +91,8 @@ def reference(m: MoEMLP, x: torch.Tensor, act: str) -> tuple[torch.Tensor, list[
             z = sum(p[i] for i in idx)
             for i in idx:
                 g, e = _locate(cfg, i)
-                out = out + (1 - handed) * (p[i] / z) * _expert(m, g, e, xt, act)
+                kept = 1 if cfg.residual else 1 - handed  # residual new groups add to the core, take nothing from it
+                out = out + kept * (p[i] / z) * _expert(m, g, e, xt, act)
                 counts[i] += 1
         for rr in chosen:
             g = cfg.core_groups + rr
@@ -109,11 +111,11 @@ def reference(m: MoEMLP, x: torch.Tensor, act: str) -> tuple[torch.Tensor, list[
 
 
 def _make(groups, core_groups, top_k, top_k_groups, act, dtype=torch.float64, seed=0, token_handover=False,
-          image_context=False, replicas=False) -> MoEMLP:
+          image_context=False, replicas=False, residual=False) -> MoEMLP:
     """top_k: an int, or (top_k, routed_top_k) for a different k inside routed groups."""
     top_k, routed_top_k = top_k if isinstance(top_k, tuple) else (top_k, 0)
     cfg = MoEConfig(groups=groups, core_groups=core_groups, top_k=top_k, top_k_groups=top_k_groups, routed_top_k=routed_top_k,
-                    token_handover=token_handover, image_context=image_context, replicas=replicas)
+                    token_handover=token_handover, image_context=image_context, replicas=replicas, residual=residual)
     cfg.validate()
     torch.manual_seed(seed)
     m = MoEMLP(D, H, cfg, nn.GELU if act == "gelu" else nn.ReLU)
@@ -624,3 +626,86 @@ def test_mixture_normalise_grads_against_hand_computed_factors(scale: float, new
     for n, p in flat.experts.named_parameters():  # a layer without new groups trains as before
         assert torch.equal(p.grad, before[(id(flat), n)])
     assert grown.router.group_gate.weight.grad is not None  # routers keep their gradients (not in the banks)
+
+
+# --------------------------------------------------------------------------- residual new groups
+
+
+RESIDUAL = [((3, 2, 4, 3), 1, 2, (2, 1), "gelu", False), ((2, 2, 3), 2, 1, 1, "relu", False),
+            ((3, 3, 3), 1, 1, 2, "gelu", True)]
+
+
+@pytest.mark.parametrize("groups,core,tkg,k,act,context", RESIDUAL)
+@pytest.mark.parametrize("path", ["loop", "grouped"])
+def test_residual_matches_reference(monkeypatch, path, groups, core, tkg, k, act, context):
+    """residual: the reference keeps the core's weights whole (no 1 - handed) and adds the routed groups'
+    weighted outputs: outputs and every gradient match; there is no hand-over pressure."""
+    if path == "loop":
+        monkeypatch.setattr(moe_mod, "_grouped_mm_ok", lambda *a, **k: False)
+    m = _make(groups, core, k, tkg, act, residual=True, image_context=context)
+    x = torch.randn(2, 9, D, generator=torch.Generator().manual_seed(29), dtype=torch.float64)
+    _compare(m, x, act, RTOL64, ATOL64)
+    m(x)
+    assert m.handover_loss.item() == 0.0
+    assert 0 < m.new_weight.item() < 1  # the routing weight on the new groups, as reported
+
+
+def test_residual_groups_with_zero_output_layers_compute_the_core_by_hand(loop_path):
+    """Growth's residual start: new groups with random first layers, zero output layers and scale 1 leave the
+    layer computing exactly the flat layer's output; the first backward reaches their output layers only (their
+    first layers and the group gate see a zero output), the second, after one step, the group gate too. Not
+    vacuous: a non-zero output layer shows."""
+    torch.manual_seed(5)
+    flat = MoEMLP(D, H, MoEConfig(groups=(4,), top_k=2), nn.GELU).double()
+    grown = MoEMLP(D, H, MoEConfig(groups=(4, 3, 3), core_groups=1, top_k=2, routed_top_k=1, residual=True), nn.GELU).double()
+    with torch.no_grad():
+        for name in ("w1", "b1", "w2", "b2"):
+            getattr(grown.experts[0], name).copy_(getattr(flat.experts[0], name))
+        grown.router.expert_gates[0].weight.copy_(flat.router.expert_gates[0].weight)
+        for g in (1, 2):
+            grown.experts[g].w2.zero_()
+            grown.experts[g].b2.zero_()
+        grown.router.group_gate.weight.normal_(0, 1.0)
+        grown.router.group_scale.fill_(1.0)
+    x = torch.randn(3, 5, D, dtype=torch.float64)
+    torch.testing.assert_close(grown(x), flat(x), rtol=0, atol=0)
+    grown(x).square().sum().backward()
+    assert not grown.router.group_gate.weight.grad.any()
+    for g in (1, 2):
+        assert grown.experts[g].w2.grad.abs().sum() > 0
+        assert not grown.experts[g].w1.grad.any()
+    with torch.no_grad():
+        for g in (1, 2):
+            grown.experts[g].w2.sub_(0.1 * grown.experts[g].w2.grad)
+    assert (grown(x) - flat(x)).abs().max() > 1e-3
+    grown.zero_grad()
+    grown(x).square().sum().backward()
+    assert grown.router.group_gate.weight.grad.abs().sum() > 0 and grown.experts[1].w1.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(("options", "words"), [
+    (dict(groups=(4,), core_groups=1), "residual needs a core pool and new (routed) groups"),
+    (dict(groups=(2, 2), core_groups=0), "residual needs a core pool and new (routed) groups"),
+    (dict(groups=(2, 2), core_groups=1, token_handover=True), "residual and token_handover exclude each other"),
+])
+def test_residual_rejects_layouts_it_cannot_mean(options, words):
+    with pytest.raises(SamoeError, match=re.escape(words)):
+        MoEConfig(residual=True, **options).validate()
+
+
+def test_mixture_normalise_grads_leaves_a_residual_core_alone():
+    """`--mixture-lr` with residual new groups: the core's output is not scaled down, so its bank gradients stay
+    as they are; the new ones are divided by max(w, 0.25) as for a hand-over (one routed group: w = scale)."""
+    from upscale.moe import mixture_normalise_grads
+
+    torch.manual_seed(0)
+    m = MoEMLP(8, 16, MoEConfig(groups=(3, 2), core_groups=1, top_k=2, routed_top_k=1, residual=True), nn.GELU)
+    with torch.no_grad():
+        m.router.group_scale.fill_(0.4)
+    m(torch.randn(2, 5, 8)).square().sum().backward()
+    assert m.new_weight.item() == pytest.approx(0.4)
+    before = {n: p.grad.clone() for n, p in m.experts.named_parameters()}
+    mixture_normalise_grads([m])
+    for n, p in m.experts.named_parameters():
+        factor = 1.0 if n.startswith("0.") else 1 / 0.4
+        torch.testing.assert_close(p.grad, before[n] * factor, rtol=1e-6, atol=0)

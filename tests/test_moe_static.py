@@ -133,7 +133,8 @@ def test_cpu_bf16_autocast(monkeypatch, static_path):
 
 @pytest.mark.parametrize("groups,core,tkg,k,act,routing", [
     ((3, 2, 4, 3), 1, 2, (2, 1), "gelu", "token_handover"), ((2, 2, 3), 2, 1, 1, "relu", "token_handover"),
-    ((3, 3, 3), 0, 1, 2, "gelu", "replicas"), ((3, 3, 3), 0, 3, 2, "relu", "replicas")])
+    ((3, 3, 3), 0, 1, 2, "gelu", "replicas"), ((3, 3, 3), 0, 3, 2, "relu", "replicas"),
+    ((3, 2, 4, 3), 1, 2, (2, 1), "gelu", "residual")])
 @pytest.mark.parametrize("image_context", [False, True])
 def test_static_path_matches_cpu_path_with_token_handover(monkeypatch, groups, core, tkg, k, act, routing, image_context):
     m = _make(groups, core, k, tkg, act, dtype=torch.float32, image_context=image_context, **{routing: True})

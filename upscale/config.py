@@ -51,6 +51,12 @@ class MoEConfig:
             the forward is a hard choice (value 1, gradient of log p). Whichever groups a
             token takes, it computes what the source computed, so growth is exact at the
             source's cost per token. Needs `core_groups = 0`.
+        residual: the new groups ADD their output to the core's (`core + sum_g m_g new_g`) instead of
+            taking a share of it (`(1 - sum_g m_g) core + ...`). Growth then starts their output layers at
+            zero and `group_scale` at one (`expand --residual-experts`): exact for any first layer, so the new
+            experts can start as something other than copies (fresh, `--reinit-ratio 1`), and their output
+            layers get gradient from the first step (the zero-initialised residual branch of LoRA and
+            ReZero). Needs a core pool and routed groups; not with `token_handover` (nothing is handed over).
     """
 
     groups: tuple[int, ...] = (16,)
@@ -62,6 +68,7 @@ class MoEConfig:
     token_handover: bool = False
     image_context: bool = False
     replicas: bool = False
+    residual: bool = False
 
     @property
     def k_routed(self) -> int:
@@ -111,6 +118,11 @@ class MoEConfig:
             raise SamoeError("image_context needs new (routed) groups: it is an input of the group router")
         if self.replicas and self.core_groups:
             raise SamoeError("replicas have no core pool: every group is a copy of the source's experts (core_groups=0)")
+        if self.residual and not (self.core_groups and routed):
+            raise SamoeError("residual needs a core pool and new (routed) groups: the new groups add to the core's output")
+        if self.residual and self.token_handover:
+            raise SamoeError("residual and token_handover exclude each other: residual new groups add to the core's "
+                             "output, nothing is handed over")
 
 
 @dataclass(frozen=True)
@@ -245,6 +257,7 @@ _KINDS: dict[str, str] = {
     "moe.token_handover": "bool",
     "moe.image_context": "bool",
     "moe.replicas": "bool",
+    "moe.residual": "bool",
 }
 _KIND_TEXT = {"int": "an integer", "number": "a finite number", "ints": "a list of integers", "bool": "true or false"}
 

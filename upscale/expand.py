@@ -26,6 +26,10 @@ What grows (strategy 1 of the growth plan):
   router is new: whichever group a token takes it computes what the source did, at
   the source's cost per token (sparse upcycling one level up; upscale/moe.py). No
   noise: routing gives each copy its own tokens, which is what sets them apart.
+- or, with `residual` (`expand --residual-experts`), the new groups add to the core's
+  output instead of taking a share of it: their output layers (w2, b2) start at zero
+  and `group_scale` at one, so growth is exact whatever their first layers hold (with
+  `--reinit-ratio 1` fresh random features at the source experts' scale, not copies).
 - extra blocks are appended after the last block, copied from the last
   global-attention block (LLaMA-Pro style depth growth) with the attention
   output projection and the core experts' output layers zeroed (new groups are
@@ -74,6 +78,7 @@ class GrowthSpec:
     token_handover: bool = False  # the core competes in the group router: a per-token hand-over (MoEConfig)
     image_context: bool = False  # the group router also sees each image's token statistics (MoEConfig)
     replicate: bool = False  # every group an exact copy of the source's pool, one group per token (MoEConfig.replicas)
+    residual: bool = False  # new groups add to the core's output, their output layers zero (MoEConfig.residual)
     extra_blocks: int = 0
     extra_dense: bool = False
     init: str = "copy-noise"
@@ -185,6 +190,7 @@ def grown_config(src: SamMoEConfig, spec: GrowthSpec) -> SamMoEConfig:
         groups=spec.groups, core_groups=spec.core_groups, top_k=src.moe.top_k,
         top_k_groups=spec.top_k_groups, aux_loss_coef=src.moe.aux_loss_coef, routed_top_k=spec.routed_top_k,
         token_handover=spec.token_handover, image_context=spec.image_context, replicas=spec.replicate,
+        residual=spec.residual,
     )
     extra_moe = src.extra_blocks_moe if src.extra_blocks else not spec.extra_dense
     if src.extra_blocks and extra_moe == spec.extra_dense:
@@ -457,7 +463,10 @@ def _moe_layer_plans(
             # groups are already hidden by group_scale = 0, and zeroing them too would
             # leave group_scale and their w2 without gradient (a saddle at zero).
             zero = new_block and g < core and out_name.endswith((".w2", ".b2"))
-            if g < core:
+            if g >= core and cfg.moe.residual and out_name.endswith((".w2", ".b2")):
+                # residual new groups add to the core's output: a zero output layer keeps growth exact
+                plans.append(TensorPlan(out_name, shape, "identity-new", (), _zeros(shape, dtype)))
+            elif g < core:
                 if zero:
                     plans.append(TensorPlan(out_name, shape, "identity-new", (), _zeros(shape, dtype)))
                 else:
@@ -472,8 +481,9 @@ def _moe_layer_plans(
     gate = f"{out_prefix}.router.group_gate.weight"
     plans.append(TensorPlan(gate, shapes[gate], "random", (), _random_normal(shapes[gate], dtype, tensor_seed(spec.seed, gate), 0.02)))
     scale = f"{out_prefix}.router.group_scale"
-    # replicas take a token whole (scale 1: each computes the source's function); new groups enter at 0
-    start = _ones if cfg.moe.replicas else _zeros
+    # replicas take a token whole (scale 1: each computes the source's function); new groups enter at 0, or at 1
+    # when they are residual (their zero output layers hide them; at 0 their output layers would get no gradient)
+    start = _ones if cfg.moe.replicas or cfg.moe.residual else _zeros
     plans.append(TensorPlan(scale, shapes[scale], "identity-new", (), start(shapes[scale], dtype)))
     context = f"{out_prefix}.router.group_context.weight"
     if context in shapes:  # image statistics start with no say in routing: the grown model stays exact

@@ -52,6 +52,17 @@ back wherever new experts are worse. It is kept apart from the expert-level
 <new output - core output, upstream gradient> + the balance term, non-zero from
 the first step.
 
+Residual new groups (`residual`, `expand --residual-experts`). The new groups add
+to the core's output instead of taking a share of it: `core + sum_g m_g new_g`,
+`m_g = group_scale[g] * p_group`. Growth starts their output layers (w2, b2) at
+zero and `group_scale` at one, so the grown model is exact whatever their first
+layers hold: they can start as fresh random features (`--reinit-ratio 1`), not
+copies. Their output layers get gradient from the first step, their first
+layers and the group gate (through p_group) from the second (the
+zero-initialised residual branch of LoRA).
+There is no hand-over, so `handover_loss` is zero; `new_weight` is the routing
+weight on the new groups, not a share taken from the core.
+
 Replicas (`replicas`, `expand --replicate`). Every group is an exact copy of the
 source's experts (group 0 is the source's own), there is no core pool, and each
 token goes to ONE group with weight `group_scale` (1 at growth): whichever group a
@@ -380,7 +391,7 @@ class HierarchicalRouter(nn.Module):
         if cfg.core_groups:
             logits = torch.cat([self.expert_gates[g](x) for g in range(cfg.core_groups)], dim=-1)
             probs, top_i, top_w = _topk_renormalised(logits, cfg.top_k)
-            core_w = top_w * (1 - mix.sum(-1, keepdim=True)) if routed else top_w
+            core_w = top_w * (1 - mix.sum(-1, keepdim=True)) if routed and not cfg.residual else top_w
             tokens.append(ar.repeat_interleave(cfg.top_k))
             experts.append(top_i.flatten())
             weights.append(core_w.flatten())
@@ -392,6 +403,8 @@ class HierarchicalRouter(nn.Module):
             if cfg.core_groups:
                 top_sums, handover = _top_mixture(mix, g_i, routed)
                 sums.append(top_sums)
+                if cfg.residual:  # nothing is handed over: no pressure to move weight off the core
+                    handover = torch.zeros_like(handover)
             for r in range(routed):
                 g = cfg.core_groups + r
                 tok, slot = (g_i == r).nonzero(as_tuple=True)
@@ -451,7 +464,7 @@ class HierarchicalRouter(nn.Module):
             probs, top_i, top_w = _topk_renormalised(logits, k)
             tokens.append(ar[:, None].expand(n, k).flatten())
             experts.append(top_i.flatten())
-            weights.append((top_w * (1 - mix.sum(-1, keepdim=True)) if routed else top_w).flatten())
+            weights.append((top_w * (1 - mix.sum(-1, keepdim=True)) if routed and not cfg.residual else top_w).flatten())
             aux.append(_balance_loss(probs, top_i, cfg.num_core_experts))
             sums.append(_pool_sums(probs, top_i, cfg.num_core_experts))
             entropy.append(_entropy(probs))
@@ -462,6 +475,8 @@ class HierarchicalRouter(nn.Module):
             if c:
                 top_sums, handover = _top_mixture(mix, g_i, routed)
                 sums.append(top_sums)
+                if cfg.residual:  # nothing is handed over: no pressure to move weight off the core
+                    handover = torch.zeros_like(handover)
             sizes = cfg.groups[c:]
             emax = max(sizes)
             col, pad, starts, num = self._static_index(x.device)
@@ -671,7 +686,8 @@ def mixture_normalise_grads(layers: list[MoEMLP], floor: float = 0.25) -> None:
     replica that took a quarter of the tokens gets four times its gradient, so in expectation over
     routing each replica moves as the source's experts would have on the whole batch (floor: half a
     fair share, 1 / (2 G)). A layer without new groups is left alone, so the source trains as
-    before. One host read for all layers.
+    before. With `residual` new groups the core's output keeps weight 1: only the new banks are divided.
+    One host read for all layers.
     """
     layers = [m for m in layers if m.new_weight is not None and m.cfg.core_groups < len(m.cfg.groups)]
     if not layers:
@@ -684,7 +700,8 @@ def mixture_normalise_grads(layers: list[MoEMLP], floor: float = 0.25) -> None:
             floors += [0.5 / groups] * groups
         else:
             w = m.new_weight.float().reshape(1)
-            rows.append(torch.cat([(1 - w).expand(m.cfg.core_groups), w.expand(groups - m.cfg.core_groups)]))
+            core = torch.ones_like(w) if m.cfg.residual else 1 - w  # residual: the core's output is not scaled down
+            rows.append(torch.cat([core.expand(m.cfg.core_groups), w.expand(groups - m.cfg.core_groups)]))
             floors += [floor] * groups
     shares = torch.cat(rows).tolist()
     pos = 0

@@ -88,6 +88,7 @@ def summarize(
         "token_handover": cfg.moe.token_handover,
         "image_context": cfg.moe.image_context,
         "replicas": cfg.moe.replicas,
+        "residual": cfg.moe.residual,
         "num_moe_layers": len(experts),
         "num_blocks": cfg.total_blocks,
         "extra_blocks": cfg.extra_blocks,
