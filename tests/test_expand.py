@@ -106,6 +106,19 @@ def _moe_prefixes(cfg: SamMoEConfig, blocks: range | None = None) -> list[str]:
     return enc + [f"mask_decoder.transformer.layers.{i}.mlp" for i in range(cfg.decoder_depth)]
 
 
+def _exact_until_changed(out: Path, images: torch.Tensor, src_out: dict[str, torch.Tensor], change) -> None:
+    """The grown checkpoint `out` computes the source's outputs `src_out`; after `change(model)` (in no_grad) it
+    does not: the check is not vacuous."""
+    model = load_model(out)
+    grown = _forward(model, images)
+    for h in HEADS:
+        assert _rel(src_out[h], grown[h]) <= TOL, (h, _rel(src_out[h], grown[h]))
+    with torch.no_grad():
+        change(model)
+    changed = _forward(model, images)
+    assert max(_rel(src_out[h], changed[h]) for h in HEADS) > 1e-4
+
+
 def _set_group_scales(model: torch.nn.Module, value: float) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -228,14 +241,7 @@ def test_replicate_copies_the_pool_and_preserves_function(extra_blocks, src, src
     new = f"image_encoder.blocks.{TINY.depth}.mlp"
     for g in range(4 if extra_blocks else 0):  # the extra block's replicas start as the identity
         assert not t[f"{new}.experts.{g}.w2"].any() and not t[f"{new}.experts.{g}.b2"].any()
-    model = load_model(out)
-    grown = _forward(model, images)
-    for h in HEADS:
-        assert _rel(src_out[h], grown[h]) <= TOL, (h, _rel(src_out[h], grown[h]))
-    with torch.no_grad():
-        model.image_encoder.blocks[2].mlp.experts[3].w2.mul_(2.0)
-    changed = _forward(model, images)
-    assert max(_rel(src_out[h], changed[h]) for h in HEADS) > 1e-4
+    _exact_until_changed(out, images, src_out, lambda m: m.image_encoder.blocks[2].mlp.experts[3].w2.mul_(2.0))
 
 
 @pytest.mark.parametrize(("options", "words"), [
@@ -271,14 +277,7 @@ def test_residual_experts_start_fresh_and_preserve_function(extra_blocks, src, s
             assert gap.min() > 0.5  # fresh, not a copy + 1% noise (about 0.01) of any source expert
             assert (w1.std() / s1.std()).item() == pytest.approx(1.0, abs=0.2)  # at the source experts' scale
         assert torch.equal(t[f"{prefix}.router.group_scale"], torch.ones(3))
-    model = load_model(out)
-    grown = _forward(model, images)
-    for h in HEADS:
-        assert _rel(src_out[h], grown[h]) <= TOL, (h, _rel(src_out[h], grown[h]))
-    with torch.no_grad():
-        model.image_encoder.blocks[2].mlp.experts[2].b2.fill_(0.5)
-    changed = _forward(model, images)
-    assert max(_rel(src_out[h], changed[h]) for h in HEADS) > 1e-4
+    _exact_until_changed(out, images, src_out, lambda m: m.image_encoder.blocks[2].mlp.experts[2].b2.fill_(0.5))
 
 
 @pytest.mark.parametrize(("options", "words"), [
