@@ -491,8 +491,9 @@ class Distributed:
                     unused_banks.append(g)
                     unused_gates.append(g)
                     continue
-                if kind == "top":
-                    layer_handover.append(_balance(s, c, tokens, chosen, num))
+                if kind == "top":  # residual new groups add to the core: nothing is handed over, no pressure
+                    if not cfg.residual:
+                        layer_handover.append(_balance(s, c, tokens, chosen, num))
                     continue
                 auxes.append(_balance(s, c, tokens, chosen, num))
             layer_aux.append(torch.stack(auxes).mean() if auxes else total.new_zeros(()))

@@ -251,8 +251,9 @@ def test_force_only_rank0_touches_the_run_dir(grown: Path, data: Path, runs: Pat
 # --------------------------------------------------------------------------- an expert group used by one process only
 
 
-def _moe_worker() -> None:
-    """Run under torchrun (2 processes): compare a sharded MoE layer with the same layer on the whole batch."""
+def _moe_worker(residual: bool = False) -> None:
+    """Run under torchrun (2 processes): compare a sharded MoE layer with the same layer on the whole batch, its
+    balance and hand-over losses included (`residual`: new groups that add to the core, which hand nothing over)."""
     import copy
 
     from stages.distributed import Distributed
@@ -262,8 +263,9 @@ def _moe_worker() -> None:
     torch.manual_seed(0)
     # core group + 3 routed groups; the group router sends tokens with x0 > 0 to routed group 0, x0 < 0 to
     # routed group 1, and nothing to routed group 2.
-    ref = MoEMLP(8, 16, MoEConfig(groups=(2, 2, 2, 2), core_groups=1, top_k=1, top_k_groups=1))
+    ref = MoEMLP(8, 16, MoEConfig(groups=(2, 2, 2, 2), core_groups=1, top_k=1, top_k_groups=1, residual=residual))
     with torch.no_grad():
+        ref.router.group_scale.fill_(0.5)  # a hand-over to balance (growth's 0 would make it constant)
         ref.router.group_gate.weight.zero_()
         ref.router.group_gate.weight[0, 0], ref.router.group_gate.weight[1, 0] = 5.0, -5.0
     x = torch.randn(12, 8)
@@ -272,7 +274,8 @@ def _moe_worker() -> None:
 
     single = copy.deepcopy(ref)
     y = single(x)
-    loss_1 = y.pow(2).sum() / y.numel() + 0.5 * single.aux_loss
+    loss_1 = y.pow(2).sum() / y.numel() + 0.5 * single.aux_loss + 0.3 * single.handover_loss
+    assert (single.handover_loss.item() == 0) == residual
     loss_1.backward()
     want = {n: p.grad for n, p in single.named_parameters()}
     assert want["experts.3.w1"] is None and want["experts.1.w1"] is not None and want["experts.2.w1"] is not None
@@ -282,13 +285,14 @@ def _moe_worker() -> None:
     d.shard_moe("moe", layer)
     rows = x[:6] if d.rank == 0 else x[6:]  # routed group 0 on rank 0 only, group 1 on rank 1 only
     y = layer(rows)
-    (sums,), aux, _ = d.reduce_with_aux([torch.stack([y.pow(2).sum(), torch.tensor(float(y.numel()))])])
-    loss_2 = sums[0] / sums[1] + 0.5 * aux
+    (sums,), aux, handover = d.reduce_with_aux([torch.stack([y.pow(2).sum(), torch.tensor(float(y.numel()))])])
+    loss_2 = sums[0] / sums[1] + 0.5 * aux + 0.3 * handover
     loss_2.backward()
     d.after_backward()
     got = {n: None if p.grad is None else p.grad.full_tensor() for n, p in layer.named_parameters()}
     if d.rank == 0:
         assert torch.allclose(loss_1, loss_2.detach(), rtol=1e-6), (loss_1.item(), loss_2.item())
+        assert torch.allclose(single.handover_loss, handover.detach(), rtol=1e-6), (single.handover_loss, handover)
         for n, g in want.items():
             assert (g is None) == (got[n] is None), n
             if g is not None:
@@ -297,8 +301,9 @@ def _moe_worker() -> None:
     d.close(finished=True)  # rank 1 must not tear gloo down while rank 0 still checks (an abort at exit)
 
 
-def test_expert_group_used_by_one_process_only():
-    res = torchrun(script=[__file__, "--moe-worker"])
+@pytest.mark.parametrize("residual", [False, True], ids=["hand-over", "residual"])
+def test_expert_group_used_by_one_process_only(residual: bool):
+    res = torchrun(script=[__file__, "--moe-worker", *(["--residual"] if residual else [])])
     assert "moe-ok" in res.stdout
 
 
@@ -367,7 +372,7 @@ def test_batch_split():
 
 
 if __name__ == "__main__" and "--moe-worker" in sys.argv:
-    _moe_worker()
+    _moe_worker(residual="--residual" in sys.argv)
     exit_worker(0)
 if __name__ == "__main__" and "--rows-worker" in sys.argv:
     _rows_worker(sys.argv[sys.argv.index("--rows-worker") + 1])
