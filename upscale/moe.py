@@ -302,14 +302,22 @@ def static_dispatch(x: Tensor) -> bool:
     return x.device.type == "cuda"
 
 
-def _top_mixture(mix: Tensor, g_i: Tensor, routed: int) -> tuple[Tensor, Tensor]:
+def _top_mixture(cfg: MoEConfig, mix: Tensor, g_i: Tensor, routed: int) -> tuple[Tensor, Tensor]:
     """Pool sums and Switch balance loss of the top level: (core, routed groups) as one mixture per token.
 
     Balanced like experts but kept apart from aux_loss: it has its own coefficient (the hand-over pressure).
+    `residual` new groups add to the core and take nothing from it: the statistics stay, the loss is zero.
     """
     top = torch.cat([1 - mix.sum(-1, keepdim=True), mix.new_zeros(mix.shape[0], routed).scatter_add(1, g_i, mix)], dim=-1)
     top_chosen = top.argmax(dim=-1, keepdim=True)
-    return _pool_sums(top, top_chosen, routed + 1), _balance_loss(top, top_chosen, routed + 1)
+    loss = _balance_loss(top, top_chosen, routed + 1)
+    return _pool_sums(top, top_chosen, routed + 1), torch.zeros_like(loss) if cfg.residual else loss
+
+
+def _core_weights(cfg: MoEConfig, top_w: Tensor, mix: Tensor, routed: int) -> Tensor:
+    """The core experts' weights (N, k): their top-k weights times what the routed groups leave of the token,
+    `1 - sum_g m_g`, or whole where the new groups are `residual` (or there are none)."""
+    return top_w * (1 - mix.sum(-1, keepdim=True)) if routed and not cfg.residual else top_w
 
 
 def _new_weight(cfg: MoEConfig, mix: Tensor, g_i: Tensor) -> Tensor:
@@ -391,7 +399,7 @@ class HierarchicalRouter(nn.Module):
         if cfg.core_groups:
             logits = torch.cat([self.expert_gates[g](x) for g in range(cfg.core_groups)], dim=-1)
             probs, top_i, top_w = _topk_renormalised(logits, cfg.top_k)
-            core_w = top_w * (1 - mix.sum(-1, keepdim=True)) if routed and not cfg.residual else top_w
+            core_w = _core_weights(cfg, top_w, mix, routed)
             tokens.append(ar.repeat_interleave(cfg.top_k))
             experts.append(top_i.flatten())
             weights.append(core_w.flatten())
@@ -401,10 +409,8 @@ class HierarchicalRouter(nn.Module):
             balance(g_probs, g_i, routed)
             entropy.append(_entropy(g_probs))
             if cfg.core_groups:
-                top_sums, handover = _top_mixture(mix, g_i, routed)
+                top_sums, handover = _top_mixture(cfg, mix, g_i, routed)
                 sums.append(top_sums)
-                if cfg.residual:  # nothing is handed over: no pressure to move weight off the core
-                    handover = torch.zeros_like(handover)
             for r in range(routed):
                 g = cfg.core_groups + r
                 tok, slot = (g_i == r).nonzero(as_tuple=True)
@@ -464,7 +470,7 @@ class HierarchicalRouter(nn.Module):
             probs, top_i, top_w = _topk_renormalised(logits, k)
             tokens.append(ar[:, None].expand(n, k).flatten())
             experts.append(top_i.flatten())
-            weights.append((top_w * (1 - mix.sum(-1, keepdim=True)) if routed and not cfg.residual else top_w).flatten())
+            weights.append(_core_weights(cfg, top_w, mix, routed).flatten())
             aux.append(_balance_loss(probs, top_i, cfg.num_core_experts))
             sums.append(_pool_sums(probs, top_i, cfg.num_core_experts))
             entropy.append(_entropy(probs))
@@ -473,10 +479,8 @@ class HierarchicalRouter(nn.Module):
             sums.append(_pool_sums(g_probs, g_i, routed))
             entropy.append(_entropy(g_probs))
             if c:
-                top_sums, handover = _top_mixture(mix, g_i, routed)
+                top_sums, handover = _top_mixture(cfg, mix, g_i, routed)
                 sums.append(top_sums)
-                if cfg.residual:  # nothing is handed over: no pressure to move weight off the core
-                    handover = torch.zeros_like(handover)
             sizes = cfg.groups[c:]
             emax = max(sizes)
             col, pad, starts, num = self._static_index(x.device)
