@@ -229,6 +229,17 @@ def folder_key(test: Path) -> str:
     return hashlib.sha256("\n".join([str(test.resolve()), *names]).encode()).hexdigest()
 
 
+def seed_labels(per_seed: list) -> np.ndarray:
+    """The seed (index) each pooled image's scores came from, for `bootstrap_diff(clusters=...)`: resampling seeds
+    too puts run-to-run spread in the interval."""
+    return np.concatenate([np.full(st.cm.shape[0], i) for i, st in enumerate(per_seed)])
+
+
+def ci(x: dict[str, float]) -> str:
+    """One `bootstrap_diff` metric as 'diff [low, high]'."""
+    return f"{x['diff']:+.4f} [{x['ci_low']:+.4f}, {x['ci_high']:+.4f}]"
+
+
 def scores(ckpt: Path, test: Path, folder: str):
     """`image_stats` of a checkpoint on a held-out folder (`folder`: its `folder_key`), kept beside its run
     (score-<digest>.npz) so a later sweep with more arms or seeds scores only what is new. Keyed by the folder and
@@ -269,23 +280,21 @@ def report(args: argparse.Namespace, test: Path, finals: dict, f: dict, t0: floa
     print(f"| source | {source.metrics()['miou']:.4f} | {source.metrics()['miou_interior']:.4f} | "
           f"{source.metrics()['sdf_mae']:.4f} | | |")
     first = args.arms[0]
-    fmt = lambda x: f"{x['diff']:+.4f} [{x['ci_low']:+.4f}, {x['ci_high']:+.4f}]"
     for arm in args.arms:
         m = stats[arm].metrics()
         vs_src = bootstrap_diff(source, stats[arm], args.bootstrap)["miou"]
         vs_first = bootstrap_diff(stats[first], stats[arm], args.bootstrap)["miou"]
-        print(f"| {arm} | {m['miou']:.4f} | {m['miou_interior']:.4f} | {m['sdf_mae']:.4f} | {fmt(vs_src)} | {fmt(vs_first)} |")
+        print(f"| {arm} | {m['miou']:.4f} | {m['miou_interior']:.4f} | {m['sdf_mae']:.4f} | {ci(vs_src)} | {ci(vs_first)} |")
     a_arms = [arm for arm in args.arms if arm.startswith("a:")]
     b_arms = [arm for arm in args.arms if not arm.startswith("a:")]
-    # the seed each pooled image's scores came from: resampling seeds too puts run-to-run spread in the interval
-    runs = np.concatenate([np.full(st.cm.shape[0], i) for i, st in enumerate(per_seed["source"])])
+    runs = seed_labels(per_seed["source"])
     if a_arms and b_arms:  # every grown arm against every (a): the claim needs the best (a), whichever it is
         for metric, clusters, how in (("miou", None, "images resampled"), ("miou_interior", None, "images resampled"),
                                       ("miou", runs, "seeds, then their images, resampled")):
             print(f"\n| {metric}, grown arm - (a) [95% CI, {how}] | " + " | ".join(a_arms) + " |\n|---|"
                   + "---|" * len(a_arms))
             for arm in b_arms:
-                cells = [fmt(bootstrap_diff(stats[a], stats[arm], args.bootstrap, clusters=clusters)[metric])
+                cells = [ci(bootstrap_diff(stats[a], stats[arm], args.bootstrap, clusters=clusters)[metric])
                          for a in a_arms]
                 print(f"| {arm} | " + " | ".join(cells) + " |")
     costs = {k: np.mean([f[s][k] / f[s]["src"] for s in args.seeds]) for k in f[args.seeds[0]] if k != "src"}

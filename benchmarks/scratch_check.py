@@ -27,7 +27,7 @@ import numpy as np
 
 import growth
 from growth import concat, samoe, step_flops, train
-from growth_sweep import folder_key, growth_args, scores
+from growth_sweep import ci, folder_key, growth_args, scores, seed_labels
 
 
 def prepare(out: Path, data: Path, seed: int, variants: list[str], batch: int) -> dict[str, tuple[Path, float]]:
@@ -73,8 +73,7 @@ def main() -> None:
         scored = dict(zip(finals, pool.map(lambda c: concat([scores(c, t, k) for t, k in keys]), finals.values())))
     per_seed = {a: [scored[s, a] for s in args.seeds] for a in names}
     stats = {a: concat(v) for a, v in per_seed.items()}
-    runs = np.concatenate([np.full(st.cm.shape[0], i) for i, st in enumerate(per_seed["tiny"])])
-    fmt = lambda x: f"{x['diff']:+.4f} [{x['ci_low']:+.4f}, {x['ci_high']:+.4f}]"
+    runs = seed_labels(per_seed["tiny"])
     n = stats["tiny"].cm.shape[0] // len(args.seeds)
     print(f"\nfrom scratch at equal FLOPs ({args.source_steps} tiny steps, lr {args.lr}, batch {args.batch_size}); "
           f"seeds {args.seeds}; {n} held-out images per seed ({', '.join(map(str, args.test))}); "
@@ -83,7 +82,7 @@ def main() -> None:
           "|---|---|---|---|---|---|---|")
     for a in names:
         cost = np.mean([starts[s][a][1] / starts[s]["tiny"][1] for s in args.seeds])
-        cells = ["", ""] if a == "tiny" else [fmt(bootstrap_diff(stats["tiny"], stats[a], args.bootstrap, clusters=c)["miou"])
+        cells = ["", ""] if a == "tiny" else [ci(bootstrap_diff(stats["tiny"], stats[a], args.bootstrap, clusters=c)["miou"])
                                               for c in (None, runs)]
         print(f"| {a} | {cost:.3f} | {steps[args.seeds[0], a]} | {stats[a].metrics()['miou']:.4f} | {cells[0]} | {cells[1]} | "
               + " / ".join(f"{st.metrics()['miou']:.4f}" for st in per_seed[a]) + " |")
