@@ -762,7 +762,7 @@ def evaluate(
 
     from stages.evaluate import METRICS, evaluate as run_eval, short_layer
     from stages.figures import check_format, check_output_dir
-    from stages.report import write_eval_outputs
+    from stages.report import layout_label, write_eval_outputs
 
     from upscale.device import resolve_device
 
@@ -800,7 +800,7 @@ def evaluate(
     for i, ck in enumerate(cks):
         console.print(f"[{i}] {ck['path']} stages {ck['stages']}", soft_wrap=True)
     for i, ck in enumerate(cks):
-        r = Table(title=f"routing of [{i}] (groups {ck['groups']}, core {ck['core_groups']})")
+        r = Table(title=f"routing of [{i}] (groups {ck['groups']}, {layout_label(ck)})")
         for col in ("layer", "group share", "new (tokens)", "new (weight)", "dead", "load CV", "entropy"):
             r.add_column(col, justify="right")
         for name, v in ck["routing"].items():

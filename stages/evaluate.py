@@ -345,7 +345,7 @@ def evaluate(paths: list[Path], data_dir: Path, batch_size: int = 4, bootstrap: 
             "metrics": metrics,
             "routing": {name: acc.report() for name, acc in routing.items()},
             "groups": list(ck.config.moe.groups), "core_groups": ck.config.moe.core_groups,
-            "replicas": ck.config.moe.replicas,
+            "replicas": ck.config.moe.replicas, "residual": ck.config.moe.residual,
         })
         stats.append(st)
         del model

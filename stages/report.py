@@ -20,6 +20,16 @@ from .figures import Written, layer_label, layer_order
 REPORT_NAME = "report.md"
 
 
+def layout_label(ck: dict[str, Any]) -> str:
+    """How a checkpoint's groups relate to its source, for routing tables: with residual groups the
+    "new (weight)" column is their share of core + new, since the core keeps its full weight."""
+    if ck.get("replicas"):
+        return "replicas of the source's experts"
+    if ck.get("residual"):
+        return f"core {ck['core_groups']}, new groups add to it (new weight: their share of core + new)"
+    return f"core {ck['core_groups']}"
+
+
 def _cell(text: Any) -> str:
     """A Markdown table cell: pipes escaped, newlines flattened."""
     return str(text).replace("|", "\\|").replace("\n", " ")
@@ -65,8 +75,7 @@ def render_report(report: dict[str, Any], figures: list[Written], out: Path) -> 
               "Share of assignments per group, traffic to new groups by tokens and by routing weight, "
               "dead experts, load imbalance (coefficient of variation) and mean router entropy.", ""]
     for i, ck in enumerate(cks):
-        layout = "replicas of the source's experts" if ck.get("replicas") else f"core {ck['core_groups']}"
-        lines += [f"### [{i}] groups {ck['groups']}, {layout}", ""]
+        lines += [f"### [{i}] groups {ck['groups']}, {layout_label(ck)}", ""]
         rows = [[layer_label(name), " ".join(f"{x:.2f}" for x in v["group_share"]), f"{v['new_share']:.3f}",
                  f"{v['new_weight_share']:.3f}", v["dead_experts"], f"{v['load_cv']:.2f}", f"{v['router_entropy']:.3f}"]
                 for name, v in sorted(ck["routing"].items(), key=lambda kv: layer_order(kv[0]))]
