@@ -54,10 +54,15 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each samoe process")
+    ap.add_argument("--device", default=None, help="samoe train's --device for every run (e.g. cuda)")
     ap.add_argument("--bootstrap", type=int, default=2000)
     ap.add_argument("--test", type=Path, nargs="+", required=True, help="held-out folder(s), pooled")
     args = ap.parse_args()
+    for folder in (args.data / "A", *args.test):
+        if not (folder / "images").is_dir():
+            ap.error(f"{folder} has no images/ folder: pass --data a demo-data folder and --test labelled folders")
     growth.REUSE, growth.THREADS, growth.BATCH = True, args.threads, args.batch_size
+    growth.DEVICE = ["--device", args.device] if args.device else []
     t0 = time.perf_counter()
     starts = {s: prepare(args.out, args.data, s, args.variants, args.batch_size) for s in args.seeds}
     names = ["tiny", *args.variants]
