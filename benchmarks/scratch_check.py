@@ -102,8 +102,10 @@ def print_class_iou(data: Path, names: list[str], stats: dict) -> None:
     from stages.evaluate import iou_per_class
 
     iou = {a: iou_per_class(stats[a].cm.sum(0)) for a in names}
-    meta = data / "demo-data.json"
-    classes = json.loads(meta.read_text())["classes"] if meta.is_file() else []
+    try:  # demo-data's class names; any other folder gets numbers
+        classes = list(json.loads((data / "demo-data.json").read_text())["classes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        classes = []
     if len(classes) != len(iou["tiny"]):
         classes = [f"class {c}" for c in range(len(iou["tiny"]))]
     print("\n| IoU, seeds pooled | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
