@@ -129,31 +129,54 @@ class ImageStats:
         }
 
 
-def _resample(rng: np.random.Generator, count: int, clusters: np.ndarray | None) -> np.ndarray:
-    """Indices of one bootstrap resample of `count` images: images drawn with replacement, or with `clusters`
-    (one label per image, e.g. the training seed that produced it) a two-stage draw: clusters with replacement,
-    then images with replacement inside each drawn cluster."""
+def _resample_runs(rng: np.random.Generator, count: int, clusters: np.ndarray | None) -> list[np.ndarray]:
+    """One bootstrap resample of `count` images, as index arrays: one array of images drawn with replacement, or
+    with `clusters` (one label per image, e.g. the training seed that produced it) a two-stage draw: clusters with
+    replacement, then images with replacement inside each drawn cluster, one array per drawn cluster."""
     if clusters is None:
-        return rng.integers(0, count, count)
+        return [rng.integers(0, count, count)]
     members = [np.flatnonzero(clusters == c) for c in np.unique(clusters)]
     drawn = rng.integers(0, len(members), len(members))
-    return np.concatenate([members[c][rng.integers(0, len(members[c]), len(members[c]))] for c in drawn])
+    return [members[c][rng.integers(0, len(members[c]), len(members[c]))] for c in drawn]
+
+
+def _resample(rng: np.random.Generator, count: int, clusters: np.ndarray | None) -> np.ndarray:
+    """`_resample_runs` joined: the indices of one resample of the pooled images."""
+    return np.concatenate(_resample_runs(rng, count, clusters))
+
+
+def _run_mean(st: ImageStats, runs: list[np.ndarray]) -> dict[str, float]:
+    """Each metric computed on every run's images on its own, then averaged over the runs."""
+    per_run = [st.metrics(idx) for idx in runs]
+    return {m: float(np.mean([r[m] for r in per_run])) for m in METRICS}
 
 
 def bootstrap_diff(a: ImageStats, b: ImageStats, n: int = 1000, seed: int = 0,
-                   clusters: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+                   clusters: np.ndarray | None = None, per_cluster: bool = False) -> dict[str, dict[str, float]]:
     """Paired bootstrap over images of metric(b) - metric(a): point estimate and 95% interval.
 
     `clusters` (one label per image) resamples clusters first, then images inside them: where the images come
     from a few training runs (seeds), the interval then carries the run-to-run spread too, which resampling
-    pooled images alone treats as if every image were an independent run."""
+    pooled images alone treats as if every image were an independent run.
+
+    `per_cluster` (with `clusters`) compares the mean over clusters of each cluster's own metric instead of the
+    metric of the pooled images. mIoU pooled over seeds sums their confusion matrices, so two seeds that each
+    learnt a different one of two look-alike classes score better together than either alone; the mean of the
+    seeds' own mIoU is what a user who trains one model can expect."""
+    if per_cluster and clusters is None:
+        raise ValueError("per_cluster needs clusters (one label per image)")
     rng = np.random.default_rng(seed)
     count = a.cm.shape[0]
-    base_a, base_b = a.metrics(), b.metrics()
+
+    def stat(st: ImageStats, runs: list[np.ndarray] | None) -> dict[str, float]:
+        return _run_mean(st, runs) if per_cluster else st.metrics(None if runs is None else np.concatenate(runs))
+
+    whole = [np.flatnonzero(clusters == c) for c in np.unique(clusters)] if per_cluster else None
+    base_a, base_b = stat(a, whole), stat(b, whole)
     samples = {m: [] for m in METRICS}
     for _ in range(n):
-        idx = _resample(rng, count, clusters)
-        ma, mb = a.metrics(idx), b.metrics(idx)
+        runs = _resample_runs(rng, count, clusters)
+        ma, mb = stat(a, runs), stat(b, runs)
         for m in METRICS:
             samples[m].append(mb[m] - ma[m])
     out = {}

@@ -270,6 +270,35 @@ def test_bootstrap_clusters_carry_the_run_to_run_spread():
     assert (clustered["ci_low"], clustered["ci_high"]) == (-1.0, 1.0)
 
 
+def test_bootstrap_per_cluster_mean_by_hand():
+    # run 0 holds 1 one-pixel image (a right, b wrong), run 1 holds 3 (a wrong, b right). Pooled pixel accuracy:
+    # a 1/4, b 3/4, b - a = +0.5. Each run on its own: a 1 and 0, b 0 and 1, so the mean over runs is 0.5 for both
+    # and b - a = 0. Resampling runs: {0, 0} (p 1/4) -> -1, {1, 1} (1/4) -> +1, {0, 1} -> 0; inside a run every image
+    # is the same, so the 95% interval is exactly [-1, +1].
+    right, wrong = np.array([[1, 0], [0, 0]]), np.array([[0, 1], [0, 0]])
+    runs = np.array([0, 1, 1, 1])
+    zeros, sdf = np.zeros((4, 3)), np.ones((4, 2))
+    a = ImageStats(np.stack([right, wrong, wrong, wrong]), zeros, sdf)
+    b = ImageStats(np.stack([wrong, right, right, right]), zeros, sdf)
+    assert bootstrap_diff(a, b, n=50, seed=0, clusters=runs)["pixel_accuracy"]["diff"] == pytest.approx(0.5)
+    mean = bootstrap_diff(a, b, n=400, seed=0, clusters=runs, per_cluster=True)["pixel_accuracy"]
+    assert mean == {"diff": 0.0, "ci_low": -1.0, "ci_high": 1.0}
+    with pytest.raises(ValueError, match="per_cluster needs clusters"):
+        bootstrap_diff(a, b, n=10, per_cluster=True)
+
+
+def test_bootstrap_per_cluster_miou_is_the_mean_of_each_runs_miou():
+    # two runs of random images: the point estimate is the plain mean over runs of each run's own mIoU difference
+    rng = np.random.default_rng(3)
+    a, b = _random_stats(rng, n=30), _random_stats(rng, n=30)
+    runs = np.repeat([0, 1, 2], [5, 10, 15])
+    own = [b.metrics(np.flatnonzero(runs == r))["miou"] - a.metrics(np.flatnonzero(runs == r))["miou"] for r in range(3)]
+    out = bootstrap_diff(a, b, n=200, seed=0, clusters=runs, per_cluster=True)["miou"]
+    assert out["diff"] == pytest.approx(sum(own) / 3)
+    assert out["diff"] != pytest.approx(b.metrics()["miou"] - a.metrics()["miou"])  # not the pooled figure
+    assert out["ci_low"] < out["diff"] < out["ci_high"]
+
+
 def test_bootstrap_identical_inputs_give_zero():
     st = _random_stats(np.random.default_rng(5))
     out = bootstrap_diff(st, st, n=100, seed=0)
