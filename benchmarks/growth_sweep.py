@@ -291,15 +291,17 @@ def report(args: argparse.Namespace, test: Path, finals: dict, f: dict, t0: floa
     b_arms = [arm for arm in args.arms if not arm.startswith("a:")]
     runs = seed_labels(per_seed["source"])
     if a_arms and b_arms:  # every grown arm against every (a): the claim needs the best (a), whichever it is
-        for metric, clusters, per_seed_mean, how in (
-                ("miou", None, False, "images resampled"), ("miou_interior", None, False, "images resampled"),
-                ("miou", runs, False, "seeds, then their images, resampled"),
-                ("mean of the seeds' own miou", runs, True, "seeds, then their images, resampled")):
-            print(f"\n| {metric}, grown arm - (a) [95% CI, {how}] | " + " | ".join(a_arms) + " |\n|---|"
+        seeds_first = "seeds, then their images, resampled"
+        for label, metric, clusters, per_seed_mean, how in (
+                ("miou", "miou", None, False, "images resampled"),
+                ("miou_interior", "miou_interior", None, False, "images resampled"),
+                ("miou", "miou", runs, False, seeds_first),
+                ("mean of the seeds' own miou", "miou", runs, True, seeds_first)):
+            print(f"\n| {label}, grown arm - (a) [95% CI, {how}] | " + " | ".join(a_arms) + " |\n|---|"
                   + "---|" * len(a_arms))
             for arm in b_arms:
                 cells = [ci(bootstrap_diff(stats[a], stats[arm], args.bootstrap, clusters=clusters,
-                                           per_cluster=per_seed_mean)[metric.rsplit(" ", 1)[-1]])
+                                           per_cluster=per_seed_mean)[metric])
                          for a in a_arms]
                 print(f"| {arm} | " + " | ".join(cells) + " |")
     costs = {k: np.mean([f[s][k] / f[s]["src"] for s in args.seeds]) for k in f[args.seeds[0]] if k != "src"}
