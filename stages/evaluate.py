@@ -129,20 +129,24 @@ class ImageStats:
         }
 
 
-def _resample_runs(rng: np.random.Generator, count: int, clusters: np.ndarray | None) -> list[np.ndarray]:
+def _members(clusters: np.ndarray | None) -> list[np.ndarray] | None:
+    """The image indices of each cluster (one label per image, e.g. the training seed that produced it)."""
+    return None if clusters is None else [np.flatnonzero(clusters == c) for c in np.unique(clusters)]
+
+
+def _resample_runs(rng: np.random.Generator, count: int, members: list[np.ndarray] | None) -> list[np.ndarray]:
     """One bootstrap resample of `count` images, as index arrays: one array of images drawn with replacement, or
-    with `clusters` (one label per image, e.g. the training seed that produced it) a two-stage draw: clusters with
-    replacement, then images with replacement inside each drawn cluster, one array per drawn cluster."""
-    if clusters is None:
+    with `members` (`_members` of the clusters) a two-stage draw: clusters with replacement, then images with
+    replacement inside each drawn cluster, one array per drawn cluster."""
+    if members is None:
         return [rng.integers(0, count, count)]
-    members = [np.flatnonzero(clusters == c) for c in np.unique(clusters)]
     drawn = rng.integers(0, len(members), len(members))
     return [members[c][rng.integers(0, len(members[c]), len(members[c]))] for c in drawn]
 
 
 def _resample(rng: np.random.Generator, count: int, clusters: np.ndarray | None) -> np.ndarray:
     """`_resample_runs` joined: the indices of one resample of the pooled images."""
-    return np.concatenate(_resample_runs(rng, count, clusters))
+    return np.concatenate(_resample_runs(rng, count, _members(clusters)))
 
 
 def _run_mean(st: ImageStats, runs: list[np.ndarray]) -> dict[str, float]:
@@ -171,11 +175,12 @@ def bootstrap_diff(a: ImageStats, b: ImageStats, n: int = 1000, seed: int = 0,
     def stat(st: ImageStats, runs: list[np.ndarray] | None) -> dict[str, float]:
         return _run_mean(st, runs) if per_cluster else st.metrics(None if runs is None else np.concatenate(runs))
 
-    whole = [np.flatnonzero(clusters == c) for c in np.unique(clusters)] if per_cluster else None
+    members = _members(clusters)
+    whole = members if per_cluster else None
     base_a, base_b = stat(a, whole), stat(b, whole)
     samples = {m: [] for m in METRICS}
     for _ in range(n):
-        runs = _resample_runs(rng, count, clusters)
+        runs = _resample_runs(rng, count, members)
         ma, mb = stat(a, runs), stat(b, runs)
         for m in METRICS:
             samples[m].append(mb[m] - ma[m])

@@ -288,7 +288,7 @@ def test_bootstrap_per_cluster_mean_by_hand():
 
 
 def test_bootstrap_per_cluster_miou_is_the_mean_of_each_runs_miou():
-    # two runs of random images: the point estimate is the plain mean over runs of each run's own mIoU difference
+    # three runs of random images: the point estimate is the plain mean over runs of each run's own mIoU difference
     rng = np.random.default_rng(3)
     a, b = _random_stats(rng, n=30), _random_stats(rng, n=30)
     runs = np.repeat([0, 1, 2], [5, 10, 15])
