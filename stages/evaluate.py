@@ -144,11 +144,6 @@ def _resample_runs(rng: np.random.Generator, count: int, members: list[np.ndarra
     return [members[c][rng.integers(0, len(members[c]), len(members[c]))] for c in drawn]
 
 
-def _resample(rng: np.random.Generator, count: int, clusters: np.ndarray | None) -> np.ndarray:
-    """`_resample_runs` joined: the indices of one resample of the pooled images."""
-    return np.concatenate(_resample_runs(rng, count, _members(clusters)))
-
-
 def _run_mean(st: ImageStats, runs: list[np.ndarray]) -> dict[str, float]:
     """Each metric computed on every run's images on its own, then averaged over the runs."""
     per_run = [st.metrics(idx) for idx in runs]
@@ -205,7 +200,7 @@ def bootstrap_class_diff(a: ImageStats, b: ImageStats, names: list[str], n: int 
     count = a.cm.shape[0]
     samples = np.empty((n, len(names)))
     for i in range(n):
-        idx = _resample(rng, count, None)
+        idx = np.concatenate(_resample_runs(rng, count, None))
         samples[i] = iou_per_class(b.cm[idx].sum(0)) - iou_per_class(a.cm[idx].sum(0))
     point = iou_per_class(b.cm.sum(0)) - iou_per_class(a.cm.sum(0))
     out: dict[str, dict[str, float | None]] = {}
