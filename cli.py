@@ -756,13 +756,17 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (autocast for the forward; metrics in fp32)."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole report as one JSON object."),
+    ablate_new: bool = typer.Option(True, "--ablate-new/--no-ablate-new",
+                                    help="Score each grown checkpoint again with its new groups and extra blocks switched "
+                                         "off, and show what they add (paired 95% CI): near 0 means the new capacity does "
+                                         "no work and any gain over the source came from training its old parts further."),
 ) -> None:
     """Compare checkpoints side by side on a labelled folder, with routing statistics."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress
 
     from stages.evaluate import METRICS, evaluate as run_eval, short_layer
     from stages.figures import check_format, check_output_dir
-    from stages.report import layout_label, write_eval_outputs
+    from stages.report import NEW_PARTS_HEADER, layout_label, new_parts_rows, new_parts_verdict, write_eval_outputs
 
     from upscale.device import resolve_device
 
@@ -775,7 +779,8 @@ def evaluate(
     with Progress("evaluating", BarColumn(), MofNCompleteColumn(), console=console, transient=True) as progress:
         task = progress.add_task("eval", total=None)
         report = run_eval(checkpoints, data, batch_size, bootstrap, seed, device=torch_device, precision=precision,
-                          on_start=lambda n: progress.update(task, total=n), on_batch=lambda n: progress.advance(task, n))
+                          on_start=lambda n: progress.update(task, total=n), on_batch=lambda n: progress.advance(task, n),
+                          ablate_new=ablate_new)
     report.update(write_eval_outputs(report, plots, report_dir, fmt))
     if as_json:
         _print_json(report)
@@ -799,6 +804,15 @@ def evaluate(
     console.print(t)
     for i, ck in enumerate(cks):
         console.print(f"[{i}] {ck['path']} stages {ck['stages']}", soft_wrap=True)
+    for i, ck in enumerate(cks):
+        if "new_parts_off" in ck:
+            nt = Table(title=f"what the new parts of [{i}] add")
+            for col in NEW_PARTS_HEADER:
+                nt.add_column(col, justify="right")
+            for row in new_parts_rows(ck):
+                nt.add_row(*row)
+            console.print(nt)
+            console.print(new_parts_verdict(i, ck), soft_wrap=True)
     for i, ck in enumerate(cks):
         r = Table(title=f"routing of [{i}] (groups {ck['groups']}, {layout_label(ck)})")
         for col in ("layer", "group share", "new (tokens)", "new (weight)", "dead", "load CV", "entropy"):

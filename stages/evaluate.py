@@ -336,8 +336,16 @@ def class_names(num_classes: int) -> list[str]:
 
 
 def evaluate(paths: list[Path], data_dir: Path, batch_size: int = 4, bootstrap: int = 1000, seed: int = 0,
-             device: torch.device | str = "cpu", precision: str = "fp32", on_start: Callable[[int], None] | None = None, on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Evaluate checkpoints on one labelled folder; the first is the baseline of the comparisons."""
+             device: torch.device | str = "cpu", precision: str = "fp32", on_start: Callable[[int], None] | None = None,
+             on_batch: Callable[[int], None] | None = None, ablate_new: bool = True) -> dict[str, Any]:
+    """Evaluate checkpoints on one labelled folder; the first is the baseline of the comparisons.
+
+    With `ablate_new`, each grown checkpoint is scored a second time with its new groups and extra blocks
+    switched off (`upscale.ablate`), and its entry gets `new_parts_off`: those metrics and the paired
+    difference, grown minus switched off, which is what the new capacity contributes.
+    """
+    from upscale.ablate import new_parts, switch_off_new_parts_
+
     ckpts = [Checkpoint.open(p) for p in paths]
     base = ckpts[0].config
     for ck in ckpts[1:]:
@@ -345,8 +353,9 @@ def evaluate(paths: list[Path], data_dir: Path, batch_size: int = 4, bootstrap: 
             raise SamoeError(f"{ck.path} predicts {ck.config.num_classes} classes at {ck.config.img_size}px but {ckpts[0].path} "
                              f"{base.num_classes} at {base.img_size}px: compare checkpoints of the same task")
     data = LabelledFolder(data_dir, base.num_classes, size=base.img_size)
+    runs = sum(1 + bool(ablate_new and new_parts(ck.config)) for ck in ckpts)
     if on_start:
-        on_start(len(data) * len(ckpts))
+        on_start(len(data) * runs)
     names = class_names(base.num_classes)
     results, stats = [], []
     for ck in ckpts:
@@ -370,6 +379,12 @@ def evaluate(paths: list[Path], data_dir: Path, batch_size: int = 4, bootstrap: 
             "groups": list(ck.config.moe.groups), "core_groups": ck.config.moe.core_groups,
             "replicas": ck.config.moe.replicas, "residual": ck.config.moe.residual,
         })
+        parts = new_parts(ck.config) if ablate_new else None
+        if parts:
+            switch_off_new_parts_(model)
+            off, _ = run_model(model, data, batch_size, on_batch, precision)
+            results[-1]["new_parts_off"] = {"parts": parts, "metrics": off.metrics(),
+                                            "diff": bootstrap_diff(off, st, bootstrap, seed)}
         stats.append(st)
         del model
     comparisons = [

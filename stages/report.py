@@ -54,6 +54,32 @@ def _ci(d: dict[str, Any] | None) -> str:
     return f"{d['diff']:+.4f}{interval}"
 
 
+def new_parts_rows(ck: dict[str, Any]) -> list[list[str]]:
+    """Per metric: the grown checkpoint, the same with its new parts off, and grown minus off (95% CI)."""
+    off = ck["new_parts_off"]
+    return [[m, _num(ck["metrics"][m]), _num(off["metrics"][m]), _ci(off["diff"][m])] for m in METRICS]
+
+
+NEW_PARTS_HEADER = ["metric", "as trained", "new parts off", "what they add (95% CI)"]
+
+
+def new_parts_verdict(i: int, ck: dict[str, Any]) -> str:
+    """One line a user reads first: does the new capacity do measurable work (mIoU, paired 95% CI)?"""
+    off = ck["new_parts_off"]
+    d = off["diff"]["miou"]
+    lo, hi, diff = d.get("ci_low"), d.get("ci_high"), d.get("diff")
+    head = f"[{i}] with its {off['parts']} switched off:"
+    if diff is None or lo is None or hi is None:
+        return f"{head} mIoU is undefined on this data (no class present)"
+    added = f"mIoU {_num(off['metrics']['miou'])}; they add {diff:+.4f} ({lo:+.4f}, {hi:+.4f})"
+    if lo > 0:
+        return f"{head} {added}: the new capacity does measurable work"
+    if hi < 0:
+        return f"{head} {added}: the model scores higher without them"
+    return (f"{head} {added}, an interval that includes 0: no measurable work from the new capacity on this data; "
+            "a gain over the source came from training its old parts further")
+
+
 def render_report(report: dict[str, Any], figures: list[Written], out: Path) -> str:
     """The Markdown text; figure links are relative to `out` (the folder holding report.md)."""
     cks, comps = report["checkpoints"], report["comparisons"]
@@ -67,6 +93,14 @@ def render_report(report: dict[str, Any], figures: list[Written], out: Path) -> 
     header = ["metric"] + [f"[{i}]" for i in range(len(cks))] + [f"[{i + 1}] - [0] (95% CI)" for i in range(len(comps))]
     lines += ["", "## Metrics", ""]
     lines += _table(header, [[m] + [_num(ck["metrics"][m]) for ck in cks] + [_ci(c["diff"][m]) for c in comps] for m in METRICS])
+    ablated = [(i, ck) for i, ck in enumerate(cks) if "new_parts_off" in ck]
+    if ablated:
+        lines += ["", "## What the new parts add", "",
+                  "Each grown checkpoint scored again with its new groups and extra blocks switched off, on the same "
+                  "images; the difference is what the new capacity contributes (paired bootstrap over images).", ""]
+        for i, ck in ablated:
+            lines += [f"### [{i}]", "", new_parts_verdict(i, ck) + ".", ""]
+            lines += _table(NEW_PARTS_HEADER, new_parts_rows(ck))
     lines += ["", "## IoU per class", ""]
     lines += _table(["class"] + header[1:],
                     [[cls] + [_num(ck["metrics"]["iou"].get(cls)) for ck in cks]

@@ -341,8 +341,8 @@ def test_evaluate_report_shape(reports, setup):
     assert rep["images"] == 4 and rep["bootstrap"] == 50 and rep["seed"] == 0
     assert rep["classes"] == ["water", "urban", "vegetation", "bare_soil"]
     assert [ck["path"] for ck in rep["checkpoints"]] == [str(setup["src"]), str(setup["grown"])]
-    assert starts == [8]  # 4 images x 2 checkpoints
-    assert sum(batches) == 8
+    assert starts == [12]  # 4 images x (2 checkpoints + the grown one with its new parts off)
+    assert sum(batches) == 12
     for ck in rep["checkpoints"]:
         m = ck["metrics"]
         for k in METRICS:

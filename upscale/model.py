@@ -146,8 +146,7 @@ class SamMoE(nn.Module):
         self.selector = MultiScaleTaskSelector(feat)
         self.gating = GatingModel(feat, cfg.num_classes)
         self.loss = MultiTaskLoss()
-        # the layout is fixed once built; walking every module several times a step cost ~2% of a tiny model's step
-        self._moe_layers = tuple((n, m) for n, m in self.named_modules() if isinstance(m, MoEMLP))
+        self.reindex_moe_layers()
 
     def forward(self, images: Tensor, gate_grad: bool = True) -> dict[str, Tensor]:
         """(B, 3, S, S) normalised images, S = img_size -> dict of (B, *, S, S) outputs.
@@ -170,6 +169,11 @@ class SamMoE(nn.Module):
             for prefix in ("", "gate_"):
                 out[prefix + "boundary"] = out[prefix + "boundary"] + seg_edge_logit(out[prefix + "seg"], self.config.boundary_prior)
         return out
+
+    def reindex_moe_layers(self) -> None:
+        """Find the MoE layers again (after a block was replaced: `upscale.ablate`). The layout is fixed once
+        built, and walking every module several times a step cost ~2% of a tiny model's step."""
+        self._moe_layers = tuple((n, m) for n, m in self.named_modules() if isinstance(m, MoEMLP))
 
     def moe_layers(self) -> Iterator[tuple[str, MoEMLP]]:
         """(qualified name, layer) of every MoE layer, encoder first."""
