@@ -459,6 +459,11 @@ def plan(
                  f"{report['top_k']} core + {report['top_k_groups']} new group(s) x {report['routed_top_k']}")
     console.print(f"{report['num_moe_layers']} MoE layers, groups {groups_}, {report['num_blocks']} encoder blocks; "
                   f"experts per token in an encoder MoE layer: {per_token} (the source's: {report['top_k']})")
+    flops = report["forward_flops"]
+    ratio = flops["grown"] / flops["source"]
+    console.print(f"forward pass per image: {flops['grown'] / 1e9:,.1f} GFLOP, the source's {flops['source'] / 1e9:,.1f} "
+                  f"(x{ratio:.2f}); at equal compute, train the source about {ratio:.2f} steps per grown step "
+                  "(stage 3; stages 1-2 skip the frozen parts' weight gradients)")
     m = Table(title=f"memory per stage ({dtype} weights/grads, SGD momentum; activations not included)")
     for col in ("stage", "trainable params", "weights", "grads", "optimizer", "total"):
         m.add_column(col, justify="right")
@@ -798,6 +803,8 @@ def evaluate(
             d = comp["diff"][m]
             row.append(f"{d['diff']:+.4f} ({d['ci_low']:+.4f}, {d['ci_high']:+.4f})")
         t.add_row(*row)
+    t.add_row("GFLOP / image", *[f"{ck['forward_flops'] / 1e9:,.3f}" for ck in cks],
+              *[f"x{ck['forward_flops'] / cks[0]['forward_flops']:.2f}" for ck in cks[1:]])
     for cls in report["classes"]:
         t.add_row(f"IoU {cls}", *[("-" if ck["metrics"]["iou"][cls] is None else f"{ck['metrics']['iou'][cls]:.4f}") for ck in cks],
                   *["" for _ in report["comparisons"]])

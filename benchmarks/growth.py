@@ -67,11 +67,11 @@ def step_flops(ckpt: Path, stage: int, data: Path, unlabelled: Path | None, batc
     """Forward+backward FLOPs of one training step (both phases) of `ckpt` in `stage`."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    import upscale.moe as moe
     from stages.engine import apply_stage, open_labelled, train_step
     from stages.data import UnlabelledFolder
     from stages.optim import build_optimizers
     from upscale.checkpoint import Checkpoint, load_model
+    from upscale.flops import per_expert_matmuls
 
     ck = Checkpoint.open(ckpt)
     model = load_model(ckpt)
@@ -84,13 +84,8 @@ def step_flops(ckpt: Path, stage: int, data: Path, unlabelled: Path | None, batc
     if unlabelled is not None:
         uds = UnlabelledFolder(unlabelled, size=cfg.img_size)
         ubatch = torch.utils.data.default_collate([uds[i] for i in range(batch_size)])
-    grouped = moe._grouped_mm_ok
-    moe._grouped_mm_ok = lambda *a: False  # per-expert matmuls, which the counter knows
-    try:
-        with FlopCounterMode(display=False) as counter:
-            train_step(model, opts, batch, ubatch, 1.0, 0.01, False, 0)
-    finally:
-        moe._grouped_mm_ok = grouped
+    with per_expert_matmuls(), FlopCounterMode(display=False) as counter:
+        train_step(model, opts, batch, ubatch, 1.0, 0.01, False, 0)
     return float(counter.get_total_flops())
 
 

@@ -345,6 +345,7 @@ def evaluate(paths: list[Path], data_dir: Path, batch_size: int = 4, bootstrap: 
     difference, grown minus switched off, which is what the new capacity contributes.
     """
     from upscale.ablate import new_parts, switch_off_new_parts_
+    from upscale.flops import forward_flops
 
     ckpts = [Checkpoint.open(p) for p in paths]
     base = ckpts[0].config
@@ -373,6 +374,7 @@ def evaluate(paths: list[Path], data_dir: Path, batch_size: int = 4, bootstrap: 
         results.append({
             "path": str(ck.path), "digest": ck.digest,
             "total_params": sum(info.numel for info in ck.tensors.values()),
+            "forward_flops": forward_flops(ck.config),
             "stages": [s.get("stage") for s in ck.stages],
             "metrics": metrics,
             "routing": {name: acc.report() for name, acc in routing.items()},

@@ -25,6 +25,7 @@ import torch
 from upscale.checkpoint import dtype_name
 from upscale.config import SamMoEConfig
 from upscale.expand import GrowthSpec, grown_config, planned_provenance
+from upscale.flops import forward_flops
 from upscale.model import build_model
 from upscale.roles import is_source, param_role
 from upscale.summary import summarize
@@ -100,8 +101,9 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def plan_report(src_cfg: SamMoEConfig, spec: GrowthSpec, dtype: torch.dtype, last_k: int = 4) -> dict[str, Any]:
-    """`samoe plan`: grown parameter counts per component and per-stage memory, from the meta device
-    (stage 2 unfreezes the FFN/MoE of the last `last_k` ViT blocks, as `samoe train --last-k`)."""
+    """`samoe plan`: grown parameter counts per component, per-stage memory and forward FLOPs per image (grown
+    and source), from the meta device (stage 2 unfreezes the FFN/MoE of the last `last_k` ViT blocks, as
+    `samoe train --last-k`)."""
     cfg = grown_config(src_cfg, spec)
     state = build_model(cfg, device="meta").state_dict()
     shapes = {k: tuple(v.shape) for k, v in state.items()}
@@ -117,5 +119,6 @@ def plan_report(src_cfg: SamMoEConfig, spec: GrowthSpec, dtype: torch.dtype, las
     for stage in report["memory_per_stage"].values():
         stage["weights_bytes"] += buffer_bytes
         stage["total_bytes"] += buffer_bytes
+    report["forward_flops"] = {"source": forward_flops(src_cfg), "grown": forward_flops(cfg)}
     report["config"] = cfg.to_dict()
     return report

@@ -87,9 +87,11 @@ def render_report(report: dict[str, Any], figures: list[Written], out: Path) -> 
              f"Data: `{report['data']}`, {report['images']} images; paired bootstrap over images, "
              f"{report['bootstrap']} resamples, seed {report['seed']}; intervals are 95%.", "",
              "## Checkpoints", ""]
-    lines += _table(["", "path", "parameters", "stages", "digest"],
-                    [[f"[{i}]", f"`{ck['path']}`", f"{ck['total_params']:,}", ck["stages"], f"`{ck['digest'][:19]}...`"]
-                     for i, ck in enumerate(cks)], ["---", "---", "---:", "---", "---"])
+    lines += _table(["", "path", "parameters", "forward GFLOP / image", "stages", "digest"],
+                    [[f"[{i}]", f"`{ck['path']}`", f"{ck['total_params']:,}",
+                      f"{ck['forward_flops'] / 1e9:,.3f} (x{ck['forward_flops'] / cks[0]['forward_flops']:.2f})",
+                      ck["stages"], f"`{ck['digest'][:19]}...`"]
+                     for i, ck in enumerate(cks)], ["---", "---", "---:", "---:", "---", "---"])
     header = ["metric"] + [f"[{i}]" for i in range(len(cks))] + [f"[{i + 1}] - [0] (95% CI)" for i in range(len(comps))]
     lines += ["", "## Metrics", ""]
     lines += _table(header, [[m] + [_num(ck["metrics"][m]) for ck in cks] + [_ci(c["diff"][m]) for c in comps] for m in METRICS])

@@ -22,6 +22,7 @@ from upscale import expand, load_model, save_model
 from upscale.ablate import new_parts, switch_off_new_parts_
 from upscale.checkpoint import Checkpoint
 from upscale.config import PRESETS
+from upscale.flops import forward_flops
 from upscale.create import init_from_preset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -111,6 +112,9 @@ def test_eval_scores_grown_checkpoints_with_new_parts_off(evaluated):
     assert evaluated["starts"] == [4 * 5]  # 3 checkpoints, two of them grown and scored twice
     src, fresh, moved = rep["checkpoints"]
     assert "new_parts_off" not in src
+    for ck, path in zip(rep["checkpoints"], evaluated["paths"]):  # what each costs per image, from its layout
+        assert ck["forward_flops"] == forward_flops(Checkpoint.open(path).config)
+    assert fresh["forward_flops"] > src["forward_flops"]
     for ck in (fresh, moved):
         off = ck["new_parts_off"]
         assert off["parts"] == "2 routed groups (4 experts) per MoE layer and 1 extra block"

@@ -1,0 +1,71 @@
+"""Forward FLOPs per image from a layout (upscale/flops.py), against FlopCounterMode over a real forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from upscale.config import PRESETS
+from upscale.expand import GrowthSpec, grown_config
+from upscale.flops import forward_flops, per_expert_matmuls
+from upscale.model import build_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = PRESETS["tiny"]
+LAYOUTS = {
+    "source": None,
+    "hand-over + extra block": GrowthSpec(experts=16, groups=(4, 4, 4, 4), extra_blocks=1),
+    "token hand-over, image context, 2 groups per token": GrowthSpec(experts=16, groups=(4, 4, 4, 4), token_handover=True,
+                                                                      image_context=True, top_k_groups=2),
+    "residual, routed top-1": GrowthSpec(experts=16, groups=(4, 4, 4, 4), routed_top_k=1, residual=True),
+    "replicas + extra block": GrowthSpec(experts=16, groups=(4, 4, 4, 4), core_groups=0, replicate=True, noise_std=0.0,
+                                         extra_blocks=1),
+}
+
+
+def _measured(cfg) -> int:
+    """FlopCounterMode over one real forward of a random image, experts as per-expert matmuls."""
+    model = build_model(cfg).eval().requires_grad_(False)
+    image = torch.randn(1, cfg.in_chans, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
+    with per_expert_matmuls(), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(image)
+    return int(counter.get_total_flops())
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_counted_from_the_layout_equals_a_real_forward(layout: str):
+    cfg = TINY if LAYOUTS[layout] is None else grown_config(TINY, LAYOUTS[layout])
+    assert forward_flops(cfg) == _measured(cfg)
+
+
+def test_what_a_routed_expert_costs_by_hand():
+    """Residual growth with one expert per token in one new group: per MoE layer and token, one more expert MLP
+    (2 matmuls of D x H), the group router over 3 groups and the chosen group's router over its 4 experts."""
+    grown = grown_config(TINY, LAYOUTS["residual, routed top-1"])
+    tokens = (TINY.img_size // TINY.patch_size) ** 2
+    d, h = TINY.embed_dim, TINY.encoder_mlp_dim
+    encoder = len(TINY.moe_blocks) * tokens * 2 * (2 * d * h + d * 3 + d * 4)
+    # decoder MoE layers (token -> image and image MLPs of each two-way block): every routed group, 1 expert each
+    dd, dh, outputs = TINY.out_chans, TINY.decoder_mlp_dim, 2 * TINY.num_classes + 1
+    decoder = TINY.decoder_depth * outputs * 2 * (3 * 2 * dd * dh + dd * 3 + 3 * dd * 4)
+    assert forward_flops(grown) - forward_flops(TINY) == encoder + decoder
+
+
+def test_plan_prints_the_cost_of_a_grown_image():
+    import json
+
+    from typer.testing import CliRunner
+
+    import cli
+
+    args = ["plan", "--preset", "tiny", "--experts", "16", "--groups", "4", "--extra-blocks", "1"]
+    result = CliRunner().invoke(cli.app, args + ["--json"])
+    assert result.exit_code == 0, result.output
+    grown = forward_flops(grown_config(TINY, LAYOUTS["hand-over + extra block"]))
+    assert json.loads(result.stdout)["forward_flops"] == {"source": forward_flops(TINY), "grown": grown}
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert f"forward pass per image: {grown / 1e9:,.1f} GFLOP" in text and f"(x{grown / forward_flops(TINY):.2f})" in text
