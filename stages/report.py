@@ -77,7 +77,7 @@ def new_parts_verdict(i: int, ck: dict[str, Any]) -> str:
     if hi < 0:
         return f"{head} {added}: the model scores higher without them"
     return (f"{head} {added}, an interval that includes 0: no measurable work from the new capacity on this data; "
-            "a gain over the source came from training its old parts further")
+            "any gain over its source came from training its old parts further")
 
 
 def render_report(report: dict[str, Any], figures: list[Written], out: Path) -> str:
