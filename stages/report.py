@@ -54,6 +54,14 @@ def _ci(d: dict[str, Any] | None) -> str:
     return f"{d['diff']:+.4f}{interval}"
 
 
+def _flops(ck: dict[str, Any], base: dict[str, Any]) -> str:
+    """Forward GFLOP per image and the ratio to the baseline (n/a in reports written before it was counted)."""
+    flops, ref = ck.get("forward_flops"), base.get("forward_flops")
+    if not flops:
+        return "n/a"
+    return f"{flops / 1e9:,.3f}" + (f" (x{flops / ref:.2f})" if ref else "")
+
+
 def new_parts_rows(ck: dict[str, Any]) -> list[list[str]]:
     """Per metric: the grown checkpoint, the same with its new parts off, and grown minus off (95% CI)."""
     off = ck["new_parts_off"]
@@ -89,7 +97,7 @@ def render_report(report: dict[str, Any], figures: list[Written], out: Path) -> 
              "## Checkpoints", ""]
     lines += _table(["", "path", "parameters", "forward GFLOP / image", "stages", "digest"],
                     [[f"[{i}]", f"`{ck['path']}`", f"{ck['total_params']:,}",
-                      f"{ck['forward_flops'] / 1e9:,.3f} (x{ck['forward_flops'] / cks[0]['forward_flops']:.2f})",
+                      _flops(ck, cks[0]),
                       ck["stages"], f"`{ck['digest'][:19]}...`"]
                      for i, ck in enumerate(cks)], ["---", "---", "---:", "---:", "---", "---"])
     header = ["metric"] + [f"[{i}]" for i in range(len(cks))] + [f"[{i + 1}] - [0] (95% CI)" for i in range(len(comps))]

@@ -153,3 +153,13 @@ def test_cli_eval_prints_and_reports_what_new_parts_add(evaluated, tmp_path: Pat
     fresh = CliRunner().invoke(cli.app, ["eval", str(grown), "--data", str(evaluated["data"]), "--bootstrap", "20"])
     assert fresh.exit_code == 0, fresh.output
     assert "includes 0: no measurable work from the new capacity" in " ".join(fresh.stdout.split())
+
+
+def test_replicas_of_unequal_sizes_are_refused():
+    """A checkpoint may be hostile: replicas whose groups differ in size are not copies of one pool, and switching
+    their new groups off (copying group 0 over them) would fail with a shape error instead of one line."""
+    from upscale.errors import SamoeError
+
+    moe = dataclasses.replace(PRESETS["tiny"].moe, groups=(4, 3), core_groups=0, replicas=True)
+    with pytest.raises(SamoeError, match=r"every group has its size; got groups=\[4, 3\]"):
+        dataclasses.replace(PRESETS["tiny"], moe=moe).validate()

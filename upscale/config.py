@@ -118,6 +118,9 @@ class MoEConfig:
             raise SamoeError("image_context needs new (routed) groups: it is an input of the group router")
         if self.replicas and self.core_groups:
             raise SamoeError("replicas have no core pool: every group is a copy of the source's experts (core_groups=0)")
+        if self.replicas and len(set(self.groups)) != 1:
+            raise SamoeError(f"replicas are copies of the source's expert pool, so every group has its size; got groups="
+                             f"{list(self.groups)}: re-grow with --replicate")
         if self.residual and not (self.core_groups and routed):
             raise SamoeError("residual needs a core pool and new (routed) groups: the new groups add to the core's output")
         if self.residual and self.token_handover:
