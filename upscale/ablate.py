@@ -16,8 +16,7 @@ What is switched off, in place, for every layout `expand` makes:
 
 Right after `expand` this is exact: the model with its new parts off computes what the source
 computed, whatever the new parts hold (`tests/test_ablate.py`). "New" is measured against the
-layout every source has, one pool of experts and SAM's depth: on a model grown twice, the first
-growth's groups and blocks count as new too.
+layout every source has (`expand` grows only flat sources): one pool of experts and SAM's depth.
 """
 
 from __future__ import annotations
