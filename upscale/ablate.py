@@ -24,14 +24,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import SamMoEConfig
+from .config import MoEConfig, SamMoEConfig
+
+
+def _new_groups(moe: MoEConfig) -> int:
+    """Groups growth added to an MoE layout: those after the source's own (none without a source pool)."""
+    return len(moe.groups) - moe.source_groups if moe.source_groups else 0
 
 
 def new_parts(cfg: SamMoEConfig) -> str | None:
     """What growth added to this layout, in words (None for a model with nothing to switch off)."""
     parts = []
-    groups = len(cfg.moe.groups) - cfg.moe.source_groups
-    if cfg.moe.source_groups and groups:
+    groups = _new_groups(cfg.moe)
+    if groups:
         kind = "replica groups" if cfg.moe.replicas else "routed groups"
         parts.append(f"{groups} {kind} ({sum(cfg.moe.groups[cfg.moe.source_groups:])} experts) per MoE layer")
     if cfg.extra_blocks:
@@ -45,7 +50,7 @@ def switch_off_new_parts_(model: nn.Module) -> None:
     cfg: SamMoEConfig = model.config
     for _, layer in model.moe_layers():
         router, moe = layer.router, layer.cfg
-        if len(moe.groups) == moe.source_groups or not moe.source_groups:
+        if not _new_groups(moe):
             continue
         if moe.replicas:
             for g in range(1, len(moe.groups)):

@@ -36,7 +36,7 @@ class _MoEStandIn(nn.Module):
         hidden, dim = layer.experts[0].w1.shape[1:]
         routed = len(cfg.groups) - cfg.core_groups
         self.experts_per_token = cfg.experts_per_token
-        self.routed_copies = cfg.top_k_groups if routed else 0  # tokens each in-group router sees, per token
+        self.routed_copies = cfg.top_k_groups  # tokens each in-group router sees, per token
         self.router = nn.Linear(dim, cfg.num_core_experts + routed, bias=False)  # core pool + group router
         self.in_group = nn.Linear(dim, max(cfg.groups[cfg.core_groups:]), bias=False) if routed else None
         self.context = nn.Linear(2 * dim, routed, bias=False) if cfg.image_context and routed else None
