@@ -1,7 +1,11 @@
 """The `samoe` command line: one thin function per subcommand, parsing and printing only.
 
 Every command reports bad input as one line on stderr with exit code 2, internal
-failures with exit code 1 (the traceback only with `samoe --debug ...`).
+failures with exit code 1 (the traceback only with `samoe --debug ...`). The line
+stays one line: control characters in it are escaped, warnings that third-party
+libraries emit during a failed command are dropped (after a successful one they
+follow as `warning:` lines), and paths are printed without rich markup.
+SIGTERM stops a command the way Ctrl-C does: its clean-up runs (exit 143).
 """
 
 from __future__ import annotations
@@ -11,13 +15,16 @@ import functools
 import gc
 import inspect
 import json
+import signal
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -59,9 +66,83 @@ console = Console()
 _state = {"debug": False}
 
 
+_CONTROL = {i: f"\\x{i:02x}" for i in (*range(32), 127)} | {10: "\\n", 13: "\\r", 9: "\\t"}
+
+
+def one_line(text: str) -> str:
+    """`text` with control characters escaped (a newline in a file name must not break the one line)."""
+    return str(text).translate(_CONTROL)
+
+
 def _fail(message: str, code: int) -> None:
-    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.write(f"error: {one_line(message)}\n")
     raise typer.Exit(code)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every command's clean-up runs."""
+
+    signum = signal.SIGTERM
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+# Environment variables samoe reads, and what each must hold (checked before any command runs).
+_ENV_CHECKS: dict[str, tuple[Callable[[str], bool], str]] = {
+    "SAMOE_DEVICE": (lambda v: v in ("", "cpu", "cuda"), "cpu or cuda"),
+    "SAMOE_MAX_IMAGE_PIXELS": (lambda v: v.isdigit() and 0 < int(v) < 2**62, "a positive whole number of pixels"),
+    "SAMOE_LAUNCH_COMMAND": (lambda v: v == "" or _string_list(v), "the JSON list of arguments `samoe train --nproc` sets"),
+}
+
+
+def _string_list(text: str) -> bool:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def check_environment() -> None:
+    """Every SAMOE_* variable samoe reads holds a value it understands (else one line, exit 2)."""
+    import os
+
+    from upscale.errors import SamoeError
+
+    for name, (ok, what) in _ENV_CHECKS.items():
+        value = os.environ.get(name)
+        if value is not None and not ok(value):
+            raise SamoeError(f"{name}={value[:60]!r} is not valid: it must be {what}; fix or unset it")
+
+
+@contextmanager
+def _held_warnings() -> Any:
+    """Hold the warnings and log records third-party libraries emit during a command.
+
+    Yields a list that the caller empties when the command failed (its one error line is then all
+    stderr shows); whatever is left is printed afterwards as `warning:` lines."""
+    import logging
+    import warnings
+
+    held: list[str] = []
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(f"{record.name}: {record.getMessage()}")
+
+    handler = Hold(logging.WARNING)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield held
+            held += [f"{w.category.__name__}: {w.message}" for w in caught]
+    finally:
+        root.removeHandler(handler)
+        for line in dict.fromkeys(held):
+            sys.stderr.write(f"warning: {one_line(line)[:300]}\n")
 
 
 def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -69,36 +150,48 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from upscale.errors import SamoeError
-
-        try:
-            return fn(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except SamoeError as e:
-            if _state["debug"]:
+        with _held_warnings() as held:
+            try:
+                return _run_command(fn, args, kwargs)
+            except BaseException:
+                held.clear()  # a failure is one line: what libraries logged on the way is not shown
                 raise
-            left = getattr(e, "samoe_left", None)
-            _fail(f"{e}; {left}" if left else str(e), 2)
-        except KeyboardInterrupt as e:
-            _fail(f"interrupted; {_left(e)}", 130)
-        except OSError as e:  # full disk, read-only or vanished paths: the user's environment, not a bug
-            if _state["debug"]:
-                raise
-            where = f" ({e.filename})" if e.filename else ""
-            code, reason = e.errno, e.strerror or str(e)
-            if code is None and "requested and" in str(e) and "written" in str(e):  # numpy/tifffile's short write
-                code, reason = errno.ENOSPC, f"No space left on device (a write was cut short: {e})"
-            hint = {errno.ENOSPC: "free space or choose another output directory",
-                    errno.EROFS: "the file system is read-only; choose another output directory",
-                    errno.EACCES: "check permissions or choose another output directory"}.get(code, "check the path and try again")
-            _fail(f"{reason}{where}: {hint}; {_left(e)}", 2)
-        except Exception as e:  # internal failure: still one line unless --debug
-            if _state["debug"]:
-                raise
-            _fail(f"internal error: {type(e).__name__}: {e} (re-run with `samoe --debug ...` for the traceback)", 1)
 
     return wrapper
+
+
+def _run_command(fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    """Run one command, turning each kind of failure into its one line and exit code."""
+    from upscale.errors import SamoeError
+
+    try:
+        check_environment()
+        return fn(*args, **kwargs)
+    except typer.Exit:
+        raise
+    except SamoeError as e:
+        if _state["debug"]:
+            raise
+        left = getattr(e, "samoe_left", None)
+        _fail(f"{e}; {left}" if left else str(e), 2)
+    except KeyboardInterrupt as e:
+        _fail(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}; {_left(e)}",
+              128 + getattr(e, "signum", signal.SIGINT))
+    except OSError as e:  # full disk, read-only or vanished paths: the user's environment, not a bug
+        if _state["debug"]:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        code, reason = e.errno, e.strerror or str(e)
+        if code is None and "requested and" in str(e) and "written" in str(e):  # numpy/tifffile's short write
+            code, reason = errno.ENOSPC, f"No space left on device (a write was cut short: {e})"
+        hint = {errno.ENOSPC: "free space or choose another output directory",
+                errno.EROFS: "the file system is read-only; choose another output directory",
+                errno.EACCES: "check permissions or choose another output directory"}.get(code, "check the path and try again")
+        _fail(f"{reason}{where}: {hint}; {_left(e)}", 2)
+    except Exception as e:  # internal failure: still one line unless --debug
+        if _state["debug"]:
+            raise
+        _fail(f"internal error: {type(e).__name__}: {e} (re-run with `samoe --debug ...` for the traceback)", 1)
 
 
 def _left(e: BaseException) -> str:
@@ -198,6 +291,9 @@ def init(
     if (preset is None) == (from_sam is None):
         raise SamoeError("give exactly one of --preset NAME or --from-sam FILE.pth")
     torch_dtype = parse_dtype(dtype)
+    from upscale.ownership import check_separate
+
+    check_separate(out, "--out", {"--from-sam": from_sam})  # --force must never delete the .pth it reads
     with _one_job(out), console.status("building and writing the checkpoint...", spinner="dots"):
         if preset is not None:
             cfg = get_preset(preset)
@@ -207,15 +303,16 @@ def init(
                 cfg = replace(cfg, num_classes=num_classes).validate()
             path = init_from_preset(cfg, out, seed, torch_dtype, _command_line(), force)
         else:
+            from upscale.create import detect_vit, load_sam_state
+            from upscale.config import SAM_VITS
+
+            sam = load_sam_state(from_sam)  # read once: the checks and the weights come from the same bytes
             blocks = _parse_ints(moe_blocks, "--moe-blocks") if moe_blocks else None
             if blocks is None:
-                from upscale.create import detect_vit, load_sam_state
-                from upscale.config import SAM_VITS
-
-                depth = SAM_VITS[detect_vit(load_sam_state(from_sam))]["depth"]
+                depth = SAM_VITS[detect_vit(sam)]["depth"]
                 blocks = tuple(range(max(0, depth - 9), depth))
             path = init_from_sam(from_sam, out, experts, blocks, top_k, num_classes or 4, decoder_moe, seed,
-                                 torch_dtype, _command_line(), force)
+                                 torch_dtype, _command_line(), force, sam=sam)
     _show_summary(Checkpoint.open(path), as_json)
 
 
@@ -233,7 +330,7 @@ def _show_summary(ckpt: Any, as_json: bool, verify: bool = False) -> None:
         if verify and not report["verify"]["ok"]:
             _fail(report["verify"]["message"], 2)
         return
-    console.print(f"[bold]{report['path']}[/]  {report['digest'][:19]}…  dtype {report['dtype']}")
+    console.print(f"[bold]{escape(report['path'])}[/]  {report['digest'][:19]}…  dtype {report['dtype']}")
     console.print(_params_table("parameters", report["params_by_component"],
                                 f"[bold]{report['total_params']:,}[/] ({report['total_params'] / 1e9:.3f}B)"))
     p = Table(title="provenance")
@@ -251,17 +348,18 @@ def _show_summary(ckpt: Any, as_json: bool, verify: bool = False) -> None:
     console.print(f"shards: {len(report['shards'])}, {sum(s['bytes'] for s in report['shards']):,} bytes")
     for i, entry in enumerate(report["lineage"]):
         parent = f" <- {entry['parent']} ({(entry['parent_digest'] or '')[:19]}…)" if entry.get("parent") else ""
-        console.print(f"lineage {i}: {entry['command']} (seed {entry['seed']}, samoe {entry['version']}){parent}", soft_wrap=True)
+        console.print(f"lineage {i}: {entry['command']} (seed {entry['seed']}, samoe {entry['version']}){parent}", soft_wrap=True,
+                      markup=False)
     if report["stages"]:
         for s in report["stages"]:
-            console.print(f"stage {s.get('stage')}: {json.dumps(s)}", soft_wrap=True)
+            console.print(f"stage {s.get('stage')}: {json.dumps(s)}", soft_wrap=True, markup=False)
     else:
         console.print("stages: none yet")
     if verify:
         v = report["verify"]
         if not v["ok"]:
             _fail(v["message"], 2)
-        console.print(f"verify: [green]ok[/] {v['message']}")
+        console.print(f"verify: [green]ok[/] {escape(v['message'])}")
 
 
 def _verify(ckpt: Any) -> dict[str, Any]:
@@ -318,7 +416,7 @@ def demo_data(
     if as_json:
         _print_json(summary)
     else:
-        console.print(f"demo data in {out}: {json.dumps(summary, default=str)}", soft_wrap=True)
+        console.print(f"demo data in {out}: {json.dumps(summary, default=str)}", soft_wrap=True, markup=False)
 
 
 def _params_table(title: str, by_component: dict[str, int], total: str) -> Table:
@@ -504,7 +602,7 @@ def expand(
     from upscale.checkpoint import Checkpoint, parse_dtype
     from upscale.expand import expand_checkpoint
 
-    src = Checkpoint.open(source)
+    src = Checkpoint.open(source)  # opened once: growth, lineage digest and --verify all read these files
     images = None
     if verify is not None:  # resolve the device, read the --verify images before writing anything: a bad one leaves no --out
         from upscale.device import resolve_device
@@ -521,7 +619,7 @@ def expand(
                   TimeRemainingColumn(), console=console, transient=as_json) as progress, _one_job(out):
         task = progress.add_task("expanding", total=None)
         path = expand_checkpoint(
-            source, out, spec, _command_line(), dtype=parse_dtype(dtype) if dtype else None, workers=workers,
+            src, out, spec, _command_line(), dtype=parse_dtype(dtype) if dtype else None, workers=workers,
             shard_bytes=int(shard_size * 2**30), force=force,
             on_start=lambda total: progress.update(task, total=total),
             on_tensor=lambda n: progress.advance(task, n),
@@ -531,7 +629,7 @@ def expand(
         from upscale.checkpoint import load_model
         from upscale.verify import output_deviation
 
-        report = output_deviation(load_model(source, device=verify_device), load_model(path, device=verify_device), images)
+        report = output_deviation(load_model(src, device=verify_device), load_model(path, device=verify_device), images)
     if as_json:
         from upscale.summary import inspect_checkpoint
 
@@ -539,7 +637,7 @@ def expand(
     else:
         _show_summary(Checkpoint.open(path), False)
         if report:
-            t = Table(title=f"--verify: grown vs source on {verify}")
+            t = Table(title=f"--verify: grown vs source on {escape(str(verify))}")
             t.add_column("head")
             t.add_column("relative deviation", justify="right")
             t.add_column("relative max deviation", justify="right")
@@ -625,7 +723,7 @@ def train(
     finally:
         display.progress.stop()
     if is_main_process():
-        console.print(f"done: {final} (next stage's --from)")
+        console.print(f"done: {final} (next stage's --from)", markup=False)
 
 
 def _check_train_device(nproc: int, device: str) -> None:
@@ -695,7 +793,7 @@ class _TrainDisplay:
         console.print(t)
         console.print("params: " + ", ".join(f"{k.capitalize()} {v:,}" for k, v in info["params"].items()))
         if info["resumed_from"]:
-            console.print(f"resuming from {info['resumed_from']} (step {info['start_step']})")
+            console.print(f"resuming from {info['resumed_from']} (step {info['start_step']})", markup=False)
         console.print(f"{info['epochs']} epochs x {info['steps_per_epoch']} steps = {info['total_steps']} steps")
         self.progress.start()
         self.task = self.progress.add_task("train", total=info["total_steps"], completed=info["start_step"],
@@ -742,7 +840,7 @@ def pseudo_label(
         kept = summary["kept_fraction"]
         console.print(f"{out}: {summary['labelled']} labelled, {summary['skipped']} already done, "
                       f"{summary['ignored_pixels']:,} pixels below --threshold {threshold:g}"
-                      + (f"; kept {kept:.1%} of the pixels labelled now" if kept is not None else ""))
+                      + (f"; kept {kept:.1%} of the pixels labelled now" if kept is not None else ""), markup=False)
 
 
 @app.command("eval")
@@ -786,12 +884,12 @@ def evaluate(
         report = run_eval(checkpoints, data, batch_size, bootstrap, seed, device=torch_device, precision=precision,
                           on_start=lambda n: progress.update(task, total=n), on_batch=lambda n: progress.advance(task, n),
                           ablate_new=ablate_new)
-    report.update(write_eval_outputs(report, plots, report_dir, fmt))
+    report.update(write_eval_outputs(report, plots, report_dir, fmt, force))
     if as_json:
         _print_json(report)
         return
     cks = report["checkpoints"]
-    t = Table(title=f"{report['data']}: {report['images']} images")
+    t = Table(title=f"{escape(report['data'])}: {report['images']} images")
     t.add_column("metric")
     for i, ck in enumerate(cks):
         t.add_column(f"[{i}] {ck['total_params'] / 1e6:.2f}M", justify="right")
@@ -810,7 +908,7 @@ def evaluate(
                   *["" for _ in report["comparisons"]])
     console.print(t)
     for i, ck in enumerate(cks):
-        console.print(f"[{i}] {ck['path']} stages {ck['stages']}", soft_wrap=True)
+        console.print(f"[{i}] {ck['path']} stages {ck['stages']}", soft_wrap=True, markup=False)
     for i, ck in enumerate(cks):
         if "new_parts_off" in ck:
             nt = Table(title=f"what the new parts of [{i}] add")
@@ -819,7 +917,7 @@ def evaluate(
             for row in new_parts_rows(ck):
                 nt.add_row(*row)
             console.print(nt)
-            console.print(new_parts_verdict(i, ck), soft_wrap=True)
+            console.print(new_parts_verdict(i, ck), soft_wrap=True, markup=False)
     for i, ck in enumerate(cks):
         r = Table(title=f"routing of [{i}] (groups {ck['groups']}, {layout_label(ck)})")
         for col in ("layer", "group share", "new (tokens)", "new (weight)", "dead", "load CV", "entropy"):
@@ -829,9 +927,9 @@ def evaluate(
                       f"{v['new_weight_share']:.3f}", str(v["dead_experts"]), f"{v['load_cv']:.2f}", f"{v['router_entropy']:.3f}")
         console.print(r)
     if plots is not None:
-        console.print(f"plots: {', '.join(report['plots'])}", soft_wrap=True)
+        console.print(f"plots: {', '.join(report['plots'])}", soft_wrap=True, markup=False)
     if report_dir is not None:
-        console.print(f"report: {report['report']}", soft_wrap=True)
+        console.print(f"report: {report['report']}", soft_wrap=True, markup=False)
 
 
 @app.command("plot")
@@ -848,11 +946,12 @@ def plot(
 
     check_format(fmt)
     check_output_dir(out, force, "--out", {f"run {r}": r for r in runs})
-    for w in write_curves(runs, out, fmt):
-        console.print(f"{w.path}: {w.caption}", soft_wrap=True)
+    for w in write_curves(runs, out, fmt, force):
+        console.print(f"{w.path}: {w.caption}", soft_wrap=True, markup=False)
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)  # clean up as on Ctrl-C (train saves a checkpoint in its own handler)
     try:
         app()
     except SystemExit as e:

@@ -62,7 +62,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -882,42 +881,32 @@ def _demo_scenes(preset: str, size: int, counts: tuple[int, ...], regions: int =
     return scene, names
 
 
-def _write_demo_split(folder: Path, prefix: str, n: int, with_masks: bool, scene: Any, num_classes: int,
+def _write_demo_split(out: Any, split: str, prefix: str, n: int, with_masks: bool, scene: Any, num_classes: int,
                       size: int, seed: int, stream: int) -> np.ndarray:
-    """Write `n` scenes into folder/images (and folder/masks); return the masks' class pixel counts.
+    """Write `n` scenes into split/images (and split/masks) of `out` (an upscale.ownership.Owned folder, all
+    names recorded before any is made); return the masks' class pixel counts.
 
     Scene i draws from its own generator seeded by (seed, stream, i), so a split's
     files do not depend on how many scenes the other splits hold.
     """
-    (folder / "images").mkdir(parents=True)
-    if with_masks:
-        (folder / "masks").mkdir()
+    stems = [f"{prefix}-{i:04d}" for i in range(n)]
+    subs = ["images"] + (["masks"] if with_masks else [])
+    out.record(split, *[f"{split}/{sub}" for sub in subs], kind="dir", save=False)
+    out.record(*[f"{split}/images/{s}.tif" for s in stems], *[f"{split}/masks/{s}.png" for s in stems if with_masks])
     hist = np.zeros(num_classes, dtype=np.int64)
-    for i in range(n):
-        rng = np.random.default_rng([seed, stream, i])
-        image, mask = scene(rng, size)
-        stem = f"{prefix}-{i:04d}"
-        write_image(folder / "images" / f"{stem}.tif", image)
-        if with_masks:
-            write_mask(folder / "masks" / f"{stem}.png", mask)
-            hist += np.bincount(mask.ravel(), minlength=num_classes)
+    with out.dir.sub(split, create=True) as folder:
+        images = folder.sub("images", create=True)
+        masks = folder.sub("masks", create=True) if with_masks else None
+        for i, stem in enumerate(stems):
+            rng = np.random.default_rng([seed, stream, i])
+            image, mask = scene(rng, size)
+            with images.create(f"{stem}.tif") as f:
+                write_image(f, image)
+            if masks is not None:
+                with masks.create(f"{stem}.png") as f:
+                    write_mask(f, mask)
+                hist += np.bincount(mask.ravel(), minlength=num_classes)
     return hist
-
-
-def _replace_folder(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` to `out`, replacing an existing `out` with two renames, so `out` is never half-written."""
-    if out.exists() or out.is_symlink():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)  # left by a crashed earlier run
-        os.replace(out, old)
-        os.replace(tmp, out)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
-    else:
-        os.replace(tmp, out)
 
 
 def make_demo_data(
@@ -943,8 +932,9 @@ def make_demo_data(
 
     Deterministic: scene i of a split depends only on (seed, split, i), so the
     same arguments give byte-identical files (no timestamps are written).
-    Atomic: everything is built in ``.<name>.tmp-<pid>`` beside ``out`` and
-    renamed into place; ``out`` is never half-written.
+    Atomic: everything is built in ``.<name>.tmp-<token>`` beside ``out`` and
+    renamed into place (upscale.ownership.NewOutput); ``out`` is never half-written,
+    and ``--force`` replaces only a folder whose manifest records all it holds.
 
     Args:
         out: the folder to create; must not exist unless ``force``.
@@ -965,15 +955,10 @@ def make_demo_data(
     """
     out = Path(out)
     scene, class_names = _demo_scenes(preset, size, (labelled, unlabelled, test), regions, region)
-    if out.exists() and not force:
+    if (out.exists() or out.is_symlink()) and not force:
         raise DataError(f"{out} already exists: pass --force to replace it or choose another --out")
-    from upscale.ownership import check_replaceable, write_marker
+    from upscale.ownership import NewOutput
 
-    check_replaceable(out, force)  # --force replaces only a folder samoe wrote, never a user's folder or file
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     counts = {"A": labelled, "A-test": test, "B": unlabelled}
     summary: dict[str, Any] = {
         "seed": seed,
@@ -990,19 +975,16 @@ def make_demo_data(
         summary["regions"] = regions
         if region is not None:
             summary["region"] = region
-    try:
+    with NewOutput(out, "demo-data", force) as new:  # --force replaces only a folder samoe wrote
         for split, prefix, stream, with_masks in _SPLITS:
-            hist = _write_demo_split(tmp / split, prefix, counts[split], with_masks, scene, len(class_names),
+            hist = _write_demo_split(new.owned, split, prefix, counts[split], with_masks, scene, len(class_names),
                                      size, seed, stream)
             if with_masks:
                 total = max(int(hist.sum()), 1)
                 summary["class_fractions"][split] = {
                     name: round(int(n) / total, 6) for name, n in zip(class_names, hist)
                 }
-        (tmp / "demo-data.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        write_marker(tmp, "demo-data")
-        _replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        new.owned.record("demo-data.json")
+        new.dir.write_bytes("demo-data.json", (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+        new.commit()
     return {"out": str(out), **summary}

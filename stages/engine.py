@@ -29,8 +29,10 @@ are then sharded DCP directories and rank 0 writes the logs and RUN/final.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
 import shlex
 import signal
 import time
@@ -44,7 +46,8 @@ from torch.utils.data import DataLoader, Dataset
 from upscale.checkpoint import Checkpoint, build_meta, lineage_entry, load_model, save_model
 from upscale.device import autocast, check_precision, deterministic, resolve_device, to_device
 from upscale.errors import SamoeError
-from upscale.ownership import check_replaceable, check_separate, owner, write_marker
+from upscale.dirfd import Dir
+from upscale.ownership import Owned, check_separate, first_unknown, read_manifest, remove_recorded, unknown_error
 from upscale.roles import SEED004_ROLES, in_decoder, param_role
 
 from .checkpointer import Checkpointer, read_run_json
@@ -262,15 +265,18 @@ def component_lrs(model: torch.nn.Module, opts: Optimizers) -> dict[str, list[fl
     return {c: sorted(v) for c, v in lrs.items()}
 
 
-def _truncate_csv(path: Path, key: str, last: float) -> None:
+MAX_LOG_BYTES = 512 * 1024**2  # a log larger than this is not one samoe wrote
+
+
+def _truncate_csv(run: Owned, name: str, key: str, last: float) -> None:
     """Drop rows written after the checkpoint we resume from (they will be written again)."""
-    if not path.exists() and not path.is_symlink():
+    d = run.dir
+    if d.kind(name) is None:
         return
     fix = "the run directory is damaged; pass --force to start over or use a new --run-dir"
-    if path.is_symlink() or not path.is_file():
-        raise SamoeError(f"{path} is not a regular file of the run (a link or a folder): samoe never writes through it; {fix}")
+    path = d.path / name
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with io.TextIOWrapper(d.open_read(name, MAX_LOG_BYTES), newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
             fields = rows[0].keys() if rows else None
         if fields is None:
@@ -278,17 +284,22 @@ def _truncate_csv(path: Path, key: str, last: float) -> None:
         kept = [r for r in rows if float(r[key]) <= last]
     except (ValueError, KeyError, TypeError, csv.Error) as e:  # UnicodeDecodeError is a ValueError
         raise SamoeError(f"{path} is damaged ({type(e).__name__}): {fix}") from None
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(fields))
-        w.writeheader()
-        w.writerows(kept)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=list(fields))
+    w.writeheader()
+    w.writerows(kept)
+    d.write_bytes(name, text.getvalue().encode("utf-8"), run.token)
 
 
 class CsvLog:
-    def __init__(self, path: Path, fields: tuple[str, ...]) -> None:
-        self.path, self.fields = path, fields
-        new = not path.exists() or path.stat().st_size == 0
-        self.f = open(path, "a", newline="")
+    """A CSV log of the run directory, appended row by row (recorded in its manifest before it is opened)."""
+
+    def __init__(self, run: Owned, name: str, fields: tuple[str, ...]) -> None:
+        run.record(name, kind="log")
+        self.fields = fields
+        raw = run.dir.open_append(name)
+        new = os.fstat(raw.fileno()).st_size == 0
+        self.f = io.TextIOWrapper(raw, newline="", encoding="utf-8")
         self.w = csv.DictWriter(self.f, fieldnames=list(fields))
         if new:
             self.w.writeheader()
@@ -302,12 +313,31 @@ class CsvLog:
         self.f.close()
 
 
-def _tensorboard(run_dir: Path):
+class _TensorBoard:
+    """TensorBoard's writer in RUN/tb, a folder made and checked here: the writer only takes a path, so it
+    gets the path of that folder's descriptor. Its events file is recorded in the run's manifest."""
+
+    def __init__(self, writer_cls: Any, run: Owned) -> None:
+        run.record("tb", kind="dir")
+        self.dir = run.dir.sub("tb", create=True)
+        before = set(self.dir.names())
+        self.writer = writer_cls(self.dir.proc)
+        run.record(*[f"tb/{n}" for n in self.dir.names() if n not in before], kind="log")
+
+    def add_scalar(self, *args: Any) -> None:
+        self.writer.add_scalar(*args)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.dir.close()
+
+
+def _tensorboard(run: Owned) -> _TensorBoard | None:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is a dependency; keep training if an install lacks it
         return None
-    return SummaryWriter(str(run_dir / "tb"))
+    return _TensorBoard(SummaryWriter, run)
 
 
 def _losses(model: torch.nn.Module, out: dict[str, Any], targets: list[tuple[str, dict[str, Any]]],
@@ -414,33 +444,52 @@ def run(cfg: TrainConfig, force: bool = False, on_start: Callable[[dict[str, Any
             dist.close(finished)
 
 
-def _prepare_run_dir(cfg: TrainConfig, force: bool, identity: dict[str, Any]) -> bool:
-    """Check (and with --force, empty) the run directory; True when it holds this run to resume. Rank 0 only."""
-    import shutil
+_RUN_FIX = "pass --force to start over or use a new --run-dir"
 
+
+def _prepare_run_dir(cfg: TrainConfig, force: bool, identity: dict[str, Any], source: Checkpoint) -> tuple[Owned, bool]:
+    """Check (and with --force, empty) the run directory; its manifest writer, and True when it holds this run
+    to resume. Rank 0 only.
+
+    A run directory is samoe's when its manifest records everything in it. It resumes when its run.json
+    matches this command; it starts over (its recorded entries removed) with --force, or when it never
+    started (no run.json and no checkpoint). A run.json missing beside checkpoints is damage: refused."""
     run_dir = Path(cfg.run_dir)
-    state_file = run_dir / "run.json"
     # --force deletes the run dir: never when it holds (or lies inside) this run's own inputs
     check_separate(run_dir, "--run-dir", {"--from": cfg.source, "--data": cfg.data, "--unlabelled": cfg.unlabelled})
-    # run.json is written after the first step: a marked run dir without it is a run that never started
-    never_started = not state_file.exists() and owner(run_dir) == "train"
-    if (force or never_started) and run_dir.exists():
-        check_replaceable(run_dir, True, "--run-dir")
-        shutil.rmtree(run_dir)
-    if state_file.exists():
-        saved = read_run_json(state_file)
-        options = {k: v for k, v in identity.items() if k != "data_fingerprint"}
-        if {k: v for k, v in saved["identity"].items() if k != "data_fingerprint"} != options or saved["source_digest"] != Checkpoint.open(cfg.source).digest:
-            raise SamoeError(f"{run_dir} holds a run with other options or another --from: re-run the original command, use a new --run-dir, or pass --force to start over")
-        if saved["identity"].get("data_fingerprint") != identity["data_fingerprint"]:
-            raise SamoeError(f"the files in --data/--unlabelled changed since {run_dir} started (names, sizes or times differ): "
-                             "restore them, use a new --run-dir, or pass --force to start over")
-        if (run_dir / "final" / "samoe.json").exists():
-            raise SamoeError(f"{run_dir} already finished: its result is {run_dir / 'final'}; use a new --run-dir or --force to train again")
-        return True
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise SamoeError(f"{run_dir} exists and is not a samoe run directory: choose a new --run-dir")
-    return False
+    not_ours = SamoeError(f"{run_dir} exists and is not a samoe run directory: choose a new --run-dir")
+    with Dir.open(run_dir.parent, "choose another --run-dir", create=True) as parent:
+        if parent.kind(run_dir.name) not in (None, "dir"):
+            raise not_ours
+        d = parent.sub(run_dir.name, create=True)
+    d.fix = f"the run directory is damaged; {_RUN_FIX}"
+    if not d.names():
+        return Owned.start(d, "train"), False
+    manifest = read_manifest(d)
+    if manifest is None or manifest.command != "train":
+        raise not_ours
+    unknown = first_unknown(d, manifest)
+    if unknown is not None:
+        raise unknown_error(run_dir, unknown, "--run-dir")
+    if d.kind("run.json") is None:
+        started = next((n for n in ("checkpoints", "final") if d.kind(n) is not None), None)
+        if started is not None and not force:
+            raise SamoeError(f"{run_dir} has {started}/ but no run.json: the run directory is damaged (a run that "
+                             f"started is never read as a fresh one); {_RUN_FIX}")
+        force = True  # a run that failed before its first step: nothing to resume
+    if force:
+        remove_recorded(d, manifest)
+        return Owned.start(d, "train"), False
+    saved = read_run_json(d)
+    options = {k: v for k, v in identity.items() if k != "data_fingerprint"}
+    if {k: v for k, v in saved["identity"].items() if k != "data_fingerprint"} != options or saved["source_digest"] != source.digest:
+        raise SamoeError(f"{run_dir} holds a run with other options or another --from: re-run the original command, use a new --run-dir, or pass --force to start over")
+    if saved["identity"].get("data_fingerprint") != identity["data_fingerprint"]:
+        raise SamoeError(f"the files in --data/--unlabelled changed since {run_dir} started (names, sizes or times differ): "
+                         "restore them, use a new --run-dir, or pass --force to start over")
+    if d.kind("final") is not None:
+        raise SamoeError(f"{run_dir} already finished: its result is {run_dir / 'final'}; use a new --run-dir or --force to train again")
+    return Owned(d, manifest), True
 
 
 def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], None] | None,
@@ -448,6 +497,7 @@ def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], Non
          dist: "Distributed | None", device: torch.device) -> Path:
     """One stage as a sequence of named steps; their order is part of the bit-exact resume contract."""
     trainer = _Trainer(cfg, dist, device)
+    trainer.open_source()
     resuming = trainer.prepare_run_dir(force)
     trainer.build_model(force)
     trainer.open_data()
@@ -469,7 +519,8 @@ class _Trainer:
         self.cfg, self.dist, self.device = cfg, dist, device
         self.main = dist is None or dist.is_main
         self.run_dir = Path(cfg.run_dir)
-        self.state_file = self.run_dir / "run.json"
+        self.run: Owned | None = None  # rank 0's manifest writer of the run directory
+        self.started = False  # run.json written: from now on the run resumes
         self.identity = cfg.identity() if self.main else {}
         self.plan = STAGES[cfg.stage]
         self.step = 0
@@ -486,7 +537,8 @@ class _Trainer:
         error, resuming = None, False
         if self.main:
             try:
-                resuming = _prepare_run_dir(self.cfg, force, self.identity)
+                self.run, resuming = _prepare_run_dir(self.cfg, force, self.identity, self.src)
+                self.started = resuming
             except SamoeError as e:
                 if self.dist is None:
                     raise
@@ -497,18 +549,24 @@ class _Trainer:
                 raise SamoeError(error)
         return resuming
 
+    def open_source(self) -> None:
+        """Open --from once: its digest (run identity, lineage) and its weights come from the same files.
+        Under torchrun every process opens it and all must have opened the same checkpoint."""
+        self.src = Checkpoint.open(self.cfg.source)
+        if self.dist is not None and self.dist.broadcast(self.src.digest) != self.src.digest:
+            raise SamoeError(f"--from {self.cfg.source} changed while the processes opened it: wait for the job writing it to finish")
+
     def build_model(self, force: bool) -> None:
         """Load the source with this stage's trainable set; under torchrun each process reads only its shards."""
-        cfg, dist = self.cfg, self.dist
-        self.src = src = Checkpoint.open(cfg.source)
+        cfg, dist, src = self.cfg, self.dist, self.src
         if not force:
             check_stage_input(src, cfg.stage)
         if dist is None:
-            self.model = load_model(src.path, device=self.device)
+            self.model = load_model(src, device=self.device)
             self.counts = apply_stage(self.model, src.provenance, cfg.stage, cfg.last_k, cfg.selector_gating)
         else:  # requires_grad is set before sharding
-            self.model, self.counts = dist.build_model(src.path, lambda m: apply_stage(m, src.provenance, cfg.stage, cfg.last_k,
-                                                                                        cfg.selector_gating))
+            self.model, self.counts = dist.build_model(src, lambda m: apply_stage(m, src.provenance, cfg.stage, cfg.last_k,
+                                                                                   cfg.selector_gating))
         self.model_cfg = self.model.config
         # one process: bf16 autocast around the forward; under torchrun FSDP2's policy casts instead
         self.amp = (lambda: autocast(self.device, cfg.precision)) if dist is None and cfg.precision != "fp32" else None
@@ -553,11 +611,8 @@ class _Trainer:
             self.opts.kept = KeptGrads(list(self.model.parameters()))
 
     def resume(self, resuming: bool) -> None:
-        """Mark the run directory and, when resuming, restore model, optimizers and loader positions."""
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_marker(self.run_dir, "train")
-        self.checkpointer = Checkpointer(self.run_dir, self.cfg.keep, self.dist)
+        """When resuming, restore model, optimizers and loader positions from the latest step checkpoint."""
+        self.checkpointer = Checkpointer(self.run_dir, self.cfg.keep, self.dist, run=self.run)
         self.latest = self.checkpointer.latest() if resuming else None
         if self.latest is not None:
             ts = self.checkpointer.load(self.latest, self.model, self.opts)
@@ -586,12 +641,12 @@ class _Trainer:
         """Rank 0's CSV logs (cut back to the resumed step) and TensorBoard writer."""
         if not self.main:
             return
-        run_dir, ls = self.run_dir, self.loader_state
-        _truncate_csv(run_dir / "metrics.csv", "step", self.step)
-        _truncate_csv(run_dir / "selector_log.csv", "epoch", ls["epoch"] + (1 if ls["pos"] >= self.spe else 0))
-        self.metrics_log = CsvLog(run_dir / "metrics.csv", METRIC_FIELDS + tuple(self.model.routing_keys()))
-        self.selector_log = CsvLog(run_dir / "selector_log.csv", SELECTOR_FIELDS)
-        self.tb = _tensorboard(run_dir)
+        run, ls = self.run, self.loader_state
+        _truncate_csv(run, "metrics.csv", "step", self.step)
+        _truncate_csv(run, "selector_log.csv", "epoch", ls["epoch"] + (1 if ls["pos"] >= self.spe else 0))
+        self.metrics_log = CsvLog(run, "metrics.csv", METRIC_FIELDS + tuple(self.model.routing_keys()))
+        self.selector_log = CsvLog(run, "selector_log.csv", SELECTOR_FIELDS)
+        self.tb = _tensorboard(run)
 
     def announce(self, on_start: Callable[[dict[str, Any]], None] | None) -> None:
         """Build the step checkpoints' metadata and tell the caller what this run will do."""
@@ -648,11 +703,11 @@ class _Trainer:
         m = train_step(model, self.opts, batch, ubatch, unsup_w, self.aux_coef, cfg.skip_nonfinite, self.step, dist,
                        cfg.handover_coef, self.amp, cfg.mixture_lr)
         self.step += 1
-        if self.main and not self.state_file.exists():  # the run has really started: from now on it resumes
-            from upscale.checkpoint import atomic_write_text
-
-            atomic_write_text(self.state_file, json.dumps({"identity": self.identity, "source_digest": self.src.digest,
-                                                           "command": cfg.command}, indent=1) + "\n")
+        if self.main and not self.started:  # the run has really started: from now on it resumes
+            self.run.record("run.json")
+            self.run.dir.write_bytes("run.json", (json.dumps({"identity": self.identity, "source_digest": self.src.digest,
+                                                              "command": cfg.command}, indent=1) + "\n").encode(), self.run.token)
+            self.started = True
         sig = model.loss.log_vars.detach() if dist is None else dist.full_tensor(model.loss.log_vars.detach())
         row = dict(m, step=self.step, epoch=epoch, lr=self.lr * factor, alpha=alpha, unsup_weight=unsup_w,
                    sigma_seg=float(sig[0]), sigma_sdf=float(sig[1]), sigma_boundary=float(sig[2]),
@@ -710,12 +765,14 @@ class _Trainer:
         final_meta = build_meta(self.model_cfg, src.provenance, src.lineage + [lineage_entry(cfg.command, cfg.seed, src)],
                                 history, _dtype(model), **_carry(src.meta))
         model.selector.set_alpha(continue_rampup(self.alpha0, self.epochs, self.t_alpha))
+        if self.main:
+            self.run.record("final", kind="owned")
         if self.dist is None:
             with self.opts.full_precision():
-                return save_model(model, final_dir, final_meta, force=True)
+                return save_model(model, final_dir, final_meta, force=True, parent=self.run.dir)
         state = self.dist.full_state_dict(model)  # collective: rank 0 gets every tensor on CPU
         if self.main:
-            save_model(_StateView(state), final_dir, final_meta, force=True)
+            save_model(_StateView(state), final_dir, final_meta, force=True, parent=self.run.dir)
         self.dist.barrier()
         return final_dir
 

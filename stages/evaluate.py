@@ -360,7 +360,7 @@ def evaluate(paths: list[Path], data_dir: Path, batch_size: int = 4, bootstrap: 
     names = class_names(base.num_classes)
     results, stats = [], []
     for ck in ckpts:
-        model = load_model(ck.path, device=device)
+        model = load_model(ck, device=device)  # the files opened above: the digest reported is of these weights
         st, routing = run_model(model, data, batch_size, on_batch, precision)
         cm = st.cm.sum(0)
         b = st.boundary.sum(0)

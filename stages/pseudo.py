@@ -3,9 +3,10 @@
 Writes OUT/images/ (links or copies of the inputs), OUT/masks/<stem>.png (argmax
 of the gating model's fused segmentation; pixels whose confidence is below the
 threshold become the ignore index 255) and OUT/confidence/<stem>.tif (max
-softmax probability, float32 in [0, 1]). Each file is written under a temporary
-name and renamed, and an image whose mask and confidence already exist is
-skipped, so an interrupted run resumes where it stopped. OUT is then a
+softmax probability, float32 in [0, 1]). OUT's manifest (upscale.ownership)
+records each file before it is made; each is written under a temporary name
+and renamed, and an image whose mask and confidence already exist is skipped,
+so an interrupted run resumes where it stopped. OUT is then a
 `PseudoLabelFolder` for `samoe train --stage 1 --data OUT`.
 """
 
@@ -21,47 +22,42 @@ import torch
 import torch.nn.functional as F
 
 from upscale.checkpoint import load_model
+from upscale.dirfd import Dir
 from upscale.errors import SamoeError
-from upscale.ownership import OWNER_FILE, check_separate, is_empty_dir, owner, write_marker
+from upscale.ownership import Owned, check_separate, open_output
 
 from .data import IGNORE_INDEX, UnlabelledFolder, write_confidence, write_mask
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write into OUT/.partial/ (never listed as data), then rename into place."""
-    tmp = path.parent.parent / ".partial" / f"{os.getpid()}-{path.name}"
-    tmp.parent.mkdir(exist_ok=True)
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _place_image(src: Path, dst: Path) -> None:
-    if dst.exists():
+def _place_image(out: Owned, images: Dir, src: Path, name: str) -> None:
+    """A hard link to the input image (a copy where links are impossible), renamed into place."""
+    if images.kind(name) == "file":
         return
-
-    def link_or_copy(tmp: Path) -> None:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-
-    _atomic(dst, link_or_copy)
+    tmp = out.temp(name)
+    try:
+        os.link(src, tmp, dst_dir_fd=images.fd)
+    except OSError:
+        with open(src, "rb") as f, images.create(tmp) as g:
+            shutil.copyfileobj(f, g)
+    try:
+        images.replace(tmp, name)
+    except BaseException:
+        images.unlink(tmp, missing_ok=True)
+        raise
 
 
 def pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, batch_size: int = 4,
                  device: torch.device | str = "cpu", precision: str = "fp32", on_start: Callable[[int, int], None] | None = None, on_image: Callable[[], None] | None = None) -> dict[str, int]:
     """Label every image of IMAGES/images not yet labelled in OUT; return counts.
 
-    OUT must be new, empty, or an earlier pseudo-label output (its `.samoe-owner.json`):
-    never a folder holding masks someone else wrote. A failure or Ctrl-C removes
-    `.partial/` and says what this run wrote (the exception's `samoe_left`).
+    OUT must be new, empty, or an earlier pseudo-label output whose manifest records all it holds:
+    never a folder holding masks someone else wrote. A failure or Ctrl-C leaves only recorded,
+    complete files and says what this run wrote (the exception's `samoe_left`).
     """
     out = Path(out)
     check_separate(out, "--out", {"--images": images, "the teacher checkpoint": ckpt})
-    if (out.exists() or out.is_symlink()) and not is_empty_dir(out) and owner(out) != "pseudo-label":
-        raise SamoeError(f"{out} exists and was not written by samoe pseudo-label (no {OWNER_FILE}): refusing to write "
-                         "into it, it may hold masks of its own; choose a new --out")
-    created = not out.exists()
+    created = not (out.exists() or out.is_symlink())
+    target = open_output(out, "pseudo-label", "--out", force=False, resume=True)
     done = [0]
 
     def counted() -> None:
@@ -70,22 +66,19 @@ def pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, ba
             on_image()
 
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        if owner(out) != "pseudo-label":
-            write_marker(out, "pseudo-label")
-        return _pseudo_label(ckpt, images, out, threshold, batch_size, on_start, counted, torch.device(device), precision)
+        return _pseudo_label(ckpt, images, target, threshold, batch_size, on_start, counted, torch.device(device), precision)
     except BaseException as e:
         if created and done[0] == 0:
-            shutil.rmtree(out, ignore_errors=True)
+            target.discard(out)
         elif isinstance(e, Exception | KeyboardInterrupt):
             e.samoe_left = f"{done[0]} new mask(s) were written to {out}; re-run the same command to finish"
         raise
     finally:
-        shutil.rmtree(out / ".partial", ignore_errors=True)
+        target.dir.close()
 
 
 @torch.no_grad()
-def _pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, batch_size: int = 4,
+def _pseudo_label(ckpt: Path, images: Path, out: Owned, threshold: float = 0.0, batch_size: int = 4,
                   on_start: Callable[[int, int], None] | None = None, on_image: Callable[[], None] | None = None,
                   device: torch.device = torch.device("cpu"), precision: str = "fp32") -> dict[str, int]:
     """Label every image of IMAGES/images not yet labelled in OUT; return counts.
@@ -99,22 +92,24 @@ def _pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, b
         raise SamoeError(f"--threshold {threshold} must be in [0, 1]")
     if batch_size < 1:
         raise SamoeError("--batch-size must be >= 1")
-    if out.resolve() == images.resolve():
-        raise SamoeError("--out must differ from --images: pseudo-labels go to a new folder")
     data_native = UnlabelledFolder(images)  # validates the folder; native sizes
     model = load_model(ckpt, device=device)
     model.eval()
     size = model.config.img_size
-    for sub in ("images", "masks", "confidence"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    subs = ("images", "masks", "confidence")
+    out.record(*subs, kind="dir")
+    image_dir, mask_dir, conf_dir = (out.dir.sub(sub, create=True) for sub in subs)
     todo = [i for i, name in enumerate(data_native.names)
-            if not ((out / "masks" / f"{name}.png").exists() and (out / "confidence" / f"{name}.tif").exists())]
+            if not (mask_dir.kind(f"{name}.png") == "file" and conf_dir.kind(f"{name}.tif") == "file")]
     if on_start:
         on_start(len(data_native), len(todo))
     ignored = labelled = pixels = 0
     for start in range(0, len(todo), batch_size):
         idx = todo[start : start + batch_size]
         items = [data_native[i] for i in idx]
+        out.record(*[f"{sub}/{data_native.items[i].name}{ext}" for i in idx
+                     for sub, ext in (("masks", ".png"), ("confidence", ".tif"))],
+                   *[f"images/{data_native.items[i].image.name}" for i in idx])
         x = torch.stack([F.interpolate(it["image"][None], (size, size), mode="bilinear", align_corners=False)[0] for it in items])
         with autocast(device, precision):
             logits = model(x.to(device, next(model.parameters()).dtype))["gate_seg"]
@@ -129,12 +124,13 @@ def _pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, b
             pixels += mask.size
             name = it["name"]
             src_image = data_native.items[i].image
-            _place_image(src_image, out / "images" / src_image.name)
-            _atomic(out / "confidence" / f"{name}.tif", lambda t: write_confidence(t, conf.clamp(0, 1).numpy()))
-            _atomic(out / "masks" / f"{name}.png", lambda t: write_mask(t, mask))
+            _place_image(out, image_dir, src_image, src_image.name)
+            with conf_dir.atomic(f"{name}.tif", out.token) as f:
+                write_confidence(f, conf.clamp(0, 1).numpy())
+            with mask_dir.atomic(f"{name}.png", out.token) as f:
+                write_mask(f, mask)
             labelled += 1
             if on_image:
                 on_image()
-    shutil.rmtree(out / ".partial", ignore_errors=True)
     return {"images": len(data_native), "labelled": labelled, "skipped": len(data_native) - len(todo), "ignored_pixels": ignored,
             "pixels": pixels, "kept_fraction": 1 - ignored / pixels if pixels else None}

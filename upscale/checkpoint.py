@@ -6,9 +6,13 @@ A checkpoint is a directory holding
     samoe.json                              config, provenance, lineage, stages, file digests
 
 Writes stream tensors into shards inside a temporary sibling directory
-(`.NAME.tmp-PID`) and rename it into place at the end, so a reader sees either
-no checkpoint or a complete one. Reads parse safetensors headers directly (no
-tensor data) and open shards memory-mapped; nothing is ever unpickled.
+(`.NAME.tmp-TOKEN`, upscale.ownership.NewOutput: its manifest is written first)
+and rename it into place at the end, so a reader sees either no checkpoint or a
+complete one. Reads parse safetensors headers directly (no tensor data); every
+file is opened once, relative to the checkpoint's directory and never through a
+link (upscale.dirfd), and kept open: the tensors, digests and headers a command
+uses all come from the same files, even if the checkpoint is replaced meanwhile.
+Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -16,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +29,10 @@ import torch
 
 from .config import SamMoEConfig
 from .errors import SamoeError
-from .fastio import DEFAULT_DIGEST, DIGESTS, ShardFile, file_digest, new_hasher
-from .safe_io import file_inside, load_json, parse_json, plain_name
+from .dirfd import Dir, PositionalFile
+from .fastio import DEFAULT_DIGEST, DIGESTS, ShardFile, fd_digest, new_hasher
+from .ownership import NewOutput
+from .safe_io import parse_json, plain_name
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -79,8 +83,9 @@ class TensorInfo:
 MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own cap
 
 
-def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse a safetensors header without touching tensor data, as strictly as safetensors' own reader.
+def read_header(fd: int, path: Path) -> dict[str, TensorInfo]:
+    """Parse the safetensors header of open file `fd` (named `path` in messages) without touching tensor
+    data, as strictly as safetensors' own reader.
 
     The header length must fit the file and the cap; the header is a UTF-8 JSON
     object; every entry has a known dtype, a shape of non-negative integers and
@@ -89,19 +94,16 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     up to the end of the file); `__metadata__` maps strings to strings.
     """
     fix = "re-create it or check the path"
+    f = PositionalFile(fd, str(path))
     try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise SamoeError(f"{path} is not a regular file: {fix}")
-            size = st.st_size
-            head = f.read(8)
-            if len(head) < 8:
-                raise SamoeError(f"{path} is not a safetensors file (only {size} bytes): re-create it")
-            (n,) = struct.unpack("<Q", head)
-            if n < 2 or n > min(size - 8, MAX_HEADER_BYTES):
-                raise SamoeError(f"{path} is not a safetensors file (bad header length): {fix}")
-            raw = f.read(n)
+        size = os.fstat(fd).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise SamoeError(f"{path} is not a safetensors file (only {size} bytes): re-create it")
+        (n,) = struct.unpack("<Q", head)
+        if n < 2 or n > min(size - 8, MAX_HEADER_BYTES):
+            raise SamoeError(f"{path} is not a safetensors file (bad header length): {fix}")
+        raw = f.read(n)
     except OSError as e:
         raise SamoeError(f"cannot read {path}: {e.strerror}") from None
     try:
@@ -147,84 +149,12 @@ def _int_list(value: Any) -> bool:
     return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
 
 
-def sha256_file(path: Path) -> str:
-    return file_digest(path, "sha256")
-
-
 def digest_of(info: dict[str, Any]) -> tuple[str, str]:
     """(algorithm, hex) of one `files` entry of samoe.json: `{"blake3": hex}` now, `{"sha256": hex}` before."""
     for algorithm in DIGESTS:
         if algorithm in info:
             return algorithm, info[algorithm]
     raise KeyError("no digest")
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small file under a temporary name, fsync, rename into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clean_stale_temporaries(out: Path) -> None:
-    """Remove `.NAME.tmp-PID` / `.NAME.old-PID` leftovers of interrupted writes whose process is gone."""
-    if not out.parent.is_dir():
-        return
-    for p in out.parent.glob(f".{out.name}.*-*"):
-        kind, _, pid = p.name.rpartition("-")
-        if kind.endswith((".tmp", ".old")) and pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
-def prepare_output(out: Path, force: bool) -> None:
-    """Refuse to overwrite without --force, and never overwrite something that is not ours."""
-    from .ownership import check_replaceable
-
-    check_replaceable(out, force)
-    parent = out.parent
-    if not parent.exists():
-        parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise SamoeError(f"cannot write to {parent}: directory is read-only; choose another --out")
-    clean_stale_temporaries(out)
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished temporary directory into place (replacing an old one last)."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)  # put the previous checkpoint back
-        raise
-    _fsync_path(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- writing
@@ -274,6 +204,40 @@ def _safetensors_header(shard: list[TensorSpec]) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
+def write_safetensors(d: Dir, name: str, tensors: dict[str, torch.Tensor], direct: bool = True) -> int:
+    """Write `tensors` as one new safetensors file `name` in open folder `d` (streamed; O_EXCL); returns its size."""
+    specs = [TensorSpec(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+    header = _safetensors_header(specs)
+    f = ShardFile(name, len(header) + sum(s.nbytes for s in specs), direct=direct, dir_fd=d.fd)
+    try:
+        f.write(header)
+        for k, t in tensors.items():
+            f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+        return f.close()
+    except BaseException:
+        f.abort()
+        d.unlink(name, missing_ok=True)
+        raise
+
+
+def read_safetensors(d: Dir, name: str) -> dict[str, torch.Tensor]:
+    """Every tensor of safetensors file `name` in open folder `d`, after the strict header check (read_header)."""
+    fd = d.open_fd(name)
+    try:
+        infos = read_header(fd, d.path / name)
+        f = PositionalFile(fd, str(d.path / name))
+        out = {}
+        for key, info in infos.items():
+            buf = torch.empty(info.nbytes, dtype=torch.uint8)
+            f.seek(info.offset)
+            if f.readinto(memoryview(buf.numpy())) != info.nbytes:
+                raise SamoeError(f"{d.path / name} is cut short at tensor {key}: {d.fix}")
+            out[key] = buf.view(ST_DTYPES[info.dtype]).reshape(info.shape)
+        return out
+    finally:
+        os.close(fd)
+
+
 class CheckpointWriter:
     """Stream tensors straight into safetensors shards, then commit atomically.
 
@@ -286,19 +250,20 @@ class CheckpointWriter:
 
     Use as a context manager: an exception (or KeyboardInterrupt) removes the
     temporary directory, so no half-written checkpoint is ever left at `out`.
+    `parent`, when given, is the open directory `out` lives in (a run directory's
+    step folder): the checkpoint is then written relative to it.
     """
 
     def __init__(self, out: Path, layout: list[TensorSpec], shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False,
-                 digest: str = DEFAULT_DIGEST, direct: bool = True) -> None:
+                 digest: str = DEFAULT_DIGEST, direct: bool = True, parent: Dir | None = None) -> None:
         self.out = Path(out)
         self.digest = digest
         self.direct = direct
         names = [s.name for s in layout]
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names in the checkpoint layout")
-        prepare_output(self.out, force)
-        self.tmp = self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
-        self.tmp.mkdir()
+        self.output = NewOutput(self.out, "checkpoint", force, parent=parent)
+        self.tmp = self.output.dir
         self.shards = _shard_layout(layout, shard_bytes)
         n = len(self.shards)
         self.file_names = [SINGLE_FILE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
@@ -329,8 +294,9 @@ class CheckpointWriter:
         if self.file is None:
             header = _safetensors_header(self.shards[k])
             self.hasher = new_hasher(self.digest)
-            self.file = ShardFile(self.tmp / self.file_names[k], len(header) + sum(s.nbytes for s in self.shards[k]),
-                                  direct=self.direct, hasher=self.hasher)
+            self.output.owned.record(self.file_names[k])
+            self.file = ShardFile(self.file_names[k], len(header) + sum(s.nbytes for s in self.shards[k]),
+                                  direct=self.direct, hasher=self.hasher, dir_fd=self.tmp.fd)
             self._write(header)
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         self._write(data)
@@ -339,39 +305,41 @@ class CheckpointWriter:
             file, self.file = self.file, None
             size = file.close()
             self.files[self.file_names[k]] = {self.digest: self.hasher.hexdigest(), "bytes": size}
+            self.output.owned.record(self.file_names[k], size=size)
 
     def commit(self, meta: dict[str, Any]) -> Path:
         """Write index and samoe.json (with file digests) and rename the directory into place."""
         if self.position != len(self.queue):
             raise ValueError(f"checkpoint incomplete: {len(self.queue) - self.position} tensors not written")
+        owned = self.output.owned
         if len(self.shards) > 1:
             weight_map = {spec.name: self.file_names[k] for k, spec in self.queue}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-            atomic_write_text(self.tmp / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+            owned.record(INDEX_FILE)
+            self.tmp.write_bytes(INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode(), owned.token)
         meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, files=self.files)
-        atomic_write_text(self.tmp / META_FILE, json.dumps(meta, indent=2) + "\n")
-        _fsync_path(self.tmp)
-        replace_dir(self.tmp, self.out)
-        return self.out
+        owned.record(META_FILE)
+        self.tmp.write_bytes(META_FILE, (json.dumps(meta, indent=2) + "\n").encode(), owned.token)
+        return self.output.commit()
 
     def abort(self) -> None:
         if self.file is not None:
             self.file.abort()
             self.file = None
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.output.abort()
 
 
-def _weight_map(path: Path) -> dict[str, str]:
+def _weight_map(d: Dir) -> dict[str, str]:
     """The index's weight_map: tensor name -> plain shard file name inside the checkpoint."""
-    fix = "the index is damaged; re-create the checkpoint"
-    index_path = file_inside(path, INDEX_FILE, str(path), fix)
-    index = load_json(index_path, fix)
+    index_path = d.path / INDEX_FILE
+    index = d.read_json(INDEX_FILE)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise SamoeError(f"{index_path} is damaged (weight_map is not a table of tensor names to file names): re-create the checkpoint")
     bad = next((v for v in weight_map.values() if not plain_name(v)), None)
     if bad is not None:
-        raise SamoeError(f"{index_path} maps a tensor to {bad!r}, which is not a plain file name inside {path}: {fix}")
+        raise SamoeError(f"{index_path} maps a tensor to {bad!r}, which is not a plain file name inside {d.path}: "
+                         "the index is damaged; re-create the checkpoint")
     return weight_map
 
 
@@ -431,74 +399,99 @@ def files_digest(files: dict[str, dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------- reading
 
 
+class _Pinned:
+    """The open files of a checkpoint: its directory and each shard, opened once and closed with the object."""
+
+    def __init__(self, d: Dir) -> None:
+        self.dir = d
+        self.fds: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}  # each shard's size when its header was checked (the size it implies)
+
+    def __del__(self) -> None:
+        for fd in self.fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds = {}
+
+
 @dataclass
 class Checkpoint:
-    """A checkpoint directory opened for reading: metadata and headers only, tensors on demand."""
+    """A checkpoint directory opened for reading: metadata and headers only, tensors on demand.
+
+    Every file is opened once, at `open`, relative to the directory and never through a link, and kept
+    open: the digest a command reports or records describes the very files its tensors are read from,
+    even if another job replaces the checkpoint meanwhile (samoe writers never change a file in place)."""
 
     path: Path
     meta: dict[str, Any]
     config: SamMoEConfig
     tensors: dict[str, TensorInfo] = field(repr=False)
+    pinned: _Pinned | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def open(cls, path: str | Path) -> "Checkpoint":
+    def open(cls, path: str | Path, d: Dir | None = None) -> "Checkpoint":
+        """Open checkpoint `path` (a link to it is followed: the user named it), or the folder `d` already
+        opened at `path` (a run directory's step, reached without following links)."""
         path = Path(path)
-        if not path.exists():
-            raise SamoeError(f"checkpoint {path} does not exist: check the path")
-        if not path.is_dir():
-            raise SamoeError(f"{path} is a file, not a samoe checkpoint directory: pass the directory `samoe init` or `samoe expand` wrote")
+        if d is None:
+            if not path.exists():
+                raise SamoeError(f"checkpoint {path} does not exist: check the path")
+            if not path.is_dir():
+                raise SamoeError(f"{path} is a file, not a samoe checkpoint directory: pass the directory `samoe init` or `samoe expand` wrote")
+            d = Dir.open(path, "the checkpoint is damaged; re-create it")
+        pinned = _Pinned(d)
         meta_path = path / META_FILE
-        if not meta_path.exists() and not meta_path.is_symlink():
+        if d.kind(META_FILE) is None:
             raise SamoeError(f"{path} is not a samoe checkpoint (no {META_FILE}): create one with `samoe init`")
-        meta = load_json(file_inside(path, META_FILE, str(path), "the checkpoint is damaged; re-create it"),
-                         "the checkpoint is damaged; re-create it")
+        meta = d.read_json(META_FILE)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise SamoeError(f"{meta_path} is not a samoe checkpoint description: re-create the checkpoint")
         check_meta(meta, meta_path)
         if meta.get("format_version", 0) > FORMAT_VERSION:
             raise SamoeError(f"{path} uses checkpoint format {meta['format_version']}, newer than this samoe: upgrade samoe")
         config = SamMoEConfig.from_dict(meta.get("config", {}), where=str(meta_path))
-        shard_names = cls._shard_names(path, meta)
         tensors: dict[str, TensorInfo] = {}
-        for shard in shard_names:
-            if not (path / shard).exists() and not (path / shard).is_symlink():
+        for shard in cls._shard_names(d, meta):
+            if d.kind(shard) is None:
                 raise SamoeError(f"shard {shard} of {path} is missing: copy it back or re-create the checkpoint")
-            for name, info in read_header(file_inside(path, shard, f"shard list of {path}", "re-create the checkpoint")).items():
+            fd = pinned.fds[shard] = d.open_fd(shard)
+            pinned.sizes[shard] = os.fstat(fd).st_size
+            for name, info in read_header(fd, path / shard).items():
                 if name in tensors:
                     raise SamoeError(f"tensor {name} is stored twice ({tensors[name].file}, {shard}): re-create the checkpoint")
                 tensors[name] = info
-        cls._check_index(path, tensors)
-        return cls(path, meta, config, tensors)
+        cls._check_index(d, tensors)
+        return cls(path, meta, config, tensors, pinned)
 
     @staticmethod
-    def _check_index(path: Path, tensors: dict[str, TensorInfo]) -> None:
+    def _check_index(d: Dir, tensors: dict[str, TensorInfo]) -> None:
         """The index's weight_map must name exactly the tensors the shard headers hold, in the same files."""
-        index_path = path / INDEX_FILE
-        if not index_path.exists():
+        if d.kind(INDEX_FILE) is None:
             return
-        weight_map = _weight_map(path)
+        weight_map = _weight_map(d)
         for name, fname in weight_map.items():
             if name not in tensors or tensors[name].file != fname:
                 where = f"in {tensors[name].file}" if name in tensors else "in no shard"
-                raise SamoeError(f"{INDEX_FILE} of {path} maps {name} to {fname} but it is {where}: the index is damaged; re-create the checkpoint")
+                raise SamoeError(f"{INDEX_FILE} of {d.path} maps {name} to {fname} but it is {where}: the index is damaged; re-create the checkpoint")
         unmapped = sorted(set(tensors) - set(weight_map))
         if unmapped:
-            raise SamoeError(f"{INDEX_FILE} of {path} does not list tensor {unmapped[0]} ({len(unmapped)} in all): the index is damaged; re-create the checkpoint")
+            raise SamoeError(f"{INDEX_FILE} of {d.path} does not list tensor {unmapped[0]} ({len(unmapped)} in all): the index is damaged; re-create the checkpoint")
 
     @staticmethod
-    def _shard_names(path: Path, meta: dict[str, Any]) -> list[str]:
-        index_path = path / INDEX_FILE
+    def _shard_names(d: Dir, meta: dict[str, Any]) -> list[str]:
+        """The shard files the format names: the index's, or the single file."""
         files = list(meta.get("files", {}))
-        if index_path.exists() or index_path.is_symlink():
-            weight_map = _weight_map(path)
-            in_index = sorted(set(weight_map.values()))
+        if d.kind(INDEX_FILE) is not None:
+            in_index = sorted(set(_weight_map(d).values()))
             missing = sorted(set(files) - set(in_index))
             if missing:
-                raise SamoeError(f"shard {missing[0]} of {path} is missing from {INDEX_FILE}: re-create the checkpoint")
+                raise SamoeError(f"shard {missing[0]} of {d.path} is missing from {INDEX_FILE}: re-create the checkpoint")
             return in_index
-        if (path / SINGLE_FILE).exists() or files == [SINGLE_FILE]:
+        if d.kind(SINGLE_FILE) is not None or files == [SINGLE_FILE]:
             return [SINGLE_FILE]
-        raise SamoeError(f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE}: the checkpoint is incomplete; re-create it")
+        raise SamoeError(f"{d.path} has neither {SINGLE_FILE} nor {INDEX_FILE}: the checkpoint is incomplete; re-create it")
 
     # -- metadata helpers
     @property
@@ -546,11 +539,19 @@ class Checkpoint:
                     f"{self.path}: tensor {name} has shape {list(self.tensors[name].shape)} but {META_FILE} implies {list(shape)}: re-create the checkpoint"
                 )
 
+    def shard_file(self, fname: str) -> PositionalFile:
+        """A reader of shard `fname` as opened at `open` (its own position; many may share the file)."""
+        return PositionalFile(self._fd(fname), str(self.path / fname))
+
+    def _fd(self, fname: str) -> int:
+        if self.pinned is None or fname not in self.pinned.fds:
+            raise SamoeError(f"{self.path / fname} is not a shard of {self.path}: re-create the checkpoint")
+        return self.pinned.fds[fname]
+
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor: exactly its bytes, straight into a new tensor (no mapping of the whole shard)."""
         info = self.tensors[name]
-        with open(self.path / info.file, "rb") as f:
-            return self._read(f, name, info)
+        return self._read(self.shard_file(info.file), name, info)
 
     def _read(self, f: Any, name: str, info: TensorInfo) -> torch.Tensor:
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
@@ -560,37 +561,45 @@ class Checkpoint:
         return buf.view(ST_DTYPES[info.dtype]).reshape(info.shape)
 
     def iter_tensors(self, names: Iterable[str] | None = None) -> Iterable[tuple[str, torch.Tensor]]:
-        """Yield tensors file by file in storage order (sequential reads, one open file at a time)."""
+        """Yield tensors file by file in storage order (sequential reads)."""
         wanted = set(self.tensors if names is None else names)
         by_file: dict[str, list[str]] = {}
         for name, info in sorted(self.tensors.items(), key=lambda kv: (kv[1].file, kv[1].offset)):
             if name in wanted:
                 by_file.setdefault(info.file, []).append(name)
         for fname, tensor_names in by_file.items():
-            with open(self.path / fname, "rb") as f:
-                for name in tensor_names:
-                    yield name, self._read(f, name, self.tensors[name])
+            f = self.shard_file(fname)
+            for name in tensor_names:
+                yield name, self._read(f, name, self.tensors[name])
 
     def nonfinite_tensors(self) -> list[str]:
         """Names of floating tensors holding NaN or Inf (reads every tensor once)."""
         return [name for name, t in self.iter_tensors() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
     def verify_digests(self) -> list[str]:
-        """Recompute shard digests; return the names of files that do not match.
+        """Recompute the digests of the shards the index and the format name; return the names that do not match.
 
-        A shard with no recorded digest cannot be verified: that is an error, not a pass."""
-        unrecorded = sorted({info.file for info in self.tensors.values()} - set(self.files))
+        Only shards are hashed: `samoe.json` may list no other file, and every shard's size must be the one its
+        header implies and the one recorded before a byte of it is hashed, so the cost is the checkpoint's real
+        size. A shard with no recorded digest cannot be verified: that is an error, not a pass."""
+        shards = sorted(self.pinned.fds) if self.pinned is not None else []
+        unrecorded = sorted(set(shards) - set(self.files))
         if unrecorded:
             raise SamoeError(f"shard {unrecorded[0]} of {self.path} has no digest in {META_FILE}: it cannot be verified; "
                              "re-create the checkpoint with the command that wrote it")
+        extra = sorted(set(self.files) - set(shards))
+        if extra:
+            raise SamoeError(f"{META_FILE} of {self.path} lists {extra[0]}, which is not one of its {len(shards)} shard(s): "
+                             "the checkpoint is damaged; re-create it")
         bad = []
-        for fname, info in self.files.items():
-            p = self.path / fname
-            if not p.is_file() or p.is_symlink() or p.stat().st_size != info["bytes"]:
+        for fname in shards:
+            info, fd = self.files[fname], self._fd(fname)
+            size = os.fstat(fd).st_size
+            if size != info["bytes"] or size != self.pinned.sizes[fname]:
                 bad.append(fname)
                 continue
             algorithm, expected = digest_of(info)
-            if file_digest(p, algorithm) != expected:
+            if fd_digest(fd, algorithm) != expected:
                 bad.append(fname)
         return bad
 
@@ -635,25 +644,30 @@ def save_model(
     dtype: torch.dtype | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     force: bool = False,
+    parent: Dir | None = None,
 ) -> Path:
-    """Write `model`'s state dict as a checkpoint (floating tensors cast to `dtype`)."""
+    """Write `model`'s state dict as a checkpoint (floating tensors cast to `dtype`); `parent`: the open
+    directory `out` lives in, when the caller holds one (CheckpointWriter)."""
     state = model.state_dict()
 
     def out_dtype(t: torch.Tensor) -> torch.dtype:
         return dtype if dtype is not None and t.is_floating_point() else t.dtype
 
     layout = [TensorSpec(name, out_dtype(t), tuple(t.shape)) for name, t in state.items()]
-    with CheckpointWriter(Path(out), layout, shard_bytes=shard_bytes, force=force) as writer:
+    with CheckpointWriter(Path(out), layout, shard_bytes=shard_bytes, force=force, parent=parent) as writer:
         for name, tensor in state.items():
             writer.add(name, tensor.to(out_dtype(tensor)))
         return writer.commit(meta)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Rebuild the model from `samoe.json` and load its tensors (safetensors only, no pickle)."""
+def load_model(path: "str | Path | Checkpoint", device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Rebuild the model from `samoe.json` and load its tensors (safetensors only, no pickle).
+
+    Pass the `Checkpoint` a command already opened, so the weights come from the files it described."""
     from .model import build_model
 
-    ckpt = Checkpoint.open(path)
+    ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
     ckpt.check_matches_config()
     model = build_model(ckpt.config, device="meta")
     state = {}

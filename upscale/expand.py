@@ -772,12 +772,13 @@ def _execute(src, plans, out, meta, dtype, read, window, layout, workers, shard_
 
 
 def expand_checkpoint(
-    src_path: Path, out: Path, spec: GrowthSpec, command: list[str], dtype: torch.dtype | None = None,
+    src_path: Path | Checkpoint, out: Path, spec: GrowthSpec, command: list[str], dtype: torch.dtype | None = None,
     workers: int = 2, shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False,
     on_start: Callable[[int], None] | None = None, on_tensor: Callable[[int], None] | None = None,
 ) -> Path:
-    """Plan and execute a growth; returns the new checkpoint directory."""
-    src = Checkpoint.open(src_path)
+    """Plan and execute a growth; returns the new checkpoint directory. Given an open `Checkpoint`, its
+    files are the ones read (the digest recorded in the lineage is theirs)."""
+    src = src_path if isinstance(src_path, Checkpoint) else Checkpoint.open(src_path)
     src.check_matches_config()
     check_separate(out, "--out", {"the source checkpoint": src.path})
     cfg, plans = plan_growth(src, spec, dtype)

@@ -44,19 +44,34 @@ def new_hasher(algorithm: str = DEFAULT_DIGEST) -> Any:
     raise ValueError(f"unknown digest algorithm {algorithm!r}")
 
 
-def file_digest(path: Path, algorithm: str) -> str:
-    """Hex digest of a whole file (BLAKE3 reads it memory-mapped, on all cores)."""
+def fd_digest(fd: int, algorithm: str) -> str:
+    """Hex digest of a whole open file (memory-mapped; BLAKE3 hashes on all cores). The caller checked its size."""
     if algorithm == "blake3":
         from blake3 import blake3
 
-        if os.path.getsize(path) == 0:
-            return blake3().hexdigest()
-        return blake3(max_threads=blake3.AUTO).update_mmap(str(path)).hexdigest()
-    h = new_hasher(algorithm)
-    with open(path, "rb") as f:
-        while block := f.read(16 * 1024**2):
-            h.update(block)
+        h = blake3(max_threads=blake3.AUTO)
+    else:
+        h = new_hasher(algorithm)
+    if os.fstat(fd).st_size == 0:
+        return h.hexdigest()
+    with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
+        if algorithm == "blake3":
+            h.update(m)
+        else:
+            view = memoryview(m)
+            for start in range(0, len(view), 16 * 1024**2):
+                h.update(view[start:start + 16 * 1024**2])
+            view.release()
     return h.hexdigest()
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    """Hex digest of a whole file named by path (tests and tools; commands hash the files they hold open)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        return fd_digest(fd, algorithm)
+    finally:
+        os.close(fd)
 
 
 def _round_up(n: int, k: int) -> int:
@@ -74,19 +89,22 @@ class ShardFile:
     staging buffers, whatever the file size.
     """
 
-    def __init__(self, path: Path, size_hint: int | None = None, direct: bool = True, hasher: Any = None) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+    def __init__(self, path: Path | str, size_hint: int | None = None, direct: bool = True, hasher: Any = None,
+                 dir_fd: int | None = None) -> None:
+        # with `dir_fd` (a folder upscale.dirfd made): a new name only, so nothing already there is written through
+        flags = (os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+                 | (os.O_EXCL if dir_fd is not None else os.O_TRUNC))
         self.direct = direct and hasattr(os, "O_DIRECT")
         self.fd = -1
         if self.direct:
             try:
-                self.fd = os.open(path, flags | os.O_DIRECT, 0o644)
+                self.fd = os.open(path, flags | os.O_DIRECT, 0o644, dir_fd=dir_fd)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
                 self.direct = False
         if self.fd < 0:
-            self.fd = os.open(path, flags, 0o644)
+            self.fd = os.open(path, flags, 0o644, dir_fd=dir_fd)
         cap = STAGING_BYTES if size_hint is None else max(ALIGN, min(STAGING_BYTES, _round_up(size_hint, ALIGN)))
         self.cap = cap
         self.maps = [mmap.mmap(-1, cap) for _ in range(2)]  # anonymous maps are page-aligned
