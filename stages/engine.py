@@ -47,7 +47,8 @@ from upscale.checkpoint import Checkpoint, build_meta, lineage_entry, load_model
 from upscale.device import autocast, check_precision, deterministic, resolve_device, to_device
 from upscale.errors import SamoeError
 from upscale.dirfd import Dir
-from upscale.ownership import Owned, check_separate, first_unknown, read_manifest, remove_recorded, unknown_error
+from upscale.ownership import (Owned, check_separate, first_unknown, read_manifest, remove_recorded, remove_temporaries,
+                               unknown_error)
 from upscale.roles import SEED004_ROLES, in_decoder, param_role
 
 from .checkpointer import Checkpointer, read_run_json
@@ -447,9 +448,9 @@ def run(cfg: TrainConfig, force: bool = False, on_start: Callable[[dict[str, Any
 _RUN_FIX = "pass --force to start over or use a new --run-dir"
 
 
-def _prepare_run_dir(cfg: TrainConfig, force: bool, identity: dict[str, Any], source: Checkpoint) -> tuple[Owned, bool]:
-    """Check (and with --force, empty) the run directory; its manifest writer, and True when it holds this run
-    to resume. Rank 0 only.
+def _prepare_run_dir(cfg: TrainConfig, force: bool, identity: dict[str, Any], source: Checkpoint) -> tuple[Owned, bool, bool]:
+    """Check (and with --force, empty) the run directory; its manifest writer, True when it holds this run
+    to resume, and True when the folder was made here. Rank 0 only.
 
     A run directory is samoe's when its manifest records everything in it. It resumes when its run.json
     matches this command; it starts over (its recorded entries removed) with --force, or when it never
@@ -459,12 +460,13 @@ def _prepare_run_dir(cfg: TrainConfig, force: bool, identity: dict[str, Any], so
     check_separate(run_dir, "--run-dir", {"--from": cfg.source, "--data": cfg.data, "--unlabelled": cfg.unlabelled})
     not_ours = SamoeError(f"{run_dir} exists and is not a samoe run directory: choose a new --run-dir")
     with Dir.open(run_dir.parent, "choose another --run-dir", create=True) as parent:
-        if parent.kind(run_dir.name) not in (None, "dir"):
+        kind = parent.kind(run_dir.name)
+        if kind not in (None, "dir"):
             raise not_ours
         d = parent.sub(run_dir.name, create=True)
     d.fix = f"the run directory is damaged; {_RUN_FIX}"
     if not d.names():
-        return Owned.start(d, "train"), False
+        return Owned.start(d, "train"), False, kind is None
     manifest = read_manifest(d)
     if manifest is None or manifest.command != "train":
         raise not_ours
@@ -479,7 +481,7 @@ def _prepare_run_dir(cfg: TrainConfig, force: bool, identity: dict[str, Any], so
         force = True  # a run that failed before its first step: nothing to resume
     if force:
         remove_recorded(d, manifest)
-        return Owned.start(d, "train"), False
+        return Owned.start(d, "train"), False, False
     saved = read_run_json(d)
     options = {k: v for k, v in identity.items() if k != "data_fingerprint"}
     if {k: v for k, v in saved["identity"].items() if k != "data_fingerprint"} != options or saved["source_digest"] != source.digest:
@@ -489,7 +491,8 @@ def _prepare_run_dir(cfg: TrainConfig, force: bool, identity: dict[str, Any], so
                          "restore them, use a new --run-dir, or pass --force to start over")
     if d.kind("final") is not None:
         raise SamoeError(f"{run_dir} already finished: its result is {run_dir / 'final'}; use a new --run-dir or --force to train again")
-    return Owned(d, manifest), True
+    remove_temporaries(d, manifest)
+    return Owned(d, manifest), True, False
 
 
 def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], None] | None,
@@ -499,16 +502,20 @@ def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], Non
     trainer = _Trainer(cfg, dist, device)
     trainer.open_source()
     resuming = trainer.prepare_run_dir(force)
-    trainer.build_model(force)
-    trainer.open_data()
-    trainer.schedule()
-    trainer.build_optimizers()
-    trainer.resume(resuming)
-    trainer.store_banks_low()
-    trainer.open_loaders()
-    trainer.open_logs()
-    trainer.announce(on_start)
-    trainer.loop(on_step, on_log)
+    try:
+        trainer.build_model(force)
+        trainer.open_data()
+        trainer.schedule()
+        trainer.build_optimizers()
+        trainer.resume(resuming)
+        trainer.store_banks_low()
+        trainer.open_loaders()
+        trainer.open_logs()
+        trainer.announce(on_start)
+        trainer.loop(on_step, on_log)
+    except BaseException:
+        trainer.abandon()
+        raise
     return trainer.finish()
 
 
@@ -520,6 +527,7 @@ class _Trainer:
         self.main = dist is None or dist.is_main
         self.run_dir = Path(cfg.run_dir)
         self.run: Owned | None = None  # rank 0's manifest writer of the run directory
+        self.made_dir = False  # the run directory was made by this run
         self.started = False  # run.json written: from now on the run resumes
         self.identity = cfg.identity() if self.main else {}
         self.plan = STAGES[cfg.stage]
@@ -537,7 +545,7 @@ class _Trainer:
         error, resuming = None, False
         if self.main:
             try:
-                self.run, resuming = _prepare_run_dir(self.cfg, force, self.identity, self.src)
+                self.run, resuming, self.made_dir = _prepare_run_dir(self.cfg, force, self.identity, self.src)
                 self.started = resuming
             except SamoeError as e:
                 if self.dist is None:
@@ -555,6 +563,15 @@ class _Trainer:
         self.src = Checkpoint.open(self.cfg.source)
         if self.dist is not None and self.dist.broadcast(self.src.digest) != self.src.digest:
             raise SamoeError(f"--from {self.cfg.source} changed while the processes opened it: wait for the job writing it to finish")
+
+    def abandon(self) -> None:
+        """A run that stopped before its first step leaves nothing: what it wrote is removed by its manifest
+        (the folder too, when this run made it). A started run keeps everything: it resumes."""
+        if self.main and self.run is not None and not self.started:
+            for log in (self.metrics_log, self.selector_log, self.tb):
+                if log is not None:
+                    log.close()
+            self.run.discard(folder=self.made_dir)
 
     def build_model(self, force: bool) -> None:
         """Load the source with this stage's trainable set; under torchrun each process reads only its shards."""

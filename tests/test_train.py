@@ -380,8 +380,11 @@ def test_exact_resume_after_sigkill(resumed):
 
 def test_resumed_selector_log_keeps_header(resumed, tmp_path: Path):
     from stages.engine import SELECTOR_FIELDS, CsvLog
+    from upscale.dirfd import Dir
+    from upscale.ownership import Owned
 
-    log = CsvLog(tmp_path / "log.csv", SELECTOR_FIELDS)  # as a process killed before its first row leaves it
+    run = Owned.start(Dir.open(tmp_path, "test"), "train")
+    log = CsvLog(run, "log.csv", SELECTOR_FIELDS)  # as a process killed before its first row leaves it
     try:
         assert (tmp_path / "log.csv").read_text().splitlines() == [",".join(SELECTOR_FIELDS)]
     finally:

@@ -29,7 +29,7 @@ import torch
 
 from .config import SamMoEConfig
 from .errors import SamoeError
-from .dirfd import Dir, PositionalFile
+from .dirfd import Dir, PositionalFile, reserve_descriptors
 from .fastio import DEFAULT_DIGEST, DIGESTS, ShardFile, fd_digest, new_hasher
 from .ownership import NewOutput
 from .safe_io import parse_json, plain_name
@@ -453,7 +453,9 @@ class Checkpoint:
             raise SamoeError(f"{path} uses checkpoint format {meta['format_version']}, newer than this samoe: upgrade samoe")
         config = SamMoEConfig.from_dict(meta.get("config", {}), where=str(meta_path))
         tensors: dict[str, TensorInfo] = {}
-        for shard in cls._shard_names(d, meta):
+        shards = cls._shard_names(d, meta)
+        reserve_descriptors(len(shards), str(path))
+        for shard in shards:
             if d.kind(shard) is None:
                 raise SamoeError(f"shard {shard} of {path} is missing: copy it back or re-create the checkpoint")
             fd = pinned.fds[shard] = d.open_fd(shard)

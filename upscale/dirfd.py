@@ -59,6 +59,26 @@ def _file(fd: int, mode: str, name: Path) -> BinaryIO:
     return io.BufferedReader(raw) if mode == "rb" else io.BufferedWriter(raw)  # type: ignore[return-value]
 
 
+def reserve_descriptors(n: int, what: str) -> None:
+    """Make room to keep `n` more files open (a checkpoint pins each shard): the soft limit is raised toward
+    the hard one when needed; a checkpoint that would still not fit is refused in one line."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        used = 64
+    need = used + n + 64  # headroom for the libraries' own files
+    if soft == resource.RLIM_INFINITY or need <= soft:
+        return
+    target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < need:
+        raise SamoeError(f"{what} has {n} files, more than this process may keep open ({hard}): raise `ulimit -n` "
+                         "or re-create it with larger shards")
+
+
 def kind_of(st: os.stat_result | None) -> str | None:
     """'file', 'dir', 'link' or 'other' (FIFO, socket, device) for an lstat result; None when missing."""
     if st is None:

@@ -221,11 +221,13 @@ class Owned:
     def save(self) -> None:
         self.dir.write_bytes(OWNER_FILE, self.manifest.to_bytes(), self.token)
 
-    def discard(self) -> None:
-        """Remove everything recorded, then the folder itself (one this command made and gave up on)."""
+    def discard(self, folder: bool = True) -> None:
+        """Remove everything recorded (the marker too), then the folder itself when `folder` (one this command
+        made and gave up on: a refused or failed command leaves nothing)."""
         remove_recorded(self.dir, self.manifest)
-        with Dir.open(self.dir.path.parent, self.dir.fix) as parent:
-            parent.rmdir(self.dir.path.name)
+        if folder:
+            with Dir.open(self.dir.path.parent, self.dir.fix) as parent:
+                parent.rmdir(self.dir.path.name)
 
 
 def remove_temporaries(d: Dir, manifest: Manifest, prefix: str = "") -> None:
