@@ -69,7 +69,7 @@ def pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, ba
         return _pseudo_label(ckpt, images, target, threshold, batch_size, on_start, counted, torch.device(device), precision)
     except BaseException as e:
         if created and done[0] == 0:
-            target.discard(out)
+            target.discard()
         elif isinstance(e, Exception | KeyboardInterrupt):
             e.samoe_left = f"{done[0]} new mask(s) were written to {out}; re-run the same command to finish"
         raise

@@ -97,34 +97,33 @@ def read_manifest(d: Dir) -> Manifest | None:
     return None
 
 
+_ON_DISK = {"file": "file", "log": "file", "dir": "dir", "owned": "dir"}  # recorded kind -> what lstat must show
+
+
 def first_unknown(d: Dir, manifest: Manifest, prefix: str = "") -> str | None:
     """The first entry under `d` (relative path) that `manifest` does not record as what is there, or None.
 
     Recorded entries that are missing are fine (a command may have stopped before making them); a recorded
-    name holding another kind of thing (a link or FIFO where samoe made a file) is unknown."""
+    name holding another kind of thing (a link or FIFO where samoe made a file) is unknown. A recorded folder
+    is searched with this manifest, an owned one (a checkpoint inside a run) with its own."""
     for name in d.names():
         rel = prefix + name
         if (not prefix and name == OWNER_FILE) or manifest.is_temporary(name):
             continue
-        entry, kind = manifest.entries.get(rel), d.kind(name)
-        if entry is None:
+        entry = manifest.entries.get(rel)
+        if entry is None or d.kind(name) != _ON_DISK[entry["kind"]]:
             return rel
-        want = entry["kind"]
-        if (want in ("file", "log") and kind != "file") or (want in ("dir", "owned") and kind != "dir"):
-            return rel
-        if want == "dir":
-            with d.sub(name) as sub:
+        if entry["kind"] in ("file", "log"):
+            continue
+        with d.sub(name) as sub:
+            if entry["kind"] == "dir":
                 inner = first_unknown(sub, manifest, rel + "/")
-        elif want == "owned":
-            with d.sub(name) as sub:
+            else:
                 own = read_manifest(sub)
-                inner = first_unknown(sub, own) if own is not None else "."
-            inner = None if inner is None else (rel if inner == "." else f"{rel}/{inner}")
-            if inner is not None:
-                return inner
-            continue
-        else:
-            continue
+                if own is None:
+                    return rel
+                inner = first_unknown(sub, own)
+                inner = None if inner is None else f"{rel}/{inner}"
         if inner is not None:
             return inner
     return None
