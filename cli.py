@@ -85,7 +85,7 @@ class Terminated(KeyboardInterrupt):
     signum = signal.SIGTERM
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
+def on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
@@ -951,7 +951,7 @@ def plot(
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _on_sigterm)  # clean up as on Ctrl-C (train saves a checkpoint in its own handler)
+    signal.signal(signal.SIGTERM, on_sigterm)  # clean up as on Ctrl-C (train saves a checkpoint in its own handler)
     try:
         app()
     except SystemExit as e:

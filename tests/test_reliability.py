@@ -333,7 +333,7 @@ def test_plot_checks_columns_and_values(tmp_path, text, words):
 @pytest.fixture
 def sigterm_is_ctrl_c():
     """The console script turns SIGTERM into a clean-up like Ctrl-C's (cli.main); do the same in-process."""
-    old = signal.signal(signal.SIGTERM, cli._on_sigterm)
+    old = signal.signal(signal.SIGTERM, cli.on_sigterm)
     yield
     signal.signal(signal.SIGTERM, old)
 
