@@ -300,8 +300,11 @@ def demo_data(
     test: int = typer.Option(12, "--test", min=0),
     size: int = typer.Option(128, "--size", min=16, max=8192),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX),
-    preset: str = typer.Option("easy", "--preset", help="easy: 4 classes far apart (the demo) | hard: 10 classes told apart "
-                                                        "by polarimetric ratio, texture, rows and context (capacity-bound)."),
+    preset: str = typer.Option("easy", "--preset", help="easy: 4 classes far apart | hard: 10 classes told apart "
+                                                        "by polarimetric ratio, texture, rows and context | codebook: 16 "
+                                                        "classes, each a set of parcel signatures (knowledge-bound)."),
+    signatures: Optional[int] = typer.Option(None, "--signatures", min=1, help="codebook only: signature -> class facts "
+                                             "the scenes draw from (default 960; more facts need more capacity)."),
     regions: int = typer.Option(1, "--regions", min=1, max=64, help="hard only: scenes from this many regions, each with "
                                 "its own class signatures and sensor noise floor (knowledge a larger model must hold)."),
     region: Optional[int] = typer.Option(None, "--region", min=0, help="hard only: every scene from this region "
@@ -314,7 +317,7 @@ def demo_data(
 
     with _one_job(out), console.status("writing demo data...", spinner="dots"):
         summary = make_demo_data(out, labelled=labelled, unlabelled=unlabelled, test=test, size=size, seed=seed, force=force,
-                                 preset=preset, regions=regions, region=region)
+                                 preset=preset, regions=regions, region=region, signatures=signatures)
     if as_json:
         _print_json(summary)
     else:
