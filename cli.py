@@ -561,13 +561,19 @@ def train(
     stage: int = typer.Option(..., "--stage", min=1, max=3, help="1 integration | 2 collaboration | 3 full fine-tune."),
     source: Path = typer.Option(..., "--from", help="Input checkpoint (expand output, or the previous stage's RUN/final)."),
     run_dir: Path = typer.Option(..., "--run-dir", help="Run directory (re-running the same command resumes)."),
-    data: Path = typer.Option(..., "--data", help="Labelled (images/ + masks/) or pseudo-labelled folder."),
+    data: list[Path] = typer.Option(..., "--data", help="Labelled (images/ + masks/) or pseudo-labelled folder; repeat "
+                                    "to train on several as one set (e.g. labelled data mixed into pseudo-labels)."),
     unlabelled: Optional[Path] = typer.Option(None, "--unlabelled", help="Unlabelled folder (images/) for the unsupervised phase."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs over --data (default 200, the seed's timeline)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after N steps."),
     batch_size: int = typer.Option(4, "--batch-size", min=1),
-    lr: Optional[float] = typer.Option(None, "--lr", callback=_positive, help="Base LR (default per stage: 1e-2, 1e-3, 1e-4)."),
+    lr: Optional[float] = typer.Option(None, "--lr", callback=_positive, help="Base LR, absolute (default: --lr-scale x the "
+                                       "source's recorded peak LR)."),
+    lr_scale: Optional[float] = typer.Option(None, "--lr-scale", callback=_positive, help="Base LR relative to the source's "
+                                             "own peak LR (default per stage: 1, 0.3, 0.1)."),
     last_k: int = typer.Option(4, "--last-k", min=0, help="Stage 2 unfreezes the FFN/MoE of the last K ViT blocks."),
+    augment: bool = typer.Option(False, "--augment", help="Each labelled image and its targets under a random rotation by "
+                                 "90 degrees and flip (noise on the student; label-preserving for land cover)."),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", min=1, help="Save a step checkpoint every N steps."),
     keep: int = typer.Option(2, "--keep", min=1, help="Step checkpoints kept."),
@@ -723,6 +729,8 @@ def pseudo_label(
     batch_size: int = typer.Option(4, "--batch-size", min=1),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (autocast for the teacher's forward)."),
+    tta: bool = typer.Option(False, "--tta", help="Average the teacher over the 8 rotations and flips of each image "
+                             "(a better teacher, 8x the compute)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Label an unlabelled folder with a teacher checkpoint (resumable: labelled images are skipped)."""
@@ -738,7 +746,7 @@ def pseudo_label(
         task = progress.add_task("label", total=None)
         summary = run_pseudo(checkpoint, images, out, threshold, batch_size, device=torch_device, precision=precision,
                              on_start=lambda n, todo: progress.update(task, total=n, completed=n - todo),
-                             on_image=lambda: progress.advance(task))
+                             on_image=lambda: progress.advance(task), tta=tta)
     if as_json:
         _print_json(summary)
     else:

@@ -81,6 +81,7 @@ from .synth import river_band, smooth_noise
 
 __all__ = [
     "CLASS_NAMES",
+    "ConcatFolders",
     "DB_MAX",
     "DB_MIN",
     "DataError",
@@ -734,6 +735,29 @@ class PseudoLabelFolder(LabelledFolder):
         conf = torch.from_numpy(read_confidence(item.confidence))  # type: ignore[arg-type]
         out["confidence"] = _resize(conf[None], self.size, "nearest")[0]
         return out
+
+
+class ConcatFolders(Dataset):
+    """Several labelled folders as one training set, e.g. labelled data mixed into stage 1's pseudo-labels.
+
+    When any folder is pseudo-labelled, items of the others get a confidence of 1 everywhere (true labels
+    count fully), so that every batch has the same keys.
+    """
+
+    def __init__(self, folders: Sequence[LabelledFolder]) -> None:
+        self.folders = list(folders)
+        self.starts = np.cumsum([0] + [len(f) for f in self.folders])
+        self.confidence = any(isinstance(f, PseudoLabelFolder) for f in self.folders)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        item = self.folders[k][i - int(self.starts[k])]
+        if self.confidence and "confidence" not in item:
+            item["confidence"] = torch.ones(item["mask"].shape, dtype=torch.float32)
+        return item
 
 
 def load_images(folder: Path, size: int, limit: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ from upscale.checkpoint import load_model
 from upscale.errors import SamoeError
 from upscale.ownership import OWNER_FILE, check_separate, is_empty_dir, owner, write_marker
 
+from .augment import tta_mean
 from .data import IGNORE_INDEX, UnlabelledFolder, write_confidence, write_mask
 
 
@@ -49,7 +50,8 @@ def _place_image(src: Path, dst: Path) -> None:
 
 
 def pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, batch_size: int = 4,
-                 device: torch.device | str = "cpu", precision: str = "fp32", on_start: Callable[[int, int], None] | None = None, on_image: Callable[[], None] | None = None) -> dict[str, int]:
+                 device: torch.device | str = "cpu", precision: str = "fp32", on_start: Callable[[int, int], None] | None = None,
+                 on_image: Callable[[], None] | None = None, tta: bool = False) -> dict[str, int]:
     """Label every image of IMAGES/images not yet labelled in OUT; return counts.
 
     OUT must be new, empty, or an earlier pseudo-label output (its `.samoe-owner.json`):
@@ -73,7 +75,7 @@ def pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, ba
         out.mkdir(parents=True, exist_ok=True)
         if owner(out) != "pseudo-label":
             write_marker(out, "pseudo-label")
-        return _pseudo_label(ckpt, images, out, threshold, batch_size, on_start, counted, torch.device(device), precision)
+        return _pseudo_label(ckpt, images, out, threshold, batch_size, on_start, counted, torch.device(device), precision, tta)
     except BaseException as e:
         if created and done[0] == 0:
             shutil.rmtree(out, ignore_errors=True)
@@ -87,11 +89,12 @@ def pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, ba
 @torch.no_grad()
 def _pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, batch_size: int = 4,
                   on_start: Callable[[int, int], None] | None = None, on_image: Callable[[], None] | None = None,
-                  device: torch.device = torch.device("cpu"), precision: str = "fp32") -> dict[str, int]:
+                  device: torch.device = torch.device("cpu"), precision: str = "fp32", tta: bool = False) -> dict[str, int]:
     """Label every image of IMAGES/images not yet labelled in OUT; return counts.
 
     The teacher runs on `device` (bf16 autocast with `precision` bf16); masks and confidences are
-    computed from its fp32 probabilities on the CPU, at each image's native size.
+    computed from its fp32 probabilities on the CPU, at each image's native size. With `tta` the
+    probabilities are the mean over the 8 symmetries of the square (a better teacher than one view).
     """
     from upscale.device import autocast
 
@@ -116,9 +119,13 @@ def _pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, b
         idx = todo[start : start + batch_size]
         items = [data_native[i] for i in idx]
         x = torch.stack([F.interpolate(it["image"][None], (size, size), mode="bilinear", align_corners=False)[0] for it in items])
-        with autocast(device, precision):
-            logits = model(x.to(device, next(model.parameters()).dtype))["gate_seg"]
-        probs = logits.float().softmax(dim=1).cpu()
+        x = x.to(device, next(model.parameters()).dtype)
+
+        def teacher(v: torch.Tensor) -> torch.Tensor:
+            with autocast(device, precision):
+                return model(v)["gate_seg"].float().softmax(dim=1)
+
+        probs = (tta_mean(teacher, x) if tta else teacher(x)).cpu()
         for it, i, p in zip(items, idx, probs):
             h, w = it["image"].shape[-2:]
             p = F.interpolate(p[None], (h, w), mode="bilinear", align_corners=False)[0]
