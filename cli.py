@@ -831,6 +831,8 @@ def evaluate(
                 nt.add_row(*row)
             console.print(nt)
             console.print(new_parts_verdict(i, ck), soft_wrap=True)
+        if "regime" in ck:
+            console.print(f"[{i}] {ck['regime']['line']}", soft_wrap=True, markup=False)
     for i, ck in enumerate(cks):
         r = Table(title=f"routing of [{i}] (groups {ck['groups']}, {layout_label(ck)})")
         for col in ("layer", "group share", "new (tokens)", "new (weight)", "dead", "load CV", "entropy"):
