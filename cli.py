@@ -347,7 +347,7 @@ def _routing_summary(report: dict[str, Any], routed: bool) -> str:
 def _growth_spec(source_cfg: Any, g: _Growth, init: str, noise_std: float, interp_weight: float, seed: int,
                  reinit_ratio: float = 0.0) -> Any:
     from upscale.errors import SamoeError
-    from upscale.expand import GrowthSpec, resolve_groups, resolve_replicas
+    from upscale.growth import GrowthSpec, resolve_groups, resolve_replicas
 
     if g.replicate and g.core_groups != 1:
         raise SamoeError("--replicate has no core group (every group is a copy of the source's experts): drop --core-groups")
@@ -438,8 +438,8 @@ def plan(
     last_k: int = typer.Option(4, "--last-k", min=0, help="Stage 2 unfreezes the FFN/MoE of the last K ViT blocks."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Parameter counts and per-stage memory of a grown model, computed on the meta device; writes nothing."""
-    from upscale.checkpoint import Checkpoint, parse_dtype
+    """Parameter counts, per-stage memory and forward FLOPs of a grown model, from its config; writes nothing."""
+    from upscale.checkpoint import Checkpoint, check_dtype
     from upscale.config import get_preset
     from upscale.errors import SamoeError
     from stages.plan import plan_report
@@ -448,7 +448,7 @@ def plan(
         raise SamoeError("give exactly one of a SOURCE checkpoint or --preset NAME")
     src_cfg = get_preset(preset) if preset else Checkpoint.open(source).config
     spec = _growth_spec(src_cfg, growth, "copy-noise", 0.0, 0.3, 0)
-    report = plan_report(src_cfg, spec, parse_dtype(dtype), last_k=last_k)
+    report = plan_report(src_cfg, spec, check_dtype(dtype), last_k=last_k)
     if as_json:
         _print_json(report)
         return
