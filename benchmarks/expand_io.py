@@ -30,7 +30,8 @@ import time
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from startup import ROOT, child_env, samoe
+
 CHUNK = 64 * 2**20
 EXPAND_ARGS = ["--experts", "20", "--groups", "4", "--extra-blocks", "1", "--init", "mixed", "--dtype", "bfloat16"]
 
@@ -47,12 +48,6 @@ def make_source(path: Path) -> int:
     model = build_model(cfg, seed=0)
     save_model(model, path, build_meta(cfg, {n: "random" for n in model.state_dict()}, [], [], torch.float32))
     return sum(t.numel() for t in model.state_dict().values())
-
-
-def samoe_command() -> list[str]:
-    """The `samoe` console script beside this interpreter (this tree first on PYTHONPATH), else `python -m cli`."""
-    script = Path(sys.executable).with_name("samoe")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cli"]
 
 
 def _first_write(out: Path, start: float, stop: threading.Event, seen: dict) -> None:
@@ -72,8 +67,8 @@ def _first_write(out: Path, start: float, stop: threading.Event, seen: dict) -> 
 
 def run_expand(src: Path, out: Path, workers: int) -> dict:
     """`samoe expand` in a fresh process, timed from before its start to its exit."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    cmd = [*samoe_command(), "expand", str(src), "--out", str(out), *EXPAND_ARGS, "--workers", str(workers)]
+    env = child_env(src.parent)
+    cmd = [*samoe(), "expand", str(src), "--out", str(out), *EXPAND_ARGS, "--workers", str(workers)]
     seen: dict = {}
     stop = threading.Event()
     start = time.perf_counter()

@@ -268,7 +268,7 @@ class TensorSpec:
         return n
 
 
-def _shard_layout(specs: list[TensorSpec], shard_bytes: int) -> list[list[TensorSpec]]:
+def shard_layout(specs: list[TensorSpec], shard_bytes: int) -> list[list[TensorSpec]]:
     """Split tensors, in order, into shards of at most `shard_bytes` (a larger tensor gets its own)."""
     shards: list[list[TensorSpec]] = [[]]
     size = 0
@@ -281,7 +281,12 @@ def _shard_layout(specs: list[TensorSpec], shard_bytes: int) -> list[list[Tensor
     return shards if shards[0] else []
 
 
-def _safetensors_header(shard: list[TensorSpec]) -> bytes:
+def shard_file_names(n: int) -> list[str]:
+    """The file names of a checkpoint's `n` shards (the usual `model-0000k-of-0000n` convention)."""
+    return [SINGLE_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+
+
+def safetensors_header(shard: list[TensorSpec]) -> bytes:
     """The safetensors header (length prefix + JSON padded to 8 bytes) for tensors laid out in order."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -318,9 +323,8 @@ class CheckpointWriter:
         prepare_output(self.out, force)
         self.tmp = self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
         self.tmp.mkdir()
-        self.shards = _shard_layout(layout, shard_bytes)
-        n = len(self.shards)
-        self.file_names = [SINGLE_FILE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        self.shards = shard_layout(layout, shard_bytes)
+        self.file_names = shard_file_names(len(self.shards))
         self.queue = [(k, spec) for k, shard in enumerate(self.shards) for spec in shard]
         self.position = 0
         self.file = None
@@ -346,7 +350,7 @@ class CheckpointWriter:
         if name != spec.name or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise ValueError(f"expected {spec.name} {spec.dtype} {list(spec.shape)}, got {name} {tensor.dtype} {list(tensor.shape)}")
         if self.file is None:
-            header = _safetensors_header(self.shards[k])
+            header = safetensors_header(self.shards[k])
             self.hasher = new_hasher(self.digest)
             self.file = ShardFile(self.tmp / self.file_names[k], len(header) + sum(s.nbytes for s in self.shards[k]),
                                   direct=self.direct, hasher=self.hasher)

@@ -265,11 +265,13 @@ INTERP_CHUNK = 1 << 17  # elements per step of `interpolate_into`: its float32 s
 
 
 def interpolate_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w: float, scratch: torch.Tensor) -> None:
-    """out = w * a + (1 - w) * b, each product and the sum in float32, rounded once into out's dtype.
+    """out = w * a + (1 - w) * b, each product and the sum in float32, stored as the sources' dtype would
+    store it (then widened, where out is wider), rounded once into a narrower out.
 
     Chunk by chunk through `scratch` (2, INTERP_CHUNK): three passes over cache-resident
     pieces instead of six over whole rows (copy, scale and add of two float32 copies)."""
     a, b, dst = a.reshape(-1), b.reshape(-1), out.view(-1)
+    widen = dst.dtype.itemsize > a.dtype.itemsize
     for lo in range(0, dst.numel(), INTERP_CHUNK):
         m = min(INTERP_CHUNK, dst.numel() - lo)
         x, y = scratch[0, :m], scratch[1, :m]
@@ -278,7 +280,10 @@ def interpolate_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w: flo
                 torch.mul(src[lo:lo + m], weight, out=part)
             else:  # widen first: a bf16 product would be rounded to bf16
                 part.copy_(src[lo:lo + m]).mul_(weight)
-        torch.add(x, y, out=dst[lo:lo + m])
+        if widen:
+            dst[lo:lo + m].copy_(torch.add(x, y).to(a.dtype))
+        else:
+            torch.add(x, y, out=dst[lo:lo + m])
 
 
 def recipe_provenance(recipe: tuple[str, tuple[int, ...]], src_name: str, spec: GrowthSpec, reinit: bool = False) -> str:
