@@ -11,9 +11,11 @@ shard sizes, through `O_DIRECT` with fsync (what the disk can do). Every timed j
 same idle time (`--idle`): on this kind of VM freed pages go back to the host within seconds, and a
 writer that reuses still-mapped page-cache pages is faster than one that faults in fresh ones. The
 jobs are interleaved, `--repeats` times; the best of each is reported with their ratio, expand's CPU
-time and its peak RSS (it must stay near a shard, not grow with the output).
+time and its peak RSS (it must stay near a shard, not grow with the output). `--baseline DIR` times
+another checkout's `samoe expand` (e.g. main's) in the same run, interleaved.
 
     .venv/bin/python benchmarks/expand_io.py [--dir /tmp/samoe-bench] [--repeats 3] [--idle 5] [--workers 2]
+                                             [--baseline /path/to/main-checkout]
 """
 
 from __future__ import annotations
@@ -65,14 +67,14 @@ def _first_write(out: Path, start: float, stop: threading.Event, seen: dict) -> 
         time.sleep(0.002)
 
 
-def run_expand(src: Path, out: Path, workers: int) -> dict:
-    """`samoe expand` in a fresh process, timed from before its start to its exit."""
-    env = child_env(src.parent)
+def run_expand(src: Path, out: Path, workers: int, tree: Path = ROOT) -> dict:
+    """`samoe expand` of checkout `tree` in a fresh process, timed from before its start to its exit."""
+    env = child_env(src.parent / tree.name, tree)
     cmd = [*samoe(), "expand", str(src), "--out", str(out), *EXPAND_ARGS, "--workers", str(workers)]
     seen: dict = {}
     stop = threading.Event()
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tree)
     poller = threading.Thread(target=_first_write, args=(out, start, stop, seen), daemon=True)
     poller.start()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -124,36 +126,45 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--results", type=Path, default=None, help="also write the table here (default: "
                     "benchmarks/results-expand-io-<date>.txt)")
+    ap.add_argument("--baseline", type=Path, default=None, help="another checkout (e.g. main) whose `samoe expand` "
+                    "is timed too, interleaved, in the same run")
     args = ap.parse_args()
+    trees = {"this tree": ROOT} | ({f"baseline {args.baseline}": args.baseline.resolve()} if args.baseline else {})
     work = args.dir / "expand-io"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
         params = make_source(work / "src")
         buf = _chunk()
-        runs, direct = [], []
+        runs: dict[str, list[dict]] = {label: [] for label in trees}
+        direct: list[float] = []
         for _ in range(args.repeats):
+            for label, tree in trees.items():
+                time.sleep(args.idle)
+                runs[label].append(run_expand(work / "src", work / "grown", args.workers, tree))
+                shutil.rmtree(work / "grown")
             time.sleep(args.idle)
-            runs.append(run_expand(work / "src", work / "grown", args.workers))
-            shutil.rmtree(work / "grown")
-            time.sleep(args.idle)
-            direct.append(direct_write(work / "plain", runs[-1]["shards"], buf))
+            direct.append(direct_write(work / "plain", runs["this tree"][-1]["shards"], buf))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    best = min(runs, key=lambda r: r["seconds"])
-    gb = sum(best["shards"]) / 1e9
+    shards = runs["this tree"][0]["shards"]
+    gb = sum(shards) / 1e9
     lines = [
         f"# benchmarks/expand_io.py, {date.today()}, {platform.node()}, {os.cpu_count()} CPUs, --workers {args.workers}",
         f"case: ViT-B-width fp32 source ({params / 1e6:.0f}M params, 2 experts x 12 blocks) -> 20 experts in 4 groups "
-        f"+ 1 extra block, {' '.join(EXPAND_ARGS[-4:])}: {gb:.2f} GB in {len(best['shards'])} shard(s)",
-        "samoe expand, end to end (process start to exit): " + ", ".join(f"{r['seconds']:.2f}" for r in runs) + " s",
-        "O_DIRECT write of the same bytes, same disk:      " + ", ".join(f"{t:.2f}" for t in direct) + " s",
-        "time to first write:                             " + ", ".join(f"{r['first_write_s']:.2f}" for r in runs) + " s",
-        f"best: expand {best['seconds']:.2f} s ({gb / best['seconds']:.2f} GB/s; CPU {best['user_s']:.1f} user + "
-        f"{best['sys_s']:.1f} sys; peak RSS {best['peak_rss'] / 2**30:.2f} GiB) | O_DIRECT {min(direct):.2f} s "
-        f"({gb / min(direct):.2f} GB/s) | expand / O_DIRECT = {best['seconds'] / min(direct):.2f}x | "
-        f"first write after {min(r['first_write_s'] for r in runs):.2f} s",
+        f"+ 1 extra block, {' '.join(EXPAND_ARGS[-4:])}: {gb:.2f} GB in {len(shards)} shard(s)",
+        "O_DIRECT write of the same bytes, same disk: " + ", ".join(f"{t:.2f}" for t in direct) + " s",
     ]
+    for label, rs in runs.items():
+        best = min(rs, key=lambda r: r["seconds"])
+        lines += [
+            f"{label}: samoe expand, process start to exit: " + ", ".join(f"{r['seconds']:.2f}" for r in rs) + " s; "
+            "first write after " + ", ".join(f"{r['first_write_s']:.2f}" for r in rs) + " s",
+            f"{label}: best {best['seconds']:.2f} s ({gb / best['seconds']:.2f} GB/s; CPU {best['user_s']:.1f} user + "
+            f"{best['sys_s']:.1f} sys; peak RSS {best['peak_rss'] / 2**30:.2f} GiB) | O_DIRECT best {min(direct):.2f} s "
+            f"({gb / min(direct):.2f} GB/s) | expand / O_DIRECT = {best['seconds'] / min(direct):.2f}x | "
+            f"first write after {min(r['first_write_s'] for r in rs):.2f} s",
+        ]
     text = "\n".join(lines) + "\n"
     print(text, end="")
     out = args.results or ROOT / "benchmarks" / f"results-expand-io-{date.today()}.txt"

@@ -68,11 +68,11 @@ def samoe() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "cli"]
 
 
-def child_env(bench_dir: Path) -> dict[str, str]:
-    """This tree first on the path, and bytecode cached (under the bench folder) as an installed samoe's is:
-    compiling our modules afresh in every run would time the compiler."""
+def child_env(bench_dir: Path, tree: Path = ROOT) -> dict[str, str]:
+    """Checkout `tree` first on the path, and bytecode cached (under the bench folder) as an installed samoe's
+    is: compiling our modules afresh in every run would time the compiler."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    return dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    return dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])),
                 PYTHONPYCACHEPREFIX=str(bench_dir / "pycache"))
 
 
