@@ -171,9 +171,9 @@ class GaussianNoise:
 
     def indices(self, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """n uniform indices in [0, 65536) as int32 (what index_select takes)."""
-        raw = torch.from_numpy(self.bits.random_raw((n + 3) // 4).view(np.int16)[:n])
+        raw = torch.from_numpy(self.bits.random_raw((n + 3) // 4).view(np.uint16)[:n])
         out = torch.empty(n, dtype=torch.int32) if out is None else out[:n]
-        return out.copy_(raw).bitwise_and_(0xFFFF)
+        return out.copy_(raw)  # zero-extends
 
     def sample(self, n: int, std: float, dtype: torch.dtype) -> torch.Tensor:
         out = torch.empty(n, dtype=dtype)
