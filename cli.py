@@ -136,8 +136,7 @@ def _one_job(path: Path, option: str = "--out") -> Any:
 @contextmanager
 def _collector_off() -> Iterator[None]:
     """Import torch with the cyclic garbage collector off: its ~10^6 import-time objects set off repeated
-    full collections that find nothing (about a fifth of `import torch`). They are frozen afterwards, so
-    later collections skip them too."""
+    full collections that find nothing. They are frozen afterwards, so later collections skip them too."""
     gc.disable()
     try:
         yield

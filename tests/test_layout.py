@@ -39,3 +39,29 @@ def test_layout_equals_the_meta_model(name: str):
     expected = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
     assert list(state_shapes(cfg).items()) == expected
     assert {k for k in state_shapes(cfg) if is_buffer(k)} == {k for k, _ in model.named_buffers()}
+
+
+@pytest.mark.parametrize("source, spec", [
+    ("1.5b", GrowthSpec(experts=117, groups=resolve_groups(16, 117, "8", 1), extra_blocks=1)),
+    ("tiny", GrowthSpec(experts=16, groups=(4, 4, 4, 4), core_groups=0, replicate=True, noise_std=0.0, extra_blocks=2,
+                        extra_dense=True)),
+], ids=["10b", "tiny replicas"])
+def test_plan_counts_equal_the_meta_models(source: str, spec: GrowthSpec):
+    """`samoe plan`'s parameter counts and memory table, computed from the config, against the same quantities
+    read off the meta-device models (what plan computed before it stopped importing torch)."""
+    from stages.plan import plan_report, stage_memory
+    from upscale.growth import planned_provenance
+
+    src_cfg = LAYOUTS["tiny" if source == "tiny" else "1.5b"]
+    report = plan_report(src_cfg, spec, "bfloat16", last_k=3)
+    cfg = grown_config(src_cfg, spec)
+    grown, src_model = build_model(cfg, device="meta"), build_model(src_cfg, device="meta")
+    shapes = {k: tuple(v.shape) for k, v in grown.state_dict().items()}
+    assert report["total_params"] == sum(t.numel() for t in grown.state_dict().values())
+    assert report["source_params"] == sum(t.numel() for t in src_model.state_dict().values())
+    memory = stage_memory(cfg, {k: tuple(v.shape) for k, v in grown.named_parameters()},
+                          planned_provenance(src_cfg, cfg, shapes), 2, last_k=3)
+    buffers = sum(b.numel() for b in grown.buffers()) * 2
+    for stage, v in memory.items():
+        assert report["memory_per_stage"][stage] == dict(v, weights_bytes=v["weights_bytes"] + buffers,
+                                                         total_bytes=v["total_bytes"] + buffers)

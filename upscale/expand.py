@@ -91,7 +91,7 @@ def _std(x: torch.Tensor) -> float:
 
 def all_finite(tensor: torch.Tensor) -> bool:
     """Whether a tensor holds no NaN or Inf. A NaN or Inf makes the sum NaN or Inf, so a finite sum (one
-    vectorised pass, ~15x cheaper than `isfinite(...).all()` and its full-size masks) proves it; only a
+    vectorised pass, where `isfinite(...).all()` makes several and full-size masks) proves it; only a
     sum that overflowed (or a real NaN/Inf) takes the exact check."""
     if not tensor.is_floating_point() or math.isfinite(float(tensor.sum(dtype=torch.float32))):
         return True
@@ -181,7 +181,8 @@ class GaussianNoise:
         return out
 
     def add_to(self, base: torch.Tensor, std: float, out: torch.Tensor) -> None:
-        """out = base + N(0, std^2) noise: noise in base's dtype, the sum rounded once into out's dtype."""
+        """out = base + N(0, std^2) noise, noise and sum in base's dtype, stored as out's dtype (rounded once
+        where out is narrower: the fused add and cast)."""
         table = (unit_gaussian_table() * std).to(base.dtype)
         if self.noise is None or self.noise.dtype != base.dtype:
             self.noise = torch.empty(self.CHUNK, dtype=base.dtype)
