@@ -12,9 +12,10 @@ import gc
 import inspect
 import json
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -130,6 +131,18 @@ def _one_job(path: Path, option: str = "--out") -> Any:
     from upscale.ownership import exclusive
 
     return exclusive(path, option)
+
+
+@contextmanager
+def _collector_off() -> Iterator[None]:
+    """Import torch with the cyclic garbage collector off: its ~10^6 import-time objects set off repeated
+    full collections that find nothing. They are frozen afterwards, so later collections skip them too."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 def _command_line() -> list[str]:
@@ -350,7 +363,7 @@ def _routing_summary(report: dict[str, Any], routed: bool) -> str:
 def _growth_spec(source_cfg: Any, g: _Growth, init: str, noise_std: float, interp_weight: float, seed: int,
                  reinit_ratio: float = 0.0) -> Any:
     from upscale.errors import SamoeError
-    from upscale.expand import GrowthSpec, resolve_groups, resolve_replicas
+    from upscale.growth import GrowthSpec, resolve_groups, resolve_replicas
 
     if g.replicate and g.core_groups != 1:
         raise SamoeError("--replicate has no core group (every group is a copy of the source's experts): drop --core-groups")
@@ -441,8 +454,8 @@ def plan(
     last_k: int = typer.Option(4, "--last-k", min=0, help="Stage 2 unfreezes the FFN/MoE of the last K ViT blocks."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Parameter counts and per-stage memory of a grown model, computed on the meta device; writes nothing."""
-    from upscale.checkpoint import Checkpoint, parse_dtype
+    """Parameter counts, per-stage memory and forward FLOPs of a grown model, from its config; writes nothing."""
+    from upscale.checkpoint import Checkpoint, check_dtype
     from upscale.config import get_preset
     from upscale.errors import SamoeError
     from stages.plan import plan_report
@@ -451,7 +464,7 @@ def plan(
         raise SamoeError("give exactly one of a SOURCE checkpoint or --preset NAME")
     src_cfg = get_preset(preset) if preset else Checkpoint.open(source).config
     spec = _growth_spec(src_cfg, growth, "copy-noise", 0.0, 0.3, 0)
-    report = plan_report(src_cfg, spec, parse_dtype(dtype), last_k=last_k)
+    report = plan_report(src_cfg, spec, check_dtype(dtype), last_k=last_k)
     if as_json:
         _print_json(report)
         return
@@ -505,8 +518,9 @@ def expand(
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
     from upscale.checkpoint import Checkpoint, parse_dtype
-    from upscale.expand import expand_checkpoint
 
+    with _collector_off():
+        from upscale.expand import expand_checkpoint
     src = Checkpoint.open(source)
     images = None
     if verify is not None:  # resolve the device, read the --verify images before writing anything: a bad one leaves no --out

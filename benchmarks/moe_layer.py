@@ -28,12 +28,12 @@ import statistics
 import time
 
 import torch
-from segment_anything.modeling.common import MLPBlock
 from torch import nn
 
 from stages.master import BankMasters, expert_bank_params
 from upscale.config import MoEConfig
 from upscale.moe import MoEMLP
+from upscale.sam import MLPBlock
 
 CASES = [  # name, D, H, MoEConfig
     ("tiny  16e", 64, 256, MoEConfig(groups=(16,), top_k=2)),

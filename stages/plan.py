@@ -16,7 +16,8 @@ sets an absolute rate instead.
 Provenance comes from `samoe.json`; expert banks carry one entry per expert and
 are trainable when any of their experts is new (banks are per group, and a
 group is either all source or all new). `plan_report` is `samoe plan`: a grown
-model's parameter counts and this memory model, before anything is written.
+model's parameter counts and this memory model, before anything is written,
+computed from the config alone (no torch: `samoe plan` answers at once).
 """
 
 from __future__ import annotations
@@ -26,14 +27,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from upscale.checkpoint import dtype_name
+from upscale.checkpoint import DTYPE_BYTES, check_dtype
 from upscale.config import SamMoEConfig
 from upscale.errors import SamoeError
-from upscale.expand import GrowthSpec, grown_config, planned_provenance
 from upscale.flops import forward_flops
-from upscale.model import build_model
+from upscale.growth import GrowthSpec, grown_config, planned_provenance
+from upscale.layout import is_buffer, numel, state_shapes
 from upscale.roles import is_source, param_role
 from upscale.summary import summarize
 
@@ -110,10 +109,10 @@ def stage_memory(cfg: SamMoEConfig, shapes: dict[str, tuple[int, ...]], provenan
     trainable tensors and have the parameter dtype.
     """
     out = {}
-    numel = {n: _numel(s) for n, s in shapes.items()}
-    total = sum(numel.values())
+    sizes = {n: numel(s) for n, s in shapes.items()}
+    total = sum(sizes.values())
     for stage in STAGES:
-        trainable = sum(numel[n] for n in shapes if is_trainable(n, provenance.get(n, "source"), stage, cfg, last_k,
+        trainable = sum(sizes[n] for n in shapes if is_trainable(n, provenance.get(n, "source"), stage, cfg, last_k,
                                                                   selector_gating))
         out[f"stage{stage}"] = {
             "trainable_params": trainable,
@@ -125,28 +124,19 @@ def stage_memory(cfg: SamMoEConfig, shapes: dict[str, tuple[int, ...]], provenan
     return out
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def plan_report(src_cfg: SamMoEConfig, spec: GrowthSpec, dtype: torch.dtype, last_k: int = 4) -> dict[str, Any]:
+def plan_report(src_cfg: SamMoEConfig, spec: GrowthSpec, dtype: str, last_k: int = 4) -> dict[str, Any]:
     """`samoe plan`: grown parameter counts per component, per-stage memory and forward FLOPs per image (grown
-    and source), from the meta device (stage 2 unfreezes the FFN/MoE of the last `last_k` ViT blocks, as
-    `samoe train --last-k`)."""
+    and source) of weights stored as `dtype` (a checkpoint dtype name); stage 2 unfreezes the FFN/MoE of the
+    last `last_k` ViT blocks, as `samoe train --last-k`."""
     cfg = grown_config(src_cfg, spec)
-    state = build_model(cfg, device="meta").state_dict()
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    esize = DTYPE_BYTES[check_dtype(dtype)]
+    shapes = state_shapes(cfg)
     provenance = planned_provenance(src_cfg, cfg, shapes)
-    esize = torch.empty((), dtype=dtype).element_size()
-    report = summarize(cfg, shapes, provenance, dtype_name(dtype), esize)
-    report["source_params"] = sum(t.numel() for t in build_model(src_cfg, device="meta").state_dict().values())
+    report = summarize(cfg, shapes, provenance, dtype, esize)
+    report["source_params"] = sum(numel(s) for s in state_shapes(src_cfg).values())
     # gradients and optimizer state exist for trainable parameters only, never for buffers (e.g. selector alphas)
-    model = build_model(cfg, device="meta")
-    params = {k: tuple(v.shape) for k, v in model.named_parameters()}
-    buffer_bytes = sum(b.numel() for b in model.buffers()) * esize
+    params = {k: s for k, s in shapes.items() if not is_buffer(k)}
+    buffer_bytes = sum(numel(s) for k, s in shapes.items() if is_buffer(k)) * esize
     report["memory_per_stage"] = stage_memory(cfg, params, provenance, esize, last_k=last_k)
     for stage in report["memory_per_stage"].values():
         stage["weights_bytes"] += buffer_bytes
