@@ -1,4 +1,8 @@
-"""Growth experiment: does growing pay, at equal training compute, on a capacity-bound set?
+"""The growth protocol on the `hard` set, as measured until 2026-11-27: does growing pay at equal compute?
+
+This is the old `benchmarks/growth.py`, kept so that the scripts beside it (growth_sweep.py,
+scratch_check.py) and the results in results/ can be reproduced; the product's growth benchmark is
+now `benchmarks/growth.py` on the `codebook` set. What it measured is in docs/growth-experiments.md.
 
 On `samoe demo-data --preset hard` (10 SAR classes, stages/hard_scenes.py), for each seed:
   source  the tiny model (0.54M) trained from scratch for S forward+backward FLOPs;
@@ -15,9 +19,9 @@ stage 1 learns from the source's pseudo-labels of B, as the growth plan prescrib
 All arms are evaluated on the held-out A-test; differences come with 95% intervals from a
 paired bootstrap over (seed, image) pairs; per-seed differences are printed too.
 
-    .venv/bin/python benchmarks/growth.py [--seeds 0 1 2] [--work /tmp/samoe-growth]
+    python experiments/growth/hard_protocol.py [--seeds 0 1 2] [--work /tmp/samoe-growth]
 
-Defaults finish in about an hour on a 2-core CPU. The table it prints is in the README.
+Defaults finish in about an hour on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # experiments/growth/ -> the repository root
 sys.path.insert(0, str(REPO))
 GROW = ["--experts", "16", "--groups", "4", "--extra-blocks", "1"]
 STAGE_SHARE = {1: 0.4, 2: 0.3, 3: 0.3}

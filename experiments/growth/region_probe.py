@@ -8,18 +8,21 @@ answer. Near chance means no per-token router over these (frozen) features can r
 `--pooled` probes each image's token mean and std instead (what a router given the image's
 context would see): the region is an image-wide statistic (the sensor's noise floor).
 
-    .venv/bin/python benchmarks/region_probe.py CKPT /tmp/gw7/region0/A-test /tmp/gw7/region1/A-test ...
+    python experiments/growth/region_probe.py CKPT /tmp/gw7/region0/A-test /tmp/gw7/region1/A-test ...
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
-from stages.data import LabelledFolder
-from upscale import load_model
-from upscale.moe import image_stats
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
+from stages.data import LabelledFolder  # noqa: E402
+from upscale import load_model  # noqa: E402
+from upscale.moe import image_stats  # noqa: E402
 
 
 def block_inputs(model: torch.nn.Module, images: torch.Tensor, blocks: list[int], pooled: bool = False) -> dict[int, torch.Tensor]:
