@@ -68,29 +68,11 @@ def samoe(*args: str, out: Path | None = None) -> str:
 
 
 def step_flops(ckpt: Path, stage: int, data: Path, unlabelled: Path | None, batch_size: int) -> float:
-    """Forward+backward FLOPs of one training step (both phases) of `ckpt` in `stage`."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Forward+backward FLOPs of one training step (both phases) of `ckpt` in `stage`: the product
+    benchmark's count (benchmarks/protocol.py), in this protocol's argument order."""
+    from benchmarks.protocol import step_flops as count
 
-    from stages.engine import apply_stage, open_labelled, train_step
-    from stages.data import UnlabelledFolder
-    from stages.optim import build_optimizers
-    from upscale.checkpoint import Checkpoint, load_model
-    from upscale.flops import per_expert_matmuls
-
-    ck = Checkpoint.open(ckpt)
-    model = load_model(ckpt)
-    apply_stage(model, ck.provenance, stage, 4)
-    opts = build_optimizers(model, 0.0)  # lr 0: counting must not change anything that matters
-    cfg = model.config
-    ds = open_labelled(data, cfg.num_classes, cfg.img_size)
-    batch = torch.utils.data.default_collate([ds[i] for i in range(batch_size)])
-    ubatch = None
-    if unlabelled is not None:
-        uds = UnlabelledFolder(unlabelled, size=cfg.img_size)
-        ubatch = torch.utils.data.default_collate([uds[i] for i in range(batch_size)])
-    with per_expert_matmuls(), FlopCounterMode(display=False) as counter:
-        train_step(model, opts, batch, ubatch, 1.0, 0.01, False, 0)
-    return float(counter.get_total_flops())
+    return count(ckpt, stage, data, batch_size, unlabelled)
 
 
 def image_stats(ckpt: Path, data: Path, limit: int = 0):
