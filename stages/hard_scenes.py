@@ -20,8 +20,9 @@ does:
 Per pixel, 4-look speckle spreads a level by about +-2 dB; separating 2-4 dB
 ratio differences, texture orders and stripe orientations takes averaging over
 neighbourhoods and non-linear combinations of statistics: capacity.
-`benchmarks/growth.py` shows that a larger model trained from scratch beats the
-tiny one on this set with a paired bootstrap interval that excludes zero.
+The first growth experiment (docs/growth-experiments.md, 2026-11-25) showed that a
+larger model trained from scratch beats the tiny one on this set with a paired
+bootstrap interval that excludes zero.
 
 Regions (`--regions D`). On one region the tiny model ends up classifying the
 inside of parcels almost perfectly (98-99% accuracy farther than 8 px from a

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of what samoe reads from checkpoint directories (issue 15).
+"""Property-based fuzzing of what samoe reads from checkpoint directories.
 
 Hypothesis mutates a real tiny checkpoint: its safetensors shard header (near-valid
 perturbations of shapes, offsets and dtypes, foreign JSON values, raw bytes, a wrong

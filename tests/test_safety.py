@@ -1,7 +1,7 @@
-"""Issue 15, part B: no command destroys what it did not make, one job per output, a run's
+"""No command destroys what it did not make, one job per output, a run's
 identity includes its data, failed commands leave nothing misleading, bad numbers are one line.
 
-Each test names the numbered case of issue 15 it covers. The CLI runs in-process (typer's
+Tests are grouped by case (the sections below). The CLI runs in-process (typer's
 runner: real exit codes and stderr) except where a second process is the point.
 """
 

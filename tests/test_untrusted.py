@@ -1,4 +1,4 @@
-"""Checkpoint and run directories are untrusted input (issue 15, part A).
+"""Checkpoint and run directories are untrusted input.
 
 Oracles: a marker file that a planted pickle would create (it must not exist
 after the command), the exit-code contract (bad input: exit 2, exactly one

@@ -12,7 +12,7 @@ A new expert's origin is the core expert nearest to it at growth (copy + noise l
 sibling" stays near the growth noise (0.01 by default), training never made the copies different: the grown model
 computes the source's function with redundant parameters, and cannot beat the source trained further.
 
-    python benchmarks/expert_drift.py W/seed0/grown-blocks0+rk1 W/seed0/sweep-ft_0.05+mix@blocks0+rk1-E0.5/final \
+    python experiments/growth/expert_drift.py W/seed0/grown-blocks0+rk1 W/seed0/sweep-ft_0.05+mix@blocks0+rk1-E0.5/final \
         --a W/seed0/source/final W/seed0/sweep-a_0.05-E0.5/final
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 from upscale.checkpoint import Checkpoint  # noqa: E402
 
 

@@ -8,18 +8,27 @@ answer. Near chance means no per-token router over these (frozen) features can r
 `--pooled` probes each image's token mean and std instead (what a router given the image's
 context would see): the region is an image-wide statistic (the sensor's noise floor).
 
-    .venv/bin/python benchmarks/region_probe.py CKPT /tmp/gw7/region0/A-test /tmp/gw7/region1/A-test ...
+    python experiments/growth/region_probe.py CKPT /tmp/gw7/region0/A-test /tmp/gw7/region1/A-test ...
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
-from stages.data import LabelledFolder
-from upscale import load_model
-from upscale.moe import image_stats
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
+from stages.data import LabelledFolder  # noqa: E402
+from upscale import load_model  # noqa: E402
+
+
+def image_stats(x: torch.Tensor) -> torch.Tensor:
+    """(B, ..., D) -> (B, 2 D): the mean and standard deviation of each image's tokens (the image context
+    that `expand --image-context` routed by, kept here since that variant left the product)."""
+    std, mean = torch.std_mean(x.reshape(x.shape[0], -1, x.shape[-1]), dim=1, correction=0)
+    return torch.cat([mean, std], dim=-1)
 
 
 def block_inputs(model: torch.nn.Module, images: torch.Tensor, blocks: list[int], pooled: bool = False) -> dict[int, torch.Tensor]:
@@ -28,7 +37,7 @@ def block_inputs(model: torch.nn.Module, images: torch.Tensor, blocks: list[int]
 
     def keep(b: int, x: torch.Tensor) -> None:
         x = x.detach()
-        got[b] = image_stats(x) if pooled else x.reshape(-1, x.shape[-1])  # pooled: what --image-context routes by
+        got[b] = image_stats(x) if pooled else x.reshape(-1, x.shape[-1])  # pooled: what --image-context routed by
 
     hooks = [model.image_encoder.blocks[b].mlp.register_forward_pre_hook(lambda mod, args, b=b: keep(b, args[0]))
              for b in blocks]

@@ -3,15 +3,15 @@
 Growth can only beat "train the source further" at equal compute if, at that compute, the grown
 architecture is the better use of it. This checks that premise directly, one component at a time,
 before any growth experiment: for each seed, the tiny model (`samoe init --preset tiny`, as
-growth.py makes it) is trained from scratch for `--source-steps` steps, and each larger layout
+hard_protocol.py makes it) is trained from scratch for `--source-steps` steps, and each larger layout
 (`--variants`, growth_sweep.py's `@variant` syntax: blocks<n>, rk<k>, noise<std>, ...; the untrained
-init grown with it, as growth.py's arm (c)) for the same forward+backward FLOPs, counted as in
-growth.py, so a costlier step buys fewer steps. Every run uses the same data, learning rate and
+init grown with it, as hard_protocol.py's arm (c)) for the same forward+backward FLOPs, counted as in
+hard_protocol.py, so a costlier step buys fewer steps. Every run uses the same data, learning rate and
 batch. Scores on the `--test` folders (pooled: e.g. one per region), mIoU against the tiny model
 with paired bootstrap 95% intervals over images, and over seeds then images, also for the mean of each
 seed's own mIoU (pooled mIoU rewards seeds that learnt different look-alike classes).
 
-    python benchmarks/scratch_check.py --data D --out W --seeds 0 1 --source-steps 1536 \
+    python experiments/growth/scratch_check.py --data D --out W --seeds 0 1 --source-steps 1536 \
         --variants blocks0+rk1+noise0.5 rk1+noise0.5 --test T/A-test
 
 Runs already complete under --out are reused (a run of the same command finishes the rest).
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-import growth
-from growth import concat, samoe, step_flops, train
+import hard_protocol
+from hard_protocol import concat, samoe, step_flops, train
 from growth_sweep import ci, folder_key, growth_args, scores, seed_labels
 
 
@@ -63,8 +63,8 @@ def main() -> None:
     for folder in (args.data / "A", *args.test):
         if not (folder / "images").is_dir():
             ap.error(f"{folder} has no images/ folder: pass --data a demo-data folder and --test labelled folders")
-    growth.REUSE, growth.THREADS, growth.BATCH = True, args.threads, args.batch_size
-    growth.DEVICE = ["--device", args.device] if args.device else []
+    hard_protocol.REUSE, hard_protocol.THREADS, hard_protocol.BATCH = True, args.threads, args.batch_size
+    hard_protocol.DEVICE = ["--device", args.device] if args.device else []
     t0 = time.perf_counter()
     starts = {s: prepare(args.out, args.data, s, args.variants, args.batch_size) for s in args.seeds}
     names = ["tiny", *args.variants]

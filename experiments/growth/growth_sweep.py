@@ -1,9 +1,9 @@
-"""Schedules for the growth experiment's (a) and (b) arms, side by side, on sources that growth.py trained.
+"""Schedules for the growth experiment's (a) and (b) arms, side by side, on sources that hard_protocol.py trained.
 
-growth.py runs one schedule per arm; this runs several, for every seed at once (one process per
-run, `--jobs` at a time), from the sources and grown checkpoints of a growth.py work folder
+hard_protocol.py runs one schedule per arm; this runs several, for every seed at once (one process per
+run, `--jobs` at a time), from the sources and grown checkpoints of a hard_protocol.py work folder
 (`--work`, laid out as seed<N>/source/final and seed<N>/grown). Every arm gets the same extra
-compute E = `--extra` x the source's S, counted as in growth.py (FLOPs of one real step of each
+compute E = `--extra` x the source's S, counted as in hard_protocol.py (FLOPs of one real step of each
 stage, so the grown model's costlier steps buy it fewer of them). Arms:
 
     a:<lr>                  the source trained further (stage 3)
@@ -38,8 +38,8 @@ from another seed).
 `--converge N` first trains each source N more steps (and grows that): growth is for a model that has
 stopped improving, and on an under-trained source "train it further" wins by default.
 
-    python benchmarks/growth_sweep.py --work W --extra 0.5 --arms a:0.05 a:0.1 ft:0.1 staged:10/30/60:0.1/0.1/0.1
-    python benchmarks/growth_sweep.py --work W --converge 864 --converge-lr 0.2 --converge-batch 16 --extra 2 \
+    python experiments/growth/growth_sweep.py --work W --extra 0.5 --arms a:0.05 a:0.1 ft:0.1 staged:10/30/60:0.1/0.1/0.1
+    python experiments/growth/growth_sweep.py --work W --converge 864 --converge-lr 0.2 --converge-batch 16 --extra 2 \
         --arms a:0.02 a:0.01 a:0.05 ft:0.02 ft:0.05 staged:5/15/80:0.05/0.02/0.02 --test T/A-test
 """
 
@@ -56,8 +56,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import growth
-from growth import concat, image_stats, samoe, step_flops, train
+import hard_protocol
+from hard_protocol import concat, image_stats, samoe, step_flops, train
 
 
 def flops(w: Path, d: Path, batch: int) -> dict[str, float]:
@@ -83,11 +83,11 @@ LAYOUT_PARTS = ("blocks", "rk", "rep")  # variant parts that change the grown la
 def growth_args(variant: str) -> list[str]:
     """expand's options for an arm's `@variant`: parts joined by '+', each one of noise<std> or interp<w> (the
     init; default copy + 1% noise), reinit<r> (Drop-Upcycling: `--reinit-ratio r`), blocks<n> (n extra blocks
-    instead of growth.py's 1), rk<k> (k experts per token inside a chosen new group: `--routed-top-k`) or th
+    instead of hard_protocol.py's 1), rk<k> (k experts per token inside a chosen new group: `--routed-top-k`) or th
     (`--token-handover`) or ctx (`--image-context`) or rep (`--replicate`: 4 exact copies of the source's experts,
     one per token, at the source's cost per token) or res (`--residual-experts`: new groups add to the source's
-    experts' output, their output layers zero at growth); '' is growth.py's growth."""
-    layout, init, extra = list(growth.GROW), ["--noise-std", "0.01"], []
+    experts' output, their output layers zero at growth); '' is hard_protocol.py's growth."""
+    layout, init, extra = list(hard_protocol.GROW), ["--noise-std", "0.01"], []
     for part in filter(None, variant.split("+")):
         if part.startswith("blocks"):
             layout[layout.index("--extra-blocks") + 1] = part[len("blocks"):]
@@ -161,7 +161,7 @@ def run_arm(arm: str, w: Path, d: Path, seed: int, E: float, f: dict[str, float]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, required=True, help="a growth.py work folder (its sources are reused)")
+    ap.add_argument("--work", type=Path, required=True, help="a hard_protocol.py work folder (its sources are reused)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", required=True)
     ap.add_argument("--extra", type=float, default=0.5)
@@ -185,15 +185,15 @@ def main() -> None:
                          "the set, not the model's capacity, limits what growth can add")
     ap.add_argument("--device", default=None, help="samoe train's --device for every run (e.g. cuda)")
     args = ap.parse_args()
-    growth.REUSE, growth.THREADS, growth.BATCH = True, args.threads, args.batch_size
-    growth.DEVICE = ["--device", args.device] if args.device else []
+    hard_protocol.REUSE, hard_protocol.THREADS, hard_protocol.BATCH = True, args.threads, args.batch_size
+    hard_protocol.DEVICE = ["--device", args.device] if args.device else []
     d, t0 = args.work / "data", time.perf_counter()
     if args.converge:
-        growth.THREADS = args.converge_threads or args.threads
+        hard_protocol.THREADS = args.converge_threads or args.threads
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             list(pool.map(lambda s: converge(args.work, s, args.converge, args.converge_lr, args.converge_batch), args.seeds))
         args.work = args.work / f"converged-{args.converge}"
-        growth.THREADS = args.threads
+        hard_protocol.THREADS = args.threads
 
     def pseudo_label(w: Path) -> None:
         samoe("pseudo-label", str(w / "source" / "final"), "--images", str(d / "B"), "--out", str(w / "B-pseudo"),
