@@ -20,7 +20,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -225,6 +225,18 @@ def _one_job(path: Path, option: str = "--out") -> Any:
     return exclusive(path, option)
 
 
+@contextmanager
+def _collector_off() -> Iterator[None]:
+    """Import torch with the cyclic garbage collector off: its ~10^6 import-time objects set off repeated
+    full collections that find nothing. They are frozen afterwards, so later collections skip them too."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
 def _command_line() -> list[str]:
     return ["samoe", *sys.argv[1:]]
 
@@ -398,8 +410,11 @@ def demo_data(
     test: int = typer.Option(12, "--test", min=0),
     size: int = typer.Option(128, "--size", min=16, max=8192),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX),
-    preset: str = typer.Option("easy", "--preset", help="easy: 4 classes far apart (the demo) | hard: 10 classes told apart "
-                                                        "by polarimetric ratio, texture, rows and context (capacity-bound)."),
+    preset: str = typer.Option("easy", "--preset", help="easy: 4 classes far apart | hard: 10 classes told apart "
+                                                        "by polarimetric ratio, texture, rows and context | codebook: 16 "
+                                                        "classes, each a set of parcel signatures (knowledge-bound)."),
+    signatures: Optional[int] = typer.Option(None, "--signatures", min=1, help="codebook only: signature -> class facts "
+                                             "the scenes draw from (default 960; more facts need more capacity)."),
     regions: int = typer.Option(1, "--regions", min=1, max=64, help="hard only: scenes from this many regions, each with "
                                 "its own class signatures and sensor noise floor (knowledge a larger model must hold)."),
     region: Optional[int] = typer.Option(None, "--region", min=0, help="hard only: every scene from this region "
@@ -412,7 +427,7 @@ def demo_data(
 
     with _one_job(out), console.status("writing demo data...", spinner="dots"):
         summary = make_demo_data(out, labelled=labelled, unlabelled=unlabelled, test=test, size=size, seed=seed, force=force,
-                                 preset=preset, regions=regions, region=region)
+                                 preset=preset, regions=regions, region=region, signatures=signatures)
     if as_json:
         _print_json(summary)
     else:
@@ -445,7 +460,7 @@ def _routing_summary(report: dict[str, Any], routed: bool) -> str:
 def _growth_spec(source_cfg: Any, g: _Growth, init: str, noise_std: float, interp_weight: float, seed: int,
                  reinit_ratio: float = 0.0) -> Any:
     from upscale.errors import SamoeError
-    from upscale.expand import GrowthSpec, resolve_groups, resolve_replicas
+    from upscale.growth import GrowthSpec, resolve_groups, resolve_replicas
 
     if g.replicate and g.core_groups != 1:
         raise SamoeError("--replicate has no core group (every group is a copy of the source's experts): drop --core-groups")
@@ -536,8 +551,8 @@ def plan(
     last_k: int = typer.Option(4, "--last-k", min=0, help="Stage 2 unfreezes the FFN/MoE of the last K ViT blocks."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Parameter counts and per-stage memory of a grown model, computed on the meta device; writes nothing."""
-    from upscale.checkpoint import Checkpoint, parse_dtype
+    """Parameter counts, per-stage memory and forward FLOPs of a grown model, from its config; writes nothing."""
+    from upscale.checkpoint import Checkpoint, check_dtype
     from upscale.config import get_preset
     from upscale.errors import SamoeError
     from stages.plan import plan_report
@@ -546,7 +561,7 @@ def plan(
         raise SamoeError("give exactly one of a SOURCE checkpoint or --preset NAME")
     src_cfg = get_preset(preset) if preset else Checkpoint.open(source).config
     spec = _growth_spec(src_cfg, growth, "copy-noise", 0.0, 0.3, 0)
-    report = plan_report(src_cfg, spec, parse_dtype(dtype), last_k=last_k)
+    report = plan_report(src_cfg, spec, check_dtype(dtype), last_k=last_k)
     if as_json:
         _print_json(report)
         return
@@ -600,8 +615,9 @@ def expand(
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
     from upscale.checkpoint import Checkpoint, parse_dtype
-    from upscale.expand import expand_checkpoint
 
+    with _collector_off():
+        from upscale.expand import expand_checkpoint
     src = Checkpoint.open(source)  # opened once: growth, lineage digest and --verify all read these files
     images = None
     if verify is not None:  # resolve the device, read the --verify images before writing anything: a bad one leaves no --out
@@ -656,13 +672,19 @@ def train(
     stage: int = typer.Option(..., "--stage", min=1, max=3, help="1 integration | 2 collaboration | 3 full fine-tune."),
     source: Path = typer.Option(..., "--from", help="Input checkpoint (expand output, or the previous stage's RUN/final)."),
     run_dir: Path = typer.Option(..., "--run-dir", help="Run directory (re-running the same command resumes)."),
-    data: Path = typer.Option(..., "--data", help="Labelled (images/ + masks/) or pseudo-labelled folder."),
+    data: list[Path] = typer.Option(..., "--data", help="Labelled (images/ + masks/) or pseudo-labelled folder; repeat "
+                                    "to train on several as one set (e.g. labelled data mixed into pseudo-labels)."),
     unlabelled: Optional[Path] = typer.Option(None, "--unlabelled", help="Unlabelled folder (images/) for the unsupervised phase."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs over --data (default 200, the seed's timeline)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after N steps."),
     batch_size: int = typer.Option(4, "--batch-size", min=1),
-    lr: Optional[float] = typer.Option(None, "--lr", callback=_positive, help="Base LR (default per stage: 1e-2, 1e-3, 1e-4)."),
+    lr: Optional[float] = typer.Option(None, "--lr", callback=_positive, help="Base LR, absolute (default: --lr-scale x the "
+                                       "source's recorded peak LR)."),
+    lr_scale: Optional[float] = typer.Option(None, "--lr-scale", callback=_positive, help="Base LR relative to the source's "
+                                             "own peak LR (default per stage: 1, 0.3, 0.1)."),
     last_k: int = typer.Option(4, "--last-k", min=0, help="Stage 2 unfreezes the FFN/MoE of the last K ViT blocks."),
+    augment: bool = typer.Option(False, "--augment", help="Each labelled image and its targets under a random rotation by "
+                                 "90 degrees and flip (noise on the student; label-preserving for land cover)."),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", min=1, help="Save a step checkpoint every N steps."),
     keep: int = typer.Option(2, "--keep", min=1, help="Step checkpoints kept."),
@@ -818,6 +840,8 @@ def pseudo_label(
     batch_size: int = typer.Option(4, "--batch-size", min=1),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (autocast for the teacher's forward)."),
+    tta: bool = typer.Option(False, "--tta", help="Average the teacher over the 8 rotations and flips of each image "
+                             "(a better teacher, 8x the compute)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Label an unlabelled folder with a teacher checkpoint (resumable: labelled images are skipped)."""
@@ -833,7 +857,7 @@ def pseudo_label(
         task = progress.add_task("label", total=None)
         summary = run_pseudo(checkpoint, images, out, threshold, batch_size, device=torch_device, precision=precision,
                              on_start=lambda n, todo: progress.update(task, total=n, completed=n - todo),
-                             on_image=lambda: progress.advance(task))
+                             on_image=lambda: progress.advance(task), tta=tta)
     if as_json:
         _print_json(summary)
     else:
@@ -918,6 +942,8 @@ def evaluate(
                 nt.add_row(*row)
             console.print(nt)
             console.print(new_parts_verdict(i, ck), soft_wrap=True, markup=False)
+        if "regime" in ck:
+            console.print(f"[{i}] {ck['regime']['line']}", soft_wrap=True, markup=False)
     for i, ck in enumerate(cks):
         r = Table(title=f"routing of [{i}] (groups {ck['groups']}, {layout_label(ck)})")
         for col in ("layer", "group share", "new (tokens)", "new (weight)", "dead", "load CV", "entropy"):

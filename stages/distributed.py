@@ -558,7 +558,7 @@ def _read_rows(f: Any, info: Any, lo: int, hi: int, where: str) -> Tensor:
     A 0-d tensor is read whole. `info` is the header entry Checkpoint.open checked (offset and size
     inside the file), so nothing here trusts the file beyond what was validated.
     """
-    from upscale.checkpoint import ST_DTYPES
+    from upscale.checkpoint import st_dtype
 
     shape = tuple(info.shape)
     if not shape:
@@ -570,7 +570,7 @@ def _read_rows(f: Any, info: Any, lo: int, hi: int, where: str) -> Tensor:
     f.seek(info.offset + lo * row)
     if buf.numel() and f.readinto(memoryview(buf.numpy())) != buf.numel():
         raise SamoeError(f"{where}: tensor data in {info.file} is cut short: the shard is truncated; re-create the checkpoint")
-    return buf.view(ST_DTYPES[info.dtype]).reshape(out_shape)
+    return buf.view(st_dtype(info.dtype)).reshape(out_shape)
 
 
 def _local(t: Tensor) -> Tensor:

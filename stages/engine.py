@@ -53,7 +53,7 @@ from upscale.roles import SEED004_ROLES, in_decoder, param_role
 
 from .checkpointer import Checkpointer, read_run_json
 from .optim import Optimizers, apply_lr, build_optimizers, lr_factor
-from .plan import STAGES, is_trainable
+from .plan import STAGES, is_trainable, stage_lr
 from .semisup import continue_rampup, pseudo_targets, scaled_epochs, sigmoid_rampup, task_losses
 
 if TYPE_CHECKING:
@@ -75,19 +75,22 @@ class TrainConfig:
     stage: int
     source: str
     run_dir: str
-    data: str
+    data: list[str]  # labelled or pseudo-labelled folders, trained on as one set
     unlabelled: str | None = None
     # how long: --epochs (default: the seed's 200-epoch timeline) or --max-steps
     epochs: int | None = None
     max_steps: int | None = None
     batch_size: int = 4
     seed: int = 0
-    # optimizers (stages/optim.py): base lr per stage when None; weight_decay = 5 * 10**wd
+    # optimizers (stages/optim.py): base lr absolute, or lr_scale x the source's recorded peak lr (default: the
+    # stage's scale, stages/plan.py); weight_decay = 5 * 10**wd
     lr: float | None = None
+    lr_scale: float | None = None
     momentum: float = 0.9
     wd: float = -5.0
     router_lr_mult: float = 10.0
     last_k: int = 4  # stage 2 unfreezes the FFN/MoE of the last K ViT blocks
+    augment: bool = False  # each labelled image and its targets under a random symmetry of the square (stages/augment.py)
     selector_gating: bool = False  # stage 1 also trains the source's selector and gating (seed 004)
     # seed 004's schedules, in epochs of a `timeline`-epoch run (they scale to the run's length)
     timeline: int = 200
@@ -111,15 +114,20 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16: autocast on one device, FSDP2 mixed precision under torchrun
     command: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.data, (str, Path)):
+            self.data = [str(self.data)]
+        self.data = [str(d) for d in self.data]
+
     def identity(self) -> dict[str, Any]:
         """The options a resumed run must share with the original one."""
-        keep = ("stage", "data", "unlabelled", "epochs", "max_steps", "batch_size", "lr", "last_k", "seed", "momentum",
+        keep = ("stage", "data", "unlabelled", "epochs", "max_steps", "batch_size", "lr", "lr_scale", "last_k", "seed", "momentum",
                 "wd", "unsup_weight", "alpha_rampup", "unsup_rampup", "warmup", "timeline", "aux_loss_coef", "router_lr_mult", "selector_gating",
-                "handover_coef", "restart_ramps")
+                "handover_coef", "restart_ramps", "augment")
         ident = {k: getattr(self, k) for k in keep}
         if self.mixture_lr:  # only when on: runs started before the option existed still resume
             ident["mixture_lr"] = True
-        return {**ident, "data_fingerprint": data_fingerprint(self.data, self.unlabelled)}
+        return {**ident, "data_fingerprint": data_fingerprint(*self.data, self.unlabelled)}
 
 
 def data_fingerprint(*folders: str | None) -> str:
@@ -159,8 +167,11 @@ def check_stage_input(ckpt: Checkpoint, stage: int) -> None:
     """
     since = ckpt.meta.get("growth", {}).get("stages_before", 0)
     done = [s.get("stage") for s in ckpt.stages[since:]]
-    if stage == 1 and "growth" not in ckpt.meta:
-        raise SamoeError(f"{ckpt.path} was never grown (no growth provenance): stage 1 trains the parts `samoe expand` adds; expand it first or pass --force")
+    if "growth" not in ckpt.meta:
+        if stage == 3:  # a model that never grew trains in full: a source, or a source trained further
+            return
+        raise SamoeError(f"{ckpt.path} was never grown (no growth provenance): stage {stage} trains around the parts "
+                         "`samoe expand` adds; expand it first, train it with --stage 3, or pass --force")
     if stage == 2 and 1 not in done:
         raise SamoeError(f"{ckpt.path} has no stage 1 in its history: run `samoe train --stage 1` first or pass --force")
     if stage == 3 and 2 not in done:
@@ -457,7 +468,8 @@ def _prepare_run_dir(cfg: TrainConfig, force: bool, identity: dict[str, Any], so
     started (no run.json and no checkpoint). A run.json missing beside checkpoints is damage: refused."""
     run_dir = Path(cfg.run_dir)
     # --force deletes the run dir: never when it holds (or lies inside) this run's own inputs
-    check_separate(run_dir, "--run-dir", {"--from": cfg.source, "--data": cfg.data, "--unlabelled": cfg.unlabelled})
+    check_separate(run_dir, "--run-dir", {"--from": cfg.source, **{f"--data {d}": d for d in cfg.data},
+                                          "--unlabelled": cfg.unlabelled})
     not_ours = SamoeError(f"{run_dir} exists and is not a samoe run directory: choose a new --run-dir")
     with Dir.open(run_dir.parent, "choose another --run-dir", create=True) as parent:
         kind = parent.kind(run_dir.name)
@@ -587,14 +599,21 @@ class _Trainer:
         self.model_cfg = self.model.config
         # one process: bf16 autocast around the forward; under torchrun FSDP2's policy casts instead
         self.amp = (lambda: autocast(self.device, cfg.precision)) if dist is None and cfg.precision != "fp32" else None
-        self.lr = cfg.lr if cfg.lr is not None else self.plan.lr
+        self.lr, self.reference_lr = stage_lr(cfg.stage, cfg.lr, cfg.lr_scale, src.stages, src.meta.get("growth"), str(src.path))
         self.aux_coef = cfg.aux_loss_coef if cfg.aux_loss_coef is not None else self.model_cfg.moe.aux_loss_coef
 
     def open_data(self) -> None:
         """The labelled (and optional unlabelled) folders, checked against the model and the world size."""
         cfg, model_cfg = self.cfg, self.model_cfg
-        self.data = open_labelled(Path(cfg.data), model_cfg.num_classes, model_cfg.img_size)
-        check_pseudo_labels(self.data, cfg.data)
+        folders = [open_labelled(Path(d), model_cfg.num_classes, model_cfg.img_size) for d in cfg.data]
+        for folder, path in zip(folders, cfg.data):
+            check_pseudo_labels(folder, path)
+        if len(folders) == 1:
+            self.data = folders[0]
+        else:
+            from .data import ConcatFolders
+
+            self.data = ConcatFolders(folders)
         self.udata = None
         if cfg.unlabelled:
             from .data import UnlabelledFolder
@@ -603,7 +622,7 @@ class _Trainer:
         if self.dist is not None:
             from .distributed import check_split
 
-            check_split(len(self.data), cfg.batch_size, self.dist.world, f"--data {cfg.data}")
+            check_split(len(self.data), cfg.batch_size, self.dist.world, f"--data {' '.join(cfg.data)}")
             if self.udata is not None:
                 check_split(len(self.udata), cfg.batch_size, self.dist.world, f"--unlabelled {cfg.unlabelled}")
 
@@ -715,7 +734,12 @@ class _Trainer:
         model.selector.set_alpha(alpha)
         factor = lr_factor(self.step, self.spe, self.total, self.t_warm)
         apply_lr(self.opts, factor)
-        batch = to_device(loader.next(), self.device)
+        batch = loader.next()
+        if cfg.augment:  # drawn from (seed, step): a resumed run augments exactly as an uninterrupted one
+            from .augment import augment_batch
+
+            batch = augment_batch(batch, torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step + 1))
+        batch = to_device(batch, self.device)
         ubatch = to_device(self.uloader.next(), self.device) if self.uloader is not None else None
         m = train_step(model, self.opts, batch, ubatch, unsup_w, self.aux_coef, cfg.skip_nonfinite, self.step, dist,
                        cfg.handover_coef, self.amp, cfg.mixture_lr)
@@ -775,6 +799,7 @@ class _Trainer:
         final_dir = self.run_dir / "final"
         history = list(src.stages) + [{
             "stage": cfg.stage, "name": self.plan.name, "steps": self.step, "epochs": self.epochs, "lr": self.lr,
+            "reference_lr": self.reference_lr,
             "batch_size": cfg.batch_size, "data": cfg.data, "unlabelled": cfg.unlabelled,
             "last_k": cfg.last_k if cfg.stage == 2 else None,
             "trainable_params": sum(c[0] for c in self.counts.values()), "final_loss": self.last_metrics.get("loss"),

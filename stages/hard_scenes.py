@@ -20,8 +20,9 @@ does:
 Per pixel, 4-look speckle spreads a level by about +-2 dB; separating 2-4 dB
 ratio differences, texture orders and stripe orientations takes averaging over
 neighbourhoods and non-linear combinations of statistics: capacity.
-`benchmarks/growth.py` shows that a larger model trained from scratch beats the
-tiny one on this set with a paired bootstrap interval that excludes zero.
+The first growth experiment (docs/growth-experiments.md, 2026-11-25) showed that a
+larger model trained from scratch beats the tiny one on this set with a paired
+bootstrap interval that excludes zero.
 
 Regions (`--regions D`). On one region the tiny model ends up classifying the
 inside of parcels almost perfectly (98-99% accuracy farther than 8 px from a
@@ -40,8 +41,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import _smooth_noise as _smooth
-from .data import river_band
+from .synth import river_band
+from .synth import smooth_noise as _smooth
 
 HARD_CLASS_NAMES: tuple[str, ...] = (
     "calm_water", "rough_water", "dense_urban", "suburban", "forest",

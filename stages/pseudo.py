@@ -26,6 +26,7 @@ from upscale.dirfd import Dir
 from upscale.errors import SamoeError
 from upscale.ownership import Owned, check_separate, open_output
 
+from .augment import tta_mean
 from .data import IGNORE_INDEX, UnlabelledFolder, write_confidence, write_mask
 
 
@@ -47,7 +48,8 @@ def _place_image(out: Owned, images: Dir, src: Path, name: str) -> None:
 
 
 def pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, batch_size: int = 4,
-                 device: torch.device | str = "cpu", precision: str = "fp32", on_start: Callable[[int, int], None] | None = None, on_image: Callable[[], None] | None = None) -> dict[str, int]:
+                 device: torch.device | str = "cpu", precision: str = "fp32", on_start: Callable[[int, int], None] | None = None,
+                 on_image: Callable[[], None] | None = None, tta: bool = False) -> dict[str, int]:
     """Label every image of IMAGES/images not yet labelled in OUT; return counts.
 
     OUT must be new, empty, or an earlier pseudo-label output whose manifest records all it holds:
@@ -66,7 +68,8 @@ def pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, ba
             on_image()
 
     try:
-        return _pseudo_label(ckpt, images, target, threshold, batch_size, on_start, counted, torch.device(device), precision)
+        return _pseudo_label(ckpt, images, target, threshold, batch_size, on_start, counted, torch.device(device), precision,
+                             tta)
     except BaseException as e:
         if created and done[0] == 0:
             target.discard()
@@ -80,11 +83,12 @@ def pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, ba
 @torch.no_grad()
 def _pseudo_label(ckpt: Path, images: Path, out: Owned, threshold: float = 0.0, batch_size: int = 4,
                   on_start: Callable[[int, int], None] | None = None, on_image: Callable[[], None] | None = None,
-                  device: torch.device = torch.device("cpu"), precision: str = "fp32") -> dict[str, int]:
+                  device: torch.device = torch.device("cpu"), precision: str = "fp32", tta: bool = False) -> dict[str, int]:
     """Label every image of IMAGES/images not yet labelled in OUT; return counts.
 
     The teacher runs on `device` (bf16 autocast with `precision` bf16); masks and confidences are
-    computed from its fp32 probabilities on the CPU, at each image's native size.
+    computed from its fp32 probabilities on the CPU, at each image's native size. With `tta` the
+    probabilities are the mean over the 8 symmetries of the square (a better teacher than one view).
     """
     from upscale.device import autocast
 
@@ -111,9 +115,13 @@ def _pseudo_label(ckpt: Path, images: Path, out: Owned, threshold: float = 0.0, 
                      for sub, ext in (("masks", ".png"), ("confidence", ".tif"))],
                    *[f"images/{data_native.items[i].image.name}" for i in idx])
         x = torch.stack([F.interpolate(it["image"][None], (size, size), mode="bilinear", align_corners=False)[0] for it in items])
-        with autocast(device, precision):
-            logits = model(x.to(device, next(model.parameters()).dtype))["gate_seg"]
-        probs = logits.float().softmax(dim=1).cpu()
+        x = x.to(device, next(model.parameters()).dtype)
+
+        def teacher(v: torch.Tensor) -> torch.Tensor:
+            with autocast(device, precision):
+                return model(v)["gate_seg"].float().softmax(dim=1)
+
+        probs = (tta_mean(teacher, x) if tta else teacher(x)).cpu()
         for it, i, p in zip(items, idx, probs):
             h, w = it["image"].shape[-2:]
             p = F.interpolate(p[None], (h, w), mode="bilinear", align_corners=False)[0]

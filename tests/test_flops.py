@@ -1,15 +1,20 @@
-"""Forward FLOPs per image from a layout (upscale/flops.py), against FlopCounterMode over a real forward."""
+"""Forward FLOPs per image from a layout (upscale/flops.py), against FlopCounterMode over a real forward
+(tiny layouts) and over the model on the meta device (every layout, the 1.5B and 10B ones included)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
+from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from upscale.config import PRESETS
-from upscale.expand import GrowthSpec, grown_config
+from upscale.expand import GrowthSpec, grown_config, resolve_groups
 from upscale.flops import forward_flops, per_expert_matmuls
 from upscale.model import build_model
+from upscale.moe import MoEMLP
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,6 +43,70 @@ def _measured(cfg) -> int:
 def test_counted_from_the_layout_equals_a_real_forward(layout: str):
     cfg = TINY if LAYOUTS[layout] is None else grown_config(TINY, LAYOUTS[layout])
     assert forward_flops(cfg) == _measured(cfg)
+
+
+class _MoEStandIn(nn.Module):
+    """The matmuls one MoE layer makes per token, on the meta device, where its dispatch (which reads expert
+    counts on the host) cannot run: the routers' logits, the chosen groups' in-group routers at the largest
+    routed group's width, and `experts_per_token` expert MLPs."""
+
+    def __init__(self, layer: MoEMLP) -> None:
+        super().__init__()
+        cfg = layer.cfg
+        hidden, dim = layer.experts[0].w1.shape[1:]
+        routed = len(cfg.groups) - cfg.core_groups
+        self.experts_per_token = cfg.experts_per_token
+        self.routed_copies = cfg.top_k_groups
+        self.router = nn.Linear(dim, cfg.num_core_experts + routed, bias=False)
+        self.in_group = nn.Linear(dim, max(cfg.groups[cfg.core_groups:]), bias=False) if routed else None
+        self.context = nn.Linear(2 * dim, routed, bias=False) if cfg.image_context and routed else None
+        self.lin1 = nn.Linear(dim, hidden)
+        self.lin2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        self.router(x)
+        if self.in_group is not None:
+            self.in_group(x.repeat(self.routed_copies, 1))
+        if self.context is not None:
+            self.context(x.repeat(1, 2))
+        self.lin2(self.lin1(x.repeat(self.experts_per_token, 1)))
+        return x.reshape(shape)
+
+
+def _counted_on_meta(cfg) -> int:
+    """FlopCounterMode over the model on the meta device (nothing allocated), MoE layers as stand-ins."""
+    with torch.device("meta"):
+        model = build_model(cfg, device="meta")
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, MoEMLP):
+                    setattr(module, name, _MoEStandIn(child))
+    model.requires_grad_(False)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.empty(1, cfg.in_chans, cfg.img_size, cfg.img_size, device="meta"))
+    return int(counter.get_total_flops())
+
+
+L = PRESETS["sam-moe-1.5b"]
+META_LAYOUTS = {
+    "1.5b": L,
+    "10b": grown_config(L, GrowthSpec(experts=117, groups=resolve_groups(16, 117, "8", 1), extra_blocks=1)),
+    "10b, routed top-1, 2 groups per token": grown_config(L, GrowthSpec(experts=117, groups=resolve_groups(16, 117, "8", 1),
+                                                                         routed_top_k=1, top_k_groups=2)),
+    "replicas, dense extra blocks": grown_config(TINY, GrowthSpec(
+        experts=16, groups=(4, 4, 4, 4), core_groups=0, replicate=True, noise_std=0.0, extra_blocks=2, extra_dense=True)),
+    "dense decoder, padded windows": replace(TINY, decoder_moe=False, img_size=112, window_size=3),
+    "image context, 2 core groups": grown_config(TINY, GrowthSpec(experts=16, groups=(2, 2, 4, 4, 4), core_groups=2,
+                                                                  image_context=True, top_k_groups=3)),
+}
+
+
+@pytest.mark.parametrize("layout", list(META_LAYOUTS))
+def test_counted_from_the_layout_equals_the_meta_model(layout: str):
+    cfg = META_LAYOUTS[layout]
+    assert forward_flops(cfg) == _counted_on_meta(cfg)
 
 
 def test_what_a_routed_expert_costs_by_hand():

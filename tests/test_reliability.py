@@ -121,7 +121,7 @@ def grown(src: Path, work: Path) -> Path:
 
 def train_args(grown: Path, data: Path, run: Path) -> list:
     return ["train", "--stage", 1, "--from", grown, "--data", data / "A", "--run-dir", run, "--batch-size", 4,
-            "--max-steps", 2, "--checkpoint-every", 1]
+            "--max-steps", 2, "--checkpoint-every", 1, "--lr", 0.01]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Checkpoint and run directories are untrusted input (issue 15, part A).
+"""Checkpoint and run directories are untrusted input.
 
 Oracles: a marker file that a planted pickle would create (it must not exist
 after the command), the exit-code contract (bad input: exit 2, exactly one
@@ -63,7 +63,7 @@ def grown(tmp_path_factory) -> Path:
 
 
 def train_args(grown: Path, data: Path, run: Path) -> list:
-    return ["train", "--stage", 1, "--from", grown, "--data", data / "A", "--run-dir", run, "--batch-size", 4,
+    return ["train", "--stage", 1, "--lr", 0.01, "--from", grown, "--data", data / "A", "--run-dir", run, "--batch-size", 4,
             "--max-steps", 2, "--checkpoint-every", 1]
 
 
@@ -420,7 +420,7 @@ def test_oversized_image_in_data_is_exit_2_naming_it(grown, data, tmp_path, monk
     folder = Path(shutil.copytree(data / "A", tmp_path / "A"))
     image = sorted((folder / "images").iterdir())[0]
     monkeypatch.setattr(stages.data, "MAX_IMAGE_PIXELS", 128 * 128 * 2 - 1)  # the demo images hold 128*128*2
-    res = samoe("train", "--stage", 1, "--from", grown, "--data", folder, "--run-dir", tmp_path / "run",
+    res = samoe("train", "--stage", 1, "--lr", 0.01, "--from", grown, "--data", folder, "--run-dir", tmp_path / "run",
                 "--batch-size", 4, "--max-steps", 1)
     one_error_line(res, image.name, "pixel")
 

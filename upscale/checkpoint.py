@@ -13,6 +13,10 @@ file is opened once, relative to the checkpoint's directory and never through a
 link (upscale.dirfd), and kept open: the tensors, digests and headers a command
 uses all come from the same files, even if the checkpoint is replaced meanwhile.
 Nothing is ever unpickled.
+
+Opening a checkpoint and reading its headers needs no torch (`samoe inspect-checkpoint`
+starts in a fraction of the time torch takes to import): dtypes are named by strings
+here, and torch is imported by the functions that make or read tensors.
 """
 
 from __future__ import annotations
@@ -23,16 +27,18 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterable
 
 from .config import SamMoEConfig
 from .errors import SamoeError
 from .dirfd import Dir, PositionalFile, reserve_descriptors
 from .fastio import DEFAULT_DIGEST, DIGESTS, ShardFile, fd_digest, new_hasher
+from .layout import state_shapes
 from .ownership import NewOutput
 from .safe_io import parse_json, plain_name
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -41,22 +47,38 @@ FORMAT = "samoe-checkpoint"
 FORMAT_VERSION = 1
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}  # the dtypes a checkpoint may be stored in
+# safetensors dtype -> torch dtype name (`torch.<name>`)
+ST_TORCH_NAMES: dict[str, str] = {
+    "F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
 }
 ST_ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_ST_OF_TORCH = {v: k for k, v in ST_TORCH_NAMES.items()}
+
+
+def check_dtype(name: str) -> str:
+    """A checkpoint dtype's name, checked (without importing torch)."""
+    if name not in DTYPE_BYTES:
+        raise SamoeError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPE_BYTES)}")
+    return name
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise SamoeError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    import torch
+
+    return getattr(torch, check_dtype(name))
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).removeprefix("torch."))
+    return str(dtype).removeprefix("torch.")
+
+
+def st_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name (`F32` -> torch.float32)."""
+    import torch
+
+    return getattr(torch, ST_TORCH_NAMES[name])
 
 
 # --------------------------------------------------------------------------- headers
@@ -170,16 +192,13 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        n = torch.empty((), dtype=self.dtype).element_size()
+        n = self.dtype.itemsize
         for s in self.shape:
             n *= s
         return n
 
 
-_ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
-
-
-def _shard_layout(specs: list[TensorSpec], shard_bytes: int) -> list[list[TensorSpec]]:
+def shard_layout(specs: list[TensorSpec], shard_bytes: int) -> list[list[TensorSpec]]:
     """Split tensors, in order, into shards of at most `shard_bytes` (a larger tensor gets its own)."""
     shards: list[list[TensorSpec]] = [[]]
     size = 0
@@ -192,27 +211,50 @@ def _shard_layout(specs: list[TensorSpec], shard_bytes: int) -> list[list[Tensor
     return shards if shards[0] else []
 
 
-def _safetensors_header(shard: list[TensorSpec]) -> bytes:
+def shard_file_names(n: int) -> list[str]:
+    """The file names of a checkpoint's `n` shards (the usual `model-0000k-of-0000n` convention)."""
+    return [SINGLE_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+
+
+def safetensors_header(shard: list[TensorSpec]) -> bytes:
     """The safetensors header (length prefix + JSON padded to 8 bytes) for tensors laid out in order."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for spec in shard:
-        header[spec.name] = {"dtype": _ST_NAMES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        header[spec.name] = {"dtype": _ST_OF_TORCH[dtype_name(spec.dtype)], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
         offset += spec.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text
 
 
+def tensor_bytes(tensor: torch.Tensor) -> Any:
+    """A tensor's bytes as a flat uint8 numpy view (on the CPU, contiguous), ready for ShardFile.write."""
+    import torch
+
+    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def read_tensor(f: Any, name: str, info: TensorInfo) -> torch.Tensor:
+    """Exactly one tensor's bytes from open file `f` (its header entry checked by read_header), into a new tensor."""
+    import torch
+
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    f.seek(info.offset)
+    if f.readinto(memoryview(buf.numpy())) != info.nbytes:
+        raise SamoeError(f"tensor {name} in {info.file} is cut short: the file is truncated; re-create it")
+    return buf.view(st_dtype(info.dtype)).reshape(info.shape)
+
+
 def write_safetensors(d: Dir, name: str, tensors: dict[str, torch.Tensor], direct: bool = True) -> int:
     """Write `tensors` as one new safetensors file `name` in open folder `d` (streamed; O_EXCL); returns its size."""
     specs = [TensorSpec(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
-    header = _safetensors_header(specs)
+    header = safetensors_header(specs)
     f = ShardFile(name, len(header) + sum(s.nbytes for s in specs), direct=direct, dir_fd=d.fd)
     try:
         f.write(header)
-        for k, t in tensors.items():
-            f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+        for t in tensors.values():
+            f.write(tensor_bytes(t))
         return f.close()
     except BaseException:
         f.abort()
@@ -224,16 +266,8 @@ def read_safetensors(d: Dir, name: str) -> dict[str, torch.Tensor]:
     """Every tensor of safetensors file `name` in open folder `d`, after the strict header check (read_header)."""
     fd = d.open_fd(name)
     try:
-        infos = read_header(fd, d.path / name)
         f = PositionalFile(fd, str(d.path / name))
-        out = {}
-        for key, info in infos.items():
-            buf = torch.empty(info.nbytes, dtype=torch.uint8)
-            f.seek(info.offset)
-            if f.readinto(memoryview(buf.numpy())) != info.nbytes:
-                raise SamoeError(f"{d.path / name} is cut short at tensor {key}: {d.fix}")
-            out[key] = buf.view(ST_DTYPES[info.dtype]).reshape(info.shape)
-        return out
+        return {key: read_tensor(f, key, info) for key, info in read_header(fd, d.path / name).items()}
     finally:
         os.close(fd)
 
@@ -264,9 +298,8 @@ class CheckpointWriter:
             raise ValueError("duplicate tensor names in the checkpoint layout")
         self.output = NewOutput(self.out, "checkpoint", force, parent=parent)
         self.tmp = self.output.dir
-        self.shards = _shard_layout(layout, shard_bytes)
-        n = len(self.shards)
-        self.file_names = [SINGLE_FILE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        self.shards = shard_layout(layout, shard_bytes)
+        self.file_names = shard_file_names(len(self.shards))
         self.queue = [(k, spec) for k, shard in enumerate(self.shards) for spec in shard]
         self.position = 0
         self.file = None
@@ -292,14 +325,13 @@ class CheckpointWriter:
         if name != spec.name or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise ValueError(f"expected {spec.name} {spec.dtype} {list(spec.shape)}, got {name} {tensor.dtype} {list(tensor.shape)}")
         if self.file is None:
-            header = _safetensors_header(self.shards[k])
+            header = safetensors_header(self.shards[k])
             self.hasher = new_hasher(self.digest)
             self.output.owned.record(self.file_names[k])
             self.file = ShardFile(self.file_names[k], len(header) + sum(s.nbytes for s in self.shards[k]),
                                   direct=self.direct, hasher=self.hasher, dir_fd=self.tmp.fd)
             self._write(header)
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._write(data)
+        self._write(tensor_bytes(tensor))
         self.position += 1
         if self.position == len(self.queue) or self.queue[self.position][0] != k:
             file, self.file = self.file, None
@@ -366,8 +398,8 @@ def check_meta(meta: dict[str, Any], where: Path) -> None:
         if not (len(algos) == 1 and isinstance(info[algos[0]], str) and len(info[algos[0]]) == 64
                 and set(info[algos[0]]) <= _HEX and type(info.get("bytes")) is int and info["bytes"] >= 0):
             raise bad(f"files[{name!r}]", "{\"blake3\" or \"sha256\": 64 hex digits, \"bytes\": a size}")
-    if "dtype" in meta and (not isinstance(meta["dtype"], str) or meta["dtype"] not in DTYPES):
-        raise bad("dtype", " or ".join(DTYPES))
+    if "dtype" in meta and (not isinstance(meta["dtype"], str) or meta["dtype"] not in DTYPE_BYTES):
+        raise bad("dtype", " or ".join(DTYPE_BYTES))
     prov = meta.get("provenance", {})
     if not isinstance(prov, dict) or not all(isinstance(v, str) or isinstance(v, list) and all(isinstance(e, str) for e in v)
                                              for v in prov.values()):
@@ -381,6 +413,10 @@ def check_meta(meta: dict[str, Any], where: Path) -> None:
     stages = meta.get("stages", [])
     if not isinstance(stages, list) or not all(isinstance(e, dict) for e in stages):
         raise bad("stages", "a list of tables")
+    growth = meta.get("growth", {})
+    if not isinstance(growth, dict) or type(growth.get("stages_before", 0)) is not int or not (
+            0 <= growth.get("stages_before", 0) <= len(stages)) or not isinstance(growth.get("source", ""), str):
+        raise bad("growth", "a table with stages_before (a count of stages) and source (a path)")
 
 
 def files_digest(files: dict[str, dict[str, Any]]) -> str:
@@ -518,20 +554,14 @@ class Checkpoint:
 
     def check_matches_config(self) -> None:
         """The tensors on disk are exactly the ones the config's model has, with the same shapes."""
-        from .model import build_model  # local: model imports are heavy and only needed here
-
-        try:  # the meta device allocates nothing; the config's ranges were checked when it was read
-            expected = {k: tuple(v.shape) for k, v in build_model(self.config, device="meta").state_dict().items()}
-        except (AssertionError, ValueError, RuntimeError, TypeError, ZeroDivisionError) as e:
-            raise SamoeError(f"{self.path}: the config in {META_FILE} does not describe a buildable model "
-                             f"({type(e).__name__}): the checkpoint is damaged; re-create it") from None
+        expected = state_shapes(self.config)  # the config's ranges were checked when it was read
         missing = sorted(set(expected) - set(self.tensors))
         extra = sorted(set(self.tensors) - set(expected))
         if missing:
             raise SamoeError(f"{self.path}: {META_FILE} does not match the tensors: {len(missing)} missing, e.g. {missing[0]}; re-create the checkpoint")
         if extra:
             raise SamoeError(f"{self.path}: {META_FILE} does not match the tensors: {len(extra)} unexpected, e.g. {extra[0]}; re-create the checkpoint")
-        dtype = _ST_NAMES.get(parse_dtype(self.meta.get("dtype", "float32")))
+        dtype = _ST_OF_TORCH[check_dtype(self.meta.get("dtype", "float32"))]
         odd = sorted(n for n, info in self.tensors.items() if info.dtype != dtype)
         if odd:
             raise SamoeError(f"{self.path}: tensor {odd[0]} is {self.tensors[odd[0]].dtype} but {META_FILE} says {self.meta.get('dtype')}: re-create the checkpoint")
@@ -553,14 +583,7 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor: exactly its bytes, straight into a new tensor (no mapping of the whole shard)."""
         info = self.tensors[name]
-        return self._read(self.shard_file(info.file), name, info)
-
-    def _read(self, f: Any, name: str, info: TensorInfo) -> torch.Tensor:
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        f.seek(info.offset)
-        if f.readinto(memoryview(buf.numpy())) != info.nbytes:
-            raise SamoeError(f"tensor {name} in {info.file} is cut short: the shard is truncated; re-create the checkpoint")
-        return buf.view(ST_DTYPES[info.dtype]).reshape(info.shape)
+        return read_tensor(self.shard_file(info.file), name, info)
 
     def iter_tensors(self, names: Iterable[str] | None = None) -> Iterable[tuple[str, torch.Tensor]]:
         """Yield tensors file by file in storage order (sequential reads)."""
@@ -572,10 +595,12 @@ class Checkpoint:
         for fname, tensor_names in by_file.items():
             f = self.shard_file(fname)
             for name in tensor_names:
-                yield name, self._read(f, name, self.tensors[name])
+                yield name, read_tensor(f, name, self.tensors[name])
 
     def nonfinite_tensors(self) -> list[str]:
         """Names of floating tensors holding NaN or Inf (reads every tensor once)."""
+        import torch
+
         return [name for name, t in self.iter_tensors() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
     def verify_digests(self) -> list[str]:
@@ -671,7 +696,11 @@ def load_model(path: "str | Path | Checkpoint", device: str | torch.device = "cp
 
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
     ckpt.check_matches_config()
-    model = build_model(ckpt.config, device="meta")
+    try:  # the meta device allocates nothing
+        model = build_model(ckpt.config, device="meta")
+    except (AssertionError, ValueError, RuntimeError, TypeError, ZeroDivisionError) as e:
+        raise SamoeError(f"{ckpt.path}: the config in {META_FILE} does not describe a buildable model "
+                         f"({type(e).__name__}): the checkpoint is damaged; re-create it") from None
     state = {}
     for name, tensor in ckpt.iter_tensors():
         if dtype is not None and tensor.is_floating_point():

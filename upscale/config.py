@@ -172,6 +172,12 @@ class SamMoEConfig:
     def total_blocks(self) -> int:
         return self.depth + self.extra_blocks
 
+    def decoder_moe_config(self) -> MoEConfig:
+        """The decoder's MoE layers: they see only the 2C+1 output tokens of an image, so with sparse group
+        routing most new groups would never get a token (nor a gradient); they mix every routed group."""
+        routed = len(self.moe.groups) - self.moe.core_groups
+        return replace(self.moe, top_k_groups=routed) if routed else self.moe
+
     def is_moe_block(self, index: int) -> bool:
         """Whether encoder block `index` (extra blocks included) has an MoE MLP."""
         if index >= self.depth:

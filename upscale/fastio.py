@@ -25,8 +25,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 ALIGN = 4096  # O_DIRECT needs offset, length and buffer address aligned to the logical block size (<= 4096 in practice)
 STAGING_BYTES = 32 * 1024**2
 DIGESTS = ("blake3", "sha256")
@@ -108,7 +106,7 @@ class ShardFile:
         cap = STAGING_BYTES if size_hint is None else max(ALIGN, min(STAGING_BYTES, _round_up(size_hint, ALIGN)))
         self.cap = cap
         self.maps = [mmap.mmap(-1, cap) for _ in range(2)]  # anonymous maps are page-aligned
-        self.bufs = [np.frombuffer(m, dtype=np.uint8) for m in self.maps]
+        self.bufs = [memoryview(m) for m in self.maps]
         self.pending: list[Future | None] = [None, None]
         self.cur = 0
         self.fill = 0
@@ -121,13 +119,13 @@ class ShardFile:
         return self.offset + self.fill
 
     def write(self, data: Any) -> None:
-        """Append bytes (anything exposing the buffer protocol)."""
-        src = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
+        """Append bytes (anything exposing a C-contiguous buffer: bytes, numpy arrays)."""
+        src = memoryview(data).cast("B")
         pos = 0
-        while pos < src.size:
+        while pos < src.nbytes:
             if self.fill == 0:
                 self._wait(self.cur)  # the buffer we are about to fill may still be on its way to disk
-            n = min(self.cap - self.fill, src.size - pos)
+            n = min(self.cap - self.fill, src.nbytes - pos)
             piece = self.bufs[self.cur][self.fill:self.fill + n]
             piece[:] = src[pos:pos + n]
             if self.hasher is not None:  # hashed piece by piece while hot in cache, so the disk never waits for a whole tensor's hash
@@ -170,7 +168,7 @@ class ShardFile:
                 length = self.fill
                 if self.direct:
                     length = _round_up(self.fill, ALIGN)
-                    self.bufs[self.cur][self.fill:length] = 0
+                    self.bufs[self.cur][self.fill:length] = bytes(length - self.fill)
                 self._submit(length)
             self._wait(0)
             self._wait(1)
@@ -191,6 +189,8 @@ class ShardFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        for view in self.bufs:
+            view.release()
         self.bufs = []
         for m in self.maps:
             try:

@@ -1,19 +1,19 @@
-"""Forward FLOPs per image of a SamMoE layout, counted without weights or data (`samoe plan`, `samoe eval`).
+"""Forward FLOPs per image of a SamMoE layout, counted from its config alone (`samoe plan`, `samoe eval`).
 
 Growth changes what a model costs per image: routed groups add experts per token, extra blocks add depth.
 Whether growth pays is a question at equal compute (the grown model against its source trained for the
 same FLOPs), so a user needs that ratio before training, and a report of a grown model needs it next to
 its metrics. `benchmarks/growth.py` measures a real training step; this counts a layout.
 
-torch's FlopCounterMode counts matmuls and convolutions from shapes alone, so it runs on the meta device,
-where nothing is allocated or computed, except in the MoE layers: they read expert counts on the host to
-dispatch tokens, which meta tensors do not have. There each layer is replaced by `_MoEStandIn`, which
-makes the same matmuls per token: the routers' logits (core pool, group router, its image-context
-weights, the chosen groups' in-group routers) and `experts_per_token` expert MLPs. The count equals
-FlopCounterMode's over a real forward with per-expert matmuls, for every layout `expand` makes
-(`tests/test_flops.py`); where routed groups differ in size, the in-group router is counted at the
-largest group's width (the real count depends on which groups tokens chose; a few multiply-adds per
-token). A FLOP here is FlopCounterMode's: 2 per multiply-add; a training step costs about 3 forwards.
+A FLOP here is torch's FlopCounterMode's: 2 per multiply-add of every matmul and convolution (norms,
+activations, softmax, pooling and interpolation are not counted); a training step costs about 3 forwards.
+The count walks the modules the forward runs (segment_anything's ViT blocks with windowed attention and
+decomposed relative positions, its two-way transformer, our heads), shape by shape, without torch: plan
+starts in a fraction of torch's import time. An MoE layer costs, per token, the routers' logits (core pool
+and group router, the image-context weights, the in-group routers of the chosen groups, counted at the
+largest routed group's width: the real count depends on which groups tokens chose, a few multiply-adds
+per token) and `experts_per_token` expert MLPs. `tests/test_flops.py` holds this equal to FlopCounterMode
+over a real forward (tiny layouts) and over the meta-device model (the 1.5B and 10B layouts).
 """
 
 from __future__ import annotations
@@ -21,58 +21,85 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-import torch
-from torch import Tensor, nn
-
-from .config import SamMoEConfig
+from .config import MoEConfig, SamMoEConfig
+from .layout import GATING_HIDDEN, NUM_SCALES, TASKS, block_window
 
 
-class _MoEStandIn(nn.Module):
-    """The matmuls one MoE layer makes per token, on the meta device (see the module docstring)."""
+def _mm(m: int, k: int, n: int) -> int:
+    """An (m, k) @ (k, n) product."""
+    return 2 * m * k * n
 
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        cfg = layer.cfg
-        hidden, dim = layer.experts[0].w1.shape[1:]
-        routed = len(cfg.groups) - cfg.core_groups
-        self.experts_per_token = cfg.experts_per_token
-        self.routed_copies = cfg.top_k_groups  # tokens each in-group router sees, per token
-        self.router = nn.Linear(dim, cfg.num_core_experts + routed, bias=False)  # core pool + group router
-        self.in_group = nn.Linear(dim, max(cfg.groups[cfg.core_groups:]), bias=False) if routed else None
-        self.context = nn.Linear(2 * dim, routed, bias=False) if cfg.image_context and routed else None
-        self.lin1 = nn.Linear(dim, hidden)
-        self.lin2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        self.router(x)
-        if self.in_group is not None:
-            self.in_group(x.repeat(self.routed_copies, 1))
-        if self.context is not None:
-            self.context(x.repeat(1, 2))
-        self.lin2(self.lin1(x.repeat(self.experts_per_token, 1)))
-        return x.reshape(shape)
+def moe_flops(tokens: int, dim: int, hidden: int, moe: MoEConfig) -> int:
+    """One MoE layer on `tokens` tokens (see the module docstring)."""
+    routed = len(moe.groups) - moe.core_groups
+    flops = _mm(tokens, dim, moe.num_core_experts + routed)  # core pool + group router logits
+    if routed:
+        flops += _mm(tokens * moe.top_k_groups, dim, max(moe.groups[moe.core_groups:]))
+        if moe.image_context:
+            flops += _mm(tokens, 2 * dim, routed)
+    return flops + 2 * _mm(tokens * moe.experts_per_token, dim, hidden)
+
+
+def _mlp(tokens: int, dim: int, hidden: int, moe: MoEConfig | None) -> int:
+    return 2 * _mm(tokens, dim, hidden) if moe is None else moe_flops(tokens, dim, hidden, moe)
+
+
+def _vit_block(cfg: SamMoEConfig, index: int) -> int:
+    """segment_anything's Block: attention over (padded) windows with decomposed rel-pos, then the MLP."""
+    d, grid = cfg.embed_dim, cfg.img_size // cfg.patch_size
+    window = block_window(cfg, index)
+    side = window or grid
+    windows = (-(-grid // window)) ** 2 if window else 1  # the grid is padded to whole windows
+    tokens = windows * side * side
+    head = d // cfg.num_heads
+    batch = windows * cfg.num_heads
+    attn = _mm(tokens, d, 3 * d) + _mm(tokens, d, d)  # qkv, proj
+    attn += 2 * batch * _mm(side * side, head, side * side)  # q @ k^T, attn @ v
+    attn += 2 * side * _mm(batch * side, head, side)  # rel_h and rel_w (einsums, one batch per row / column)
+    return attn + _mlp(grid * grid, d, cfg.encoder_mlp_dim, cfg.moe if cfg.is_moe_block(index) else None)
+
+
+def _attention(queries: int, keys: int, dim: int, downsample: int) -> int:
+    """segment_anything.modeling.transformer.Attention (heads split `inner`; their count does not matter)."""
+    inner = dim // downsample
+    return _mm(queries, dim, inner) + 2 * _mm(keys, dim, inner) + 2 * _mm(queries, inner, keys) + _mm(queries, inner, dim)
+
+
+def _decoder(cfg: SamMoEConfig) -> int:
+    """PromptFreeMaskDecoder: positional encoding, two-way transformer, upscaling, hypernetwork MLPs."""
+    c, grid = cfg.out_chans, cfg.img_size // cfg.patch_size
+    image, tokens = grid * grid, 2 * cfg.num_classes + 1
+    flops = _mm(image, 2, c // 2)  # random-Fourier positional encoding
+    for _ in range(cfg.decoder_depth):
+        flops += _attention(tokens, tokens, c, 1)
+        flops += _attention(tokens, image, c, 2)
+        flops += _mlp(tokens, c, cfg.decoder_mlp_dim, cfg.decoder_moe_config() if cfg.decoder_moe else None)
+        flops += _attention(image, tokens, c, 2)
+    flops += _attention(tokens, image, c, 2)
+    # two 2x2 stride-2 transposed convolutions (counted on their input grid)
+    flops += _mm(image * 4, c, c // 4) + _mm(image * 16, c // 4, c // 8)
+    return flops + tokens * (2 * _mm(1, c, c) + _mm(1, c, c // 8))
+
+
+def _heads(cfg: SamMoEConfig) -> int:
+    """Per-head products of hypernetwork vectors and features, the task selector, the gating model."""
+    feat, side = cfg.out_chans // 8, 4 * (cfg.img_size // cfg.patch_size)
+    pixels = side * side
+    flops = _mm(2 * cfg.num_classes + 1, feat, pixels)
+    levels = [side] + [max(1, side >> s) for s in range(1, NUM_SCALES)]
+    flops += len(TASKS) * sum(_mm(h * h, 9, feat) for h in levels)  # depthwise 3x3 convolutions
+    flops += _mm(1, len(TASKS) * feat, GATING_HIDDEN) + _mm(1, GATING_HIDDEN, len(TASKS) ** 2)
+    return flops + _mm(pixels, feat, 2 * cfg.num_classes + 1)  # the gate's 1x1 heads
 
 
 def forward_flops(cfg: SamMoEConfig) -> int:
     """FLOPs of one image's forward pass through a model of layout `cfg` (all heads, the selector and gating)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .model import build_model
-    from .moe import MoEMLP
-
-    with torch.device("meta"):
-        model = build_model(cfg, device="meta")
-        for module in list(model.modules()):
-            for name, child in list(module.named_children()):
-                if isinstance(child, MoEMLP):
-                    setattr(module, name, _MoEStandIn(child))
-    model.requires_grad_(False)
-    image = torch.empty(1, cfg.in_chans, cfg.img_size, cfg.img_size, device="meta")
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(image)
-    return int(counter.get_total_flops())
+    grid = cfg.img_size // cfg.patch_size
+    flops = _mm(grid * grid, cfg.in_chans * cfg.patch_size ** 2, cfg.embed_dim)  # patch embedding
+    flops += sum(_vit_block(cfg, i) for i in range(cfg.total_blocks))
+    flops += _mm(grid * grid, cfg.embed_dim, cfg.out_chans) + _mm(grid * grid, 9 * cfg.out_chans, cfg.out_chans)  # neck
+    return flops + _decoder(cfg) + _heads(cfg)
 
 
 @contextlib.contextmanager

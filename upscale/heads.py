@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-TASKS = ("seg", "sdf", "boundary")
-NUM_SCALES = 5
+from .layout import GATING_HIDDEN, NUM_SCALES, TASKS
 
 
 def _stats(w: Tensor | None) -> dict[str, float]:
@@ -127,7 +126,7 @@ class GatingModel(nn.Module):
         hidden (int): MLP width.
     """
 
-    def __init__(self, channels: int, num_classes: int, hidden: int = 64) -> None:
+    def __init__(self, channels: int, num_classes: int, hidden: int = GATING_HIDDEN) -> None:
         super().__init__()
         n = len(TASKS)
         self.mlp = nn.Sequential(nn.Linear(n * channels, hidden), nn.ReLU(), nn.Linear(hidden, n * n))
