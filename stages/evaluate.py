@@ -395,7 +395,7 @@ def run_model(model: torch.nn.Module, data: LabelledFolder, batch_size: int,
 
     cms, bounds, sdfs, interiors = [], [], [], []
     try:
-        for band in resized_bands(sliding_windows(scenes(), tiling, batch_size, forward)):
+        for band in resized_bands(sliding_windows(scenes(), tiling, batch_size, c + 1, forward, on_skipped=on_batch)):
             scored = band.scene.tag
             scored.score(band, margin)
             if band.last:

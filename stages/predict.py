@@ -43,6 +43,7 @@ from .units import Units, check_bands, check_plausible
 
 DEFAULT_OVERLAP = 0.25
 PREVIEW_SIDE = 1024
+CONVERT_COLUMNS = 2048  # scene rows are converted to the model's input this many columns at a time
 
 
 # --------------------------------------------------------------------------- tiling and blending (pure)
@@ -147,33 +148,31 @@ class Band:
     last: bool
 
 
-@dataclass(eq=False)
 class _Blend:
-    """Weighted sums of one scene's rows [lo, lo + n) that windows still add to."""
+    """Weighted sums of one scene's rows [lo, lo + n) that windows still add to, in buffers reused row band after
+    row band (allocated once, grown only if more rows are in flight than a window and a stride)."""
 
-    scene: Scene
-    tiling: Tiling
-    lo: int = 0
-    acc: np.ndarray | None = None
-    wsum: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
-    valid: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), bool))
+    def __init__(self, scene: Scene, tiling: Tiling, channels: int) -> None:
+        self.scene, self.tiling = scene, tiling
+        self.wy, self.wx = tiling.axis_weights(scene.height), tiling.axis_weights(scene.width)
+        self.ys = window_starts(scene.height, tiling.window, tiling.stride)
+        self.lo = self.n = 0
+        self._alloc(channels, min(scene.height, tiling.window + tiling.stride))
 
-    def __post_init__(self) -> None:
-        s = self.scene
-        self.wy, self.wx = self.tiling.axis_weights(s.height), self.tiling.axis_weights(s.width)
-        self.ys = window_starts(s.height, self.tiling.window, self.tiling.stride)
-        self.wsum = np.zeros((0, s.width), np.float32)
-        self.valid = np.zeros((0, s.width), bool)
+    def _alloc(self, channels: int, rows: int) -> None:
+        width = self.scene.width
+        self.acc = np.zeros((channels, rows, width), np.float32)
+        self.wsum = np.zeros((rows, width), np.float32)
+        self.valid = np.zeros((rows, width), bool)
 
     def _grow(self, upto: int) -> None:
         """Hold rows up to `upto` (rows [lo, upto))."""
-        more = upto - self.lo - self.wsum.shape[0]
-        if more > 0:
-            width = self.scene.width
-            self.wsum = np.concatenate([self.wsum, np.zeros((more, width), np.float32)])
-            self.valid = np.concatenate([self.valid, np.zeros((more, width), bool)])
-            if self.acc is not None:
-                self.acc = np.concatenate([self.acc, np.zeros((self.acc.shape[0], more, width), np.float32)], axis=1)
+        need = upto - self.lo
+        if need > self.wsum.shape[0]:
+            old = (self.acc, self.wsum, self.valid)
+            self._alloc(self.acc.shape[0], max(need, 2 * self.wsum.shape[0]))
+            self.acc[:, : self.n], self.wsum[: self.n], self.valid[: self.n] = (a[..., : self.n, :] for a in old)
+        self.n = max(self.n, need)
 
     def set_valid(self, y0: int, valid: np.ndarray) -> None:
         self._grow(y0 + valid.shape[0])
@@ -181,30 +180,31 @@ class _Blend:
 
     def add(self, w: Window, out: np.ndarray) -> None:
         self._grow(w.y + w.rows)
-        if self.acc is None:
-            self.acc = np.zeros((out.shape[0], *self.wsum.shape), np.float32)
         weight = self.wy[: w.rows, None] * self.wx[None, : w.cols]
         r = w.y - self.lo
-        self.acc[:, r: r + w.rows, w.x: w.x + w.cols] += out[:, : w.rows, : w.cols] * weight  # type: ignore[index]
+        self.acc[:, r: r + w.rows, w.x: w.x + w.cols] += out[:, : w.rows, : w.cols] * weight
         self.wsum[r: r + w.rows, w.x: w.x + w.cols] += weight
 
     def flush(self, w: Window) -> Band:
-        """Rows no later window covers, after the last window of `w`'s row of windows."""
+        """Rows no later window covers, after the last window of `w`'s row of windows (0 where no window ran)."""
         later = [y for y in self.ys if y > w.y]
         upto = later[0] if later and not w.scene_done else self.scene.height
-        n = upto - self.lo
-        values = self.acc[:, :n] / self.wsum[:n]  # type: ignore[index]
-        band = Band(self.scene, self.lo, upto, values, self.valid[:n].copy(), w.scene_done)
-        self.acc, self.wsum, self.valid = self.acc[:, n:], self.wsum[n:], self.valid[n:]  # type: ignore[index]
-        self.lo = upto
+        k, m = upto - self.lo, self.n - (upto - self.lo)
+        values = self.acc[:, :k] / np.maximum(self.wsum[:k], np.finfo(np.float32).tiny)
+        band = Band(self.scene, self.lo, upto, values, self.valid[:k].copy(), w.scene_done)
+        for a in (self.acc, self.wsum, self.valid):  # the rows still in flight move to the top
+            a[..., :m, :] = a[..., k: k + m, :]
+            a[..., m: self.n, :] = 0
+        self.lo, self.n = upto, m
         return band
 
 
-def _windows(scenes: Iterable[Scene], tiling: Tiling, blends: dict[int, _Blend]) -> Iterator[tuple[Window, np.ndarray]]:
+def _windows(scenes: Iterable[Scene], tiling: Tiling, blends: dict[int, _Blend],
+             channels: int) -> Iterator[tuple[Window, np.ndarray]]:
     """Every window of every scene in order, as (Window, float32 (3, window, window) input zero-padded past the edge)."""
     size = tiling.window
     for scene in scenes:
-        blend = blends[id(scene)] = _Blend(scene, tiling)
+        blend = blends[id(scene)] = _Blend(scene, tiling, channels)
         ys, xs = blend.ys, window_starts(scene.width, size, tiling.stride)
         for yi, y in enumerate(ys):
             rows = min(size, scene.height - y)
@@ -221,32 +221,44 @@ def _windows(scenes: Iterable[Scene], tiling: Tiling, blends: dict[int, _Blend])
             del inp, valid  # before the next row is read: one row of input in memory at a time
 
 
-def sliding_windows(scenes: Iterable[Scene], tiling: Tiling, batch_size: int,
-                    forward: Callable[[torch.Tensor, list[Window]], torch.Tensor]) -> Iterator[Band]:
+def sliding_windows(scenes: Iterable[Scene], tiling: Tiling, batch_size: int, channels: int,
+                    forward: Callable[[torch.Tensor, list[Window]], torch.Tensor],
+                    on_skipped: Callable[[int], None] | None = None) -> Iterator[Band]:
     """Run `forward` on batches of windows of `scenes` (read lazily, in order) and yield the blended bands.
 
-    `forward(x, windows)` takes float32 (B, 3, window, window) and returns the (B, K, window, window)
-    values to blend (e.g. class probabilities), on the CPU. Batches may span scenes; bands of a scene
-    come in row order, the last one with `last=True`.
+    `forward(x, windows)` takes float32 (B, 3, window, window) and returns the (B, `channels`, window,
+    window) values to blend (e.g. class probabilities), on the CPU. Batches may span scenes; bands of a
+    scene come in row order, the last one with `last=True`. A window without a pixel of data (a scene's
+    nodata border) is not run (`on_skipped(1)`): its pixels get values 0 and `valid` False.
     """
     blends: dict[int, _Blend] = {}
-    batch: list[tuple[Window, np.ndarray]] = []
+    batch: list[tuple[Window, np.ndarray | None]] = []
+    pending = [0]  # windows in `batch` that need the forward
 
     def run() -> Iterator[Band]:
-        windows = [w for w, _ in batch]
-        out = forward(torch.from_numpy(np.stack([t for _, t in batch])), windows).float().numpy()
+        windows = [w for w, t in batch if t is not None]
+        out = iter(forward(torch.from_numpy(np.stack([t for _, t in batch if t is not None])), windows).float().numpy()
+                   if windows else [])
+        entries = list(batch)
         batch.clear()
-        for w, o in zip(windows, out):
+        pending[0] = 0
+        for w, t in entries:
             blend = blends[id(w.scene)]
-            blend.add(w, o)
+            if t is not None:
+                blend.add(w, next(out))
+            elif on_skipped:
+                on_skipped(1)
             if w.row_done:
                 yield blend.flush(w)
             if w.scene_done:
                 del blends[id(w.scene)]
 
-    for item in _windows(scenes, tiling, blends):
-        batch.append(item)
-        if len(batch) == batch_size:
+    for w, tile in _windows(scenes, tiling, blends, channels):
+        has_data = bool(w.valid.any())
+        batch.append((w, tile if has_data else None))
+        pending[0] += has_data
+        # a run of windows without data is passed on at once (rows must not pile up waiting for a forward)
+        if pending[0] == batch_size or (pending[0] == 0 and w.row_done) or len(batch) >= 16 * batch_size:
             yield from run()
     if batch:
         yield from run()
@@ -267,8 +279,8 @@ def resized_bands(bands: Iterable[Band]) -> Iterator[Band]:
 
 
 def working_bytes(rows: int, width: int, bands: int, channels: int) -> int:
-    """Memory to convert and blend `rows` x `width` pixels: raw + float64 conversion + input + blend sums."""
-    return rows * width * (bands * 24 + 3 * 4 + (channels + 2) * 4)
+    """Memory to read, convert and blend `rows` x `width` pixels: raw + mask + input + blend sums and output."""
+    return rows * width * (bands * 9 + 3 * 4 + (2 * channels + 2) * 4)
 
 
 def file_scene(raster: Raster, name: str, units: Units, tiling: Tiling, channels: int, resize: bool = False) -> Scene:
@@ -283,7 +295,12 @@ def file_scene(raster: Raster, name: str, units: Units, tiling: Tiling, channels
     def read(y0: int, y1: int) -> tuple[np.ndarray, np.ndarray]:
         raw = raster.read(y0, y1)
         valid = raster.valid(y0, y1, values=raw)
-        return to_model_input(raw, units, valid), valid
+        out = np.zeros((3, y1 - y0, raster.width), np.float32)
+        for x0 in range(0, raster.width, CONVERT_COLUMNS):  # float64 temporaries of a slice, not of the whole rows
+            x1 = min(raster.width, x0 + CONVERT_COLUMNS)
+            if valid[:, x0:x1].any():
+                out[:, :, x0:x1] = to_model_input(raw[:, :, x0:x1], units, valid[:, x0:x1])
+        return out, valid
 
     if not resize or (raster.height, raster.width) == (size, size):
         return Scene(name, raster.height, raster.width, read)
@@ -583,7 +600,8 @@ def predict(checkpoint: Path, inputs: list[Path], out: Path, options: PredictOpt
             for stem, p, folder in todo:
                 yield open_scene(p, stem, units[folder], tiling, len(classes.names), resize, check_units=False)
 
-        for band in resized_bands(sliding_windows(opened(), tiling, options.batch_size, counted)):
+        for band in resized_bands(sliding_windows(opened(), tiling, options.batch_size, len(classes.names), counted,
+                                                  on_skipped=on_windows)):
             scene = band.scene
             writer = writers.get(id(scene))
             if writer is None:

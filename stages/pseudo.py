@@ -150,7 +150,7 @@ def _pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, b
             yield opened[-1]
 
     try:
-        for band in resized_bands(sliding_windows(scenes(), tiling, batch_size, forward)):
+        for band in resized_bands(sliding_windows(scenes(), tiling, batch_size, c, forward)):
             raster, src_image, parts = band.scene.tag
             parts.append(band)
             if not band.last:

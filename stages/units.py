@@ -77,8 +77,9 @@ class Units:
                 "polarisations": list(self.polarisations) if self.polarisations is not None else None}
 
     @classmethod
-    def from_json(cls, data: Any, where: str) -> "Units":
-        """Units from a checkpoint's record or a data.json table (`where` names it in errors)."""
+    def from_json(cls, data: Any, where: str, complete: bool = True) -> "Units":
+        """Units from a checkpoint's record or a data.json table (`where` names it in errors); `complete`: the
+        values must stand alone (data.json's dn may take its calibration from the command line)."""
         if not isinstance(data, dict):
             raise SamoeError(f"{where}: the input units must be a table like {{\"input_scale\": \"db\"}}")
         scale = data.get("input_scale", "linear")
@@ -88,7 +89,11 @@ class Units:
             raise SamoeError(f"{where}: input_scale must be a string and dn_calibration a number")
         if pols is not None and not (isinstance(pols, list) and all(isinstance(p, str) for p in pols)):
             raise SamoeError(f"{where}: polarisations must be a list of band names such as [\"VV\", \"VH\"]")
-        return cls(scale, float(cal) if cal is not None else None, tuple(pols) if pols is not None else None).checked(where)
+        units = cls(scale, float(cal) if cal is not None else None, tuple(pols) if pols is not None else None)
+        if complete:
+            return units.checked(where)
+        replace(units, scale="linear").checked(where)  # all but the calibration a dn scale may still lack
+        return units
 
     def describe(self) -> str:
         scale = f"dn (A = {self.dn_calibration:g})" if self.scale == "dn" else self.scale
@@ -196,7 +201,7 @@ def read_data_json(folder: Path) -> tuple[Units | None, Path | None]:
         raise DataError(f"{path} has the unknown key {unknown[0]!r}: the keys are {', '.join(_JSON_KEYS)}")
     if "input_scale" not in data:
         raise DataError(f"{path} has no \"input_scale\": add one of {', '.join(SCALES)}")
-    return Units.from_json(data, str(path)), path
+    return Units.from_json(data, str(path), complete=data["input_scale"] != "dn"), path
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ def test_overlap_blend_matches_a_hand_computation():
     def forward(x, windows):
         return torch.stack([torch.full((1, 4, 4), a[w.x // 2]) for w in windows])
 
-    bands = list(sliding_windows([_constant_scene(1, 6)], Tiling(4, 2), 1, forward))
+    bands = list(sliding_windows([_constant_scene(1, 6)], Tiling(4, 2), 1, 1, forward))
     values = np.concatenate([b.values for b in bands], axis=1)[0, 0]
     np.testing.assert_allclose(values, [2, 2, 0.75 * 2 + 0.25 * 10, 0.25 * 2 + 0.75 * 10, 10, 10], rtol=1e-6)
     assert [(b.y0, b.y1, b.last) for b in bands] == [(0, 1, True)]
@@ -104,7 +104,7 @@ def test_blend_of_a_two_by_two_grid_by_hand():
     def forward(x, windows):
         return torch.stack([torch.full((1, 4, 4), a[(w.y, w.x)]) for w in windows])
 
-    bands = list(sliding_windows([_constant_scene(6, 6)], Tiling(4, 2), 3, forward))  # batches span rows of windows
+    bands = list(sliding_windows([_constant_scene(6, 6)], Tiling(4, 2), 3, 1, forward))  # batches span rows of windows
     values = np.concatenate([b.values for b in bands], axis=1)[0]
     assert [(b.y0, b.y1) for b in bands] == [(0, 2), (2, 6)]  # rows above the next row of windows leave first
     wy, wx = (0.75, 0.25), (0.25, 0.75)
@@ -112,6 +112,23 @@ def test_blend_of_a_two_by_two_grid_by_hand():
     expect = sum(weights[k] * a[k] for k in a) / sum(weights.values())
     assert values[2, 3] == pytest.approx(expect, rel=1e-6)
     assert values[0, 0] == 1.0 and values[5, 5] == 8.0 and values[0, 5] == 2.0 and values[5, 0] == 4.0
+
+
+def test_windows_without_data_are_not_run():
+    """1 x 6 scene with data only in pixels 4-5: window 0 (pixels 0-3) has none and is skipped; pixels 2-3 then
+    come from window 1 alone, pixels 0-1 from no window (0, and not valid)."""
+    valid = np.array([[False, False, False, False, True, True]])
+    scene = Scene("s", 1, 6, lambda y0, y1: (np.zeros((3, 1, 6), np.float32), valid))
+    seen, skipped = [], []
+
+    def forward(x, windows):
+        seen.extend(w.x for w in windows)
+        return torch.full((len(windows), 1, 4, 4), 10.0)
+
+    (band,) = sliding_windows([scene], Tiling(4, 2), 8, 1, forward, on_skipped=skipped.append)
+    assert seen == [2] and skipped == [1]
+    np.testing.assert_array_equal(band.values[0, 0], [0, 0, 10, 10, 10, 10])
+    np.testing.assert_array_equal(band.valid, valid)
 
 
 # --------------------------------------------------------------------------- against the model's own forward
@@ -130,7 +147,7 @@ def _scene_of(image: np.ndarray) -> Scene:
 
 def _run(model, image: np.ndarray, tiling: Tiling, batch: int = 4) -> np.ndarray:
     forward = model_forward(model, torch.device("cpu"), "fp32", seg_probabilities)
-    bands = list(sliding_windows([_scene_of(image)], tiling, batch, forward))
+    bands = list(sliding_windows([_scene_of(image)], tiling, batch, 4, forward))
     return np.concatenate([b.values for b in bands], axis=1)
 
 
@@ -181,7 +198,7 @@ def test_streaming_memory_is_bounded_by_a_band_not_the_scene():
 
     tracemalloc.start()
     rows = 0
-    for band in sliding_windows([Scene("wide", h, w, read)], Tiling.of(128), 16, forward):
+    for band in sliding_windows([Scene("wide", h, w, read)], Tiling.of(128), 16, 4, forward):
         rows += band.y1 - band.y0
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
@@ -249,7 +266,7 @@ def _run_masked(model, image, valid):
     h, w = inp.shape[1:]
     scene = Scene("s", h, w, lambda y0, y1: (inp[:, y0:y1], valid[y0:y1]))
     forward = model_forward(model, torch.device("cpu"), "fp32", seg_probabilities)
-    return np.concatenate([b.values for b in sliding_windows([scene], Tiling.of(128, stride=64), 4, forward)], axis=1)
+    return np.concatenate([b.values for b in sliding_windows([scene], Tiling.of(128, stride=64), 4, 4, forward)], axis=1)
 
 
 def test_predict_plain_png_gives_png_mask_and_resumes(src, scenes, tmp_path):
