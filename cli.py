@@ -285,7 +285,11 @@ def init(
 def _show_summary(ckpt: Any, as_json: bool, verify: bool = False) -> None:
     from upscale.summary import inspect_checkpoint
 
+    from stages.dataspec import recorded
+
     report = inspect_checkpoint(ckpt)
+    spec = recorded(ckpt.meta, str(ckpt.path / "samoe.json"))
+    report["data"] = spec.to_record() if spec is not None else None
     if verify:
         report["verify"] = _verify(ckpt)
     if as_json:
@@ -312,6 +316,12 @@ def _show_summary(ckpt: Any, as_json: bool, verify: bool = False) -> None:
     for i, entry in enumerate(report["lineage"]):
         parent = f" <- {entry['parent']} ({(entry['parent_digest'] or '')[:19]}…)" if entry.get("parent") else ""
         console.print(f"lineage {i}: {entry['command']} (seed {entry['seed']}, samoe {entry['version']}){parent}", soft_wrap=True)
+    if spec is not None:
+        from rich.markup import escape
+
+        names = ", ".join(spec.classes.names) if spec.classes is not None else "not named"
+        console.print(escape(f"data: {spec.units.describe()}; classes: {names}; scenes "
+                             f"{'resized to the model' if spec.resize else 'as windows'}"), soft_wrap=True)
     if report["stages"]:
         for s in report["stages"]:
             console.print(f"stage {s.get('stage')}: {json.dumps(s)}", soft_wrap=True)

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 import cli
 from stages.classes import ClassList, read_classes
 from stages.data import DEMO_CLASSES, DataError, LabelledFolder, read_mask, sar_to_input, write_image, write_mask
-from stages.evaluate import evaluate, run_model
+from stages.evaluate import evaluate, resolution_text, run_model
 from stages.rasters import set_image_memory
 from stages.units import UnitOptions, Units, check_plausible, resolve_units
 from upscale import load_model
@@ -291,6 +291,31 @@ def test_train_on_large_scenes_reads_windows(src, large, tmp_path):
     res = samoe("train", "--stage", 2, "--from", tmp_path / "run" / "final", "--run-dir", tmp_path / "run2",
                 "--data", large, "--max-steps", 1, "--batch-size", 1, "--resize")
     one_error_line(res, "drop --resize")
+
+
+def test_resize_is_recorded_and_predict_follows_it(src, large, tmp_path):
+    grown = expand_checkpoint(src, tmp_path / "g", GrowthSpec(experts=8, groups=resolve_groups(4, 8, "2", 1)), ["test"])
+    res = samoe("train", "--stage", 1, "--from", grown, "--run-dir", tmp_path / "run", "--data", large,
+                "--max-steps", 1, "--batch-size", 1, "--resize")
+    assert res.exit_code == 0, res.stderr
+    final = tmp_path / "run" / "final"
+    assert Checkpoint.open(final).meta["data"]["resize"] is True
+    res = samoe("predict", final, "--images", large, "--out", tmp_path / "pred", "--json")
+    assert res.exit_code == 0, res.stderr
+    with Image.open(tmp_path / "pred" / "masks" / "big.png") as im:  # the scene squashed for the model, the mask at its size
+        assert im.size == (300, 200)
+    report = evaluate([final], large, bootstrap=5, ablate_new=False)
+    assert report["resolution"]["mode"] == "resized" and report["checkpoints"][0]["metrics"]["pixel_accuracy"] >= 0
+    assert "resized to 128 px" in resolution_text(report)
+
+
+def test_pseudo_label_writes_the_teachers_classes_and_the_images_units(six_trained, tmp_path):
+    out = tmp_path / "pl"
+    res = samoe("pseudo-label", six_trained["run"] / "final", "--images", six_trained["test"], "--out", out)
+    assert res.exit_code == 0, res.stderr
+    assert read_classes(out).names == tuple(SIX)
+    assert json.loads((out / "data.json").read_text()) == {"input_scale": "linear", "dn_calibration": None,
+                                                          "polarisations": ["VV", "VH"]}
 
 
 def test_train_refuses_db_data_declared_linear(src, tmp_path):
