@@ -547,6 +547,7 @@ def predict(checkpoint: Path, inputs: list[Path], out: Path, options: PredictOpt
 
     from .classes import write_classes
     from .dataspec import class_list, recorded
+    from .outputs import resumable_output
     from .units import UnitOptions, resolve_units
 
     ckpt = Checkpoint.open(checkpoint)
@@ -574,57 +575,49 @@ def predict(checkpoint: Path, inputs: list[Path], out: Path, options: PredictOpt
             windows += 1 if resize else tiling.count(r.height, r.width)
     if on_start:
         on_start(len(scenes), len(scenes) - len(todo), windows)
-    done = [0]
     writers: dict[int, _SceneWriter] = {}
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        write_marker(out, "predict")
-        for sub in SUBDIRS:
-            (out / sub).mkdir(exist_ok=True)
-        write_classes(out / "classes.json", classes)
-        if not todo:
-            return _summary(record, len(scenes), 0)
-        model = load_model(ckpt.path, device=options.device)
-        model.eval()
-        device = next(model.parameters()).device
-        forward = model_forward(model, device, options.precision, seg_probabilities)
+    with resumable_output(out, "scene(s)") as done:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            write_marker(out, "predict")
+            for sub in SUBDIRS:
+                (out / sub).mkdir(exist_ok=True)
+            write_classes(out / "classes.json", classes)
+            if not todo:
+                return _summary(record, len(scenes), 0)
+            model = load_model(ckpt.path, device=options.device)
+            model.eval()
+            device = next(model.parameters()).device
+            forward = model_forward(model, device, options.precision, seg_probabilities)
 
-        def counted(x: torch.Tensor, wins: list[Window]) -> torch.Tensor:
-            result = forward(x, wins)
-            if on_windows:
-                on_windows(len(wins))
-            return result
+            def counted(x: torch.Tensor, wins: list[Window]) -> torch.Tensor:
+                result = forward(x, wins)
+                if on_windows:
+                    on_windows(len(wins))
+                return result
 
-        def opened() -> Iterator[Scene]:
-            for stem, p, folder in todo:
-                yield open_scene(p, stem, units[folder], tiling, len(classes.names), resize, check_units=False)
+            def opened() -> Iterator[Scene]:
+                for stem, p, folder in todo:
+                    yield open_scene(p, stem, units[folder], tiling, len(classes.names), resize, check_units=False)
 
-        for band in resized_bands(sliding_windows(opened(), tiling, options.batch_size, len(classes.names), counted,
-                                                  on_skipped=on_windows)):
-            scene = band.scene
-            writer = writers.get(id(scene))
-            if writer is None:
-                writer = writers[id(scene)] = _SceneWriter(out, scene, scene.tag, classes)
-            writer.add(band)
-            if band.last:
-                record["scenes"][scene.name] = writer.finish()
-                del writers[id(scene)]
-                close_scene(scene)
-                atomic_write_text(out / RECORD, json.dumps(record, indent=1) + "\n")
-                done[0] += 1
-        return _summary(record, len(scenes), done[0])
-    except BaseException as e:
-        for w in writers.values():
-            w.abort()
-            close_scene(w.scene)
-        if created and done[0] == 0:
-            shutil.rmtree(out, ignore_errors=True)
-        elif isinstance(e, Exception | KeyboardInterrupt):
-            e.samoe_left = f"{done[0]} scene(s) were written to {out}; re-run the same command to finish"
-        raise
-    finally:
-        shutil.rmtree(out / ".partial", ignore_errors=True)
+            for band in resized_bands(sliding_windows(opened(), tiling, options.batch_size, len(classes.names), counted,
+                                                      on_skipped=on_windows)):
+                scene = band.scene
+                writer = writers.get(id(scene))
+                if writer is None:
+                    writer = writers[id(scene)] = _SceneWriter(out, scene, scene.tag, classes)
+                writer.add(band)
+                if band.last:
+                    record["scenes"][scene.name] = writer.finish()
+                    del writers[id(scene)]
+                    close_scene(scene)
+                    atomic_write_text(out / RECORD, json.dumps(record, indent=1) + "\n")
+                    done[0] += 1
+            return _summary(record, len(scenes), done[0])
+        finally:
+            for w in writers.values():
+                w.abort()
+                close_scene(w.scene)
 
 
 def _summary(record: dict[str, Any], scenes: int, predicted: int) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from upscale.ownership import OWNER_FILE, check_separate, is_empty_dir, owner, w
 from .classes import CLASSES_JSON, read_classes, write_classes
 from .data import IGNORE_INDEX, UnlabelledFolder, write_confidence, write_mask
 from .dataspec import class_list, recorded
+from .outputs import resumable_output
 from .predict import Scene, Tiling, model_forward, open_scene, resized_bands, sliding_windows
 from .rasters import check_memory
 from .units import DATA_JSON, UnitOptions, resolve_units
@@ -70,28 +71,18 @@ def pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, ba
     if (out.exists() or out.is_symlink()) and not is_empty_dir(out) and owner(out) != "pseudo-label":
         raise SamoeError(f"{out} exists and was not written by samoe pseudo-label (no {OWNER_FILE}): refusing to write "
                          "into it, it may hold masks of its own; choose a new --out")
-    created = not out.exists()
-    done = [0]
+    with resumable_output(out, "new mask(s)") as done:
 
-    def counted() -> None:
-        done[0] += 1
-        if on_image:
-            on_image()
+        def counted() -> None:
+            done[0] += 1
+            if on_image:
+                on_image()
 
-    try:
         out.mkdir(parents=True, exist_ok=True)
         if owner(out) != "pseudo-label":
             write_marker(out, "pseudo-label")
         return _pseudo_label(ckpt, images, out, threshold, batch_size, on_start, counted, torch.device(device), precision,
                              unit_options, overlap, stride)
-    except BaseException as e:
-        if created and done[0] == 0:
-            shutil.rmtree(out, ignore_errors=True)
-        elif isinstance(e, Exception | KeyboardInterrupt):
-            e.samoe_left = f"{done[0]} new mask(s) were written to {out}; re-run the same command to finish"
-        raise
-    finally:
-        shutil.rmtree(out / ".partial", ignore_errors=True)
 
 
 def _pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, batch_size: int = 4,
