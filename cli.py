@@ -703,12 +703,12 @@ def train(
         with _one_job(run_dir, "--run-dir") if is_main_process() else nullcontext():  # rank 0 holds it for all ranks
             final = run(cfg, force=force, on_start=display.on_start, on_step=display.on_step, on_log=display.on_log)
     except Interrupted as e:
-        display.progress.stop()
+        display.stop()
         if is_main_process():
             sys.stderr.write(f"interrupted: saved {e.step_dir}; resume with: {resume_command(cfg.command)}\n")
         raise typer.Exit(128 + e.signum)
     finally:
-        display.progress.stop()
+        display.stop()
     if is_main_process():
         console.print(f"done: {final} (next stage's --from)")
 
@@ -808,6 +808,10 @@ class _TrainDisplay:
             return
         self.progress.update(self.task, completed=row["step"], epoch=row["epoch"], loss=f"{row['loss']:.4f}",
                              lr=f"{row['lr']:.2e}", ips=f"{row['images_per_s']:.1f}")
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.progress.stop()
 
     def on_log(self, row: dict) -> None:
         self.progress.console.print(f"epoch {row['epoch']}: alpha {row['alpha']:.4f}  unsup_weight {row['unsup_weight']:.4f}  "
