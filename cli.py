@@ -370,8 +370,11 @@ def demo_data(
     test: int = typer.Option(12, "--test", min=0),
     size: int = typer.Option(128, "--size", min=16, max=8192),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX),
-    preset: str = typer.Option("easy", "--preset", help="easy: 4 classes far apart (the demo) | hard: 10 classes told apart "
-                                                        "by polarimetric ratio, texture, rows and context (capacity-bound)."),
+    preset: str = typer.Option("easy", "--preset", help="easy: 4 classes far apart | hard: 10 classes told apart "
+                                                        "by polarimetric ratio, texture, rows and context | codebook: 16 "
+                                                        "classes, each a set of parcel signatures (knowledge-bound)."),
+    signatures: Optional[int] = typer.Option(None, "--signatures", min=1, help="codebook only: signature -> class facts "
+                                             "the scenes draw from (default 960; more facts need more capacity)."),
     regions: int = typer.Option(1, "--regions", min=1, max=64, help="hard only: scenes from this many regions, each with "
                                 "its own class signatures and sensor noise floor (knowledge a larger model must hold)."),
     region: Optional[int] = typer.Option(None, "--region", min=0, help="hard only: every scene from this region "
@@ -384,7 +387,7 @@ def demo_data(
 
     with _one_job(out), console.status("writing demo data...", spinner="dots"):
         summary = make_demo_data(out, labelled=labelled, unlabelled=unlabelled, test=test, size=size, seed=seed, force=force,
-                                 preset=preset, regions=regions, region=region)
+                                 preset=preset, regions=regions, region=region, signatures=signatures)
     if as_json:
         _print_json(summary)
     else:
@@ -632,7 +635,8 @@ def train(
     stage: int = typer.Option(..., "--stage", min=1, max=3, help="1 integration | 2 collaboration | 3 full fine-tune."),
     source: Path = typer.Option(..., "--from", help="Input checkpoint (expand output, or the previous stage's RUN/final)."),
     run_dir: Path = typer.Option(..., "--run-dir", help="Run directory (re-running the same command resumes)."),
-    data: Path = typer.Option(..., "--data", help="Labelled (images/ + masks/) or pseudo-labelled folder."),
+    data: list[Path] = typer.Option(..., "--data", help="Labelled (images/ + masks/) or pseudo-labelled folder; repeat "
+                                    "to train on several as one set (e.g. labelled data mixed into pseudo-labels)."),
     unlabelled: Optional[Path] = typer.Option(None, "--unlabelled", help="Unlabelled folder (images/) for the unsupervised phase."),
     val_data: Optional[Path] = typer.Option(None, "--val-data", help="Labelled folder scored (mIoU, whole scenes) while "
                                             "training: metrics.csv val_miou, TensorBoard val/miou; RUN/best keeps the best step."),
@@ -645,8 +649,13 @@ def train(
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs over --data (default 200, the seed's timeline)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after N steps."),
     batch_size: int = typer.Option(4, "--batch-size", min=1),
-    lr: Optional[float] = typer.Option(None, "--lr", callback=_positive, help="Base LR (default per stage: 1e-2, 1e-3, 1e-4)."),
+    lr: Optional[float] = typer.Option(None, "--lr", callback=_positive, help="Base LR, absolute (default: --lr-scale x the "
+                                       "source's recorded peak LR)."),
+    lr_scale: Optional[float] = typer.Option(None, "--lr-scale", callback=_positive, help="Base LR relative to the source's "
+                                             "own peak LR (default per stage: 1, 0.3, 0.1)."),
     last_k: int = typer.Option(4, "--last-k", min=0, help="Stage 2 unfreezes the FFN/MoE of the last K ViT blocks."),
+    augment: bool = typer.Option(False, "--augment", help="Each labelled image and its targets under a random rotation by "
+                                 "90 degrees and flip (noise on the student; label-preserving for land cover)."),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", min=1, help="Save a step checkpoint every N steps."),
     keep: int = typer.Option(2, "--keep", min=1, help="Step checkpoints kept."),
@@ -833,6 +842,8 @@ def pseudo_label(
     polarisations: Optional[str] = _pol_option(),
     overlap: Optional[float] = _overlap_option(),
     stride: Optional[int] = _stride_option(),
+    tta: bool = typer.Option(False, "--tta", help="Average the teacher over the 8 rotations and flips of each image "
+                             "(a better teacher, 8x the compute)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Label an unlabelled folder with a teacher checkpoint at the scenes' own resolution (resumable: labelled images
@@ -850,7 +861,8 @@ def pseudo_label(
         task = progress.add_task("label", total=None)
         summary = run_pseudo(checkpoint, images, out, threshold, batch_size, device=torch_device, precision=precision,
                              on_start=lambda n, todo: progress.update(task, total=n, completed=n - todo),
-                             on_image=lambda: progress.advance(task), unit_options=units, overlap=overlap, stride=stride)
+                             on_image=lambda: progress.advance(task), unit_options=units, overlap=overlap, stride=stride,
+                             tta=tta)
     if as_json:
         _print_json(summary)
     else:
@@ -982,6 +994,8 @@ def evaluate(
                 nt.add_row(*row)
             console.print(nt)
             console.print(new_parts_verdict(i, ck), soft_wrap=True)
+        if "regime" in ck:
+            console.print(f"[{i}] {ck['regime']['line']}", soft_wrap=True, markup=False)
     for i, ck in enumerate(cks):
         r = Table(title=f"routing of [{i}] (groups {ck['groups']}, {layout_label(ck)})")
         for col in ("layer", "group share", "new (tokens)", "new (weight)", "dead", "load CV", "entropy"):

@@ -50,11 +50,11 @@ the same mapping and nothing has to be computed or stored first::
 ``(3, H, W)`` and already standardised: the model must not normalise it again
 (SAM's ImageNet pixel mean/std do not apply to SAR).
 
-Targets (numpy only)
---------------------
+Targets (numpy, scipy)
+----------------------
 ``boundary_target`` marks pixels within ``radius`` (Euclidean) of a class
 change; ``sdf_target`` gives one-vs-rest normalised signed distances from an
-exact Euclidean distance transform (Felzenszwalb & Huttenlocher, 2012). See
+exact Euclidean distance transform (scipy.ndimage). See
 their docstrings for the precise formulas.
 
 Validation
@@ -89,8 +89,11 @@ from .classes import CLASSES_JSON, IGNORE_INDEX, ClassList, write_classes
 from .rasters import DataError, RASTER_SUFFIXES, Raster, channels_first, check_memory, open_raster
 from .units import DATA_JSON, Units, check_bands, check_plausible, to_db
 
+from .synth import river_band, smooth_noise
+
 __all__ = [
     "CLASS_NAMES",
+    "ConcatFolders",
     "DB_MAX",
     "DB_MIN",
     "DEMO_CLASSES",
@@ -143,7 +146,6 @@ RATIO_DB_MIN, RATIO_DB_MAX = -5.0, 20.0
 NORM_MEAN, NORM_STD = 0.5, 0.25
 """Fixed standardisation of every [0, 1] channel: maps it to [-2, 2]."""
 
-_NO_FEATURE = 2.0**50  # "infinite" squared distance that keeps float64 arithmetic exact
 
 # Demo scene model: class -> (VV sigma0 dB, VV - VH dB).
 _DEMO_SIGMA0_DB: dict[int, tuple[float, float]] = {
@@ -274,52 +276,6 @@ def to_model_input(raw: np.ndarray, units: Units, valid: np.ndarray | None = Non
 # --------------------------------------------------------------------------- distance transforms
 
 
-def _squared_dt_rows(f: np.ndarray) -> np.ndarray:
-    """1-D squared Euclidean distance transform of each row of ``f`` (rows, n).
-
-    ``d[q] = min_p (q - p)^2 + f[p]``: the lower envelope of parabolas
-    (Felzenszwalb & Huttenlocher, "Distance Transforms of Sampled Functions",
-    2012). The scan over positions is sequential, as in the paper; each step
-    runs for all rows at once, and rows whose envelope must drop parabolas do
-    so in a masked inner loop. ``f`` holds integers below 2**52, so every
-    ``d`` is exact in float64.
-    """
-    rows, n = f.shape
-    if n == 1 or rows == 0:
-        return f.copy()
-    r = np.arange(rows)
-    pos = np.arange(n, dtype=np.float64)
-    fq = f + pos * pos  # f[p] + p^2, the parabola offsets used by the intersections
-    v = np.zeros((rows, n), dtype=np.int64)  # parabola apexes of the envelope
-    z = np.empty((rows, n + 1))  # boundaries between envelope parabolas
-    z[:, 0], z[:, 1] = -np.inf, np.inf
-    k = np.zeros(rows, dtype=np.int64)
-    for q in range(1, n):
-        vk = v[r, k]
-        s = (fq[:, q] - fq[r, vk]) / (2.0 * (q - vk))
-        pop = s <= z[r, k]
-        while pop.any():
-            idx = r[pop]
-            k[idx] -= 1
-            vi = v[idx, k[idx]]
-            s[idx] = (fq[idx, q] - fq[idx, vi]) / (2.0 * (q - vi))
-            pop[idx] = s[idx] <= z[idx, k[idx]]
-        k += 1
-        v[r, k] = q
-        z[r, k] = s
-        z[r, k + 1] = np.inf
-    d = np.empty_like(f)
-    k[:] = 0
-    for q in range(n):
-        step = z[r, k + 1] < q
-        while step.any():
-            k[step] += 1
-            step = z[r, k + 1] < q
-        vk = v[r, k]
-        d[:, q] = (q - vk) ** 2 + f[r, vk]
-    return d
-
-
 def squared_distance_transform(features: np.ndarray) -> np.ndarray:
     """Exact squared Euclidean distance from every pixel to the nearest True pixel.
 
@@ -328,29 +284,22 @@ def squared_distance_transform(features: np.ndarray) -> np.ndarray:
 
     Returns:
         float64 array of the same shape holding integer squared distances
-        (0 on True pixels), ``inf`` in images with no True pixel. Separable:
-        the 1-D transform along columns, then along rows (Felzenszwalb &
-        Huttenlocher).
+        (0 on True pixels), ``inf`` in images with no True pixel. Each image is
+        scipy's exact Euclidean distance transform (``ndimage.distance_transform_edt``).
     """
+    from scipy import ndimage
+
     features = np.asarray(features, dtype=bool)
     if features.ndim < 2:
         raise ValueError(f"features must be at least 2-D (..., H, W), got shape {features.shape}")
     h, w = features.shape[-2:]
-    if h * w == 0:
-        return np.zeros(features.shape)
-    f = features.reshape(-1, h, w)
-    # Pass 1, along columns: for binary input the 1-D transform is just the
-    # squared gap to the nearest feature above or below (running max/min of
-    # feature positions), no envelope needed.
-    pos = np.arange(h, dtype=np.float64)[None, :, None]
-    above = np.maximum.accumulate(np.where(f, pos, -np.inf), axis=1)
-    below = np.flip(np.minimum.accumulate(np.flip(np.where(f, pos, np.inf), axis=1), axis=1), axis=1)
-    gap = np.minimum(pos - above, below - pos)
-    cols = np.where(np.isfinite(gap), gap * gap, _NO_FEATURE)
-    # Pass 2, along rows: the lower envelope of parabolas.
-    d = _squared_dt_rows(cols.reshape(-1, w)).reshape(features.shape)
-    d[d >= _NO_FEATURE] = np.inf
-    return d
+    flat = features.reshape(-1, h, w)
+    out = np.full(flat.shape, np.inf)
+    for i, f in enumerate(flat):
+        if f.any():
+            d = ndimage.distance_transform_edt(~f)
+            out[i] = np.rint(d * d)  # squared distances are integers (< 2**52: exact in float64)
+    return out.reshape(features.shape)
 
 
 def distance_transform(features: np.ndarray) -> np.ndarray:
@@ -423,22 +372,23 @@ def sdf_target(mask: np.ndarray, num_classes: int) -> np.ndarray:
         raise ValueError(f"mask must be H x W, got shape {mask.shape}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    inside = mask[None] == np.arange(num_classes).reshape(-1, 1, 1)
-    d = distance_transform(np.concatenate([~inside, inside]))
-    d_out, d_in = d[:num_classes], d[num_classes:]
-    has_in = inside.any(axis=(1, 2))
-    has_out = (~inside).any(axis=(1, 2))
-    both = (has_in & has_out)[:, None, None]
-    # Only classes with both inside and outside pixels have finite distances.
-    inner = np.where(inside & both, d_out - 1.0, 0.0)
-    outer = np.where(~inside & both, d_in, 0.0)
-    m = inner.max(axis=(1, 2), initial=0.0)
-    n = outer.max(axis=(1, 2), initial=0.0)
-    m = np.where(m > 0, m, 1.0)[:, None, None]
-    n = np.where(n > 0, n, 1.0)[:, None, None]
-    sdf = np.where(inside, inner / m, -outer / n)
-    sdf[~has_in] = -1.0
-    sdf[~has_out] = 1.0
+    sdf = np.full((num_classes, *mask.shape), -1.0, dtype=np.float32)  # absent classes
+    ids = np.unique(mask)
+    present = ids[ids < num_classes].astype(np.int64)
+    inside = mask[None] == present.reshape(-1, 1, 1)
+    whole = inside.all(axis=(1, 2))
+    sdf[present[whole]] = 1.0
+    inside = inside[~whole]  # classes with inside and outside pixels: only these need distances
+    if len(inside):
+        d = distance_transform(np.concatenate([~inside, inside]))
+        d_out, d_in = d[: len(inside)], d[len(inside) :]
+        inner = np.where(inside, d_out - 1.0, 0.0)
+        outer = np.where(~inside, d_in, 0.0)
+        m = inner.max(axis=(1, 2), initial=0.0)
+        n = outer.max(axis=(1, 2), initial=0.0)
+        m = np.where(m > 0, m, 1.0)[:, None, None]
+        n = np.where(n > 0, n, 1.0)[:, None, None]
+        sdf[present[~whole]] = np.where(inside, inner / m, -outer / n)
     return sdf.astype(np.float32)
 
 
@@ -722,10 +672,10 @@ class LabelledFolder(UnlabelledFolder):
         return self.window is None or max(self._hw[item.name]) <= self.window
 
     def _mask_targets(self, item: _Item, region: _Region | None, valid: np.ndarray) -> dict[str, torch.Tensor]:
-        """mask, sdf and boundary of an item: from the cache (as copies) or computed (and cached if they fit)."""
+        """mask, sdf and boundary of an item: from the cache or computed (and cached if they fit)."""
         cached = self._cache.get(item.name)
         if cached is not None:
-            return {k: v.clone() for k, v in cached.items()}  # callers may modify what they get
+            return _expand_targets(cached, self.num_classes)
         mask = torch.from_numpy(self._read_mask(item, region, valid))
         mask = _resize(mask[None], self.size, "nearest")[0]
         m = mask.numpy()
@@ -734,9 +684,10 @@ class LabelledFolder(UnlabelledFolder):
             "sdf": torch.from_numpy(sdf_target(m, self.num_classes)),
             "boundary": torch.from_numpy(boundary_target(m, self.boundary_radius, IGNORE_INDEX)[None].astype(np.float32)),
         }
-        nbytes = sum(t.numel() * t.element_size() for t in targets.values())
+        compact = _compact_targets(targets)
+        nbytes = sum(t.numel() * t.element_size() for t in compact.values())
         if self._cacheable(item) and self._cached_bytes + nbytes <= self.cache_bytes:
-            self._cache[item.name] = {k: v.clone() for k, v in targets.items()}
+            self._cache[item.name] = compact
             self._cached_bytes += nbytes
         return targets
 
@@ -747,6 +698,26 @@ class LabelledFolder(UnlabelledFolder):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self._targets(i)
+
+
+def _compact_targets(targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the cache keeps of an item's targets: the mask and boundary in 8 bits (a 16-bit mask in 32), the SDF of the
+    classes present only (an absent class's SDF is -1 everywhere). A tile holds a few of many classes, so
+    this keeps several times more items in the same budget than the full float tensors."""
+    sdf = targets["sdf"]
+    present = torch.nonzero((sdf != -1).flatten(1).any(1)).flatten()
+    mask = targets["mask"]
+    small = mask.numel() == 0 or (mask.min() >= 0 and mask.max() <= 255)
+    return {"mask": mask.to(torch.uint8 if small else torch.int32), "boundary": targets["boundary"].to(torch.uint8),
+            "present": present, "sdf": sdf[present].clone()}
+
+
+def _expand_targets(compact: dict[str, torch.Tensor], num_classes: int) -> dict[str, torch.Tensor]:
+    """The full targets again (new tensors: callers may modify what they get)."""
+    mask = compact["mask"]
+    sdf = torch.full((num_classes, *mask.shape), -1.0)
+    sdf[compact["present"]] = compact["sdf"]
+    return {"mask": mask.long(), "sdf": sdf, "boundary": compact["boundary"].float()}
 
 
 class PseudoLabelFolder(LabelledFolder):
@@ -798,6 +769,34 @@ class PseudoLabelFolder(LabelledFolder):
         return out
 
 
+class ConcatFolders(Dataset):
+    """Several labelled folders as one training set, e.g. labelled data mixed into stage 1's pseudo-labels.
+
+    When any folder is pseudo-labelled, items of the others get a confidence of 1 everywhere (true labels
+    count fully), so that every batch has the same keys.
+    """
+
+    def __init__(self, folders: Sequence[LabelledFolder]) -> None:
+        self.folders = list(folders)
+        self.starts = np.cumsum([0] + [len(f) for f in self.folders])
+        self.confidence = any(isinstance(f, PseudoLabelFolder) for f in self.folders)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def set_epoch(self, seed: int, epoch: int) -> None:
+        """Each folder's windows of (seed, epoch) (see `UnlabelledFolder.set_epoch`)."""
+        for folder in self.folders:
+            folder.set_epoch(seed, epoch)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        item = self.folders[k][i - int(self.starts[k])]
+        if self.confidence and "confidence" not in item:
+            item["confidence"] = torch.ones(item["mask"].shape, dtype=torch.float32)
+        return item
+
+
 def load_images(folder: Path, size: int, limit: int, units: Units | None = None) -> torch.Tensor:
     """Up to `limit` images of a samoe data folder (DIR/images/*), as a (B, 3, size, size) batch of windows (`expand --verify`)."""
     if not (folder / "images").is_dir():
@@ -810,56 +809,17 @@ def load_images(folder: Path, size: int, limit: int, units: Units | None = None)
 # --------------------------------------------------------------------------- demo data
 
 
-def _box_blur(a: np.ndarray, radius: int) -> np.ndarray:
-    """Separable mean filter of width 2*radius+1 with reflected edges (cumulative sums)."""
-    for axis in (0, 1):
-        pad = [(0, 0), (0, 0)]
-        pad[axis] = (radius + 1, radius)
-        c = np.cumsum(np.pad(a, pad, mode="reflect"), axis=axis)
-        n = a.shape[axis]
-        hi = np.take(c, np.arange(2 * radius + 1, 2 * radius + 1 + n), axis=axis)
-        lo = np.take(c, np.arange(0, n), axis=axis)
-        a = (hi - lo) / (2 * radius + 1)
-    return a
-
-
-def _smooth_noise(rng: np.random.Generator, size: int, radius: int) -> np.ndarray:
-    """Zero-mean, unit-std smooth random field (three box blurs approximate a Gaussian)."""
-    a = rng.standard_normal((size, size))
-    radius = max(1, min(radius, size // 2 - 1))
-    for _ in range(3):
-        a = _box_blur(a, radius)
-    return (a - a.mean()) / (a.std() + 1e-12)
-
-
-def river_band(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, shift: float, amp: tuple[float, float],
-               period: tuple[float, float], half_width: tuple[float, float]) -> np.ndarray:
-    """A meandering band at a random angle (bool H x W); ranges are fractions of the scene size.
-
-    Its centre line passes within `shift` of the scene centre; a sine of amplitude
-    `amp` and wavelength `period` bends it; `half_width` is half its width.
-    """
-    size = xx.shape[0]
-    theta = rng.uniform(0, np.pi)
-    u = xx * np.cos(theta) + yy * np.sin(theta)
-    v = -xx * np.sin(theta) + yy * np.cos(theta)
-    centre = (size / 2) * (np.cos(theta) - np.sin(theta)) + rng.uniform(-shift, shift) * size
-    a, wavelength, phase = rng.uniform(*amp) * size, rng.uniform(*period) * size, rng.uniform(0, 2 * np.pi)
-    half = rng.uniform(*half_width) * size
-    return np.abs(v - centre - a * np.sin(2 * np.pi * u / wavelength + phase)) < half
-
-
 def _demo_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic scene: (float32 (2, H, W) VV/VH linear sigma0, uint8 (H, W) class ids)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     # Fields: vegetation vs bare soil from thresholded smooth noise.
-    field = _smooth_noise(rng, size, size // 10)
+    field = smooth_noise(rng, size, size // 10)
     mask = np.where(field > np.quantile(field, rng.uniform(0.35, 0.65)), 2, 3).astype(np.uint8)
     # Water: a meandering river band at a random angle, or a lake.
     if rng.random() < 0.75:
         mask[river_band(rng, xx, yy, shift=0.25, amp=(0.03, 0.12), period=(0.5, 1.5), half_width=(0.03, 0.07))] = 0
     else:
-        lake = _smooth_noise(rng, size, size // 8)
+        lake = smooth_noise(rng, size, size // 8)
         mask[lake > np.quantile(lake, rng.uniform(0.8, 0.9))] = 0
     # Urban: one to three rectangular blocks.
     urban = np.zeros((size, size), dtype=bool)
@@ -874,7 +834,7 @@ def _demo_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nda
     for cls, (db, ratio) in _DEMO_SIGMA0_DB.items():
         vv_db[mask == cls] = db
         ratio_db[mask == cls] = ratio
-    vv_db += 1.0 * _smooth_noise(rng, size, size // 16)  # +-1 dB texture within fields
+    vv_db += 1.0 * smooth_noise(rng, size, size // 16)  # +-1 dB texture within fields
     # Urban point scatterers: small clusters (seed pixel plus its 4-neighbours) +10..+15 dB.
     seeds = urban & (rng.random((size, size)) < 0.015)
     points = seeds.copy()
@@ -901,9 +861,11 @@ class DemoPreset:
 
 def demo_presets() -> dict[str, DemoPreset]:
     """Every `demo-data --preset`, by name (the scene modules import this one, so they are imported here)."""
+    from .codebook import CODEBOOK_CLASSES, codebook_scene
     from .hard_scenes import HARD_CLASSES, hard_scene
 
-    return {"easy": DemoPreset(_demo_scene, DEMO_CLASSES), "hard": DemoPreset(hard_scene, HARD_CLASSES)}
+    return {"easy": DemoPreset(_demo_scene, DEMO_CLASSES), "hard": DemoPreset(hard_scene, HARD_CLASSES),
+            "codebook": DemoPreset(codebook_scene, CODEBOOK_CLASSES)}
 
 
 DEMO_UNITS = Units("linear", None, ("VV", "VH"))
@@ -911,13 +873,21 @@ DEMO_UNITS = Units("linear", None, ("VV", "VH"))
 
 
 def _demo_scenes(preset: str, size: int, counts: tuple[int, ...], regions: int = 1,
-                 region: int | None = None) -> tuple[Any, ClassList]:
+                 region: int | None = None, signatures: int | None = None) -> tuple[Any, ClassList]:
     """The scene generator and classes of a demo-data preset, after checking the options."""
+    from .codebook import DEFAULT_SIGNATURES, GRID_SIZE
     from .hard_scenes import hard_scene
 
     presets = demo_presets()
     if preset not in presets:
-        raise DataError(f"unknown demo-data preset {preset!r}: choose {' or '.join(presets)}")
+        raise DataError(f"unknown demo-data preset {preset!r}: choose {', '.join(presets)}")
+    if signatures is not None and preset != "codebook":
+        raise DataError("--signatures needs --preset codebook")
+    if preset == "codebook":
+        n = DEFAULT_SIGNATURES if signatures is None else signatures
+        if not 1 <= n <= GRID_SIZE:
+            raise DataError(f"--signatures {n} must be between 1 and {GRID_SIZE} (the signature grid's size)")
+        return functools.partial(presets[preset].scene, signatures=n), presets[preset].classes
     if regions < 1:
         raise DataError(f"--regions must be >= 1, got {regions}")
     if region is not None and not 0 <= region < regions:
@@ -983,6 +953,7 @@ def make_demo_data(
     preset: str = "easy",
     regions: int = 1,
     region: int | None = None,
+    signatures: int | None = None,
 ) -> dict[str, Any]:
     """Write synthetic SAR scenes: ``out/A`` (labelled), ``out/A-test`` (held out), ``out/B`` (images only),
     and beside them ``out/classes.json`` (the preset's classes) and ``out/data.json`` (linear VV/VH).
@@ -1011,13 +982,15 @@ def make_demo_data(
             class signatures and sensor noise floor (stages/hard_scenes.py).
         region: ``hard`` only: every scene from this one of the ``regions`` (a per-region
             test set).
+        signatures: ``codebook`` only: how many signature -> class facts the scenes draw
+            from (stages/codebook.py); the table depends on this number, not on ``seed``.
 
     Returns:
         A JSON-able summary: counts, size, seed, class names and the class
         pixel fractions of each labelled split.
     """
     out = Path(out)
-    scene, classes = _demo_scenes(preset, size, (labelled, unlabelled, test), regions, region)
+    scene, classes = _demo_scenes(preset, size, (labelled, unlabelled, test), regions, region, signatures)
     class_names = classes.names
     if out.exists() and not force:
         raise DataError(f"{out} already exists: pass --force to replace it or choose another --out")
@@ -1040,6 +1013,8 @@ def make_demo_data(
         "counts": counts,
         "class_fractions": {},
     }
+    if preset == "codebook":
+        summary["signatures"] = scene.keywords["signatures"]
     if regions > 1:
         summary["regions"] = regions
         if region is not None:

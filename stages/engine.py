@@ -49,7 +49,7 @@ from upscale.roles import SEED004_ROLES, in_decoder, param_role
 
 from .checkpointer import Checkpointer, read_run_json
 from .optim import Optimizers, apply_lr, build_optimizers, lr_factor
-from .plan import STAGES, is_trainable
+from .plan import STAGES, is_trainable, stage_lr
 from .semisup import continue_rampup, pseudo_targets, scaled_epochs, sigmoid_rampup, task_losses
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ class TrainConfig:
     stage: int
     source: str
     run_dir: str
-    data: str
+    data: list[str]  # labelled or pseudo-labelled folders, trained on as one set
     unlabelled: str | None = None
     # what the pixels are (stages/units.py; None: each folder's data.json, else the source's record, else linear)
     input_scale: str | None = None
@@ -86,12 +86,15 @@ class TrainConfig:
     max_steps: int | None = None
     batch_size: int = 4
     seed: int = 0
-    # optimizers (stages/optim.py): base lr per stage when None; weight_decay = 5 * 10**wd
+    # optimizers (stages/optim.py): base lr absolute, or lr_scale x the source's recorded peak lr (default: the
+    # stage's scale, stages/plan.py); weight_decay = 5 * 10**wd
     lr: float | None = None
+    lr_scale: float | None = None
     momentum: float = 0.9
     wd: float = -5.0
     router_lr_mult: float = 10.0
     last_k: int = 4  # stage 2 unfreezes the FFN/MoE of the last K ViT blocks
+    augment: bool = False  # each labelled image and its targets under a random symmetry of the square (stages/augment.py)
     selector_gating: bool = False  # stage 1 also trains the source's selector and gating (seed 004)
     # seed 004's schedules, in epochs of a `timeline`-epoch run (they scale to the run's length)
     timeline: int = 200
@@ -116,20 +119,25 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16: autocast on one device, FSDP2 mixed precision under torchrun
     command: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.data, (str, Path)):
+            self.data = [str(self.data)]
+        self.data = [str(d) for d in self.data]
+
     def identity(self) -> dict[str, Any]:
         """The options a resumed run must share with the original one."""
-        keep = ("stage", "data", "unlabelled", "epochs", "max_steps", "batch_size", "lr", "last_k", "seed", "momentum",
+        keep = ("stage", "data", "unlabelled", "epochs", "max_steps", "batch_size", "lr", "lr_scale", "last_k", "seed", "momentum",
                 "wd", "unsup_weight", "alpha_rampup", "unsup_rampup", "warmup", "timeline", "aux_loss_coef", "router_lr_mult", "selector_gating",
-                "handover_coef", "restart_ramps")
+                "handover_coef", "restart_ramps", "augment")
         ident = {k: getattr(self, k) for k in keep}
         # only when set: runs started before these options existed still resume
         for k in ("mixture_lr", "input_scale", "dn_calibration", "polarisations", "resize"):
             if getattr(self, k) not in (None, False):
                 ident[k] = getattr(self, k)
-        declared = data_declarations(self.data, self.unlabelled)
+        declared = data_declarations(*self.data, self.unlabelled)
         if declared:
             ident["declared"] = declared
-        return {**ident, "data_fingerprint": data_fingerprint(self.data, self.unlabelled)}
+        return {**ident, "data_fingerprint": data_fingerprint(*self.data, self.unlabelled)}
 
 
 def data_fingerprint(*folders: str | None) -> str:
@@ -188,8 +196,11 @@ def check_stage_input(ckpt: Checkpoint, stage: int) -> None:
     """
     since = ckpt.meta.get("growth", {}).get("stages_before", 0)
     done = [s.get("stage") for s in ckpt.stages[since:]]
-    if stage == 1 and "growth" not in ckpt.meta:
-        raise SamoeError(f"{ckpt.path} was never grown (no growth provenance): stage 1 trains the parts `samoe expand` adds; expand it first or pass --force")
+    if "growth" not in ckpt.meta:
+        if stage == 3:  # a model that never grew trains in full: a source, or a source trained further
+            return
+        raise SamoeError(f"{ckpt.path} was never grown (no growth provenance): stage {stage} trains around the parts "
+                         "`samoe expand` adds; expand it first, train it with --stage 3, or pass --force")
     if stage == 2 and 1 not in done:
         raise SamoeError(f"{ckpt.path} has no stage 1 in its history: run `samoe train --stage 1` first or pass --force")
     if stage == 3 and 2 not in done:
@@ -462,8 +473,8 @@ def _prepare_run_dir(cfg: TrainConfig, force: bool, identity: dict[str, Any]) ->
     run_dir = Path(cfg.run_dir)
     state_file = run_dir / "run.json"
     # --force deletes the run dir: never when it holds (or lies inside) this run's own inputs
-    check_separate(run_dir, "--run-dir", {"--from": cfg.source, "--data": cfg.data, "--unlabelled": cfg.unlabelled,
-                                          "--val-data": cfg.val_data})
+    check_separate(run_dir, "--run-dir", {"--from": cfg.source, **{f"--data {d}": d for d in cfg.data},
+                                          "--unlabelled": cfg.unlabelled, "--val-data": cfg.val_data})
     # run.json is written after the first step: a marked run dir without it is a run that never started
     never_started = not state_file.exists() and owner(run_dir) == "train"
     if (force or never_started) and run_dir.exists():
@@ -554,7 +565,7 @@ class _Trainer:
         self.model_cfg = self.model.config
         # one process: bf16 autocast around the forward; under torchrun FSDP2's policy casts instead
         self.amp = (lambda: autocast(self.device, cfg.precision)) if dist is None and cfg.precision != "fp32" else None
-        self.lr = cfg.lr if cfg.lr is not None else self.plan.lr
+        self.lr, self.reference_lr = stage_lr(cfg.stage, cfg.lr, cfg.lr_scale, src.stages, src.meta.get("growth"), str(src.path))
         self.aux_coef = cfg.aux_loss_coef if cfg.aux_loss_coef is not None else self.model_cfg.moe.aux_loss_coef
 
     def open_data(self) -> None:
@@ -575,8 +586,8 @@ class _Trainer:
                              f"(--resize {'on' if source.resize else 'off'}): {'pass' if source.resize else 'drop'} --resize "
                              "so the model keeps seeing scenes at one scale")
         classes, origin = class_list(source, c), f"--from {cfg.source}"
-        folders = [(f"--data {cfg.data}", cfg.data), (f"--unlabelled {cfg.unlabelled}", cfg.unlabelled),
-                   (f"--val-data {cfg.val_data}", cfg.val_data)]
+        folders = [(f"--data {d}", d) for d in cfg.data] + [(f"--unlabelled {cfg.unlabelled}", cfg.unlabelled),
+                                                              (f"--val-data {cfg.val_data}", cfg.val_data)]
         for name, folder in folders:
             declared = read_classes(Path(folder)) if folder else None
             if declared is not None and len(declared.names) != c:
@@ -585,12 +596,19 @@ class _Trainer:
             check_same(classes, declared, origin, name, "train on data labelled with the same classes")
             if classes is None and declared is not None:
                 classes, origin = declared, name
-        units = resolve_units(Path(cfg.data), options, before)
-        self.spec = DataSpec(units, classes, cfg.resize)
+        units = [resolve_units(Path(d), options, before) for d in cfg.data]
+        self.spec = DataSpec(units[0], classes, cfg.resize)  # the first --data folder's units are recorded
         ignore = classes.ignore_index if classes is not None else 255
         shape = {"size": model_cfg.img_size} if cfg.resize else {"window": model_cfg.img_size}
-        self.data = open_labelled(Path(cfg.data), c, ignore_index=ignore, units=units, **shape)
-        check_pseudo_labels(self.data, cfg.data)
+        labelled = [open_labelled(Path(d), c, ignore_index=ignore, units=u, **shape) for d, u in zip(cfg.data, units)]
+        for folder, path in zip(labelled, cfg.data):
+            check_pseudo_labels(folder, path)
+        if len(labelled) == 1:
+            self.data = labelled[0]
+        else:
+            from .data import ConcatFolders
+
+            self.data = ConcatFolders(labelled)
         self.udata = None
         if cfg.unlabelled:
             self.udata = UnlabelledFolder(Path(cfg.unlabelled), units=resolve_units(Path(cfg.unlabelled), options, before),
@@ -602,7 +620,7 @@ class _Trainer:
         if self.dist is not None:
             from .distributed import check_split
 
-            check_split(len(self.data), cfg.batch_size, self.dist.world, f"--data {cfg.data}")
+            check_split(len(self.data), cfg.batch_size, self.dist.world, f"--data {' '.join(cfg.data)}")
             if self.udata is not None:
                 check_split(len(self.udata), cfg.batch_size, self.dist.world, f"--unlabelled {cfg.unlabelled}")
 
@@ -736,7 +754,12 @@ class _Trainer:
         model.selector.set_alpha(alpha)
         factor = lr_factor(self.step, self.spe, self.total, self.t_warm)
         apply_lr(self.opts, factor)
-        batch = to_device(loader.next(), self.device)
+        batch = loader.next()
+        if cfg.augment:  # drawn from (seed, step): a resumed run augments exactly as an uninterrupted one
+            from .augment import augment_batch
+
+            batch = augment_batch(batch, torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step + 1))
+        batch = to_device(batch, self.device)
         ubatch = to_device(self.uloader.next(), self.device) if self.uloader is not None else None
         m = train_step(model, self.opts, batch, ubatch, unsup_w, self.aux_coef, cfg.skip_nonfinite, self.step, dist,
                        cfg.handover_coef, self.amp, cfg.mixture_lr)
@@ -822,6 +845,7 @@ class _Trainer:
         cfg = self.cfg
         entry = {
             "stage": cfg.stage, "name": self.plan.name, "steps": self.step, "epochs": self.epochs, "lr": self.lr,
+            "reference_lr": self.reference_lr,
             "batch_size": cfg.batch_size, "data": cfg.data, "unlabelled": cfg.unlabelled,
             "last_k": cfg.last_k if cfg.stage == 2 else None,
             "trainable_params": sum(c[0] for c in self.counts.values()), "final_loss": self.last_metrics.get("loss"),

@@ -532,6 +532,10 @@ def evaluate(paths: list[Path], data_dir: Path, batch_size: int = 4, bootstrap: 
             off, _ = run_model(model, data, batch_size, on_batch, precision, tiling, agreed.resize)
             results[-1]["new_parts_off"] = {"parts": parts, "metrics": off.metrics(),
                                             "diff": bootstrap_diff(off, st, bootstrap, seed)}
+        if "growth" in ck.meta:
+            from .regime import source_regime
+
+            results[-1]["regime"] = source_regime(ck, data_dir).to_dict()
         stats.append(st)
         del model
     comparisons = [

@@ -41,8 +41,8 @@ from __future__ import annotations
 import numpy as np
 
 from .classes import ClassList
-from .data import _smooth_noise as _smooth
-from .data import river_band
+from .synth import river_band
+from .synth import smooth_noise as _smooth
 
 HARD_CLASS_NAMES: tuple[str, ...] = (
     "calm_water", "rough_water", "dense_urban", "suburban", "forest",

@@ -1,12 +1,17 @@
 """What each training stage trains, at which learning rate (strategy 2 of the growth plan).
 
-| stage | trains                                              | lr (default) |
-|-------|-----------------------------------------------------|--------------|
-| 1     | tensors whose provenance is not `source`, routers,  | 1e-2 (large) |
-|       | task-loss weights (source frozen, selector and      |              |
-|       | gating included, unless `selector_gating`)          |              |
-| 2     | stage 1 + FFN/MoE of the last K ViT blocks          | 1e-3         |
-| 3     | everything                                          | 1e-4 (tiny)  |
+| stage | trains                                              | lr (default)          |
+|-------|-----------------------------------------------------|-----------------------|
+| 1     | tensors whose provenance is not `source`, routers,  | 1 x the source's peak |
+|       | task-loss weights (source frozen, selector and      |                       |
+|       | gating included, unless `selector_gating`)          |                       |
+| 2     | stage 1 + FFN/MoE of the last K ViT blocks          | 0.3 x                 |
+| 3     | everything                                          | 0.1 x                 |
+
+Learning rates are relative to the source's own peak rate (`reference_lr`: the lr of the last stage it
+was trained in before it grew, recorded in its stage history), because a good rate depends on the
+model, the data and the batch, not on the stage alone; each stage warms up again from zero. `--lr`
+sets an absolute rate instead.
 
 Provenance comes from `samoe.json`; expert banks carry one entry per expert and
 are trainable when any of their experts is new (banks are per group, and a
@@ -16,6 +21,7 @@ model's parameter counts and this memory model, before anything is written.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +30,7 @@ import torch
 
 from upscale.checkpoint import dtype_name
 from upscale.config import SamMoEConfig
+from upscale.errors import SamoeError
 from upscale.expand import GrowthSpec, grown_config, planned_provenance
 from upscale.flops import forward_flops
 from upscale.model import build_model
@@ -37,15 +44,40 @@ class StagePlan:
 
     stage: int
     name: str
-    lr: float
+    lr_scale: float  # default base lr = lr_scale x reference_lr(source)
     description: str
 
 
 STAGES: dict[int, StagePlan] = {
-    1: StagePlan(1, "integration", 1e-2, "new experts, new blocks, all routers; source frozen"),
-    2: StagePlan(2, "collaboration", 1e-3, "stage 1 + FFN/MoE of the last K ViT blocks"),
-    3: StagePlan(3, "full", 1e-4, "everything"),
+    1: StagePlan(1, "integration", 1.0, "new experts, new blocks, all routers; source frozen"),
+    2: StagePlan(2, "collaboration", 0.3, "stage 1 + FFN/MoE of the last K ViT blocks"),
+    3: StagePlan(3, "full", 0.1, "everything"),
 }
+
+
+def reference_lr(stages: list[dict[str, Any]], growth: dict[str, Any] | None) -> float | None:
+    """The source's own peak learning rate: the `lr` of the last stage in its history before it grew (of the last
+    stage, for a model that never grew); None when no stage recorded one (a fresh `init`, an upcycled SAM)."""
+    before = stages[: growth.get("stages_before", len(stages))] if growth else stages
+    for entry in reversed(before):
+        lr = entry.get("lr")
+        if type(lr) in (int, float) and math.isfinite(lr) and lr > 0:
+            return float(lr)
+    return None
+
+
+def stage_lr(stage: int, lr: float | None, lr_scale: float | None, stages: list[dict[str, Any]],
+             growth: dict[str, Any] | None, source: str) -> tuple[float, float | None]:
+    """(base lr of this stage, the reference it is relative to): `lr` when given, else `lr_scale` (default: the
+    stage's) times the source's recorded peak rate."""
+    ref = reference_lr(stages, growth)
+    if lr is not None:
+        return lr, ref
+    if ref is None:
+        raise SamoeError(f"{source} records no learning rate it was trained at (a fresh or upcycled model): give the "
+                         "stage's rate with --lr")
+    return (STAGES[stage].lr_scale if lr_scale is None else lr_scale) * ref, ref
+
 
 _BLOCK_MLP = re.compile(r"^image_encoder\.blocks\.(\d+)\.mlp\.")
 

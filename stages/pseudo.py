@@ -26,6 +26,7 @@ from upscale.checkpoint import atomic_write_text, load_model
 from upscale.errors import SamoeError
 from upscale.ownership import OWNER_FILE, check_separate, is_empty_dir, owner, write_marker
 
+from .augment import tta_mean
 from .classes import CLASSES_JSON, read_classes, write_classes
 from .data import IGNORE_INDEX, UnlabelledFolder, write_confidence, write_mask
 from .dataspec import class_list, recorded
@@ -59,7 +60,7 @@ def _place_image(src: Path, dst: Path) -> None:
 def pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, batch_size: int = 4,
                  device: torch.device | str = "cpu", precision: str = "fp32", on_start: Callable[[int, int], None] | None = None,
                  on_image: Callable[[], None] | None = None, unit_options: UnitOptions | None = None,
-                 overlap: float | None = None, stride: int | None = None) -> dict[str, int]:
+                 overlap: float | None = None, stride: int | None = None, tta: bool = False) -> dict[str, int]:
     """Label every image of IMAGES/images not yet labelled in OUT; return counts.
 
     OUT must be new, empty, or an earlier pseudo-label output (its `.samoe-owner.json`):
@@ -82,19 +83,20 @@ def pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, ba
         if owner(out) != "pseudo-label":
             write_marker(out, "pseudo-label")
         return _pseudo_label(ckpt, images, out, threshold, batch_size, on_start, counted, torch.device(device), precision,
-                             unit_options, overlap, stride)
+                             unit_options, overlap, stride, tta)
 
 
 def _pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, batch_size: int = 4,
                   on_start: Callable[[int, int], None] | None = None, on_image: Callable[[], None] | None = None,
                   device: torch.device = torch.device("cpu"), precision: str = "fp32",
                   unit_options: UnitOptions | None = None, overlap: float | None = None,
-                  stride: int | None = None) -> dict[str, int]:
+                  stride: int | None = None, tta: bool = False) -> dict[str, int]:
     """Label every image of IMAGES/images not yet labelled in OUT; return counts.
 
     The teacher runs on `device` (bf16 autocast with `precision` bf16) over sliding windows of each
     scene at its own resolution (stages/predict.py); masks and confidences come from the blended fp32
-    probabilities of its gating model. OUT gets the teacher's classes.json and the images' data.json,
+    probabilities of its gating model; with `tta`, each window's are the mean over the 8 symmetries of the
+    square (a better teacher than one view). OUT gets the teacher's classes.json and the images' data.json,
     so training on OUT reads its images in their units.
     """
     from upscale.checkpoint import Checkpoint
@@ -127,7 +129,10 @@ def _pseudo_label(ckpt: Path, images: Path, out: Path, threshold: float = 0.0, b
         on_start(len(data_native), len(todo))
     model = load_model(ckpt, device=device)
     model.eval()
-    forward = model_forward(model, next(model.parameters()).device, precision, lambda o: o["gate_seg"].softmax(dim=1))
+    teacher = model_forward(model, next(model.parameters()).device, precision, lambda o: o["gate_seg"].softmax(dim=1))
+
+    def forward(x: torch.Tensor, windows: list) -> torch.Tensor:
+        return tta_mean(lambda v: teacher(v, windows), x) if tta else teacher(x, windows)
     counts = {"ignored": 0, "labelled": 0, "pixels": 0}
     opened: list[Scene] = []
 

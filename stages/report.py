@@ -109,8 +109,8 @@ def render_report(report: dict[str, Any], figures: list[Written], out: Path) -> 
                   "Each grown checkpoint scored again with its new groups and extra blocks switched off, on the same "
                   "images; the difference is what the new capacity contributes (paired bootstrap over images).", ""]
         for i, ck in ablated:
-            lines += [f"### [{i}]", "", new_parts_verdict(i, ck) + ".", ""]
-            lines += _table(NEW_PARTS_HEADER, new_parts_rows(ck))
+            lines += [f"### [{i}]", "", new_parts_verdict(i, ck) + "."] + ([ck["regime"]["line"] + "."] if "regime" in ck else [])
+            lines += [""] + _table(NEW_PARTS_HEADER, new_parts_rows(ck))
     lines += ["", "## IoU per class", ""]
     lines += _table(["class"] + header[1:],
                     [[cls] + [_num(ck["metrics"]["iou"].get(cls)) for ck in cks]

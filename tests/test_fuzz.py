@@ -295,7 +295,7 @@ def resumable(tmp_path_factory):
     src = init_from_preset(PRESETS["tiny"], root / "src", 0, torch.float32, ["test"], False)
     grown = expand_checkpoint(src, root / "g", GrowthSpec(experts=6, groups=resolve_groups(4, 6, "2", 1), extra_blocks=0,
                                                           noise_std=0.01), ["test"])
-    res = CliRunner().invoke(cli.app, [str(a) for a in ["train", "--stage", 1, "--from", grown, "--data", root / "d" / "A",
+    res = CliRunner().invoke(cli.app, [str(a) for a in ["train", "--stage", 1, "--lr", 0.01, "--from", grown, "--data", root / "d" / "A",
                                                          "--run-dir", root / "run", "--batch-size", 4, "--max-steps", 2,
                                                          "--checkpoint-every", 1]])
     assert res.exit_code == 0, res.stderr

@@ -413,6 +413,10 @@ def check_meta(meta: dict[str, Any], where: Path) -> None:
     stages = meta.get("stages", [])
     if not isinstance(stages, list) or not all(isinstance(e, dict) for e in stages):
         raise bad("stages", "a list of tables")
+    growth = meta.get("growth", {})
+    if not isinstance(growth, dict) or type(growth.get("stages_before", 0)) is not int or not (
+            0 <= growth.get("stages_before", 0) <= len(stages)) or not isinstance(growth.get("source", ""), str):
+        raise bad("growth", "a table with stages_before (a count of stages) and source (a path)")
 
 
 def files_digest(files: dict[str, dict[str, Any]]) -> str:
