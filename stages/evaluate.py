@@ -342,7 +342,7 @@ class _ScoredScene:
 
 
 @torch.no_grad()
-def run_model(model: torch.nn.Module, data: LabelledFolder, batch_size: int,
+def run_model(model: torch.nn.Module, data: LabelledFolder | torch.utils.data.Subset, batch_size: int,
               on_batch: Callable[[int], None] | None = None, precision: str = "fp32",
               tiling: Tiling | None = None, resize: bool = False,
               routing_stats: bool = True) -> tuple[ImageStats, dict[str, RoutingAccumulator]]:
@@ -354,10 +354,15 @@ def run_model(model: torch.nn.Module, data: LabelledFolder, batch_size: int,
     on scenes squashed to its size) each scene is resized for the model and its outputs back. The SDF
     error is each window's, against the window's own target (as training sees it). Runs where the
     model lives (`precision` bf16: autocast forward); metrics are computed on the CPU in fp32.
-    `on_batch(n)` after each batch of n windows.
+    `on_batch(n)` after each batch of n windows. `data` may be a `Subset` of a folder (its scenes only); a
+    folder that resizes its items (`size`) is scored as `resize`.
     """
     from upscale.device import autocast
 
+    indices: list[int] | range = range(len(data))
+    if isinstance(data, torch.utils.data.Subset):
+        indices, data = list(data.indices), data.dataset
+    resize = resize or data.size is not None
     cfg = model.config
     c = cfg.num_classes
     tiling = tiling or Tiling.of(cfg.img_size)
@@ -389,7 +394,7 @@ def run_model(model: torch.nn.Module, data: LabelledFolder, batch_size: int,
     opened: list[_ScoredScene] = []
 
     def scenes() -> Iterator[Scene]:
-        for i in range(len(data)):
+        for i in indices:
             opened.append(_ScoredScene(data, i, tiling, resize))
             yield opened[-1].scene
 
