@@ -87,9 +87,8 @@ from torch.utils.data import Dataset
 
 from .classes import CLASSES_JSON, IGNORE_INDEX, ClassList, write_classes
 from .rasters import DataError, RASTER_SUFFIXES, Raster, channels_first, check_memory, open_raster
-from .units import DATA_JSON, Units, check_bands, check_plausible, to_db
-
 from .synth import river_band, smooth_noise
+from .units import DATA_JSON, Units, check_bands, check_plausible, to_db
 
 __all__ = [
     "CLASS_NAMES",
