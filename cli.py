@@ -250,6 +250,45 @@ _PRECISION_HELP = ("fp32 | bf16. bf16: autocast on one device (CUDA, or CPU bf16
                    "optimizer state; FSDP2 mixed precision (bf16 compute, fp32 gradient reduction) under --nproc/torchrun.")
 
 
+_SCALE_HELP = ("What the pixel values are: linear (sigma0 power) | db | amplitude | dn (calibrated digital numbers, "
+               "with --dn-calibration) | display (8/16-bit quick-looks). Default: the folder's data.json, else the "
+               "checkpoint's record, else linear. Values that contradict it are refused.")
+_CAL_HELP = "With --input-scale dn: A in sigma0 = (DN / A)^2 (the product's calibration constant)."
+_POL_HELP = "Band names in order, e.g. VV,VH or HH (default: data.json's); scenes with another band count are refused."
+_OVERLAP_HELP = "Sliding windows: the fraction of a window its neighbour covers (default 0.25); outputs are blended."
+_STRIDE_HELP = "Sliding windows: pixels between window starts (instead of --overlap)."
+
+
+def _scale_option() -> Any:
+    return typer.Option(None, "--input-scale", help=_SCALE_HELP)
+
+
+def _cal_option() -> Any:
+    return typer.Option(None, "--dn-calibration", callback=_positive, help=_CAL_HELP)
+
+
+def _pol_option() -> Any:
+    return typer.Option(None, "--polarisations", help=_POL_HELP)
+
+
+def _overlap_option() -> Any:
+    return typer.Option(None, "--overlap", min=0, max=0.99, callback=_finite, help=_OVERLAP_HELP)
+
+
+def _stride_option() -> Any:
+    return typer.Option(None, "--stride", min=1, help=_STRIDE_HELP)
+
+
+def _unit_options(input_scale: Optional[str], dn_calibration: Optional[float], polarisations: Optional[str]) -> Any:
+    """The command line's statement about units (stages/units.py), checked."""
+    from stages.units import SCALES, UnitOptions, parse_polarisations
+    from upscale.errors import SamoeError
+
+    if input_scale is not None and input_scale not in SCALES:
+        raise SamoeError(f"--input-scale {input_scale!r} is not one of {', '.join(SCALES)}")
+    return UnitOptions(input_scale, dn_calibration, parse_polarisations(polarisations))
+
+
 def _precision(precision: Optional[str], mixed_precision: bool = False) -> str:
     """--precision, with --mixed-precision as its bf16 alias."""
     from upscale.device import check_precision
@@ -269,9 +308,30 @@ def _parse_ints(text: str, option: str) -> tuple[int, ...]:
         raise SamoeError(f"{option} {text!r} is not a comma-separated list of integers, e.g. 15,16,17") from None
 
 
+def _image_memory(value: Optional[str]) -> Optional[int]:
+    """typer callback for --image-memory: a size such as 1G, checked here so a bad one is a usage error."""
+    if value is None:
+        return None
+    from stages.rasters import parse_bytes
+    from upscale.errors import SamoeError
+
+    try:
+        return parse_bytes(value, "--image-memory")
+    except SamoeError as e:
+        raise typer.BadParameter(str(e).removeprefix("--image-memory ")) from None
+
+
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of failures.")) -> None:
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of failures."),
+          image_memory: Optional[str] = typer.Option(None, "--image-memory", callback=_image_memory,
+                                                     help="Memory one image's decoded pixels and working arrays may take, "
+                                                          "e.g. 512M or 4G (default 1G, or SAMOE_IMAGE_MEMORY). Larger "
+                                                          "scenes are read by windows, or refused before decoding.")) -> None:
     _state["debug"] = debug
+    if image_memory is not None or "stages.rasters" in sys.modules:  # None resets an earlier in-process call's
+        from stages.rasters import set_image_memory
+
+        set_image_memory(image_memory)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- init
@@ -334,7 +394,11 @@ def init(
 def _show_summary(ckpt: Any, as_json: bool, verify: bool = False) -> None:
     from upscale.summary import inspect_checkpoint
 
+    from stages.dataspec import recorded
+
     report = inspect_checkpoint(ckpt)
+    spec = recorded(ckpt.meta, str(ckpt.path / "samoe.json"))
+    report["data"] = spec.to_record() if spec is not None else None
     if verify:
         report["verify"] = _verify(ckpt)
     if as_json:
@@ -362,6 +426,12 @@ def _show_summary(ckpt: Any, as_json: bool, verify: bool = False) -> None:
         parent = f" <- {entry['parent']} ({(entry['parent_digest'] or '')[:19]}…)" if entry.get("parent") else ""
         console.print(f"lineage {i}: {entry['command']} (seed {entry['seed']}, samoe {entry['version']}){parent}", soft_wrap=True,
                       markup=False)
+    if spec is not None:
+        from rich.markup import escape
+
+        names = ", ".join(spec.classes.names) if spec.classes is not None else "not named"
+        console.print(escape(f"data: {spec.units.describe()}; classes: {names}; scenes "
+                             f"{'resized to the model' if spec.resize else 'as windows'}"), soft_wrap=True)
     if report["stages"]:
         for s in report["stages"]:
             console.print(f"stage {s.get('stage')}: {json.dumps(s)}", soft_wrap=True, markup=False)
@@ -627,7 +697,11 @@ def expand(
 
         verify_device = resolve_device(device)
         check_separate(out, "--out", {"--verify": verify})
-        images = load_images(verify, src.config.img_size, verify_images)
+        from stages.dataspec import recorded
+        from stages.units import resolve_units
+
+        spec = recorded(src.meta, str(src.path / "samoe.json"))
+        images = load_images(verify, src.config.img_size, verify_images, resolve_units(verify, recorded=spec and spec.units))
     noise = noise_std if noise_std is not None else 0.0 if growth.replicate else 0.01
     spec = _growth_spec(src.config, growth, init, noise, interp_weight, seed, reinit_ratio)
     gc.freeze()  # the collector's full passes would rescan torch's ~10^5 import-time objects all through the write
@@ -675,6 +749,14 @@ def train(
     data: list[Path] = typer.Option(..., "--data", help="Labelled (images/ + masks/) or pseudo-labelled folder; repeat "
                                     "to train on several as one set (e.g. labelled data mixed into pseudo-labels)."),
     unlabelled: Optional[Path] = typer.Option(None, "--unlabelled", help="Unlabelled folder (images/) for the unsupervised phase."),
+    val_data: Optional[Path] = typer.Option(None, "--val-data", help="Labelled folder scored (mIoU, whole scenes) while "
+                                            "training: metrics.csv val_miou, TensorBoard val/miou; RUN/best keeps the best step."),
+    val_every: Optional[int] = typer.Option(None, "--val-every", min=1, help="Validate every N steps (default: each epoch)."),
+    input_scale: Optional[str] = typer.Option(None, "--input-scale", help=_SCALE_HELP + " Recorded in the checkpoint."),
+    dn_calibration: Optional[float] = typer.Option(None, "--dn-calibration", callback=_positive, help=_CAL_HELP),
+    polarisations: Optional[str] = typer.Option(None, "--polarisations", help=_POL_HELP),
+    resize: bool = typer.Option(False, "--resize", help="Squash every scene to the model's size (the old behaviour). "
+                                "Default: a random window of the model's size from each scene per epoch, at native resolution."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs over --data (default 200, the seed's timeline)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after N steps."),
     batch_size: int = typer.Option(4, "--batch-size", min=1),
@@ -696,6 +778,8 @@ def train(
     warmup: float = typer.Option(10.0, "--warmup", min=0, callback=_finite, help="LR warm-up of optimizers 1 and 3 (seed epochs)."),
     timeline: int = typer.Option(200, "--timeline", min=1, help="Run length the seed epochs refer to; they scale to --epochs."),
     log_every: int = typer.Option(5, "--log-every", min=1, help="Selector log every N epochs."),
+    print_every: int = typer.Option(10, "--print-every", min=1, help="Where the output is not a terminal (a batch "
+                                    "job's log), a plain progress line every N steps."),
     router_lr_mult: float = typer.Option(10.0, "--router-lr-mult", min=0, callback=_finite, help="Router LR = lr x this (optimizer1's router group)."),
     handover_coef: float = typer.Option(0.1, "--handover-coef", min=0.0, callback=_finite,
                                         help="Weight of the top-level balance loss that moves routing weight from the "
@@ -731,19 +815,20 @@ def train(
     from stages.engine import Interrupted, resume_command, run
 
     precision = _precision(precision, mixed_precision)
+    _unit_options(input_scale, dn_calibration, polarisations)
     _check_train_device(nproc, device)
     cfg = _train_config(options, precision)
-    display = _TrainDisplay()
+    display = _TrainDisplay(cfg.print_every)
     try:
         with _one_job(run_dir, "--run-dir") if is_main_process() else nullcontext():  # rank 0 holds it for all ranks
             final = run(cfg, force=force, on_start=display.on_start, on_step=display.on_step, on_log=display.on_log)
     except Interrupted as e:
-        display.progress.stop()
+        display.stop()
         if is_main_process():
             sys.stderr.write(f"interrupted: saved {e.step_dir}; resume with: {resume_command(cfg.command)}\n")
         raise typer.Exit(128 + e.signum)
     finally:
-        display.progress.stop()
+        display.stop()
     if is_main_process():
         console.print(f"done: {final} (next stage's --from)", markup=False)
 
@@ -793,9 +878,10 @@ def _train_config(options: dict[str, Any], precision: str) -> TrainConfig:
 
 
 class _TrainDisplay:
-    """What `samoe train` prints: the stage table when it starts, a progress bar per step, the selector log."""
+    """What `samoe train` prints: the stage table when it starts, then a progress bar on a terminal or a plain
+    line every `print_every` steps elsewhere (a batch job's log), validation results, the selector log."""
 
-    def __init__(self) -> None:
+    def __init__(self, print_every: int = 10) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(TextColumn("stage {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
@@ -803,8 +889,12 @@ class _TrainDisplay:
                                             "{task.fields[ips]} img/s"),
                                  TimeRemainingColumn(), console=console)
         self.task: Any = None
+        self.print_every = print_every
+        self.plain = not console.is_terminal
 
     def on_start(self, info: dict) -> None:
+        from rich.markup import escape
+
         plan = info["stage"]
         t = Table(title=f"stage {plan.stage} ({plan.name}): {plan.description}; base lr {info['lr']:g}")
         for col in ("component", "trainable", "total", "lr"):
@@ -815,15 +905,33 @@ class _TrainDisplay:
         console.print(t)
         console.print("params: " + ", ".join(f"{k.capitalize()} {v:,}" for k, v in info["params"].items()))
         if info["resumed_from"]:
-            console.print(f"resuming from {info['resumed_from']} (step {info['start_step']})", markup=False)
+            console.print(f"resuming from {escape(info['resumed_from'])} (step {info['start_step']})")
+        console.print(escape(f"data: {info['units']}; scenes as {info['scenes']}; classes "
+                             f"{', '.join(info['classes']) if info['classes'] else 'not named (no classes.json)'}"
+                             + (f"; validation on {info['validation']}" if info["validation"] else "")), soft_wrap=True)
         console.print(f"{info['epochs']} epochs x {info['steps_per_epoch']} steps = {info['total_steps']} steps")
+        self.total = info["total_steps"]
+        if self.plain:
+            return
         self.progress.start()
         self.task = self.progress.add_task("train", total=info["total_steps"], completed=info["start_step"],
                                            stage=plan.stage, epoch=0, loss="-", lr="-", ips="-")
 
     def on_step(self, row: dict) -> None:
+        if "val_miou" in row:
+            best = " (best so far: RUN/best)" if row.get("best") else ""
+            self.progress.console.print(f"step {row['step']}: validation mIoU {row['val_miou']:.4f}{best}")
+        if self.plain:
+            if row["step"] % self.print_every == 0 or row["step"] == self.total:
+                console.print(f"step {row['step']}/{self.total} epoch {row['epoch']} loss {row['loss']:.4f} "
+                              f"lr {row['lr']:.2e} {row['images_per_s']:.1f} img/s", soft_wrap=True)
+            return
         self.progress.update(self.task, completed=row["step"], epoch=row["epoch"], loss=f"{row['loss']:.4f}",
                              lr=f"{row['lr']:.2e}", ips=f"{row['images_per_s']:.1f}")
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.progress.stop()
 
     def on_log(self, row: dict) -> None:
         self.progress.console.print(f"epoch {row['epoch']}: alpha {row['alpha']:.4f}  unsup_weight {row['unsup_weight']:.4f}  "
@@ -840,24 +948,32 @@ def pseudo_label(
     batch_size: int = typer.Option(4, "--batch-size", min=1),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (autocast for the teacher's forward)."),
+    input_scale: Optional[str] = _scale_option(),
+    dn_calibration: Optional[float] = _cal_option(),
+    polarisations: Optional[str] = _pol_option(),
+    overlap: Optional[float] = _overlap_option(),
+    stride: Optional[int] = _stride_option(),
     tta: bool = typer.Option(False, "--tta", help="Average the teacher over the 8 rotations and flips of each image "
                              "(a better teacher, 8x the compute)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Label an unlabelled folder with a teacher checkpoint (resumable: labelled images are skipped)."""
+    """Label an unlabelled folder with a teacher checkpoint at the scenes' own resolution (resumable: labelled images
+    are skipped). OUT gets the teacher's classes.json and the images' data.json."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from stages.pseudo import pseudo_label as run_pseudo
     from upscale.device import resolve_device
 
     torch_device, precision = resolve_device(device), _precision(precision)
+    units = _unit_options(input_scale, dn_calibration, polarisations)
 
     with _one_job(out), Progress("pseudo-labelling", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                                  console=console, transient=as_json) as progress:
         task = progress.add_task("label", total=None)
         summary = run_pseudo(checkpoint, images, out, threshold, batch_size, device=torch_device, precision=precision,
                              on_start=lambda n, todo: progress.update(task, total=n, completed=n - todo),
-                             on_image=lambda: progress.advance(task), tta=tta)
+                             on_image=lambda: progress.advance(task), unit_options=units, overlap=overlap, stride=stride,
+                             tta=tta)
     if as_json:
         _print_json(summary)
     else:
@@ -865,6 +981,48 @@ def pseudo_label(
         console.print(f"{out}: {summary['labelled']} labelled, {summary['skipped']} already done, "
                       f"{summary['ignored_pixels']:,} pixels below --threshold {threshold:g}"
                       + (f"; kept {kept:.1%} of the pixels labelled now" if kept is not None else ""), markup=False)
+
+
+class _WorkProgress:
+    """Progress of a long command: a rich bar on a terminal; elsewhere (a batch job's log) a plain line at the start
+    and at every tenth of the work; nothing with --json (stdout holds the JSON)."""
+
+    def __init__(self, label: str, as_json: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        self.label, self.quiet, self.plain = label, as_json, not console.is_terminal
+        self.bar = Progress(label, BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console, transient=True)
+        self.task: Any = None
+        self.total, self.done, self.shown = 0, 0, -1
+
+    def __enter__(self) -> "_WorkProgress":
+        if not self.plain:
+            self.bar.start()
+            self.task = self.bar.add_task(self.label, total=None)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.plain:
+            self.bar.stop()
+
+    def start(self, total: int) -> None:
+        self.total = total
+        if not self.plain:
+            self.bar.update(self.task, total=total)
+        elif total:
+            self._line()
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if not self.plain:
+            self.bar.advance(self.task, n)
+        elif self.total and self.done * 10 // self.total > self.shown:
+            self._line()
+
+    def _line(self) -> None:
+        self.shown = self.done * 10 // max(self.total, 1)
+        if not self.quiet:
+            console.print(f"{self.label}: {self.done}/{self.total}", markup=False, highlight=False)
 
 
 @app.command("eval")
@@ -887,11 +1045,16 @@ def evaluate(
                                     help="Score each grown checkpoint again with its new groups and extra blocks switched "
                                          "off, and show what they add (paired 95% CI): near 0 means the new capacity does "
                                          "no work and any gain over the source came from training its old parts further."),
+    overlap: Optional[float] = _overlap_option(),
+    stride: Optional[int] = _stride_option(),
+    input_scale: Optional[str] = _scale_option(),
+    dn_calibration: Optional[float] = _cal_option(),
+    polarisations: Optional[str] = _pol_option(),
 ) -> None:
-    """Compare checkpoints side by side on a labelled folder, with routing statistics."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress
+    """Compare checkpoints side by side on a labelled folder (whole scenes at native resolution), with routing statistics."""
+    from rich.markup import escape
 
-    from stages.evaluate import METRICS, evaluate as run_eval, short_layer
+    from stages.evaluate import METRICS, evaluate as run_eval, resolution_text, short_layer
     from stages.figures import check_format, check_output_dir
     from stages.report import NEW_PARTS_HEADER, layout_label, new_parts_rows, new_parts_verdict, write_eval_outputs
 
@@ -903,17 +1066,17 @@ def evaluate(
     for folder, option in ((plots, "--plots"), (report_dir, "--report")):
         if folder is not None:
             check_output_dir(folder, force, option, inputs)
-    with Progress("evaluating", BarColumn(), MofNCompleteColumn(), console=console, transient=True) as progress:
-        task = progress.add_task("eval", total=None)
+    units = _unit_options(input_scale, dn_calibration, polarisations)
+    with _WorkProgress("evaluating (windows)", as_json) as progress:
         report = run_eval(checkpoints, data, batch_size, bootstrap, seed, device=torch_device, precision=precision,
-                          on_start=lambda n: progress.update(task, total=n), on_batch=lambda n: progress.advance(task, n),
-                          ablate_new=ablate_new)
+                          on_start=progress.start, on_batch=progress.advance, ablate_new=ablate_new,
+                          overlap=overlap, stride=stride, unit_options=units)
     report.update(write_eval_outputs(report, plots, report_dir, fmt, force))
     if as_json:
         _print_json(report)
         return
     cks = report["checkpoints"]
-    t = Table(title=f"{escape(report['data'])}: {report['images']} images")
+    t = Table(title=escape(f"{report['data']}: {report['images']} images, {resolution_text(report)}"))
     t.add_column("metric")
     for i, ck in enumerate(cks):
         t.add_column(f"[{i}] {ck['total_params'] / 1e6:.2f}M", justify="right")
@@ -928,7 +1091,7 @@ def evaluate(
     t.add_row("GFLOP / image", *[f"{ck['forward_flops'] / 1e9:,.3f}" for ck in cks],
               *[f"x{ck['forward_flops'] / cks[0]['forward_flops']:.2f}" for ck in cks[1:]])
     for cls in report["classes"]:
-        t.add_row(f"IoU {cls}", *[("-" if ck["metrics"]["iou"][cls] is None else f"{ck['metrics']['iou'][cls]:.4f}") for ck in cks],
+        t.add_row(escape(f"IoU {cls}"), *[("-" if ck["metrics"]["iou"][cls] is None else f"{ck['metrics']['iou'][cls]:.4f}") for ck in cks],
                   *["" for _ in report["comparisons"]])
     console.print(t)
     for i, ck in enumerate(cks):
@@ -956,6 +1119,48 @@ def evaluate(
         console.print(f"plots: {', '.join(report['plots'])}", soft_wrap=True, markup=False)
     if report_dir is not None:
         console.print(f"report: {report['report']}", soft_wrap=True, markup=False)
+
+
+@app.command()
+@handles_errors
+def predict(
+    checkpoint: Path = typer.Argument(..., help="The checkpoint to apply (e.g. runs/s3/final)."),
+    images: list[Path] = typer.Option(..., "--images", help="A scene (.tif/.tiff/.png), or a folder of them (or a data "
+                                      "folder with images/); repeat --images for more."),
+    out: Path = typer.Option(..., "--out", help="Folder to create or complete: masks/, confidence/, previews/, predict.json."),
+    overlap: Optional[float] = _overlap_option(),
+    stride: Optional[int] = _stride_option(),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Windows per forward pass."),
+    device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (autocast for the forward)."),
+    input_scale: Optional[str] = _scale_option(),
+    dn_calibration: Optional[float] = _cal_option(),
+    polarisations: Optional[str] = _pol_option(),
+    force: bool = typer.Option(False, "--force", help="Replace an --out folder samoe predict wrote (other checkpoint or tiling)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run's summary as JSON."),
+) -> None:
+    """Segment whole scenes by sliding windows: a class mask and a confidence map per scene (GeoTIFF with the scene's
+    CRS, transform and nodata), and a coloured preview with a legend. Resumes: scenes already done are skipped."""
+    from rich.markup import escape
+
+    from stages.predict import PredictOptions, predict as run_predict
+    from upscale.device import resolve_device
+
+    torch_device, precision = resolve_device(device), _precision(precision)
+    options = PredictOptions(overlap, stride, batch_size, torch_device, precision,
+                             _unit_options(input_scale, dn_calibration, polarisations), force)
+    with _one_job(out), _WorkProgress("predicting (windows)", as_json) as progress:
+        summary = run_predict(checkpoint, images, out, options, on_start=lambda n, skipped, w: progress.start(w),
+                              on_windows=progress.advance)
+    if as_json:
+        _print_json(summary)
+        return
+    for name, scene in summary["scenes"].items():
+        top = sorted(scene["class_fractions"].items(), key=lambda kv: -kv[1])[:3]
+        console.print(escape(f"{name}: {scene['height']}x{scene['width']} px{', georeferenced' if scene['georeferenced'] else ''}"
+                             f"; {', '.join(f'{k} {v:.1%}' for k, v in top)}; {scene['outputs']['masks']}"), soft_wrap=True)
+    console.print(escape(f"{out}: {summary['predicted']} scene(s) predicted, {summary['skipped']} already done "
+                         f"(windows of {summary['window']} px, stride {summary['stride']})"), soft_wrap=True)
 
 
 @app.command("plot")

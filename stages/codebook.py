@@ -32,10 +32,12 @@ from functools import lru_cache
 
 import numpy as np
 
+from .classes import ClassList
 from .synth import smooth_noise
 
 NUM_CLASSES = 16
 CODEBOOK_CLASS_NAMES: tuple[str, ...] = tuple(f"cover_{c:02d}" for c in range(NUM_CLASSES))
+CODEBOOK_CLASSES = ClassList.of(CODEBOOK_CLASS_NAMES)  # classes.json of the preset (matplotlib's tab20 colours)
 
 # The signature grid. VV levels and ratios keep VH above -30 dB, where samoe's input
 # scaling clips (stages/data.py, DB_MIN), so every signature stays visible in both channels.

@@ -36,6 +36,7 @@ import os
 import shlex
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager
@@ -77,6 +78,14 @@ class TrainConfig:
     run_dir: str
     data: list[str]  # labelled or pseudo-labelled folders, trained on as one set
     unlabelled: str | None = None
+    # what the pixels are (stages/units.py; None: each folder's data.json, else the source's record, else linear)
+    input_scale: str | None = None
+    dn_calibration: float | None = None
+    polarisations: str | None = None  # band names in order, e.g. "VV,VH"
+    resize: bool = False  # squash scenes to img_size; default: a random img_size window of each scene per epoch
+    # validation: mIoU on val_data every val_every steps (None: at each epoch's end); RUN/best keeps the best step
+    val_data: str | None = None
+    val_every: int | None = None
     # how long: --epochs (default: the seed's 200-epoch timeline) or --max-steps
     epochs: int | None = None
     max_steps: int | None = None
@@ -107,6 +116,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep: int = 2
     log_every: int = 5
+    print_every: int = 10  # a plain progress line every N steps where the output is not a terminal (SLURM logs)
     skip_nonfinite: bool = False
     # hardware: not part of the run's identity
     workers: int = 0
@@ -125,8 +135,13 @@ class TrainConfig:
                 "wd", "unsup_weight", "alpha_rampup", "unsup_rampup", "warmup", "timeline", "aux_loss_coef", "router_lr_mult", "selector_gating",
                 "handover_coef", "restart_ramps", "augment")
         ident = {k: getattr(self, k) for k in keep}
-        if self.mixture_lr:  # only when on: runs started before the option existed still resume
-            ident["mixture_lr"] = True
+        # only when set: runs started before these options existed still resume
+        for k in ("mixture_lr", "input_scale", "dn_calibration", "polarisations", "resize"):
+            if getattr(self, k) not in (None, False):
+                ident[k] = getattr(self, k)
+        declared = data_declarations(*self.data, self.unlabelled)
+        if declared:
+            ident["declared"] = declared
         return {**ident, "data_fingerprint": data_fingerprint(*self.data, self.unlabelled)}
 
 
@@ -149,6 +164,25 @@ def data_fingerprint(*folders: str | None) -> str:
                 st = path.stat()
                 h.update(f"{path.relative_to(root).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return "sha256:" + h.hexdigest()
+
+
+def data_declarations(*folders: str | None) -> dict[str, Any]:
+    """The data.json and classes.json each folder resolves to (they may sit beside it): part of a run's identity,
+    since they change what the pixels and class ids mean."""
+    from .classes import CLASSES_JSON, read_classes
+    from .units import read_data_json
+
+    out: dict[str, Any] = {}
+    for folder in folders:
+        if folder is None:
+            continue
+        units, path = read_data_json(Path(folder))
+        if units is not None:
+            out[f"{folder}:{path.name}"] = units.to_json()  # type: ignore[union-attr]
+        classes = read_classes(Path(folder))
+        if classes is not None:
+            out[f"{folder}:{CLASSES_JSON}"] = classes.to_json()
+    return out
 
 
 class Interrupted(Exception):
@@ -178,12 +212,13 @@ def check_stage_input(ckpt: Checkpoint, stage: int) -> None:
         raise SamoeError(f"{ckpt.path} has no stage 2 in its history: run `samoe train --stage 2` first or pass --force")
 
 
-def open_labelled(path: Path, num_classes: int, size: int) -> Dataset:
+def open_labelled(path: Path, num_classes: int, size: int | None = None, **options: Any) -> Dataset:
+    """A labelled or pseudo-labelled folder (it has confidence/); `options` as LabelledFolder's (window, units...)."""
     from .data import LabelledFolder, PseudoLabelFolder
 
     if (path / "confidence").is_dir():
-        return PseudoLabelFolder(path, num_classes, size=size)
-    return LabelledFolder(path, num_classes, size=size)
+        return PseudoLabelFolder(path, num_classes, size=size, **options)
+    return LabelledFolder(path, num_classes, size=size, **options)
 
 
 MIN_KEPT_WEIGHT = 0.01
@@ -224,6 +259,8 @@ class StreamingLoader:
         self.global_size = 0  # images in the global batch last returned
 
     def _start(self) -> None:
+        if hasattr(self.data, "set_epoch"):  # windows of large scenes are drawn per (seed, epoch): resumable
+            self.data.set_epoch(self.seed, self.epoch)
         batches = _batches(len(self.data), self.batch_size, self.seed, self.epoch, self.pos)
         self._sizes = [len(b) for b in batches]
         if self.world > 1:
@@ -280,27 +317,31 @@ def component_lrs(model: torch.nn.Module, opts: Optimizers) -> dict[str, list[fl
 MAX_LOG_BYTES = 512 * 1024**2  # a log larger than this is not one samoe wrote
 
 
-def _truncate_csv(run: Owned, name: str, key: str, last: float) -> None:
-    """Drop rows written after the checkpoint we resume from (they will be written again)."""
+def _truncate_csv(run: Owned, name: str, key: str, last: float, fields: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Drop rows written after the checkpoint we resume from (they will be written again); return the header
+    to write on with: the file's own, plus any of `fields` it lacks (e.g. val_miou added on resume)."""
     d = run.dir
     if d.kind(name) is None:
-        return
+        return fields
     fix = "the run directory is damaged; pass --force to start over or use a new --run-dir"
     path = d.path / name
     try:
         with io.TextIOWrapper(d.open_read(name, MAX_LOG_BYTES), newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-            fields = rows[0].keys() if rows else None
-        if fields is None:
-            return
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = tuple(reader.fieldnames or ())
+        if not header:
+            return fields
         kept = [r for r in rows if float(r[key]) <= last]
     except (ValueError, KeyError, TypeError, csv.Error) as e:  # UnicodeDecodeError is a ValueError
         raise SamoeError(f"{path} is damaged ({type(e).__name__}): {fix}") from None
+    header += tuple(f for f in fields if f not in header)
     text = io.StringIO(newline="")
-    w = csv.DictWriter(text, fieldnames=list(fields))
+    w = csv.DictWriter(text, fieldnames=list(header), restval="")
     w.writeheader()
     w.writerows(kept)
     d.write_bytes(name, text.getvalue().encode("utf-8"), run.token)
+    return header
 
 
 class CsvLog:
@@ -318,7 +359,8 @@ class CsvLog:
             self.f.flush()
 
     def write(self, row: dict[str, Any]) -> None:
-        self.w.writerow({k: (f"{row[k]:.8g}" if isinstance(row[k], float) else row[k]) for k in self.fields})
+        """One row; fields the row lacks stay empty (val_miou between validations)."""
+        self.w.writerow({k: (f"{row[k]:.8g}" if isinstance(row.get(k), float) else row.get(k, "")) for k in self.fields})
         self.f.flush()
 
     def close(self) -> None:
@@ -469,7 +511,7 @@ def _prepare_run_dir(cfg: TrainConfig, force: bool, identity: dict[str, Any], so
     run_dir = Path(cfg.run_dir)
     # --force deletes the run dir: never when it holds (or lies inside) this run's own inputs
     check_separate(run_dir, "--run-dir", {"--from": cfg.source, **{f"--data {d}": d for d in cfg.data},
-                                          "--unlabelled": cfg.unlabelled})
+                                          "--unlabelled": cfg.unlabelled, "--val-data": cfg.val_data})
     not_ours = SamoeError(f"{run_dir} exists and is not a samoe run directory: choose a new --run-dir")
     with Dir.open(run_dir.parent, "choose another --run-dir", create=True) as parent:
         kind = parent.kind(run_dir.name)
@@ -486,7 +528,7 @@ def _prepare_run_dir(cfg: TrainConfig, force: bool, identity: dict[str, Any], so
     if unknown is not None:
         raise unknown_error(run_dir, unknown, "--run-dir")
     if d.kind("run.json") is None:
-        started = next((n for n in ("checkpoints", "final") if d.kind(n) is not None), None)
+        started = next((n for n in ("checkpoints", "final", "best") if d.kind(n) is not None), None)
         if started is not None and not force:
             raise SamoeError(f"{run_dir} has {started}/ but no run.json: the run directory is damaged (a run that "
                              f"started is never read as a fresh one); {_RUN_FIX}")
@@ -603,22 +645,54 @@ class _Trainer:
         self.aux_coef = cfg.aux_loss_coef if cfg.aux_loss_coef is not None else self.model_cfg.moe.aux_loss_coef
 
     def open_data(self) -> None:
-        """The labelled (and optional unlabelled) folders, checked against the model and the world size."""
+        """The labelled (and optional unlabelled and validation) folders, checked against the model, the source's
+        data record (classes, units, resolution) and the world size; sets `spec`, the record this run writes."""
+        from .classes import check_same, read_classes
+        from .data import LabelledFolder, UnlabelledFolder
+        from .dataspec import DataSpec, class_list, recorded
+        from .units import UnitOptions, parse_polarisations, resolve_units
+
         cfg, model_cfg = self.cfg, self.model_cfg
-        folders = [open_labelled(Path(d), model_cfg.num_classes, model_cfg.img_size) for d in cfg.data]
-        for folder, path in zip(folders, cfg.data):
+        c = model_cfg.num_classes
+        source = recorded(self.src.meta, f"--from {cfg.source}")
+        options = UnitOptions(cfg.input_scale, cfg.dn_calibration, parse_polarisations(cfg.polarisations))
+        before = source.units if source is not None else None
+        if source is not None and source.resize != cfg.resize:
+            raise SamoeError(f"--from {cfg.source} was trained on {'scenes resized' if source.resize else 'windows of scenes'} "
+                             f"(--resize {'on' if source.resize else 'off'}): {'pass' if source.resize else 'drop'} --resize "
+                             "so the model keeps seeing scenes at one scale")
+        classes, origin = class_list(source, c), f"--from {cfg.source}"
+        folders = [(f"--data {d}", d) for d in cfg.data] + [(f"--unlabelled {cfg.unlabelled}", cfg.unlabelled),
+                                                              (f"--val-data {cfg.val_data}", cfg.val_data)]
+        for name, folder in folders:
+            declared = read_classes(Path(folder)) if folder else None
+            if declared is not None and len(declared.names) != c:
+                raise SamoeError(f"{name} names {len(declared.names)} classes in classes.json but the model predicts {c}: "
+                                 "train a model of that many classes (samoe init --num-classes) or fix classes.json")
+            check_same(classes, declared, origin, name, "train on data labelled with the same classes")
+            if classes is None and declared is not None:
+                classes, origin = declared, name
+        units = [resolve_units(Path(d), options, before) for d in cfg.data]
+        self.spec = DataSpec(units[0], classes, cfg.resize)  # the first --data folder's units are recorded
+        ignore = classes.ignore_index if classes is not None else 255
+        shape = {"size": model_cfg.img_size} if cfg.resize else {"window": model_cfg.img_size}
+        labelled = [open_labelled(Path(d), c, ignore_index=ignore, units=u, **shape) for d, u in zip(cfg.data, units)]
+        for folder, path in zip(labelled, cfg.data):
             check_pseudo_labels(folder, path)
-        if len(folders) == 1:
-            self.data = folders[0]
+        if len(labelled) == 1:
+            self.data = labelled[0]
         else:
             from .data import ConcatFolders
 
-            self.data = ConcatFolders(folders)
+            self.data = ConcatFolders(labelled)
         self.udata = None
         if cfg.unlabelled:
-            from .data import UnlabelledFolder
-
-            self.udata = UnlabelledFolder(Path(cfg.unlabelled), size=model_cfg.img_size)
+            self.udata = UnlabelledFolder(Path(cfg.unlabelled), units=resolve_units(Path(cfg.unlabelled), options, before),
+                                          **shape)
+        self.vdata = None
+        if cfg.val_data:
+            self.vdata = LabelledFolder(Path(cfg.val_data), c, ignore_index=ignore,
+                                        units=resolve_units(Path(cfg.val_data), options, before))
         if self.dist is not None:
             from .distributed import check_split
 
@@ -653,8 +727,23 @@ class _Trainer:
         if self.latest is not None:
             ts = self.checkpointer.load(self.latest, self.model, self.opts)
             self.step, self.loader_state, self.uloader_state = ts["step"], ts["loader"], ts["uloader"]
+        self.best = self._best_so_far() if resuming else None
         if self.dist is not None:
             self.dist.barrier()
+
+    def _best_so_far(self) -> tuple[int, float] | None:
+        """(step, val mIoU) of RUN/best when it was validated at or before the step resumed from (later steps run again)."""
+        with (Dir.open(self.run_dir, _RUN_FIX, follow=False) if self.run is None else nullcontext(self.run.dir)) as root:
+            if root.kind("best") != "dir":
+                return None
+            with root.sub("best") as folder:
+                if folder.kind("samoe.json") is None:
+                    return None
+                validation = Checkpoint.open(self.run_dir / "best", folder).meta.get("validation")
+        if not isinstance(validation, dict) or type(validation.get("step")) is not int \
+                or not isinstance(validation.get("val_miou"), float) or validation["step"] > self.step:
+            return None
+        return validation["step"], validation["val_miou"]
 
     def store_banks_low(self) -> None:
         """bf16 in one process: expert banks stored in bf16, fp32 masters in the optimizer (stages/master.py).
@@ -678,16 +767,18 @@ class _Trainer:
         if not self.main:
             return
         run, ls = self.run, self.loader_state
-        _truncate_csv(run, "metrics.csv", "step", self.step)
+        fields = METRIC_FIELDS + tuple(self.model.routing_keys()) + (("val_miou",) if self.vdata is not None else ())
+        fields = _truncate_csv(run, "metrics.csv", "step", self.step, fields)
         _truncate_csv(run, "selector_log.csv", "epoch", ls["epoch"] + (1 if ls["pos"] >= self.spe else 0))
-        self.metrics_log = CsvLog(run, "metrics.csv", METRIC_FIELDS + tuple(self.model.routing_keys()))
+        self.metrics_log = CsvLog(run, "metrics.csv", fields)
         self.selector_log = CsvLog(run, "selector_log.csv", SELECTOR_FIELDS)
         self.tb = _tensorboard(run)
 
     def announce(self, on_start: Callable[[dict[str, Any]], None] | None) -> None:
         """Build the step checkpoints' metadata and tell the caller what this run will do."""
         src = self.src
-        self.meta = build_meta(self.model_cfg, src.provenance, src.lineage, src.stages, _dtype(self.model), **_carry(src.meta))
+        self.meta = build_meta(self.model_cfg, src.provenance, src.lineage, src.stages, _dtype(self.model), **_carry(src.meta),
+                               data=self.spec.to_record())
         if not on_start:
             return
         params = {r: 0 for r in ("selector", "encoder", "decoder", "gating", "loss")}
@@ -700,7 +791,11 @@ class _Trainer:
         on_start({"stage": self.plan, "lr": self.lr, "counts": self.counts, "lrs": component_lrs(self.model, self.opts),
                   "params": params, "total_steps": self.total,
                   "start_step": self.step, "epochs": self.epochs, "steps_per_epoch": self.spe,
-                  "resumed_from": str(self.latest) if self.latest else None})
+                  "resumed_from": str(self.latest) if self.latest else None, "units": self.spec.units.describe(),
+                  "classes": list(self.spec.classes.names) if self.spec.classes else None,
+                  "scenes": "resized to the model's size" if self.cfg.resize else f"random {self.model_cfg.img_size} px windows",
+                  "validation": (f"{self.cfg.val_data} every {self.cfg.val_every} steps" if self.cfg.val_every else
+                                 f"{self.cfg.val_data} each epoch") if self.vdata is not None else None})
 
     def loop(self, on_step: Callable[[dict[str, Any]], None] | None, on_log: Callable[[dict[str, Any]], None] | None) -> None:
         """Train to the last step; a signal saves a step checkpoint and raises Interrupted. Closes the logs."""
@@ -711,6 +806,7 @@ class _Trainer:
             while self.step < self.total:
                 t0 = time.perf_counter()
                 row = self.train_one_step()
+                self.validate(row)
                 self.log_step(row, on_log)
                 if on_step:
                     on_step(dict(row, images_per_s=self.loader.global_size / max(time.perf_counter() - t0, 1e-9),
@@ -764,6 +860,8 @@ class _Trainer:
         if self.tb is not None:
             for k in METRIC_FIELDS[2:]:
                 self.tb.add_scalar(f"train/{k}", row[k], step)
+            if "val_miou" in row:
+                self.tb.add_scalar("val/miou", row["val_miou"], step)
             for k, v in row.items():  # new capacity engaging: new_share:<layer>, group_scale:<layer>:<g>
                 if k.startswith(("new_share:", "group_scale:")):
                     self.tb.add_scalar("routing/" + k.replace(":", "/"), v, step)
@@ -793,30 +891,67 @@ class _Trainer:
             with self.opts.full_precision():
                 self.checkpointer.save(self.step, self.model, self.meta, self.opts, trainer_state)
 
-    def finish(self) -> Path:
-        """Write RUN/final with this stage added to the history and the selector's alpha at its end-of-run value."""
-        cfg, src, model = self.cfg, self.src, self.model
-        final_dir = self.run_dir / "final"
-        history = list(src.stages) + [{
+    def validate(self, row: dict[str, Any]) -> None:
+        """Every `val_every` steps (default: at each epoch's end) and at the last step: val mIoU into `row`, and
+        RUN/best replaced when it is the best so far. Runs in every process (the forward is collective)."""
+        if self.vdata is None:
+            return
+        cfg, step = self.cfg, self.step
+        due = step % cfg.val_every == 0 if cfg.val_every else self.loader.pos >= self.loader.steps_per_epoch
+        if not (due or step >= self.total):
+            return
+        from .evaluate import run_model
+
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # validation must not move the training's random streams
+            stats, _ = run_model(self.model, self.vdata, cfg.batch_size, precision=cfg.precision if self.dist is None else "fp32",
+                                 resize=cfg.resize, routing_stats=False)
+        self.model.train()
+        miou = stats.metrics()["miou"]
+        if self.dist is not None:
+            miou = self.dist.broadcast(miou)  # rank 0's number decides for every process
+        row["val_miou"] = miou
+        if math.isfinite(miou) and (self.best is None or miou > self.best[1]):
+            self.best = (step, miou)
+            self.save(self.run_dir / "best", {"step": step, "val_miou": miou, "val_data": cfg.val_data})
+            row["best"] = True
+
+    def _history(self) -> list[dict[str, Any]]:
+        """The source's stage history plus this stage up to the current step."""
+        cfg = self.cfg
+        entry = {
             "stage": cfg.stage, "name": self.plan.name, "steps": self.step, "epochs": self.epochs, "lr": self.lr,
             "reference_lr": self.reference_lr,
             "batch_size": cfg.batch_size, "data": cfg.data, "unlabelled": cfg.unlabelled,
             "last_k": cfg.last_k if cfg.stage == 2 else None,
             "trainable_params": sum(c[0] for c in self.counts.values()), "final_loss": self.last_metrics.get("loss"),
-        }]
-        final_meta = build_meta(self.model_cfg, src.provenance, src.lineage + [lineage_entry(cfg.command, cfg.seed, src)],
-                                history, _dtype(model), **_carry(src.meta))
-        model.selector.set_alpha(continue_rampup(self.alpha0, self.epochs, self.t_alpha))
+        }
+        if self.vdata is not None:
+            entry.update(val_data=cfg.val_data, best=self.best and {"step": self.best[0], "val_miou": self.best[1]})
+        return list(self.src.stages) + [entry]
+
+    def save(self, path: Path, validation: dict[str, Any] | None = None) -> Path:
+        """The model as a plain checkpoint (RUN/final, RUN/best): this stage in its history; the gathered weights
+        under torchrun (rank 0 writes, recording the folder in the run's manifest first)."""
+        cfg, src, model = self.cfg, self.src, self.model
+        extra = {"validation": validation} if validation is not None else {}
+        meta = build_meta(self.model_cfg, src.provenance, src.lineage + [lineage_entry(cfg.command, cfg.seed, src)],
+                          self._history(), _dtype(model), **_carry(src.meta), data=self.spec.to_record(), **extra)
         if self.main:
-            self.run.record("final", kind="owned")
+            self.run.record(path.name, kind="owned")
         if self.dist is None:
             with self.opts.full_precision():
-                return save_model(model, final_dir, final_meta, force=True, parent=self.run.dir)
+                return save_model(model, path, meta, force=True, parent=self.run.dir)
         state = self.dist.full_state_dict(model)  # collective: rank 0 gets every tensor on CPU
         if self.main:
-            save_model(_StateView(state), final_dir, final_meta, force=True, parent=self.run.dir)
+            save_model(_StateView(state), path, meta, force=True, parent=self.run.dir)
         self.dist.barrier()
-        return final_dir
+        return path
+
+    def finish(self) -> Path:
+        """Write RUN/final with this stage added to the history and the selector's alpha at its end-of-run value."""
+        self.model.selector.set_alpha(continue_rampup(self.alpha0, self.epochs, self.t_alpha))
+        return self.save(self.run_dir / "final")
 
 
 class _StateView:
@@ -834,7 +969,7 @@ def _dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def _carry(meta: dict[str, Any]) -> dict[str, Any]:
-    """Metadata that follows a checkpoint through training (growth options, SAM source)."""
+    """Metadata that follows a checkpoint through training (growth options, SAM source; the data record is each run's)."""
     return {k: meta[k] for k in ("growth", "sam_source") if k in meta}
 
 

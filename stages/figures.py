@@ -95,11 +95,18 @@ def new_figure(width: float, height: float) -> Figure:
 
 
 def save_figure(fig: Figure, out: Owned, name: str, fmt: str = "png") -> Path:
-    """Write `fig` at 200 dpi into output folder `out` as `name`: recorded first, then written atomically
-    (a crash never leaves half a file under the final name)."""
+    """Write `fig` at 200 dpi into output folder `out` as `name` (which may lie in one of its folders, e.g.
+    `previews/a.png`): recorded first, then written atomically (a crash never leaves half a file under the
+    final name)."""
     out.record(name)
-    with out.dir.atomic(name, out.token) as f:
-        fig.savefig(f, format=fmt, dpi=DPI, facecolor="white")
+    folder, _, base = name.rpartition("/")
+    d = out.dir.sub(folder) if folder else out.dir
+    try:
+        with d.atomic(base, out.token) as f:
+            fig.savefig(f, format=fmt, dpi=DPI, facecolor="white")
+    finally:
+        if folder:
+            d.close()
     return out.dir.path / name
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .classes import ClassList
 from .synth import river_band
 from .synth import smooth_noise as _smooth
 
@@ -48,6 +49,9 @@ HARD_CLASS_NAMES: tuple[str, ...] = (
     "calm_water", "rough_water", "dense_urban", "suburban", "forest",
     "wetland", "cropland", "grassland", "bare_soil", "sand",
 )
+HARD_CLASSES = ClassList.of(HARD_CLASS_NAMES, ("#1f4e9c", "#5b8fd1", "#b2182b", "#ef8a62", "#1b7837",
+                                               "#66c2a5", "#e6c84f", "#a6d96a", "#bf9b6a", "#f2e3b5"))
+"""The hard preset's classes.json: names and colours."""
 
 
 # class -> (VV sigma0 dB, VV - VH dB, looks, K-texture order nu (0 = none), row pattern amplitude dB)

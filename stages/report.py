@@ -14,7 +14,7 @@ from typing import Any
 
 from upscale.ownership import Owned
 
-from .evaluate import METRICS
+from .evaluate import METRICS, resolution_text
 from .figures import Written, layer_label, layer_order
 
 REPORT_NAME = "report.md"
@@ -92,8 +92,8 @@ def render_report(report: dict[str, Any], figures: list[Written], out: Path) -> 
     """The Markdown text; figure links are relative to `out` (the folder holding report.md)."""
     cks, comps = report["checkpoints"], report["comparisons"]
     lines = ["# samoe eval report", "",
-             f"Data: `{report['data']}`, {report['images']} images; paired bootstrap over images, "
-             f"{report['bootstrap']} resamples, seed {report['seed']}; intervals are 95%.", "",
+             f"Data: `{report['data']}`, {report['images']} images, {resolution_text(report)}; paired bootstrap over "
+             f"images, {report['bootstrap']} resamples, seed {report['seed']}; intervals are 95%.", "",
              "## Checkpoints", ""]
     lines += _table(["", "path", "parameters", "forward GFLOP / image", "stages", "digest"],
                     [[f"[{i}]", f"`{ck['path']}`", f"{ck['total_params']:,}",

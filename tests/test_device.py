@@ -87,7 +87,7 @@ def _final_tensors(run: Path) -> dict[str, torch.Tensor]:
 
 
 def _cfg(grown: Path, data: Path, run: Path, **kw) -> TrainConfig:
-    kw = {"stage": 1, "max_steps": 4, "batch_size": 4, "checkpoint_every": 2, **kw}
+    kw = {"stage": 1, "max_steps": 4, "batch_size": 4, "checkpoint_every": 2, "lr": 0.01, **kw}
     return TrainConfig(source=str(grown), run_dir=str(run), data=str(data / "A"), unlabelled=str(data / "B"), **kw)
 
 

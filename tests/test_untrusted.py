@@ -16,6 +16,7 @@ import struct
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -409,20 +410,22 @@ def test_tiff_declaring_huge_size_is_refused_from_its_header(tmp_path):
     bomb = tmp_path / "bomb.tif"
     _tiff_bomb(bomb)
     t = time.perf_counter()
-    with pytest.raises(DataError, match="bomb.tif declares 4294967296 pixel"):
+    with pytest.raises(DataError, match="bomb.tif: decoding it whole needs 4.0 GiB, more than the image memory budget"):
         read_image(bomb)
     assert time.perf_counter() - t < 5
 
 
 def test_oversized_image_in_data_is_exit_2_naming_it(grown, data, tmp_path, monkeypatch):
-    import stages.data
+    """A PNG is decoded whole: one larger than the image memory budget is refused from its header, naming it."""
+    from PIL import Image
 
     folder = Path(shutil.copytree(data / "A", tmp_path / "A"))
-    image = sorted((folder / "images").iterdir())[0]
-    monkeypatch.setattr(stages.data, "MAX_IMAGE_PIXELS", 128 * 128 * 2 - 1)  # the demo images hold 128*128*2
+    Image.fromarray(np.ones((1024, 2048), np.uint16)).save(folder / "images" / "big.png")  # 4 MiB decoded
+    Image.fromarray(np.zeros((1024, 2048), np.uint8)).save(folder / "masks" / "big.png")
+    monkeypatch.setenv("SAMOE_IMAGE_MEMORY", "3M")
     res = samoe("train", "--stage", 1, "--lr", 0.01, "--from", grown, "--data", folder, "--run-dir", tmp_path / "run",
                 "--batch-size", 4, "--max-steps", 1)
-    one_error_line(res, image.name, "pixel")
+    one_error_line(res, "big.png", "image memory budget", "--image-memory")
 
 
 @pytest.mark.parametrize("damage", ["garbage", "no-step-column", "link"])

@@ -701,5 +701,7 @@ def expand_checkpoint(
     growth = {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.__dict__.items()}
     growth["stages_before"] = len(src.stages)  # stage checks look only at stages trained after this growth
     growth["source"] = str(src.path.resolve())  # where eval looks for the source's training log (stages/regime.py)
-    meta = build_meta(cfg, {}, src.lineage + [lineage_entry(command, spec.seed, src)], list(src.stages), dtype, growth=growth)
+    carried = {k: src.meta[k] for k in ("data",) if k in src.meta}  # what the source was trained on (stages/dataspec.py)
+    meta = build_meta(cfg, {}, src.lineage + [lineage_entry(command, spec.seed, src)], list(src.stages), dtype, growth=growth,
+                      **carried)
     return execute(src, plans, out, meta, dtype, workers=workers, shard_bytes=shard_bytes, force=force, on_tensor=on_tensor)

@@ -239,13 +239,15 @@ def remove_temporaries(d: Dir, manifest: Manifest, prefix: str = "") -> None:
                 remove_temporaries(sub, manifest, prefix + name + "/")
 
 
-def open_output(path: Path, command: str, option: str, *, force: bool, resume: bool = False) -> Owned:
+def open_output(path: Path, command: str, option: str, *, force: bool, resume: bool = False,
+                replace: bool = False) -> Owned:
     """The output folder `path`, written in place: new, empty, or samoe's own.
 
     A non-empty folder is written into when `force` is given and samoe wrote it (any command: what it holds
-    stays recorded, same names are replaced), or when `resume` and it is this command's own (a resumable
-    command continues it); else it is refused. Either way a folder holding anything unrecorded is refused,
-    naming the entry, and leftovers of killed writers (their tokens recorded) are removed first."""
+    stays recorded, same names are replaced; with `replace`, what samoe recorded there is removed first), or
+    when `resume` and it is this command's own (a resumable command continues it); else it is refused.
+    Either way a folder holding anything unrecorded is refused, naming the entry, and leftovers of killed
+    writers (their tokens recorded) are removed first."""
     path = Path(path)
     check_plain_path(path, option)
     fix = f"choose another {option}"
@@ -263,6 +265,9 @@ def open_output(path: Path, command: str, option: str, *, force: bool, resume: b
         unknown = first_unknown(d, manifest)
         if unknown is not None:
             raise unknown_error(path, unknown, option)
+        if force and replace:
+            remove_recorded(d, manifest)
+            return Owned.start(d, command)
         if force or (resume and manifest.command == command):
             remove_temporaries(d, manifest)
             return Owned(d, manifest)

@@ -11,6 +11,7 @@ nesting), and names checked to be one plain path component.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 MAX_JSON_BYTES = 64 * 1024**2  # samoe.json of a 10B model is ~1 MB; index ~0.2 MB
@@ -44,3 +45,13 @@ def json_error(e: BaseException) -> str:
     """Why `parse_json` refused a document, in a few words."""
     why = "not UTF-8" if isinstance(e, UnicodeDecodeError) else "nested too deeply" if isinstance(e, RecursionError) else str(e)
     return why[:120]
+
+
+def load_json(path: Path, fix: str, cap: int = MAX_JSON_BYTES) -> Any:
+    """A JSON document from file `path` of an input folder (classes.json, data.json): its last component is
+    opened without following a link or blocking on a FIFO (upscale.dirfd), at most `cap` bytes."""
+    from .dirfd import Dir
+
+    path = Path(path)
+    with Dir.open(path.parent, fix) as d:
+        return d.read_json(path.name, cap)
