@@ -427,8 +427,6 @@ def _show_summary(ckpt: Any, as_json: bool, verify: bool = False) -> None:
         console.print(f"lineage {i}: {entry['command']} (seed {entry['seed']}, samoe {entry['version']}){parent}", soft_wrap=True,
                       markup=False)
     if spec is not None:
-        from rich.markup import escape
-
         names = ", ".join(spec.classes.names) if spec.classes is not None else "not named"
         console.print(escape(f"data: {spec.units.describe()}; classes: {names}; scenes "
                              f"{'resized to the model' if spec.resize else 'as windows'}"), soft_wrap=True)
@@ -893,8 +891,6 @@ class _TrainDisplay:
         self.plain = not console.is_terminal
 
     def on_start(self, info: dict) -> None:
-        from rich.markup import escape
-
         plan = info["stage"]
         t = Table(title=f"stage {plan.stage} ({plan.name}): {plan.description}; base lr {info['lr']:g}")
         for col in ("component", "trainable", "total", "lr"):
@@ -1052,8 +1048,6 @@ def evaluate(
     polarisations: Optional[str] = _pol_option(),
 ) -> None:
     """Compare checkpoints side by side on a labelled folder (whole scenes at native resolution), with routing statistics."""
-    from rich.markup import escape
-
     from stages.evaluate import METRICS, evaluate as run_eval, resolution_text, short_layer
     from stages.figures import check_format, check_output_dir
     from stages.report import NEW_PARTS_HEADER, layout_label, new_parts_rows, new_parts_verdict, write_eval_outputs
@@ -1141,8 +1135,6 @@ def predict(
 ) -> None:
     """Segment whole scenes by sliding windows: a class mask and a confidence map per scene (GeoTIFF with the scene's
     CRS, transform and nodata), and a coloured preview with a legend. Resumes: scenes already done are skipped."""
-    from rich.markup import escape
-
     from stages.predict import PredictOptions, predict as run_predict
     from upscale.device import resolve_device
 

@@ -521,7 +521,7 @@ def _check_out(out: Path, inputs: dict[str, Path], force: bool, record: dict[str
     """May predict write into `out`? The record of the earlier run it resumes (same checkpoint and tiling), or None.
 
     Only looks: what may be written or replaced is decided by `resumable_output` (upscale.ownership)."""
-    from upscale.ownership import check_owned, check_separate
+    from upscale.ownership import OWNER_FILE, check_separate, first_unknown, read_manifest, unknown_error
 
     check_separate(out, "--out", inputs)
     if force or not (out.exists() or out.is_symlink()):
@@ -529,10 +529,13 @@ def _check_out(out: Path, inputs: dict[str, Path], force: bool, record: dict[str
     with Dir.open(out, "choose a new --out", follow=False) as d:
         if not d.names():
             return None
-        manifest = check_owned(d, "--out")
-        if manifest.command != "predict":
-            raise SamoeError(f"{out} was written by samoe {manifest.command}, not samoe predict: refusing to write into it; "
-                             "choose a new --out")
+        manifest = read_manifest(d)
+        if manifest is None or manifest.command != "predict":
+            raise SamoeError(f"{out} exists and was not written by samoe predict (no {OWNER_FILE} listing its files): "
+                             "refusing to write into it; choose a new --out")
+        unknown = first_unknown(d, manifest)
+        if unknown is not None:
+            raise unknown_error(out, unknown, "--out")
         try:
             old = d.read_json(RECORD)
             same = isinstance(old, dict) and all(old.get(k) == record[k] for k in ("digest", "window", "stride"))
