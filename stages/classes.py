@@ -23,14 +23,14 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from upscale.dirfd import Dir
-from upscale.errors import SamoeError
+from upscale.errors import DataError, SamoeError
 
-from .rasters import DataError
+if TYPE_CHECKING:  # numpy is imported where values are converted: inspect and plan start without it
+    import numpy as np
+
 from .units import find_beside
 
 CLASSES_JSON = "classes.json"
@@ -86,6 +86,7 @@ class ClassList:
 
     def rgb(self) -> np.ndarray:
         """(C, 3) uint8 colours."""
+        import numpy as np
         return np.array([[int(c[k:k + 2], 16) for k in (1, 3, 5)] for c in self.colors], dtype=np.uint8)
 
     def to_json(self) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from upscale.errors import SamoeError
+from upscale.errors import DataError, SamoeError
 
 DEFAULT_IMAGE_MEMORY = 1024**3
 IMAGE_MEMORY_ENV = "SAMOE_IMAGE_MEMORY"
@@ -47,10 +47,6 @@ for _name in ("rasterio", "tifffile"):  # their log lines and warnings would pri
     _logger.addHandler(logging.NullHandler())
     _logger.propagate = False
     warnings.filterwarnings("ignore", module=_name + r"(\.|$)")
-
-
-class DataError(SamoeError, ValueError):
-    """A data file or folder is missing, malformed or inconsistent (one line: what and the fix)."""
 
 
 def chw_shape(shape: Any, name: str = "image") -> tuple[int, int, int]:

@@ -32,13 +32,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from upscale.errors import DataError, SamoeError
 
-from upscale.errors import SamoeError
+if TYPE_CHECKING:  # numpy is imported where values are converted: inspect and plan start without it
+    import numpy as np
 
-from .rasters import DataError
 
 SCALES: tuple[str, ...] = ("linear", "db", "amplitude", "dn", "display")
 POLARISATIONS: tuple[str, ...] = ("VV", "VH", "HH", "HV")
@@ -119,6 +119,7 @@ def parse_polarisations(text: str | None, option: str = "--polarisations") -> tu
 
 def to_db(chw: np.ndarray, units: Units) -> np.ndarray:
     """float64 dB of a (C, H, W) image in `units` (any scale but display); NaN and -inf -> -60 dB, +inf -> huge."""
+    import numpy as np
     x = chw.astype(np.float64)
     if units.scale == "db":
         return np.nan_to_num(x, nan=10 * math.log10(FLOOR), posinf=np.finfo(np.float64).max, neginf=10 * math.log10(FLOOR))
@@ -143,6 +144,7 @@ def check_plausible(values: np.ndarray, dtype: np.dtype, units: Units, where: st
     `values`: a sample of the image's stored values (NaN and nodata may be present);
     `dtype`: the file's data type.
     """
+    import numpy as np
     scale = units.scale
     if scale == "display":
         if np.dtype(dtype).kind not in "ui":
