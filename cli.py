@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import functools
 import gc
-import inspect
 import json
 import signal
 import sys
@@ -54,6 +53,16 @@ class _OneLineErrors(typer.core.TyperGroup):
             sys.exit(1)
         sys.exit(rc if isinstance(rc, int) else 0)
 
+
+_option_type = typer.core.TyperOption.display_type_rich
+
+
+def _flag_type(self: typer.core.TyperOption, ctx: Any) -> Optional[str]:
+    """Flags take no value, so --help shows no type beside them (typer shows "<bool>")."""
+    return None if self.is_flag else _option_type(self, ctx)
+
+
+typer.core.TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
 
 app = typer.Typer(
     cls=_OneLineErrors,
@@ -289,14 +298,11 @@ def _unit_options(input_scale: Optional[str], dn_calibration: Optional[float], p
     return UnitOptions(input_scale, dn_calibration, parse_polarisations(polarisations))
 
 
-def _precision(precision: Optional[str], mixed_precision: bool = False) -> str:
-    """--precision, with --mixed-precision as its bf16 alias."""
+def _precision(precision: Optional[str]) -> str:
+    """--precision, checked (default fp32)."""
     from upscale.device import check_precision
-    from upscale.errors import SamoeError
 
-    if mixed_precision and precision not in (None, "bf16"):
-        raise SamoeError(f"--mixed-precision means --precision bf16 but --precision {precision} was given: pass one of them")
-    return check_precision("bf16" if mixed_precision else (precision or "fp32"))
+    return check_precision(precision or "fp32")
 
 
 def _parse_ints(text: str, option: str) -> tuple[int, ...]:
@@ -321,8 +327,17 @@ def _image_memory(value: Optional[str]) -> Optional[int]:
         raise typer.BadParameter(str(e).removeprefix("--image-memory ")) from None
 
 
+def _version(value: bool) -> None:
+    if value:
+        from upscale import __version__
+
+        console.print(f"samoe {__version__}", markup=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of failures."),
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+          debug: bool = typer.Option(False, "--debug", help="Show tracebacks of failures."),
           image_memory: Optional[str] = typer.Option(None, "--image-memory", callback=_image_memory,
                                                      help="Memory one image's decoded pixels and working arrays may take, "
                                                           "e.g. 512M or 4G (default 1G, or SAMOE_IMAGE_MEMORY). Larger "
@@ -426,6 +441,9 @@ def _show_summary(ckpt: Any, as_json: bool, verify: bool = False) -> None:
         parent = f" <- {entry['parent']} ({(entry['parent_digest'] or '')[:19]}…)" if entry.get("parent") else ""
         console.print(f"lineage {i}: {entry['command']} (seed {entry['seed']}, samoe {entry['version']}){parent}", soft_wrap=True,
                       markup=False)
+        if isinstance(entry.get("recipe"), dict):
+            settings = " ".join(f"{k}={json.dumps(v)}" for k, v in entry["recipe"].items())
+            console.print(one_line(f"  recipe: {settings}"), soft_wrap=True, markup=False)
     if spec is not None:
         names = ", ".join(spec.classes.names) if spec.classes is not None else "not named"
         console.print(escape(f"data: {spec.units.describe()}; classes: {names}; scenes "
@@ -525,99 +543,49 @@ def _routing_summary(report: dict[str, Any], routed: bool) -> str:
     return ", ".join(parts)
 
 
-def _growth_spec(source_cfg: Any, g: _Growth, init: str, noise_std: float, interp_weight: float, seed: int,
-                 reinit_ratio: float = 0.0) -> Any:
-    from upscale.errors import SamoeError
-    from upscale.growth import GrowthSpec, resolve_groups, resolve_replicas
-
-    if g.replicate and g.core_groups != 1:
-        raise SamoeError("--replicate has no core group (every group is a copy of the source's experts): drop --core-groups")
-    sizes = (resolve_replicas(source_cfg.moe.num_experts, g.experts, g.groups) if g.replicate
-             else resolve_groups(source_cfg.moe.num_experts, g.experts, g.groups, g.core_groups))
-    return GrowthSpec(experts=g.experts, groups=sizes, core_groups=0 if g.replicate else g.core_groups,
-                      top_k_groups=g.top_k_groups, routed_top_k=g.routed_top_k, token_handover=g.token_handover,
-                      image_context=g.image_context, replicate=g.replicate, residual=g.residual_experts,
-                      extra_blocks=g.extra_blocks,
-                      extra_dense=g.extra_dense, init=init, noise_std=noise_std,
-                      interp_weight=interp_weight, reinit_ratio=reinit_ratio, seed=seed)
+_RECIPE_HELP = "TOML recipe (recipes/10b.toml): the growth plan and each stage's settings."
+_SET_HELP = "Override one recipe key, e.g. --set lr=0.01 or --set train.stage2.last_k=2 (repeatable)."
 
 
-@dataclass(frozen=True)
-class _Growth:
-    """The grown layout's options, which `plan` and `expand` share (declared once, in `_GROWTH_OPTIONS`)."""
-
-    experts: int
-    groups: str
-    core_groups: int
-    top_k_groups: int
-    routed_top_k: int
-    token_handover: bool
-    image_context: bool
-    replicate: bool
-    residual_experts: bool
-    extra_blocks: int
-    extra_dense: bool
+def _recipe_option() -> Any:
+    return typer.Option(None, "--recipe", help=_RECIPE_HELP)
 
 
-_GROWTH_OPTIONS = {
-    "experts": (int, typer.Option(..., "--experts", min=1, help="Experts per MoE layer after growth (e.g. 117).")),
-    "groups": (str, typer.Option("8", "--groups", help="Number of groups (e.g. 8) or explicit sizes, core group(s) first "
-                                                       "(e.g. 16,15,15,15,14,14,14,14).")),
-    "core_groups": (int, typer.Option(1, "--core-groups", min=1, help="Groups holding the source experts (1 or 2); always active.")),
-    "top_k_groups": (int, typer.Option(1, "--top-k-groups", min=1, help="New groups chosen per token by the group router.")),
-    "routed_top_k": (int, typer.Option(0, "--routed-top-k", min=0, help="Experts per token inside a chosen new group "
-                                       "(0: the source's top-k). 1 keeps the grown step's cost near the source's.")),
-    "token_handover": (bool, typer.Option(False, "--token-handover", help="The source's experts compete with the new "
-                                          "groups in the group router, so each token's hand-over is learnt per token "
-                                          "(a token the source handles well can stay on it). Off: one share per group.")),
-    "image_context": (bool, typer.Option(False, "--image-context", help="The group router also sees the mean and std of "
-                                         "each image's tokens (zero at growth), so it can route a whole image by its "
-                                         "sensor or region. Off: the router sees each token alone.")),
-    "replicate": (bool, typer.Option(False, "--replicate", help="Every group is an exact copy of the source's experts "
-                                     "(group 0 its own) and each token takes one group: the grown step costs what the "
-                                     "source's did, the new capacity is parameters (sparse upcycling). --experts must be "
-                                     "groups x the source's experts; no noise. Off: the source's experts stay a core pool "
-                                     "that new groups join.")),
-    "residual_experts": (bool, typer.Option(False, "--residual-experts", help="New groups add to the source's experts' "
-                                            "output instead of taking a share of it; their output layers start at zero, so "
-                                            "growth is exact whatever they start as (with --reinit-ratio 1: fresh, not "
-                                            "copies). Off: new groups take a learnt share (group_scale, 0 at growth).")),
-    "extra_blocks": (int, typer.Option(0, "--extra-blocks", min=0, help="Blocks appended after the last ViT block (start as the identity).")),
-    "extra_dense": (bool, typer.Option(False, "--extra-dense", help="Extra blocks get a dense MLP instead of MoE.")),
-}
+def _set_option() -> Any:
+    return typer.Option([], "--set", metavar="KEY=VALUE", help=_SET_HELP)
 
 
-def _growth_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Give a command the growth options where its `growth: _Growth` parameter stands; it receives them as one
-    `_Growth`. typer reads a command's options from its signature, so the wrapper shows typer the expanded one."""
-    sig = inspect.signature(fn)
-    params: list[inspect.Parameter] = []
-    for p in sig.parameters.values():
-        if p.name != "growth":
-            params.append(p)
-            continue
-        params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option, annotation=kind)
-                   for name, (kind, option) in _GROWTH_OPTIONS.items()]
+def _growth_settings(recipe_path: Optional[Path], overrides: list[str], **given: Any) -> tuple[Any, dict[str, Any]]:
+    """The GrowthRecipe of [growth], --set and the options given on the command line (not None), and the recipe read."""
+    from upscale.growth import GrowthRecipe
+    from upscale.recipe import load_recipe, resolve, unknown_tables
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        growth = _Growth(**{name: kwargs.pop(name) for name in _GROWTH_OPTIONS})
-        return fn(*args, growth=growth, **kwargs)
+    recipe = load_recipe(recipe_path, overrides, "growth")
+    unknown_tables(recipe, ("growth", "train"), str(recipe_path or "--set"))
+    values = resolve(recipe, ("growth",), GrowthRecipe, str(recipe_path or "--set"))
+    values.update({k: v for k, v in given.items() if v is not None})
+    return GrowthRecipe(**values), recipe
 
-    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-    return wrapper
+
+_EXPERTS_HELP = "Experts per MoE layer after growth (e.g. 117); over the recipe's."
+_GROUPS_HELP = "Number of groups (e.g. 8) or sizes, core group(s) first (e.g. 16,15,15,15,14,14,14,14); over the recipe's."
+_EXTRA_HELP = "Blocks appended after the last ViT block (start as the identity); over the recipe's."
 
 
 @app.command()
 @handles_errors
-@_growth_options
 def plan(
     source: Optional[Path] = typer.Argument(None, help="Source checkpoint (or use --preset)."),
     preset: Optional[str] = typer.Option(None, "--preset", help="Plan from a preset instead of a checkpoint."),
-    growth: _Growth = None,  # type: ignore[assignment]  # the shared growth options (_growth_options)
+    recipe: Optional[Path] = _recipe_option(),
+    overrides: list[str] = _set_option(),
+    experts: Optional[int] = typer.Option(None, "--experts", min=1, help=_EXPERTS_HELP),
+    groups: Optional[str] = typer.Option(None, "--groups", help=_GROUPS_HELP),
+    extra_blocks: Optional[int] = typer.Option(None, "--extra-blocks", min=0, help=_EXTRA_HELP),
     dtype: str = typer.Option("bfloat16", "--dtype", help="Training dtype for the memory estimate."),
-    last_k: int = typer.Option(4, "--last-k", min=0, help="Stage 2 unfreezes the FFN/MoE of the last K ViT blocks."),
-    as_json: bool = typer.Option(False, "--json"),
+    last_k: Optional[int] = typer.Option(None, "--last-k", min=0, help="Stage 2 unfreezes the FFN/MoE of the last K ViT "
+                                         "blocks (default: the recipe's train.stage2.last_k, else 4)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Parameter counts, per-stage memory and forward FLOPs of a grown model, from its config; writes nothing."""
     from upscale.checkpoint import Checkpoint, check_dtype
@@ -627,8 +595,14 @@ def plan(
 
     if (source is None) == (preset is None):
         raise SamoeError("give exactly one of a SOURCE checkpoint or --preset NAME")
+    settings, table = _growth_settings(recipe, overrides, experts=experts, groups=groups, extra_blocks=extra_blocks)
     src_cfg = get_preset(preset) if preset else Checkpoint.open(source).config
-    spec = _growth_spec(src_cfg, growth, "copy-noise", 0.0, 0.3, 0)
+    spec = settings.spec(src_cfg.moe.num_experts, 0)
+    if last_k is None:
+        stage2 = table.get("train", {}).get("stage2", {}) if isinstance(table.get("train"), dict) else {}
+        last_k = stage2.get("last_k", table.get("train", {}).get("last_k", 4)) if isinstance(stage2, dict) else 4
+        if type(last_k) is not int or last_k < 0:
+            raise SamoeError(f"train.stage2.last_k = {last_k!r} must be an integer >= 0")
     report = plan_report(src_cfg, spec, check_dtype(dtype), last_k=last_k)
     if as_json:
         _print_json(report)
@@ -655,38 +629,34 @@ def plan(
 
 @app.command()
 @handles_errors
-@_growth_options
 def expand(
     source: Path = typer.Argument(..., help="Source (flat MoE) checkpoint."),
     out: Path = typer.Option(..., "--out", help="Grown checkpoint directory to create."),
-    growth: _Growth = None,  # type: ignore[assignment]  # the shared growth options (_growth_options)
-    init: str = typer.Option("copy-noise", "--init", help="copy-noise | interpolate | mixed"),
-    noise_std: Optional[float] = typer.Option(None, "--noise-std", min=0, callback=_finite,
-                                              help="Noise std relative to each tensor's own std (copy-noise; default 0.01, "
-                                                   "0 with --replicate)."),
-    interp_weight: float = typer.Option(0.3, "--interp-weight", min=0, max=1, callback=_finite, help="W in W*A + (1-W)*B (interpolate)."),
-    reinit_ratio: float = typer.Option(0.0, "--reinit-ratio", min=0, max=1, callback=_finite,
-                                       help="Drop-Upcycling: draw this fraction of each new expert's hidden units afresh (0.5 in the paper), "
-                                            "so copies of one source expert can specialise apart; the function is still preserved."),
-    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (default: the source's)."),
-    shard_size: float = typer.Option(2.0, "--shard-size", callback=_positive, help="Shard size in GiB."),
-    workers: int = typer.Option(2, "--workers", min=1, max=256, help="Threads making tensors (output is identical for any count)."),
-    verify: Optional[Path] = typer.Option(None, "--verify", help="Data folder: compare source and grown outputs on its images."),
-    verify_tol: Optional[float] = typer.Option(None, "--verify-tol", min=0, callback=_finite, help="Exit 3 if a head's relative deviation exceeds this."),
-    verify_images: int = typer.Option(8, "--verify-images", min=1, help="Images used by --verify."),
+    recipe: Optional[Path] = _recipe_option(),
+    overrides: list[str] = _set_option(),
+    experts: Optional[int] = typer.Option(None, "--experts", min=1, help=_EXPERTS_HELP),
+    groups: Optional[str] = typer.Option(None, "--groups", help=_GROUPS_HELP),
+    extra_blocks: Optional[int] = typer.Option(None, "--extra-blocks", min=0, help=_EXTRA_HELP),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seed of the new experts' noise and pairs."),
+    verify: Optional[Path] = typer.Option(None, "--verify", help="Data folder: compare source and grown outputs on its "
+                                          "images (exit 3 above the recipe's verify_tol)."),
     device: str = typer.Option("auto", "--device", help="Where --verify runs both models (fp32): " + _DEVICE_HELP),
-    force: bool = typer.Option(False, "--force", help="Replace an existing checkpoint at --out."),
+    force: bool = typer.Option(False, "--force", help="Replace a checkpoint samoe wrote at --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary (and verify report) as JSON."),
 ) -> None:
     """Grow a checkpoint: more experts in groups under a two-level router, extra identity blocks."""
+    from dataclasses import asdict
+
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
     from upscale.checkpoint import Checkpoint, parse_dtype
 
+    settings, _ = _growth_settings(recipe, overrides, experts=experts, groups=groups, extra_blocks=extra_blocks)
     with _collector_off():
         from upscale.expand import expand_checkpoint
     src = Checkpoint.open(source)  # opened once: growth, lineage digest and --verify all read these files
+    spec = settings.spec(src.config.moe.num_experts, seed)
+    out_dtype = parse_dtype(settings.dtype) if settings.dtype else None
     images = None
     if verify is not None:  # resolve the device, read the --verify images before writing anything: a bad one leaves no --out
         from upscale.device import resolve_device
@@ -698,17 +668,16 @@ def expand(
         from stages.dataspec import recorded
         from stages.units import resolve_units
 
-        spec = recorded(src.meta, str(src.path / "samoe.json"))
-        images = load_images(verify, src.config.img_size, verify_images, resolve_units(verify, recorded=spec and spec.units))
-    noise = noise_std if noise_std is not None else 0.0 if growth.replicate else 0.01
-    spec = _growth_spec(src.config, growth, init, noise, interp_weight, seed, reinit_ratio)
+        data_spec = recorded(src.meta, str(src.path / "samoe.json"))
+        images = load_images(verify, src.config.img_size, settings.verify_images,
+                             resolve_units(verify, recorded=data_spec and data_spec.units))
     gc.freeze()  # the collector's full passes would rescan torch's ~10^5 import-time objects all through the write
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=console, transient=as_json) as progress, _one_job(out):
         task = progress.add_task("expanding", total=None)
         path = expand_checkpoint(
-            src, out, spec, _command_line(), dtype=parse_dtype(dtype) if dtype else None, workers=workers,
-            shard_bytes=int(shard_size * 2**30), force=force,
+            src, out, spec, _command_line(), dtype=out_dtype, workers=settings.workers,
+            shard_bytes=int(settings.shard_size_gib * 2**30), force=force, recipe=asdict(settings),
             on_start=lambda total: progress.update(task, total=total),
             on_tensor=lambda n: progress.advance(task, n),
         )
@@ -732,10 +701,11 @@ def expand(
             for head, v in report.items():
                 t.add_row(head, f"{v['relative']:.3e}", f"{v['relative_max']:.3e}")
             console.print(t)
-    if report and verify_tol is not None:
+    if report and settings.verify_tol is not None:
         worst = max(v["relative"] for v in report.values())
-        if worst > verify_tol:
-            _fail(f"grown model deviates from the source by {worst:.3e} (> --verify-tol {verify_tol:g}); the checkpoint is kept at {path}", 3)
+        if worst > settings.verify_tol:
+            _fail(f"grown model deviates from the source by {worst:.3e} (> verify_tol {settings.verify_tol:g}); "
+                  f"the checkpoint is kept at {path}", 3)
 
 
 @app.command()
@@ -748,78 +718,37 @@ def train(
                                     "to train on several as one set (e.g. labelled data mixed into pseudo-labels)."),
     unlabelled: Optional[Path] = typer.Option(None, "--unlabelled", help="Unlabelled folder (images/) for the unsupervised phase."),
     val_data: Optional[Path] = typer.Option(None, "--val-data", help="Labelled folder scored (mIoU, whole scenes) while "
-                                            "training: metrics.csv val_miou, TensorBoard val/miou; RUN/best keeps the best step."),
-    val_every: Optional[int] = typer.Option(None, "--val-every", min=1, help="Validate every N steps (default: each epoch)."),
-    input_scale: Optional[str] = typer.Option(None, "--input-scale", help=_SCALE_HELP + " Recorded in the checkpoint."),
-    dn_calibration: Optional[float] = typer.Option(None, "--dn-calibration", callback=_positive, help=_CAL_HELP),
-    polarisations: Optional[str] = typer.Option(None, "--polarisations", help=_POL_HELP),
-    resize: bool = typer.Option(False, "--resize", help="Squash every scene to the model's size (the old behaviour). "
-                                "Default: a random window of the model's size from each scene per epoch, at native resolution."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs over --data (default 200, the seed's timeline)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after N steps."),
-    batch_size: int = typer.Option(4, "--batch-size", min=1),
-    lr: Optional[float] = typer.Option(None, "--lr", callback=_positive, help="Base LR, absolute (default: --lr-scale x the "
-                                       "source's recorded peak LR)."),
-    lr_scale: Optional[float] = typer.Option(None, "--lr-scale", callback=_positive, help="Base LR relative to the source's "
-                                             "own peak LR (default per stage: 1, 0.3, 0.1)."),
-    last_k: int = typer.Option(4, "--last-k", min=0, help="Stage 2 unfreezes the FFN/MoE of the last K ViT blocks."),
-    augment: bool = typer.Option(False, "--augment", help="Each labelled image and its targets under a random rotation by "
-                                 "90 degrees and flip (noise on the student; label-preserving for land cover)."),
-    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX),
-    checkpoint_every: int = typer.Option(50, "--checkpoint-every", min=1, help="Save a step checkpoint every N steps."),
-    keep: int = typer.Option(2, "--keep", min=1, help="Step checkpoints kept."),
-    momentum: float = typer.Option(0.9, "--momentum", min=0, max=1, callback=_finite),
-    wd: float = typer.Option(-5.0, "--wd", min=-30, max=2, callback=_finite, help="weight_decay = 5 * 10**wd."),
-    unsup_weight: float = typer.Option(1.0, "--unsup-weight", min=0, callback=_finite, help="Base weight of the unsupervised loss."),
-    alpha_rampup: float = typer.Option(20.0, "--alpha-rampup", min=0, callback=_finite, help="Selector alpha ramp T (seed epochs of a 200-epoch run)."),
-    unsup_rampup: float = typer.Option(80.0, "--unsup-rampup", min=0, callback=_finite, help="Unsupervised weight ramp T (seed epochs)."),
-    warmup: float = typer.Option(10.0, "--warmup", min=0, callback=_finite, help="LR warm-up of optimizers 1 and 3 (seed epochs)."),
-    timeline: int = typer.Option(200, "--timeline", min=1, help="Run length the seed epochs refer to; they scale to --epochs."),
-    log_every: int = typer.Option(5, "--log-every", min=1, help="Selector log every N epochs."),
-    print_every: int = typer.Option(10, "--print-every", min=1, help="Where the output is not a terminal (a batch "
-                                    "job's log), a plain progress line every N steps."),
-    router_lr_mult: float = typer.Option(10.0, "--router-lr-mult", min=0, callback=_finite, help="Router LR = lr x this (optimizer1's router group)."),
-    handover_coef: float = typer.Option(0.1, "--handover-coef", min=0.0, callback=_finite,
-                                        help="Weight of the top-level balance loss that moves routing weight from the "
-                                             "source experts to the new groups (0: only the task loss moves it)."),
-    mixture_lr: bool = typer.Option(False, "--mixture-lr",
-                                    help="Divide each grown MoE layer's expert gradients by their pool's mean mixture "
-                                         "weight (core: 1 - w, new groups: w), so its MLPs learn as fast per step as the "
-                                         "source's did (one process)."),
-    train_selector_gating: bool = typer.Option(False, "--train-selector-gating",
-                                               help="Stage 1: also train the source's selector and gating model (seed 004 never "
-                                                    "freezes the selector; the growth plan freezes every source part in stage 1)."),
-    restart_ramps: bool = typer.Option(False, "--restart-ramps",
-                                       help="Ramp the selector's alpha from 0 as a fresh seed-004 run does (default: continue "
-                                            "from the source's alpha, so a trained or grown model keeps its function)."),
-    skip_nonfinite: bool = typer.Option(False, "--skip-nonfinite", help="Skip steps with a non-finite loss instead of stopping."),
-    workers: int = typer.Option(0, "--workers", min=0, max=256, help="DataLoader worker processes."),
-    force: bool = typer.Option(False, "--force", help="Start over in an existing run dir; skip the stage-input check."),
-    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes (GPUs) on this node: starts torchrun, shards the model with FSDP2."),
+                                            "training: metrics.csv val_miou; RUN/best keeps the best step."),
+    recipe: Optional[Path] = _recipe_option(),
+    overrides: list[str] = _set_option(),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after N steps (over the recipe's epochs)."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=SEED_MAX, help="Seed of data order, noise and "
+                                       "augmentation (default: the recipe's, else 0)."),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP + " Under --nproc/torchrun each process takes GPU LOCAL_RANK."),
-    precision: Optional[str] = typer.Option(None, "--precision", help=_PRECISION_HELP + " Default fp32."),
-    mixed_precision: bool = typer.Option(False, "--mixed-precision", help="Alias of --precision bf16 (kept for old scripts)."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes (GPUs) on this node: starts torchrun, shards the model with FSDP2."),
+    force: bool = typer.Option(False, "--force", help="Start this run again: remove what samoe wrote in --run-dir."),
+    skip_stage_check: bool = typer.Option(False, "--skip-stage-check", help="Train this stage from a checkpoint whose "
+                                          "history lacks the stage before it (e.g. stage 2 straight after expand)."),
 ) -> None:
     """Train one stage as a resumable job; RUN/final is the next stage's --from.
 
-    Determinism: on CPU a resumed run is bit-identical to an uninterrupted one (deterministic kernels,
-    same thread count); on CUDA it resumes from the same state, data order and schedules but agrees to
-    float rounding only (atomics in index_add/scatter, cuBLAS kernel choice).
+    Settings come from the recipe's [train] and [train.stageN] tables and --set (see recipes/); the resolved
+    ones are recorded in the run and in the lineage of RUN/final. On CPU a resumed run is bit-identical to an
+    uninterrupted one; on CUDA it agrees to float rounding.
     """
-    options = dict(locals())  # the parsed options, taken before any other name is bound here
     from contextlib import nullcontext
 
     from stages.distributed import is_main_process
     from stages.engine import Interrupted, resume_command, run
 
-    precision = _precision(precision, mixed_precision)
-    _unit_options(input_scale, dn_calibration, polarisations)
     _check_train_device(nproc, device)
-    cfg = _train_config(options, precision)
+    cfg = _train_config(stage, recipe, overrides, dict(source=source, run_dir=run_dir, data=data, unlabelled=unlabelled,
+                                                       val_data=val_data, device=device, max_steps=max_steps, seed=seed))
     display = _TrainDisplay(cfg.print_every)
     try:
         with _one_job(run_dir, "--run-dir") if is_main_process() else nullcontext():  # rank 0 holds it for all ranks
-            final = run(cfg, force=force, on_start=display.on_start, on_step=display.on_step, on_log=display.on_log)
+            final = run(cfg, force=force, check_stage=not skip_stage_check, on_start=display.on_start,
+                        on_step=display.on_step, on_log=display.on_log)
     except Interrupted as e:
         display.stop()
         if is_main_process():
@@ -847,32 +776,34 @@ def _check_train_device(nproc: int, device: str) -> None:
         raise typer.Exit(launch(nproc, sys.argv[1:]))
 
 
-# `samoe train` options whose TrainConfig field has another name
-_TRAIN_OPTION_FIELDS = {"train_selector_gating": "selector_gating"}
-
-
-def _train_config(options: dict[str, Any], precision: str) -> TrainConfig:
-    """The TrainConfig of `samoe train`'s parsed options: every option named like a field fills it, paths as strings.
-
-    TrainConfig stays the one list of train options; options that steer the command
-    itself (--force, --nproc, --mixed-precision) have no field and are left out.
-    """
+def _train_config(stage: int, recipe_path: Optional[Path], overrides: list[str], given: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig of `samoe train`: the defaults, the recipe's [train] then [train.stageN] tables, --set, and
+    the options given on the command line (paths as strings), checked."""
     import os
-    from dataclasses import fields
 
     from stages.distributed import LAUNCH_COMMAND_ENV
-    from stages.engine import TrainConfig
+    from stages.engine import RECIPE_SKIP, TrainConfig
+    from upscale.device import check_precision
+    from upscale.errors import SamoeError
+    from upscale.recipe import load_recipe, resolve, unknown_tables
 
-    values = {_TRAIN_OPTION_FIELDS.get(k, k): v for k, v in options.items()}
-    values = {f.name: values[f.name] for f in fields(TrainConfig) if f.name in values}
-    for k, v in values.items():
-        if isinstance(v, Path):
-            values[k] = str(v)
+    where = str(recipe_path or "--set")
+    table = load_recipe(recipe_path, overrides, f"train.stage{stage}")
+    unknown_tables(table, ("growth", "train"), where)
+    for name, value in table.get("train", {}).items():
+        if isinstance(value, dict) and name not in ("stage1", "stage2", "stage3"):
+            raise SamoeError(f"{where}: unknown table [train.{name}]; stage tables are [train.stage1] .. [train.stage3]")
+    values = resolve(table, ("train", f"train.stage{stage}"), TrainConfig, where, skip=RECIPE_SKIP)
+    values.update({k: v for k, v in given.items() if v is not None and k not in RECIPE_SKIP})
+    values["precision"] = check_precision(values["precision"])
+    _unit_options(values["input_scale"], values["dn_calibration"], values["polarisations"])
     if values["epochs"] is None and values["max_steps"] is None:
         values["epochs"] = values["timeline"]
+    paths = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if k in RECIPE_SKIP}
+    paths["data"] = [str(d) for d in given["data"]]
     launched = os.environ.get(LAUNCH_COMMAND_ENV)  # the command the user typed, when `--nproc` started torchrun
     command = json.loads(launched) if launched else _command_line()
-    return TrainConfig(**dict(values, precision=precision, command=command))
+    return TrainConfig(stage=stage, **paths, **values, command=command).check()
 
 
 class _TrainDisplay:

@@ -1,7 +1,7 @@
 """`samoe expand` end to end, as a user runs it, against writing the same bytes to the same disk.
 
 The case (issue 40): a ViT-B-width float32 source with 2 experts in each of its 12 blocks (and the
-decoder's), grown to 20 experts in 4 groups plus 1 extra block with `--init mixed --dtype bfloat16`
+decoder's), grown to 20 experts in 4 groups plus 1 extra block with `--set init=mixed --set dtype=bfloat16`
 (2.62 GB out). The timer starts before the `samoe expand` process does, so imports, opening and
 planning count, as they do for a user. Time to first write is when the first shard of the output
 first holds data (the parent polls the output's temporary directory every 2 ms).
@@ -35,7 +35,7 @@ from pathlib import Path
 from startup import ROOT, child_env, samoe
 
 CHUNK = 64 * 2**20
-EXPAND_ARGS = ["--experts", "20", "--groups", "4", "--extra-blocks", "1", "--init", "mixed", "--dtype", "bfloat16"]
+EXPAND_ARGS = ["--experts", "20", "--groups", "4", "--extra-blocks", "1", "--set", "init=mixed", "--set", "dtype=bfloat16"]
 
 
 def make_source(path: Path) -> int:
@@ -70,7 +70,7 @@ def _first_write(out: Path, start: float, stop: threading.Event, seen: dict) -> 
 def run_expand(src: Path, out: Path, workers: int, tree: Path = ROOT) -> dict:
     """`samoe expand` of checkout `tree` in a fresh process, timed from before its start to its exit."""
     env = child_env(src.parent / tree.name, tree)
-    cmd = [*samoe(), "expand", str(src), "--out", str(out), *EXPAND_ARGS, "--workers", str(workers)]
+    cmd = [*samoe(), "expand", str(src), "--out", str(out), *EXPAND_ARGS, "--set", f"workers={workers}"]
     seen: dict = {}
     stop = threading.Event()
     start = time.perf_counter()

@@ -66,7 +66,7 @@ def main() -> None:
     src_bytes = sum(p.stat().st_size for p in (d / "1.5b").glob("*.safetensors"))
     print(f"init 1.5B bf16: {res['init']['seconds']:.1f} s, peak RSS {res['init']['peak_rss_gb']:.2f} GiB, {src_bytes / 2**30:.2f} GiB", flush=True)
     expand_args = ["expand", str(d / "1.5b"), "--out", str(d / "10b"), "--experts", "117", "--groups", "8",
-                   "--extra-blocks", "1", "--noise-std", "0.01", "--seed", "0", "--shard-size", "2"]
+                   "--extra-blocks", "1", "--set", "noise_std=0.01", "--seed", "0", "--set", "shard_size_gib=2"]
     res["expand_vs_writes"] = compare(d / "10b", expand_args, 2 * 2**30, args.idle, args.repeats)
     print(report("expand 1.5B -> 10.3B", res["expand_vs_writes"]), flush=True)
     written = res["expand_vs_writes"]["bytes"]

@@ -3,7 +3,7 @@
 Run `capacity.py` first: its tiny runs at their plateau are the sources here, its grown-layout runs from
 scratch are arm (c), and the premise it checks is what makes this comparison mean anything. For each seed,
 with extra compute E = `--extra` x the source's S (counted forward+backward FLOPs):
-  (a) the source trained further: `samoe train --stage 3` for E, at `--lr-scale` m x its own peak rate;
+  (a) the source trained further: `samoe train --stage 3` for E, at lr_scale m x its own peak rate;
   (b) the source grown (`samoe expand`, `--layout`) and trained through stages 1, 2, 3 sharing E
       (`--stage-share`), each stage at its default scale (1, 0.3, 0.1) x m x the source's peak rate; stage 1
       trains on `--stage1-data`: the labelled set, the source's pseudo-labels of unlabelled scenes, or both;
@@ -31,8 +31,8 @@ import protocol as P
 from capacity import LAYOUTS
 
 GROW_ARGS = {
-    "replicas": ["--experts", "16", "--groups", "4", "--replicate"],
-    "plan": ["--experts", "16", "--groups", "4", "--routed-top-k", "1", "--noise-std", "0"],
+    "replicas": ["--experts", "16", "--groups", "4", "--set", "replicate=true"],
+    "plan": ["--experts", "16", "--groups", "4", "--set", "routed_top_k=1", "--set", "noise_std=0"],
 }
 
 
@@ -41,7 +41,7 @@ def source_run(cap: dict, seed: int) -> dict:
 
 
 def arm_a(work: Path, src: Path, data: dict, seed: int, m: float, steps: int, batch: int) -> Path:
-    return P.train(3, src, work / f"a-m{m:g}-s{seed}", data["A"], steps, None, seed, batch, extra=("--lr-scale", f"{m:g}"))
+    return P.train(3, src, work / f"a-m{m:g}-s{seed}", data["A"], steps, None, seed, batch, extra=("--set", f"lr_scale={m:g}"))
 
 
 def arm_b(work: Path, src: Path, data: dict, seed: int, m: float, steps: dict[int, int], batch: int, layout: str,
@@ -53,9 +53,9 @@ def arm_b(work: Path, src: Path, data: dict, seed: int, m: float, steps: dict[in
     tag = f"{layout}-{stage1_data}{'-aug' if augment else ''}-m{m:g}-s{seed}"
     prev = grown
     for stage in (1, 2, 3):
-        extra = ["--lr-scale", f"{m * {1: 1.0, 2: 0.3, 3: 0.1}[stage]:g}"]
+        extra = ["--set", f"lr_scale={m * {1: 1.0, 2: 0.3, 3: 0.1}[stage]:g}"]
         extra += [a for d in s1_data[1:] for a in ("--data", str(d))] if stage == 1 else []
-        extra += ["--augment"] if augment else []
+        extra += ["--set", "augment=true"] if augment else []
         first = s1_data[0] if stage == 1 else data["A"]
         prev = P.train(stage, prev, work / f"b{stage}-{tag}", first, steps[stage], None, seed, batch, extra=tuple(extra))
     return prev

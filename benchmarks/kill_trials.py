@@ -76,10 +76,10 @@ def main() -> None:
     w.mkdir(parents=True)
     assert run(["demo-data", "--out", str(w / "data"), "--labelled", "8", "--unlabelled", "4", "--test", "2"])[0] == 0
     assert run(["init", "--preset", "tiny", "--out", str(w / "src")])[0] == 0
-    grow = ["--experts", "16", "--groups", "4", "--extra-blocks", "1", "--noise-std", "0.01", "--seed", "3"]
+    grow = ["--experts", "16", "--groups", "4", "--extra-blocks", "1", "--set", "noise_std=0.01", "--seed", "3"]
 
     # expand
-    rc, t_ref = run(["expand", str(w / "src"), "--out", str(w / "ref"), *grow, "--shard-size", "0.001"])
+    rc, t_ref = run(["expand", str(w / "src"), "--out", str(w / "ref"), *grow, "--set", "shard_size_gib=0.001"])
     assert rc == 0
     ref = digests(w / "ref")
     counts = {"expand": {"trials": 0, "killed_mid_run": 0, "identical": 0, "corrupt_visible": 0}}
@@ -87,10 +87,10 @@ def main() -> None:
         out = w / f"e{i}"
         c = counts["expand"]
         c["trials"] += 1
-        c["killed_mid_run"] += killed_at(["expand", str(w / "src"), "--out", str(out), *grow, "--shard-size", "0.001"], rng.uniform(0.5, t_ref))
+        c["killed_mid_run"] += killed_at(["expand", str(w / "src"), "--out", str(out), *grow, "--set", "shard_size_gib=0.001"], rng.uniform(0.5, t_ref))
         c["corrupt_visible"] += not visible_ok(out)
         if not out.exists():
-            assert run(["expand", str(w / "src"), "--out", str(out), *grow, "--shard-size", "0.001"])[0] == 0
+            assert run(["expand", str(w / "src"), "--out", str(out), *grow, "--set", "shard_size_gib=0.001"])[0] == 0
         leftovers = [p.name for p in w.glob(f".{out.name}.*")]
         c["identical"] += digests(out) == ref and not leftovers
         print(f"expand trial {i}: {c}", flush=True)
@@ -98,7 +98,7 @@ def main() -> None:
     # train
     assert run(["expand", str(w / "src"), "--out", str(w / "grown"), *grow])[0] == 0
     train = ["train", "--stage", "1", "--from", str(w / "grown"), "--data", str(w / "data" / "A"), "--unlabelled",
-             str(w / "data" / "B"), "--max-steps", "8", "--checkpoint-every", "2", "--batch-size", "2"]
+             str(w / "data" / "B"), "--max-steps", "8", "--set", "checkpoint_every=2", "--set", "batch_size=2"]
     rc, _ = run([*train, "--run-dir", str(w / "run-ref")])
     assert rc == 0
     ref_t = tensors(w / "run-ref" / "final")

@@ -8,8 +8,8 @@ included in the MoE time. The router share is the forward + backward time of the
 `HierarchicalRouter` alone divided by the layer's. Ratios come from one run.
 
 `--targets` instead runs the CPU performance targets at ViT-B width (16 experts fp32,
-117 experts in 8 groups fp32, and the same in bf16 as `samoe train --precision
-bf16` runs it: `torch.autocast("cpu", dtype=torch.bfloat16)` with the expert
+117 experts in 8 groups fp32, and the same in bf16 as `samoe train` runs
+at precision bf16: `torch.autocast("cpu", dtype=torch.bfloat16)` with the expert
 banks stored in bf16 and fp32 masters, stages/master.py; for reference also
 plain autocast over fp32 banks, which casts every bank in each step), each
 fwd+bwd with gradients freshly allocated every step (`zero_grad(set_to_none=True)`)
@@ -86,7 +86,7 @@ def targets(tokens: int, repeats: int) -> None:
         torch.manual_seed(0)
         moe, dense = MoEMLP(768, 3072, cfg, nn.GELU), MLPBlock(768, 3072, nn.GELU)
         ac = precision != "fp32"
-        if precision == "bf16":  # what `samoe train --precision bf16` does to the banks (and would to a dense MLP)
+        if precision == "bf16":  # what `samoe train` at precision bf16 does to the banks (and would to a dense MLP)
             BankMasters(expert_bank_params(moe))
             BankMasters(list(dense.parameters()))
         k = cfg.experts_per_token

@@ -23,6 +23,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+PRESET = "small"  # tiny with a decoder wide enough for 16 classes (upscale/config.py)
 THREADS = 1  # OMP_NUM_THREADS of each samoe process: tiny models run fastest single-threaded, side by side
 
 
@@ -75,7 +76,7 @@ def init_checkpoint(out: Path, seed: int, num_classes: int, grow: dict[str, Any]
     from upscale.create import init_from_preset
     from upscale.expand import GrowthSpec, grown_config
 
-    cfg = PRESETS["tiny"].replace(num_classes=num_classes)
+    cfg = PRESETS[PRESET].replace(num_classes=num_classes)
     if grow is not None:
         cfg = grown_config(cfg, GrowthSpec(**grow))
     init_from_preset(cfg, out, seed, torch.float32, ["benchmarks", "init", json.dumps(grow)], True)
@@ -113,14 +114,14 @@ def step_flops(ckpt: Path, stage: int, data: Path, batch_size: int, unlabelled: 
 def train(stage: int, src: Path, run: Path, data: Path, steps: int, lr: float | None, seed: int, batch: int,
           every: int = 0, extra: tuple[str, ...] = ()) -> Path:
     """`samoe train` one stage (skipped when RUN/final exists); step checkpoints every `every` steps are all kept.
-    `lr` None: the stage's default, relative to the source's recorded rate (`--lr-scale` in `extra`)."""
+    `lr` None: the stage's default, relative to the source's recorded rate (`--set lr_scale=...` in `extra`)."""
     if (run / "final" / "samoe.json").exists():
         return run / "final"
     args = ["train", "--stage", str(stage), "--from", str(src), "--run-dir", str(run), "--data", str(data),
-            "--max-steps", str(steps), "--seed", str(seed), "--batch-size", str(batch),
-            "--checkpoint-every", str(every or steps), "--keep", str(max(1, steps // max(every, 1)) + 1)]
+            "--max-steps", str(steps), "--seed", str(seed), "--set", f"batch_size={batch}",
+            "--set", f"checkpoint_every={every or steps}", "--set", f"keep={max(1, steps // max(every, 1)) + 1}"]
     if lr is not None:
-        args += ["--lr", f"{lr:g}"]
+        args += ["--set", f"lr={lr:g}"]
     samoe(*args, *extra, log=run.parent / f"{run.name}.log")
     return run / "final"
 

@@ -104,7 +104,7 @@ def measure_stage(path: Path, stage: int, data: Path, steps: int, batch: int, wo
     opts = build_optimizers(model, 1e-3)
     opts.kept = KeptGrads(list(model.parameters()))  # as `samoe train` in one process
     amp = (lambda: autocast(torch.device("cpu"), precision)) if precision != "fp32" else None
-    if precision == "bf16" and masters:  # as `samoe train --precision bf16` in one process
+    if precision == "bf16" and masters:  # as `samoe train` at precision bf16 in one process
         opts.masters = BankMasters(expert_bank_params(model))
     size = model.config.img_size
     loader = StreamingLoader(open_labelled(data / "A", model.config.num_classes, size), batch, 0, workers)

@@ -37,7 +37,7 @@ import shlex
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
@@ -68,6 +68,22 @@ METRIC_FIELDS = ("step", "epoch", "loss", "loss_sup", "loss_unsup", "seg", "sdf"
 SELECTOR_FIELDS = ("epoch", "alpha", "unsup_weight", "selector_mean", "selector_std")
 
 
+# TrainConfig fields that are not recipe keys: what a run reads and writes, where, and the command itself
+RECIPE_SKIP = ("stage", "source", "run_dir", "data", "unlabelled", "val_data", "device", "command")
+
+# the range of every numeric setting: (lowest, highest, lowest excluded); None is always allowed where the default is
+_BOUNDS: dict[str, tuple[float, float, bool]] = {
+    "epochs": (1, math.inf, False), "max_steps": (1, math.inf, False), "batch_size": (1, math.inf, False),
+    "seed": (0, 2**32 - 1, False), "lr": (0, math.inf, True), "lr_scale": (0, math.inf, True),
+    "momentum": (0, 1, False), "weight_decay": (0, 1, False), "router_lr_mult": (0, math.inf, False), "last_k": (0, math.inf, False),
+    "timeline": (1, math.inf, False), "warmup": (0, math.inf, False), "alpha_rampup": (0, math.inf, False),
+    "unsup_rampup": (0, math.inf, False), "unsup_weight": (0, math.inf, False), "aux_loss_coef": (0, math.inf, False),
+    "handover_coef": (0, math.inf, False), "checkpoint_every": (1, math.inf, False), "keep": (1, math.inf, False),
+    "log_every": (1, math.inf, False), "print_every": (1, math.inf, False), "val_every": (1, math.inf, False),
+    "workers": (0, 256, False), "dn_calibration": (0, math.inf, True),
+}
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (saved in trainer_state.json)."""
@@ -92,11 +108,11 @@ class TrainConfig:
     batch_size: int = 4
     seed: int = 0
     # optimizers (stages/optim.py): base lr absolute, or lr_scale x the source's recorded peak lr (default: the
-    # stage's scale, stages/plan.py); weight_decay = 5 * 10**wd
+    # stage's scale, stages/plan.py)
     lr: float | None = None
     lr_scale: float | None = None
     momentum: float = 0.9
-    wd: float = -5.0
+    weight_decay: float = 5e-5
     router_lr_mult: float = 10.0
     last_k: int = 4  # stage 2 unfreezes the FFN/MoE of the last K ViT blocks
     augment: bool = False  # each labelled image and its targets under a random symmetry of the square (stages/augment.py)
@@ -129,10 +145,25 @@ class TrainConfig:
             self.data = [str(self.data)]
         self.data = [str(d) for d in self.data]
 
+    def check(self) -> "TrainConfig":
+        """Refuse a setting outside its range (from a recipe or --set), naming the key."""
+        for key, (low, high, open_low) in _BOUNDS.items():
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if not math.isfinite(value) or value < low or value == low and open_low or value > high:
+                bound = f"> {low:g}" if open_low else f"in [{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
+                raise SamoeError(f"{key} = {value!r} must be a finite number {bound}: fix the recipe or --set {key}=...")
+        return self
+
+    def recipe(self) -> dict[str, Any]:
+        """The resolved settings of this run (every recipe key), as recorded in its checkpoint's lineage."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in RECIPE_SKIP}
+
     def identity(self) -> dict[str, Any]:
         """The options a resumed run must share with the original one."""
         keep = ("stage", "data", "unlabelled", "epochs", "max_steps", "batch_size", "lr", "lr_scale", "last_k", "seed", "momentum",
-                "wd", "unsup_weight", "alpha_rampup", "unsup_rampup", "warmup", "timeline", "aux_loss_coef", "router_lr_mult", "selector_gating",
+                "weight_decay", "unsup_weight", "alpha_rampup", "unsup_rampup", "warmup", "timeline", "aux_loss_coef", "router_lr_mult", "selector_gating",
                 "handover_coef", "restart_ramps", "augment")
         ident = {k: getattr(self, k) for k in keep}
         # only when set: runs started before these options existed still resume
@@ -194,7 +225,7 @@ class Interrupted(Exception):
 
 
 def check_stage_input(ckpt: Checkpoint, stage: int) -> None:
-    """Refuse an input that does not fit the stage (the CLI's --force skips this).
+    """Refuse an input that does not fit the stage (the CLI's --skip-stage-check skips this).
 
     Only stages trained since the latest growth count: a source's own training
     history is carried into the grown checkpoint but says nothing about it.
@@ -205,11 +236,11 @@ def check_stage_input(ckpt: Checkpoint, stage: int) -> None:
         if stage == 3:  # a model that never grew trains in full: a source, or a source trained further
             return
         raise SamoeError(f"{ckpt.path} was never grown (no growth provenance): stage {stage} trains around the parts "
-                         "`samoe expand` adds; expand it first, train it with --stage 3, or pass --force")
+                         "`samoe expand` adds; expand it first, train it with --stage 3, or pass --skip-stage-check")
     if stage == 2 and 1 not in done:
-        raise SamoeError(f"{ckpt.path} has no stage 1 in its history: run `samoe train --stage 1` first or pass --force")
+        raise SamoeError(f"{ckpt.path} has no stage 1 in its history: run `samoe train --stage 1` first or pass --skip-stage-check")
     if stage == 3 and 2 not in done:
-        raise SamoeError(f"{ckpt.path} has no stage 2 in its history: run `samoe train --stage 2` first or pass --force")
+        raise SamoeError(f"{ckpt.path} has no stage 2 in its history: run `samoe train --stage 2` first or pass --skip-stage-check")
 
 
 def open_labelled(path: Path, num_classes: int, size: int | None = None, **options: Any) -> Dataset:
@@ -471,12 +502,14 @@ def _finite(loss: torch.Tensor, step: int, skip: bool) -> bool:
         return True
     if skip:
         return False
-    raise SamoeError(f"non-finite loss at step {step + 1}: the last checkpoint is intact; lower --lr, or pass --skip-nonfinite to skip such steps")
+    raise SamoeError(f"non-finite loss at step {step + 1}: the last checkpoint is intact; lower lr (--set lr=...), or --set skip_nonfinite=true to skip such steps")
 
 
 def run(cfg: TrainConfig, force: bool = False, on_start: Callable[[dict[str, Any]], None] | None = None,
-        on_step: Callable[[dict[str, Any]], None] | None = None, on_log: Callable[[dict[str, Any]], None] | None = None) -> Path:
-    """Run (or resume) one stage; return RUN/final. Under torchrun (WORLD_SIZE > 1) this is one process of a sharded run."""
+        on_step: Callable[[dict[str, Any]], None] | None = None, on_log: Callable[[dict[str, Any]], None] | None = None,
+        check_stage: bool = True) -> Path:
+    """Run (or resume) one stage; return RUN/final. Under torchrun (WORLD_SIZE > 1) this is one process of a sharded run.
+    `force`: start the run over; `check_stage`: refuse a source whose history lacks the previous stage."""
     from .distributed import Distributed
 
     check_precision(cfg.precision)
@@ -490,7 +523,7 @@ def run(cfg: TrainConfig, force: bool = False, on_start: Callable[[dict[str, Any
         device = dist.device if dist is not None else resolve_device(cfg.device)
         # CPU: deterministic kernels make resume bit-exact (upscale/device.py); only for this run
         with deterministic(device.type == "cpu"):
-            result = _run(cfg, force, on_start, on_step, on_log, dist, device)
+            result = _run(cfg, force, check_stage, on_start, on_step, on_log, dist, device)
         finished = True
         return result
     finally:
@@ -537,9 +570,16 @@ def _prepare_run_dir(cfg: TrainConfig, force: bool, identity: dict[str, Any], so
         remove_recorded(d, manifest)
         return Owned.start(d, "train"), False, False
     saved = read_run_json(d)
-    options = {k: v for k, v in identity.items() if k != "data_fingerprint"}
-    if {k: v for k, v in saved["identity"].items() if k != "data_fingerprint"} != options or saved["source_digest"] != source.digest:
-        raise SamoeError(f"{run_dir} holds a run with other options or another --from: re-run the original command, use a new --run-dir, or pass --force to start over")
+    if saved["source_digest"] != source.digest:
+        raise SamoeError(f"{run_dir} holds a run from another --from checkpoint: re-run the original command, use a new "
+                         "--run-dir, or pass --force to start over")
+    before = {k: v for k, v in saved["identity"].items() if k != "data_fingerprint"}
+    now = {k: v for k, v in identity.items() if k != "data_fingerprint"}
+    differs = next((k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)), None)
+    if differs is not None:
+        raise SamoeError(f"{run_dir} holds a run with {differs} = {before.get(differs)!r}, this command has "
+                         f"{now.get(differs)!r}: re-run with the original setting, use a new --run-dir, or pass --force "
+                         "to start over")
     if saved["identity"].get("data_fingerprint") != identity["data_fingerprint"]:
         raise SamoeError(f"the files in --data/--unlabelled changed since {run_dir} started (names, sizes or times differ): "
                          "restore them, use a new --run-dir, or pass --force to start over")
@@ -549,7 +589,7 @@ def _prepare_run_dir(cfg: TrainConfig, force: bool, identity: dict[str, Any], so
     return Owned(d, manifest), True, False
 
 
-def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], None] | None,
+def _run(cfg: TrainConfig, force: bool, check_stage: bool, on_start: Callable[[dict[str, Any]], None] | None,
          on_step: Callable[[dict[str, Any]], None] | None, on_log: Callable[[dict[str, Any]], None] | None,
          dist: "Distributed | None", device: torch.device) -> Path:
     """One stage as a sequence of named steps; their order is part of the bit-exact resume contract."""
@@ -557,7 +597,7 @@ def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], Non
     trainer.open_source()
     resuming = trainer.prepare_run_dir(force)
     try:
-        trainer.build_model(force)
+        trainer.build_model(check_stage)
         trainer.open_data()
         trainer.schedule()
         trainer.build_optimizers()
@@ -627,10 +667,10 @@ class _Trainer:
                     log.close()
             self.run.discard(folder=self.made_dir)
 
-    def build_model(self, force: bool) -> None:
+    def build_model(self, check_stage: bool) -> None:
         """Load the source with this stage's trainable set; under torchrun each process reads only its shards."""
         cfg, dist, src = self.cfg, self.dist, self.src
-        if not force:
+        if check_stage:
             check_stage_input(src, cfg.stage)
         if dist is None:
             self.model = load_model(src, device=self.device)
@@ -714,7 +754,7 @@ class _Trainer:
 
     def build_optimizers(self) -> None:
         cfg = self.cfg
-        self.opts = build_optimizers(self.model, self.lr, cfg.momentum, cfg.wd, router_lr_mult=cfg.router_lr_mult)
+        self.opts = build_optimizers(self.model, self.lr, cfg.momentum, cfg.weight_decay, router_lr_mult=cfg.router_lr_mult)
         if self.dist is None:  # FSDP manages its own gradient memory
             from .optim import KeptGrads
 
@@ -935,7 +975,7 @@ class _Trainer:
         under torchrun (rank 0 writes, recording the folder in the run's manifest first)."""
         cfg, src, model = self.cfg, self.src, self.model
         extra = {"validation": validation} if validation is not None else {}
-        meta = build_meta(self.model_cfg, src.provenance, src.lineage + [lineage_entry(cfg.command, cfg.seed, src)],
+        meta = build_meta(self.model_cfg, src.provenance, src.lineage + [lineage_entry(cfg.command, cfg.seed, src, cfg.recipe())],
                           self._history(), _dtype(model), **_carry(src.meta), data=self.spec.to_record(), **extra)
         if self.main:
             self.run.record(path.name, kind="owned")

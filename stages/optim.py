@@ -1,7 +1,7 @@
 """Seed 004's three optimizers and their learning-rate schedule.
 
 optimizer1 = SGD over param groups backbone (lr), decoder (lr), selector (lr x 5),
-             momentum, weight_decay = 5 * 10**wd; plus a `router` group
+             momentum, weight_decay (5e-5 by default); plus a `router` group
              (lr x router_lr_mult, default 10) holding every MoE router tensor
 optimizer2 = Adam(multi-task loss sigmas, lr 0.05, same weight decay)
 optimizer3 = SGD(gating model, lr, momentum, same weight decay)
@@ -78,10 +78,9 @@ def param_group(name: str) -> str:
     return "decoder" if in_decoder(name) else "backbone"
 
 
-def build_optimizers(model: nn.Module, lr: float, momentum: float = 0.9, wd: float = -5.0,
+def build_optimizers(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-5,
                      loss_lr: float = 0.05, selector_lr_mult: float = 5.0, router_lr_mult: float = 10.0) -> Optimizers:
     """The three optimizers over the trainable parameters only (requires_grad)."""
-    weight_decay = 5 * 10**wd
     roles: dict[str, list[nn.Parameter]] = {r: [] for r in ("backbone", "decoder", "selector", "router", "gating", "loss")}
     for name, p in model.named_parameters():
         if p.requires_grad:

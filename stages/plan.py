@@ -10,7 +10,7 @@
 
 Learning rates are relative to the source's own peak rate (`reference_lr`: the lr of the last stage it
 was trained in before it grew, recorded in its stage history), because a good rate depends on the
-model, the data and the batch, not on the stage alone; each stage warms up again from zero. `--lr`
+model, the data and the batch, not on the stage alone; each stage warms up again from zero. `lr` (recipe key)
 sets an absolute rate instead.
 
 Provenance comes from `samoe.json`; expert banks carry one entry per expert and
@@ -74,7 +74,7 @@ def stage_lr(stage: int, lr: float | None, lr_scale: float | None, stages: list[
         return lr, ref
     if ref is None:
         raise SamoeError(f"{source} records no learning rate it was trained at (a fresh or upcycled model): give the "
-                         "stage's rate with --lr")
+                         "stage's rate with --set lr=... or the recipe's lr")
     return (STAGES[stage].lr_scale if lr_scale is None else lr_scale) * ref, ref
 
 

@@ -22,6 +22,8 @@ import upscale
 from upscale import Checkpoint
 from upscale.config import PRESETS
 from upscale.create import init_from_preset
+from upscale.growth import GrowthRecipe
+from upscale.recipe import defaults
 
 SAMOE = str(Path(sys.executable).with_name("samoe"))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", COLUMNS="200")
@@ -59,7 +61,7 @@ GROW = ["--experts", "13", "--groups", "4", "--extra-blocks", "1"]
 def runs(src: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Every CLI call of this file, in one pool: the good ones and the bad-option cases."""
     out = tmp_path_factory.mktemp("grown") / "g"
-    expand_args = ["expand", str(src), "--out", str(out), *GROW, "--noise-std", "0", "--seed", "7", "--workers", "3", "--json"]
+    expand_args = ["expand", str(src), "--out", str(out), *GROW, "--set", "noise_std=0", "--seed", "7", "--set", "workers=3", "--json"]
     chains = [
         [("expand", expand_args), ("inspect", ["inspect-checkpoint", str(out), "--json"])],
         [("plan-1.5b", ["plan", "--preset", "sam-moe-1.5b", "--experts", "117", "--groups", "8", "--extra-blocks", "1", "--json"])],
@@ -106,6 +108,9 @@ def test_expand_records_lineage(runs, src):
     assert last["command"] == " ".join(["samoe", *runs["expand_args"]])
     assert last["seed"] == 7
     assert last["version"] == upscale.__version__
+    # the resolved [growth] settings: the options and --set given, the defaults for the rest
+    assert last["recipe"] == {**defaults(GrowthRecipe), "experts": 13, "groups": "4", "extra_blocks": 1, "noise_std": 0.0,
+                              "workers": 3}
     assert "Traceback" not in runs["results"]["expand"].stderr
 
 
@@ -130,14 +135,14 @@ BAD = {
     "groups-sum": (["--experts", "13", "--groups", "4,3,3,2"], "sums to 12"),
     "core-too-small": (["--experts", "13", "--groups", "3,5,5"], "core group"),
     "core-too-large": (["--experts", "13", "--groups", "5,4,4"], "core group"),
-    "negative-noise": ([*VALID, "--noise-std=-0.1"], "--noise-std"),
-    "interp-weight": ([*VALID, "--init", "interpolate", "--interp-weight", "1.5"], "--interp-weight"),
-    "reinit-ratio": ([*VALID, "--reinit-ratio", "1.5"], "--reinit-ratio"),
-    "core-groups-3": ([*VALID, "--core-groups", "3"], "--core-groups"),
-    "replicate-experts": (["--experts", "13", "--groups", "4", "--replicate"], "pass --experts 16"),
-    "replicate-noise": (["--experts", "16", "--groups", "4", "--replicate", "--noise-std", "0.1"], "drop --init, --noise-std"),
-    "replicate-core-groups": (["--experts", "16", "--groups", "4", "--replicate", "--core-groups", "2"], "no core group"),
-    "residual-token-handover": ([*VALID, "--residual-experts", "--token-handover"], "exclude each other"),
+    "negative-noise": ([*VALID, "--set", "noise_std=-0.1"], "noise_std"),
+    "interp-weight": ([*VALID, "--set", "init=interpolate", "--set", "interp_weight=1.5"], "interp_weight"),
+    "unknown-key": ([*VALID, "--set", "reinit_ratio=0.5"], "unknown key growth.reinit_ratio"),
+    "core-groups-3": ([*VALID, "--set", "core_groups=3"], "core_groups"),
+    "replicate-experts": (["--experts", "13", "--groups", "4", "--set", "replicate=true"], "pass --experts 16"),
+    "replicate-noise": (["--experts", "16", "--groups", "4", "--set", "replicate=true", "--set", "noise_std=0.1"], "drop init and noise_std"),
+    "replicate-core-groups": (["--experts", "16", "--groups", "4", "--set", "replicate=true", "--set", "core_groups=2"], "no core group"),
+    "bad-recipe-value": ([*VALID, "--set", "extra_blocks=one"], "extra_blocks"),
     "existing-out": (VALID, "already exists"),
     "source-empty-dir": (VALID, "not a samoe checkpoint"),
     "source-file": (VALID, "is a file"),

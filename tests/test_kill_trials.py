@@ -25,7 +25,7 @@ from upscale.config import PRESETS
 from upscale.create import init_from_preset
 
 SAMOE = str(Path(sys.executable).parent / "samoe")
-GROW = ["--experts", "16", "--groups", "4", "--extra-blocks", "1", "--noise-std", "0.01", "--seed", "3", "--shard-size", "0.0005"]
+GROW = ["--experts", "16", "--groups", "4", "--extra-blocks", "1", "--set", "noise_std=0.01", "--seed", "3", "--set", "shard_size_gib=0.0005"]
 TRIALS = 2
 
 
@@ -103,8 +103,8 @@ def test_expand_killed_then_rerun_is_identical(setup):
 def test_train_killed_then_rerun_is_identical(setup):
     w, rng = setup, random.Random(1)
     samoe_in_process(["expand", w / "src", "--out", w / "grown", *GROW])
-    train = ["train", "--stage", "1", "--lr", "0.01", "--from", w / "grown", "--data", w / "data" / "A", "--unlabelled", w / "data" / "B",
-             "--max-steps", "4", "--checkpoint-every", "2", "--batch-size", "2"]
+    train = ["train", "--stage", "1", "--set", "lr=0.01", "--from", w / "grown", "--data", w / "data" / "A", "--unlabelled", w / "data" / "B",
+             "--max-steps", "4", "--set", "checkpoint_every=2", "--set", "batch_size=2"]
     samoe_in_process([*train, "--run-dir", w / "run-ref"])  # the uninterrupted reference (bit-exact with any thread count)
     ref = tensors(w / "run-ref" / "final")
     ref_metrics = (w / "run-ref" / "metrics.csv").read_text()

@@ -120,8 +120,8 @@ def grown(src: Path, work: Path) -> Path:
 
 
 def train_args(grown: Path, data: Path, run: Path) -> list:
-    return ["train", "--stage", 1, "--from", grown, "--data", data / "A", "--run-dir", run, "--batch-size", 4,
-            "--max-steps", 2, "--checkpoint-every", 1, "--lr", 0.01]
+    return ["train", "--stage", 1, "--from", grown, "--data", data / "A", "--run-dir", run, "--set", "batch_size=4",
+            "--max-steps", 2, "--set", "checkpoint_every=1", "--set", "lr=0.01"]
 
 
 @pytest.fixture(scope="module")
@@ -375,7 +375,7 @@ def test_sigterm_in_expand_leaves_nothing(src, tmp_path, monkeypatch):
     import upscale.checkpoint
 
     out = tmp_path / "grown"
-    args = ("expand", src, "--out", out, "--experts", 8, "--groups", 2, "--shard-size", 0.0005)
+    args = ("expand", src, "--out", out, "--experts", 8, "--groups", 2, "--set", "shard_size_gib=0.0005")
     sigterm_on_call(monkeypatch, upscale.checkpoint.CheckpointWriter, "_write", 5)
     one_error_line(samoe(*args), "terminated", code=143)
     assert not out.exists() and leftovers(out) == []

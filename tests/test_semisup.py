@@ -4,7 +4,7 @@ Oracles: values worked by hand from the formulas of seed 004 (sigmoid ramp-up,
 uncertainty-weighted multi-task loss, selector modulation, soft Dice), reference
 computations written here with plain torch ops (using the modules' own conv
 weights), the optimizer table of seed 004 (param groups, lrs, weight decay
-5 * 10**wd), and the gradient table of seed 004 (sup: everything trains; unsup:
+weight_decay 5e-5), and the gradient table of seed 004 (sup: everything trains; unsup:
 everything but the gating model), observed on the real `engine.train_step`.
 """
 
@@ -409,7 +409,7 @@ def test_optimizer_structure(grown: Path, stage: int, selector_gating: bool):
     apply_stage(model, ckpt.provenance, stage, 4, selector_gating)
     seed004 = stage >= 2 or selector_gating  # stage 1 freezes the source's selector and gating by default
     lr = 0.01
-    opts = build_optimizers(model, lr, momentum=0.9, wd=-5)
+    opts = build_optimizers(model, lr, momentum=0.9, weight_decay=5e-5)
     names = _named_ids(model)
     wd = 5e-5
     o1, o2, o3 = opts.opt1, opts.opt2, opts.opt3
@@ -459,8 +459,7 @@ def test_optimizer_structure(grown: Path, stage: int, selector_gating: bool):
             n for n, _ in model.named_parameters() if n.startswith(parts)}
     else:
         assert not frozen
-    # weight decay exponent: wd=-4 -> 5e-4
-    assert build_optimizers(model, lr, wd=-4).opt1.param_groups[0]["weight_decay"] == pytest.approx(5e-4, rel=1e-12)
+    assert build_optimizers(model, lr, weight_decay=5e-4).opt1.param_groups[0]["weight_decay"] == pytest.approx(5e-4, rel=1e-12)
     # warm-up factor touches optimizers 1 and 3 only
     base = [g["lr"] for g in o1.param_groups]
     apply_lr(opts, 0.25)

@@ -38,7 +38,7 @@ def _loaded(*args: str) -> list[str]:
     ["--help"],
     ["expand", "--help"],
     ["plan", "--preset", "sam-moe-1.5b", "--experts", "117", "--groups", "8", "--extra-blocks", "1"],
-    ["plan", "--preset", "tiny", "--experts", "16", "--groups", "4", "--image-context", "--json"],
+    ["plan", "--preset", "tiny", "--experts", "16", "--groups", "4", "--set", "routed_top_k=1", "--json"],
 ], ids=["help", "expand-help", "plan-10b", "plan-json"])
 def test_commands_that_count_import_no_torch(args: list[str]):
     assert _loaded(*args) == []

@@ -59,7 +59,7 @@ def samoe(*args):
 
 
 def train(*args):
-    return samoe("train", "--batch-size", 4, *args)
+    return samoe("train", "--set", "batch_size=4", *args)
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -110,8 +110,8 @@ def runs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def stage1(grown: Path, data: Path, runs: Path) -> Path:
     run = runs / "s1"
-    res = train("--stage", 1, "--lr", 0.01, "--from", grown, "--run-dir", run, "--data", data / "A", "--max-steps", 3,
-                "--checkpoint-every", 1)
+    res = train("--stage", 1, "--set", "lr=0.01", "--from", grown, "--run-dir", run, "--data", data / "A", "--max-steps", 3,
+                "--set", "checkpoint_every=1")
     assert res.exit_code == 0, res.stderr
     return run
 
@@ -119,8 +119,8 @@ def stage1(grown: Path, data: Path, runs: Path) -> Path:
 @pytest.fixture(scope="module")
 def stage2(stage1: Path, data: Path, runs: Path) -> Path:
     run = runs / "s2"
-    res = train("--stage", 2, "--lr", 0.01, "--from", stage1 / "final", "--run-dir", run, "--data", data / "A", "--max-steps", 3,
-                "--last-k", 1)
+    res = train("--stage", 2, "--set", "lr=0.01", "--from", stage1 / "final", "--run-dir", run, "--data", data / "A", "--max-steps", 3,
+                "--set", "last_k=1")
     assert res.exit_code == 0, res.stderr
     return run
 
@@ -128,8 +128,8 @@ def stage2(stage1: Path, data: Path, runs: Path) -> Path:
 @pytest.fixture(scope="module")
 def stage3(stage2: Path, data: Path, runs: Path) -> Path:
     run = runs / "s3"
-    res = train("--stage", 3, "--lr", 0.01, "--from", stage2 / "final", "--run-dir", run, "--data", data / "A", "--max-steps", 3,
-                "--checkpoint-every", 2)
+    res = train("--stage", 3, "--set", "lr=0.01", "--from", stage2 / "final", "--run-dir", run, "--data", data / "A", "--max-steps", 3,
+                "--set", "checkpoint_every=2")
     assert res.exit_code == 0, res.stderr
     return run
 
@@ -160,8 +160,8 @@ def test_stage1_freezes_source_and_trains_new_parts(grown: Path, stage1: Path):
 
 def test_stage1_can_train_selector_and_gating_on_request(grown: Path, data: Path, runs: Path):
     run = runs / "s1-seed004"
-    res = train("--stage", 1, "--lr", 0.01, "--from", grown, "--run-dir", run, "--data", data / "A", "--max-steps", 2,
-                "--train-selector-gating")
+    res = train("--stage", 1, "--set", "lr=0.01", "--from", grown, "--run-dir", run, "--data", data / "A", "--max-steps", 2,
+                "--set", "selector_gating=true")
     assert res.exit_code == 0, res.stderr
     before, after = tensors(grown), tensors(run / "final")
     for prefix in SEED004:
@@ -302,27 +302,32 @@ def test_inspect_shows_stage_history(stage3: Path):
 
 def test_stage_input_checks(src: Path, grown: Path, stage1: Path, data: Path, runs: Path):
     r = runs / "bad2"
-    one_error_line(train("--stage", 2, "--lr", 0.01, "--from", grown, "--run-dir", r, "--data", data / "A", "--max-steps", 1),
-                   "stage 1", "--force")
+    one_error_line(train("--stage", 2, "--set", "lr=0.01", "--from", grown, "--run-dir", r, "--data", data / "A", "--max-steps", 1),
+                   "stage 1", "--skip-stage-check")
     assert not r.exists()  # a refused run writes nothing
     r1 = runs / "bad1"
-    one_error_line(train("--stage", 1, "--lr", 0.01, "--from", src, "--run-dir", r1, "--data", data / "A", "--max-steps", 1),
-                   "never grown", "--force")
+    one_error_line(train("--stage", 1, "--set", "lr=0.01", "--from", src, "--run-dir", r1, "--data", data / "A", "--max-steps", 1),
+                   "never grown", "--skip-stage-check")
     assert not r1.exists()
-    one_error_line(train("--stage", 3, "--lr", 0.01, "--from", stage1 / "final", "--run-dir", runs / "bad3", "--data", data / "A",
+    one_error_line(train("--stage", 3, "--set", "lr=0.01", "--from", stage1 / "final", "--run-dir", runs / "bad3", "--data", data / "A",
                          "--max-steps", 1), "stage 2")
-    res = train("--stage", 2, "--lr", 0.01, "--from", grown, "--run-dir", r, "--data", data / "A", "--max-steps", 1, "--force")
+    # --force only starts a run again: it does not skip the check
+    one_error_line(train("--stage", 2, "--set", "lr=0.01", "--from", grown, "--run-dir", r, "--data", data / "A", "--max-steps", 1,
+                         "--force"), "stage 1")
+    res = train("--stage", 2, "--set", "lr=0.01", "--from", grown, "--run-dir", r, "--data", data / "A", "--max-steps", 1,
+                "--skip-stage-check")
     assert res.exit_code == 0, res.stderr
     assert (r / "final" / "samoe.json").exists()
-    res = train("--stage", 1, "--lr", 0.01, "--from", src, "--run-dir", r1, "--data", data / "A", "--max-steps", 1, "--force")
+    res = train("--stage", 1, "--set", "lr=0.01", "--from", src, "--run-dir", r1, "--data", data / "A", "--max-steps", 1,
+                "--skip-stage-check")
     assert res.exit_code == 0, res.stderr
 
 
 def test_stage_learning_rates_follow_the_sources_recorded_rate(src: Path, data: Path, runs: Path):
-    """With no --lr each stage's rate is its scale (1, 0.3, 0.1 by default; --lr-scale) times the peak rate the
+    """With no lr each stage's rate is its scale (1, 0.3, 0.1 by default; lr_scale) times the peak rate the
     source was trained at, read from the source's stage history -- not from stages trained after growth."""
     source = runs / "lr-src"
-    res = train("--stage", 3, "--lr", 0.05, "--from", src, "--run-dir", source, "--data", data / "A", "--max-steps", 1)
+    res = train("--stage", 3, "--set", "lr=0.05", "--from", src, "--run-dir", source, "--data", data / "A", "--max-steps", 1)
     assert res.exit_code == 0, res.stderr
     g = expand_checkpoint(source / "final", runs / "lr-grown", GrowthSpec(experts=8, groups=resolve_groups(4, 8, "2", 1)),
                           ["test"])
@@ -337,13 +342,13 @@ def test_stage_learning_rates_follow_the_sources_recorded_rate(src: Path, data: 
         assert entry["reference_lr"] == 0.05
         previous = run / "final"
     assert lrs == pytest.approx([0.05, 0.015, 0.005])
-    res = train("--stage", 1, "--lr-scale", 2, "--from", g, "--run-dir", runs / "lr-scaled", "--data", data / "A",
+    res = train("--stage", 1, "--set", "lr_scale=2", "--from", g, "--run-dir", runs / "lr-scaled", "--data", data / "A",
                 "--max-steps", 1)
     assert res.exit_code == 0, res.stderr
     assert Checkpoint.open(runs / "lr-scaled" / "final").stages[-1]["lr"] == pytest.approx(0.1)
     # a source that records no rate (a fresh init) needs --lr, and nothing is written
     one_error_line(train("--stage", 3, "--from", src, "--run-dir", runs / "lr-none", "--data", data / "A",
-                         "--max-steps", 1), "records no learning rate", "--lr")
+                         "--max-steps", 1), "records no learning rate", "lr=")
     assert not (runs / "lr-none").exists()
 
 
@@ -351,8 +356,8 @@ def test_stage_learning_rates_follow_the_sources_recorded_rate(src: Path, data: 
 
 
 def _resume_args(grown: Path, data: Path, run: Path) -> list[str]:
-    return ["train", "--stage", "1", "--lr", "0.01", "--from", str(grown), "--run-dir", str(run), "--data", str(data / "A"),
-            "--unlabelled", str(data / "B"), "--max-steps", "8", "--checkpoint-every", "3", "--batch-size", "4"]
+    return ["train", "--stage", "1", "--set", "lr=0.01", "--from", str(grown), "--run-dir", str(run), "--data", str(data / "A"),
+            "--unlabelled", str(data / "B"), "--max-steps", "8", "--set", "checkpoint_every=3", "--set", "batch_size=4"]
 
 
 @pytest.fixture(scope="module")
@@ -426,8 +431,8 @@ def test_resumed_selector_log_keeps_header(resumed, tmp_path: Path):
 
 def test_sigterm_saves_and_prints_resume_command(grown: Path, data: Path, runs: Path):
     run = runs / "term"
-    args = ["train", "--stage", "1", "--lr", "0.01", "--from", str(grown), "--run-dir", str(run), "--data", str(data / "A"),
-            "--max-steps", "6", "--checkpoint-every", "100", "--batch-size", "4"]
+    args = ["train", "--stage", "1", "--set", "lr=0.01", "--from", str(grown), "--run-dir", str(run), "--data", str(data / "A"),
+            "--max-steps", "6", "--set", "checkpoint_every=100", "--set", "batch_size=4"]
     proc = subprocess.Popen([str(SAMOE), *args], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     sent = False
@@ -471,8 +476,8 @@ def test_selector_log_every_5_epochs(grown: Path, data: Path, runs: Path):
             shutil.copy(f, small / sub / f.name)
     run = runs / "sel"
     # --timeline 20 makes both ramps non-trivial at epochs 5 and 10: T_alpha = 20*10/20 = 10, T_unsup = 80*10/20 = 40
-    res = train("--stage", 1, "--lr", 0.01, "--from", grown, "--run-dir", run, "--data", small, "--epochs", 10, "--log-every", 5,
-                "--timeline", 20)
+    res = train("--stage", 1, "--set", "lr=0.01", "--from", grown, "--run-dir", run, "--data", small, "--set", "epochs=10", "--set", "log_every=5",
+                "--set", "timeline=20")
     assert res.exit_code == 0, res.stderr
     rows = read_rows(run / "selector_log.csv")
     assert list(rows[0].keys()) == ["epoch", "alpha", "unsup_weight", "selector_mean", "selector_std"]
@@ -498,8 +503,8 @@ def test_continued_run_keeps_the_sources_alpha(stage1: Path, stage2: Path, data:
     assert float(tensors(stage1 / "final")["selector.selectors.seg_scale1.alpha"]) == 1.0
     assert {float(m["alpha"]) for m in read_rows(stage2 / "metrics.csv")} == {1.0}
     run = runs / "restarted"
-    res = train("--stage", 2, "--lr", 0.01, "--from", stage1 / "final", "--run-dir", run, "--data", data / "A", "--max-steps", 2,
-                "--last-k", 1, "--restart-ramps")
+    res = train("--stage", 2, "--set", "lr=0.01", "--from", stage1 / "final", "--run-dir", run, "--data", data / "A", "--max-steps", 2,
+                "--set", "last_k=1", "--set", "restart_ramps=true")
     assert res.exit_code == 0, res.stderr
     assert [float(m["alpha"]) for m in read_rows(run / "metrics.csv")] == pytest.approx([math.exp(-5)] * 2)
 
@@ -527,12 +532,12 @@ def test_pseudo_label_then_stage1(src: Path, grown: Path, data: Path, runs: Path
     assert res.exit_code == 0, res.stderr
     again = json.loads(res.stdout[res.stdout.index("{"):])
     assert again["skipped"] == 8 and again["labelled"] == 0
-    res = train("--stage", 1, "--lr", 0.01, "--from", grown, "--run-dir", runs / "pl-train", "--data", out, "--max-steps", 2)
+    res = train("--stage", 1, "--set", "lr=0.01", "--from", grown, "--run-dir", runs / "pl-train", "--data", out, "--max-steps", 2)
     assert res.exit_code == 0, res.stderr
     assert (runs / "pl-train" / "final" / "samoe.json").exists()
     # labelled data mixed into the pseudo-labels, with the student's inputs augmented (Noisy Student)
-    res = train("--stage", 1, "--lr", 0.01, "--from", grown, "--run-dir", runs / "pl-mix", "--data", out, "--data",
-                data / "A", "--augment", "--max-steps", 2)
+    res = train("--stage", 1, "--set", "lr=0.01", "--from", grown, "--run-dir", runs / "pl-mix", "--data", out, "--data",
+                data / "A", "--set", "augment=true", "--max-steps", 2)
     assert res.exit_code == 0, res.stderr
     entry = Checkpoint.open(runs / "pl-mix" / "final").stages[-1]
     assert entry["data"] == [str(out), str(data / "A")]
@@ -567,7 +572,7 @@ def test_all_ignored_pseudo_labels_refused(src: Path, grown: Path, data: Path, r
     assert res.exit_code == 0, res.stderr
     assert json.loads(res.stdout[res.stdout.index("{"):])["kept_fraction"] == 0.0
     run = runs / "s1-all-ignored"
-    res = train("--stage", 1, "--lr", 0.01, "--from", grown, "--run-dir", run, "--data", out, "--max-steps", 2)
+    res = train("--stage", 1, "--set", "lr=0.01", "--from", grown, "--run-dir", run, "--data", out, "--max-steps", 2)
     one_error_line(res, str(out), "--threshold")
     assert not (run / "final").exists()
 
@@ -577,7 +582,7 @@ def test_all_ignored_pseudo_labels_refused(src: Path, grown: Path, data: Path, r
 
 def test_nonfinite_loss_stops_with_exit_2(grown: Path, data: Path, runs: Path):
     run = runs / "nan"
-    base = ["--stage", 1, "--from", grown, "--data", data / "A", "--max-steps", 6, "--lr", 1e30, "--checkpoint-every", 1]
+    base = ["--stage", 1, "--from", grown, "--data", data / "A", "--max-steps", 6, "--set", "lr=1e30", "--set", "checkpoint_every=1"]
     res = train(*base, "--run-dir", run)
     one_error_line(res, "non-finite")
     assert not (run / "final").exists()
@@ -585,7 +590,7 @@ def test_nonfinite_loss_stops_with_exit_2(grown: Path, data: Path, runs: Path):
     if last:
         model = load_model(run / "checkpoints" / f"step-{last}" / "model")
         assert all(torch.isfinite(p).all() for p in model.parameters())
-    res = train(*base, "--run-dir", runs / "nan-skip", "--skip-nonfinite")
+    res = train(*base, "--run-dir", runs / "nan-skip", "--set", "skip_nonfinite=true")
     assert res.exit_code == 0, res.stderr
     assert (runs / "nan-skip" / "final" / "samoe.json").exists()
     rows = read_rows(runs / "nan-skip" / "metrics.csv")

@@ -408,8 +408,9 @@ def check_meta(meta: dict[str, Any], where: Path) -> None:
     if not isinstance(lineage, list) or not all(
             isinstance(e, dict) and isinstance(e.get("command"), str) and isinstance(e.get("version"), str)
             and (e.get("seed") is None or type(e.get("seed")) is int)
-            and all(e.get(k) is None or isinstance(e.get(k), str) for k in ("parent", "parent_digest")) for e in lineage):
-        raise bad("lineage", "a list of {command, seed, version, parent, parent_digest}")
+            and all(e.get(k) is None or isinstance(e.get(k), str) for k in ("parent", "parent_digest"))
+            and (e.get("recipe") is None or isinstance(e.get("recipe"), dict)) for e in lineage):
+        raise bad("lineage", "a list of {command, seed, version, parent, parent_digest, recipe}")
     stages = meta.get("stages", [])
     if not isinstance(stages, list) or not all(isinstance(e, dict) for e in stages):
         raise bad("stages", "a list of tables")
@@ -634,16 +635,21 @@ class Checkpoint:
 # --------------------------------------------------------------------------- model-level helpers
 
 
-def lineage_entry(command: list[str], seed: int | None, parent: Checkpoint | None) -> dict[str, Any]:
+def lineage_entry(command: list[str], seed: int | None, parent: Checkpoint | None,
+                  recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One step of a checkpoint's history; `recipe`: the resolved settings the command ran with."""
     from . import __version__
 
-    return {
+    entry = {
         "command": " ".join(command),
         "seed": seed,
         "version": __version__,
         "parent": str(parent.path.resolve()) if parent else None,
         "parent_digest": parent.digest if parent else None,
     }
+    if recipe is not None:
+        entry["recipe"] = recipe
+    return entry
 
 
 def build_meta(

@@ -305,6 +305,15 @@ PRESETS: dict[str, SamMoEConfig] = {
         decoder_num_heads=4, num_classes=4, moe_blocks=(2, 3),
         moe=MoEConfig(groups=(4,), core_groups=1, top_k=2),
     ),
+    # tiny with SAM's ratio of decoder width to classes: out_chans 128 gives 16 feature channels per pixel, as
+    # SAM's 256 gives 32. tiny's 4 channels cannot tell 16 classes apart (its segmentation loss stays at chance
+    # on the 16-class codebook set), so the capacity benchmarks use this one.
+    "small": SamMoEConfig(
+        img_size=128, patch_size=16, embed_dim=64, depth=4, num_heads=4, window_size=4,
+        global_attn_indexes=(1, 3), out_chans=128, decoder_depth=2, decoder_mlp_dim=256,
+        decoder_num_heads=4, num_classes=16, moe_blocks=(2, 3),
+        moe=MoEConfig(groups=(4,), core_groups=1, top_k=2),
+    ),
     # ViT-L with 16 experts (top-2) in the last 9 encoder blocks and the decoder MLPs.
     "sam-moe-1.5b": SamMoEConfig(
         **SAM_VITS["vit_l"], moe_blocks=tuple(range(15, 24)),

@@ -687,9 +687,11 @@ def expand_checkpoint(
     src_path: Path | Checkpoint, out: Path, spec: GrowthSpec, command: list[str], dtype: torch.dtype | None = None,
     workers: int = 2, shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False,
     on_start: Callable[[int], None] | None = None, on_tensor: Callable[[int], None] | None = None,
+    recipe: dict[str, Any] | None = None,
 ) -> Path:
     """Plan and execute a growth; returns the new checkpoint directory. Given an open `Checkpoint`, its
-    files are the ones read (the digest recorded in the lineage is theirs)."""
+    files are the ones read (the digest recorded in the lineage is theirs). `recipe`: the resolved [growth]
+    settings, recorded in the lineage."""
     src = src_path if isinstance(src_path, Checkpoint) else Checkpoint.open(src_path)
     src.check_matches_config()
     check_separate(out, "--out", {"the source checkpoint": src.path})
@@ -702,6 +704,6 @@ def expand_checkpoint(
     growth["stages_before"] = len(src.stages)  # stage checks look only at stages trained after this growth
     growth["source"] = str(src.path.resolve())  # where eval looks for the source's training log (stages/regime.py)
     carried = {k: src.meta[k] for k in ("data",) if k in src.meta}  # what the source was trained on (stages/dataspec.py)
-    meta = build_meta(cfg, {}, src.lineage + [lineage_entry(command, spec.seed, src)], list(src.stages), dtype, growth=growth,
+    meta = build_meta(cfg, {}, src.lineage + [lineage_entry(command, spec.seed, src, recipe)], list(src.stages), dtype, growth=growth,
                       **carried)
     return execute(src, plans, out, meta, dtype, workers=workers, shard_bytes=shard_bytes, force=force, on_tensor=on_tensor)
