@@ -491,9 +491,9 @@ def inspect_checkpoint(
 @handles_errors
 def demo_data(
     out: Path = typer.Option(..., "--out", help="Directory to create (A/, A-test/, B/)."),
-    labelled: int = typer.Option(24, "--labelled", min=0),
-    unlabelled: int = typer.Option(48, "--unlabelled", min=0),
-    test: int = typer.Option(12, "--test", min=0),
+    labelled: int = typer.Option(24, "--labelled-scenes", min=0, help="Labelled scenes in A/."),
+    unlabelled: int = typer.Option(48, "--unlabelled-scenes", min=0, help="Unlabelled scenes in B/."),
+    test: int = typer.Option(12, "--test-scenes", min=0, help="Held-out labelled scenes in A-test/."),
     size: int = typer.Option(128, "--size", min=16, max=8192),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX),
     preset: str = typer.Option("easy", "--preset", help="easy: 4 classes far apart | hard: 10 classes told apart "
@@ -676,7 +676,7 @@ def expand(
                   TimeRemainingColumn(), console=console, transient=as_json) as progress, _one_job(out):
         task = progress.add_task("expanding", total=None)
         path = expand_checkpoint(
-            src, out, spec, _command_line(), dtype=out_dtype, workers=settings.workers,
+            src, out, spec, _command_line(), dtype=out_dtype, workers=settings.threads,
             shard_bytes=int(settings.shard_size_gib * 2**30), force=force, recipe=asdict(settings),
             on_start=lambda total: progress.update(task, total=total),
             on_tensor=lambda n: progress.advance(task, n),
@@ -721,7 +721,6 @@ def train(
                                             "training: metrics.csv val_miou; RUN/best keeps the best step."),
     recipe: Optional[Path] = _recipe_option(),
     overrides: list[str] = _set_option(),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after N steps (over the recipe's epochs)."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, max=SEED_MAX, help="Seed of data order, noise and "
                                        "augmentation (default: the recipe's, else 0)."),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP + " Under --nproc/torchrun each process takes GPU LOCAL_RANK."),
@@ -729,6 +728,7 @@ def train(
     force: bool = typer.Option(False, "--force", help="Start this run again: remove what samoe wrote in --run-dir."),
     skip_stage_check: bool = typer.Option(False, "--skip-stage-check", help="Train this stage from a checkpoint whose "
                                           "history lacks the stage before it (e.g. stage 2 straight after expand)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout (progress goes to stderr)."),
 ) -> None:
     """Train one stage as a resumable job; RUN/final is the next stage's --from.
 
@@ -743,8 +743,8 @@ def train(
 
     _check_train_device(nproc, device)
     cfg = _train_config(stage, recipe, overrides, dict(source=source, run_dir=run_dir, data=data, unlabelled=unlabelled,
-                                                       val_data=val_data, device=device, max_steps=max_steps, seed=seed))
-    display = _TrainDisplay(cfg.print_every)
+                                                       val_data=val_data, device=device, seed=seed))
+    display = _TrainDisplay(cfg.print_every, Console(stderr=True) if as_json else console)
     try:
         with _one_job(run_dir, "--run-dir") if is_main_process() else nullcontext():  # rank 0 holds it for all ranks
             final = run(cfg, force=force, check_stage=not skip_stage_check, on_start=display.on_start,
@@ -756,7 +756,13 @@ def train(
         raise typer.Exit(128 + e.signum)
     finally:
         display.stop()
-    if is_main_process():
+    if not is_main_process():
+        return
+    if as_json:
+        from upscale.checkpoint import Checkpoint
+
+        _print_json({"final": str(final), "run_dir": str(run_dir), "stage": Checkpoint.open(final).stages[-1]})
+    else:
         console.print(f"done: {final} (next stage's --from)", markup=False)
 
 
@@ -810,16 +816,17 @@ class _TrainDisplay:
     """What `samoe train` prints: the stage table when it starts, then a progress bar on a terminal or a plain
     line every `print_every` steps elsewhere (a batch job's log), validation results, the selector log."""
 
-    def __init__(self, print_every: int = 10) -> None:
+    def __init__(self, print_every: int = 10, to: Console = console) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(TextColumn("stage {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("epoch {task.fields[epoch]} loss {task.fields[loss]} lr {task.fields[lr]} "
                                             "{task.fields[ips]} img/s"),
-                                 TimeRemainingColumn(), console=console)
+                                 TimeRemainingColumn(), console=to)
+        self.console = to
         self.task: Any = None
         self.print_every = print_every
-        self.plain = not console.is_terminal
+        self.plain = not to.is_terminal
 
     def on_start(self, info: dict) -> None:
         plan = info["stage"]
@@ -829,14 +836,14 @@ class _TrainDisplay:
         for comp, (tr, tot) in info["counts"].items():  # the learning rates the optimizers really use
             lrs = ", ".join(f"{lr:g}" for lr in info["lrs"].get(comp, []))
             t.add_row(comp, f"{tr:,}", f"{tot:,}", lrs if tr else "frozen")
-        console.print(t)
-        console.print("params: " + ", ".join(f"{k.capitalize()} {v:,}" for k, v in info["params"].items()))
+        self.console.print(t)
+        self.console.print("params: " + ", ".join(f"{k.capitalize()} {v:,}" for k, v in info["params"].items()))
         if info["resumed_from"]:
-            console.print(f"resuming from {escape(info['resumed_from'])} (step {info['start_step']})")
-        console.print(escape(f"data: {info['units']}; scenes as {info['scenes']}; classes "
+            self.console.print(f"resuming from {escape(info['resumed_from'])} (step {info['start_step']})")
+        self.console.print(escape(f"data: {info['units']}; scenes as {info['scenes']}; classes "
                              f"{', '.join(info['classes']) if info['classes'] else 'not named (no classes.json)'}"
                              + (f"; validation on {info['validation']}" if info["validation"] else "")), soft_wrap=True)
-        console.print(f"{info['epochs']} epochs x {info['steps_per_epoch']} steps = {info['total_steps']} steps")
+        self.console.print(f"{info['epochs']} epochs x {info['steps_per_epoch']} steps = {info['total_steps']} steps")
         self.total = info["total_steps"]
         if self.plain:
             return
@@ -850,7 +857,7 @@ class _TrainDisplay:
             self.progress.console.print(f"step {row['step']}: validation mIoU {row['val_miou']:.4f}{best}")
         if self.plain:
             if row["step"] % self.print_every == 0 or row["step"] == self.total:
-                console.print(f"step {row['step']}/{self.total} epoch {row['epoch']} loss {row['loss']:.4f} "
+                self.console.print(f"step {row['step']}/{self.total} epoch {row['epoch']} loss {row['loss']:.4f} "
                               f"lr {row['lr']:.2e} {row['images_per_s']:.1f} img/s", soft_wrap=True)
             return
         self.progress.update(self.task, completed=row["step"], epoch=row["epoch"], loss=f"{row['loss']:.4f}",

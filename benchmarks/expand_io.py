@@ -70,7 +70,7 @@ def _first_write(out: Path, start: float, stop: threading.Event, seen: dict) -> 
 def run_expand(src: Path, out: Path, workers: int, tree: Path = ROOT) -> dict:
     """`samoe expand` of checkout `tree` in a fresh process, timed from before its start to its exit."""
     env = child_env(src.parent / tree.name, tree)
-    cmd = [*samoe(), "expand", str(src), "--out", str(out), *EXPAND_ARGS, "--set", f"workers={workers}"]
+    cmd = [*samoe(), "expand", str(src), "--out", str(out), *EXPAND_ARGS, "--set", f"threads={workers}"]
     seen: dict = {}
     stop = threading.Event()
     start = time.perf_counter()

@@ -95,7 +95,7 @@ def main() -> None:
                 unl = args.work / f"codebook-{args.signatures}-unlabelled"
                 if not (unl / "demo-data.json").exists():
                     P.samoe("demo-data", "--preset", "codebook", "--signatures", str(args.signatures), "--out", str(unl),
-                            "--force", "--labelled", "0", "--test", "0", "--unlabelled", str(args.unlabelled), "--seed", "2")
+                            "--force", "--labelled-scenes", "0", "--test-scenes", "0", "--unlabelled-scenes", str(args.unlabelled), "--seed", "2")
                 pseudo = work / f"B-pseudo-s{seed}"
                 if not (pseudo / "masks").is_dir() or len(list((pseudo / "masks").iterdir())) < args.unlabelled:
                     P.samoe("pseudo-label", str(src), "--images", str(unl / "B"), "--out", str(pseudo))

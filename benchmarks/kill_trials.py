@@ -74,7 +74,7 @@ def main() -> None:
     w = args.work
     shutil.rmtree(w, ignore_errors=True)
     w.mkdir(parents=True)
-    assert run(["demo-data", "--out", str(w / "data"), "--labelled", "8", "--unlabelled", "4", "--test", "2"])[0] == 0
+    assert run(["demo-data", "--out", str(w / "data"), "--labelled-scenes", "8", "--unlabelled-scenes", "4", "--test-scenes", "2"])[0] == 0
     assert run(["init", "--preset", "tiny", "--out", str(w / "src")])[0] == 0
     grow = ["--experts", "16", "--groups", "4", "--extra-blocks", "1", "--set", "noise_std=0.01", "--seed", "3"]
 
@@ -98,7 +98,7 @@ def main() -> None:
     # train
     assert run(["expand", str(w / "src"), "--out", str(w / "grown"), *grow])[0] == 0
     train = ["train", "--stage", "1", "--from", str(w / "grown"), "--data", str(w / "data" / "A"), "--unlabelled",
-             str(w / "data" / "B"), "--max-steps", "8", "--set", "checkpoint_every=2", "--set", "batch_size=2"]
+             str(w / "data" / "B"), "--set", "max_steps=8", "--set", "checkpoint_every=2", "--set", "batch_size=2"]
     rc, _ = run([*train, "--run-dir", str(w / "run-ref")])
     assert rc == 0
     ref_t = tensors(w / "run-ref" / "final")

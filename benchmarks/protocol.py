@@ -60,7 +60,7 @@ def codebook_data(work: Path, signatures: int, labelled: int, val: int, test: in
         d = work / f"codebook-{signatures}-{name}"
         if not (d / "demo-data.json").exists():
             samoe("demo-data", "--preset", "codebook", "--signatures", str(signatures), "--out", str(d), "--force",
-                  "--labelled", str(lab), "--unlabelled", "0", "--test", str(tst), "--seed", str(seed))
+                  "--labelled-scenes", str(lab), "--unlabelled-scenes", "0", "--test-scenes", str(tst), "--seed", str(seed))
         out[name] = d
     return {"A": out["train"] / "A", "test": out["train"] / "A-test", "val": out["val"] / "A-test"}
 
@@ -118,7 +118,7 @@ def train(stage: int, src: Path, run: Path, data: Path, steps: int, lr: float | 
     if (run / "final" / "samoe.json").exists():
         return run / "final"
     args = ["train", "--stage", str(stage), "--from", str(src), "--run-dir", str(run), "--data", str(data),
-            "--max-steps", str(steps), "--seed", str(seed), "--set", f"batch_size={batch}",
+            "--set", f"max_steps={str(steps)}", "--seed", str(seed), "--set", f"batch_size={batch}",
             "--set", f"checkpoint_every={every or steps}", "--set", f"keep={max(1, steps // max(every, 1)) + 1}"]
     if lr is not None:
         args += ["--set", f"lr={lr:g}"]

@@ -168,7 +168,7 @@ def test_one_gpu_training_steps(grown: Path, data: Path, cpu_run: Path, tmp_path
     assert all(t.dtype == torch.float32 and t.device.type == "cpu" and torch.isfinite(t).all() for t in after.values())
     # the run resumes on the GPU from its own step checkpoint
     res = CliRunner().invoke(cli.app, ["train", "--stage", "1", "--set", "lr=0.01", "--from", str(grown), "--run-dir", str(tmp_path / "run"),
-                                       "--data", str(data / "A"), "--unlabelled", str(data / "B"), "--max-steps", "2",
+                                       "--data", str(data / "A"), "--unlabelled", str(data / "B"), "--set", "max_steps=2",
                                        "--set", "batch_size=4", "--set", "checkpoint_every=1", "--device", "cuda", "--set", f"precision={precision}"])
     assert res.exit_code == 2 and "already finished" in res.stderr
 
@@ -214,7 +214,7 @@ def test_two_gpus_nccl_equal_one_gpu(grown: Path, data: Path, tmp_path: Path, no
     env.pop("SAMOE_DEVICE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port), "-m", "cli",
            "train", "--stage", "1", "--set", "lr=0.01", "--from", str(grown), "--run-dir", str(tmp_path / "two"), "--data", str(data / "A"),
-           "--unlabelled", str(data / "B"), "--max-steps", "2", "--set", "batch_size=4", "--set", "checkpoint_every=1",
+           "--unlabelled", str(data / "B"), "--set", "max_steps=2", "--set", "batch_size=4", "--set", "checkpoint_every=1",
            "--device", "cuda"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]

@@ -123,7 +123,7 @@ def test_model_batch_and_optimizer_state_land_on_the_device(grown: Path, data: P
 @pytest.mark.parametrize("command", ["train", "eval", "pseudo-label", "expand"])
 def test_cuda_without_a_gpu_is_one_line(grown: Path, data: Path, tmp_path: Path, command: str):
     args = {
-        "train": ["train", "--stage", "1", "--set", "lr=0.01", "--from", grown, "--run-dir", tmp_path / "r", "--data", data / "A", "--max-steps", "1"],
+        "train": ["train", "--stage", "1", "--set", "lr=0.01", "--from", grown, "--run-dir", tmp_path / "r", "--data", data / "A", "--set", "max_steps=1"],
         "eval": ["eval", grown, "--data", data / "A-test"],
         "pseudo-label": ["pseudo-label", grown, "--images", data / "B", "--out", tmp_path / "p"],
         "expand": ["expand", grown, "--out", tmp_path / "e", "--experts", "12", "--groups", "3", "--verify", data / "A"],
@@ -136,7 +136,7 @@ def test_cuda_without_a_gpu_is_one_line(grown: Path, data: Path, tmp_path: Path,
 
 
 def test_precision_options(grown: Path, data: Path, tmp_path: Path):
-    base = ["train", "--stage", "1", "--set", "lr=0.01", "--from", str(grown), "--data", str(data / "A"), "--max-steps", "1"]
+    base = ["train", "--stage", "1", "--set", "lr=0.01", "--from", str(grown), "--data", str(data / "A"), "--set", "max_steps=1"]
     res = CliRunner().invoke(cli.app, [*base, "--run-dir", str(tmp_path / "a"), "--set", "precision=fp16"])
     assert res.exit_code == 2 and "--precision 'fp16'" in res.stderr
     res = CliRunner().invoke(cli.app, [*base, "--run-dir", str(tmp_path / "b"), "--set", "precision=fp32", "--set", "precision=bf16"])

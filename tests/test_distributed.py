@@ -116,7 +116,7 @@ def runs(tmp_path_factory) -> Path:
 
 def stage1_args(grown: Path, data: Path) -> list:
     return ["--stage", 1, "--set", "lr=0.01", "--from", grown, "--data", data / "A", "--unlabelled", data / "B", "--set", "batch_size=4",
-            "--max-steps", 6, "--set", "checkpoint_every=3"]
+            "--set", "max_steps=6", "--set", "checkpoint_every=3"]
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_stage1_frozen_tensors_bit_identical(grown: Path, sharded_s1: Path):
 def test_stage3_two_processes_match_one(grown: Path, data: Path, runs: Path):
     """Stage 3 (everything trains), batch 3 over 8 images: slices of 2+1 and a last batch of 1+1."""
     args = ["--stage", 3, "--set", "lr=0.01", "--force", "--from", grown, "--data", data / "A", "--unlabelled", data / "B",
-            "--set", "batch_size=3", "--max-steps", 5]
+            "--set", "batch_size=3", "--set", "max_steps=5"]
     train_1(*args, "--run-dir", runs / "s3-one")
     res = subprocess.run([str(SAMOE), "train", "--nproc", "2", *map(str, args), "--run-dir", str(runs / "s3-two")],
                          env=ENV, capture_output=True, text=True, timeout=240)
@@ -191,7 +191,7 @@ def test_mixed_precision(grown: Path, data: Path, runs: Path, single_s1: Path):
     """bf16 compute, fp32 reduction: close to the fp32 losses, weights stay in the checkpoint's dtype.
 
     `--mixed-precision` is `--precision bf16`: FSDP2's policy under torchrun, autocast in one process."""
-    args = ["--stage", 1, "--set", "lr=0.01", "--from", grown, "--data", data / "A", "--unlabelled", data / "B", "--set", "batch_size=4", "--max-steps", 2]
+    args = ["--stage", 1, "--set", "lr=0.01", "--from", grown, "--data", data / "A", "--unlabelled", data / "B", "--set", "batch_size=4", "--set", "max_steps=2"]
     train_1(*args, "--run-dir", runs / "mp-one", "--set", "precision=bf16")
     torchrun(*args, "--run-dir", runs / "mp", "--set", "precision=bf16")
     for run in (runs / "mp", runs / "mp-one"):
@@ -231,7 +231,7 @@ def test_force_only_rank0_touches_the_run_dir(grown: Path, data: Path, runs: Pat
     script = tmp_path / "spy.py"
     script.write_text(_SPY)
     args = ["--stage", 1, "--set", "lr=0.01", "--from", grown, "--data", data / "A", "--unlabelled", data / "B", "--set", "batch_size=4",
-            "--max-steps", 2, "--run-dir", run, "--force"]
+            "--set", "max_steps=2", "--run-dir", run, "--force"]
     for attempt in range(2):
         spy = tmp_path / f"spy{attempt}"
         spy.mkdir()

@@ -61,7 +61,7 @@ GROW = ["--experts", "13", "--groups", "4", "--extra-blocks", "1"]
 def runs(src: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Every CLI call of this file, in one pool: the good ones and the bad-option cases."""
     out = tmp_path_factory.mktemp("grown") / "g"
-    expand_args = ["expand", str(src), "--out", str(out), *GROW, "--set", "noise_std=0", "--seed", "7", "--set", "workers=3", "--json"]
+    expand_args = ["expand", str(src), "--out", str(out), *GROW, "--set", "noise_std=0", "--seed", "7", "--set", "threads=3", "--json"]
     chains = [
         [("expand", expand_args), ("inspect", ["inspect-checkpoint", str(out), "--json"])],
         [("plan-1.5b", ["plan", "--preset", "sam-moe-1.5b", "--experts", "117", "--groups", "8", "--extra-blocks", "1", "--json"])],
@@ -110,7 +110,7 @@ def test_expand_records_lineage(runs, src):
     assert last["version"] == upscale.__version__
     # the resolved [growth] settings: the options and --set given, the defaults for the rest
     assert last["recipe"] == {**defaults(GrowthRecipe), "experts": 13, "groups": "4", "extra_blocks": 1, "noise_std": 0.0,
-                              "workers": 3}
+                              "threads": 3}
     assert "Traceback" not in runs["results"]["expand"].stderr
 
 

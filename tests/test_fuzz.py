@@ -297,7 +297,7 @@ def resumable(tmp_path_factory):
     grown = expand_checkpoint(src, root / "g", GrowthSpec(experts=6, groups=resolve_groups(4, 6, "2", 1), extra_blocks=0,
                                                           noise_std=0.01), ["test"])
     res = CliRunner().invoke(cli.app, [str(a) for a in ["train", "--stage", 1, "--set", "lr=0.01", "--from", grown, "--data", root / "d" / "A",
-                                                         "--run-dir", root / "run", "--set", "batch_size=4", "--max-steps", 2,
+                                                         "--run-dir", root / "run", "--set", "batch_size=4", "--set", "max_steps=2",
                                                          "--set", "checkpoint_every=1"]])
     assert res.exit_code == 0, res.stderr
     model = load_model(grown)
@@ -479,12 +479,12 @@ def templates(tmp_path_factory):
     src = init_from_preset(PRESETS["tiny"], root / "inputs" / "src", 0, torch.float32, ["test"], False)
     grown = expand_checkpoint(src, root / "inputs" / "grown", GrowthSpec(
         experts=6, groups=resolve_groups(4, 6, "2", 1), extra_blocks=0, noise_std=0.01), ["test"])
-    train = ["train", "--stage", 1, "--from", grown, "--data", data / "A", "--set", "batch_size=4", "--max-steps", 2,
+    train = ["train", "--stage", 1, "--from", grown, "--data", data / "A", "--set", "batch_size=4", "--set", "max_steps=2",
              "--set", "checkpoint_every=1", "--set", "lr=0.01"]
     t = root / "templates"
     t.mkdir()
     init_from_preset(PRESETS["tiny"], t / "checkpoint", 1, torch.float32, ["test"], False)
-    demo = ["demo-data", "--labelled", 1, "--unlabelled", 1, "--test", 0, "--size", 16]
+    demo = ["demo-data", "--labelled-scenes", 1, "--unlabelled-scenes", 1, "--test-scenes", 0, "--size", 16]
     ok(*demo, "--out", t / "demo")
     ok(*train, "--run-dir", t / "run")
     shutil.rmtree(t / "run" / "final")  # a run stopped after its step-1 checkpoint: the rerun resumes it

@@ -104,7 +104,7 @@ def test_train_killed_then_rerun_is_identical(setup):
     w, rng = setup, random.Random(1)
     samoe_in_process(["expand", w / "src", "--out", w / "grown", *GROW])
     train = ["train", "--stage", "1", "--set", "lr=0.01", "--from", w / "grown", "--data", w / "data" / "A", "--unlabelled", w / "data" / "B",
-             "--max-steps", "4", "--set", "checkpoint_every=2", "--set", "batch_size=2"]
+             "--set", "max_steps=4", "--set", "checkpoint_every=2", "--set", "batch_size=2"]
     samoe_in_process([*train, "--run-dir", w / "run-ref"])  # the uninterrupted reference (bit-exact with any thread count)
     ref = tensors(w / "run-ref" / "final")
     ref_metrics = (w / "run-ref" / "metrics.csv").read_text()

@@ -72,7 +72,7 @@ GROWTH_CASES = {
     "interp_weight": ("0.4", 0.4, "0.5", 0.5),
     "dtype": ('"bfloat16"', "bfloat16", "float32", "float32"),
     "shard_size_gib": ("1.5", 1.5, "4", 4.0),
-    "workers": ("4", 4, "1", 1),
+    "threads": ("4", 4, "1", 1),
     "verify_images": ("4", 4, "2", 2),
     "verify_tol": ("1e-5", 1e-5, "1e-3", 1e-3),
 }
@@ -210,7 +210,7 @@ def tiny_trained_from_recipe(tmp_path_factory: pytest.TempPathFactory):
     recipe_path = root / "r.toml"
     recipe_path.write_text("[train]\nlr = 0.01\nmomentum = 0.8\n[train.stage3]\nweight_decay = 1e-4\n")
     res = CliRunner().invoke(cli.app, ["train", "--stage", "3", "--recipe", str(recipe_path), "--from", str(src),
-                                       "--run-dir", str(root / "run"), "--data", str(root / "data" / "A"), "--max-steps", "1",
+                                       "--run-dir", str(root / "run"), "--data", str(root / "data" / "A"), "--set", "max_steps=1",
                                        "--seed", "4", "--set", "batch_size=2", "--set", "checkpoint_every=1", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     return root / "run" / "final", recipe_path

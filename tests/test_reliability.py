@@ -121,7 +121,7 @@ def grown(src: Path, work: Path) -> Path:
 
 def train_args(grown: Path, data: Path, run: Path) -> list:
     return ["train", "--stage", 1, "--from", grown, "--data", data / "A", "--run-dir", run, "--set", "batch_size=4",
-            "--max-steps", 2, "--set", "checkpoint_every=1", "--set", "lr=0.01"]
+            "--set", "max_steps=2", "--set", "checkpoint_every=1", "--set", "lr=0.01"]
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +187,7 @@ def test_a_forged_marker_does_not_let_force_delete_a_users_files(tmp_path):
     (mine / "thesis.tex").write_text("years of work")
     (mine / OWNER_FILE).write_text('{"command": "demo-data"}')
     before = snapshot(mine)
-    one_error_line(samoe("demo-data", "--out", mine, "--labelled", 1, "--unlabelled", 0, "--test", 0, "--size", 16,
+    one_error_line(samoe("demo-data", "--out", mine, "--labelled-scenes", 1, "--unlabelled-scenes", 0, "--test-scenes", 0, "--size", 16,
                          "--force"), str(mine))
     assert snapshot(mine) == before
 
@@ -195,7 +195,7 @@ def test_a_forged_marker_does_not_let_force_delete_a_users_files(tmp_path):
 def test_force_refuses_a_samoe_folder_holding_an_unrecorded_file_and_names_it(tmp_path):
     """Case 2: --force removes exactly what samoe recorded; a folder holding anything else is refused."""
     out = tmp_path / "demo"
-    args = ("demo-data", "--out", out, "--labelled", 1, "--unlabelled", 0, "--test", 0, "--size", 16)
+    args = ("demo-data", "--out", out, "--labelled-scenes", 1, "--unlabelled-scenes", 0, "--test-scenes", 0, "--size", 16)
     assert samoe(*args).exit_code == 0
     (out / "A" / "notes.txt").write_text("mine")
     before = snapshot(out)
@@ -362,7 +362,7 @@ def test_sigterm_in_demo_data_leaves_nothing(tmp_path, monkeypatch):
     import stages.data
 
     out = tmp_path / "demo"
-    args = ("demo-data", "--out", out, "--labelled", 3, "--unlabelled", 0, "--test", 0, "--size", 16)
+    args = ("demo-data", "--out", out, "--labelled-scenes", 3, "--unlabelled-scenes", 0, "--test-scenes", 0, "--size", 16)
     sigterm_on_call(monkeypatch, stages.data, "write_image", 2)
     one_error_line(samoe(*args), "terminated", code=143)
     assert not out.exists() and leftovers(out) == []
@@ -463,7 +463,7 @@ def test_train_lineage_names_the_checkpoint_it_trained_from(grown, data, tmp_pat
     import stages.engine
 
     a = Path(shutil.copytree(grown, tmp_path / "a"))
-    assert samoe(*train_args(a, data, tmp_path / "alone"), "--max-steps", 1).exit_code == 0
+    assert samoe(*train_args(a, data, tmp_path / "alone"), "--set", "max_steps=1").exit_code == 0
     real = stages.engine.check_stage_input
 
     def replace_source(ckpt, stage):  # runs after the source was opened, before its weights are read
@@ -473,7 +473,7 @@ def test_train_lineage_names_the_checkpoint_it_trained_from(grown, data, tmp_pat
         return real(ckpt, stage)
 
     monkeypatch.setattr(stages.engine, "check_stage_input", replace_source)
-    assert samoe(*train_args(a, data, tmp_path / "raced"), "--max-steps", 1).exit_code == 0
+    assert samoe(*train_args(a, data, tmp_path / "raced"), "--set", "max_steps=1").exit_code == 0
     alone, raced = Checkpoint.open(tmp_path / "alone" / "final"), Checkpoint.open(tmp_path / "raced" / "final")
     assert raced.lineage[-1]["parent_digest"] == alone.lineage[-1]["parent_digest"]
     assert raced.digest == alone.digest  # bit-identical: trained from the weights its lineage names
@@ -515,7 +515,7 @@ def test_bad_samoe_variable_is_one_line():
 def test_markup_characters_in_paths_are_printed_as_they_are(tmp_path):
     """Exit codes: rich markup in a path broke the command's output (exit 1) after it had written."""
     out = tmp_path / "a[/bold]b[red]"
-    res = samoe("demo-data", "--out", out, "--labelled", 1, "--unlabelled", 0, "--test", 0, "--size", 16)
+    res = samoe("demo-data", "--out", out, "--labelled-scenes", 1, "--unlabelled-scenes", 0, "--test-scenes", 0, "--size", 16)
     assert res.exit_code == 0, res.stderr
     assert str(out) in res.stdout.replace("\n", "")
 
@@ -523,7 +523,7 @@ def test_markup_characters_in_paths_are_printed_as_they_are(tmp_path):
 def test_a_newline_in_a_file_name_is_one_line(tmp_path):
     """Exit codes: a newline in a name made a two-line error, or an output no one-line message can name."""
     out = tmp_path / "two\nlines"
-    one_error_line(samoe("demo-data", "--out", out, "--labelled", 1, "--unlabelled", 0, "--test", 0, "--size", 16),
+    one_error_line(samoe("demo-data", "--out", out, "--labelled-scenes", 1, "--unlabelled-scenes", 0, "--test-scenes", 0, "--size", 16),
                    "--out", "newline")
     assert not out.exists()
     one_error_line(samoe("inspect-checkpoint", tmp_path / "no\nsuch"), "no\\nsuch")

@@ -76,7 +76,7 @@ def grown(src: Path, work: Path) -> Path:
 
 def train(grown: Path, run_dir: Path, data: Path, *extra):
     return samoe("train", "--stage", 1, "--set", "lr=0.01", "--from", grown, "--run-dir", run_dir, "--data", data, "--set", "batch_size=4",
-                 "--max-steps", 1, *extra)
+                 "--set", "max_steps=1", *extra)
 
 
 # --------------------------------------------------------------------------- case 2: --force never deletes its own input
@@ -86,7 +86,7 @@ def test_case2_train_force_keeps_its_own_input(grown, data, work):
     run = work / "run-own-input"
     assert train(grown, run, data / "A").exit_code == 0
     before = tree(run / "final")
-    res = samoe("train", "--stage", 2, "--set", "lr=0.01", "--from", run / "final", "--run-dir", run, "--data", data / "A", "--max-steps", 1,
+    res = samoe("train", "--stage", 2, "--set", "lr=0.01", "--from", run / "final", "--run-dir", run, "--data", data / "A", "--set", "max_steps=1",
                 "--force")
     one_error_line(res, str(run), "--from")
     assert tree(run / "final") == before
@@ -108,7 +108,7 @@ def test_case3_outputs_carry_an_ownership_marker(data, grown, work):
     assert train(grown, run, data / "A").exit_code == 0
     assert (run / OWNER_FILE).is_file()
     out = work / "demo-again"  # the marker is what lets --force replace samoe's own output
-    args = ("demo-data", "--out", out, "--labelled", 1, "--unlabelled", 0, "--test", 0, "--size", 16)
+    args = ("demo-data", "--out", out, "--labelled-scenes", 1, "--unlabelled-scenes", 0, "--test-scenes", 0, "--size", 16)
     assert samoe(*args).exit_code == 0
     one_error_line(samoe(*args), "already exists")
     assert samoe(*args, "--force").exit_code == 0
@@ -127,7 +127,7 @@ def test_case3_demo_data_force_refuses_what_samoe_did_not_write(work, kind):
         (work / "mine-target" / "notes.txt").write_text("keep")
         target.symlink_to(work / "mine-target")
     before = tree(target)
-    one_error_line(samoe("demo-data", "--out", target, "--labelled", 1, "--unlabelled", 0, "--test", 0, "--size", 16, "--force"),
+    one_error_line(samoe("demo-data", "--out", target, "--labelled-scenes", 1, "--unlabelled-scenes", 0, "--test-scenes", 0, "--size", 16, "--force"),
                    str(target))
     assert tree(target) == before
 
@@ -161,9 +161,9 @@ def test_case5_second_job_fails_at_once_naming_the_holder(command, src, grown, d
     argv = {
         "init": ["init", "--preset", "tiny", "--out", out],
         "expand": ["expand", src, "--out", out, "--experts", 8, "--groups", 2],
-        "demo-data": ["demo-data", "--out", out, "--labelled", 1, "--unlabelled", 0, "--test", 0, "--size", 16],
+        "demo-data": ["demo-data", "--out", out, "--labelled-scenes", 1, "--unlabelled-scenes", 0, "--test-scenes", 0, "--size", 16],
         "pseudo-label": ["pseudo-label", src, "--images", data / "B", "--out", out],
-        "train": ["train", "--stage", 1, "--set", "lr=0.01", "--from", grown, "--run-dir", out, "--data", data / "A", "--max-steps", 1],
+        "train": ["train", "--stage", 1, "--set", "lr=0.01", "--from", grown, "--run-dir", out, "--data", data / "A", "--set", "max_steps=1"],
     }[command]
     with exclusive(out):  # the first job
         t = time.perf_counter()
@@ -197,13 +197,13 @@ def test_case6_changed_data_is_refused_unless_force(grown, data, work):
     mine = work / "data6"
     shutil.copytree(data / "A", mine)
     run = work / "run6"
-    assert train(grown, run, mine, "--max-steps", 2, "--checkpoint-every", 1).exit_code == 0
+    assert train(grown, run, mine, "--set", "max_steps=2", "--checkpoint-every", 1).exit_code == 0
     shutil.rmtree(run / "final")  # as if it had stopped after its step-1 checkpoint
     victim = sorted((mine / "images").iterdir())[0]
     victim.unlink()
     (mine / "masks" / (victim.stem + ".png")).unlink()
-    one_error_line(train(grown, run, mine, "--max-steps", 2, "--checkpoint-every", 1), "changed", "--force")
-    assert train(grown, run, mine, "--max-steps", 2, "--checkpoint-every", 1, "--force").exit_code == 0
+    one_error_line(train(grown, run, mine, "--set", "max_steps=2", "--checkpoint-every", 1), "changed", "--force")
+    assert train(grown, run, mine, "--set", "max_steps=2", "--checkpoint-every", 1, "--force").exit_code == 0
 
 
 def test_case6_run_that_failed_before_its_first_step_blocks_nothing(grown, data, work, monkeypatch):
@@ -276,7 +276,7 @@ def test_case7_demo_data_full_disk_is_reported_as_a_full_disk(work, monkeypatch)
 
     monkeypatch.setattr(data_mod, "write_image", write_image)
     out = work / "demo-full"
-    line = one_error_line(samoe("demo-data", "--out", out, "--labelled", 4, "--unlabelled", 0, "--test", 0, "--size", 32))
+    line = one_error_line(samoe("demo-data", "--out", out, "--labelled-scenes", 4, "--unlabelled-scenes", 0, "--test-scenes", 0, "--size", 32))
     assert "No space left on device" in line and "free space" in line
     assert not out.exists() and [p.name for p in work.iterdir() if p.name.startswith(f".{out.name}.")] == []
 
@@ -307,8 +307,8 @@ def test_case8_bad_numbers_are_one_line(case, src, grown, data, work):
     out = work / f"opt-{case}"
     base = {
         "expand": ["expand", src, "--out", out, "--experts", 8, "--groups", 2],
-        "train": ["train", "--stage", 1, "--set", "lr=0.01", "--from", grown, "--run-dir", out, "--data", data / "A", "--max-steps", 1],
-        "demo-data": ["demo-data", "--out", out, "--labelled", 1, "--unlabelled", 0, "--test", 0],
+        "train": ["train", "--stage", 1, "--set", "lr=0.01", "--from", grown, "--run-dir", out, "--data", data / "A", "--set", "max_steps=1"],
+        "demo-data": ["demo-data", "--out", out, "--labelled-scenes", 1, "--unlabelled-scenes", 0, "--test-scenes", 0],
         "pseudo-label": ["pseudo-label", src, "--images", data / "B", "--out", out],
         "eval": ["eval", src, "--data", data / "A"],
     }[command]

@@ -195,7 +195,7 @@ def six_trained(six, tmp_path_factory) -> dict[str, Path]:
     grown = expand_checkpoint(six["ckpt"], tmp_path_factory.mktemp("g6") / "g", GrowthSpec(
         experts=8, groups=resolve_groups(4, 8, "2", 1), extra_blocks=1, noise_std=0.01), ["test"])
     run = tmp_path_factory.mktemp("runs6") / "s1"
-    res = samoe("train", "--stage", 1, "--from", grown, "--run-dir", run, "--data", six["A"], "--max-steps", 3,
+    res = samoe("train", "--stage", 1, "--from", grown, "--run-dir", run, "--data", six["A"], "--set", "max_steps=3",
                 "--set", "batch_size=4", "--val-data", six["test"], "--set", "val_every=1", "--set", "print_every=1", "--set", "lr=0.5")
     assert res.exit_code == 0, res.stderr
     return {**six, "grown": Path(grown), "run": run, "stdout": res.stdout}
@@ -285,18 +285,18 @@ def test_eval_scores_a_large_scene_at_native_resolution(src, large):
 def test_train_on_large_scenes_reads_windows(src, large, tmp_path):
     grown = expand_checkpoint(src, tmp_path / "g", GrowthSpec(experts=8, groups=resolve_groups(4, 8, "2", 1)), ["test"])
     res = samoe("train", "--stage", 1, "--from", grown, "--run-dir", tmp_path / "run", "--data", large,
-                "--max-steps", 2, "--set", "batch_size=1", "--set", "lr=0.01")
+                "--set", "max_steps=2", "--set", "batch_size=1", "--set", "lr=0.01")
     assert res.exit_code == 0, res.stderr
     assert "random 128 px windows" in res.stdout
     res = samoe("train", "--stage", 2, "--from", tmp_path / "run" / "final", "--run-dir", tmp_path / "run2",
-                "--data", large, "--max-steps", 1, "--set", "batch_size=1", "--set", "resize=true", "--set", "lr=0.01")
+                "--data", large, "--set", "max_steps=1", "--set", "batch_size=1", "--set", "resize=true", "--set", "lr=0.01")
     one_error_line(res, "drop --resize")
 
 
 def test_resize_is_recorded_and_predict_follows_it(src, large, tmp_path):
     grown = expand_checkpoint(src, tmp_path / "g", GrowthSpec(experts=8, groups=resolve_groups(4, 8, "2", 1)), ["test"])
     res = samoe("train", "--stage", 1, "--from", grown, "--run-dir", tmp_path / "run", "--data", large,
-                "--max-steps", 1, "--set", "batch_size=1", "--set", "resize=true", "--set", "lr=0.01")
+                "--set", "max_steps=1", "--set", "batch_size=1", "--set", "resize=true", "--set", "lr=0.01")
     assert res.exit_code == 0, res.stderr
     final = tmp_path / "run" / "final"
     assert Checkpoint.open(final).meta["data"]["resize"] is True
@@ -322,9 +322,9 @@ def test_train_refuses_db_data_declared_linear(src, tmp_path):
     folder = _folder(tmp_path / "db", {f"s{i}": as_scale(power(i, (2, 64, 64)), "db") for i in range(2)})
     grown = expand_checkpoint(src, tmp_path / "g", GrowthSpec(experts=8, groups=resolve_groups(4, 8, "2", 1)), ["test"])
     one_error_line(samoe("train", "--stage", 1, "--from", grown, "--run-dir", tmp_path / "run", "--data", folder,
-                         "--max-steps", 1, "--set", "lr=0.01"), "s0.tif", "--set", "input_scale=negative")
+                         "--set", "max_steps=1", "--set", "lr=0.01"), "s0.tif", "--set", "input_scale=negative")
     res = samoe("train", "--stage", 1, "--from", grown, "--run-dir", tmp_path / "run", "--data", folder,
-                "--max-steps", 1, "--set", "batch_size=2", "--set", "input_scale=db", "--set", "lr=0.01")
+                "--set", "max_steps=1", "--set", "batch_size=2", "--set", "input_scale=db", "--set", "lr=0.01")
     assert res.exit_code == 0, res.stderr
     assert Checkpoint.open(tmp_path / "run" / "final").meta["data"]["input_scale"] == "db"
     # the recorded scale applies to data that declares none: predict reads the same dB files without an option

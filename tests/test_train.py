@@ -110,7 +110,7 @@ def runs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def stage1(grown: Path, data: Path, runs: Path) -> Path:
     run = runs / "s1"
-    res = train("--stage", 1, "--set", "lr=0.01", "--from", grown, "--run-dir", run, "--data", data / "A", "--max-steps", 3,
+    res = train("--stage", 1, "--set", "lr=0.01", "--from", grown, "--run-dir", run, "--data", data / "A", "--set", "max_steps=3",
                 "--set", "checkpoint_every=1")
     assert res.exit_code == 0, res.stderr
     return run
@@ -119,7 +119,7 @@ def stage1(grown: Path, data: Path, runs: Path) -> Path:
 @pytest.fixture(scope="module")
 def stage2(stage1: Path, data: Path, runs: Path) -> Path:
     run = runs / "s2"
-    res = train("--stage", 2, "--set", "lr=0.01", "--from", stage1 / "final", "--run-dir", run, "--data", data / "A", "--max-steps", 3,
+    res = train("--stage", 2, "--set", "lr=0.01", "--from", stage1 / "final", "--run-dir", run, "--data", data / "A", "--set", "max_steps=3",
                 "--set", "last_k=1")
     assert res.exit_code == 0, res.stderr
     return run
@@ -128,7 +128,7 @@ def stage2(stage1: Path, data: Path, runs: Path) -> Path:
 @pytest.fixture(scope="module")
 def stage3(stage2: Path, data: Path, runs: Path) -> Path:
     run = runs / "s3"
-    res = train("--stage", 3, "--set", "lr=0.01", "--from", stage2 / "final", "--run-dir", run, "--data", data / "A", "--max-steps", 3,
+    res = train("--stage", 3, "--set", "lr=0.01", "--from", stage2 / "final", "--run-dir", run, "--data", data / "A", "--set", "max_steps=3",
                 "--set", "checkpoint_every=2")
     assert res.exit_code == 0, res.stderr
     return run
@@ -160,7 +160,7 @@ def test_stage1_freezes_source_and_trains_new_parts(grown: Path, stage1: Path):
 
 def test_stage1_can_train_selector_and_gating_on_request(grown: Path, data: Path, runs: Path):
     run = runs / "s1-seed004"
-    res = train("--stage", 1, "--set", "lr=0.01", "--from", grown, "--run-dir", run, "--data", data / "A", "--max-steps", 2,
+    res = train("--stage", 1, "--set", "lr=0.01", "--from", grown, "--run-dir", run, "--data", data / "A", "--set", "max_steps=2",
                 "--set", "selector_gating=true")
     assert res.exit_code == 0, res.stderr
     before, after = tensors(grown), tensors(run / "final")
@@ -302,23 +302,23 @@ def test_inspect_shows_stage_history(stage3: Path):
 
 def test_stage_input_checks(src: Path, grown: Path, stage1: Path, data: Path, runs: Path):
     r = runs / "bad2"
-    one_error_line(train("--stage", 2, "--set", "lr=0.01", "--from", grown, "--run-dir", r, "--data", data / "A", "--max-steps", 1),
+    one_error_line(train("--stage", 2, "--set", "lr=0.01", "--from", grown, "--run-dir", r, "--data", data / "A", "--set", "max_steps=1"),
                    "stage 1", "--skip-stage-check")
     assert not r.exists()  # a refused run writes nothing
     r1 = runs / "bad1"
-    one_error_line(train("--stage", 1, "--set", "lr=0.01", "--from", src, "--run-dir", r1, "--data", data / "A", "--max-steps", 1),
+    one_error_line(train("--stage", 1, "--set", "lr=0.01", "--from", src, "--run-dir", r1, "--data", data / "A", "--set", "max_steps=1"),
                    "never grown", "--skip-stage-check")
     assert not r1.exists()
     one_error_line(train("--stage", 3, "--set", "lr=0.01", "--from", stage1 / "final", "--run-dir", runs / "bad3", "--data", data / "A",
-                         "--max-steps", 1), "stage 2")
+                         "--set", "max_steps=1"), "stage 2")
     # --force only starts a run again: it does not skip the check
-    one_error_line(train("--stage", 2, "--set", "lr=0.01", "--from", grown, "--run-dir", r, "--data", data / "A", "--max-steps", 1,
+    one_error_line(train("--stage", 2, "--set", "lr=0.01", "--from", grown, "--run-dir", r, "--data", data / "A", "--set", "max_steps=1",
                          "--force"), "stage 1")
-    res = train("--stage", 2, "--set", "lr=0.01", "--from", grown, "--run-dir", r, "--data", data / "A", "--max-steps", 1,
+    res = train("--stage", 2, "--set", "lr=0.01", "--from", grown, "--run-dir", r, "--data", data / "A", "--set", "max_steps=1",
                 "--skip-stage-check")
     assert res.exit_code == 0, res.stderr
     assert (r / "final" / "samoe.json").exists()
-    res = train("--stage", 1, "--set", "lr=0.01", "--from", src, "--run-dir", r1, "--data", data / "A", "--max-steps", 1,
+    res = train("--stage", 1, "--set", "lr=0.01", "--from", src, "--run-dir", r1, "--data", data / "A", "--set", "max_steps=1",
                 "--skip-stage-check")
     assert res.exit_code == 0, res.stderr
 
@@ -327,7 +327,7 @@ def test_stage_learning_rates_follow_the_sources_recorded_rate(src: Path, data: 
     """With no lr each stage's rate is its scale (1, 0.3, 0.1 by default; lr_scale) times the peak rate the
     source was trained at, read from the source's stage history -- not from stages trained after growth."""
     source = runs / "lr-src"
-    res = train("--stage", 3, "--set", "lr=0.05", "--from", src, "--run-dir", source, "--data", data / "A", "--max-steps", 1)
+    res = train("--stage", 3, "--set", "lr=0.05", "--from", src, "--run-dir", source, "--data", data / "A", "--set", "max_steps=1")
     assert res.exit_code == 0, res.stderr
     g = expand_checkpoint(source / "final", runs / "lr-grown", GrowthSpec(experts=8, groups=resolve_groups(4, 8, "2", 1)),
                           ["test"])
@@ -335,7 +335,7 @@ def test_stage_learning_rates_follow_the_sources_recorded_rate(src: Path, data: 
     previous = g
     for stage in (1, 2, 3):
         run = runs / f"lr-s{stage}"
-        res = train("--stage", stage, "--from", previous, "--run-dir", run, "--data", data / "A", "--max-steps", 1)
+        res = train("--stage", stage, "--from", previous, "--run-dir", run, "--data", data / "A", "--set", "max_steps=1")
         assert res.exit_code == 0, res.stderr
         entry = Checkpoint.open(run / "final").stages[-1]
         lrs.append(entry["lr"])
@@ -343,12 +343,12 @@ def test_stage_learning_rates_follow_the_sources_recorded_rate(src: Path, data: 
         previous = run / "final"
     assert lrs == pytest.approx([0.05, 0.015, 0.005])
     res = train("--stage", 1, "--set", "lr_scale=2", "--from", g, "--run-dir", runs / "lr-scaled", "--data", data / "A",
-                "--max-steps", 1)
+                "--set", "max_steps=1")
     assert res.exit_code == 0, res.stderr
     assert Checkpoint.open(runs / "lr-scaled" / "final").stages[-1]["lr"] == pytest.approx(0.1)
     # a source that records no rate (a fresh init) needs --lr, and nothing is written
     one_error_line(train("--stage", 3, "--from", src, "--run-dir", runs / "lr-none", "--data", data / "A",
-                         "--max-steps", 1), "records no learning rate", "lr=")
+                         "--set", "max_steps=1"), "records no learning rate", "lr=")
     assert not (runs / "lr-none").exists()
 
 
@@ -357,7 +357,7 @@ def test_stage_learning_rates_follow_the_sources_recorded_rate(src: Path, data: 
 
 def _resume_args(grown: Path, data: Path, run: Path) -> list[str]:
     return ["train", "--stage", "1", "--set", "lr=0.01", "--from", str(grown), "--run-dir", str(run), "--data", str(data / "A"),
-            "--unlabelled", str(data / "B"), "--max-steps", "8", "--set", "checkpoint_every=3", "--set", "batch_size=4"]
+            "--unlabelled", str(data / "B"), "--set", "max_steps=8", "--set", "checkpoint_every=3", "--set", "batch_size=4"]
 
 
 @pytest.fixture(scope="module")
@@ -432,7 +432,7 @@ def test_resumed_selector_log_keeps_header(resumed, tmp_path: Path):
 def test_sigterm_saves_and_prints_resume_command(grown: Path, data: Path, runs: Path):
     run = runs / "term"
     args = ["train", "--stage", "1", "--set", "lr=0.01", "--from", str(grown), "--run-dir", str(run), "--data", str(data / "A"),
-            "--max-steps", "6", "--set", "checkpoint_every=100", "--set", "batch_size=4"]
+            "--set", "max_steps=6", "--set", "checkpoint_every=100", "--set", "batch_size=4"]
     proc = subprocess.Popen([str(SAMOE), *args], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     sent = False
@@ -503,7 +503,7 @@ def test_continued_run_keeps_the_sources_alpha(stage1: Path, stage2: Path, data:
     assert float(tensors(stage1 / "final")["selector.selectors.seg_scale1.alpha"]) == 1.0
     assert {float(m["alpha"]) for m in read_rows(stage2 / "metrics.csv")} == {1.0}
     run = runs / "restarted"
-    res = train("--stage", 2, "--set", "lr=0.01", "--from", stage1 / "final", "--run-dir", run, "--data", data / "A", "--max-steps", 2,
+    res = train("--stage", 2, "--set", "lr=0.01", "--from", stage1 / "final", "--run-dir", run, "--data", data / "A", "--set", "max_steps=2",
                 "--set", "last_k=1", "--set", "restart_ramps=true")
     assert res.exit_code == 0, res.stderr
     assert [float(m["alpha"]) for m in read_rows(run / "metrics.csv")] == pytest.approx([math.exp(-5)] * 2)
@@ -532,12 +532,12 @@ def test_pseudo_label_then_stage1(src: Path, grown: Path, data: Path, runs: Path
     assert res.exit_code == 0, res.stderr
     again = json.loads(res.stdout[res.stdout.index("{"):])
     assert again["skipped"] == 8 and again["labelled"] == 0
-    res = train("--stage", 1, "--set", "lr=0.01", "--from", grown, "--run-dir", runs / "pl-train", "--data", out, "--max-steps", 2)
+    res = train("--stage", 1, "--set", "lr=0.01", "--from", grown, "--run-dir", runs / "pl-train", "--data", out, "--set", "max_steps=2")
     assert res.exit_code == 0, res.stderr
     assert (runs / "pl-train" / "final" / "samoe.json").exists()
     # labelled data mixed into the pseudo-labels, with the student's inputs augmented (Noisy Student)
     res = train("--stage", 1, "--set", "lr=0.01", "--from", grown, "--run-dir", runs / "pl-mix", "--data", out, "--data",
-                data / "A", "--set", "augment=true", "--max-steps", 2)
+                data / "A", "--set", "augment=true", "--set", "max_steps=2")
     assert res.exit_code == 0, res.stderr
     entry = Checkpoint.open(runs / "pl-mix" / "final").stages[-1]
     assert entry["data"] == [str(out), str(data / "A")]
@@ -572,7 +572,7 @@ def test_all_ignored_pseudo_labels_refused(src: Path, grown: Path, data: Path, r
     assert res.exit_code == 0, res.stderr
     assert json.loads(res.stdout[res.stdout.index("{"):])["kept_fraction"] == 0.0
     run = runs / "s1-all-ignored"
-    res = train("--stage", 1, "--set", "lr=0.01", "--from", grown, "--run-dir", run, "--data", out, "--max-steps", 2)
+    res = train("--stage", 1, "--set", "lr=0.01", "--from", grown, "--run-dir", run, "--data", out, "--set", "max_steps=2")
     one_error_line(res, str(out), "--threshold")
     assert not (run / "final").exists()
 
@@ -582,7 +582,7 @@ def test_all_ignored_pseudo_labels_refused(src: Path, grown: Path, data: Path, r
 
 def test_nonfinite_loss_stops_with_exit_2(grown: Path, data: Path, runs: Path):
     run = runs / "nan"
-    base = ["--stage", 1, "--from", grown, "--data", data / "A", "--max-steps", 6, "--set", "lr=1e30", "--set", "checkpoint_every=1"]
+    base = ["--stage", 1, "--from", grown, "--data", data / "A", "--set", "max_steps=6", "--set", "lr=1e30", "--set", "checkpoint_every=1"]
     res = train(*base, "--run-dir", run)
     one_error_line(res, "non-finite")
     assert not (run / "final").exists()

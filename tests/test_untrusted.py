@@ -65,7 +65,7 @@ def grown(tmp_path_factory) -> Path:
 
 def train_args(grown: Path, data: Path, run: Path) -> list:
     return ["train", "--stage", 1, "--set", "lr=0.01", "--from", grown, "--data", data / "A", "--run-dir", run, "--set", "batch_size=4",
-            "--max-steps", 2, "--set", "checkpoint_every=1"]
+            "--set", "max_steps=2", "--set", "checkpoint_every=1"]
 
 
 @pytest.fixture(scope="module")
@@ -424,7 +424,7 @@ def test_oversized_image_in_data_is_exit_2_naming_it(grown, data, tmp_path, monk
     Image.fromarray(np.zeros((1024, 2048), np.uint8)).save(folder / "masks" / "big.png")
     monkeypatch.setenv("SAMOE_IMAGE_MEMORY", "3M")
     res = samoe("train", "--stage", 1, "--set", "lr=0.01", "--from", grown, "--data", folder, "--run-dir", tmp_path / "run",
-                "--set", "batch_size=4", "--max-steps", 1)
+                "--set", "batch_size=4", "--set", "max_steps=1")
     one_error_line(res, "big.png", "image memory budget", "--image-memory")
 
 

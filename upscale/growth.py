@@ -56,7 +56,7 @@ class GrowthRecipe:
     interp_weight: float = 0.3  # W in W*A + (1-W)*B (interpolate)
     dtype: str | None = None  # output dtype; None: the source's
     shard_size_gib: float = 2.0
-    workers: int = 2  # threads making tensors (the output is identical for any count)
+    threads: int = 2  # threads making tensors (the output is identical for any count)
     verify_images: int = 8  # images `expand --verify` compares on
     verify_tol: float | None = None  # `expand --verify` exits 3 when a head's relative deviation exceeds it
 
@@ -72,8 +72,8 @@ class GrowthRecipe:
                 raise SamoeError(f"{name} = {value} must be a finite number >= 0 (> 0 for shard_size_gib)")
         if self.interp_weight > 1:
             raise SamoeError(f"interp_weight = {self.interp_weight} must lie in [0, 1]")
-        if self.workers < 1 or self.verify_images < 1 or self.core_groups < 1 or self.top_k_groups < 1 or self.routed_top_k < 0 or self.extra_blocks < 0:
-            raise SamoeError("workers, verify_images, core_groups and top_k_groups must be >= 1, routed_top_k and "
+        if self.threads < 1 or self.verify_images < 1 or self.core_groups < 1 or self.top_k_groups < 1 or self.routed_top_k < 0 or self.extra_blocks < 0:
+            raise SamoeError("threads, verify_images, core_groups and top_k_groups must be >= 1, routed_top_k and "
                              "extra_blocks >= 0: fix the recipe's [growth] table")
         groups = ",".join(map(str, self.groups)) if isinstance(self.groups, list) else str(self.groups)
         if self.replicate and self.core_groups != 1:

@@ -177,7 +177,7 @@ def main() -> None:
     ap.add_argument("--converge-threads", type=int, default=0, help="OMP_NUM_THREADS of the --converge runs (0: --threads)")
     ap.add_argument("--converge-batch", type=int, default=0, help="batch size of the --converge runs (0: --batch-size); "
                     "a larger batch uses a core better, and only the source's end point matters")
-    ap.add_argument("--test", type=Path, nargs="+", default=None, help="held-out folder(s) the arms are scored on, "
+    ap.add_argument("--test-scenes", type=Path, nargs="+", default=None, help="held-out folder(s) the arms are scored on, "
                     "one set of tables each (default: WORK/data/A-test); a larger one from another seed narrows the "
                     "intervals, and per-region sets (demo-data --region r) show what was kept and what was learnt")
     ap.add_argument("--train-score", type=int, default=0, metavar="K",

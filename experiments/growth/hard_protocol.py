@@ -102,7 +102,7 @@ def concat(stats: list):
 def train(stage: int, src: Path, run: Path, data: Path, unlabelled: Path | None, steps: int, lr: float, seed: int,
           force_input: bool = False, extra: tuple[str, ...] = (), batch: int = 0) -> Path:
     args = ["train", "--stage", str(stage), "--from", str(src), "--run-dir", str(run), "--data", str(data),
-            "--max-steps", str(steps), "--lr", str(lr), "--seed", str(seed), "--checkpoint-every", "100000",
+            "--set", f"max_steps={str(steps)}", "--lr", str(lr), "--seed", str(seed), "--checkpoint-every", "100000",
             "--batch-size", str(batch or BATCH), *DEVICE]
     if unlabelled is not None:
         args += ["--unlabelled", str(unlabelled)]
@@ -189,8 +189,8 @@ def main() -> None:
         shutil.rmtree(args.work, ignore_errors=True)
     d = args.work / "data"
     if not (d / "demo-data.json").exists():
-        samoe("demo-data", "--preset", "hard", "--out", str(d), "--labelled", str(args.labelled),
-              "--unlabelled", str(args.unlabelled), "--test", str(args.test), "--seed", "1234")
+        samoe("demo-data", "--preset", "hard", "--out", str(d), "--labelled-scenes", str(args.labelled),
+              "--unlabelled-scenes", str(args.unlabelled), "--test-scenes", str(args.test), "--seed", "1234")
     torch.set_num_threads(max(1, THREADS) if THREADS else torch.get_num_threads())
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each seed mostly waits on its samoe processes
         futures = {seed: pool.submit(one_seed, args.work / f"seed{seed}", d, seed, args) for seed in args.seeds}
