@@ -51,3 +51,15 @@ def multi(base: Path, tmp_path_factory) -> Path:
 
     return save_model(load_model(base), tmp_path_factory.mktemp("multi") / "m", dict(Checkpoint.open(base).meta),
                       shard_bytes=200_000)
+
+
+def one_error_line(res, *words: str, code: int = 2) -> str:
+    """The CLI contract for bad input: exit `code`, exactly one `error:` line on stderr containing `words`, no
+    traceback; returns the line."""
+    assert res.exit_code == code, (res.exit_code, res.stdout[-500:], res.stderr)
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+    for w in words:
+        assert w in lines[0], res.stderr
+    return lines[0]

@@ -443,8 +443,11 @@ def test_cli_plot_writes_figures(three_stages, tmp_path):
     result = CliRunner().invoke(cli.app, ["plot", str(three_stages[0]), "--out", str(out), "--format", "svg"])
     assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0 and str(out) in result.stderr
     assert sorted(p.name for p in out.iterdir()) == [".samoe-owner.json", "losses.png", "routing.png", "schedules.png"]
-    result = CliRunner().invoke(cli.app, ["plot", str(three_stages[0]), "--out", str(out), "--format", "svg", "--force"])
+    result = CliRunner().invoke(cli.app, ["plot", str(three_stages[0]), "--out", str(out), "--format", "svg", "--force", "--json"])
     assert result.exit_code == 0 and (out / "losses.svg").is_file() and (out / "losses.png").read_bytes() == before
+    listed = json.loads(result.stdout)  # --json: the figures written, nothing else on stdout
+    assert sorted(Path(f["path"]).name for f in listed) == ["losses.svg", "routing.svg", "schedules.svg"]
+    assert all(Path(f["path"]).parent == out and f["caption"] for f in listed)
     # never into a run it reads, even a samoe-written one with --force
     result = CliRunner().invoke(cli.app, ["plot", str(three_stages[0]), "--out", str(three_stages[0] / "plots"), "--force"])
     assert result.exit_code == 2 and "overlaps" in result.stderr and not (three_stages[0] / "plots").exists()

@@ -24,6 +24,7 @@ from stages.data import sar_to_input
 from stages.predict import (Scene, Tiling, model_forward, ramp, seg_probabilities, sliding_windows, window_starts)
 from stages.units import Units
 from upscale import load_model
+from conftest import one_error_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TRANSFORM = Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 4600000.0)
@@ -31,15 +32,6 @@ TRANSFORM = Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 4600000.0)
 
 def samoe(*args):
     return CliRunner().invoke(cli.app, [str(a) for a in args])
-
-
-def one_error_line(res, *words: str) -> str:
-    assert res.exit_code == 2, (res.exit_code, res.stdout[-500:], res.stderr)
-    lines = res.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    for w in words:
-        assert w in lines[0], res.stderr
-    return lines[0]
 
 
 def geotiff(path: Path, values: np.ndarray, nodata: float | None = None, crs: str = "EPSG:32633") -> Path:

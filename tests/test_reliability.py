@@ -32,6 +32,7 @@ from upscale.config import PRESETS
 from upscale.create import init_from_preset
 from upscale.expand import GrowthSpec, expand_checkpoint, resolve_groups
 from upscale.ownership import OWNER_FILE
+from conftest import one_error_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SAMOE = str(Path(sys.executable).parent / "samoe")
@@ -39,16 +40,6 @@ SAMOE = str(Path(sys.executable).parent / "samoe")
 
 def samoe(*args, env: dict | None = None):
     return CliRunner().invoke(cli.app, [str(a) for a in args], env=env)
-
-
-def one_error_line(res, *words: str, code: int = 2) -> str:
-    assert res.exit_code == code, (res.exit_code, res.stdout[-500:], res.stderr)
-    lines = res.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    assert "Traceback" not in res.stderr + res.stdout
-    for w in words:
-        assert w in lines[0], res.stderr
-    return lines[0]
 
 
 def snapshot(root: Path) -> dict[str, tuple]:

@@ -27,22 +27,13 @@ from upscale.config import PRESETS
 from upscale.create import init_from_preset
 from upscale.expand import GrowthSpec, expand_checkpoint, resolve_groups
 from upscale.ownership import OWNER_FILE, exclusive, lock_paths
+from conftest import one_error_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def samoe(*args):
     return CliRunner().invoke(cli.app, [str(a) for a in args])
-
-
-def one_error_line(res, *words: str, code: int = 2) -> str:
-    assert res.exit_code == code, (res.exit_code, res.stdout, res.stderr)
-    lines = res.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    assert "Traceback" not in res.output
-    for w in words:
-        assert w in lines[0], res.stderr
-    return lines[0]
 
 
 def tree(path: Path) -> dict[str, str]:

@@ -33,6 +33,7 @@ from upscale.checkpoint import Checkpoint
 from upscale.config import PRESETS
 from upscale.create import init_from_preset
 from upscale.expand import GrowthSpec, expand_checkpoint, resolve_groups
+from conftest import one_error_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIX = ["open_water", "flooded_forest", "city", "forest", "cropland", "bare"]
@@ -40,15 +41,6 @@ SIX = ["open_water", "flooded_forest", "city", "forest", "cropland", "bare"]
 
 def samoe(*args):
     return CliRunner().invoke(cli.app, [str(a) for a in args])
-
-
-def one_error_line(res, *words: str) -> str:
-    assert res.exit_code == 2, (res.exit_code, res.stdout[-500:], res.stderr)
-    lines = res.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    for w in words:
-        assert w in lines[0], res.stderr
-    return lines[0]
 
 
 def power(seed: int, shape: tuple[int, ...]) -> np.ndarray:

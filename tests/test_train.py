@@ -40,6 +40,7 @@ from stages.semisup import sigmoid_rampup
 from upscale import load_model
 from upscale.checkpoint import Checkpoint
 from upscale.expand import GrowthSpec, expand_checkpoint, resolve_groups
+from conftest import one_error_line
 
 SAMOE = Path(sys.executable).with_name("samoe")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "120"}
@@ -68,14 +69,6 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def param_names(path: Path) -> set[str]:
     return {n for n, _ in load_model(path).named_parameters()}
-
-
-def one_error_line(res, *words: str) -> None:
-    assert res.exit_code == 2, (res.exit_code, res.stderr)
-    lines = res.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    for w in words:
-        assert w in lines[0], res.stderr
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
