@@ -1100,6 +1100,7 @@ def plot(
     out: Path = typer.Option(..., "--out", help="Folder for the figures (losses, schedules, routing)."),
     fmt: str = typer.Option("png", "--format", help="png (200 dpi), svg or pdf."),
     force: bool = typer.Option(False, "--force", help="Write into a non-empty --out folder that samoe wrote, replacing its figures."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures written (path and caption) as JSON."),
 ) -> None:
     """Training curves of one or more runs from metrics.csv and selector_log.csv, stage boundaries marked."""
     from stages.curves import write_curves
@@ -1107,7 +1108,11 @@ def plot(
 
     check_format(fmt)
     check_output_dir(out, force, "--out", {f"run {r}": r for r in runs})
-    for w in write_curves(runs, out, fmt, force):
+    written = write_curves(runs, out, fmt, force)
+    if as_json:
+        _print_json([{"path": str(w.path), "caption": w.caption} for w in written])
+        return
+    for w in written:
         console.print(f"{w.path}: {w.caption}", soft_wrap=True, markup=False)
 
 

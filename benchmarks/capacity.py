@@ -1,9 +1,11 @@
 """The premise, checked before any growth run: at equal counted FLOPs, trained from scratch to their plateaus,
-does the grown layout beat the tiny one on the knowledge-bound codebook set?
+does the grown layout beat the source layout (`small`: tiny with 16 decoder channels) on the knowledge-bound
+codebook set?
 
 Growth can only beat "train the source further" where the grown layout is the better use of compute in the
 first place. For each number of signatures N (`--signatures`), on `samoe demo-data --preset codebook`:
-  tiny   `samoe init --preset tiny --num-classes 16`, trained with `samoe train --stage 3` for S steps;
+  tiny   the `small` preset with 16 classes (protocol.PRESET; `tiny`'s 4 decoder channels cannot learn 16
+         classes), trained with `samoe train --stage 3` for S steps;
   grown  the layout growth makes (`--layout`, default: 16 experts as 4 replicas of the 4-expert pool, one
          group per token), every expert initialised independently, trained for the same counted
          forward+backward FLOPs (torch's FlopCounterMode over one real step of each).
