@@ -801,6 +801,8 @@ def _train_config(stage: int, recipe_path: Optional[Path], overrides: list[str],
             raise SamoeError(f"{where}: unknown table [train.{name}]; stage tables are [train.stage1] .. [train.stage3]")
     values = resolve(table, ("train", f"train.stage{stage}"), TrainConfig, where, skip=RECIPE_SKIP)
     values.update({k: v for k, v in given.items() if v is not None and k not in RECIPE_SKIP})
+    if values["precision"] not in ("fp32", "bf16"):
+        raise SamoeError(f"precision = {values['precision']!r} must be fp32 or bf16: fix the recipe or --set precision=...")
     values["precision"] = check_precision(values["precision"])
     _unit_options(values["input_scale"], values["dn_calibration"], values["polarisations"])
     if values["epochs"] is None and values["max_steps"] is None:

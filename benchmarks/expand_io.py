@@ -1,6 +1,6 @@
 """`samoe expand` end to end, as a user runs it, against writing the same bytes to the same disk.
 
-The case (issue 40): a ViT-B-width float32 source with 2 experts in each of its 12 blocks (and the
+The case: a ViT-B-width float32 source with 2 experts in each of its 12 blocks (and the
 decoder's), grown to 20 experts in 4 groups plus 1 extra block with `--set init=mixed --set dtype=bfloat16`
 (2.62 GB out). The timer starts before the `samoe expand` process does, so imports, opening and
 planning count, as they do for a user. Time to first write is when the first shard of the output

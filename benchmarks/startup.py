@@ -1,4 +1,4 @@
-"""Start-up time of the commands that should answer at once (issue 40, item 1), against `import torch`.
+"""Start-up time of the commands that should answer at once, against `import torch`.
 
 Each command runs as a user runs it (the `samoe` console script, this tree first on PYTHONPATH) in
 a fresh process, `--repeats` times; the table gives the median and the fastest wall time, and the

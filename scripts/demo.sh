@@ -16,7 +16,7 @@ samoe plan "$D/runs/source/final" --recipe $R
 samoe expand "$D/runs/source/final" --recipe $R --out "$D/ckpt/grown" --verify "$D/data/A" --force
 rm -rf "$D/data/B-pseudo"
 samoe pseudo-label "$D/runs/source/final" --images "$D/data/B" --out "$D/data/B-pseudo" --threshold 0.5
-samoe train --stage 1 --recipe $R --from "$D/ckpt/grown" --run-dir "$D/runs/s1" --data "$D/data/B-pseudo" --force
+samoe train --stage 1 --recipe $R --from "$D/ckpt/grown" --run-dir "$D/runs/s1" --data "$D/data/B-pseudo" --data "$D/data/A" --force
 samoe train --stage 2 --recipe $R --from "$D/runs/s1/final" --run-dir "$D/runs/s2" --data "$D/data/A" --unlabelled "$D/data/B" --force
 samoe train --stage 3 --recipe $R --from "$D/runs/s2/final" --run-dir "$D/runs/s3" --data "$D/data/A" --unlabelled "$D/data/B" --force
 samoe eval "$D/runs/source/final" "$D/runs/s3/final" --data "$D/data/A-test" \

@@ -155,7 +155,7 @@ def test_stage1_frozen_tensors_bit_identical(grown: Path, sharded_s1: Path):
 
 def test_stage3_two_processes_match_one(grown: Path, data: Path, runs: Path):
     """Stage 3 (everything trains), batch 3 over 8 images: slices of 2+1 and a last batch of 1+1."""
-    args = ["--stage", 3, "--set", "lr=0.01", "--force", "--from", grown, "--data", data / "A", "--unlabelled", data / "B",
+    args = ["--stage", 3, "--set", "lr=0.01", "--skip-stage-check", "--from", grown, "--data", data / "A", "--unlabelled", data / "B",
             "--set", "batch_size=3", "--set", "max_steps=5"]
     train_1(*args, "--run-dir", runs / "s3-one")
     res = subprocess.run([str(SAMOE), "train", "--nproc", "2", *map(str, args), "--run-dir", str(runs / "s3-two")],
@@ -190,7 +190,7 @@ def test_one_process_checkpoint_resumes_on_two(grown: Path, data: Path, runs: Pa
 def test_mixed_precision(grown: Path, data: Path, runs: Path, single_s1: Path):
     """bf16 compute, fp32 reduction: close to the fp32 losses, weights stay in the checkpoint's dtype.
 
-    `--mixed-precision` is `--precision bf16`: FSDP2's policy under torchrun, autocast in one process."""
+    precision bf16: FSDP2's policy under torchrun, autocast in one process."""
     args = ["--stage", 1, "--set", "lr=0.01", "--from", grown, "--data", data / "A", "--unlabelled", data / "B", "--set", "batch_size=4", "--set", "max_steps=2"]
     train_1(*args, "--run-dir", runs / "mp-one", "--set", "precision=bf16")
     torchrun(*args, "--run-dir", runs / "mp", "--set", "precision=bf16")

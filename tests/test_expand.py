@@ -157,7 +157,7 @@ def test_resolve_groups_by_hand(source, experts, groups, core, expected):
         (4, 13, "3,5,5", 1, "core group"),
         (4, 13, "5,4,4", 1, "core group"),
         (4, 13, "2,1,5,5", 2, "core group"),
-        (4, 13, "8", 3, "core-groups"),
+        (4, 13, "8", 3, "core_groups"),
         (4, 6, "4", 1, "new group"),  # 3 new groups for 2 new experts
         (4, 8, "1", 1, "new group"),
         (4, 8, "4,4", 2, "besides"),

@@ -363,7 +363,7 @@ def test_fuzz_trainer_state(resumable, data):
             random.setstate(rng[2])
 
 
-# --------------------------------------------------------------------------- generated trees (issue 37)
+# --------------------------------------------------------------------------- generated trees
 #
 # A real samoe output (a checkpoint, demo data, a run directory, a pseudo-label folder, a plot folder with the
 # run it reads) is copied and then damaged: entries replaced by symbolic links out of the tree (to a victim

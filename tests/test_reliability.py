@@ -1,6 +1,6 @@
-"""Issue 37: no path followed out of a directory, ownership by manifest, every command bounded and interruptible.
+"""Reliability: no path followed out of a directory, ownership by manifest, every command bounded and interruptible.
 
-Each test names the case of issue 37 it covers; each fails on the code before the fix. Oracles: a snapshot of
+Each test names the attack it covers (from a hostile review of 2026-12-07); each fails on the code before the fix. Oracles: a snapshot of
 a user's folder (kinds, link targets, contents, taken without following links) that must not change, the exit
 code contract (bad input: exit 2 and exactly one `error:` line on stderr), CPU time and peak memory bounds,
 and the weights an undisturbed run loads. The CLI runs in-process except where a fresh process is the point.

@@ -1,4 +1,4 @@
-"""Commands that only read headers or count a layout start without torch (issue 40, item 1).
+"""Commands that only read headers or count a layout start without torch.
 
 Each case runs the CLI in a fresh interpreter, in process, and then lists which heavy modules
 `sys.modules` holds: the check fails on the module, not on a timing of a busy machine.
