@@ -141,6 +141,8 @@ def _print_json(data: Any) -> None:
 
 
 _DEVICE_HELP = "auto | cpu | cuda | cuda:N (auto: CUDA when a GPU is visible, else CPU)."
+_COMPILE_HELP = ("Compile each transformer block and the output heads with torch.compile (in place: checkpoints are "
+                 "the same; first steps pay the compile, about a minute on a CPU; see docs/compile.md).")
 _PRECISION_HELP = ("fp32 | bf16. bf16: autocast on one device (CUDA, or CPU bf16 kernels) with fp32 weights and "
                    "optimizer state; FSDP2 mixed precision (bf16 compute, fp32 gradient reduction) under --nproc/torchrun.")
 
@@ -337,15 +339,12 @@ def _routing_summary(report: dict[str, Any], routed: bool) -> str:
     parts = [f"core groups {report['core_groups']}", f"top-k {report['top_k']}", f"top-k groups {report['top_k_groups']}"]
     if routed:
         parts.append(f"top-k in a new group {report['routed_top_k']}")
-        parts += [words for key, words in (("token_handover", "hand-over per token"),
-                                           ("image_context", "image context in the group router"),
-                                           ("replicas", "groups are replicas of the source's experts"),
-                                           ("residual", "new groups add to the source's experts")) if report.get(key)]
+        if report.get("replicas"):
+            parts.append("groups are replicas of the source's experts")
     return ", ".join(parts)
 
 
-def _growth_spec(source_cfg: Any, g: _Growth, init: str, noise_std: float, interp_weight: float, seed: int,
-                 reinit_ratio: float = 0.0) -> Any:
+def _growth_spec(source_cfg: Any, g: _Growth, init: str, noise_std: float, interp_weight: float, seed: int) -> Any:
     from upscale.errors import SamoeError
     from upscale.expand import GrowthSpec, resolve_groups, resolve_replicas
 
@@ -354,11 +353,9 @@ def _growth_spec(source_cfg: Any, g: _Growth, init: str, noise_std: float, inter
     sizes = (resolve_replicas(source_cfg.moe.num_experts, g.experts, g.groups) if g.replicate
              else resolve_groups(source_cfg.moe.num_experts, g.experts, g.groups, g.core_groups))
     return GrowthSpec(experts=g.experts, groups=sizes, core_groups=0 if g.replicate else g.core_groups,
-                      top_k_groups=g.top_k_groups, routed_top_k=g.routed_top_k, token_handover=g.token_handover,
-                      image_context=g.image_context, replicate=g.replicate, residual=g.residual_experts,
-                      extra_blocks=g.extra_blocks,
-                      extra_dense=g.extra_dense, init=init, noise_std=noise_std,
-                      interp_weight=interp_weight, reinit_ratio=reinit_ratio, seed=seed)
+                      top_k_groups=g.top_k_groups, routed_top_k=g.routed_top_k, replicate=g.replicate,
+                      extra_blocks=g.extra_blocks, extra_dense=g.extra_dense, init=init, noise_std=noise_std,
+                      interp_weight=interp_weight, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -370,10 +367,7 @@ class _Growth:
     core_groups: int
     top_k_groups: int
     routed_top_k: int
-    token_handover: bool
-    image_context: bool
     replicate: bool
-    residual_experts: bool
     extra_blocks: int
     extra_dense: bool
 
@@ -386,21 +380,11 @@ _GROWTH_OPTIONS = {
     "top_k_groups": (int, typer.Option(1, "--top-k-groups", min=1, help="New groups chosen per token by the group router.")),
     "routed_top_k": (int, typer.Option(0, "--routed-top-k", min=0, help="Experts per token inside a chosen new group "
                                        "(0: the source's top-k). 1 keeps the grown step's cost near the source's.")),
-    "token_handover": (bool, typer.Option(False, "--token-handover", help="The source's experts compete with the new "
-                                          "groups in the group router, so each token's hand-over is learnt per token "
-                                          "(a token the source handles well can stay on it). Off: one share per group.")),
-    "image_context": (bool, typer.Option(False, "--image-context", help="The group router also sees the mean and std of "
-                                         "each image's tokens (zero at growth), so it can route a whole image by its "
-                                         "sensor or region. Off: the router sees each token alone.")),
     "replicate": (bool, typer.Option(False, "--replicate", help="Every group is an exact copy of the source's experts "
                                      "(group 0 its own) and each token takes one group: the grown step costs what the "
                                      "source's did, the new capacity is parameters (sparse upcycling). --experts must be "
                                      "groups x the source's experts; no noise. Off: the source's experts stay a core pool "
                                      "that new groups join.")),
-    "residual_experts": (bool, typer.Option(False, "--residual-experts", help="New groups add to the source's experts' "
-                                            "output instead of taking a share of it; their output layers start at zero, so "
-                                            "growth is exact whatever they start as (with --reinit-ratio 1: fresh, not "
-                                            "copies). Off: new groups take a learnt share (group_scale, 0 at growth).")),
     "extra_blocks": (int, typer.Option(0, "--extra-blocks", min=0, help="Blocks appended after the last ViT block (start as the identity).")),
     "extra_dense": (bool, typer.Option(False, "--extra-dense", help="Extra blocks get a dense MLP instead of MoE.")),
 }
@@ -484,9 +468,6 @@ def expand(
                                               help="Noise std relative to each tensor's own std (copy-noise; default 0.01, "
                                                    "0 with --replicate)."),
     interp_weight: float = typer.Option(0.3, "--interp-weight", min=0, max=1, callback=_finite, help="W in W*A + (1-W)*B (interpolate)."),
-    reinit_ratio: float = typer.Option(0.0, "--reinit-ratio", min=0, max=1, callback=_finite,
-                                       help="Drop-Upcycling: draw this fraction of each new expert's hidden units afresh (0.5 in the paper), "
-                                            "so copies of one source expert can specialise apart; the function is still preserved."),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (default: the source's)."),
     shard_size: float = typer.Option(2.0, "--shard-size", callback=_positive, help="Shard size in GiB."),
@@ -515,7 +496,7 @@ def expand(
         check_separate(out, "--out", {"--verify": verify})
         images = load_images(verify, src.config.img_size, verify_images)
     noise = noise_std if noise_std is not None else 0.0 if growth.replicate else 0.01
-    spec = _growth_spec(src.config, growth, init, noise, interp_weight, seed, reinit_ratio)
+    spec = _growth_spec(src.config, growth, init, noise, interp_weight, seed)
     gc.freeze()  # the collector's full passes would rescan torch's ~10^5 import-time objects all through the write
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=console, transient=as_json) as progress, _one_job(out):
@@ -580,10 +561,6 @@ def train(
     handover_coef: float = typer.Option(0.1, "--handover-coef", min=0.0, callback=_finite,
                                         help="Weight of the top-level balance loss that moves routing weight from the "
                                              "source experts to the new groups (0: only the task loss moves it)."),
-    mixture_lr: bool = typer.Option(False, "--mixture-lr",
-                                    help="Divide each grown MoE layer's expert gradients by their pool's mean mixture "
-                                         "weight (core: 1 - w, new groups: w), so its MLPs learn as fast per step as the "
-                                         "source's did (one process)."),
     train_selector_gating: bool = typer.Option(False, "--train-selector-gating",
                                                help="Stage 1: also train the source's selector and gating model (seed 004 never "
                                                     "freezes the selector; the growth plan freezes every source part in stage 1)."),
@@ -597,6 +574,7 @@ def train(
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP + " Under --nproc/torchrun each process takes GPU LOCAL_RANK."),
     precision: Optional[str] = typer.Option(None, "--precision", help=_PRECISION_HELP + " Default fp32."),
     mixed_precision: bool = typer.Option(False, "--mixed-precision", help="Alias of --precision bf16 (kept for old scripts)."),
+    compile_blocks: bool = typer.Option(False, "--compile", help=_COMPILE_HELP),
 ) -> None:
     """Train one stage as a resumable job; RUN/final is the next stage's --from.
 
@@ -645,7 +623,7 @@ def _check_train_device(nproc: int, device: str) -> None:
 
 
 # `samoe train` options whose TrainConfig field has another name
-_TRAIN_OPTION_FIELDS = {"train_selector_gating": "selector_gating"}
+_TRAIN_OPTION_FIELDS = {"train_selector_gating": "selector_gating", "compile_blocks": "compile"}
 
 
 def _train_config(options: dict[str, Any], precision: str) -> TrainConfig:
@@ -765,6 +743,7 @@ def evaluate(
                                     help="Score each grown checkpoint again with its new groups and extra blocks switched "
                                          "off, and show what they add (paired 95% CI): near 0 means the new capacity does "
                                          "no work and any gain over the source came from training its old parts further."),
+    compile_blocks: bool = typer.Option(False, "--compile", help=_COMPILE_HELP),
 ) -> None:
     """Compare checkpoints side by side on a labelled folder, with routing statistics."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress
@@ -785,7 +764,7 @@ def evaluate(
         task = progress.add_task("eval", total=None)
         report = run_eval(checkpoints, data, batch_size, bootstrap, seed, device=torch_device, precision=precision,
                           on_start=lambda n: progress.update(task, total=n), on_batch=lambda n: progress.advance(task, n),
-                          ablate_new=ablate_new)
+                          ablate_new=ablate_new, compile=compile_blocks)
     report.update(write_eval_outputs(report, plots, report_dir, fmt))
     if as_json:
         _print_json(report)

@@ -19,8 +19,14 @@ import torch
 
 from stages.data import LabelledFolder
 from upscale import load_model
-from upscale.moe import image_stats
 
+
+
+def image_stats(x: torch.Tensor) -> torch.Tensor:
+    """(..., D) -> (images, 2D): the mean and (population) std of `x` over each image's tokens (leading dim: images)."""
+    per_image = x.reshape(x.shape[0] if x.dim() > 2 else 1, -1, x.shape[-1])
+    std, mean = torch.std_mean(per_image, dim=1, correction=0)
+    return torch.cat([mean, std], dim=-1)
 
 def block_inputs(model: torch.nn.Module, images: torch.Tensor, blocks: list[int], pooled: bool = False) -> dict[int, torch.Tensor]:
     """(tokens, D) MLP inputs of each block for a batch of images; with `pooled`, (images, 2 D): `image_stats`."""

@@ -41,6 +41,7 @@ from stages.data import UnlabelledFolder, make_demo_data
 from stages.engine import StreamingLoader, apply_stage, open_labelled, train_step
 from stages.master import BankMasters, expert_bank_params
 from stages.optim import KeptGrads, build_optimizers
+from stages.semisup import gating_without_grad
 from upscale import load_model
 from upscale.checkpoint import Checkpoint, build_meta, save_model
 from upscale.config import PRESETS, SAM_VITS, MoEConfig, SamMoEConfig
@@ -128,7 +129,8 @@ def measure_stage(path: Path, stage: int, data: Path, steps: int, batch: int, wo
         with FlopCounterMode(display=False) as fc, amp() if amp else contextlib.nullcontext():
             b = loader.next()
             model(b["image"])
-            model(b["image"], gate_grad=False)
+            with gating_without_grad(model):
+                model(b["image"])
         fwd_flops = fc.get_total_flops()  # one labelled + one unlabelled forward per step
         model.zero_grad(set_to_none=True)
         timer.acc.clear()

@@ -3,7 +3,8 @@
 RUN/checkpoints/step-N/ of a single-process run:
     model/                  a samoe checkpoint directory (safetensors + samoe.json)
     optimizer.safetensors   every optimizer's state tensors, keyed by parameter name
-    trainer_state.json      step, epoch, data positions, RNG states, optimizer hyper-parameters
+    trainer_state.json      step, epoch, data positions, RNG states, optimizer hyper-parameters,
+                            the task-loss weights (`task_loss`: the objective's, not the model's)
 RUN/checkpoints/step-N/ of a distributed (FSDP) run:
     dcp/                    torch.distributed.checkpoint, sharded: `model.<name>` and
                             `optim.<optimizerK>.<param name>.<key>`, resharded on load
@@ -105,6 +106,11 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+# Settings that choose how an optimizer steps (kernels), not its state: this run's choice stands
+# (a one-process run fuses SGD, an FSDP run cannot, and either resumes the other's checkpoint).
+_HOW_TO_STEP = ("foreach", "fused", "capturable", "differentiable")
+
+
 def load_optimizer_tensors(opts: Optimizers, params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor],
                            hyper: dict[str, Any], place: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
     """Install saved states; `place(value, param)` puts a value where the parameter lives (default: its device)."""
@@ -114,6 +120,7 @@ def load_optimizer_tensors(opts: Optimizers, params: dict[str, torch.nn.Paramete
             raise SamoeError(f"trainer_state.json has no settings for {oname}'s {len(opt.param_groups)} parameter groups: "
                              "the run directory is damaged or from another model; use a new --run-dir or --force")
         for group, saved in zip(opt.param_groups, groups):
+            saved = {k: v for k, v in saved.items() if k not in _HOW_TO_STEP}
             _check_group(oname, group, saved)
             group.update({k: tuple(v) if isinstance(group[k], tuple) else v for k, v in saved.items()})
         prefix = oname + "."
@@ -202,6 +209,22 @@ def read_optimizer_file(step_dir: Path) -> dict[str, torch.Tensor]:
         raise SamoeError(f"{path} is damaged ({type(e).__name__}): {_RUN_FIX}") from None
 
 
+def _task_loss(opts: Optimizers) -> list[float]:
+    """The task-loss weights as JSON numbers (float32 values, exact as float64)."""
+    return [float(v) for v in opts.loss.log_vars.detach().cpu()]
+
+
+def _load_task_loss(opts: Optimizers, state: dict[str, Any], step_dir: Path) -> None:
+    values = state.get("task_loss")
+    weights = opts.loss.log_vars
+    if not (isinstance(values, list) and len(values) == weights.numel()
+            and all(type(v) in (int, float) and math.isfinite(v) for v in values)):
+        raise SamoeError(f"{step_dir / 'trainer_state.json'} has no valid task_loss weights (a damaged step, or one written "
+                         f"before they were training state): {_RUN_FIX}")
+    with torch.no_grad():
+        weights.copy_(torch.tensor(values, dtype=weights.dtype))
+
+
 class Checkpointer:
     """Owns RUN/checkpoints: save a step, find the latest, resume, prune to `keep`."""
 
@@ -239,11 +262,11 @@ class Checkpointer:
         tmp.mkdir()
         try:
             save_model(model, tmp / "model", meta)
-            names = {id(p): n for n, p in model.named_parameters()}
+            names = {id(p): n for n, p in opts.named_parameters(model).items()}
             tensors, hyper = optimizer_tensors(opts, names)
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             _fsync_path(tmp / "optimizer.safetensors")
-            self._complete(tmp, final, dict(trainer_state, optimizers=hyper, rng=rng_state()))
+            self._complete(tmp, final, dict(trainer_state, optimizers=hyper, rng=rng_state(), task_loss=_task_loss(opts)))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -272,13 +295,14 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         d.barrier()
-        names = {id(p): n for n, p in model.named_parameters()}
+        names = {id(p): n for n, p in opts.named_parameters(model).items()}
         tensors, hyper = optimizer_state(opts, names)
         dcp.save({"model": model_tensors(model), "optim": tensors}, checkpoint_id=str(tmp / "dcp"))
         d.barrier()
         if d.is_main:
             try:
-                self._complete(tmp, final, dict(trainer_state, optimizers=hyper, rng=rng_state(), format="dcp", world_size=d.world))
+                self._complete(tmp, final, dict(trainer_state, optimizers=hyper, rng=rng_state(), task_loss=_task_loss(opts),
+                                                format="dcp", world_size=d.world))
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -299,8 +323,9 @@ class Checkpointer:
         if self.dist is not None:  # a single-process checkpoint into a sharded model
             self.dist.load_own_rows(model, Checkpoint.open(step_dir / "model"), str(step_dir))
             state = read_trainer_state(step_dir)
-            load_optimizer_tensors(opts, dict(model.named_parameters()), read_optimizer_file(step_dir),
+            load_optimizer_tensors(opts, opts.named_parameters(model), read_optimizer_file(step_dir),
                                    state["optimizers"], place=self.dist.shard_like)
+            _load_task_loss(opts, state, step_dir)
             set_rng_state(state["rng"])
             return state
         ckpt = Checkpoint.open(step_dir / "model")
@@ -313,8 +338,9 @@ class Checkpointer:
                     raise SamoeError(f"{step_dir} does not match the model being trained ({name}): use a new --run-dir or --force")
                 target.copy_(tensor)
         state = read_trainer_state(step_dir)
-        load_optimizer_tensors(opts, dict(model.named_parameters()), read_optimizer_file(step_dir),
+        load_optimizer_tensors(opts, opts.named_parameters(model), read_optimizer_file(step_dir),
                                state["optimizers"])
+        _load_task_loss(opts, state, step_dir)
         set_rng_state(state["rng"])
         return state
 
@@ -332,7 +358,7 @@ class Checkpointer:
         wrong += [k[6:] for k in saved if k.startswith("model.") and k[6:] not in targets]
         if wrong:
             raise SamoeError(f"{step_dir} does not match the model being trained ({wrong[0]}): use a new --run-dir or --force")
-        params = dict(model.named_parameters())
+        params = opts.named_parameters(model)
         optimizers = opts.named()
         optim: dict[str, torch.Tensor] = {}
         for key, info in saved.items():
@@ -363,5 +389,6 @@ class Checkpointer:
                                  "delete it or use a new --run-dir (or --force to start over)") from None
         state = read_trainer_state(step_dir)
         load_optimizer_tensors(opts, params, optim, state["optimizers"], place=lambda value, p: value)
+        _load_task_loss(opts, state, step_dir)
         set_rng_state(state["rng"])
         return state

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from upscale.checkpoint import Checkpoint, load_model
+from upscale.config import expert_offsets
 from upscale.errors import SamoeError
 
 from .data import IGNORE_INDEX, LabelledFolder, boundary_target
@@ -238,7 +239,8 @@ class RoutingAccumulator:
     def report(self) -> dict[str, Any]:
         counts = self.expert_counts
         total = max(int(counts.sum()), 1)
-        group_counts = np.array([c.sum() for c in np.split(counts, np.cumsum(self.groups)[:-1])])
+        offsets = expert_offsets(self.groups)
+        group_counts = np.array([counts[lo:hi].sum() for lo, hi in zip(offsets, offsets[1:])])
         core = int(group_counts[: self.core_groups].sum())
         mean = counts.mean()
         return {
@@ -337,14 +339,17 @@ def class_names(num_classes: int) -> list[str]:
 
 def evaluate(paths: list[Path], data_dir: Path, batch_size: int = 4, bootstrap: int = 1000, seed: int = 0,
              device: torch.device | str = "cpu", precision: str = "fp32", on_start: Callable[[int], None] | None = None,
-             on_batch: Callable[[int], None] | None = None, ablate_new: bool = True) -> dict[str, Any]:
+             on_batch: Callable[[int], None] | None = None, ablate_new: bool = True, compile: bool = False) -> dict[str, Any]:
     """Evaluate checkpoints on one labelled folder; the first is the baseline of the comparisons.
+
+    With `compile`, each model's blocks are compiled (upscale/compile.py): the same metrics within float rounding.
 
     With `ablate_new`, each grown checkpoint is scored a second time with its new groups and extra blocks
     switched off (`upscale.ablate`), and its entry gets `new_parts_off`: those metrics and the paired
     difference, grown minus switched off, which is what the new capacity contributes.
     """
     from upscale.ablate import new_parts, switch_off_new_parts_
+    from upscale.compile import compile_model
     from upscale.flops import forward_flops
 
     ckpts = [Checkpoint.open(p) for p in paths]
@@ -361,6 +366,8 @@ def evaluate(paths: list[Path], data_dir: Path, batch_size: int = 4, bootstrap: 
     results, stats = [], []
     for ck in ckpts:
         model = load_model(ck.path, device=device)
+        if compile:
+            compile_model(model)
         st, routing = run_model(model, data, batch_size, on_batch, precision)
         cm = st.cm.sum(0)
         b = st.boundary.sum(0)
@@ -379,7 +386,7 @@ def evaluate(paths: list[Path], data_dir: Path, batch_size: int = 4, bootstrap: 
             "metrics": metrics,
             "routing": {name: acc.report() for name, acc in routing.items()},
             "groups": list(ck.config.moe.groups), "core_groups": ck.config.moe.core_groups,
-            "replicas": ck.config.moe.replicas, "residual": ck.config.moe.residual,
+            "replicas": ck.config.moe.replicas,
         })
         parts = new_parts(ck.config) if ablate_new else None
         if parts:

@@ -35,6 +35,8 @@ SINGLE_FILE = "model.safetensors"
 META_FILE = "samoe.json"
 FORMAT = "samoe-checkpoint"
 FORMAT_VERSION = 1
+# Tensor names some older checkpoints hold that the model no longer has; they are skipped when read.
+LEGACY_TRAINING_PREFIXES = ("loss.",)
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -468,6 +470,8 @@ class Checkpoint:
                     raise SamoeError(f"tensor {name} is stored twice ({tensors[name].file}, {shard}): re-create the checkpoint")
                 tensors[name] = info
         cls._check_index(path, tensors)
+        # task-loss weights, which checkpoints held until they became training state (stages/semisup.py)
+        tensors = {n: info for n, info in tensors.items() if not n.startswith(LEGACY_TRAINING_PREFIXES)}
         return cls(path, meta, config, tensors)
 
     @staticmethod

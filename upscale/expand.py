@@ -14,8 +14,6 @@ What grows (strategy 1 of the growth plan):
   new experts fill the other groups, each made by `copy-noise` (a source expert
   plus Gaussian noise scaled to that tensor's own std), `interpolate`
   (W*A + (1-W)*B of two distinct source experts) or `mixed` (alternating).
-  `reinit_ratio` > 0 then draws that fraction of each new expert's hidden units
-  afresh (Drop-Upcycling), so that copies of one source expert can diverge.
   In-group router rows follow their experts (same recipe). The group router is
   new (small random), and each routed group's `group_scale` starts at zero, so
   the grown model computes exactly what the source computed while the new parts
@@ -26,10 +24,6 @@ What grows (strategy 1 of the growth plan):
   router is new: whichever group a token takes it computes what the source did, at
   the source's cost per token (sparse upcycling one level up; upscale/moe.py). No
   noise: routing gives each copy its own tokens, which is what sets them apart.
-- or, with `residual` (`expand --residual-experts`), the new groups add to the core's
-  output instead of taking a share of it: their output layers (w2, b2) start at zero
-  and `group_scale` at one, so growth is exact whatever their first layers hold (with
-  `--reinit-ratio 1` fresh random features at the source experts' scale, not copies).
 - extra blocks are appended after the last block, copied from the last
   global-attention block (LLaMA-Pro style depth growth) with the attention
   output projection and the core experts' output layers zeroed (new groups are
@@ -75,16 +69,12 @@ class GrowthSpec:
     core_groups: int = 1
     top_k_groups: int = 1
     routed_top_k: int = 0  # experts per token inside a routed group; 0: the source's top-k
-    token_handover: bool = False  # the core competes in the group router: a per-token hand-over (MoEConfig)
-    image_context: bool = False  # the group router also sees each image's token statistics (MoEConfig)
     replicate: bool = False  # every group an exact copy of the source's pool, one group per token (MoEConfig.replicas)
-    residual: bool = False  # new groups add to the core's output, their output layers zero (MoEConfig.residual)
     extra_blocks: int = 0
     extra_dense: bool = False
     init: str = "copy-noise"
     noise_std: float = 0.01
     interp_weight: float = 0.3
-    reinit_ratio: float = 0.0  # Drop-Upcycling: fraction of each new expert's hidden units drawn fresh
     seed: int = 0
 
 
@@ -160,16 +150,14 @@ def validate_spec(src: SamMoEConfig, spec: GrowthSpec) -> None:
         raise SamoeError(f"--noise-std {spec.noise_std} must be a finite number >= 0")
     if not 0.0 <= spec.interp_weight <= 1.0:
         raise SamoeError(f"--interp-weight {spec.interp_weight} must be in [0, 1]")
-    if not 0.0 <= spec.reinit_ratio <= 1.0:
-        raise SamoeError(f"--reinit-ratio {spec.reinit_ratio} must be in [0, 1]")
     if spec.init != "copy-noise" and src.moe.num_experts < 2:
         raise SamoeError("--init interpolate/mixed needs at least 2 source experts: use --init copy-noise")
     if spec.extra_blocks < 0:
         raise SamoeError(f"--extra-blocks {spec.extra_blocks} must be >= 0")
     if spec.replicate:
-        if spec.init != "copy-noise" or spec.noise_std or spec.reinit_ratio:
+        if spec.init != "copy-noise" or spec.noise_std:
             raise SamoeError("--replicate copies the source's experts exactly (routing, not noise, sets the copies apart): "
-                             "drop --init, --noise-std and --reinit-ratio")
+                             "drop --init and --noise-std")
         if spec.routed_top_k not in (0, src.moe.top_k):
             raise SamoeError(f"--replicate keeps the source's top-{src.moe.top_k} inside each group: drop --routed-top-k")
         if spec.core_groups:
@@ -188,9 +176,7 @@ def grown_config(src: SamMoEConfig, spec: GrowthSpec) -> SamMoEConfig:
     validate_spec(src, spec)
     moe = MoEConfig(
         groups=spec.groups, core_groups=spec.core_groups, top_k=src.moe.top_k,
-        top_k_groups=spec.top_k_groups, aux_loss_coef=src.moe.aux_loss_coef, routed_top_k=spec.routed_top_k,
-        token_handover=spec.token_handover, image_context=spec.image_context, replicas=spec.replicate,
-        residual=spec.residual,
+        top_k_groups=spec.top_k_groups, routed_top_k=spec.routed_top_k, replicas=spec.replicate,
     )
     extra_moe = src.extra_blocks_moe if src.extra_blocks else not spec.extra_dense
     if src.extra_blocks and extra_moe == spec.extra_dense:
@@ -313,28 +299,9 @@ class GaussianNoise:
             torch.add(src[lo:lo + m], noise, out=dst[lo:lo + m])
 
 
-def reinit_units(spec: GrowthSpec, layer: str, j: int, hidden: int) -> torch.Tensor:
-    """The round(reinit_ratio * hidden) hidden units of new expert j of `layer` that Drop-Upcycling redraws (sorted).
-
-    Seeded by (seed, layer, j) alone, so w1's rows, b1's entries and w2's
-    columns of one expert pick the same units in whichever worker makes them.
-    """
-    gen = torch.Generator().manual_seed(tensor_seed(spec.seed, f"{layer}.new_expert.{j}.reinit"))
-    return torch.randperm(hidden, generator=gen)[:round(spec.reinit_ratio * hidden)].sort().values
-
-
-@dataclass(frozen=True)
-class Reinit:
-    """Which part of each new expert of a bank starts fresh: `units[i]` along `axis` of row i."""
-
-    axis: int
-    units: list[torch.Tensor]
-
-
 def make_new_bank(source: torch.Tensor, recipes: list[tuple[str, tuple[int, ...]]], spec: GrowthSpec, seed: int,
                   std_of: Callable[[int], float] | None = None,
                   empty: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] = lambda shape, dtype: torch.empty(shape, dtype=dtype),
-                  reinit: Reinit | None = None,
                   ) -> torch.Tensor:
     """Stack new experts (rows along dim 0) made from `source` (S, ...) by their recipes.
 
@@ -342,13 +309,8 @@ def make_new_bank(source: torch.Tensor, recipes: list[tuple[str, tuple[int, ...]
     bank at the storage dtype (this is the CPU cost of a 10B expand); only
     interpolation goes through a float32 scratch row. `empty` allocates the
     output (expand passes a pool of recycled buffers; every row is overwritten).
-    With `reinit`, the chosen hidden units of each row are then overwritten with
-    N(0, std^2) at the std of the row's (first) source expert: copies of one
-    source expert stop being near-duplicates, so they can specialise apart
-    (Drop-Upcycling, Nakamura et al. 2025); group_scale = 0 still hides them.
     """
     noise = GaussianNoise(seed) if spec.noise_std > 0 else None
-    fresh = GaussianNoise(tensor_seed(seed, "reinit")) if reinit is not None else None
     out = empty((len(recipes),) + tuple(source.shape[1:]), source.dtype)
     row = None
 
@@ -368,21 +330,14 @@ def make_new_bank(source: torch.Tensor, recipes: list[tuple[str, tuple[int, ...]
             row.copy_(source[src[0]])
             row.mul_(spec.interp_weight).add_(source[src[1]].to(torch.float32) * (1.0 - spec.interp_weight))
             out[i].copy_(row)
-        if reinit is not None:
-            shape = list(out.shape[1:])
-            shape[reinit.axis] = len(reinit.units[i])
-            values = fresh.sample(int(np.prod(shape)), std(src[0]), out.dtype).view(shape)
-            out[i].index_copy_(reinit.axis, reinit.units[i], values)
     return out
 
 
-def recipe_provenance(recipe: tuple[str, tuple[int, ...]], src_name: str, spec: GrowthSpec, reinit: bool = False) -> str:
+def recipe_provenance(recipe: tuple[str, tuple[int, ...]], src_name: str, spec: GrowthSpec) -> str:
     kind, src = recipe
     if kind == "copy-noise":
-        entry = f"copy-noise:{src_name}[{src[0]}]:{spec.noise_std:g}"
-    else:
-        entry = f"interpolate:{src_name}[{src[0]}]:{src_name}[{src[1]}]:{spec.interp_weight:g}"
-    return entry + (f"+reinit:{spec.reinit_ratio:g}" if reinit else "")
+        return f"copy-noise:{src_name}[{src[0]}]:{spec.noise_std:g}"
+    return f"interpolate:{src_name}[{src[0]}]:{src_name}[{src[1]}]:{spec.interp_weight:g}"
 
 
 # --------------------------------------------------------------------------- plan
@@ -421,15 +376,12 @@ def _random_normal(shape: tuple[int, ...], dtype: torch.dtype, seed: int, std: f
     return lambda read: (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * std).to(dtype)
 
 
-def _new_bank(src_name: str, recipes, spec: GrowthSpec, seed: int, reinit: Reinit | None) -> Callable[[Reader], torch.Tensor]:
+def _new_bank(src_name: str, recipes, spec: GrowthSpec, seed: int) -> Callable[[Reader], torch.Tensor]:
     def make(read: Reader) -> torch.Tensor:
         std_of = getattr(read, "row_std", None)
         kw = {"empty": read.empty} if hasattr(read, "empty") else {}
-        return make_new_bank(read(src_name), recipes, spec, seed, std_of and (lambda i: std_of(src_name, i)), reinit=reinit, **kw)
+        return make_new_bank(read(src_name), recipes, spec, seed, std_of and (lambda i: std_of(src_name, i)), **kw)
     return make
-
-
-_HIDDEN_AXIS = {"w1": 0, "b1": 0, "w2": 1}  # where an expert's hidden units lie in one row of each bank
 
 
 def _moe_layer_plans(
@@ -445,11 +397,8 @@ def _moe_layer_plans(
     groups = cfg.moe.groups
     core = cfg.moe.core_groups
     plans: list[TensorPlan] = []
-    offsets = np.cumsum((0,) + groups).tolist()
+    offsets = cfg.moe.offsets
     recipes = [new_expert_recipe(spec, j, s) for j in range(cfg.moe.num_experts - s)]
-    hidden = shapes[f"{out_prefix}.experts.0.b1"][1]
-    redraws = round(spec.reinit_ratio * hidden) > 0
-    units = [reinit_units(spec, out_prefix, j, hidden) for j in range(len(recipes))] if redraws else []
     for g, size in enumerate(groups):
         lo, hi = offsets[g], offsets[g + 1]
         names = [(f"{out_prefix}.experts.{g}.{p}", f"{src_prefix}.experts.0.{p}") for p in _EXPERT_PARAMS]
@@ -463,10 +412,7 @@ def _moe_layer_plans(
             # groups are already hidden by group_scale = 0, and zeroing them too would
             # leave group_scale and their w2 without gradient (a saddle at zero).
             zero = new_block and g < core and out_name.endswith((".w2", ".b2"))
-            if g >= core and cfg.moe.residual and out_name.endswith((".w2", ".b2")):
-                # residual new groups add to the core's output: a zero output layer keeps growth exact
-                plans.append(TensorPlan(out_name, shape, "identity-new", (), _zeros(shape, dtype)))
-            elif g < core:
+            if g < core:
                 if zero:
                     plans.append(TensorPlan(out_name, shape, "identity-new", (), _zeros(shape, dtype)))
                 else:
@@ -474,20 +420,14 @@ def _moe_layer_plans(
                     plans.append(TensorPlan(out_name, shape, prov, (src_name,), _passthrough(src_name, slice(lo, hi))))
             else:
                 rec = recipes[lo - s : hi - s]
-                axis = _HIDDEN_AXIS.get(out_name.rsplit(".", 1)[1])
-                reinit = Reinit(axis, units[lo - s : hi - s]) if axis is not None and redraws else None
-                prov = [recipe_provenance(r, src_name, spec, reinit is not None) for r in rec]
-                plans.append(TensorPlan(out_name, shape, prov, (src_name,), _new_bank(src_name, rec, spec, tensor_seed(spec.seed, out_name), reinit)))
+                prov = [recipe_provenance(r, src_name, spec) for r in rec]
+                plans.append(TensorPlan(out_name, shape, prov, (src_name,), _new_bank(src_name, rec, spec, tensor_seed(spec.seed, out_name))))
     gate = f"{out_prefix}.router.group_gate.weight"
     plans.append(TensorPlan(gate, shapes[gate], "random", (), _random_normal(shapes[gate], dtype, tensor_seed(spec.seed, gate), 0.02)))
     scale = f"{out_prefix}.router.group_scale"
-    # replicas take a token whole (scale 1: each computes the source's function); new groups enter at 0, or at 1
-    # when they are residual (their zero output layers hide them; at 0 their output layers would get no gradient)
-    start = _ones if cfg.moe.replicas or cfg.moe.residual else _zeros
+    # replicas take a token whole (scale 1: each computes the source's function); new groups enter at 0
+    start = _ones if cfg.moe.replicas else _zeros
     plans.append(TensorPlan(scale, shapes[scale], "identity-new", (), start(shapes[scale], dtype)))
-    context = f"{out_prefix}.router.group_context.weight"
-    if context in shapes:  # image statistics start with no say in routing: the grown model stays exact
-        plans.append(TensorPlan(context, shapes[context], "identity-new", (), _zeros(shapes[context], dtype)))
     return plans
 
 
