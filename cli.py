@@ -1,7 +1,11 @@
 """The `samoe` command line: one thin function per subcommand, parsing and printing only.
 
 Every command reports bad input as one line on stderr with exit code 2, internal
-failures with exit code 1 (the traceback only with `samoe --debug ...`).
+failures with exit code 1 (the traceback only with `samoe --debug ...`). The line
+stays one line: control characters in it are escaped, warnings that third-party
+libraries emit during a failed command are dropped (after a successful one they
+follow as `warning:` lines), and paths are printed without rich markup.
+SIGTERM stops a command the way Ctrl-C does: its clean-up runs (exit 143).
 """
 
 from __future__ import annotations
@@ -11,13 +15,16 @@ import functools
 import gc
 import inspect
 import json
+import signal
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -59,9 +66,83 @@ console = Console()
 _state = {"debug": False}
 
 
+_CONTROL = {i: f"\\x{i:02x}" for i in (*range(32), 127)} | {10: "\\n", 13: "\\r", 9: "\\t"}
+
+
+def one_line(text: str) -> str:
+    """`text` with control characters escaped (a newline in a file name must not break the one line)."""
+    return str(text).translate(_CONTROL)
+
+
 def _fail(message: str, code: int) -> None:
-    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.write(f"error: {one_line(message)}\n")
     raise typer.Exit(code)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every command's clean-up runs."""
+
+    signum = signal.SIGTERM
+
+
+def on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+# Environment variables samoe reads, and what each must hold (checked before any command runs).
+_ENV_CHECKS: dict[str, tuple[Callable[[str], bool], str]] = {
+    "SAMOE_DEVICE": (lambda v: v in ("", "cpu", "cuda"), "cpu or cuda"),
+    "SAMOE_MAX_IMAGE_PIXELS": (lambda v: v.isdigit() and 0 < int(v) < 2**62, "a positive whole number of pixels"),
+    "SAMOE_LAUNCH_COMMAND": (lambda v: v == "" or _string_list(v), "the JSON list of arguments `samoe train --nproc` sets"),
+}
+
+
+def _string_list(text: str) -> bool:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def check_environment() -> None:
+    """Every SAMOE_* variable samoe reads holds a value it understands (else one line, exit 2)."""
+    import os
+
+    from upscale.errors import SamoeError
+
+    for name, (ok, what) in _ENV_CHECKS.items():
+        value = os.environ.get(name)
+        if value is not None and not ok(value):
+            raise SamoeError(f"{name}={value[:60]!r} is not valid: it must be {what}; fix or unset it")
+
+
+@contextmanager
+def _held_warnings() -> Any:
+    """Hold the warnings and log records third-party libraries emit during a command.
+
+    Yields a list that the caller empties when the command failed (its one error line is then all
+    stderr shows); whatever is left is printed afterwards as `warning:` lines."""
+    import logging
+    import warnings
+
+    held: list[str] = []
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(f"{record.name}: {record.getMessage()}")
+
+    handler = Hold(logging.WARNING)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield held
+            held += [f"{w.category.__name__}: {w.message}" for w in caught]
+    finally:
+        root.removeHandler(handler)
+        for line in dict.fromkeys(held):
+            sys.stderr.write(f"warning: {one_line(line)[:300]}\n")
 
 
 def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -69,36 +150,48 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from upscale.errors import SamoeError
-
-        try:
-            return fn(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except SamoeError as e:
-            if _state["debug"]:
+        with _held_warnings() as held:
+            try:
+                return _run_command(fn, args, kwargs)
+            except BaseException:
+                held.clear()  # a failure is one line: what libraries logged on the way is not shown
                 raise
-            left = getattr(e, "samoe_left", None)
-            _fail(f"{e}; {left}" if left else str(e), 2)
-        except KeyboardInterrupt as e:
-            _fail(f"interrupted; {_left(e)}", 130)
-        except OSError as e:  # full disk, read-only or vanished paths: the user's environment, not a bug
-            if _state["debug"]:
-                raise
-            where = f" ({e.filename})" if e.filename else ""
-            code, reason = e.errno, e.strerror or str(e)
-            if code is None and "requested and" in str(e) and "written" in str(e):  # numpy/tifffile's short write
-                code, reason = errno.ENOSPC, f"No space left on device (a write was cut short: {e})"
-            hint = {errno.ENOSPC: "free space or choose another output directory",
-                    errno.EROFS: "the file system is read-only; choose another output directory",
-                    errno.EACCES: "check permissions or choose another output directory"}.get(code, "check the path and try again")
-            _fail(f"{reason}{where}: {hint}; {_left(e)}", 2)
-        except Exception as e:  # internal failure: still one line unless --debug
-            if _state["debug"]:
-                raise
-            _fail(f"internal error: {type(e).__name__}: {e} (re-run with `samoe --debug ...` for the traceback)", 1)
 
     return wrapper
+
+
+def _run_command(fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    """Run one command, turning each kind of failure into its one line and exit code."""
+    from upscale.errors import SamoeError
+
+    try:
+        check_environment()
+        return fn(*args, **kwargs)
+    except typer.Exit:
+        raise
+    except SamoeError as e:
+        if _state["debug"]:
+            raise
+        left = getattr(e, "samoe_left", None)
+        _fail(f"{e}; {left}" if left else str(e), 2)
+    except KeyboardInterrupt as e:
+        _fail(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}; {_left(e)}",
+              128 + getattr(e, "signum", signal.SIGINT))
+    except OSError as e:  # full disk, read-only or vanished paths: the user's environment, not a bug
+        if _state["debug"]:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        code, reason = e.errno, e.strerror or str(e)
+        if code is None and "requested and" in str(e) and "written" in str(e):  # numpy/tifffile's short write
+            code, reason = errno.ENOSPC, f"No space left on device (a write was cut short: {e})"
+        hint = {errno.ENOSPC: "free space or choose another output directory",
+                errno.EROFS: "the file system is read-only; choose another output directory",
+                errno.EACCES: "check permissions or choose another output directory"}.get(code, "check the path and try again")
+        _fail(f"{reason}{where}: {hint}; {_left(e)}", 2)
+    except Exception as e:  # internal failure: still one line unless --debug
+        if _state["debug"]:
+            raise
+        _fail(f"internal error: {type(e).__name__}: {e} (re-run with `samoe --debug ...` for the traceback)", 1)
 
 
 def _left(e: BaseException) -> str:
@@ -132,6 +225,18 @@ def _one_job(path: Path, option: str = "--out") -> Any:
     return exclusive(path, option)
 
 
+@contextmanager
+def _collector_off() -> Iterator[None]:
+    """Import torch with the cyclic garbage collector off: its ~10^6 import-time objects set off repeated
+    full collections that find nothing. They are frozen afterwards, so later collections skip them too."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
 def _command_line() -> list[str]:
     return ["samoe", *sys.argv[1:]]
 
@@ -145,6 +250,45 @@ _COMPILE_HELP = ("Compile each transformer block and the output heads with torch
                  "the same; first steps pay the compile, about a minute on a CPU; see docs/compile.md).")
 _PRECISION_HELP = ("fp32 | bf16. bf16: autocast on one device (CUDA, or CPU bf16 kernels) with fp32 weights and "
                    "optimizer state; FSDP2 mixed precision (bf16 compute, fp32 gradient reduction) under --nproc/torchrun.")
+
+
+_SCALE_HELP = ("What the pixel values are: linear (sigma0 power) | db | amplitude | dn (calibrated digital numbers, "
+               "with --dn-calibration) | display (8/16-bit quick-looks). Default: the folder's data.json, else the "
+               "checkpoint's record, else linear. Values that contradict it are refused.")
+_CAL_HELP = "With --input-scale dn: A in sigma0 = (DN / A)^2 (the product's calibration constant)."
+_POL_HELP = "Band names in order, e.g. VV,VH or HH (default: data.json's); scenes with another band count are refused."
+_OVERLAP_HELP = "Sliding windows: the fraction of a window its neighbour covers (default 0.25); outputs are blended."
+_STRIDE_HELP = "Sliding windows: pixels between window starts (instead of --overlap)."
+
+
+def _scale_option() -> Any:
+    return typer.Option(None, "--input-scale", help=_SCALE_HELP)
+
+
+def _cal_option() -> Any:
+    return typer.Option(None, "--dn-calibration", callback=_positive, help=_CAL_HELP)
+
+
+def _pol_option() -> Any:
+    return typer.Option(None, "--polarisations", help=_POL_HELP)
+
+
+def _overlap_option() -> Any:
+    return typer.Option(None, "--overlap", min=0, max=0.99, callback=_finite, help=_OVERLAP_HELP)
+
+
+def _stride_option() -> Any:
+    return typer.Option(None, "--stride", min=1, help=_STRIDE_HELP)
+
+
+def _unit_options(input_scale: Optional[str], dn_calibration: Optional[float], polarisations: Optional[str]) -> Any:
+    """The command line's statement about units (stages/units.py), checked."""
+    from stages.units import SCALES, UnitOptions, parse_polarisations
+    from upscale.errors import SamoeError
+
+    if input_scale is not None and input_scale not in SCALES:
+        raise SamoeError(f"--input-scale {input_scale!r} is not one of {', '.join(SCALES)}")
+    return UnitOptions(input_scale, dn_calibration, parse_polarisations(polarisations))
 
 
 def _precision(precision: Optional[str], mixed_precision: bool = False) -> str:
@@ -166,9 +310,30 @@ def _parse_ints(text: str, option: str) -> tuple[int, ...]:
         raise SamoeError(f"{option} {text!r} is not a comma-separated list of integers, e.g. 15,16,17") from None
 
 
+def _image_memory(value: Optional[str]) -> Optional[int]:
+    """typer callback for --image-memory: a size such as 1G, checked here so a bad one is a usage error."""
+    if value is None:
+        return None
+    from stages.rasters import parse_bytes
+    from upscale.errors import SamoeError
+
+    try:
+        return parse_bytes(value, "--image-memory")
+    except SamoeError as e:
+        raise typer.BadParameter(str(e).removeprefix("--image-memory ")) from None
+
+
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of failures.")) -> None:
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of failures."),
+          image_memory: Optional[str] = typer.Option(None, "--image-memory", callback=_image_memory,
+                                                     help="Memory one image's decoded pixels and working arrays may take, "
+                                                          "e.g. 512M or 4G (default 1G, or SAMOE_IMAGE_MEMORY). Larger "
+                                                          "scenes are read by windows, or refused before decoding.")) -> None:
     _state["debug"] = debug
+    if image_memory is not None or "stages.rasters" in sys.modules:  # None resets an earlier in-process call's
+        from stages.rasters import set_image_memory
+
+        set_image_memory(image_memory)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- init
@@ -200,6 +365,9 @@ def init(
     if (preset is None) == (from_sam is None):
         raise SamoeError("give exactly one of --preset NAME or --from-sam FILE.pth")
     torch_dtype = parse_dtype(dtype)
+    from upscale.ownership import check_separate
+
+    check_separate(out, "--out", {"--from-sam": from_sam})  # --force must never delete the .pth it reads
     with _one_job(out), console.status("building and writing the checkpoint...", spinner="dots"):
         if preset is not None:
             cfg = get_preset(preset)
@@ -209,15 +377,16 @@ def init(
                 cfg = replace(cfg, num_classes=num_classes).validate()
             path = init_from_preset(cfg, out, seed, torch_dtype, _command_line(), force)
         else:
+            from upscale.create import detect_vit, load_sam_state
+            from upscale.config import SAM_VITS
+
+            sam = load_sam_state(from_sam)  # read once: the checks and the weights come from the same bytes
             blocks = _parse_ints(moe_blocks, "--moe-blocks") if moe_blocks else None
             if blocks is None:
-                from upscale.create import detect_vit, load_sam_state
-                from upscale.config import SAM_VITS
-
-                depth = SAM_VITS[detect_vit(load_sam_state(from_sam))]["depth"]
+                depth = SAM_VITS[detect_vit(sam)]["depth"]
                 blocks = tuple(range(max(0, depth - 9), depth))
             path = init_from_sam(from_sam, out, experts, blocks, top_k, num_classes or 4, decoder_moe, seed,
-                                 torch_dtype, _command_line(), force)
+                                 torch_dtype, _command_line(), force, sam=sam)
     _show_summary(Checkpoint.open(path), as_json)
 
 
@@ -227,7 +396,11 @@ def init(
 def _show_summary(ckpt: Any, as_json: bool, verify: bool = False) -> None:
     from upscale.summary import inspect_checkpoint
 
+    from stages.dataspec import recorded
+
     report = inspect_checkpoint(ckpt)
+    spec = recorded(ckpt.meta, str(ckpt.path / "samoe.json"))
+    report["data"] = spec.to_record() if spec is not None else None
     if verify:
         report["verify"] = _verify(ckpt)
     if as_json:
@@ -235,7 +408,7 @@ def _show_summary(ckpt: Any, as_json: bool, verify: bool = False) -> None:
         if verify and not report["verify"]["ok"]:
             _fail(report["verify"]["message"], 2)
         return
-    console.print(f"[bold]{report['path']}[/]  {report['digest'][:19]}…  dtype {report['dtype']}")
+    console.print(f"[bold]{escape(report['path'])}[/]  {report['digest'][:19]}…  dtype {report['dtype']}")
     console.print(_params_table("parameters", report["params_by_component"],
                                 f"[bold]{report['total_params']:,}[/] ({report['total_params'] / 1e9:.3f}B)"))
     p = Table(title="provenance")
@@ -253,17 +426,22 @@ def _show_summary(ckpt: Any, as_json: bool, verify: bool = False) -> None:
     console.print(f"shards: {len(report['shards'])}, {sum(s['bytes'] for s in report['shards']):,} bytes")
     for i, entry in enumerate(report["lineage"]):
         parent = f" <- {entry['parent']} ({(entry['parent_digest'] or '')[:19]}…)" if entry.get("parent") else ""
-        console.print(f"lineage {i}: {entry['command']} (seed {entry['seed']}, samoe {entry['version']}){parent}", soft_wrap=True)
+        console.print(f"lineage {i}: {entry['command']} (seed {entry['seed']}, samoe {entry['version']}){parent}", soft_wrap=True,
+                      markup=False)
+    if spec is not None:
+        names = ", ".join(spec.classes.names) if spec.classes is not None else "not named"
+        console.print(escape(f"data: {spec.units.describe()}; classes: {names}; scenes "
+                             f"{'resized to the model' if spec.resize else 'as windows'}"), soft_wrap=True)
     if report["stages"]:
         for s in report["stages"]:
-            console.print(f"stage {s.get('stage')}: {json.dumps(s)}", soft_wrap=True)
+            console.print(f"stage {s.get('stage')}: {json.dumps(s)}", soft_wrap=True, markup=False)
     else:
         console.print("stages: none yet")
     if verify:
         v = report["verify"]
         if not v["ok"]:
             _fail(v["message"], 2)
-        console.print(f"verify: [green]ok[/] {v['message']}")
+        console.print(f"verify: [green]ok[/] {escape(v['message'])}")
 
 
 def _verify(ckpt: Any) -> dict[str, Any]:
@@ -302,8 +480,11 @@ def demo_data(
     test: int = typer.Option(12, "--test", min=0),
     size: int = typer.Option(128, "--size", min=16, max=8192),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX),
-    preset: str = typer.Option("easy", "--preset", help="easy: 4 classes far apart (the demo) | hard: 10 classes told apart "
-                                                        "by polarimetric ratio, texture, rows and context (capacity-bound)."),
+    preset: str = typer.Option("easy", "--preset", help="easy: 4 classes far apart | hard: 10 classes told apart "
+                                                        "by polarimetric ratio, texture, rows and context | codebook: 16 "
+                                                        "classes, each a set of parcel signatures (knowledge-bound)."),
+    signatures: Optional[int] = typer.Option(None, "--signatures", min=1, help="codebook only: signature -> class facts "
+                                             "the scenes draw from (default 960; more facts need more capacity)."),
     regions: int = typer.Option(1, "--regions", min=1, max=64, help="hard only: scenes from this many regions, each with "
                                 "its own class signatures and sensor noise floor (knowledge a larger model must hold)."),
     region: Optional[int] = typer.Option(None, "--region", min=0, help="hard only: every scene from this region "
@@ -316,11 +497,11 @@ def demo_data(
 
     with _one_job(out), console.status("writing demo data...", spinner="dots"):
         summary = make_demo_data(out, labelled=labelled, unlabelled=unlabelled, test=test, size=size, seed=seed, force=force,
-                                 preset=preset, regions=regions, region=region)
+                                 preset=preset, regions=regions, region=region, signatures=signatures)
     if as_json:
         _print_json(summary)
     else:
-        console.print(f"demo data in {out}: {json.dumps(summary, default=str)}", soft_wrap=True)
+        console.print(f"demo data in {out}: {json.dumps(summary, default=str)}", soft_wrap=True, markup=False)
 
 
 def _params_table(title: str, by_component: dict[str, int], total: str) -> Table:
@@ -346,7 +527,7 @@ def _routing_summary(report: dict[str, Any], routed: bool) -> str:
 
 def _growth_spec(source_cfg: Any, g: _Growth, init: str, noise_std: float, interp_weight: float, seed: int) -> Any:
     from upscale.errors import SamoeError
-    from upscale.expand import GrowthSpec, resolve_groups, resolve_replicas
+    from upscale.growth import GrowthSpec, resolve_groups, resolve_replicas
 
     if g.replicate and g.core_groups != 1:
         raise SamoeError("--replicate has no core group (every group is a copy of the source's experts): drop --core-groups")
@@ -422,8 +603,8 @@ def plan(
     last_k: int = typer.Option(4, "--last-k", min=0, help="Stage 2 unfreezes the FFN/MoE of the last K ViT blocks."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Parameter counts and per-stage memory of a grown model, computed on the meta device; writes nothing."""
-    from upscale.checkpoint import Checkpoint, parse_dtype
+    """Parameter counts, per-stage memory and forward FLOPs of a grown model, from its config; writes nothing."""
+    from upscale.checkpoint import Checkpoint, check_dtype
     from upscale.config import get_preset
     from upscale.errors import SamoeError
     from stages.plan import plan_report
@@ -432,7 +613,7 @@ def plan(
         raise SamoeError("give exactly one of a SOURCE checkpoint or --preset NAME")
     src_cfg = get_preset(preset) if preset else Checkpoint.open(source).config
     spec = _growth_spec(src_cfg, growth, "copy-noise", 0.0, 0.3, 0)
-    report = plan_report(src_cfg, spec, parse_dtype(dtype), last_k=last_k)
+    report = plan_report(src_cfg, spec, check_dtype(dtype), last_k=last_k)
     if as_json:
         _print_json(report)
         return
@@ -483,9 +664,10 @@ def expand(
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
     from upscale.checkpoint import Checkpoint, parse_dtype
-    from upscale.expand import expand_checkpoint
 
-    src = Checkpoint.open(source)
+    with _collector_off():
+        from upscale.expand import expand_checkpoint
+    src = Checkpoint.open(source)  # opened once: growth, lineage digest and --verify all read these files
     images = None
     if verify is not None:  # resolve the device, read the --verify images before writing anything: a bad one leaves no --out
         from upscale.device import resolve_device
@@ -494,7 +676,11 @@ def expand(
 
         verify_device = resolve_device(device)
         check_separate(out, "--out", {"--verify": verify})
-        images = load_images(verify, src.config.img_size, verify_images)
+        from stages.dataspec import recorded
+        from stages.units import resolve_units
+
+        spec = recorded(src.meta, str(src.path / "samoe.json"))
+        images = load_images(verify, src.config.img_size, verify_images, resolve_units(verify, recorded=spec and spec.units))
     noise = noise_std if noise_std is not None else 0.0 if growth.replicate else 0.01
     spec = _growth_spec(src.config, growth, init, noise, interp_weight, seed)
     gc.freeze()  # the collector's full passes would rescan torch's ~10^5 import-time objects all through the write
@@ -502,7 +688,7 @@ def expand(
                   TimeRemainingColumn(), console=console, transient=as_json) as progress, _one_job(out):
         task = progress.add_task("expanding", total=None)
         path = expand_checkpoint(
-            source, out, spec, _command_line(), dtype=parse_dtype(dtype) if dtype else None, workers=workers,
+            src, out, spec, _command_line(), dtype=parse_dtype(dtype) if dtype else None, workers=workers,
             shard_bytes=int(shard_size * 2**30), force=force,
             on_start=lambda total: progress.update(task, total=total),
             on_tensor=lambda n: progress.advance(task, n),
@@ -512,7 +698,7 @@ def expand(
         from upscale.checkpoint import load_model
         from upscale.verify import output_deviation
 
-        report = output_deviation(load_model(source, device=verify_device), load_model(path, device=verify_device), images)
+        report = output_deviation(load_model(src, device=verify_device), load_model(path, device=verify_device), images)
     if as_json:
         from upscale.summary import inspect_checkpoint
 
@@ -520,7 +706,7 @@ def expand(
     else:
         _show_summary(Checkpoint.open(path), False)
         if report:
-            t = Table(title=f"--verify: grown vs source on {verify}")
+            t = Table(title=f"--verify: grown vs source on {escape(str(verify))}")
             t.add_column("head")
             t.add_column("relative deviation", justify="right")
             t.add_column("relative max deviation", justify="right")
@@ -539,13 +725,27 @@ def train(
     stage: int = typer.Option(..., "--stage", min=1, max=3, help="1 integration | 2 collaboration | 3 full fine-tune."),
     source: Path = typer.Option(..., "--from", help="Input checkpoint (expand output, or the previous stage's RUN/final)."),
     run_dir: Path = typer.Option(..., "--run-dir", help="Run directory (re-running the same command resumes)."),
-    data: Path = typer.Option(..., "--data", help="Labelled (images/ + masks/) or pseudo-labelled folder."),
+    data: list[Path] = typer.Option(..., "--data", help="Labelled (images/ + masks/) or pseudo-labelled folder; repeat "
+                                    "to train on several as one set (e.g. labelled data mixed into pseudo-labels)."),
     unlabelled: Optional[Path] = typer.Option(None, "--unlabelled", help="Unlabelled folder (images/) for the unsupervised phase."),
+    val_data: Optional[Path] = typer.Option(None, "--val-data", help="Labelled folder scored (mIoU, whole scenes) while "
+                                            "training: metrics.csv val_miou, TensorBoard val/miou; RUN/best keeps the best step."),
+    val_every: Optional[int] = typer.Option(None, "--val-every", min=1, help="Validate every N steps (default: each epoch)."),
+    input_scale: Optional[str] = typer.Option(None, "--input-scale", help=_SCALE_HELP + " Recorded in the checkpoint."),
+    dn_calibration: Optional[float] = typer.Option(None, "--dn-calibration", callback=_positive, help=_CAL_HELP),
+    polarisations: Optional[str] = typer.Option(None, "--polarisations", help=_POL_HELP),
+    resize: bool = typer.Option(False, "--resize", help="Squash every scene to the model's size (the old behaviour). "
+                                "Default: a random window of the model's size from each scene per epoch, at native resolution."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs over --data (default 200, the seed's timeline)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after N steps."),
     batch_size: int = typer.Option(4, "--batch-size", min=1),
-    lr: Optional[float] = typer.Option(None, "--lr", callback=_positive, help="Base LR (default per stage: 1e-2, 1e-3, 1e-4)."),
+    lr: Optional[float] = typer.Option(None, "--lr", callback=_positive, help="Base LR, absolute (default: --lr-scale x the "
+                                       "source's recorded peak LR)."),
+    lr_scale: Optional[float] = typer.Option(None, "--lr-scale", callback=_positive, help="Base LR relative to the source's "
+                                             "own peak LR (default per stage: 1, 0.3, 0.1)."),
     last_k: int = typer.Option(4, "--last-k", min=0, help="Stage 2 unfreezes the FFN/MoE of the last K ViT blocks."),
+    augment: bool = typer.Option(False, "--augment", help="Each labelled image and its targets under a random rotation by "
+                                 "90 degrees and flip (noise on the student; label-preserving for land cover)."),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", min=1, help="Save a step checkpoint every N steps."),
     keep: int = typer.Option(2, "--keep", min=1, help="Step checkpoints kept."),
@@ -557,6 +757,8 @@ def train(
     warmup: float = typer.Option(10.0, "--warmup", min=0, callback=_finite, help="LR warm-up of optimizers 1 and 3 (seed epochs)."),
     timeline: int = typer.Option(200, "--timeline", min=1, help="Run length the seed epochs refer to; they scale to --epochs."),
     log_every: int = typer.Option(5, "--log-every", min=1, help="Selector log every N epochs."),
+    print_every: int = typer.Option(10, "--print-every", min=1, help="Where the output is not a terminal (a batch "
+                                    "job's log), a plain progress line every N steps."),
     router_lr_mult: float = typer.Option(10.0, "--router-lr-mult", min=0, callback=_finite, help="Router LR = lr x this (optimizer1's router group)."),
     handover_coef: float = typer.Option(0.1, "--handover-coef", min=0.0, callback=_finite,
                                         help="Weight of the top-level balance loss that moves routing weight from the "
@@ -589,21 +791,22 @@ def train(
     from stages.engine import Interrupted, resume_command, run
 
     precision = _precision(precision, mixed_precision)
+    _unit_options(input_scale, dn_calibration, polarisations)
     _check_train_device(nproc, device)
     cfg = _train_config(options, precision)
-    display = _TrainDisplay()
+    display = _TrainDisplay(cfg.print_every)
     try:
         with _one_job(run_dir, "--run-dir") if is_main_process() else nullcontext():  # rank 0 holds it for all ranks
             final = run(cfg, force=force, on_start=display.on_start, on_step=display.on_step, on_log=display.on_log)
     except Interrupted as e:
-        display.progress.stop()
+        display.stop()
         if is_main_process():
             sys.stderr.write(f"interrupted: saved {e.step_dir}; resume with: {resume_command(cfg.command)}\n")
         raise typer.Exit(128 + e.signum)
     finally:
-        display.progress.stop()
+        display.stop()
     if is_main_process():
-        console.print(f"done: {final} (next stage's --from)")
+        console.print(f"done: {final} (next stage's --from)", markup=False)
 
 
 def _check_train_device(nproc: int, device: str) -> None:
@@ -651,9 +854,10 @@ def _train_config(options: dict[str, Any], precision: str) -> TrainConfig:
 
 
 class _TrainDisplay:
-    """What `samoe train` prints: the stage table when it starts, a progress bar per step, the selector log."""
+    """What `samoe train` prints: the stage table when it starts, then a progress bar on a terminal or a plain
+    line every `print_every` steps elsewhere (a batch job's log), validation results, the selector log."""
 
-    def __init__(self) -> None:
+    def __init__(self, print_every: int = 10) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(TextColumn("stage {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
@@ -661,6 +865,8 @@ class _TrainDisplay:
                                             "{task.fields[ips]} img/s"),
                                  TimeRemainingColumn(), console=console)
         self.task: Any = None
+        self.print_every = print_every
+        self.plain = not console.is_terminal
 
     def on_start(self, info: dict) -> None:
         plan = info["stage"]
@@ -673,15 +879,33 @@ class _TrainDisplay:
         console.print(t)
         console.print("params: " + ", ".join(f"{k.capitalize()} {v:,}" for k, v in info["params"].items()))
         if info["resumed_from"]:
-            console.print(f"resuming from {info['resumed_from']} (step {info['start_step']})")
+            console.print(f"resuming from {escape(info['resumed_from'])} (step {info['start_step']})")
+        console.print(escape(f"data: {info['units']}; scenes as {info['scenes']}; classes "
+                             f"{', '.join(info['classes']) if info['classes'] else 'not named (no classes.json)'}"
+                             + (f"; validation on {info['validation']}" if info["validation"] else "")), soft_wrap=True)
         console.print(f"{info['epochs']} epochs x {info['steps_per_epoch']} steps = {info['total_steps']} steps")
+        self.total = info["total_steps"]
+        if self.plain:
+            return
         self.progress.start()
         self.task = self.progress.add_task("train", total=info["total_steps"], completed=info["start_step"],
                                            stage=plan.stage, epoch=0, loss="-", lr="-", ips="-")
 
     def on_step(self, row: dict) -> None:
+        if "val_miou" in row:
+            best = " (best so far: RUN/best)" if row.get("best") else ""
+            self.progress.console.print(f"step {row['step']}: validation mIoU {row['val_miou']:.4f}{best}")
+        if self.plain:
+            if row["step"] % self.print_every == 0 or row["step"] == self.total:
+                console.print(f"step {row['step']}/{self.total} epoch {row['epoch']} loss {row['loss']:.4f} "
+                              f"lr {row['lr']:.2e} {row['images_per_s']:.1f} img/s", soft_wrap=True)
+            return
         self.progress.update(self.task, completed=row["step"], epoch=row["epoch"], loss=f"{row['loss']:.4f}",
                              lr=f"{row['lr']:.2e}", ips=f"{row['images_per_s']:.1f}")
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.progress.stop()
 
     def on_log(self, row: dict) -> None:
         self.progress.console.print(f"epoch {row['epoch']}: alpha {row['alpha']:.4f}  unsup_weight {row['unsup_weight']:.4f}  "
@@ -698,29 +922,81 @@ def pseudo_label(
     batch_size: int = typer.Option(4, "--batch-size", min=1),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (autocast for the teacher's forward)."),
+    input_scale: Optional[str] = _scale_option(),
+    dn_calibration: Optional[float] = _cal_option(),
+    polarisations: Optional[str] = _pol_option(),
+    overlap: Optional[float] = _overlap_option(),
+    stride: Optional[int] = _stride_option(),
+    tta: bool = typer.Option(False, "--tta", help="Average the teacher over the 8 rotations and flips of each image "
+                             "(a better teacher, 8x the compute)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Label an unlabelled folder with a teacher checkpoint (resumable: labelled images are skipped)."""
+    """Label an unlabelled folder with a teacher checkpoint at the scenes' own resolution (resumable: labelled images
+    are skipped). OUT gets the teacher's classes.json and the images' data.json."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from stages.pseudo import pseudo_label as run_pseudo
     from upscale.device import resolve_device
 
     torch_device, precision = resolve_device(device), _precision(precision)
+    units = _unit_options(input_scale, dn_calibration, polarisations)
 
     with _one_job(out), Progress("pseudo-labelling", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                                  console=console, transient=as_json) as progress:
         task = progress.add_task("label", total=None)
         summary = run_pseudo(checkpoint, images, out, threshold, batch_size, device=torch_device, precision=precision,
                              on_start=lambda n, todo: progress.update(task, total=n, completed=n - todo),
-                             on_image=lambda: progress.advance(task))
+                             on_image=lambda: progress.advance(task), unit_options=units, overlap=overlap, stride=stride,
+                             tta=tta)
     if as_json:
         _print_json(summary)
     else:
         kept = summary["kept_fraction"]
         console.print(f"{out}: {summary['labelled']} labelled, {summary['skipped']} already done, "
                       f"{summary['ignored_pixels']:,} pixels below --threshold {threshold:g}"
-                      + (f"; kept {kept:.1%} of the pixels labelled now" if kept is not None else ""))
+                      + (f"; kept {kept:.1%} of the pixels labelled now" if kept is not None else ""), markup=False)
+
+
+class _WorkProgress:
+    """Progress of a long command: a rich bar on a terminal; elsewhere (a batch job's log) a plain line at the start
+    and at every tenth of the work; nothing with --json (stdout holds the JSON)."""
+
+    def __init__(self, label: str, as_json: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        self.label, self.quiet, self.plain = label, as_json, not console.is_terminal
+        self.bar = Progress(label, BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console, transient=True)
+        self.task: Any = None
+        self.total, self.done, self.shown = 0, 0, -1
+
+    def __enter__(self) -> "_WorkProgress":
+        if not self.plain:
+            self.bar.start()
+            self.task = self.bar.add_task(self.label, total=None)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.plain:
+            self.bar.stop()
+
+    def start(self, total: int) -> None:
+        self.total = total
+        if not self.plain:
+            self.bar.update(self.task, total=total)
+        elif total:
+            self._line()
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if not self.plain:
+            self.bar.advance(self.task, n)
+        elif self.total and self.done * 10 // self.total > self.shown:
+            self._line()
+
+    def _line(self) -> None:
+        self.shown = self.done * 10 // max(self.total, 1)
+        if not self.quiet:
+            console.print(f"{self.label}: {self.done}/{self.total}", markup=False, highlight=False)
 
 
 @app.command("eval")
@@ -743,12 +1019,15 @@ def evaluate(
                                     help="Score each grown checkpoint again with its new groups and extra blocks switched "
                                          "off, and show what they add (paired 95% CI): near 0 means the new capacity does "
                                          "no work and any gain over the source came from training its old parts further."),
+    overlap: Optional[float] = _overlap_option(),
+    stride: Optional[int] = _stride_option(),
+    input_scale: Optional[str] = _scale_option(),
+    dn_calibration: Optional[float] = _cal_option(),
+    polarisations: Optional[str] = _pol_option(),
     compile_blocks: bool = typer.Option(False, "--compile", help=_COMPILE_HELP),
 ) -> None:
-    """Compare checkpoints side by side on a labelled folder, with routing statistics."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress
-
-    from stages.evaluate import METRICS, evaluate as run_eval, short_layer
+    """Compare checkpoints side by side on a labelled folder (whole scenes at native resolution), with routing statistics."""
+    from stages.evaluate import METRICS, evaluate as run_eval, resolution_text, short_layer
     from stages.figures import check_format, check_output_dir
     from stages.report import NEW_PARTS_HEADER, layout_label, new_parts_rows, new_parts_verdict, write_eval_outputs
 
@@ -760,17 +1039,17 @@ def evaluate(
     for folder, option in ((plots, "--plots"), (report_dir, "--report")):
         if folder is not None:
             check_output_dir(folder, force, option, inputs)
-    with Progress("evaluating", BarColumn(), MofNCompleteColumn(), console=console, transient=True) as progress:
-        task = progress.add_task("eval", total=None)
+    units = _unit_options(input_scale, dn_calibration, polarisations)
+    with _WorkProgress("evaluating (windows)", as_json) as progress:
         report = run_eval(checkpoints, data, batch_size, bootstrap, seed, device=torch_device, precision=precision,
-                          on_start=lambda n: progress.update(task, total=n), on_batch=lambda n: progress.advance(task, n),
-                          ablate_new=ablate_new, compile=compile_blocks)
-    report.update(write_eval_outputs(report, plots, report_dir, fmt))
+                          on_start=progress.start, on_batch=progress.advance, ablate_new=ablate_new,
+                          overlap=overlap, stride=stride, unit_options=units, compile=compile_blocks)
+    report.update(write_eval_outputs(report, plots, report_dir, fmt, force))
     if as_json:
         _print_json(report)
         return
     cks = report["checkpoints"]
-    t = Table(title=f"{report['data']}: {report['images']} images")
+    t = Table(title=escape(f"{report['data']}: {report['images']} images, {resolution_text(report)}"))
     t.add_column("metric")
     for i, ck in enumerate(cks):
         t.add_column(f"[{i}] {ck['total_params'] / 1e6:.2f}M", justify="right")
@@ -785,11 +1064,11 @@ def evaluate(
     t.add_row("GFLOP / image", *[f"{ck['forward_flops'] / 1e9:,.3f}" for ck in cks],
               *[f"x{ck['forward_flops'] / cks[0]['forward_flops']:.2f}" for ck in cks[1:]])
     for cls in report["classes"]:
-        t.add_row(f"IoU {cls}", *[("-" if ck["metrics"]["iou"][cls] is None else f"{ck['metrics']['iou'][cls]:.4f}") for ck in cks],
+        t.add_row(escape(f"IoU {cls}"), *[("-" if ck["metrics"]["iou"][cls] is None else f"{ck['metrics']['iou'][cls]:.4f}") for ck in cks],
                   *["" for _ in report["comparisons"]])
     console.print(t)
     for i, ck in enumerate(cks):
-        console.print(f"[{i}] {ck['path']} stages {ck['stages']}", soft_wrap=True)
+        console.print(f"[{i}] {ck['path']} stages {ck['stages']}", soft_wrap=True, markup=False)
     for i, ck in enumerate(cks):
         if "new_parts_off" in ck:
             nt = Table(title=f"what the new parts of [{i}] add")
@@ -798,7 +1077,9 @@ def evaluate(
             for row in new_parts_rows(ck):
                 nt.add_row(*row)
             console.print(nt)
-            console.print(new_parts_verdict(i, ck), soft_wrap=True)
+            console.print(new_parts_verdict(i, ck), soft_wrap=True, markup=False)
+        if "regime" in ck:
+            console.print(f"[{i}] {ck['regime']['line']}", soft_wrap=True, markup=False)
     for i, ck in enumerate(cks):
         r = Table(title=f"routing of [{i}] (groups {ck['groups']}, {layout_label(ck)})")
         for col in ("layer", "group share", "new (tokens)", "new (weight)", "dead", "load CV", "entropy"):
@@ -808,9 +1089,49 @@ def evaluate(
                       f"{v['new_weight_share']:.3f}", str(v["dead_experts"]), f"{v['load_cv']:.2f}", f"{v['router_entropy']:.3f}")
         console.print(r)
     if plots is not None:
-        console.print(f"plots: {', '.join(report['plots'])}", soft_wrap=True)
+        console.print(f"plots: {', '.join(report['plots'])}", soft_wrap=True, markup=False)
     if report_dir is not None:
-        console.print(f"report: {report['report']}", soft_wrap=True)
+        console.print(f"report: {report['report']}", soft_wrap=True, markup=False)
+
+
+@app.command()
+@handles_errors
+def predict(
+    checkpoint: Path = typer.Argument(..., help="The checkpoint to apply (e.g. runs/s3/final)."),
+    images: list[Path] = typer.Option(..., "--images", help="A scene (.tif/.tiff/.png), or a folder of them (or a data "
+                                      "folder with images/); repeat --images for more."),
+    out: Path = typer.Option(..., "--out", help="Folder to create or complete: masks/, confidence/, previews/, predict.json."),
+    overlap: Optional[float] = _overlap_option(),
+    stride: Optional[int] = _stride_option(),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Windows per forward pass."),
+    device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (autocast for the forward)."),
+    input_scale: Optional[str] = _scale_option(),
+    dn_calibration: Optional[float] = _cal_option(),
+    polarisations: Optional[str] = _pol_option(),
+    force: bool = typer.Option(False, "--force", help="Replace an --out folder samoe predict wrote (other checkpoint or tiling)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run's summary as JSON."),
+) -> None:
+    """Segment whole scenes by sliding windows: a class mask and a confidence map per scene (GeoTIFF with the scene's
+    CRS, transform and nodata), and a coloured preview with a legend. Resumes: scenes already done are skipped."""
+    from stages.predict import PredictOptions, predict as run_predict
+    from upscale.device import resolve_device
+
+    torch_device, precision = resolve_device(device), _precision(precision)
+    options = PredictOptions(overlap, stride, batch_size, torch_device, precision,
+                             _unit_options(input_scale, dn_calibration, polarisations), force)
+    with _one_job(out), _WorkProgress("predicting (windows)", as_json) as progress:
+        summary = run_predict(checkpoint, images, out, options, on_start=lambda n, skipped, w: progress.start(w),
+                              on_windows=progress.advance)
+    if as_json:
+        _print_json(summary)
+        return
+    for name, scene in summary["scenes"].items():
+        top = sorted(scene["class_fractions"].items(), key=lambda kv: -kv[1])[:3]
+        console.print(escape(f"{name}: {scene['height']}x{scene['width']} px{', georeferenced' if scene['georeferenced'] else ''}"
+                             f"; {', '.join(f'{k} {v:.1%}' for k, v in top)}; {scene['outputs']['masks']}"), soft_wrap=True)
+    console.print(escape(f"{out}: {summary['predicted']} scene(s) predicted, {summary['skipped']} already done "
+                         f"(windows of {summary['window']} px, stride {summary['stride']})"), soft_wrap=True)
 
 
 @app.command("plot")
@@ -827,11 +1148,12 @@ def plot(
 
     check_format(fmt)
     check_output_dir(out, force, "--out", {f"run {r}": r for r in runs})
-    for w in write_curves(runs, out, fmt):
-        console.print(f"{w.path}: {w.caption}", soft_wrap=True)
+    for w in write_curves(runs, out, fmt, force):
+        console.print(f"{w.path}: {w.caption}", soft_wrap=True, markup=False)
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, on_sigterm)  # clean up as on Ctrl-C (train saves a checkpoint in its own handler)
     try:
         app()
     except SystemExit as e:

@@ -1,54 +1,93 @@
-"""`samoe expand` against writing the same bytes to the same disk, honestly.
+"""`samoe expand` end to end, as a user runs it, against writing the same bytes to the same disk.
 
-For each target output size, builds a synthetic flat-MoE source (ViT-B width,
-16 experts in every block, bf16), grows it to 117 experts in 8 groups with
-copy+noise through the CLI (in a child process whose imports happen before the
-timer starts), and in the same run times two plain writes of the same bytes
-into the same directory, in files of the same shard size:
-  - `O_DIRECT` (aligned 64 MiB buffer, fsync per file): what the disk can do;
-  - buffered `write()` + fsync per file: what a naive writer pays.
-Every timed job starts after the same idle time (`--idle`, default 10 s): on
-this kind of VM freed pages go back to the host within seconds, and a writer
-that reuses still-mapped page-cache pages is faster than one that faults in
-fresh ones, so a baseline run straight after deleting expand's output would
-flatter it. The three jobs are interleaved and each is run `--repeats` times
-(default 2); the best of each is reported, with ratios, expand's CPU time and
-its peak RSS (VmHWM of its own process; it must not grow with the output).
+The case (issue 40): a ViT-B-width float32 source with 2 experts in each of its 12 blocks (and the
+decoder's), grown to 20 experts in 4 groups plus 1 extra block with `--init mixed --dtype bfloat16`
+(2.62 GB out). The timer starts before the `samoe expand` process does, so imports, opening and
+planning count, as they do for a user. Time to first write is when the first shard of the output
+first holds data (the parent polls the output's temporary directory every 2 ms).
 
-    .venv/bin/python benchmarks/expand_io.py [--sizes-gb 2.6 8] [--dir /tmp/samoe-bench] [--workers 2] [--shard-gb 1]
+In the same run, the same number of bytes is written to the same directory in files of expand's
+shard sizes, through `O_DIRECT` with fsync (what the disk can do). Every timed job starts after the
+same idle time (`--idle`): on this kind of VM freed pages go back to the host within seconds, and a
+writer that reuses still-mapped page-cache pages is faster than one that faults in fresh ones. The
+jobs are interleaved, `--repeats` times; the best of each is reported with their ratio, expand's CPU
+time and its peak RSS (it must stay near a shard, not grow with the output). `--baseline DIR` times
+another checkout's `samoe expand` (e.g. main's) in the same run, interleaved.
+
+    .venv/bin/python benchmarks/expand_io.py [--dir /tmp/samoe-bench] [--repeats 3] [--idle 5] [--workers 2]
+                                             [--baseline /path/to/main-checkout]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import mmap
 import os
+import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from datetime import date
 from pathlib import Path
 
-import torch
+from startup import ROOT, child_env, samoe
 
-from upscale.checkpoint import build_meta, save_model
-from upscale.config import SAM_VITS, MoEConfig, SamMoEConfig
-from upscale.expand import GrowthSpec, grown_config, resolve_groups
-from upscale.model import build_model
-
-NEW_EXPERT_BF16 = (2 * 768 * 3072 + 3072 + 768) * 2  # bytes of one ViT-B expert in bf16
 CHUNK = 64 * 2**20
+EXPAND_ARGS = ["--experts", "20", "--groups", "4", "--extra-blocks", "1", "--init", "mixed", "--dtype", "bfloat16"]
 
 
-def source_config(blocks: int) -> SamMoEConfig:
-    return SamMoEConfig(**{**SAM_VITS["vit_b"], "depth": blocks, "global_attn_indexes": (blocks - 1,)}, img_size=256,
-                        moe_blocks=tuple(range(blocks)), decoder_moe=False, moe=MoEConfig(groups=(16,), top_k=2))
+def make_source(path: Path) -> int:
+    """The case's float32 source checkpoint (random weights); returns its parameter count."""
+    import torch
+
+    from upscale.checkpoint import build_meta, save_model
+    from upscale.config import SAM_VITS, MoEConfig, SamMoEConfig
+    from upscale.model import build_model
+
+    cfg = SamMoEConfig(**SAM_VITS["vit_b"], moe_blocks=tuple(range(12)), moe=MoEConfig(groups=(2,), top_k=2))
+    model = build_model(cfg, seed=0)
+    save_model(model, path, build_meta(cfg, {n: "random" for n in model.state_dict()}, [], [], torch.float32))
+    return sum(t.numel() for t in model.state_dict().values())
 
 
-def grown_bytes(cfg: SamMoEConfig, spec: GrowthSpec) -> int:
-    g = build_model(grown_config(cfg, spec), device="meta")
-    return sum(t.numel() for t in g.state_dict().values()) * 2
+def _first_write(out: Path, start: float, stop: threading.Event, seen: dict) -> None:
+    """Poll the output's temporary directory until a shard holds data; record when."""
+    prefix = f".{out.name}.tmp-"
+    while not stop.is_set():
+        for entry in os.scandir(out.parent):
+            if entry.name.startswith(prefix):
+                try:
+                    if any(f.name.endswith(".safetensors") and f.stat().st_size > 0 for f in os.scandir(entry.path)):
+                        seen["first_write_s"] = time.perf_counter() - start
+                        return
+                except FileNotFoundError:
+                    pass
+        time.sleep(0.002)
+
+
+def run_expand(src: Path, out: Path, workers: int, tree: Path = ROOT) -> dict:
+    """`samoe expand` of checkout `tree` in a fresh process, timed from before its start to its exit."""
+    env = child_env(src.parent / tree.name, tree)
+    cmd = [*samoe(), "expand", str(src), "--out", str(out), *EXPAND_ARGS, "--workers", str(workers)]
+    seen: dict = {}
+    stop = threading.Event()
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tree)
+    poller = threading.Thread(target=_first_write, args=(out, start, stop, seen), daemon=True)
+    poller.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    stop.set()
+    poller.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        sys.exit(f"samoe expand failed: {proc.stderr.read().decode()[-2000:]}")
+    proc.stderr.close()
+    shards = sorted(p.stat().st_size for p in out.glob("*.safetensors"))
+    return {"seconds": elapsed, "first_write_s": seen.get("first_write_s", float("nan")), "user_s": usage.ru_utime,
+            "sys_s": usage.ru_stime, "peak_rss": usage.ru_maxrss * 1024, "shards": shards}
 
 
 def _chunk() -> mmap.mmap:
@@ -58,122 +97,78 @@ def _chunk() -> mmap.mmap:
     return buf
 
 
-def plain_write(directory: Path, total: int, shard: int, direct: bool = False, buf: mmap.mmap | None = None) -> float:
-    """Sequential write of `total` bytes in files of `shard` bytes, fsync each (what expand's writer does).
-
-    `direct`: through O_DIRECT (lengths rounded up to 4 KiB, as expand's writer
-    pads its last block before truncating). The directory is removed afterwards
-    (not timed)."""
+def direct_write(directory: Path, sizes: list[int], buf: mmap.mmap) -> float:
+    """Files of `sizes` bytes written through O_DIRECT (lengths rounded up to 4 KiB, as expand's writer pads
+    its last block before truncating), fsync each; the directory is removed afterwards (not timed)."""
     directory.mkdir(parents=True, exist_ok=True)
-    buf = buf or _chunk()
     view = memoryview(buf)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
     t = time.perf_counter()
-    left, k = total, 0
-    while left > 0:
-        n = min(shard, left)
-        fd = os.open(directory / f"plain-{k}.bin", flags, 0o644)
+    for k, size in enumerate(sizes):
+        fd = os.open(directory / f"plain-{k}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
         try:
-            todo = -(-n // 4096) * 4096 if direct else n
+            todo = -(-size // 4096) * 4096
             while todo > 0:
                 todo -= os.write(fd, view[: min(todo, CHUNK)])
+            os.ftruncate(fd, size)
             os.fsync(fd)
         finally:
             os.close(fd)
-        left -= n
-        k += 1
     elapsed = time.perf_counter() - t
     shutil.rmtree(directory)
     return elapsed
 
 
-# Imports happen before the timer; peak RSS is the process's own VmHWM (ru_maxrss would count the parent's pages at fork).
-RUN_EXPAND = """
-import sys, time, resource
-import torch, numpy, blake3, rich.progress
-from cli import app
-import upscale.expand, upscale.checkpoint, upscale.fastio
-r0 = resource.getrusage(resource.RUSAGE_SELF)
-t = time.perf_counter()
-try:
-    app(sys.argv[1:], standalone_mode=False)
-finally:
-    elapsed = time.perf_counter() - t
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
-    hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
-    print("RESULT", elapsed, hwm * 1024, r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime, flush=True)
-"""
-
-
-def run_expand(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, "-c", RUN_EXPAND, *args], capture_output=True, text=True)
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
-    if proc.returncode != 0 or not line:
-        sys.exit(f"expand failed: {proc.stderr[-2000:]}")
-    _, t, rss, user, sys_ = line[0].split()
-    return {"seconds": float(t), "peak_rss": int(rss), "user_s": float(user), "sys_s": float(sys_)}
-
-
-def compare(out: Path, expand_args: list[str], shard: int, idle: float, repeats: int) -> dict:
-    """Interleave expand, an O_DIRECT write and a buffered+fsync write of expand's bytes, each after `idle` s."""
-    buf = _chunk()
-    best: dict[str, float] = {}
-    expand = None
-    written = 0
-    for _ in range(repeats):
-        time.sleep(idle)
-        r = run_expand(expand_args)
-        written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-        shutil.rmtree(out)
-        if expand is None or r["seconds"] < expand["seconds"]:
-            expand = r
-        for name, direct in (("direct", True), ("buffered", False)):
-            time.sleep(idle)
-            t = plain_write(out.parent / f"plain-{name}", written, shard, direct=direct, buf=buf)
-            best[name] = min(best.get(name, float("inf")), t)
-    return {"bytes": written, "expand": expand, "direct_s": best["direct"], "buffered_s": best["buffered"],
-            "ratio_vs_direct": expand["seconds"] / best["direct"], "ratio_vs_buffered": expand["seconds"] / best["buffered"]}
-
-
-def report(label: str, r: dict) -> str:
-    e = r["expand"]
-    gb = r["bytes"] / 1e9
-    return (f"{label}: {gb:.2f} GB: expand {e['seconds']:.1f} s ({gb / e['seconds']:.2f} GB/s; CPU {e['user_s']:.1f} user + "
-            f"{e['sys_s']:.1f} sys, peak RSS {e['peak_rss'] / 2**30:.2f} GiB) | O_DIRECT write {r['direct_s']:.1f} s "
-            f"({gb / r['direct_s']:.2f} GB/s) | buffered+fsync {r['buffered_s']:.1f} s | expand/O_DIRECT "
-            f"{r['ratio_vs_direct']:.2f}x, expand/buffered {r['ratio_vs_buffered']:.2f}x")
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--sizes-gb", type=float, nargs="+", default=[2.6])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/samoe-bench"))
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--shard-gb", type=float, default=1.0)
-    ap.add_argument("--idle", type=float, default=10.0, help="seconds of idle before each timed job")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--idle", type=float, default=5.0, help="seconds of idle before each timed job")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--results", type=Path, default=None, help="also write the table here (default: "
+                    "benchmarks/results-expand-io-<date>.txt)")
+    ap.add_argument("--baseline", type=Path, default=None, help="another checkout (e.g. main) whose `samoe expand` "
+                    "is timed too, interleaved, in the same run")
     args = ap.parse_args()
-    shard = int(args.shard_gb * 2**30)
-    rows = []
-    for size in args.sizes_gb:
-        blocks = max(1, round(size * 1e9 / (117 * NEW_EXPERT_BF16)))
-        cfg = source_config(blocks)
-        spec = GrowthSpec(experts=117, groups=resolve_groups(16, 117, "8", 1))
-        work = args.dir / f"{size:g}gb"
+    trees = {"this tree": ROOT} | ({f"baseline {args.baseline}": args.baseline.resolve()} if args.baseline else {})
+    work = args.dir / "expand-io"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        params = make_source(work / "src")
+        buf = _chunk()
+        runs: dict[str, list[dict]] = {label: [] for label in trees}
+        direct: list[float] = []
+        for _ in range(args.repeats):
+            for label, tree in trees.items():
+                time.sleep(args.idle)
+                runs[label].append(run_expand(work / "src", work / "grown", args.workers, tree))
+                shutil.rmtree(work / "grown")
+            time.sleep(args.idle)
+            direct.append(direct_write(work / "plain", runs["this tree"][-1]["shards"], buf))
+    finally:
         shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        model = build_model(cfg, seed=0)
-        save_model(model, work / "src", build_meta(cfg, {n: "random" for n in model.state_dict()}, [], [], torch.bfloat16),
-                   dtype=torch.bfloat16, shard_bytes=shard)
-        del model
-        cmd = ["expand", str(work / "src"), "--out", str(work / "grown"), "--experts", "117", "--groups", "8",
-               "--noise-std", "0.01", "--workers", str(args.workers), "--shard-size", str(args.shard_gb)]
-        r = compare(work / "grown", cmd, shard, args.idle, args.repeats)
-        shutil.rmtree(work)
-        r.update(target_gb=size, blocks=blocks, planned_bytes=grown_bytes(cfg, spec), shard_gb=args.shard_gb)
-        rows.append(r)
-        print(report(f"{blocks} ViT-B blocks x 117 experts", r), flush=True)
-    print(json.dumps(rows))
+    shards = runs["this tree"][0]["shards"]
+    gb = sum(shards) / 1e9
+    lines = [
+        f"# benchmarks/expand_io.py, {date.today()}, {platform.node()}, {os.cpu_count()} CPUs, --workers {args.workers}",
+        f"case: ViT-B-width fp32 source ({params / 1e6:.0f}M params, 2 experts x 12 blocks) -> 20 experts in 4 groups "
+        f"+ 1 extra block, {' '.join(EXPAND_ARGS[-4:])}: {gb:.2f} GB in {len(shards)} shard(s)",
+        "O_DIRECT write of the same bytes, same disk: " + ", ".join(f"{t:.2f}" for t in direct) + " s",
+    ]
+    for label, rs in runs.items():
+        best = min(rs, key=lambda r: r["seconds"])
+        lines += [
+            f"{label}: samoe expand, process start to exit: " + ", ".join(f"{r['seconds']:.2f}" for r in rs) + " s; "
+            "first write after " + ", ".join(f"{r['first_write_s']:.2f}" for r in rs) + " s",
+            f"{label}: best {best['seconds']:.2f} s ({gb / best['seconds']:.2f} GB/s; CPU {best['user_s']:.1f} user + "
+            f"{best['sys_s']:.1f} sys; peak RSS {best['peak_rss'] / 2**30:.2f} GiB) | O_DIRECT best {min(direct):.2f} s "
+            f"({gb / min(direct):.2f} GB/s) | expand / O_DIRECT = {best['seconds'] / min(direct):.2f}x | "
+            f"first write after {min(r['first_write_s'] for r in rs):.2f} s",
+        ]
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    out = args.results or ROOT / "benchmarks" / f"results-expand-io-{date.today()}.txt"
+    out.write_text(text)
 
 
 if __name__ == "__main__":

@@ -177,7 +177,7 @@ def train_case(label: str, src_cfg, spec, precision: str, batch_size: int, steps
     peak = torch.cuda.max_memory_allocated() - base
     params = sum(p.numel() for p in model.parameters())
     if spec is not None:
-        plan = plan_report(src_cfg, spec, torch.float32)["memory_per_stage"][f"stage{stage}"]
+        plan = plan_report(src_cfg, spec, "float32")["memory_per_stage"][f"stage{stage}"]
         predicted = plan["total_bytes"]
     else:
         predicted = sum(p.numel() for p in model.parameters()) * 4 * 3  # stage 3: weights + grads + momentum

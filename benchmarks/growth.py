@@ -1,241 +1,158 @@
-"""Growth experiment: does growing pay, at equal training compute, on a capacity-bound set?
+"""Does growing pay, at equal training compute, where capacity binds? The growth protocol on the codebook set.
 
-On `samoe demo-data --preset hard` (10 SAR classes, stages/hard_scenes.py), for each seed:
-  source  the tiny model (0.54M) trained from scratch for S forward+backward FLOPs;
-  (a)     the source trained further, E more FLOPs (full fine-tune, the same regime);
-  (b)     the source grown (4 -> 16 experts in 4 groups, +1 block, copy+noise), pseudo-labels of B
-          from the source, stages 1, 2, 3 sharing E FLOPs (40/30/30%);
-  (c)     the grown architecture trained from scratch for S + E FLOPs (the capacity check: a
-          bigger model, the same total compute as the source plus (a) or (b)).
-FLOPs are counted, not assumed: torch's FlopCounterMode (matmuls and convolutions, forward and
-backward) over one real training step of each configuration (frozen parts are in the forward but
-get no weight gradients), so the grown model's larger per-step cost buys it fewer steps. Arms
-train supervised on A (`--semisup` adds seed 004's unsupervised phase on B to every arm); (b)'s
-stage 1 learns from the source's pseudo-labels of B, as the growth plan prescribes.
-All arms are evaluated on the held-out A-test; differences come with 95% intervals from a
-paired bootstrap over (seed, image) pairs; per-seed differences are printed too.
+Run `capacity.py` first: its tiny runs at their plateau are the sources here, its grown-layout runs from
+scratch are arm (c), and the premise it checks is what makes this comparison mean anything. For each seed,
+with extra compute E = `--extra` x the source's S (counted forward+backward FLOPs):
+  (a) the source trained further: `samoe train --stage 3` for E, at `--lr-scale` m x its own peak rate;
+  (b) the source grown (`samoe expand`, `--layout`) and trained through stages 1, 2, 3 sharing E
+      (`--stage-share`), each stage at its default scale (1, 0.3, 0.1) x m x the source's peak rate; stage 1
+      trains on `--stage1-data`: the labelled set, the source's pseudo-labels of unlabelled scenes, or both;
+  (c) the grown layout from scratch at its plateau (capacity.py), for its total compute.
+Each arm's multiplier m is chosen on the validation split with seed 0 from `--mults`, then used for every seed.
+Scores are on the test split: interior mIoU (pixels more than half a patch from a class border). Reported per
+seed: (b) - (a) with a t-interval over seeds, every arm's FLOPs, and what (b)'s new parts add (switched off).
 
-    .venv/bin/python benchmarks/growth.py [--seeds 0 1 2] [--work /tmp/samoe-growth]
+    python benchmarks/growth.py --work .lab/capacity --signatures 960 --seeds 0 1 2 --extra 0.5 1
 
-Defaults finish in about an hour on a 2-core CPU. The table it prints is in the README.
+Finished runs and scores are cached under --work; rerun the same command to finish or reprint.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import shutil
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-GROW = ["--experts", "16", "--groups", "4", "--extra-blocks", "1"]
-STAGE_SHARE = {1: 0.4, 2: 0.3, 3: 0.3}
-REUSE = False
-THREADS = 0  # OMP_NUM_THREADS of each samoe process (0: torch's default)
-DEVICE: list[str] = []  # ["--device", D] for samoe train, when given
-BATCH = 4
+import protocol as P
+from capacity import LAYOUTS
+
+GROW_ARGS = {
+    "replicas": ["--experts", "16", "--groups", "4", "--replicate"],
+    "plan": ["--experts", "16", "--groups", "4", "--routed-top-k", "1", "--noise-std", "0"],
+}
 
 
-def samoe(*args: str, out: Path | None = None) -> str:
-    """Run one samoe command; with --reuse, skip it when its output `out` is already complete."""
-    if REUSE and out is not None and ((out / "samoe.json").exists() or (out / "final" / "samoe.json").exists()
-                                      or (out / ".samoe-owner.json").exists() and (out / "masks").is_dir()):
-        print(f"  reused  {out}", flush=True)
-        return ""
-    t = time.perf_counter()
-    # `python -m cli` from the repository root: a copy of the tree benchmarks itself, not the installed one;
-    # seeds run side by side (--jobs) share the cores instead of oversubscribing them
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS)) if THREADS else None
-    proc = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=REPO, env=env)
-    if proc.returncode != 0:
-        sys.exit(f"samoe {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    print(f"  {time.perf_counter() - t:6.1f} s  samoe {' '.join(args)}", flush=True)
-    return proc.stdout
+def source_run(cap: dict, seed: int) -> dict:
+    return next(r for r in cap["tiny"]["runs"] if r["seed"] == seed)
 
 
-def step_flops(ckpt: Path, stage: int, data: Path, unlabelled: Path | None, batch_size: int) -> float:
-    """Forward+backward FLOPs of one training step (both phases) of `ckpt` in `stage`."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from stages.engine import apply_stage, open_labelled, train_step
-    from stages.data import UnlabelledFolder
-    from stages.optim import build_optimizers
-    from upscale.checkpoint import Checkpoint, load_model
-
-    ck = Checkpoint.open(ckpt)
-    model = load_model(ckpt)
-    apply_stage(model, ck.provenance, stage, 4)
-    opts = build_optimizers(model, 0.0)  # lr 0: counting must not change anything that matters
-    cfg = model.config
-    ds = open_labelled(data, cfg.num_classes, cfg.img_size)
-    batch = torch.utils.data.default_collate([ds[i] for i in range(batch_size)])
-    ubatch = None
-    if unlabelled is not None:
-        uds = UnlabelledFolder(unlabelled, size=cfg.img_size)
-        ubatch = torch.utils.data.default_collate([uds[i] for i in range(batch_size)])
-    with FlopCounterMode(display=False) as counter:
-        train_step(model, opts, batch, ubatch, 1.0, 0.01, False, 0)
-    return float(counter.get_total_flops())
+def arm_a(work: Path, src: Path, data: dict, seed: int, m: float, steps: int, batch: int) -> Path:
+    return P.train(3, src, work / f"a-m{m:g}-s{seed}", data["A"], steps, None, seed, batch, extra=("--lr-scale", f"{m:g}"))
 
 
-def image_stats(ckpt: Path, data: Path, limit: int = 0):
-    """Per-image statistics of `ckpt` on the labelled folder `data` (its first `limit` images when limit > 0)."""
-    from torch.utils.data import Subset
-
-    from stages.data import LabelledFolder
-    from stages.evaluate import run_model
-    from upscale.checkpoint import load_model
-
-    model = load_model(ckpt)
-    cfg = model.config
-    folder = LabelledFolder(data, cfg.num_classes, size=cfg.img_size)
-    if 0 < limit < len(folder):
-        folder = Subset(folder, range(limit))
-    stats, routing = run_model(model, folder, 8)
-    return stats, {k: v.report() for k, v in routing.items()}
-
-
-def concat(stats: list):
-    from stages.evaluate import ImageStats
-
-    return ImageStats(np.concatenate([s.cm for s in stats]), np.concatenate([s.boundary for s in stats]),
-                      np.concatenate([s.sdf for s in stats]), np.concatenate([s.interior for s in stats]))
-
-
-def train(stage: int, src: Path, run: Path, data: Path, unlabelled: Path | None, steps: int, lr: float, seed: int,
-          force_input: bool = False, extra: tuple[str, ...] = (), batch: int = 0) -> Path:
-    args = ["train", "--stage", str(stage), "--from", str(src), "--run-dir", str(run), "--data", str(data),
-            "--max-steps", str(steps), "--lr", str(lr), "--seed", str(seed), "--checkpoint-every", "100000",
-            "--batch-size", str(batch or BATCH), *DEVICE]
-    if unlabelled is not None:
-        args += ["--unlabelled", str(unlabelled)]
-    if force_input:
-        args.append("--force")
-    samoe(*args, *extra, out=run)
-    return run / "final"
-
-
-def one_seed(w: Path, d: Path, seed: int, args: argparse.Namespace) -> dict:
-    print(f"seed {seed}", flush=True)
-    A, B, test = d / "A", d / "B", d / "A-test"
-    samoe("init", "--preset", "tiny", "--num-classes", "10", "--out", str(w / "init"), "--seed", str(seed), out=w / "init")
-    # the grown architecture from scratch: grow the untrained init (extra block = identity, experts = copies + noise)
-    samoe("expand", str(w / "init"), "--out", str(w / "init-grown"), *GROW, "--noise-std", "0.5", "--seed", str(seed),
-          out=w / "init-grown")
-    U = B if args.semisup else None  # the seed-004 unsupervised phase doubles each step's cost
-    f_src = step_flops(w / "init", 3, A, U, args.batch_size)
-    f_big = step_flops(w / "init-grown", 3, A, U, args.batch_size)
-    spe = math.ceil(len(list((A / "images").iterdir())) / args.batch_size)
-    s_steps = args.source_epochs * spe
-    S = s_steps * f_src
-    E = args.extra * S
-    src = train(3, w / "init", w / "source", A, U, s_steps, args.lr, seed, force_input=True)
-    # (a) the source trained further
-    a_steps = max(1, round(E / f_src))
-    x = args.arm_suffix
-    fa = train(3, src, w / f"a{x}", A, U, a_steps, args.further_lr, seed, force_input=True)
-    # (b) grow, pseudo-label, stages 1-3
-    samoe("expand", str(src), "--out", str(w / "grown"), *GROW, "--noise-std", "0.01", "--seed", str(seed),
-          "--verify", str(A), "--verify-tol", "1e-5", out=w / "grown")
-    # confidence weights the loss; no threshold (a weak teacher would have every pixel dropped)
-    samoe("pseudo-label", str(src), "--images", str(B), "--out", str(w / "B-pseudo"), out=w / "B-pseudo")
-    f_b = {1: step_flops(w / "grown", 1, w / "B-pseudo", None, args.batch_size),
-           2: step_flops(w / "grown", 2, A, U, args.batch_size),
-           3: step_flops(w / "grown", 3, A, U, args.batch_size)}
-    b_steps = {k: max(1, round(STAGE_SHARE[k] * E / f_b[k])) for k in (1, 2, 3)}
-    lr_b, hand = args.stage_lrs, ("--handover-coef", str(args.handover_coef))
-    s1 = train(1, w / "grown", w / f"s1{x}", w / "B-pseudo", None, b_steps[1], lr_b[0], seed, extra=hand)
-    s2 = train(2, s1, w / f"s2{x}", A, U, b_steps[2], lr_b[1], seed, extra=hand)
-    fb = train(3, s2, w / f"s3{x}", A, U, b_steps[3], lr_b[2], seed, extra=hand)
-    # (c) the grown architecture from scratch, compute S + E
-    c_steps = max(1, round((S + E) / f_big))
-    fc = train(3, w / "init-grown", w / "c", A, U, c_steps, args.lr, seed, force_input=True)
-    arms = {"source": src, "a": fa, "b": fb, "c": fc}
-    compute = {"source": S, "a": S + a_steps * f_src, "b": S + sum(b_steps[k] * f_b[k] for k in b_steps), "c": c_steps * f_big}
-    steps = {"source": s_steps, "a": s_steps + a_steps, "b": f"{s_steps}+{b_steps[1]}/{b_steps[2]}/{b_steps[3]}", "c": c_steps}
-    out = {"compute": compute, "steps": steps, "stats": {}, "routing": {}}
-    for name, path in arms.items():
-        out["stats"][name], out["routing"][name] = image_stats(path, test)
-    return out
+def arm_b(work: Path, src: Path, data: dict, seed: int, m: float, steps: dict[int, int], batch: int, layout: str,
+          stage1_data: str, augment: bool) -> Path:
+    grown = work / f"grown-{layout}-s{seed}"
+    if not (grown / "samoe.json").exists():
+        P.samoe("expand", str(src), "--out", str(grown), *GROW_ARGS[layout], "--seed", str(seed), "--force")
+    s1_data = {"labelled": [data["A"]], "pseudo": [data["B-pseudo"]], "mixed": [data["A"], data["B-pseudo"]]}[stage1_data]
+    tag = f"{layout}-{stage1_data}{'-aug' if augment else ''}-m{m:g}-s{seed}"
+    prev = grown
+    for stage in (1, 2, 3):
+        extra = ["--lr-scale", f"{m * {1: 1.0, 2: 0.3, 3: 0.1}[stage]:g}"]
+        extra += [a for d in s1_data[1:] for a in ("--data", str(d))] if stage == 1 else []
+        extra += ["--augment"] if augment else []
+        first = s1_data[0] if stage == 1 else data["A"]
+        prev = P.train(stage, prev, work / f"b{stage}-{tag}", first, steps[stage], None, seed, batch, extra=tuple(extra))
+    return prev
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/samoe-growth"))
+    ap.add_argument("--work", type=Path, default=Path(".lab/capacity"), help="capacity.py's --work")
+    ap.add_argument("--signatures", type=int, default=960)
+    ap.add_argument("--layout", choices=sorted(LAYOUTS), default="replicas")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--labelled", type=int, default=128)
-    ap.add_argument("--unlabelled", type=int, default=128)
-    ap.add_argument("--test", type=int, default=48)
-    ap.add_argument("--source-epochs", type=int, default=16, help="source training, in epochs of A")
-    ap.add_argument("--semisup", action="store_true", help="every arm also runs seed 004's unsupervised phase on B")
-    ap.add_argument("--extra", type=float, default=0.5, help="extra compute E as a fraction of the source's S")
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=0.2, help="lr of training from scratch (0.05 left a 10-class model flat)")
-    ap.add_argument("--further-lr", type=float, default=0.1, help="lr of (a), the source trained further")
-    ap.add_argument("--stage-lrs", type=float, nargs=3, default=[0.1, 0.1, 0.05], help="lr of (b)'s stages 1, 2, 3")
-    ap.add_argument("--handover-coef", type=float, default=0.1, help="(b)'s hand-over loss weight (samoe train's option)")
-    ap.add_argument("--reuse", action="store_true", help="keep --work and skip every step whose output exists "
-                    "(e.g. rerun (a) and (b) with other learning rates under --arm-suffix)")
-    ap.add_argument("--arm-suffix", default="", help="run-dir suffix of (a)'s and (b)'s runs")
-    ap.add_argument("--bootstrap", type=int, default=2000)
-    ap.add_argument("--jobs", type=int, default=1, help="seeds trained side by side (each gets cores/jobs threads)")
-    ap.add_argument("--device", default=None, help="samoe train's --device for every run (e.g. cuda)")
+    ap.add_argument("--extra", type=float, nargs="+", default=[0.5, 1.0], help="E as fractions of the source's S")
+    ap.add_argument("--mults", type=float, nargs="+", default=[0.3, 1.0, 3.0], help="lr multipliers tried on seed 0")
+    ap.add_argument("--stage-share", type=float, nargs=3, default=[0.4, 0.3, 0.3])
+    ap.add_argument("--stage1-data", choices=["labelled", "pseudo", "mixed"], default="mixed")
+    ap.add_argument("--augment", action="store_true", help="every stage of (b) augments its inputs (Noisy Student)")
+    ap.add_argument("--unlabelled", type=int, default=2000, help="scenes pseudo-labelled by the source (stage 1)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args()
-    from stages.evaluate import METRICS, bootstrap_diff
-
-    global REUSE, THREADS, DEVICE, BATCH
-    REUSE, BATCH = args.reuse, args.batch_size
-    THREADS = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else 0
-    DEVICE = ["--device", args.device] if args.device else []
     t0 = time.perf_counter()
-    if not args.reuse:
-        shutil.rmtree(args.work, ignore_errors=True)
-    d = args.work / "data"
-    if not (d / "demo-data.json").exists():
-        samoe("demo-data", "--preset", "hard", "--out", str(d), "--labelled", str(args.labelled),
-              "--unlabelled", str(args.unlabelled), "--test", str(args.test), "--seed", "1234")
-    torch.set_num_threads(max(1, THREADS) if THREADS else torch.get_num_threads())
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each seed mostly waits on its samoe processes
-        futures = {seed: pool.submit(one_seed, args.work / f"seed{seed}", d, seed, args) for seed in args.seeds}
-        runs = {seed: f.result() for seed, f in futures.items()}
-    arms = ("source", "a", "b", "c")
-    label = {"source": "source (tiny, 0.54M)", "a": "(a) source trained further", "b": "(b) grown + stages 1-3 (1.99M)",
-             "c": "(c) grown arch. from scratch (1.99M)"}
-    pooled = {arm: concat([runs[s]["stats"][arm] for s in args.seeds]) for arm in arms}
-    print(f"\n{len(args.seeds)} seeds x {args.test} held-out images (hard preset, 10 classes); "
-          f"{time.perf_counter() - t0:.0f} s in all\n")
-    print("| arm | compute (TFLOP, mean) | steps (seed 0) | " + " | ".join(METRICS) + " |")
-    print("|---|---|---|" + "---|" * len(METRICS))
-    for arm in arms:
-        tf = np.mean([runs[s]["compute"][arm] for s in args.seeds]) / 1e12
-        m = pooled[arm].metrics()
-        print(f"| {label[arm]} | {tf:.2f} | {runs[args.seeds[0]]['steps'][arm]} | "
-              + " | ".join(f"{m[k]:.4f}" for k in METRICS) + " |")
-    print("\n| comparison | " + " | ".join(f"{k} diff [95% CI]" for k in METRICS) + " | per-seed mIoU diff |")
-    print("|---|" + "---|" * (len(METRICS) + 1))
-    report = {"args": {k: str(v) for k, v in vars(args).items()}, "comparisons": {}}
-    for x, y in (("a", "b"), ("a", "c"), ("source", "c"), ("source", "b"), ("source", "a")):
-        diff = bootstrap_diff(pooled[x], pooled[y], args.bootstrap, seed=0)
-        per_seed = [runs[s]["stats"][y].metrics()["miou"] - runs[s]["stats"][x].metrics()["miou"] for s in args.seeds]
-        report["comparisons"][f"{y}-{x}"] = {"diff": diff, "per_seed_miou": per_seed}
-        print(f"| {y} - {x} | " + " | ".join(f"{diff[k]['diff']:+.4f} [{diff[k]['ci_low']:+.4f}, {diff[k]['ci_high']:+.4f}]"
-                                              for k in METRICS) + " | " + ", ".join(f"{v:+.4f}" for v in per_seed) + " |")
-    route = runs[args.seeds[0]]["routing"]["b"]
-    print("\nnew-group share of routing weight in (b), seed 0: "
-          + ", ".join(f"{k.replace('image_encoder.blocks.', 'enc').replace('mask_decoder.transformer.layers.', 'dec').removesuffix('.mlp')}"
-                      f" {v['new_weight_share']:.3f}" for k, v in route.items()))
-    report["compute"] = {s: runs[s]["compute"] for s in args.seeds}
-    (args.work.parent / f"{args.work.name}{args.arm_suffix}.json").write_text(json.dumps(report, indent=1, default=float))
+    cap = json.loads((args.work / f"capacity-{args.layout}.json").read_text())[str(args.signatures)]
+    flops = cap["flops_per_step"]
+    data = P.codebook_data(args.work, args.signatures, 0, 0, 0)
+    seeds = args.seeds
+    results = {}
+    for frac in args.extra:
+        def one(seed: int, m: float, arm: str) -> dict:
+            s = source_run(cap, seed)
+            src = Path(s["run"]) / "final"
+            work = args.work / f"N{args.signatures}" / f"growth-E{frac:g}"
+            S = s["steps"] * flops["tiny"]
+            if arm == "a":
+                final = arm_a(work, src, data, seed, m, round(frac * S / flops["tiny"]), args.batch)
+                compute = S + round(frac * S / flops["tiny"]) * flops["tiny"]
+            else:
+                unl = args.work / f"codebook-{args.signatures}-unlabelled"
+                if not (unl / "demo-data.json").exists():
+                    P.samoe("demo-data", "--preset", "codebook", "--signatures", str(args.signatures), "--out", str(unl),
+                            "--force", "--labelled", "0", "--test", "0", "--unlabelled", str(args.unlabelled), "--seed", "2")
+                pseudo = work / f"B-pseudo-s{seed}"
+                if not (pseudo / "masks").is_dir() or len(list((pseudo / "masks").iterdir())) < args.unlabelled:
+                    P.samoe("pseudo-label", str(src), "--images", str(unl / "B"), "--out", str(pseudo))
+                grown = work / f"grown-{args.layout}-s{seed}"
+                if not (grown / "samoe.json").exists():
+                    P.samoe("expand", str(src), "--out", str(grown), *GROW_ARGS[args.layout], "--seed", str(seed), "--force")
+                # a stage's step costs what its trainable parts make it cost (frozen parts run forward only)
+                f_b = P.cached(work / f"flops-b-{args.layout}-s{seed}.json",
+                               lambda: {str(k): P.step_flops(grown, k, data["A"], args.batch) for k in (1, 2, 3)})
+                steps = {k + 1: max(1, round(share * frac * S / f_b[str(k + 1)])) for k, share in enumerate(args.stage_share)}
+                final = arm_b(work, src, dict(data, **{"B-pseudo": pseudo}), seed, m, steps, args.batch, args.layout,
+                              args.stage1_data, args.augment)
+                compute = S + sum(steps[k] * f_b[str(k)] for k in steps)
+            key = f"{final.parent.name}"
+            val = P.cached(final.parent.parent / f"{key}-val.json", lambda: P.score(final, data["val"]).metrics)
+            test = P.cached(final.parent.parent / f"{key}-test.json", lambda: P.score(final, data["test"]).metrics)
+            out = {"seed": seed, "m": m, "val": val, "test": test, "compute": compute, "path": str(final)}
+            if arm == "b":
+                out["off"] = P.cached(final.parent.parent / f"{key}-off.json",
+                                      lambda: P.score(final, data["test"], ablate=True).metrics)
+            return out
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            search = {arm: list(pool.map(lambda m: one(seeds[0], m, arm), args.mults)) for arm in ("a", "b")}
+            best = {arm: max(r, key=lambda x: x["val"]["miou_interior"])["m"] for arm, r in search.items()}
+            runs = {arm: [next(x for x in search[arm] if x["m"] == best[arm])]
+                    + list(pool.map(lambda s: one(s, best[arm], arm), seeds[1:])) for arm in ("a", "b")}
+        results[frac] = {"search": search, "runs": runs}
+    c_runs = cap[args.layout]["runs"]
+    print(f"\ngrowth on the codebook set (N={args.signatures}), {args.layout} layout, stage 1 on {args.stage1_data} data"
+          f"{', augmented' if args.augment else ''}; seeds {seeds}; {time.perf_counter() - t0:.0f} s\n")
+    print("| E / S | arm | lr multiplier (val) | TFLOP | interior mIoU per seed | mean | new parts off (mean) |")
+    print("|---|---|---|---|---|---|---|")
+    src_vals = [source_run(cap, s)["test"]["miou_interior"] for s in seeds]
+    S = source_run(cap, seeds[0])["steps"] * flops["tiny"]
+    print(f"| 0 | source (tiny at its plateau) | | {S / 1e12:.1f} | " + " / ".join(f"{v:.4f}" for v in src_vals)
+          + f" | {np.mean(src_vals):.4f} | |")
+    for frac, r in results.items():
+        for arm, label in (("a", "(a) source trained further"), ("b", f"(b) grown ({args.layout}) + stages 1-3")):
+            vals = [x["test"]["miou_interior"] for x in r["runs"][arm]]
+            off = [x["off"]["miou_interior"] for x in r["runs"][arm]] if arm == "b" else None
+            print(f"| {frac:g} | {label} | {r['runs'][arm][0]['m']:g} | {r['runs'][arm][0]['compute'] / 1e12:.1f} | "
+                  + " / ".join(f"{v:.4f}" for v in vals) + f" | {np.mean(vals):.4f} | "
+                  + (f"{np.mean(off):.4f}" if off else "") + " |")
+        gap = [b["test"]["miou_interior"] - a["test"]["miou_interior"] for a, b in zip(r["runs"]["a"], r["runs"]["b"])]
+        mean, lo, hi = P.t_interval(gap)
+        print(f"| {frac:g} | (b) - (a) | | | " + " / ".join(f"{g:+.4f}" for g in gap) + f" | {mean:+.4f} [{lo:+.4f}, {hi:+.4f}] | |")
+        adds = [x["test"]["miou_interior"] - x["off"]["miou_interior"] for x in r["runs"]["b"]]
+        mean, lo, hi = P.t_interval(adds)
+        print(f"| {frac:g} | what (b)'s new parts add | | | " + " / ".join(f"{g:+.4f}" for g in adds)
+              + f" | {mean:+.4f} [{lo:+.4f}, {hi:+.4f}] | |")
+    c_vals = [x["test"]["miou_interior"] for x in c_runs]
+    c_compute = c_runs[0]["steps"] * flops[args.layout]
+    print(f"| | (c) {args.layout} layout from scratch at its plateau | lr {c_runs[0]['lr']:g} | {c_compute / 1e12:.1f} | "
+          + " / ".join(f"{v:.4f}" for v in c_vals) + f" | {np.mean(c_vals):.4f} | |")
+    (args.work / f"growth-{args.layout}-{args.stage1_data}{'-aug' if args.augment else ''}.json").write_text(
+        json.dumps({str(k): v for k, v in results.items()}, indent=1))
 
 
 if __name__ == "__main__":

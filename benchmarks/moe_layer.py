@@ -7,7 +7,7 @@ the routed top-k per chosen new group), so both do the same expert FLOPs. Routin
 included in the MoE time. The router share is the forward + backward time of the
 `HierarchicalRouter` alone divided by the layer's. Ratios come from one run.
 
-`--targets` instead runs the issue-17 CPU cases at ViT-B width (16 experts fp32,
+`--targets` instead runs the CPU performance targets at ViT-B width (16 experts fp32,
 117 experts in 8 groups fp32, and the same in bf16 as `samoe train --precision
 bf16` runs it: `torch.autocast("cpu", dtype=torch.bfloat16)` with the expert
 banks stored in bf16 and fp32 masters, stages/master.py; for reference also
@@ -28,12 +28,12 @@ import statistics
 import time
 
 import torch
-from segment_anything.modeling.common import MLPBlock
 from torch import nn
 
 from stages.master import BankMasters, expert_bank_params
 from upscale.config import MoEConfig
 from upscale.moe import MoEMLP, balance_losses
+from upscale.sam import MLPBlock
 
 CASES = [  # name, D, H, MoEConfig
     ("tiny  16e", 64, 256, MoEConfig(groups=(16,), top_k=2)),
@@ -79,7 +79,7 @@ TARGETS = [  # name, MoEConfig, precision (fp32 | bf16: banks stored bf16 | auto
 
 
 def targets(tokens: int, repeats: int) -> None:
-    """The issue-17 CPU cases: fresh vs kept gradient buffers, fp32 and bf16 autocast, vs dense of equal FLOPs."""
+    """The CPU performance targets: fresh vs kept gradient buffers, fp32 and bf16 autocast, vs dense of equal FLOPs."""
     print(f"cpu, {tokens} tokens, ViT-B width, torch {torch.__version__}, threads {torch.get_num_threads()}, best of {repeats}")
     print(f"{'case':26} {'k':>2} {'dense ms':>9} {'fresh grads':>11} {'kept grads':>10} {'target':>6}")
     for name, cfg, precision, target in TARGETS:
@@ -112,7 +112,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--targets", action="store_true", help="the issue-17 CPU cases (see above)")
+    ap.add_argument("--targets", action="store_true", help="the CPU performance targets (see above)")
     args = ap.parse_args()
     if args.targets:
         return targets(args.tokens, args.repeats)

@@ -16,8 +16,10 @@ process group, and N processes read a safetensors step, each keeping its shard.
 
 A step directory is written under a temporary name and renamed into place, and
 `latest` is replaced atomically after that, so a kill at any moment leaves the
-previous checkpoint usable. Leftover temporaries of dead processes are removed
-by the next run.
+previous checkpoint usable. Everything is reached from the run directory's
+descriptor without following a link (upscale.dirfd), and recorded in the run's
+manifest before it is made (upscale.ownership): temporaries are named with the
+run writer's token, so a killed writer's leftovers are removed by the next one.
 """
 
 from __future__ import annotations
@@ -25,21 +27,19 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
 import random
 import re
-import shutil
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from upscale.checkpoint import _fsync_path, atomic_write_text, clean_stale_temporaries, save_model
-from upscale.safe_io import load_json, read_bounded
+from upscale.checkpoint import read_safetensors, save_model, write_safetensors
+from upscale.dirfd import Dir, new_token, temp_name
 from upscale.errors import SamoeError
+from upscale.ownership import Owned, check_owned, remove_owned_folder, remove_recorded
 
 from .optim import Optimizers
 
@@ -158,19 +158,19 @@ def _check_group(oname: str, group: dict[str, Any], saved: dict[str, Any]) -> No
 _RUN_FIX = "the run directory is damaged; pass --force to start over or use a new --run-dir"
 
 
-def read_run_file(path: Path) -> dict[str, Any]:
+def read_run_file(d: Dir, name: str) -> dict[str, Any]:
     """A JSON table from a run directory (run.json, trainer_state.json), read as hostile input."""
-    data = load_json(path, f"{path.name} is damaged; pass --force to start over or use a new --run-dir")
+    data = d.read_json(name)
     if not isinstance(data, dict):
-        raise SamoeError(f"{path} is not a table: {_RUN_FIX}")
+        raise SamoeError(f"{d.path / name} is not a table: {_RUN_FIX}")
     return data
 
 
-def read_run_json(path: Path) -> dict[str, Any]:
-    """run.json: the identity of the run (a table of options) and the digest of its --from."""
-    data = read_run_file(path)
+def read_run_json(d: Dir) -> dict[str, Any]:
+    """run.json of run directory `d`: the identity of the run (a table of options) and the digest of its --from."""
+    data = read_run_file(d, "run.json")
     if not isinstance(data.get("identity"), dict) or not isinstance(data.get("source_digest"), str):
-        raise SamoeError(f"{path} is damaged (identity or source_digest missing): {_RUN_FIX}")
+        raise SamoeError(f"{d.path / 'run.json'} is damaged (identity or source_digest missing): {_RUN_FIX}")
     return data
 
 
@@ -178,10 +178,10 @@ def _loader_state(v: Any) -> bool:
     return isinstance(v, dict) and set(v) == {"epoch", "pos"} and all(type(v[k]) is int and 0 <= v[k] < 2**31 for k in v)
 
 
-def read_trainer_state(step_dir: Path) -> dict[str, Any]:
+def read_trainer_state(step: Dir) -> dict[str, Any]:
     """trainer_state.json with the types resume relies on checked up front."""
-    path = step_dir / "trainer_state.json"
-    state = read_run_file(path)
+    path = step.path / "trainer_state.json"
+    state = read_run_file(step, "trainer_state.json")
     rng = state.get("rng")
     ok = (type(state.get("step")) is int and state["step"] >= 0 and _loader_state(state.get("loader"))
           and _loader_state(state.get("uloader")) and isinstance(state.get("optimizers"), dict)
@@ -193,20 +193,14 @@ def read_trainer_state(step_dir: Path) -> dict[str, Any]:
     return state
 
 
-def read_optimizer_file(step_dir: Path) -> dict[str, torch.Tensor]:
+def read_optimizer_file(step: Dir) -> dict[str, torch.Tensor]:
     """optimizer.safetensors after a strict header check (offsets, dtypes, sizes inside the file)."""
-    from upscale.checkpoint import read_header
-
-    path = step_dir / "optimizer.safetensors"
-    if path.is_symlink() or not path.is_file():
-        raise SamoeError(f"{path} is missing or not a regular file: {_RUN_FIX}")
+    if step.kind("optimizer.safetensors") != "file":
+        raise SamoeError(f"{step.path / 'optimizer.safetensors'} is missing or not a regular file: {_RUN_FIX}")
     try:
-        read_header(path)
-        return load_file(str(path))
+        return read_safetensors(step, "optimizer.safetensors")
     except SamoeError as e:
-        raise SamoeError(f"{e}; {_RUN_FIX}") from None
-    except Exception as e:  # safetensors' own reader: SafetensorError and friends
-        raise SamoeError(f"{path} is damaged ({type(e).__name__}): {_RUN_FIX}") from None
+        raise SamoeError(str(e) if _RUN_FIX in str(e) else f"{e}; {_RUN_FIX}") from None
 
 
 def _task_loss(opts: Optimizers) -> list[float]:
@@ -226,109 +220,180 @@ def _load_task_loss(opts: Optimizers, state: dict[str, Any], step_dir: Path) -> 
 
 
 class Checkpointer:
-    """Owns RUN/checkpoints: save a step, find the latest, resume, prune to `keep`."""
+    """Owns RUN/checkpoints: save a step, find the latest, resume, prune to `keep`.
 
-    def __init__(self, run_dir: Path, keep: int = 2, dist: "Distributed | None" = None) -> None:
-        self.dir = run_dir / "checkpoints"
+    `run` is the run directory's manifest writer (rank 0's; None on the other ranks and for reading only):
+    every step folder, `latest` and `checkpoints/` itself are recorded there before they are made."""
+
+    def __init__(self, run_dir: Path, keep: int = 2, dist: "Distributed | None" = None, run: Owned | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.dir = self.run_dir / "checkpoints"
         self.keep = max(1, keep)
         self.dist = dist
-        # temporaries are named after the process that renames them (rank 0)
-        self.owner = dist.broadcast(os.getpid()) if dist is not None else os.getpid()
+        self.run = run
+        # temporaries are named with the token rank 0's manifest recorded (rank 0 renames them)
+        token = run.token if run is not None else new_token()
+        self.token = dist.broadcast(token) if dist is not None else token
+        self._ckdir: Dir | None = None
+
+    def _checkpoints(self, create: bool = False) -> Dir | None:
+        """RUN/checkpoints, reached from the run directory without following a link (made when `create`)."""
+        if self._ckdir is None:
+            root = self.run.dir if self.run is not None else Dir.open(self.run_dir, _RUN_FIX, follow=False)
+            if root.kind("checkpoints") is None and not create:
+                return None
+            if self.run is not None and create:
+                self.run.record("checkpoints", kind="dir")
+                self._ckdir = root.sub("checkpoints", create=True)
+                for name in self._ckdir.names():  # leftovers of a killed writer of this run: its token is recorded
+                    if self.run.manifest.is_temporary(name):
+                        self._ckdir.remove_tree(name)
+            else:
+                self._ckdir = root.sub("checkpoints")
+        return self._ckdir
 
     def latest(self) -> Path | None:
-        pointer = self.dir / "latest"
-        if not pointer.exists() and not pointer.is_symlink():
+        ck = self._checkpoints()
+        if ck is None or ck.kind("latest") is None:
             return None
+        pointer = self.dir / "latest"
         fix = "delete the run directory's checkpoints/latest or use a new --run-dir (or --force to start over)"
-        name = read_bounded(pointer, 256, fix).decode("utf-8", "replace").strip()
+        try:
+            name = ck.read_bytes("latest", 256).decode("utf-8", "replace").strip()
+        except SamoeError as e:
+            raise SamoeError(f"{str(e).rpartition(': ')[0]}: {fix}") from None
         if re.fullmatch(r"step-\d{1,12}", name) is None:
             raise SamoeError(f"{pointer} does not name a step directory (step-N): {fix}")
-        step_dir = self.dir / name
-        if step_dir.is_symlink() or not step_dir.is_dir():
+        if ck.kind(name) != "dir":
             raise SamoeError(f"{pointer} points to {name}, which is not a directory of this run: {fix}")
-        if not (step_dir / "trainer_state.json").exists():
-            raise SamoeError(f"{pointer} points to {step_dir.name}, which is incomplete: remove the run directory or pass --force to start over")
-        return step_dir
+        with ck.sub(name) as step:
+            if step.kind("trainer_state.json") is None:
+                raise SamoeError(f"{pointer} points to {name}, which is incomplete: remove the run directory or pass --force to start over")
+        return self.dir / name
+
+    def _step(self, step_dir: Path) -> Dir:
+        """The open folder of a step: from the run directory (never through a link) when it is one of this run's."""
+        step_dir = Path(step_dir)
+        if step_dir.parent == self.dir:
+            ck = self._checkpoints()
+            if ck is None:
+                raise SamoeError(f"{self.dir} is missing: {_RUN_FIX}")
+            return ck.sub(step_dir.name)
+        return Dir.open(step_dir, _RUN_FIX)
 
     def save(self, step: int, model: torch.nn.Module, meta: dict[str, Any], opts: Optimizers,
              trainer_state: dict[str, Any]) -> Path:
         if self.dist is not None:
             return self._save_sharded(step, model, opts, trainer_state)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        final = self.dir / f"step-{step}"
-        clean_stale_temporaries(final)
-        tmp = self.dir / f".step-{step}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            save_model(model, tmp / "model", meta)
-            names = {id(p): n for n, p in opts.named_parameters(model).items()}
-            tensors, hyper = optimizer_tensors(opts, names)
-            save_file(tensors, str(tmp / "optimizer.safetensors"))
-            _fsync_path(tmp / "optimizer.safetensors")
-            self._complete(tmp, final, dict(trainer_state, optimizers=hyper, rng=rng_state(), task_loss=_task_loss(opts)))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return final
+        ck = self._checkpoints(create=True)
+        name, tmp = f"step-{step}", temp_name(f"step-{step}", self.token)
+        if ck.kind(tmp) is not None:
+            ck.remove_tree(tmp)  # our own token: an earlier try of this very writer
+        with ck.mkdir(tmp) as folder:
+            try:
+                owned = Owned.start(folder, "train", self.token)
+                owned.record("model", kind="owned")
+                save_model(model, self.dir / tmp / "model", meta, parent=folder)
+                names = {id(p): n for n, p in opts.named_parameters(model).items()}
+                tensors, hyper = optimizer_tensors(opts, names)
+                owned.record("optimizer.safetensors")
+                write_safetensors(folder, "optimizer.safetensors", tensors)
+                self._complete(ck, folder, owned, tmp, name, dict(trainer_state, optimizers=hyper, rng=rng_state(),
+                                                                               task_loss=_task_loss(opts)))
+            except BaseException:
+                ck.remove_tree(tmp)
+                raise
+        return self.dir / name
 
-    def _complete(self, tmp: Path, final: Path, state: dict[str, Any]) -> None:
+    def _complete(self, ck: Dir, folder: Dir, owned: Owned, tmp: str, name: str, state: dict[str, Any]) -> None:
         """Write trainer_state.json, rename the step directory into place, move `latest`, prune."""
-        atomic_write_text(tmp / "trainer_state.json", json.dumps(state, indent=1) + "\n")
-        _fsync_path(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic_write_text(self.dir / "latest", final.name + "\n")
-        self._prune()
+        owned.record("trainer_state.json")
+        folder.write_bytes("trainer_state.json", (json.dumps(state, indent=1) + "\n").encode(), self.token)
+        folder.fsync()
+        self.run.record(f"checkpoints/{name}", kind="owned")
+        if ck.kind(name) is not None:  # a step an earlier, longer try of this run wrote
+            with ck.sub(name) as old:
+                remove_recorded(old, check_owned(old, "--run-dir"))
+            ck.rmdir(name)
+        ck.replace(tmp, name)
+        ck.fsync()
+        self.run.record("checkpoints/latest")
+        ck.write_bytes("latest", (name + "\n").encode(), self.token)
+        self._prune(ck)
 
     def _save_sharded(self, step: int, model: torch.nn.Module, opts: Optimizers, trainer_state: dict[str, Any]) -> Path:
         """Every rank writes its shards with DCP into a temporary directory; rank 0 completes and renames it."""
         import torch.distributed.checkpoint as dcp
 
         d = self.dist
-        final = self.dir / f"step-{step}"
-        tmp = self.dir / f".step-{step}.tmp-{self.owner}"
-        if d.is_main:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            clean_stale_temporaries(final)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        d.barrier()
-        names = {id(p): n for n, p in opts.named_parameters(model).items()}
-        tensors, hyper = optimizer_state(opts, names)
-        dcp.save({"model": model_tensors(model), "optim": tensors}, checkpoint_id=str(tmp / "dcp"))
-        d.barrier()
+        name, tmp = f"step-{step}", temp_name(f"step-{step}", self.token)
+        error = None
         if d.is_main:
             try:
-                self._complete(tmp, final, dict(trainer_state, optimizers=hyper, rng=rng_state(), task_loss=_task_loss(opts),
-                                                format="dcp", world_size=d.world))
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        d.barrier()
-        return final
+                ck = self._checkpoints(create=True)
+                if ck.kind(tmp) is not None:
+                    ck.remove_tree(tmp)
+                with ck.mkdir(tmp) as folder:
+                    Owned.start(folder, "train", self.token).record("dcp", kind="dir")
+                    folder.sub("dcp", create=True).close()
+            except BaseException as e:
+                error = f"{type(e).__name__}: {e}"
+        error = d.broadcast(error)
+        if error is not None:
+            raise SamoeError(f"could not make the step folder in {self.dir}: {error}")
+        ck = self._checkpoints()
+        folder = ck.sub(tmp)
+        try:
+            names = {id(p): n for n, p in opts.named_parameters(model).items()}
+            tensors, hyper = optimizer_state(opts, names)
+            with folder.sub("dcp") as shards:
+                dcp.save({"model": model_tensors(model), "optim": tensors}, checkpoint_id=shards.proc)
+            d.barrier()
+            if d.is_main:
+                from upscale.ownership import read_manifest
 
-    def _prune(self) -> None:
-        steps = sorted((int(p.name.split("-")[1]), p) for p in self.dir.glob("step-*") if p.name.split("-")[1].isdigit())
-        for _, path in steps[: -self.keep]:
-            shutil.rmtree(path, ignore_errors=True)
+                owned = Owned(folder, read_manifest(folder), self.token)
+                with folder.sub("dcp") as shards:
+                    owned.record(*[f"dcp/{n}" for n in shards.names()])
+                self._complete(ck, folder, owned, tmp, name, dict(trainer_state, optimizers=hyper, rng=rng_state(), task_loss=_task_loss(opts),
+                                                                  format="dcp", world_size=d.world))
+        except BaseException:
+            if d.is_main:
+                ck.remove_tree(tmp)
+            raise
+        finally:
+            folder.close()
+        d.barrier()
+        return self.dir / name
+
+    def _prune(self, ck: Dir) -> None:
+        steps = sorted((int(n.split("-")[1]), n) for n in ck.names() if re.fullmatch(r"step-\d{1,12}", n))
+        for _, name in steps[: -self.keep]:
+            if ck.kind(name) == "dir":
+                remove_owned_folder(ck, name)  # a step folder holding anything unrecorded is left alone
+            self.run.forget(f"checkpoints/{name}")
 
     def load(self, step_dir: Path, model: torch.nn.Module, opts: Optimizers) -> dict[str, Any]:
         """Restore model weights, optimizer states and RNG; return the trainer state."""
+        with self._step(step_dir) as step:
+            if step.kind("dcp") == "dir":
+                return self._load_sharded(step, model, opts)
+            return self._load_single(step, model, opts)
+
+    def _load_single(self, step: Dir, model: torch.nn.Module, opts: Optimizers) -> dict[str, Any]:
         from upscale.checkpoint import Checkpoint
 
-        if (step_dir / "dcp").is_dir():
-            return self._load_sharded(step_dir, model, opts)
+        step_dir = step.path
+        with step.sub("model") as folder:
+            ckpt = Checkpoint.open(step_dir / "model", folder)
         if self.dist is not None:  # a single-process checkpoint into a sharded model
-            self.dist.load_own_rows(model, Checkpoint.open(step_dir / "model"), str(step_dir))
-            state = read_trainer_state(step_dir)
-            load_optimizer_tensors(opts, opts.named_parameters(model), read_optimizer_file(step_dir),
+            self.dist.load_own_rows(model, ckpt, str(step_dir))
+            state = read_trainer_state(step)
+            load_optimizer_tensors(opts, opts.named_parameters(model), read_optimizer_file(step),
                                    state["optimizers"], place=self.dist.shard_like)
             _load_task_loss(opts, state, step_dir)
             set_rng_state(state["rng"])
             return state
-        ckpt = Checkpoint.open(step_dir / "model")
         with torch.no_grad():
             params = dict(model.named_parameters())
             buffers = dict(model.named_buffers())
@@ -337,22 +402,23 @@ class Checkpointer:
                 if target is None or target.shape != tensor.shape:
                     raise SamoeError(f"{step_dir} does not match the model being trained ({name}): use a new --run-dir or --force")
                 target.copy_(tensor)
-        state = read_trainer_state(step_dir)
-        load_optimizer_tensors(opts, opts.named_parameters(model), read_optimizer_file(step_dir),
+        state = read_trainer_state(step)
+        load_optimizer_tensors(opts, opts.named_parameters(model), read_optimizer_file(step),
                                state["optimizers"])
         _load_task_loss(opts, state, step_dir)
         set_rng_state(state["rng"])
         return state
 
-    def _load_sharded(self, step_dir: Path, model: torch.nn.Module, opts: Optimizers) -> dict[str, Any]:
+    def _load_sharded(self, step: Dir, model: torch.nn.Module, opts: Optimizers) -> dict[str, Any]:
         """Read a DCP step into this run, whatever the world size that wrote it (1 = no process group)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException
 
         from .dcp_safe import SafeFileSystemReader, read_metadata
 
-        path = step_dir / "dcp"
-        saved = read_metadata(path).state_dict_metadata  # allow-list unpickler: no code runs from the run directory
+        step_dir, path = step.path, step.path / "dcp"
+        shards = step.sub("dcp")  # read through its descriptor's path: the folder checked here, whatever the path
+        saved = read_metadata(Path(shards.proc), shown=path).state_dict_metadata  # allow-list unpickler: no code runs
         targets = model_tensors(model)
         wrong = [n for n, t in targets.items() if f"model.{n}" not in saved or tuple(getattr(saved[f"model.{n}"], "size", ())) != tuple(t.shape)]
         wrong += [k[6:] for k in saved if k.startswith("model.") and k[6:] not in targets]
@@ -379,7 +445,7 @@ class Checkpointer:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: intended
             try:
-                dcp.load({"model": targets, "optim": optim}, storage_reader=SafeFileSystemReader(str(path)),
+                dcp.load({"model": targets, "optim": optim}, storage_reader=SafeFileSystemReader(shards.proc, shown=path),
                          no_dist=self.dist is None)
             except CheckpointException as e:  # a BaseException: never let it escape as a traceback
                 first = next((pair[0] for pair in e.failures.values()), e)
@@ -387,7 +453,9 @@ class Checkpointer:
                     raise first from None
                 raise SamoeError(f"{path} could not be read ({type(first).__name__}): the step is damaged; "
                                  "delete it or use a new --run-dir (or --force to start over)") from None
-        state = read_trainer_state(step_dir)
+            finally:
+                shards.close()
+        state = read_trainer_state(step)
         load_optimizer_tensors(opts, params, optim, state["optimizers"], place=lambda value, p: value)
         _load_task_loss(opts, state, step_dir)
         set_rng_state(state["rng"])

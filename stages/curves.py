@@ -5,14 +5,17 @@ each run's steps shifted by the steps before it) with the boundaries marked, so 
 reader sees whether one stage settled before the next began. Per-layer routing
 columns (`new_share:<layer>`, `group_scale:<layer>:<group>`) are drawn when the
 runs have them: one line per layer, group scales averaged over a layer's routed
-groups. A run directory is untrusted input: a missing or malformed file is one
-`SamoeError` naming the file, the line and the fix.
+groups. A run directory is untrusted input: its files are opened relative to it,
+never through a link or a FIFO (upscale.dirfd); a missing or malformed file, a
+missing column or a value out of range is one `SamoeError` naming the file, the
+line and the fix. Cost is linear in the rows, and at most `MAX_LINES` lines are
+drawn per panel, however many columns a log has.
 """
 
 from __future__ import annotations
 
 import csv
-import json
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +26,7 @@ from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 
+from upscale.dirfd import Dir
 from upscale.errors import SamoeError
 
 from .figures import Written, check_format, layer_label, layer_order, new_figure, output_dirs, save_figure, shorten
@@ -31,6 +35,12 @@ LOSSES = ("loss", "loss_sup", "loss_unsup")
 TASKS = ("seg", "sdf", "boundary", "aux")
 TASK_NAMES = {"seg": "segmentation", "sdf": "signed distance", "boundary": "boundary", "aux": "router balance (aux)"}
 MAX_BYTES = 512 * 1024 * 1024  # a metrics.csv larger than this is not one samoe wrote
+MAX_COLUMNS = 4096  # a 10B run logs a few hundred (routing per layer and group)
+MAX_VALUE = 1e30  # larger magnitudes are not losses, rates or shares samoe logs (and overflow log axes)
+MAX_STEP = 2**53  # steps are integers a float holds exactly
+MAX_LINES = 48  # lines drawn per panel; further columns are named in the title, not drawn
+MAX_MARKERS = 200  # points drawn with markers; longer series are plain lines
+REQUIRED = ("step",)  # the x axis (`epoch` is needed only to place selector_log.csv rows)
 
 
 @dataclass
@@ -50,18 +60,21 @@ class RunLog:
         return f"{self.name} (stage {self.stage})" if self.stage is not None else self.name
 
 
-def _read_csv(path: Path) -> dict[str, np.ndarray]:
-    """Columns of a numeric CSV as float arrays (empty cells -> NaN)."""
-    if path.is_symlink() or not path.is_file():
-        raise SamoeError(f"{path} is missing or not a regular file: pass a run directory written by `samoe train`")
-    if path.stat().st_size > MAX_BYTES:
-        raise SamoeError(f"{path} is larger than {MAX_BYTES >> 20} MiB: not a samoe log")
+def _read_csv(d: Dir, name: str) -> dict[str, np.ndarray]:
+    """Columns of a numeric CSV of run folder `d` as float arrays (empty cells and `nan` -> NaN), checked."""
+    path = d.path / name
+    if d.kind(name) != "file":
+        what = "missing" if d.kind(name) is None else "not a regular file (a link, FIFO or folder)"
+        raise SamoeError(f"{path} is {what}: pass a run directory written by `samoe train`")
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with io.TextIOWrapper(d.open_read(name, MAX_BYTES), newline="", encoding="utf-8") as f:
             reader = csv.reader(f)
             header = next(reader, None)
             if not header:
                 raise SamoeError(f"{path} is empty: the run has not logged a step yet")
+            if len(header) > MAX_COLUMNS or len(set(header)) != len(header):
+                what = f"{len(header)} columns" if len(header) > MAX_COLUMNS else "a column name twice"
+                raise SamoeError(f"{path} has {what}: not a samoe log")
             rows = []
             for line, row in enumerate(reader, start=2):
                 if len(row) != len(header):
@@ -72,40 +85,67 @@ def _read_csv(path: Path) -> dict[str, np.ndarray]:
                     raise SamoeError(f"{path} line {line} holds a value that is not a number: the file is damaged") from None
     except UnicodeDecodeError:
         raise SamoeError(f"{path} is not UTF-8 text: not a samoe log") from None
+    except csv.Error as e:  # NUL bytes, a field over csv's size limit
+        raise SamoeError(f"{path} is not a CSV samoe wrote ({str(e)[:60]}): the file is damaged") from None
     data = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(header))
+    with np.errstate(invalid="ignore"):
+        bad = np.argwhere(np.abs(data) > MAX_VALUE)  # +-inf too; NaN (a missing value) passes
+    if len(bad):
+        r, c = bad[0]
+        raise SamoeError(f"{path} line {r + 2} holds {header[c]}={data[r, c]:g}, outside the range samoe logs "
+                         f"(|x| <= {MAX_VALUE:g}): the file is damaged")
     return {name: data[:, i] for i, name in enumerate(header)}
+
+
+def _check_steps(path: Path, columns: dict[str, np.ndarray]) -> None:
+    missing = next((c for c in REQUIRED if c not in columns), None)
+    if missing is not None:
+        raise SamoeError(f"{path} has no {missing!r} column: not a samoe metrics log")
+    steps = columns["step"]
+    if not len(steps):
+        raise SamoeError(f"{path} has no rows: the run has not logged a step yet")
+    if not np.isfinite(steps).all():
+        raise SamoeError(f"{path} has a row without a step number: the file is damaged")
+    if (steps < 0).any() or (steps >= MAX_STEP).any() or (steps != np.floor(steps)).any():
+        raise SamoeError(f"{path} has a step that is not a whole number in [0, 2**53): the file is damaged")
+
+
+def _selector_steps(columns: dict[str, np.ndarray], selector_epochs: np.ndarray) -> np.ndarray:
+    """The step each selector row belongs to: the last step of loader epoch e-1 (a row for epoch e is written
+    when that epoch ends), NaN when no such step was logged. One sort and a binary search: linear-log time."""
+    steps, epochs = columns["step"], columns["epoch"]
+    order = np.argsort(epochs, kind="stable")  # NaN epochs sort last and are never "<= e - 1"
+    cummax = np.maximum.accumulate(steps[order])
+    idx = np.searchsorted(epochs[order], selector_epochs - 1, side="right") - 1
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(selector_epochs) & (idx >= 0)
+    return np.where(ok, cummax[np.clip(idx, 0, len(cummax) - 1)], np.nan)
 
 
 def load_run(run_dir: Path) -> RunLog:
     """Read a run directory's `metrics.csv` (required) and `selector_log.csv` (optional)."""
     if not run_dir.is_dir():
         raise SamoeError(f"{run_dir} is not a directory: pass run directories written by `samoe train --run-dir`")
-    columns = _read_csv(run_dir / "metrics.csv")
-    if "step" not in columns:
-        raise SamoeError(f"{run_dir / 'metrics.csv'} has no 'step' column: not a samoe metrics log")
-    if not len(columns["step"]):
-        raise SamoeError(f"{run_dir / 'metrics.csv'} has no rows: the run has not logged a step yet")
-    if not np.isfinite(columns["step"]).all():
-        raise SamoeError(f"{run_dir / 'metrics.csv'} has a row without a step number: the file is damaged")
-    selector: dict[str, np.ndarray] = {}
-    sel_path = run_dir / "selector_log.csv"
-    if sel_path.exists():
-        selector = _read_csv(sel_path)
-        if "epoch" in selector and "epoch" in columns:
-            # a selector row for epoch e is written when loader epoch e-1 ends: place it at that epoch's last step
-            steps, epochs = columns["step"], columns["epoch"]
-            selector["step"] = np.array([steps[epochs <= e - 1].max() if (epochs <= e - 1).any() else np.nan
-                                         for e in selector["epoch"]])
-        else:
-            selector = {}
-    return RunLog(run_dir.name or str(run_dir), _stage(run_dir), columns, selector)
+    with Dir.open(run_dir, "pass a run directory written by `samoe train`") as d:
+        columns = _read_csv(d, "metrics.csv")
+        _check_steps(run_dir / "metrics.csv", columns)
+        selector: dict[str, np.ndarray] = {}
+        if d.kind("selector_log.csv") is not None:
+            selector = _read_csv(d, "selector_log.csv")
+            if "epoch" in selector and "epoch" in columns and len(selector["epoch"]):
+                selector["step"] = _selector_steps(columns, selector["epoch"])
+            else:
+                selector = {}
+        stage = _stage(d)
+    return RunLog(run_dir.name or str(run_dir), stage, columns, selector)
 
 
-def _stage(run_dir: Path) -> int | None:
+def _stage(d: Dir) -> int | None:
+    """The run's stage from its run.json; None when it is missing or unreadable (the plot only labels with it)."""
     try:
-        stage = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["identity"]["stage"]
-        return stage if isinstance(stage, int) else None
-    except (OSError, ValueError, KeyError, TypeError):
+        stage = d.read_json("run.json", 1024**2)["identity"]["stage"]
+        return stage if type(stage) is int else None
+    except (SamoeError, OSError, KeyError, TypeError):
         return None
 
 
@@ -146,10 +186,10 @@ class Timeline:
         return bool(np.isfinite(y).any())
 
     def columns(self, prefix: str) -> list[str]:
-        seen: list[str] = []
+        seen: dict[str, None] = {}
         for run in self.runs:
-            seen += [c for c in run.columns if c.startswith(prefix) and c not in seen]
-        return seen
+            seen.update((c, None) for c in run.columns if c.startswith(prefix))
+        return list(seen)
 
     def mark(self, axes: list[Any]) -> None:
         """Dashed lines at each run's start (after the first), the run's name over the top panel."""
@@ -169,17 +209,20 @@ def _panel(ax: Any, tl: Timeline, columns: list[tuple[str, str]], ylabel: str, t
            log: bool = False) -> bool:
     """Lines of the given (column, legend label) pairs; a log axis when `log` and the values span decades."""
     drawn = False
-    for i, (col, label) in enumerate(columns):
+    for i, (col, label) in enumerate(columns[:MAX_LINES]):
         x, y = tl.series(col, table)
         if np.isfinite(y).any():
-            ax.plot(x, y, label=label, color=f"C{i}", linewidth=1.2, marker="o" if table == "selector" else None, markersize=3)
+            marker = "o" if table == "selector" and len(x) <= MAX_MARKERS else None
+            ax.plot(x, y, label=shorten(label, 40), color=f"C{i % 10}", linewidth=1.2, marker=marker, markersize=3)
             drawn = True
+    if len(columns) > MAX_LINES:
+        title += f" (first {MAX_LINES} of {len(columns)})"
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     if drawn:
         _legend(ax)
-        y = np.concatenate([tl.series(c, table)[1] for c, _ in columns])
+        y = np.concatenate([tl.series(c, table)[1] for c, _ in columns[:MAX_LINES]])
         y = y[np.isfinite(y)]
         if log and y.size and y.min() > 0 and y.max() / y.min() > 30:
             ax.set_yscale("log")
@@ -223,7 +266,9 @@ def schedule_figure(tl: Timeline) -> Any:
         ax = axes[2]
         x, mean = tl.series("selector_mean", "selector")
         _, std = tl.series("selector_std", "selector")
-        ax.plot(x, mean, color="C0", marker="o", markersize=3, linewidth=1.2, label="mean")
+        if len(std) != len(mean):  # a run without a selector_std column
+            std = np.zeros_like(mean)
+        ax.plot(x, mean, color="C0", marker="o" if len(x) <= MAX_MARKERS else None, markersize=3, linewidth=1.2, label="mean")
         ax.fill_between(x, mean - std, mean + std, color="C0", alpha=0.25, label="± std")
         ax.set_ylabel("selector weight")
         ax.set_title("selector weights (end of each logged epoch)", fontsize=10)
@@ -250,7 +295,8 @@ def routing_figure(tl: Timeline) -> Any | None:
     panels = [p for p in (("share", shares), ("scale", scales)) if p[1]]
     if not panels:
         return None
-    layers = sorted(set(shares) | set(scales), key=layer_order)
+    every = sorted(set(shares) | set(scales), key=layer_order)
+    layers = every[:MAX_LINES]
     cmap = Normalize(0, max(len(layers) - 1, 1))
     fig = new_figure(9.0, 1.0 + 3.0 * len(panels))
     axes = list(np.atleast_1d(fig.subplots(len(panels), 1, sharex=True)))
@@ -277,7 +323,8 @@ def routing_figure(tl: Timeline) -> Any | None:
         sm = ScalarMappable(norm=Normalize(0, (len(layers) - 1) / 0.9), cmap=colormaps["viridis"])
         bar = fig.colorbar(sm, ax=axes, label="MoE layer (encoder first, then decoder)", shrink=0.9)
         bar.set_ticks([0, len(layers) - 1], labels=[layer_label(layers[0]), layer_label(layers[-1])])
-    _finish(fig, axes, tl, _runs_title(tl, "Routing engagement"))
+    what = "Routing engagement" + (f" (first {MAX_LINES} of {len(every)} layers)" if len(every) > MAX_LINES else "")
+    _finish(fig, axes, tl, _runs_title(tl, what))
     return fig
 
 
@@ -300,11 +347,11 @@ def curve_figures(runs: list[RunLog]) -> list[tuple[str, str, Any]]:
     return [(stem, caption, fig) for stem, caption, fig in out if fig is not None]
 
 
-def write_curves(run_dirs: list[Path], out: Path, fmt: str = "png") -> list[Written]:
+def write_curves(run_dirs: list[Path], out: Path, fmt: str = "png", force: bool = False) -> list[Written]:
     """Read every run first (a bad one fails before anything is written), then write the figures."""
     check_format(fmt)
     runs = [load_run(Path(r)) for r in run_dirs]
     figures = curve_figures(runs)
-    with output_dirs([(out, "--out")], "plot"):
-        out.mkdir(parents=True, exist_ok=True)
-        return [Written(stem, caption, save_figure(fig, out / f"{stem}.{fmt}", fmt)) for stem, caption, fig in figures]
+    with output_dirs([(out, "--out")], "plot", force) as outs:
+        target = outs[out.resolve()]
+        return [Written(stem, caption, save_figure(fig, target, f"{stem}.{fmt}", fmt)) for stem, caption, fig in figures]

@@ -7,66 +7,75 @@ On-disk layout
 --------------
 A *folder* is a directory with ``images/`` and, when labelled, ``masks/``::
 
-    root/images/<stem>.tif|.tiff|.png    SAR image (see "Images" below)
-    root/masks/<stem>.png                class ids, 8- or 16-bit grey PNG; 255 = ignore
+    root/images/<stem>.tif|.tiff|.png    SAR image (see "Images" below); any size
+    root/masks/<stem>.png|.tif           class ids, one 8- or 16-bit band; the ignore value
+                                         (255 unless classes.json says otherwise) = unlabelled
     root/confidence/<stem>.tif           pseudo-labels only: float32 HxW in [0, 1]
+    root/classes.json                    optional: class names, colours, ignore value (stages/classes.py)
+    root/data.json                       optional: input scale and polarisations (stages/units.py)
 
-``make_demo_data(out)`` writes ``out/A`` (labelled), ``out/A-test`` (held-out
-labelled) and ``out/B`` (images only), plus ``out/demo-data.json`` (the summary).
+classes.json and data.json may also sit beside the folders (in their parent),
+one file for A/, A-test/ and B/. ``make_demo_data(out)`` writes ``out/A``
+(labelled), ``out/A-test`` (held-out labelled) and ``out/B`` (images only), plus
+``out/demo-data.json`` (the summary), ``out/classes.json`` and ``out/data.json``.
 
 Images
 ------
-* float TIFF: **linear power** (sigma0, not dB), 1 or 2 channels, laid out as
-  HxW, CxHxW or HxWxC with C in {1, 2}. Two channels are (VV, VH). The demo
-  data is written as float32 ``(2, H, W)`` (planar, one TIFF page).
-* integer images (uint8/uint16 PNG or TIFF): **already display-scaled**
-  amplitude (e.g. a dB-quantised 8-bit quick-look). They are mapped to [0, 1]
-  by dividing by the dtype's maximum (255, 65535), and that value stands in
-  for the dB-scaled value below; no log is taken.
+* 1 or 2 bands (VV[, VH], or HH[, HV]: ``--polarisations``), stored as GeoTIFF,
+  TIFF or PNG and read with rasterio (stages/rasters.py): tiled and striped TIFFs
+  by windows, PNGs whole. Multi-page TIFF stacks (HxWxC pages) are read with
+  tifffile. The demo data is written as float32 ``(2, H, W)`` (planar, one page).
+* the values' unit is declared, not guessed (``--input-scale`` or data.json;
+  stages/units.py): linear power (the default), dB, amplitude, calibrated DN,
+  or ``display`` for 8/16-bit quick-looks whose integer range spans -30..+5 dB.
+  Values that contradict the declared unit are refused.
+* scenes may be larger than the model's window: training reads a random window
+  of each scene per epoch (``window=``), evaluation and prediction slide windows
+  over whole scenes (stages/predict.py). ``--resize`` squashes scenes instead.
+  Pixels a GeoTIFF marks as nodata (or NaN) enter the model as 0 (the pad value)
+  and are ignored by the losses and metrics.
 
 Normalisation (``sar_to_input``), fixed constants, no dataset statistics, so
 that pseudo-labelling B, training on A and evaluating on A-test see exactly
 the same mapping and nothing has to be computed or stored first::
 
-    db = 10 * log10(max(x, 1e-6))                    # x: linear power; NaN -> 1e-6
+    db = to_db(x, units)                             # stages/units.py; linear: 10 * log10(max(x, 1e-6))
     u  = (clip(db, DB_MIN, DB_MAX) - DB_MIN) / (DB_MAX - DB_MIN)   # [-30, +5] dB -> [0, 1]
     ratio_db = (u_vv - u_vh) * (DB_MAX - DB_MIN)     # VV - VH in dB (of the clipped values)
     u_ratio  = clip((ratio_db - RATIO_DB_MIN) / (RATIO_DB_MAX - RATIO_DB_MIN), 0, 1)  # [-5, 20] dB
     out = (u - NORM_MEAN) / NORM_STD                 # 0.5 and 0.25 for every channel: [0,1] -> [-2, 2]
 
-Channels: one channel -> (u, u, u); two channels -> (u_vv, u_vh, u_ratio).
-The result is float32 ``(3, H, W)`` and already standardised: the model must
-not normalise it again (SAM's ImageNet pixel mean/std do not apply to SAR).
+(``display`` quick-looks: u = x / dtype max, no log.) Channels: one channel ->
+(u, u, u); two channels -> (u_vv, u_vh, u_ratio). The result is float32
+``(3, H, W)`` and already standardised: the model must not normalise it again
+(SAM's ImageNet pixel mean/std do not apply to SAR).
 
-Targets (numpy only)
---------------------
+Targets (numpy, scipy)
+----------------------
 ``boundary_target`` marks pixels within ``radius`` (Euclidean) of a class
 change; ``sdf_target`` gives one-vs-rest normalised signed distances from an
-exact Euclidean distance transform (Felzenszwalb & Huttenlocher, 2012). See
+exact Euclidean distance transform (scipy.ndimage). See
 their docstrings for the precise formulas.
 
 Validation
 ----------
 Folder datasets check everything they can at construction and raise
 ``DataError`` (a ``ValueError`` and a ``SamoeError``: the CLI prints it as one
-line and exits 2). Masks (and confidence maps) are read in full at
-construction to check sizes and class ids: cheap at demo scale, and a bad
-label found at step 40 000 of a run costs far more than the scan. Images are
-checked from their headers only (shape, channels); a file whose pixel data is
-corrupt behind a valid header raises ``DataError`` when it is read.
+line and exits 2). Masks (and confidence maps) are read at construction, by
+bands of rows, to check sizes and class ids: a bad label found at step 40 000
+of a run costs far more than the scan. Images are checked from their headers
+(shape, bands) and a sample of the first few for their unit; a file whose pixel
+data is corrupt behind a valid header raises ``DataError`` when it is read.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import math
 import os
-import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import tifffile
@@ -75,12 +84,17 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from upscale.errors import SamoeError
+from .classes import CLASSES_JSON, IGNORE_INDEX, ClassList, write_classes
+from .rasters import DataError, RASTER_SUFFIXES, Raster, channels_first, check_memory, open_raster
+from .synth import river_band, smooth_noise
+from .units import DATA_JSON, Units, check_bands, check_plausible, to_db
 
 __all__ = [
     "CLASS_NAMES",
+    "ConcatFolders",
     "DB_MAX",
     "DB_MIN",
+    "DEMO_CLASSES",
     "DataError",
     "IGNORE_INDEX",
     "IMAGE_SUFFIXES",
@@ -100,6 +114,7 @@ __all__ = [
     "read_mask",
     "sar_to_input",
     "sdf_target",
+    "to_model_input",
     "squared_distance_transform",
     "write_confidence",
     "write_image",
@@ -109,12 +124,13 @@ __all__ = [
 # --------------------------------------------------------------------------- constants
 
 CLASS_NAMES: tuple[str, ...] = ("water", "urban", "vegetation", "bare_soil")
-"""Class ids of the demo data, in order (0..3)."""
+"""Class ids of the easy demo data, in order (0..3)."""
 
-IGNORE_INDEX = 255
-"""Mask value that marks unlabelled pixels (no loss, no boundary)."""
+DEMO_CLASSES = ClassList.of(CLASS_NAMES, ("#1f5fbf", "#d62728", "#2ca02c", "#c9a66b"))
+"""The easy demo preset's classes.json: names and colours."""
 
-IMAGE_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png")
+IMAGE_SUFFIXES: tuple[str, ...] = RASTER_SUFFIXES
+SAMPLED_IMAGES = 8  # images of a folder whose values are checked against the declared unit
 
 DB_MIN, DB_MAX = -30.0, 5.0
 """Clip range of sigma0 in dB: below -30 dB is the noise floor of C-band
@@ -128,8 +144,6 @@ RATIO_DB_MIN, RATIO_DB_MAX = -5.0, 20.0
 NORM_MEAN, NORM_STD = 0.5, 0.25
 """Fixed standardisation of every [0, 1] channel: maps it to [-2, 2]."""
 
-_FLOOR = 1e-6  # linear power floor before the log (-60 dB): no log(0)
-_NO_FEATURE = 2.0**50  # "infinite" squared distance that keeps float64 arithmetic exact
 
 # Demo scene model: class -> (VV sigma0 dB, VV - VH dB).
 _DEMO_SIGMA0_DB: dict[int, tuple[float, float]] = {
@@ -145,10 +159,6 @@ _SPLITS: tuple[tuple[str, str, int, bool], ...] = (
     ("A-test", "t", 1, True),
     ("B", "b", 2, False),
 )
-
-
-class DataError(SamoeError, ValueError):
-    """A data file or folder is missing, malformed or inconsistent (one line: what and the fix)."""
 
 
 # --------------------------------------------------------------------------- file I/O
@@ -182,156 +192,50 @@ def write_confidence(path: Path, confidence: np.ndarray) -> None:
     write_image(path, confidence)
 
 
-# Decoding cost must be bounded by the file, not by what its header declares: an image
-# claiming more pixels than this is refused before decoding (SAMOE_MAX_IMAGE_PIXELS
-# raises the cap). 2**28 pixels is a 16384 x 16384 scene.
-MAX_IMAGE_PIXELS = int(os.environ.get("SAMOE_MAX_IMAGE_PIXELS", 2**28))
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # Pillow's own bomb check agrees with ours
-
-
-def check_pixels(path: Path, what: str = "image") -> None:
-    """Refuse a file whose header declares more than MAX_IMAGE_PIXELS values (read from the header only)."""
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            with tifffile.TiffFile(path) as tf:
-                declared = sum(math.prod(s.shape) for s in tf.series)
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path) as im:
-                    w, h = im.size
-                    declared = w * h * len(im.getbands())
-    except DataError:
-        raise
-    except Image.DecompressionBombError:
-        declared = MAX_IMAGE_PIXELS + 1
-    except Exception as e:  # noqa: BLE001 - a header that cannot be parsed is a bad file
-        raise DataError(f"cannot read {what} {path} ({type(e).__name__}: {str(e)[:120]}): replace or remove the file") from None
-    if declared > MAX_IMAGE_PIXELS:
-        raise DataError(f"{what} {path} declares {declared} pixel values, more than the {MAX_IMAGE_PIXELS} samoe decodes: "
-                        "tile or downsample it (or raise SAMOE_MAX_IMAGE_PIXELS)")
-
-
 def read_image(path: Path) -> np.ndarray:
-    """Read a SAR image file (TIFF or PNG) as stored, raising ``DataError`` if unreadable."""
-    path = Path(path)
-    check_pixels(path)
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            return np.asarray(tifffile.imread(path))
-        with Image.open(path) as im:
-            return _pil_to_array(im)
-    except DataError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
-        raise DataError(f"cannot read image {path} ({type(e).__name__}: {e}): replace or remove the file") from None
+    """Read a SAR image file (TIFF or PNG) whole, as stored ((C, H, W)), raising ``DataError`` if unreadable.
+
+    Bounded by the image memory budget (stages/rasters.py), checked from the header before decoding.
+    """
+    with open_raster(path) as r:
+        c, h, w = r.image_shape()
+        check_memory(c * h * w * r.dtype.itemsize, path, "image", "decoding it whole")
+        return np.array(r.read())
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """Read a class-id mask PNG (8- or 16-bit grey, or palette) as a 2-D integer array."""
-    path = Path(path)
-    check_pixels(path, "mask")
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
-                raise DataError(
-                    f"mask {path} is a {im.mode} PNG: save class ids as an 8- or 16-bit single-channel PNG"
-                )
-            arr = _pil_to_array(im)
-    except DataError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise DataError(f"cannot read mask {path} ({type(e).__name__}: {e}): replace or remove the file") from None
+    """Read a class-id mask (PNG or TIFF, one integer band) whole as a 2-D integer array."""
+    with open_raster(path, "mask") as r:
+        h, w = r.mask_shape()
+        check_memory(h * w * r.dtype.itemsize, path, "mask", "decoding it whole")
+        arr = np.array(r.read()[0])
     if arr.min(initial=0) < 0:
         raise DataError(f"mask {path} has negative class ids: save class ids as unsigned integers")
     return arr
 
 
-def read_confidence(path: Path) -> np.ndarray:
-    """Read a pseudo-label confidence TIFF as float32 HxW (a leading or trailing 1-axis is dropped)."""
-    path = Path(path)
-    check_pixels(path, "confidence map")
-    try:
-        arr = np.asarray(tifffile.imread(path))
-    except Exception as e:  # noqa: BLE001
-        raise DataError(f"cannot read confidence map {path} ({type(e).__name__}: {e}): re-run pseudo-labelling") from None
-    arr = np.squeeze(arr) if arr.ndim == 3 and 1 in (arr.shape[0], arr.shape[-1]) else arr
-    if arr.ndim != 2:
-        raise DataError(f"confidence map {path} has shape {arr.shape}: expected H x W float32 in [0, 1]")
-    arr = arr.astype(np.float32)
+def read_confidence(path: Path, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a pseudo-label confidence TIFF (or its window `rows` x `cols`) as float32 HxW in [0, 1]."""
+    with open_raster(path, "confidence map") as r:
+        if r.count != 1:
+            raise DataError(f"confidence map {path} has shape {r.shape}: expected H x W float32 in [0, 1]")
+        (y0, y1), (x0, x1) = rows or (0, r.height), cols or (0, r.width)
+        arr = np.asarray(r.read(y0, y1, x0, x1)[0], dtype=np.float32)
     if not np.all(np.isfinite(arr)) or arr.min(initial=0) < 0 or arr.max(initial=0) > 1:
         raise DataError(f"confidence map {path} has values outside [0, 1] or NaN: re-run pseudo-labelling")
     return arr
 
 
-def _pil_to_array(im: Image.Image) -> np.ndarray:
-    # 16-bit grey PNGs may open as 32-bit 'I'; keep them uint16 so that
-    # sar_to_input scales by 65535, not by 2**31 - 1.
-    arr = np.asarray(im)
-    if im.mode.startswith("I") and arr.dtype != np.uint16:
-        if arr.size and (arr.min() < 0 or arr.max() > 65535):
-            return arr
-        arr = arr.astype(np.uint16)
-    return arr
-
-
-def _image_shape(path: Path) -> tuple[int, ...]:
-    """Shape of an image file as ``read_image`` would return it, from its header only."""
-    check_pixels(path)
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            with tifffile.TiffFile(path) as tf:
-                return tuple(tf.series[0].shape)
-        with Image.open(path) as im:
-            w, h = im.size
-            bands = len(im.getbands())
-        return (h, w) if bands == 1 else (h, w, bands)
-    except Exception as e:  # noqa: BLE001
-        raise DataError(f"cannot read image {path} ({type(e).__name__}: {e}): replace or remove the file") from None
-
-
-def _chw_shape(shape: Sequence[int], name: str = "image") -> tuple[int, int, int]:
-    """(C, H, W) of an HxW, CxHxW or HxWxC shape with C in {1, 2}, else ``DataError``.
-
-    A shape that fits both layouts (e.g. (2, H, 2)) is read as CxHxW, the
-    layout the demo data is written in.
-    """
-    shape = tuple(int(s) for s in shape)
-    if len(shape) == 2:
-        chw = (1, *shape)
-    elif len(shape) == 3 and shape[0] in (1, 2):
-        chw = shape
-    elif len(shape) == 3 and shape[-1] in (1, 2):
-        chw = (shape[-1], shape[0], shape[1])
-    elif len(shape) == 3:
-        raise DataError(
-            f"{name} has shape {shape}, i.e. {min(shape[0], shape[-1])} channels: "
-            "expected 1 or 2 (VV[, VH]) as HxW, CxHxW or HxWxC"
-        )
-    else:
-        raise DataError(f"{name} has shape {shape}: expected HxW, CxHxW or HxWxC with 1 or 2 channels")
-    if chw[1] == 0 or chw[2] == 0:
-        raise DataError(f"{name} has shape {shape}: it has no pixels, replace it")
-    return chw  # type: ignore[return-value]
-
-
-def _channels_first(img: np.ndarray, name: str = "image") -> np.ndarray:
-    """(C, H, W) view of an image in any accepted layout (see ``_chw_shape``)."""
-    c, h, w = _chw_shape(img.shape, name)
-    if img.ndim == 2:
-        return img[None]
-    return img if img.shape[0] == c and img.shape[1:] == (h, w) else np.moveaxis(img, -1, 0)
-
-
 # --------------------------------------------------------------------------- normalisation
 
 
-def sar_to_input(img: np.ndarray) -> np.ndarray:
+def sar_to_input(img: np.ndarray, units: Units | None = None) -> np.ndarray:
     """Map a 1- or 2-channel SAR image to the model's float32 (3, H, W) input.
 
     Args:
-        img: linear-power float image (or display-scaled integer image), HxW,
-            CxHxW or HxWxC with C in {1, 2}; two channels are (VV, VH).
+        img: HxW, CxHxW or HxWxC with C in {1, 2}; two channels are (VV, VH).
+        units: what the values are (stages/units.py); default linear power, except that integer
+            images without declared units are display-scaled quick-looks, as before units existed.
 
     Returns:
         float32 (3, H, W), standardised with the fixed constants of this
@@ -340,14 +244,16 @@ def sar_to_input(img: np.ndarray) -> np.ndarray:
     img = np.asarray(img)
     if img.dtype == np.bool_ or not (np.issubdtype(img.dtype, np.integer) or np.issubdtype(img.dtype, np.floating)):
         raise DataError(f"image dtype {img.dtype} is not supported: use float (linear power) or uint8/uint16")
-    chw = _channels_first(img)
-    if np.issubdtype(chw.dtype, np.integer):
+    chw = channels_first(img)
+    if units is None:
+        units = Units("display" if np.issubdtype(chw.dtype, np.integer) else "linear")
+    if units.scale == "display":
+        if not np.issubdtype(chw.dtype, np.integer):
+            raise DataError(f"--input-scale display means 8/16-bit integer quick-looks, not {chw.dtype} values")
         # Already scaled: the dtype's range stands for the [DB_MIN, DB_MAX] dB range.
         u = np.clip(chw.astype(np.float64) / float(np.iinfo(chw.dtype).max), 0.0, 1.0)
     else:
-        x = np.nan_to_num(chw.astype(np.float64), nan=_FLOOR, posinf=np.finfo(np.float64).max, neginf=_FLOOR)
-        db = 10.0 * np.log10(np.maximum(x, _FLOOR))
-        u = (np.clip(db, DB_MIN, DB_MAX) - DB_MIN) / (DB_MAX - DB_MIN)
+        u = (np.clip(to_db(chw, units), DB_MIN, DB_MAX) - DB_MIN) / (DB_MAX - DB_MIN)
     if u.shape[0] == 1:
         out = np.repeat(u, 3, axis=0)
     else:
@@ -357,53 +263,15 @@ def sar_to_input(img: np.ndarray) -> np.ndarray:
     return ((out - NORM_MEAN) / NORM_STD).astype(np.float32)
 
 
+def to_model_input(raw: np.ndarray, units: Units, valid: np.ndarray | None = None) -> np.ndarray:
+    """`sar_to_input` of a (C, H, W) read, with pixels that hold no data (`valid` False) set to 0, the pad value."""
+    out = sar_to_input(raw, units)
+    if valid is not None and not valid.all():
+        out[:, ~valid] = 0.0
+    return out
+
+
 # --------------------------------------------------------------------------- distance transforms
-
-
-def _squared_dt_rows(f: np.ndarray) -> np.ndarray:
-    """1-D squared Euclidean distance transform of each row of ``f`` (rows, n).
-
-    ``d[q] = min_p (q - p)^2 + f[p]``: the lower envelope of parabolas
-    (Felzenszwalb & Huttenlocher, "Distance Transforms of Sampled Functions",
-    2012). The scan over positions is sequential, as in the paper; each step
-    runs for all rows at once, and rows whose envelope must drop parabolas do
-    so in a masked inner loop. ``f`` holds integers below 2**52, so every
-    ``d`` is exact in float64.
-    """
-    rows, n = f.shape
-    if n == 1 or rows == 0:
-        return f.copy()
-    r = np.arange(rows)
-    pos = np.arange(n, dtype=np.float64)
-    fq = f + pos * pos  # f[p] + p^2, the parabola offsets used by the intersections
-    v = np.zeros((rows, n), dtype=np.int64)  # parabola apexes of the envelope
-    z = np.empty((rows, n + 1))  # boundaries between envelope parabolas
-    z[:, 0], z[:, 1] = -np.inf, np.inf
-    k = np.zeros(rows, dtype=np.int64)
-    for q in range(1, n):
-        vk = v[r, k]
-        s = (fq[:, q] - fq[r, vk]) / (2.0 * (q - vk))
-        pop = s <= z[r, k]
-        while pop.any():
-            idx = r[pop]
-            k[idx] -= 1
-            vi = v[idx, k[idx]]
-            s[idx] = (fq[idx, q] - fq[idx, vi]) / (2.0 * (q - vi))
-            pop[idx] = s[idx] <= z[idx, k[idx]]
-        k += 1
-        v[r, k] = q
-        z[r, k] = s
-        z[r, k + 1] = np.inf
-    d = np.empty_like(f)
-    k[:] = 0
-    for q in range(n):
-        step = z[r, k + 1] < q
-        while step.any():
-            k[step] += 1
-            step = z[r, k + 1] < q
-        vk = v[r, k]
-        d[:, q] = (q - vk) ** 2 + f[r, vk]
-    return d
 
 
 def squared_distance_transform(features: np.ndarray) -> np.ndarray:
@@ -414,29 +282,22 @@ def squared_distance_transform(features: np.ndarray) -> np.ndarray:
 
     Returns:
         float64 array of the same shape holding integer squared distances
-        (0 on True pixels), ``inf`` in images with no True pixel. Separable:
-        the 1-D transform along columns, then along rows (Felzenszwalb &
-        Huttenlocher).
+        (0 on True pixels), ``inf`` in images with no True pixel. Each image is
+        scipy's exact Euclidean distance transform (``ndimage.distance_transform_edt``).
     """
+    from scipy import ndimage
+
     features = np.asarray(features, dtype=bool)
     if features.ndim < 2:
         raise ValueError(f"features must be at least 2-D (..., H, W), got shape {features.shape}")
     h, w = features.shape[-2:]
-    if h * w == 0:
-        return np.zeros(features.shape)
-    f = features.reshape(-1, h, w)
-    # Pass 1, along columns: for binary input the 1-D transform is just the
-    # squared gap to the nearest feature above or below (running max/min of
-    # feature positions), no envelope needed.
-    pos = np.arange(h, dtype=np.float64)[None, :, None]
-    above = np.maximum.accumulate(np.where(f, pos, -np.inf), axis=1)
-    below = np.flip(np.minimum.accumulate(np.flip(np.where(f, pos, np.inf), axis=1), axis=1), axis=1)
-    gap = np.minimum(pos - above, below - pos)
-    cols = np.where(np.isfinite(gap), gap * gap, _NO_FEATURE)
-    # Pass 2, along rows: the lower envelope of parabolas.
-    d = _squared_dt_rows(cols.reshape(-1, w)).reshape(features.shape)
-    d[d >= _NO_FEATURE] = np.inf
-    return d
+    flat = features.reshape(-1, h, w)
+    out = np.full(flat.shape, np.inf)
+    for i, f in enumerate(flat):
+        if f.any():
+            d = ndimage.distance_transform_edt(~f)
+            out[i] = np.rint(d * d)  # squared distances are integers (< 2**52: exact in float64)
+    return out.reshape(features.shape)
 
 
 def distance_transform(features: np.ndarray) -> np.ndarray:
@@ -509,22 +370,23 @@ def sdf_target(mask: np.ndarray, num_classes: int) -> np.ndarray:
         raise ValueError(f"mask must be H x W, got shape {mask.shape}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    inside = mask[None] == np.arange(num_classes).reshape(-1, 1, 1)
-    d = distance_transform(np.concatenate([~inside, inside]))
-    d_out, d_in = d[:num_classes], d[num_classes:]
-    has_in = inside.any(axis=(1, 2))
-    has_out = (~inside).any(axis=(1, 2))
-    both = (has_in & has_out)[:, None, None]
-    # Only classes with both inside and outside pixels have finite distances.
-    inner = np.where(inside & both, d_out - 1.0, 0.0)
-    outer = np.where(~inside & both, d_in, 0.0)
-    m = inner.max(axis=(1, 2), initial=0.0)
-    n = outer.max(axis=(1, 2), initial=0.0)
-    m = np.where(m > 0, m, 1.0)[:, None, None]
-    n = np.where(n > 0, n, 1.0)[:, None, None]
-    sdf = np.where(inside, inner / m, -outer / n)
-    sdf[~has_in] = -1.0
-    sdf[~has_out] = 1.0
+    sdf = np.full((num_classes, *mask.shape), -1.0, dtype=np.float32)  # absent classes
+    ids = np.unique(mask)
+    present = ids[ids < num_classes].astype(np.int64)
+    inside = mask[None] == present.reshape(-1, 1, 1)
+    whole = inside.all(axis=(1, 2))
+    sdf[present[whole]] = 1.0
+    inside = inside[~whole]  # classes with inside and outside pixels: only these need distances
+    if len(inside):
+        d = distance_transform(np.concatenate([~inside, inside]))
+        d_out, d_in = d[: len(inside)], d[len(inside) :]
+        inner = np.where(inside, d_out - 1.0, 0.0)
+        outer = np.where(~inside, d_in, 0.0)
+        m = inner.max(axis=(1, 2), initial=0.0)
+        n = outer.max(axis=(1, 2), initial=0.0)
+        m = np.where(m > 0, m, 1.0)[:, None, None]
+        n = np.where(n > 0, n, 1.0)[:, None, None]
+        sdf[present[~whole]] = np.where(inside, inner / m, -outer / n)
     return sdf.astype(np.float32)
 
 
@@ -561,17 +423,17 @@ def _list_images(root: Path) -> dict[str, Path]:
     return found
 
 
-def _check_image(path: Path) -> tuple[int, int]:
-    """Height and width of an image file, checking its channel count from the header."""
-    _, h, w = _chw_shape(_image_shape(path), name=f"image {path}")
-    return h, w
-
-
 def _find_masks(root: Path, stems: Sequence[str], sub: str = "masks") -> dict[str, Path]:
     masks = root / sub
     if not masks.is_dir():
-        raise DataError(f"{root} has no {sub}/ folder: put one <name>.png mask per image in {masks}/")
-    found = {p.stem: p for p in sorted(masks.glob("*.png")) if not p.name.startswith(".")}
+        raise DataError(f"{root} has no {sub}/ folder: put one <name>.png (or .tif) mask per image in {masks}/")
+    found: dict[str, Path] = {}
+    for p in sorted(masks.iterdir()):
+        if p.name.startswith(".") or p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file():
+            continue
+        if p.stem in found:
+            raise DataError(f"{found[p.stem]} and {p} are masks of the same image {p.stem!r}: keep one of them")
+        found[p.stem] = p
     for stem in stems:
         if stem not in found:
             raise DataError(f"image {stem!r} in {root / 'images'} has no mask {masks / (stem + '.png')}: add it or remove the image")
@@ -581,19 +443,31 @@ def _find_masks(root: Path, stems: Sequence[str], sub: str = "masks") -> dict[st
     return found
 
 
-def _check_mask(path: Path, hw: tuple[int, int], num_classes: int, ignore_index: int) -> np.ndarray:
-    """Read a mask and check its size and class ids; return it."""
-    mask = read_mask(path)
-    if mask.shape != hw:
-        raise DataError(f"mask {path} is {mask.shape[0]}x{mask.shape[1]} but its image is {hw[0]}x{hw[1]}: regenerate the mask at the image size")
-    ids = np.unique(mask)
-    bad = ids[(ids >= num_classes) & (ids != ignore_index)]
-    if bad.size:
+BAND_BYTES = 64 * 1024**2  # rows of a mask read at once while checking it
+
+
+def _check_mask(path: Path, hw: tuple[int, int], num_classes: int, ignore_index: int,
+                on_band: Callable[[int, np.ndarray], None] | None = None) -> None:
+    """Check a mask's size and class ids, reading it by bands of rows (`on_band(y0, rows)` sees each band)."""
+    with open_raster(path, "mask") as r:
+        shape = r.mask_shape()
+        if shape != hw:
+            raise DataError(f"mask {path} is {shape[0]}x{shape[1]} but its image is {hw[0]}x{hw[1]}: regenerate the mask at the image size")
+        step = max(1, BAND_BYTES // max(1, r.width * r.dtype.itemsize))
+        ids: set[int] = set()
+        for y0 in range(0, r.height, step):
+            band = r.read(y0, min(r.height, y0 + step))[0]
+            ids.update(np.unique(band).tolist())
+            if on_band is not None:
+                on_band(y0, band)
+    if min(ids, default=0) < 0:
+        raise DataError(f"mask {path} has negative class ids: save class ids as unsigned integers")
+    bad = sorted(i for i in ids if i >= num_classes and i != ignore_index)
+    if bad:
         raise DataError(
-            f"mask {path} has class id(s) {bad[:5].tolist()} >= num_classes={num_classes} "
+            f"mask {path} has class id(s) {bad[:5]} >= num_classes={num_classes} "
             f"(ignore is {ignore_index}): fix the mask or raise num_classes"
         )
-    return mask
 
 
 def _resize(t: torch.Tensor, size: tuple[int, int] | None, mode: str) -> torch.Tensor:
@@ -605,6 +479,16 @@ def _resize(t: torch.Tensor, size: tuple[int, int] | None, mode: str) -> torch.T
     return F.interpolate(t[None].float(), size=size, mode="nearest-exact")[0].to(t.dtype)
 
 
+def _pad(a: np.ndarray, size: int, value: float) -> np.ndarray:
+    """(..., h, w) -> (..., size, size), `value` past the bottom and right edges."""
+    h, w = a.shape[-2:]
+    if (h, w) == (size, size):
+        return a
+    out = np.full((*a.shape[:-2], size, size), value, dtype=a.dtype)
+    out[..., :h, :w] = a
+    return out
+
+
 @dataclass(frozen=True)
 class _Item:
     name: str
@@ -613,24 +497,53 @@ class _Item:
     confidence: Path | None = None
 
 
+@dataclass(frozen=True)
+class _Region:
+    """The part of a scene an item reads: rows [y, y + rows) x columns [x, x + cols), padded to `pad` when given."""
+
+    y: int
+    x: int
+    rows: int
+    cols: int
+    pad: int | None = None
+
+
 class UnlabelledFolder(Dataset):
-    """Images of ``root/images/`` for unsupervised steps and pseudo-labelling.
+    """Images of ``root/images/`` for unsupervised steps, pseudo-labelling and `expand --verify`.
 
     Args:
         root (Path): folder with an ``images/`` subfolder.
         size (int | tuple[int, int] | None): resize every image to this
-            (height, width), bilinearly; None keeps the stored size.
+            (height, width), bilinearly (``--resize``); None keeps the stored size.
+        window (int | None): items are a `window` x `window` window of each scene, at an offset
+            drawn from (seed, epoch, index) (`set_epoch`), so a run resumes with the same windows;
+            scenes smaller than the window are padded with 0 (and ignore in masks).
+        units (Units | None): what the pixel values are; None: the folder's data.json, else linear.
+            The first images' values are checked against it (`stages.units.check_plausible`).
 
     Items: ``dict(image=float32 (3, H, W), name=str)``, in sorted file order.
     """
 
-    def __init__(self, root: str | Path, size: int | Sequence[int] | None = None) -> None:
+    def __init__(self, root: str | Path, size: int | Sequence[int] | None = None, window: int | None = None,
+                 units: Units | None = None) -> None:
+        from .units import resolve_units
+
         self.root = Path(root)
         self.size = _as_size(size)
+        if window is not None and (window < 1 or self.size is not None):
+            raise DataError("give a dataset a size (resize) or a window (crop), not both")
+        self.window = window
+        self.units = units if units is not None else resolve_units(self.root)
         self.items: list[_Item] = []
         self._hw: dict[str, tuple[int, int]] = {}
-        for stem, path in _list_images(self.root).items():
-            self._hw[stem] = _check_image(path)
+        self.seed, self.epoch = 0, 0
+        for i, (stem, path) in enumerate(_list_images(self.root).items()):
+            with open_raster(path) as r:
+                count, h, w = r.image_shape()
+                check_bands(count, self.units, f"image {path}")
+                if i < SAMPLED_IMAGES:
+                    check_plausible(r.sample(), r.dtype, self.units, f"image {path}")
+            self._hw[stem] = (h, w)
             self.items.append(_Item(stem, path))
 
     def __len__(self) -> int:
@@ -640,13 +553,50 @@ class UnlabelledFolder(Dataset):
     def names(self) -> list[str]:
         return [it.name for it in self.items]
 
-    def _load_image(self, item: _Item) -> torch.Tensor:
-        image = torch.from_numpy(sar_to_input(read_image(item.image)))
-        return _resize(image, self.size, "bilinear")
+    def scene_size(self, i: int) -> tuple[int, int]:
+        """(height, width) of item i's scene as stored."""
+        return self._hw[self.items[i].name]
+
+    def set_epoch(self, seed: int, epoch: int) -> None:
+        """The windows items read from here on: those of (seed, epoch) (the training loader calls this)."""
+        self.seed, self.epoch = seed, epoch
+
+    def _region(self, index: int) -> _Region | None:
+        """Where item `index` reads its window (None: the whole scene)."""
+        if self.window is None:
+            return None
+        h, w = self._hw[self.items[index].name]
+        win = self.window
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        y = int(rng.integers(0, h - win + 1)) if h > win else 0
+        x = int(rng.integers(0, w - win + 1)) if w > win else 0
+        return _Region(y, x, min(win, h), min(win, w), win)
+
+    def _read(self, path: Path, region: _Region | None, what: str) -> tuple[Raster, np.ndarray]:
+        r = open_raster(path, what)
+        try:
+            if region is None:
+                check_memory(r.count * r.height * r.width * 24, path, what, "converting it whole")
+                return r, r.read()
+            return r, r.read(region.y, region.y + region.rows, region.x, region.x + region.cols)
+        except BaseException:
+            r.close()
+            raise
+
+    def _load_image(self, item: _Item, region: _Region | None) -> tuple[torch.Tensor, np.ndarray]:
+        """The model input of an item and its (H, W) map of pixels with data (False where padded)."""
+        r, raw = self._read(item.image, region, "image")
+        with r:
+            valid = r.valid(values=raw) if region is None else r.valid(region.y, region.y + region.rows, region.x,
+                                                                          region.x + region.cols, values=raw)
+        image = to_model_input(raw, self.units, valid)
+        if region is not None and region.pad is not None:
+            image, valid = _pad(image, region.pad, 0.0), _pad(valid, region.pad, False)
+        return _resize(torch.from_numpy(image), self.size, "bilinear"), valid
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.items[i]
-        return {"image": self._load_image(item), "name": item.name}
+        return {"image": self._load_image(item, self._region(i))[0], "name": item.name}
 
 
 class LabelledFolder(UnlabelledFolder):
@@ -657,16 +607,18 @@ class LabelledFolder(UnlabelledFolder):
         num_classes (int): number of classes C; mask ids must be < C or ``ignore_index``.
         size (int | tuple[int, int] | None): resize image (bilinear) and mask
             (nearest) to this (height, width); targets are computed after resizing.
-        ignore_index (int): mask value of unlabelled pixels.
+        ignore_index (int): mask value of unlabelled pixels (classes.json's); items carry 255 there.
         boundary_radius (int): radius of ``boundary_target``.
         cache_bytes (int): keep the targets (mask, SDF, boundary) of items up to
             this many bytes in memory. They depend only on the mask file, and the
             SDF's distance transforms cost ~40x an image read (a third of a tiny
             training step), so every epoch after the first reuses them; items
-            past the budget are recomputed each time. 0 turns caching off.
+            past the budget are recomputed each time. 0 turns caching off. Items
+            read a different window each epoch are never cached.
+        window, units: as ``UnlabelledFolder``; pixels without data are ignored in the targets.
 
     Items: ``dict(image=float32 (3, H, W), mask=int64 (H, W), sdf=float32
-    (C, H, W), boundary=float32 (1, H, W), name=str)``.
+    (C, H, W), boundary=float32 (1, H, W), name=str)``; masks hold 255 (IGNORE_INDEX) where unlabelled.
     """
 
     DEFAULT_CACHE_BYTES = 1024**3
@@ -679,10 +631,12 @@ class LabelledFolder(UnlabelledFolder):
         ignore_index: int = IGNORE_INDEX,
         boundary_radius: int = 2,
         cache_bytes: int | None = None,
+        window: int | None = None,
+        units: Units | None = None,
     ) -> None:
         if num_classes < 1:
             raise DataError(f"num_classes must be >= 1, got {num_classes}")
-        super().__init__(root, size)
+        super().__init__(root, size, window, units)
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.boundary_radius = boundary_radius
@@ -692,35 +646,76 @@ class LabelledFolder(UnlabelledFolder):
         masks = _find_masks(self.root, self.names)
         self.items = [_Item(it.name, it.image, masks[it.name]) for it in self.items]
         for it in self.items:
-            self._mask_checked(it, _check_mask(it.mask, self._hw[it.name], num_classes, ignore_index))  # type: ignore[arg-type]
+            _check_mask(it.mask, self._hw[it.name], num_classes, ignore_index,  # type: ignore[arg-type]
+                        functools.partial(self._mask_band_checked, it))
 
-    def _mask_checked(self, item: _Item, mask: np.ndarray) -> None:
-        """Called once per item with its mask, read at construction anyway (subclasses use it: no second read)."""
+    def _mask_band_checked(self, item: _Item, y0: int, band: np.ndarray) -> None:
+        """Called with each band of rows of an item's mask, read at construction anyway (subclasses use it)."""
 
-    def _mask_targets(self, item: _Item) -> dict[str, torch.Tensor]:
-        """mask, sdf and boundary of an item: from the cache (as copies) or computed (and cached if they fit)."""
+    def _read_mask(self, item: _Item, region: _Region | None, valid: np.ndarray) -> np.ndarray:
+        """The item's class ids (int64) in `region`, 255 where unlabelled, without data or padded."""
+        r, raw = self._read(item.mask, region, "mask")  # type: ignore[arg-type]
+        with r:
+            r.mask_shape()
+        mask = raw[0].astype(np.int64)
+        if self.ignore_index != IGNORE_INDEX:
+            mask[mask == self.ignore_index] = IGNORE_INDEX
+        if region is not None and region.pad is not None:
+            mask = _pad(mask, region.pad, IGNORE_INDEX)
+        mask[~valid] = IGNORE_INDEX
+        return mask
+
+    def _cacheable(self, item: _Item) -> bool:
+        """Targets that are the same every epoch: the whole scene, or a window that covers it."""
+        return self.window is None or max(self._hw[item.name]) <= self.window
+
+    def _mask_targets(self, item: _Item, region: _Region | None, valid: np.ndarray) -> dict[str, torch.Tensor]:
+        """mask, sdf and boundary of an item: from the cache or computed (and cached if they fit)."""
         cached = self._cache.get(item.name)
         if cached is not None:
-            return {k: v.clone() for k, v in cached.items()}  # callers may modify what they get
-        mask = torch.from_numpy(read_mask(item.mask).astype(np.int64))  # type: ignore[arg-type]
+            return _expand_targets(cached, self.num_classes)
+        mask = torch.from_numpy(self._read_mask(item, region, valid))
         mask = _resize(mask[None], self.size, "nearest")[0]
         m = mask.numpy()
         targets = {
             "mask": mask,
             "sdf": torch.from_numpy(sdf_target(m, self.num_classes)),
-            "boundary": torch.from_numpy(boundary_target(m, self.boundary_radius, self.ignore_index)[None].astype(np.float32)),
+            "boundary": torch.from_numpy(boundary_target(m, self.boundary_radius, IGNORE_INDEX)[None].astype(np.float32)),
         }
-        nbytes = sum(t.numel() * t.element_size() for t in targets.values())
-        if self._cached_bytes + nbytes <= self.cache_bytes:
-            self._cache[item.name] = {k: v.clone() for k, v in targets.items()}
+        compact = _compact_targets(targets)
+        nbytes = sum(t.numel() * t.element_size() for t in compact.values())
+        if self._cacheable(item) and self._cached_bytes + nbytes <= self.cache_bytes:
+            self._cache[item.name] = compact
             self._cached_bytes += nbytes
         return targets
 
-    def _targets(self, item: _Item) -> dict[str, Any]:
-        return {"image": self._load_image(item), **self._mask_targets(item), "name": item.name}
+    def _targets(self, i: int) -> dict[str, Any]:
+        item, region = self.items[i], self._region(i)
+        image, valid = self._load_image(item, region)
+        return {"image": image, **self._mask_targets(item, region, valid), "name": item.name}
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return self._targets(self.items[i])
+        return self._targets(i)
+
+
+def _compact_targets(targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the cache keeps of an item's targets: the mask and boundary in 8 bits (a 16-bit mask in 32), the SDF of the
+    classes present only (an absent class's SDF is -1 everywhere). A tile holds a few of many classes, so
+    this keeps several times more items in the same budget than the full float tensors."""
+    sdf = targets["sdf"]
+    present = torch.nonzero((sdf != -1).flatten(1).any(1)).flatten()
+    mask = targets["mask"]
+    small = mask.numel() == 0 or (mask.min() >= 0 and mask.max() <= 255)
+    return {"mask": mask.to(torch.uint8 if small else torch.int32), "boundary": targets["boundary"].to(torch.uint8),
+            "present": present, "sdf": sdf[present].clone()}
+
+
+def _expand_targets(compact: dict[str, torch.Tensor], num_classes: int) -> dict[str, torch.Tensor]:
+    """The full targets again (new tensors: callers may modify what they get)."""
+    mask = compact["mask"]
+    sdf = torch.full((num_classes, *mask.shape), -1.0)
+    sdf[compact["present"]] = compact["sdf"]
+    return {"mask": mask.long(), "sdf": sdf, "boundary": compact["boundary"].float()}
 
 
 class PseudoLabelFolder(LabelledFolder):
@@ -729,7 +724,7 @@ class PseudoLabelFolder(LabelledFolder):
     Masks hold the pseudo-labels (255 = ignore, e.g. low confidence); the
     confidence maps (float32 H x W in [0, 1]) let the loss weight each pixel.
     Arguments as ``LabelledFolder``. Items add ``confidence=float32 (H, W)``,
-    resized nearest so each pixel keeps its own label's confidence.
+    of the same window (or resized nearest, so each pixel keeps its own label's confidence).
     """
 
     def __init__(self, root: str | Path, num_classes: int, **options: Any) -> None:
@@ -746,31 +741,65 @@ class PseudoLabelFolder(LabelledFolder):
             raise DataError(f"{self.root} has no confidence/ folder: re-run pseudo-labelling into a fresh --out")
         return conf_dir
 
-    def _mask_checked(self, item: _Item, mask: np.ndarray) -> None:
-        """Check the item's confidence map and add its kept weight, with the mask already read."""
+    def _mask_band_checked(self, item: _Item, y0: int, band: np.ndarray) -> None:
+        """Check the item's confidence map over the mask's band and add its kept weight."""
         path = self._confidence_dir() / f"{item.name}.tif"
         if not path.is_file():
             raise DataError(f"image {item.name!r} has no confidence map {path}: re-run pseudo-labelling")
-        conf = read_confidence(path)
         hw = self._hw[item.name]
-        if conf.shape != hw:
-            raise DataError(f"confidence map {path} is {conf.shape[0]}x{conf.shape[1]} but its image is {hw[0]}x{hw[1]}: re-run pseudo-labelling")
-        self._kept += float(conf[mask != self.ignore_index].sum(dtype=np.float64))
+        with open_raster(path, "confidence map") as r:
+            if (r.height, r.width) != hw:
+                raise DataError(f"confidence map {path} is {r.height}x{r.width} but its image is {hw[0]}x{hw[1]}: "
+                                "re-run pseudo-labelling")
+        conf = read_confidence(path, (y0, y0 + band.shape[0]))
+        self._kept += float(conf[band != self.ignore_index].sum(dtype=np.float64))
         self._total += conf.size
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        item = self.items[i]
-        out = self._targets(item)
-        conf = torch.from_numpy(read_confidence(item.confidence))  # type: ignore[arg-type]
-        out["confidence"] = _resize(conf[None], self.size, "nearest")[0]
+        item, region = self.items[i], self._region(i)
+        out = self._targets(i)
+        if region is None:
+            conf = read_confidence(item.confidence)  # type: ignore[arg-type]
+        else:
+            conf = _pad(read_confidence(item.confidence, (region.y, region.y + region.rows),  # type: ignore[arg-type]
+                                        (region.x, region.x + region.cols)), region.pad, 0.0)  # type: ignore[arg-type]
+        out["confidence"] = _resize(torch.from_numpy(conf)[None], self.size, "nearest")[0]
         return out
 
 
-def load_images(folder: Path, size: int, limit: int) -> torch.Tensor:
-    """Up to `limit` images of a samoe data folder (DIR/images/*), as a (B, 3, size, size) batch (`expand --verify`)."""
+class ConcatFolders(Dataset):
+    """Several labelled folders as one training set, e.g. labelled data mixed into stage 1's pseudo-labels.
+
+    When any folder is pseudo-labelled, items of the others get a confidence of 1 everywhere (true labels
+    count fully), so that every batch has the same keys.
+    """
+
+    def __init__(self, folders: Sequence[LabelledFolder]) -> None:
+        self.folders = list(folders)
+        self.starts = np.cumsum([0] + [len(f) for f in self.folders])
+        self.confidence = any(isinstance(f, PseudoLabelFolder) for f in self.folders)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def set_epoch(self, seed: int, epoch: int) -> None:
+        """Each folder's windows of (seed, epoch) (see `UnlabelledFolder.set_epoch`)."""
+        for folder in self.folders:
+            folder.set_epoch(seed, epoch)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        item = self.folders[k][i - int(self.starts[k])]
+        if self.confidence and "confidence" not in item:
+            item["confidence"] = torch.ones(item["mask"].shape, dtype=torch.float32)
+        return item
+
+
+def load_images(folder: Path, size: int, limit: int, units: Units | None = None) -> torch.Tensor:
+    """Up to `limit` images of a samoe data folder (DIR/images/*), as a (B, 3, size, size) batch of windows (`expand --verify`)."""
     if not (folder / "images").is_dir():
         raise DataError(f"{folder} has no images/ folder: pass a data folder such as data/A (see `samoe demo-data`)")
-    data = UnlabelledFolder(folder, size=size)
+    data = UnlabelledFolder(folder, window=size, units=units)
     n = min(limit, len(data))
     return torch.stack([data[i]["image"] for i in range(n)])
 
@@ -778,56 +807,17 @@ def load_images(folder: Path, size: int, limit: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- demo data
 
 
-def _box_blur(a: np.ndarray, radius: int) -> np.ndarray:
-    """Separable mean filter of width 2*radius+1 with reflected edges (cumulative sums)."""
-    for axis in (0, 1):
-        pad = [(0, 0), (0, 0)]
-        pad[axis] = (radius + 1, radius)
-        c = np.cumsum(np.pad(a, pad, mode="reflect"), axis=axis)
-        n = a.shape[axis]
-        hi = np.take(c, np.arange(2 * radius + 1, 2 * radius + 1 + n), axis=axis)
-        lo = np.take(c, np.arange(0, n), axis=axis)
-        a = (hi - lo) / (2 * radius + 1)
-    return a
-
-
-def _smooth_noise(rng: np.random.Generator, size: int, radius: int) -> np.ndarray:
-    """Zero-mean, unit-std smooth random field (three box blurs approximate a Gaussian)."""
-    a = rng.standard_normal((size, size))
-    radius = max(1, min(radius, size // 2 - 1))
-    for _ in range(3):
-        a = _box_blur(a, radius)
-    return (a - a.mean()) / (a.std() + 1e-12)
-
-
-def river_band(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, shift: float, amp: tuple[float, float],
-               period: tuple[float, float], half_width: tuple[float, float]) -> np.ndarray:
-    """A meandering band at a random angle (bool H x W); ranges are fractions of the scene size.
-
-    Its centre line passes within `shift` of the scene centre; a sine of amplitude
-    `amp` and wavelength `period` bends it; `half_width` is half its width.
-    """
-    size = xx.shape[0]
-    theta = rng.uniform(0, np.pi)
-    u = xx * np.cos(theta) + yy * np.sin(theta)
-    v = -xx * np.sin(theta) + yy * np.cos(theta)
-    centre = (size / 2) * (np.cos(theta) - np.sin(theta)) + rng.uniform(-shift, shift) * size
-    a, wavelength, phase = rng.uniform(*amp) * size, rng.uniform(*period) * size, rng.uniform(0, 2 * np.pi)
-    half = rng.uniform(*half_width) * size
-    return np.abs(v - centre - a * np.sin(2 * np.pi * u / wavelength + phase)) < half
-
-
 def _demo_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic scene: (float32 (2, H, W) VV/VH linear sigma0, uint8 (H, W) class ids)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     # Fields: vegetation vs bare soil from thresholded smooth noise.
-    field = _smooth_noise(rng, size, size // 10)
+    field = smooth_noise(rng, size, size // 10)
     mask = np.where(field > np.quantile(field, rng.uniform(0.35, 0.65)), 2, 3).astype(np.uint8)
     # Water: a meandering river band at a random angle, or a lake.
     if rng.random() < 0.75:
         mask[river_band(rng, xx, yy, shift=0.25, amp=(0.03, 0.12), period=(0.5, 1.5), half_width=(0.03, 0.07))] = 0
     else:
-        lake = _smooth_noise(rng, size, size // 8)
+        lake = smooth_noise(rng, size, size // 8)
         mask[lake > np.quantile(lake, rng.uniform(0.8, 0.9))] = 0
     # Urban: one to three rectangular blocks.
     urban = np.zeros((size, size), dtype=bool)
@@ -842,7 +832,7 @@ def _demo_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nda
     for cls, (db, ratio) in _DEMO_SIGMA0_DB.items():
         vv_db[mask == cls] = db
         ratio_db[mask == cls] = ratio
-    vv_db += 1.0 * _smooth_noise(rng, size, size // 16)  # +-1 dB texture within fields
+    vv_db += 1.0 * smooth_noise(rng, size, size // 16)  # +-1 dB texture within fields
     # Urban point scatterers: small clusters (seed pixel plus its 4-neighbours) +10..+15 dB.
     seeds = urban & (rng.random((size, size)) < 0.015)
     points = seeds.copy()
@@ -858,14 +848,44 @@ def _demo_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nda
     return (sigma0 * speckle).astype(np.float32), mask
 
 
-def _demo_scenes(preset: str, size: int, counts: tuple[int, ...], regions: int = 1,
-                 region: int | None = None) -> tuple[Any, tuple[str, ...]]:
-    """The scene generator and class names of a demo-data preset, after checking the options."""
-    from .hard_scenes import HARD_CLASS_NAMES, hard_scene
+@dataclass(frozen=True)
+class DemoPreset:
+    """A demo-data preset: its scene generator `scene(rng, size) -> (float32 (2, H, W) VV/VH sigma0, class ids)`
+    and its classes (names and colours, written as classes.json)."""
 
-    scenes = {"easy": (_demo_scene, CLASS_NAMES), "hard": (hard_scene, HARD_CLASS_NAMES)}
-    if preset not in scenes:
-        raise DataError(f"unknown demo-data preset {preset!r}: choose easy or hard")
+    scene: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]
+    classes: ClassList
+
+
+def demo_presets() -> dict[str, DemoPreset]:
+    """Every `demo-data --preset`, by name (the scene modules import this one, so they are imported here)."""
+    from .codebook import CODEBOOK_CLASSES, codebook_scene
+    from .hard_scenes import HARD_CLASSES, hard_scene
+
+    return {"easy": DemoPreset(_demo_scene, DEMO_CLASSES), "hard": DemoPreset(hard_scene, HARD_CLASSES),
+            "codebook": DemoPreset(codebook_scene, CODEBOOK_CLASSES)}
+
+
+DEMO_UNITS = Units("linear", None, ("VV", "VH"))
+"""What demo images hold (data.json): linear sigma0 in two bands."""
+
+
+def _demo_scenes(preset: str, size: int, counts: tuple[int, ...], regions: int = 1,
+                 region: int | None = None, signatures: int | None = None) -> tuple[Any, ClassList]:
+    """The scene generator and classes of a demo-data preset, after checking the options."""
+    from .codebook import DEFAULT_SIGNATURES, GRID_SIZE
+    from .hard_scenes import hard_scene
+
+    presets = demo_presets()
+    if preset not in presets:
+        raise DataError(f"unknown demo-data preset {preset!r}: choose {', '.join(presets)}")
+    if signatures is not None and preset != "codebook":
+        raise DataError("--signatures needs --preset codebook")
+    if preset == "codebook":
+        n = DEFAULT_SIGNATURES if signatures is None else signatures
+        if not 1 <= n <= GRID_SIZE:
+            raise DataError(f"--signatures {n} must be between 1 and {GRID_SIZE} (the signature grid's size)")
+        return functools.partial(presets[preset].scene, signatures=n), presets[preset].classes
     if regions < 1:
         raise DataError(f"--regions must be >= 1, got {regions}")
     if region is not None and not 0 <= region < regions:
@@ -876,48 +896,38 @@ def _demo_scenes(preset: str, size: int, counts: tuple[int, ...], regions: int =
         raise DataError(f"size {size} is too small for demo scenes: use --size 16 or more")
     if min(counts) < 0:
         raise DataError("scene counts must be >= 0")
-    scene, names = scenes[preset]
+    scene, classes = presets[preset].scene, presets[preset].classes
     if regions > 1:
         scene = functools.partial(hard_scene, regions=regions, region=region)
-    return scene, names
+    return scene, classes
 
 
-def _write_demo_split(folder: Path, prefix: str, n: int, with_masks: bool, scene: Any, num_classes: int,
+def _write_demo_split(out: Any, split: str, prefix: str, n: int, with_masks: bool, scene: Any, num_classes: int,
                       size: int, seed: int, stream: int) -> np.ndarray:
-    """Write `n` scenes into folder/images (and folder/masks); return the masks' class pixel counts.
+    """Write `n` scenes into split/images (and split/masks) of `out` (an upscale.ownership.Owned folder, all
+    names recorded before any is made); return the masks' class pixel counts.
 
     Scene i draws from its own generator seeded by (seed, stream, i), so a split's
     files do not depend on how many scenes the other splits hold.
     """
-    (folder / "images").mkdir(parents=True)
-    if with_masks:
-        (folder / "masks").mkdir()
+    stems = [f"{prefix}-{i:04d}" for i in range(n)]
+    subs = ["images"] + (["masks"] if with_masks else [])
+    out.record(split, *[f"{split}/{sub}" for sub in subs], kind="dir", save=False)
+    out.record(*[f"{split}/images/{s}.tif" for s in stems], *[f"{split}/masks/{s}.png" for s in stems if with_masks])
     hist = np.zeros(num_classes, dtype=np.int64)
-    for i in range(n):
-        rng = np.random.default_rng([seed, stream, i])
-        image, mask = scene(rng, size)
-        stem = f"{prefix}-{i:04d}"
-        write_image(folder / "images" / f"{stem}.tif", image)
-        if with_masks:
-            write_mask(folder / "masks" / f"{stem}.png", mask)
-            hist += np.bincount(mask.ravel(), minlength=num_classes)
+    with out.dir.sub(split, create=True) as folder:
+        images = folder.sub("images", create=True)
+        masks = folder.sub("masks", create=True) if with_masks else None
+        for i, stem in enumerate(stems):
+            rng = np.random.default_rng([seed, stream, i])
+            image, mask = scene(rng, size)
+            with images.create(f"{stem}.tif") as f:
+                write_image(f, image)
+            if masks is not None:
+                with masks.create(f"{stem}.png") as f:
+                    write_mask(f, mask)
+                hist += np.bincount(mask.ravel(), minlength=num_classes)
     return hist
-
-
-def _replace_folder(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` to `out`, replacing an existing `out` with two renames, so `out` is never half-written."""
-    if out.exists() or out.is_symlink():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)  # left by a crashed earlier run
-        os.replace(out, old)
-        os.replace(tmp, out)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
-    else:
-        os.replace(tmp, out)
 
 
 def make_demo_data(
@@ -931,8 +941,10 @@ def make_demo_data(
     preset: str = "easy",
     regions: int = 1,
     region: int | None = None,
+    signatures: int | None = None,
 ) -> dict[str, Any]:
-    """Write synthetic SAR scenes: ``out/A`` (labelled), ``out/A-test`` (held out), ``out/B`` (images only).
+    """Write synthetic SAR scenes: ``out/A`` (labelled), ``out/A-test`` (held out), ``out/B`` (images only),
+    and beside them ``out/classes.json`` (the preset's classes) and ``out/data.json`` (linear VV/VH).
 
     Scenes have 4 classes (``CLASS_NAMES``: water ~-20 dB, urban ~0 dB with
     bright point clusters, vegetation ~-8 dB, bare soil ~-13 dB; VH 6-8 dB
@@ -943,8 +955,9 @@ def make_demo_data(
 
     Deterministic: scene i of a split depends only on (seed, split, i), so the
     same arguments give byte-identical files (no timestamps are written).
-    Atomic: everything is built in ``.<name>.tmp-<pid>`` beside ``out`` and
-    renamed into place; ``out`` is never half-written.
+    Atomic: everything is built in ``.<name>.tmp-<token>`` beside ``out`` and
+    renamed into place (upscale.ownership.NewOutput); ``out`` is never half-written,
+    and ``--force`` replaces only a folder whose manifest records all it holds.
 
     Args:
         out: the folder to create; must not exist unless ``force``.
@@ -958,22 +971,20 @@ def make_demo_data(
             class signatures and sensor noise floor (stages/hard_scenes.py).
         region: ``hard`` only: every scene from this one of the ``regions`` (a per-region
             test set).
+        signatures: ``codebook`` only: how many signature -> class facts the scenes draw
+            from (stages/codebook.py); the table depends on this number, not on ``seed``.
 
     Returns:
         A JSON-able summary: counts, size, seed, class names and the class
         pixel fractions of each labelled split.
     """
     out = Path(out)
-    scene, class_names = _demo_scenes(preset, size, (labelled, unlabelled, test), regions, region)
-    if out.exists() and not force:
+    scene, classes = _demo_scenes(preset, size, (labelled, unlabelled, test), regions, region, signatures)
+    class_names = classes.names
+    if (out.exists() or out.is_symlink()) and not force:
         raise DataError(f"{out} already exists: pass --force to replace it or choose another --out")
-    from upscale.ownership import check_replaceable, write_marker
+    from upscale.ownership import NewOutput
 
-    check_replaceable(out, force)  # --force replaces only a folder samoe wrote, never a user's folder or file
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     counts = {"A": labelled, "A-test": test, "B": unlabelled}
     summary: dict[str, Any] = {
         "seed": seed,
@@ -986,23 +997,25 @@ def make_demo_data(
         "counts": counts,
         "class_fractions": {},
     }
+    if preset == "codebook":
+        summary["signatures"] = scene.keywords["signatures"]
     if regions > 1:
         summary["regions"] = regions
         if region is not None:
             summary["region"] = region
-    try:
+    with NewOutput(out, "demo-data", force) as new:  # --force replaces only a folder samoe wrote
         for split, prefix, stream, with_masks in _SPLITS:
-            hist = _write_demo_split(tmp / split, prefix, counts[split], with_masks, scene, len(class_names),
+            hist = _write_demo_split(new.owned, split, prefix, counts[split], with_masks, scene, len(class_names),
                                      size, seed, stream)
             if with_masks:
                 total = max(int(hist.sum()), 1)
                 summary["class_fractions"][split] = {
                     name: round(int(n) / total, 6) for name, n in zip(class_names, hist)
                 }
-        (tmp / "demo-data.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        write_marker(tmp, "demo-data")
-        _replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        new.owned.record("demo-data.json", CLASSES_JSON, DATA_JSON)
+        new.dir.write_bytes("demo-data.json", (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+        write_classes(new.dir, classes)
+        units = {k: v for k, v in DEMO_UNITS.to_json().items() if v is not None}
+        new.dir.write_bytes(DATA_JSON, (json.dumps(units) + "\n").encode())
+        new.commit()
     return {"out": str(out), **summary}

@@ -77,23 +77,27 @@ def _damaged(path: Path, why: str) -> SamoeError:
     return SamoeError(f"{path} is damaged ({why}): delete the step or use a new --run-dir (or --force to start over)")
 
 
-def _read_regular(path: Path, cap: int) -> bytes:
-    """The bytes of a regular file (not a link), at most `cap` of them."""
+def _read_regular(path: Path, cap: int, shown: Path) -> bytes:
+    """The bytes of a regular file (not a link, not a FIFO), at most `cap` of them."""
     try:
-        st = os.lstat(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise SamoeError(f"{path} is missing: the checkpoint step is incomplete; delete it or use a new --run-dir") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise _damaged(path, "not a regular file")
-    if st.st_size > cap:
-        raise _damaged(path, f"{st.st_size} bytes, more than the {cap} a checkpoint's metadata may hold")
-    with open(path, "rb") as f:
+        raise SamoeError(f"{shown} is missing: the checkpoint step is incomplete; delete it or use a new --run-dir") from None
+    except OSError:
+        raise _damaged(shown, "not a regular file") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _damaged(shown, "not a regular file")
+        if st.st_size > cap:
+            raise _damaged(shown, f"{st.st_size} bytes, more than the {cap} a checkpoint's metadata may hold")
         return f.read(cap + 1)[:cap]
 
 
-def load_metadata(path: Path) -> dcp_meta.Metadata:
-    """Unpickle one DCP metadata file through the allow-list; refuse anything else."""
-    data = _read_regular(path, MAX_METADATA_BYTES)
+def load_metadata(path: Path, shown: Path | None = None) -> dcp_meta.Metadata:
+    """Unpickle one DCP metadata file through the allow-list; refuse anything else (`shown`: its name in messages)."""
+    data = _read_regular(path, MAX_METADATA_BYTES, shown or path)
+    path = shown or path
     try:
         md = AllowListUnpickler(io.BytesIO(data)).load()
     except _Refused as e:
@@ -110,7 +114,8 @@ def _size(value: Any, where: str, path: Path) -> tuple[int, ...]:
 
 
 def check_metadata(md: Any, step: Path, path: Path) -> dcp_meta.Metadata:
-    """Every field DCP's loader uses has the type it expects, and every byte range lies inside a data file of `step`."""
+    """Every field DCP's loader uses has the type it expects, and every byte range lies inside a data file of `step`
+    (`path`: the metadata file's name in messages)."""
     if not isinstance(md, dcp_meta.Metadata) or not isinstance(md.state_dict_metadata, dict):
         raise _damaged(path, "not DCP metadata")
     for key, item in md.state_dict_metadata.items():
@@ -141,7 +146,7 @@ def check_metadata(md: Any, step: Path, path: Path) -> dcp_meta.Metadata:
             raise _damaged(path, "the storage table holds something else")
         name = info.relative_path
         if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
-            raise _damaged(path, f"data file {name!r} is not a plain file name inside {step.name}")
+            raise _damaged(path, f"data file {name!r} is not a plain file name inside {path.parent.name}")
         if info.transform_descriptors:
             raise _damaged(path, "data is stored with transforms samoe does not write")
         if name not in sizes:
@@ -158,19 +163,25 @@ def check_metadata(md: Any, step: Path, path: Path) -> dcp_meta.Metadata:
     return md
 
 
-def read_metadata(step: Path, rank: int | None = None) -> dcp_meta.Metadata:
-    """The validated metadata of the DCP directory `step` (global, or one rank's local file)."""
-    if step.is_symlink():
+def read_metadata(step: Path, rank: int | None = None, shown: Path | None = None) -> dcp_meta.Metadata:
+    """The validated metadata of the DCP directory `step` (global, or one rank's local file); `shown` names
+    `step` in messages when it is read through a descriptor's path (upscale.dirfd.Dir.proc)."""
+    if shown is None and step.is_symlink():  # (a descriptor's path is a link to the folder opened without following)
         raise _damaged(step, "a link: samoe reads checkpoints only from inside the run directory")
-    path = step / (METADATA_FILE if rank is None else f"__{rank}{METADATA_FILE}")
-    return check_metadata(load_metadata(path), step, path)
+    name = METADATA_FILE if rank is None else f"__{rank}{METADATA_FILE}"
+    path = (shown or step) / name
+    return check_metadata(load_metadata(step / name, path), step, path)
 
 
 class SafeFileSystemReader(FileSystemReader):
     """torch's FileSystemReader with `read_metadata` replaced by the allow-list reader above."""
 
+    def __init__(self, path: str, shown: Path | None = None, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self.shown = shown
+
     def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_meta.Metadata:
-        md = read_metadata(Path(self.path), kwargs.get("rank"))
+        md = read_metadata(Path(self.path), kwargs.get("rank"), self.shown)
         if getattr(md, "storage_meta", None) is None:
             md.storage_meta = dcp_meta.StorageMeta()
         md.storage_meta.load_id = self.load_id

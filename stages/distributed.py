@@ -52,7 +52,7 @@ import sys
 import warnings
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -63,6 +63,9 @@ from upscale.errors import SamoeError
 from upscale.moe import balance_losses, router_pools
 
 from .semisup import losses_from_stats, task_stats
+
+if TYPE_CHECKING:
+    from upscale.checkpoint import Checkpoint
 
 LAUNCH_COMMAND_ENV = "SAMOE_LAUNCH_COMMAND"
 
@@ -95,12 +98,32 @@ def exit_worker(code: int | str | None) -> NoReturn:
     os._exit(0 if code is None else code)
 
 
+TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets in each worker
+
+
 def world_size() -> int:
-    """Processes in this run, from torchrun's environment (1 when not under torchrun)."""
+    """Processes in this run, from torchrun's environment (1 when not under torchrun).
+
+    WORLD_SIZE > 1 outside torchrun (no RANK, MASTER_ADDR, ...) would fail deep inside torch.distributed;
+    it is refused here, in one line, as the environment problem it is."""
+    env = os.environ
     try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
+        n = int(env.get("WORLD_SIZE", "1"))
+        if n < 1:
+            raise ValueError
     except ValueError:
-        raise SamoeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number: start distributed runs with torchrun") from None
+        raise SamoeError(f"WORLD_SIZE={env['WORLD_SIZE']!r} is not a process count: unset it, or start distributed "
+                         "runs with `samoe train --nproc N`") from None
+    if n > 1:
+        missing = next((k for k in TORCHRUN_ENV if not env.get(k)), None)
+        if missing is not None:
+            raise SamoeError(f"WORLD_SIZE={n} is set but {missing} is not: this is not a torchrun worker; unset "
+                             "WORLD_SIZE, or start distributed runs with `samoe train --nproc N`")
+        for key, top in (("RANK", n), ("LOCAL_RANK", n)):
+            if not env[key].isdigit() or int(env[key]) >= top:
+                raise SamoeError(f"{key}={env[key]!r} is not a process index below WORLD_SIZE={n}: start "
+                                 "distributed runs with `samoe train --nproc N`")
+    return n
 
 
 def is_main_process() -> bool:
@@ -298,12 +321,12 @@ class Distributed:
 
     # ----------------------------------------------------------------------- model
 
-    def build_model(self, path: str | Path, prepare: Callable[[nn.Module], Any]) -> tuple[nn.Module, Any]:
+    def build_model(self, path: "str | Path | Checkpoint", prepare: Callable[[nn.Module], Any]) -> tuple[nn.Module, Any]:
         """Meta-device model -> `prepare` (requires_grad per stage) -> fully_shard -> this rank's shards from disk."""
         from upscale.checkpoint import Checkpoint, parse_dtype
         from upscale.model import build_model
 
-        ckpt = Checkpoint.open(path)
+        ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
         ckpt.check_matches_config()
         model = build_model(ckpt.config, device="meta").to(parse_dtype(ckpt.meta.get("dtype", "float32")))
         result = prepare(model)
@@ -357,7 +380,7 @@ class Distributed:
             by_file.setdefault(info.file, []).append(name)
         with torch.no_grad():
             for fname, names in by_file.items():
-                with open(Path(ckpt.path) / fname, "rb") as f:
+                with ckpt.shard_file(fname) as f:
                     for name in names:
                         target, info = targets[name], ckpt.tensors[name]
                         local = _local(target)
@@ -498,7 +521,7 @@ def _read_rows(f: Any, info: Any, lo: int, hi: int, where: str) -> Tensor:
     A 0-d tensor is read whole. `info` is the header entry Checkpoint.open checked (offset and size
     inside the file), so nothing here trusts the file beyond what was validated.
     """
-    from upscale.checkpoint import ST_DTYPES
+    from upscale.checkpoint import st_dtype
 
     shape = tuple(info.shape)
     if not shape:
@@ -510,7 +533,7 @@ def _read_rows(f: Any, info: Any, lo: int, hi: int, where: str) -> Tensor:
     f.seek(info.offset + lo * row)
     if buf.numel() and f.readinto(memoryview(buf.numpy())) != buf.numel():
         raise SamoeError(f"{where}: tensor data in {info.file} is cut short: the shard is truncated; re-create the checkpoint")
-    return buf.view(ST_DTYPES[info.dtype]).reshape(out_shape)
+    return buf.view(st_dtype(info.dtype)).reshape(out_shape)
 
 
 def _local(t: Tensor) -> Tensor:

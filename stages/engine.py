@@ -29,11 +29,14 @@ are then sharded DCP directories and rank 0 writes the logs and RUN/final.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
 import shlex
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager
@@ -44,12 +47,14 @@ from torch.utils.data import DataLoader, Dataset
 from upscale.checkpoint import Checkpoint, build_meta, lineage_entry, load_model, save_model
 from upscale.device import autocast, check_precision, deterministic, resolve_device, to_device
 from upscale.errors import SamoeError
-from upscale.ownership import check_replaceable, check_separate, owner, write_marker
+from upscale.dirfd import Dir
+from upscale.ownership import (Owned, check_separate, first_unknown, read_manifest, remove_recorded, remove_temporaries,
+                               unknown_error)
 from upscale.roles import SEED004_ROLES, in_decoder, param_role
 
 from .checkpointer import Checkpointer, read_run_json
 from .optim import Optimizers, apply_lr, build_optimizers, drop_idle_grads, lr_factor
-from .plan import STAGES, is_trainable
+from .plan import STAGES, is_trainable, stage_lr
 from .semisup import (continue_rampup, gating_without_grad, losses_from_stats, pseudo_targets, scaled_epochs, sigmoid_rampup,
                       task_stats)
 
@@ -72,19 +77,30 @@ class TrainConfig:
     stage: int
     source: str
     run_dir: str
-    data: str
+    data: list[str]  # labelled or pseudo-labelled folders, trained on as one set
     unlabelled: str | None = None
+    # what the pixels are (stages/units.py; None: each folder's data.json, else the source's record, else linear)
+    input_scale: str | None = None
+    dn_calibration: float | None = None
+    polarisations: str | None = None  # band names in order, e.g. "VV,VH"
+    resize: bool = False  # squash scenes to img_size; default: a random img_size window of each scene per epoch
+    # validation: mIoU on val_data every val_every steps (None: at each epoch's end); RUN/best keeps the best step
+    val_data: str | None = None
+    val_every: int | None = None
     # how long: --epochs (default: the seed's 200-epoch timeline) or --max-steps
     epochs: int | None = None
     max_steps: int | None = None
     batch_size: int = 4
     seed: int = 0
-    # optimizers (stages/optim.py): base lr per stage when None; weight_decay = 5 * 10**wd
+    # optimizers (stages/optim.py): base lr absolute, or lr_scale x the source's recorded peak lr (default: the
+    # stage's scale, stages/plan.py); weight_decay = 5 * 10**wd
     lr: float | None = None
+    lr_scale: float | None = None
     momentum: float = 0.9
     wd: float = -5.0
     router_lr_mult: float = 10.0
     last_k: int = 4  # stage 2 unfreezes the FFN/MoE of the last K ViT blocks
+    augment: bool = False  # each labelled image and its targets under a random symmetry of the square (stages/augment.py)
     selector_gating: bool = False  # stage 1 also trains the source's selector and gating (seed 004)
     # seed 004's schedules, in epochs of a `timeline`-epoch run (they scale to the run's length)
     timeline: int = 200
@@ -100,6 +116,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep: int = 2
     log_every: int = 5
+    print_every: int = 10  # a plain progress line every N steps where the output is not a terminal (SLURM logs)
     skip_nonfinite: bool = False
     # hardware: not part of the run's identity
     workers: int = 0
@@ -108,13 +125,25 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block in place (upscale/compile.py); resume is exact within a mode
     command: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.data, (str, Path)):
+            self.data = [str(self.data)]
+        self.data = [str(d) for d in self.data]
+
     def identity(self) -> dict[str, Any]:
         """The options a resumed run must share with the original one."""
-        keep = ("stage", "data", "unlabelled", "epochs", "max_steps", "batch_size", "lr", "last_k", "seed", "momentum",
+        keep = ("stage", "data", "unlabelled", "epochs", "max_steps", "batch_size", "lr", "lr_scale", "last_k", "seed", "momentum",
                 "wd", "unsup_weight", "alpha_rampup", "unsup_rampup", "warmup", "timeline", "aux_loss_coef", "router_lr_mult", "selector_gating",
-                "handover_coef", "restart_ramps")
+                "handover_coef", "restart_ramps", "augment")
         ident = {k: getattr(self, k) for k in keep}
-        return {**ident, "data_fingerprint": data_fingerprint(self.data, self.unlabelled)}
+        # only when set: runs started before these options existed still resume
+        for k in ("input_scale", "dn_calibration", "polarisations", "resize"):
+            if getattr(self, k) not in (None, False):
+                ident[k] = getattr(self, k)
+        declared = data_declarations(*self.data, self.unlabelled)
+        if declared:
+            ident["declared"] = declared
+        return {**ident, "data_fingerprint": data_fingerprint(*self.data, self.unlabelled)}
 
 
 def data_fingerprint(*folders: str | None) -> str:
@@ -138,6 +167,25 @@ def data_fingerprint(*folders: str | None) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def data_declarations(*folders: str | None) -> dict[str, Any]:
+    """The data.json and classes.json each folder resolves to (they may sit beside it): part of a run's identity,
+    since they change what the pixels and class ids mean."""
+    from .classes import CLASSES_JSON, read_classes
+    from .units import read_data_json
+
+    out: dict[str, Any] = {}
+    for folder in folders:
+        if folder is None:
+            continue
+        units, path = read_data_json(Path(folder))
+        if units is not None:
+            out[f"{folder}:{path.name}"] = units.to_json()  # type: ignore[union-attr]
+        classes = read_classes(Path(folder))
+        if classes is not None:
+            out[f"{folder}:{CLASSES_JSON}"] = classes.to_json()
+    return out
+
+
 class Interrupted(Exception):
     """Raised after a checkpoint was saved because SIGINT/SIGTERM arrived."""
 
@@ -154,20 +202,24 @@ def check_stage_input(ckpt: Checkpoint, stage: int) -> None:
     """
     since = ckpt.meta.get("growth", {}).get("stages_before", 0)
     done = [s.get("stage") for s in ckpt.stages[since:]]
-    if stage == 1 and "growth" not in ckpt.meta:
-        raise SamoeError(f"{ckpt.path} was never grown (no growth provenance): stage 1 trains the parts `samoe expand` adds; expand it first or pass --force")
+    if "growth" not in ckpt.meta:
+        if stage == 3:  # a model that never grew trains in full: a source, or a source trained further
+            return
+        raise SamoeError(f"{ckpt.path} was never grown (no growth provenance): stage {stage} trains around the parts "
+                         "`samoe expand` adds; expand it first, train it with --stage 3, or pass --force")
     if stage == 2 and 1 not in done:
         raise SamoeError(f"{ckpt.path} has no stage 1 in its history: run `samoe train --stage 1` first or pass --force")
     if stage == 3 and 2 not in done:
         raise SamoeError(f"{ckpt.path} has no stage 2 in its history: run `samoe train --stage 2` first or pass --force")
 
 
-def open_labelled(path: Path, num_classes: int, size: int) -> Dataset:
+def open_labelled(path: Path, num_classes: int, size: int | None = None, **options: Any) -> Dataset:
+    """A labelled or pseudo-labelled folder (it has confidence/); `options` as LabelledFolder's (window, units...)."""
     from .data import LabelledFolder, PseudoLabelFolder
 
     if (path / "confidence").is_dir():
-        return PseudoLabelFolder(path, num_classes, size=size)
-    return LabelledFolder(path, num_classes, size=size)
+        return PseudoLabelFolder(path, num_classes, size=size, **options)
+    return LabelledFolder(path, num_classes, size=size, **options)
 
 
 MIN_KEPT_WEIGHT = 0.01
@@ -208,6 +260,8 @@ class StreamingLoader:
         self.global_size = 0  # images in the global batch last returned
 
     def _start(self) -> None:
+        if hasattr(self.data, "set_epoch"):  # windows of large scenes are drawn per (seed, epoch): resumable
+            self.data.set_epoch(self.seed, self.epoch)
         batches = _batches(len(self.data), self.batch_size, self.seed, self.epoch, self.pos)
         self._sizes = [len(b) for b in batches]
         if self.world > 1:
@@ -261,52 +315,84 @@ def component_lrs(model: torch.nn.Module, opts: Optimizers) -> dict[str, list[fl
     return {c: sorted(v) for c, v in lrs.items()}
 
 
-def _truncate_csv(path: Path, key: str, last: float) -> None:
-    """Drop rows written after the checkpoint we resume from (they will be written again)."""
-    if not path.exists() and not path.is_symlink():
-        return
+MAX_LOG_BYTES = 512 * 1024**2  # a log larger than this is not one samoe wrote
+
+
+def _truncate_csv(run: Owned, name: str, key: str, last: float, fields: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Drop rows written after the checkpoint we resume from (they will be written again); return the header
+    to write on with: the file's own, plus any of `fields` it lacks (e.g. val_miou added on resume)."""
+    d = run.dir
+    if d.kind(name) is None:
+        return fields
     fix = "the run directory is damaged; pass --force to start over or use a new --run-dir"
-    if path.is_symlink() or not path.is_file():
-        raise SamoeError(f"{path} is not a regular file of the run (a link or a folder): samoe never writes through it; {fix}")
+    path = d.path / name
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-            fields = rows[0].keys() if rows else None
-        if fields is None:
-            return
+        with io.TextIOWrapper(d.open_read(name, MAX_LOG_BYTES), newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = tuple(reader.fieldnames or ())
+        if not header:
+            return fields
         kept = [r for r in rows if float(r[key]) <= last]
     except (ValueError, KeyError, TypeError, csv.Error) as e:  # UnicodeDecodeError is a ValueError
         raise SamoeError(f"{path} is damaged ({type(e).__name__}): {fix}") from None
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(fields))
-        w.writeheader()
-        w.writerows(kept)
+    header += tuple(f for f in fields if f not in header)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=list(header), restval="")
+    w.writeheader()
+    w.writerows(kept)
+    d.write_bytes(name, text.getvalue().encode("utf-8"), run.token)
+    return header
 
 
 class CsvLog:
-    def __init__(self, path: Path, fields: tuple[str, ...]) -> None:
-        self.path, self.fields = path, fields
-        new = not path.exists() or path.stat().st_size == 0
-        self.f = open(path, "a", newline="")
+    """A CSV log of the run directory, appended row by row (recorded in its manifest before it is opened)."""
+
+    def __init__(self, run: Owned, name: str, fields: tuple[str, ...]) -> None:
+        run.record(name, kind="log")
+        self.fields = fields
+        raw = run.dir.open_append(name)
+        new = os.fstat(raw.fileno()).st_size == 0
+        self.f = io.TextIOWrapper(raw, newline="", encoding="utf-8")
         self.w = csv.DictWriter(self.f, fieldnames=list(fields))
         if new:
             self.w.writeheader()
             self.f.flush()
 
     def write(self, row: dict[str, Any]) -> None:
-        self.w.writerow({k: (f"{row[k]:.8g}" if isinstance(row[k], float) else row[k]) for k in self.fields})
+        """One row; fields the row lacks stay empty (val_miou between validations)."""
+        self.w.writerow({k: (f"{row[k]:.8g}" if isinstance(row.get(k), float) else row.get(k, "")) for k in self.fields})
         self.f.flush()
 
     def close(self) -> None:
         self.f.close()
 
 
-def _tensorboard(run_dir: Path):
+class _TensorBoard:
+    """TensorBoard's writer in RUN/tb, a folder made and checked here: the writer only takes a path, so it
+    gets the path of that folder's descriptor. Its events file is recorded in the run's manifest."""
+
+    def __init__(self, writer_cls: Any, run: Owned) -> None:
+        run.record("tb", kind="dir")
+        self.dir = run.dir.sub("tb", create=True)
+        before = set(self.dir.names())
+        self.writer = writer_cls(self.dir.proc)
+        run.record(*[f"tb/{n}" for n in self.dir.names() if n not in before], kind="log")
+
+    def add_scalar(self, *args: Any) -> None:
+        self.writer.add_scalar(*args)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.dir.close()
+
+
+def _tensorboard(run: Owned) -> _TensorBoard | None:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is a dependency; keep training if an install lacks it
         return None
-    return SummaryWriter(str(run_dir / "tb"))
+    return _TensorBoard(SummaryWriter, run)
 
 
 def _losses(model: torch.nn.Module, out: dict[str, Any], targets: list[tuple[str, dict[str, Any]]],
@@ -409,33 +495,55 @@ def run(cfg: TrainConfig, force: bool = False, on_start: Callable[[dict[str, Any
             dist.close(finished)
 
 
-def _prepare_run_dir(cfg: TrainConfig, force: bool, identity: dict[str, Any]) -> bool:
-    """Check (and with --force, empty) the run directory; True when it holds this run to resume. Rank 0 only."""
-    import shutil
+_RUN_FIX = "pass --force to start over or use a new --run-dir"
 
+
+def _prepare_run_dir(cfg: TrainConfig, force: bool, identity: dict[str, Any], source: Checkpoint) -> tuple[Owned, bool, bool]:
+    """Check (and with --force, empty) the run directory; its manifest writer, True when it holds this run
+    to resume, and True when the folder was made here. Rank 0 only.
+
+    A run directory is samoe's when its manifest records everything in it. It resumes when its run.json
+    matches this command; it starts over (its recorded entries removed) with --force, or when it never
+    started (no run.json and no checkpoint). A run.json missing beside checkpoints is damage: refused."""
     run_dir = Path(cfg.run_dir)
-    state_file = run_dir / "run.json"
     # --force deletes the run dir: never when it holds (or lies inside) this run's own inputs
-    check_separate(run_dir, "--run-dir", {"--from": cfg.source, "--data": cfg.data, "--unlabelled": cfg.unlabelled})
-    # run.json is written after the first step: a marked run dir without it is a run that never started
-    never_started = not state_file.exists() and owner(run_dir) == "train"
-    if (force or never_started) and run_dir.exists():
-        check_replaceable(run_dir, True, "--run-dir")
-        shutil.rmtree(run_dir)
-    if state_file.exists():
-        saved = read_run_json(state_file)
-        options = {k: v for k, v in identity.items() if k != "data_fingerprint"}
-        if {k: v for k, v in saved["identity"].items() if k != "data_fingerprint"} != options or saved["source_digest"] != Checkpoint.open(cfg.source).digest:
-            raise SamoeError(f"{run_dir} holds a run with other options or another --from: re-run the original command, use a new --run-dir, or pass --force to start over")
-        if saved["identity"].get("data_fingerprint") != identity["data_fingerprint"]:
-            raise SamoeError(f"the files in --data/--unlabelled changed since {run_dir} started (names, sizes or times differ): "
-                             "restore them, use a new --run-dir, or pass --force to start over")
-        if (run_dir / "final" / "samoe.json").exists():
-            raise SamoeError(f"{run_dir} already finished: its result is {run_dir / 'final'}; use a new --run-dir or --force to train again")
-        return True
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise SamoeError(f"{run_dir} exists and is not a samoe run directory: choose a new --run-dir")
-    return False
+    check_separate(run_dir, "--run-dir", {"--from": cfg.source, **{f"--data {d}": d for d in cfg.data},
+                                          "--unlabelled": cfg.unlabelled, "--val-data": cfg.val_data})
+    not_ours = SamoeError(f"{run_dir} exists and is not a samoe run directory: choose a new --run-dir")
+    with Dir.open(run_dir.parent, "choose another --run-dir", create=True) as parent:
+        kind = parent.kind(run_dir.name)
+        if kind not in (None, "dir"):
+            raise not_ours
+        d = parent.sub(run_dir.name, create=True)
+    d.fix = f"the run directory is damaged; {_RUN_FIX}"
+    if not d.names():
+        return Owned.start(d, "train"), False, kind is None
+    manifest = read_manifest(d)
+    if manifest is None or manifest.command != "train":
+        raise not_ours
+    unknown = first_unknown(d, manifest)
+    if unknown is not None:
+        raise unknown_error(run_dir, unknown, "--run-dir")
+    if d.kind("run.json") is None:
+        started = next((n for n in ("checkpoints", "final", "best") if d.kind(n) is not None), None)
+        if started is not None and not force:
+            raise SamoeError(f"{run_dir} has {started}/ but no run.json: the run directory is damaged (a run that "
+                             f"started is never read as a fresh one); {_RUN_FIX}")
+        force = True  # a run that failed before its first step: nothing to resume
+    if force:
+        remove_recorded(d, manifest)
+        return Owned.start(d, "train"), False, False
+    saved = read_run_json(d)
+    options = {k: v for k, v in identity.items() if k != "data_fingerprint"}
+    if {k: v for k, v in saved["identity"].items() if k != "data_fingerprint"} != options or saved["source_digest"] != source.digest:
+        raise SamoeError(f"{run_dir} holds a run with other options or another --from: re-run the original command, use a new --run-dir, or pass --force to start over")
+    if saved["identity"].get("data_fingerprint") != identity["data_fingerprint"]:
+        raise SamoeError(f"the files in --data/--unlabelled changed since {run_dir} started (names, sizes or times differ): "
+                         "restore them, use a new --run-dir, or pass --force to start over")
+    if d.kind("final") is not None:
+        raise SamoeError(f"{run_dir} already finished: its result is {run_dir / 'final'}; use a new --run-dir or --force to train again")
+    remove_temporaries(d, manifest)
+    return Owned(d, manifest), True, False
 
 
 def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], None] | None,
@@ -443,17 +551,22 @@ def _run(cfg: TrainConfig, force: bool, on_start: Callable[[dict[str, Any]], Non
          dist: "Distributed | None", device: torch.device) -> Path:
     """One stage as a sequence of named steps; their order is part of the bit-exact resume contract."""
     trainer = _Trainer(cfg, dist, device)
+    trainer.open_source()
     resuming = trainer.prepare_run_dir(force)
-    trainer.build_model(force)
-    trainer.open_data()
-    trainer.schedule()
-    trainer.build_optimizers()
-    trainer.resume(resuming)
-    trainer.store_banks_low()
-    trainer.open_loaders()
-    trainer.open_logs()
-    trainer.announce(on_start)
-    trainer.loop(on_step, on_log)
+    try:
+        trainer.build_model(force)
+        trainer.open_data()
+        trainer.schedule()
+        trainer.build_optimizers()
+        trainer.resume(resuming)
+        trainer.store_banks_low()
+        trainer.open_loaders()
+        trainer.open_logs()
+        trainer.announce(on_start)
+        trainer.loop(on_step, on_log)
+    except BaseException:
+        trainer.abandon()
+        raise
     return trainer.finish()
 
 
@@ -464,7 +577,9 @@ class _Trainer:
         self.cfg, self.dist, self.device = cfg, dist, device
         self.main = dist is None or dist.is_main
         self.run_dir = Path(cfg.run_dir)
-        self.state_file = self.run_dir / "run.json"
+        self.run: Owned | None = None  # rank 0's manifest writer of the run directory
+        self.made_dir = False  # the run directory was made by this run
+        self.started = False  # run.json written: from now on the run resumes
         self.identity = cfg.identity() if self.main else {}
         self.plan = STAGES[cfg.stage]
         self.step = 0
@@ -481,7 +596,8 @@ class _Trainer:
         error, resuming = None, False
         if self.main:
             try:
-                resuming = _prepare_run_dir(self.cfg, force, self.identity)
+                self.run, resuming, self.made_dir = _prepare_run_dir(self.cfg, force, self.identity, self.src)
+                self.started = resuming
             except SamoeError as e:
                 if self.dist is None:
                     raise
@@ -492,18 +608,33 @@ class _Trainer:
                 raise SamoeError(error)
         return resuming
 
+    def open_source(self) -> None:
+        """Open --from once: its digest (run identity, lineage) and its weights come from the same files.
+        Under torchrun every process opens it and all must have opened the same checkpoint."""
+        self.src = Checkpoint.open(self.cfg.source)
+        if self.dist is not None and self.dist.broadcast(self.src.digest) != self.src.digest:
+            raise SamoeError(f"--from {self.cfg.source} changed while the processes opened it: wait for the job writing it to finish")
+
+    def abandon(self) -> None:
+        """A run that stopped before its first step leaves nothing: what it wrote is removed by its manifest
+        (the folder too, when this run made it). A started run keeps everything: it resumes."""
+        if self.main and self.run is not None and not self.started:
+            for log in (self.metrics_log, self.selector_log, self.tb):
+                if log is not None:
+                    log.close()
+            self.run.discard(folder=self.made_dir)
+
     def build_model(self, force: bool) -> None:
         """Load the source with this stage's trainable set; under torchrun each process reads only its shards."""
-        cfg, dist = self.cfg, self.dist
-        self.src = src = Checkpoint.open(cfg.source)
+        cfg, dist, src = self.cfg, self.dist, self.src
         if not force:
             check_stage_input(src, cfg.stage)
         if dist is None:
-            self.model = load_model(src.path, device=self.device)
+            self.model = load_model(src, device=self.device)
             self.counts = apply_stage(self.model, src.provenance, cfg.stage, cfg.last_k, cfg.selector_gating)
         else:  # requires_grad is set before sharding
-            self.model, self.counts = dist.build_model(src.path, lambda m: apply_stage(m, src.provenance, cfg.stage, cfg.last_k,
-                                                                                        cfg.selector_gating))
+            self.model, self.counts = dist.build_model(src, lambda m: apply_stage(m, src.provenance, cfg.stage, cfg.last_k,
+                                                                                   cfg.selector_gating))
         self.model_cfg = self.model.config
         self.task_stats = task_stats
         if cfg.compile:
@@ -513,22 +644,61 @@ class _Trainer:
             self.task_stats = compile_fn(task_stats)
         # one process: bf16 autocast around the forward; under torchrun FSDP2's policy casts instead
         self.amp = (lambda: autocast(self.device, cfg.precision)) if dist is None and cfg.precision != "fp32" else None
-        self.lr = cfg.lr if cfg.lr is not None else self.plan.lr
+        self.lr, self.reference_lr = stage_lr(cfg.stage, cfg.lr, cfg.lr_scale, src.stages, src.meta.get("growth"), str(src.path))
 
     def open_data(self) -> None:
-        """The labelled (and optional unlabelled) folders, checked against the model and the world size."""
+        """The labelled (and optional unlabelled and validation) folders, checked against the model, the source's
+        data record (classes, units, resolution) and the world size; sets `spec`, the record this run writes."""
+        from .classes import check_same, read_classes
+        from .data import LabelledFolder, UnlabelledFolder
+        from .dataspec import DataSpec, class_list, recorded
+        from .units import UnitOptions, parse_polarisations, resolve_units
+
         cfg, model_cfg = self.cfg, self.model_cfg
-        self.data = open_labelled(Path(cfg.data), model_cfg.num_classes, model_cfg.img_size)
-        check_pseudo_labels(self.data, cfg.data)
+        c = model_cfg.num_classes
+        source = recorded(self.src.meta, f"--from {cfg.source}")
+        options = UnitOptions(cfg.input_scale, cfg.dn_calibration, parse_polarisations(cfg.polarisations))
+        before = source.units if source is not None else None
+        if source is not None and source.resize != cfg.resize:
+            raise SamoeError(f"--from {cfg.source} was trained on {'scenes resized' if source.resize else 'windows of scenes'} "
+                             f"(--resize {'on' if source.resize else 'off'}): {'pass' if source.resize else 'drop'} --resize "
+                             "so the model keeps seeing scenes at one scale")
+        classes, origin = class_list(source, c), f"--from {cfg.source}"
+        folders = [(f"--data {d}", d) for d in cfg.data] + [(f"--unlabelled {cfg.unlabelled}", cfg.unlabelled),
+                                                              (f"--val-data {cfg.val_data}", cfg.val_data)]
+        for name, folder in folders:
+            declared = read_classes(Path(folder)) if folder else None
+            if declared is not None and len(declared.names) != c:
+                raise SamoeError(f"{name} names {len(declared.names)} classes in classes.json but the model predicts {c}: "
+                                 "train a model of that many classes (samoe init --num-classes) or fix classes.json")
+            check_same(classes, declared, origin, name, "train on data labelled with the same classes")
+            if classes is None and declared is not None:
+                classes, origin = declared, name
+        units = [resolve_units(Path(d), options, before) for d in cfg.data]
+        self.spec = DataSpec(units[0], classes, cfg.resize)  # the first --data folder's units are recorded
+        ignore = classes.ignore_index if classes is not None else 255
+        shape = {"size": model_cfg.img_size} if cfg.resize else {"window": model_cfg.img_size}
+        labelled = [open_labelled(Path(d), c, ignore_index=ignore, units=u, **shape) for d, u in zip(cfg.data, units)]
+        for folder, path in zip(labelled, cfg.data):
+            check_pseudo_labels(folder, path)
+        if len(labelled) == 1:
+            self.data = labelled[0]
+        else:
+            from .data import ConcatFolders
+
+            self.data = ConcatFolders(labelled)
         self.udata = None
         if cfg.unlabelled:
-            from .data import UnlabelledFolder
-
-            self.udata = UnlabelledFolder(Path(cfg.unlabelled), size=model_cfg.img_size)
+            self.udata = UnlabelledFolder(Path(cfg.unlabelled), units=resolve_units(Path(cfg.unlabelled), options, before),
+                                          **shape)
+        self.vdata = None
+        if cfg.val_data:
+            self.vdata = LabelledFolder(Path(cfg.val_data), c, ignore_index=ignore,
+                                        units=resolve_units(Path(cfg.val_data), options, before))
         if self.dist is not None:
             from .distributed import check_split
 
-            check_split(len(self.data), cfg.batch_size, self.dist.world, f"--data {cfg.data}")
+            check_split(len(self.data), cfg.batch_size, self.dist.world, f"--data {' '.join(cfg.data)}")
             if self.udata is not None:
                 check_split(len(self.udata), cfg.batch_size, self.dist.world, f"--unlabelled {cfg.unlabelled}")
 
@@ -554,17 +724,29 @@ class _Trainer:
             self.opts.kept = KeptGrads(list(self.model.parameters()))
 
     def resume(self, resuming: bool) -> None:
-        """Mark the run directory and, when resuming, restore model, optimizers and loader positions."""
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_marker(self.run_dir, "train")
-        self.checkpointer = Checkpointer(self.run_dir, self.cfg.keep, self.dist)
+        """When resuming, restore model, optimizers and loader positions from the latest step checkpoint."""
+        self.checkpointer = Checkpointer(self.run_dir, self.cfg.keep, self.dist, run=self.run)
         self.latest = self.checkpointer.latest() if resuming else None
         if self.latest is not None:
             ts = self.checkpointer.load(self.latest, self.model, self.opts)
             self.step, self.loader_state, self.uloader_state = ts["step"], ts["loader"], ts["uloader"]
+        self.best = self._best_so_far() if resuming else None
         if self.dist is not None:
             self.dist.barrier()
+
+    def _best_so_far(self) -> tuple[int, float] | None:
+        """(step, val mIoU) of RUN/best when it was validated at or before the step resumed from (later steps run again)."""
+        with (Dir.open(self.run_dir, _RUN_FIX, follow=False) if self.run is None else nullcontext(self.run.dir)) as root:
+            if root.kind("best") != "dir":
+                return None
+            with root.sub("best") as folder:
+                if folder.kind("samoe.json") is None:
+                    return None
+                validation = Checkpoint.open(self.run_dir / "best", folder).meta.get("validation")
+        if not isinstance(validation, dict) or type(validation.get("step")) is not int \
+                or not isinstance(validation.get("val_miou"), float) or validation["step"] > self.step:
+            return None
+        return validation["step"], validation["val_miou"]
 
     def store_banks_low(self) -> None:
         """bf16 in one process: expert banks stored in bf16, fp32 masters in the optimizer (stages/master.py).
@@ -587,17 +769,19 @@ class _Trainer:
         """Rank 0's CSV logs (cut back to the resumed step) and TensorBoard writer."""
         if not self.main:
             return
-        run_dir, ls = self.run_dir, self.loader_state
-        _truncate_csv(run_dir / "metrics.csv", "step", self.step)
-        _truncate_csv(run_dir / "selector_log.csv", "epoch", ls["epoch"] + (1 if ls["pos"] >= self.spe else 0))
-        self.metrics_log = CsvLog(run_dir / "metrics.csv", METRIC_FIELDS + tuple(self.model.routing_keys()))
-        self.selector_log = CsvLog(run_dir / "selector_log.csv", SELECTOR_FIELDS)
-        self.tb = _tensorboard(run_dir)
+        run, ls = self.run, self.loader_state
+        fields = METRIC_FIELDS + tuple(self.model.routing_keys()) + (("val_miou",) if self.vdata is not None else ())
+        fields = _truncate_csv(run, "metrics.csv", "step", self.step, fields)
+        _truncate_csv(run, "selector_log.csv", "epoch", ls["epoch"] + (1 if ls["pos"] >= self.spe else 0))
+        self.metrics_log = CsvLog(run, "metrics.csv", fields)
+        self.selector_log = CsvLog(run, "selector_log.csv", SELECTOR_FIELDS)
+        self.tb = _tensorboard(run)
 
     def announce(self, on_start: Callable[[dict[str, Any]], None] | None) -> None:
         """Build the step checkpoints' metadata and tell the caller what this run will do."""
         src = self.src
-        self.meta = build_meta(self.model_cfg, src.provenance, src.lineage, src.stages, _dtype(self.model), **_carry(src.meta))
+        self.meta = build_meta(self.model_cfg, src.provenance, src.lineage, src.stages, _dtype(self.model), **_carry(src.meta),
+                               data=self.spec.to_record())
         if not on_start:
             return
         params = {r: 0 for r in ("selector", "encoder", "decoder", "gating", "loss")}
@@ -611,7 +795,11 @@ class _Trainer:
         on_start({"stage": self.plan, "lr": self.lr, "counts": self.counts, "lrs": component_lrs(self.model, self.opts),
                   "params": params, "total_steps": self.total,
                   "start_step": self.step, "epochs": self.epochs, "steps_per_epoch": self.spe,
-                  "resumed_from": str(self.latest) if self.latest else None})
+                  "resumed_from": str(self.latest) if self.latest else None, "units": self.spec.units.describe(),
+                  "classes": list(self.spec.classes.names) if self.spec.classes else None,
+                  "scenes": "resized to the model's size" if self.cfg.resize else f"random {self.model_cfg.img_size} px windows",
+                  "validation": (f"{self.cfg.val_data} every {self.cfg.val_every} steps" if self.cfg.val_every else
+                                 f"{self.cfg.val_data} each epoch") if self.vdata is not None else None})
 
     def loop(self, on_step: Callable[[dict[str, Any]], None] | None, on_log: Callable[[dict[str, Any]], None] | None) -> None:
         """Train to the last step; a signal saves a step checkpoint and raises Interrupted. Closes the logs."""
@@ -622,6 +810,7 @@ class _Trainer:
             while self.step < self.total:
                 t0 = time.perf_counter()
                 row = self.train_one_step()
+                self.validate(row)
                 self.log_step(row, on_log)
                 if on_step:
                     on_step(dict(row, images_per_s=self.loader.global_size / max(time.perf_counter() - t0, 1e-9),
@@ -645,16 +834,21 @@ class _Trainer:
         model.selector.set_alpha(alpha)
         factor = lr_factor(self.step, self.spe, self.total, self.t_warm)
         apply_lr(self.opts, factor)
-        batch = to_device(loader.next(), self.device)
+        batch = loader.next()
+        if cfg.augment:  # drawn from (seed, step): a resumed run augments exactly as an uninterrupted one
+            from .augment import augment_batch
+
+            batch = augment_batch(batch, torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step + 1))
+        batch = to_device(batch, self.device)
         ubatch = to_device(self.uloader.next(), self.device) if self.uloader is not None else None
         m = train_step(model, self.opts, batch, ubatch, unsup_w, cfg.aux_loss_coef, cfg.skip_nonfinite, self.step, dist,
                        cfg.handover_coef, self.amp, self.task_stats)
         self.step += 1
-        if self.main and not self.state_file.exists():  # the run has really started: from now on it resumes
-            from upscale.checkpoint import atomic_write_text
-
-            atomic_write_text(self.state_file, json.dumps({"identity": self.identity, "source_digest": self.src.digest,
-                                                           "command": cfg.command}, indent=1) + "\n")
+        if self.main and not self.started:  # the run has really started: from now on it resumes
+            self.run.record("run.json")
+            self.run.dir.write_bytes("run.json", (json.dumps({"identity": self.identity, "source_digest": self.src.digest,
+                                                              "command": cfg.command}, indent=1) + "\n").encode(), self.run.token)
+            self.started = True
         sig = self.opts.loss.log_vars.detach()
         row = dict(m, step=self.step, epoch=epoch, lr=self.lr * factor, alpha=alpha, unsup_weight=unsup_w,
                    sigma_seg=float(sig[0]), sigma_sdf=float(sig[1]), sigma_boundary=float(sig[2]),
@@ -670,6 +864,8 @@ class _Trainer:
         if self.tb is not None:
             for k in METRIC_FIELDS[2:]:
                 self.tb.add_scalar(f"train/{k}", row[k], step)
+            if "val_miou" in row:
+                self.tb.add_scalar("val/miou", row["val_miou"], step)
             for k, v in row.items():  # new capacity engaging: new_share:<layer>, group_scale:<layer>:<g>
                 if k.startswith(("new_share:", "group_scale:")):
                     self.tb.add_scalar("routing/" + k.replace(":", "/"), v, step)
@@ -699,27 +895,67 @@ class _Trainer:
             with self.opts.full_precision():
                 self.checkpointer.save(self.step, self.model, self.meta, self.opts, trainer_state)
 
-    def finish(self) -> Path:
-        """Write RUN/final with this stage added to the history and the selector's alpha at its end-of-run value."""
-        cfg, src, model = self.cfg, self.src, self.model
-        final_dir = self.run_dir / "final"
-        history = list(src.stages) + [{
+    def validate(self, row: dict[str, Any]) -> None:
+        """Every `val_every` steps (default: at each epoch's end) and at the last step: val mIoU into `row`, and
+        RUN/best replaced when it is the best so far. Runs in every process (the forward is collective)."""
+        if self.vdata is None:
+            return
+        cfg, step = self.cfg, self.step
+        due = step % cfg.val_every == 0 if cfg.val_every else self.loader.pos >= self.loader.steps_per_epoch
+        if not (due or step >= self.total):
+            return
+        from .evaluate import run_model
+
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # validation must not move the training's random streams
+            stats, _ = run_model(self.model, self.vdata, cfg.batch_size, precision=cfg.precision if self.dist is None else "fp32",
+                                 resize=cfg.resize, routing_stats=False)
+        self.model.train()
+        miou = stats.metrics()["miou"]
+        if self.dist is not None:
+            miou = self.dist.broadcast(miou)  # rank 0's number decides for every process
+        row["val_miou"] = miou
+        if math.isfinite(miou) and (self.best is None or miou > self.best[1]):
+            self.best = (step, miou)
+            self.save(self.run_dir / "best", {"step": step, "val_miou": miou, "val_data": cfg.val_data})
+            row["best"] = True
+
+    def _history(self) -> list[dict[str, Any]]:
+        """The source's stage history plus this stage up to the current step."""
+        cfg = self.cfg
+        entry = {
             "stage": cfg.stage, "name": self.plan.name, "steps": self.step, "epochs": self.epochs, "lr": self.lr,
+            "reference_lr": self.reference_lr,
             "batch_size": cfg.batch_size, "data": cfg.data, "unlabelled": cfg.unlabelled,
             "last_k": cfg.last_k if cfg.stage == 2 else None,
             "trainable_params": sum(c[0] for c in self.counts.values()), "final_loss": self.last_metrics.get("loss"),
-        }]
-        final_meta = build_meta(self.model_cfg, src.provenance, src.lineage + [lineage_entry(cfg.command, cfg.seed, src)],
-                                history, _dtype(model), **_carry(src.meta))
-        model.selector.set_alpha(continue_rampup(self.alpha0, self.epochs, self.t_alpha))
+        }
+        if self.vdata is not None:
+            entry.update(val_data=cfg.val_data, best=self.best and {"step": self.best[0], "val_miou": self.best[1]})
+        return list(self.src.stages) + [entry]
+
+    def save(self, path: Path, validation: dict[str, Any] | None = None) -> Path:
+        """The model as a plain checkpoint (RUN/final, RUN/best): this stage in its history; the gathered weights
+        under torchrun (rank 0 writes, recording the folder in the run's manifest first)."""
+        cfg, src, model = self.cfg, self.src, self.model
+        extra = {"validation": validation} if validation is not None else {}
+        meta = build_meta(self.model_cfg, src.provenance, src.lineage + [lineage_entry(cfg.command, cfg.seed, src)],
+                          self._history(), _dtype(model), **_carry(src.meta), data=self.spec.to_record(), **extra)
+        if self.main:
+            self.run.record(path.name, kind="owned")
         if self.dist is None:
             with self.opts.full_precision():
-                return save_model(model, final_dir, final_meta, force=True)
+                return save_model(model, path, meta, force=True, parent=self.run.dir)
         state = self.dist.full_state_dict(model)  # collective: rank 0 gets every tensor on CPU
         if self.main:
-            save_model(_StateView(state), final_dir, final_meta, force=True)
+            save_model(_StateView(state), path, meta, force=True, parent=self.run.dir)
         self.dist.barrier()
-        return final_dir
+        return path
+
+    def finish(self) -> Path:
+        """Write RUN/final with this stage added to the history and the selector's alpha at its end-of-run value."""
+        self.model.selector.set_alpha(continue_rampup(self.alpha0, self.epochs, self.t_alpha))
+        return self.save(self.run_dir / "final")
 
 
 class _StateView:
@@ -737,7 +973,7 @@ def _dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def _carry(meta: dict[str, Any]) -> dict[str, Any]:
-    """Metadata that follows a checkpoint through training (growth options, SAM source)."""
+    """Metadata that follows a checkpoint through training (growth options, SAM source; the data record is each run's)."""
     return {k: meta[k] for k in ("growth", "sam_source") if k in meta}
 
 

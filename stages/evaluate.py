@@ -1,11 +1,19 @@
 """`samoe eval`: metrics, a paired bootstrap, and the routing report.
 
+Scenes are scored whole, at their own resolution: each is cut into the model's
+windows and their outputs blended (stages/predict.py, the engine `predict` uses),
+so a 1200 x 2000 scene is scored on its 2.4 million pixels, not squashed to the
+model's size. The report states the resolution. Class names come from the
+checkpoint's record or the data's classes.json (stages/classes.py); checkpoints
+that name different classes are not compared.
+
 Metrics on a labelled folder, from the task heads (not the gate):
 - per-class IoU and Dice/F1 from the dataset's summed confusion matrix; classes
   absent from both prediction and target (union 0) are left out of the means;
   ignore-index pixels (255) count nowhere;
 - pixel accuracy; boundary precision/recall/F1 of sigmoid(boundary) > 0.5 against
-  the boundary band target; SDF error = mean |tanh(sdf) - target|;
+  the boundary band target; SDF error = mean |tanh(sdf) - target| of each window
+  against its own target (the SDF is normalised per window, as in training);
 - interior mIoU: the mIoU of the pixels farther than half a patch (the model's
   token) from any class border. It separates telling land cover apart, which
   capacity buys, from placing borders inside a token, which it does not: on the
@@ -30,7 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -40,7 +48,12 @@ from upscale.checkpoint import Checkpoint, load_model
 from upscale.config import expert_offsets
 from upscale.errors import SamoeError
 
-from .data import IGNORE_INDEX, LabelledFolder, boundary_target
+from .classes import CLASSES_JSON, ClassList, check_same, read_classes
+from .data import IGNORE_INDEX, LabelledFolder, boundary_target, sdf_target
+from .dataspec import class_list, recorded
+from .predict import Band, Scene, Tiling, Window, file_scene, resized_bands, sliding_windows
+from .rasters import open_raster
+from .units import UnitOptions, Units, resolve_units
 
 METRICS = ("miou", "mean_dice", "pixel_accuracy", "boundary_f1", "sdf_mae", "miou_interior")
 
@@ -226,7 +239,7 @@ class RoutingAccumulator:
     class_group: np.ndarray = field(init=False)
     entropy_sum: float = 0.0
     batches: int = 0
-    weight_core: float = 0.0
+    weight_new: float = 0.0  # routing weight on experts of the new groups (summed apart: exactly 0 at growth)
     weight_total: float = 0.0
 
     def __post_init__(self) -> None:
@@ -253,7 +266,7 @@ class RoutingAccumulator:
             "router_entropy": self.entropy_sum / max(self.batches, 1),
             "source_share": core / total,
             "new_share": 1 - core / total,
-            "new_weight_share": 1 - self.weight_core / self.weight_total if self.weight_total > 0 else 0.0,
+            "new_weight_share": self.weight_new / self.weight_total if self.weight_total > 0 else 0.0,
             "class_group_share": (self.class_group / np.maximum(self.class_group.sum(1, keepdims=True), 1)).round(6).tolist(),
         }
 
@@ -268,82 +281,218 @@ def _patch_classes(mask: torch.Tensor, grid: tuple[int, int], num_classes: int) 
     return cls.flatten(1)
 
 
+class _ScoredScene:
+    """One labelled scene being scored: its open mask and the sums its ImageStats entry is made of."""
+
+    def __init__(self, data: LabelledFolder, index: int, tiling: Tiling, resize: bool) -> None:
+        self.data, self.item, self.tiling = data, data.items[index], tiling
+        self.image = open_raster(self.item.image)
+        try:
+            self.scene = file_scene(self.image, self.item.name, data.units, tiling, data.num_classes + 1, resize)
+            self.mask = open_raster(self.item.mask, "mask")  # type: ignore[arg-type]
+        except BaseException:
+            self.image.close()
+            raise
+        self.scene.tag = self
+        c = data.num_classes
+        self.cm, self.interior = np.zeros((c, c), np.int64), np.zeros((c, c), np.int64)
+        self.boundary, self.sdf = np.zeros(3), np.zeros(2)
+        self._small: np.ndarray | None = None
+
+    def mask_rows(self, y0: int, y1: int) -> np.ndarray:
+        """Class ids (int64) of rows [y0, y1), 255 where unlabelled."""
+        m = self.mask.read(y0, y1)[0].astype(np.int64)
+        if self.data.ignore_index != IGNORE_INDEX:
+            m[m == self.data.ignore_index] = IGNORE_INDEX
+        return m
+
+    def window_mask(self, w: Window) -> np.ndarray:
+        """The (window, window) class ids under `w` as the model saw it (resized scenes: the mask resized nearest)."""
+        size = self.tiling.window
+        if self.scene.native is not None:
+            if self._small is None:
+                whole = torch.from_numpy(self.mask_rows(0, self.mask.height))[None, None].float()
+                self._small = F.interpolate(whole, (size, size), mode="nearest-exact")[0, 0].long().numpy()
+            m = self._small.copy()
+        else:
+            m = np.full((size, size), IGNORE_INDEX, np.int64)
+            m[: w.rows, : w.cols] = self.mask_rows(w.y, w.y + w.rows)[:, w.x: w.x + w.cols]
+        m[~w.valid] = IGNORE_INDEX
+        return m
+
+    def score(self, band: Band, margin: int) -> None:
+        """Add a final band's pixels: confusion matrices (all, interior) and boundary counts."""
+        c, h = self.data.num_classes, self.mask.height
+        halo = max(margin, 2) + 1
+        a, b = max(0, band.y0 - halo), min(h, band.y1 + halo)
+        rows = self.mask_rows(a, b)
+        inner = slice(band.y0 - a, band.y1 - a)
+        mask = rows[inner].copy()
+        mask[~band.valid] = IGNORE_INDEX
+        labelled = mask != IGNORE_INDEX
+        pred = band.values[:c].argmax(axis=0)
+        tb = boundary_target(rows, 2)[inner].astype(bool) & labelled
+        pb = (band.values[c] > 0.5) & labelled
+        inside = boundary_target(rows, margin)[inner] == 0
+        self.cm += confusion_matrix(pred, mask, c)
+        self.interior += confusion_matrix(pred[inside], mask[inside], c)
+        self.boundary += [int((pb & tb).sum()), int((pb & ~tb).sum()), int((~pb & tb).sum())]
+
+    def close(self) -> None:
+        self.mask.close()
+        self.image.close()
+
+
 @torch.no_grad()
-def run_model(model: torch.nn.Module, data: LabelledFolder, batch_size: int,
-              on_batch: Callable[[int], None] | None = None,
-              precision: str = "fp32") -> tuple[ImageStats, dict[str, RoutingAccumulator]]:
-    """Metrics and routing statistics of `model` on `data`, computed where the model lives (`precision`
-    bf16: autocast forward); outputs come back to the CPU in fp32 for the metrics."""
+def run_model(model: torch.nn.Module, data: LabelledFolder | torch.utils.data.Subset, batch_size: int,
+              on_batch: Callable[[int], None] | None = None, precision: str = "fp32",
+              tiling: Tiling | None = None, resize: bool = False,
+              routing_stats: bool = True) -> tuple[ImageStats, dict[str, RoutingAccumulator]]:
+    """Metrics and routing statistics of `model` on `data`'s scenes at their own resolution.
+
+    Each scene is cut into the model's windows (`tiling`, default: 25% overlap), the windows' class
+    and boundary probabilities blended (stages/predict.py) and scored against the whole mask, so a
+    scene of any size is scored pixel for pixel at native resolution. With `resize` (a model trained
+    on scenes squashed to its size) each scene is resized for the model and its outputs back. The SDF
+    error is each window's, against the window's own target (as training sees it). Runs where the
+    model lives (`precision` bf16: autocast forward); metrics are computed on the CPU in fp32.
+    `on_batch(n)` after each batch of n windows. `data` may be a `Subset` of a folder (its scenes only); a
+    folder that resizes its items (`size`) is scored as `resize`.
+    """
     from upscale.device import autocast
 
+    indices: list[int] | range = range(len(data))
+    if isinstance(data, torch.utils.data.Subset):
+        indices, data = list(data.indices), data.dataset
+    resize = resize or data.size is not None
     cfg = model.config
     c = cfg.num_classes
+    tiling = tiling or Tiling.of(cfg.img_size)
     grid = (cfg.img_size // cfg.patch_size,) * 2
-    layers = dict(model.moe_layers())
+    layers = dict(model.moe_layers()) if routing_stats else {}
     routing = {name: RoutingAccumulator(cfg.moe.groups, cfg.moe.source_groups, c) for name in layers}
     for layer in layers.values():
         layer.record = True
-    cms, bounds, sdfs, interiors = [], [], [], []
     margin = cfg.patch_size // 2
     model.eval()
     first = next(model.parameters())
     dtype, device = first.dtype, first.device
+
+    def forward(x: torch.Tensor, windows: list[Window]) -> torch.Tensor:
+        with autocast(device, precision):
+            out = model(x.to(device, dtype))
+        out = {k: v.float().cpu() for k, v in out.items() if k in ("seg", "boundary", "sdf")}
+        masks = torch.from_numpy(np.stack([w.scene.tag.window_mask(w) for w in windows]))
+        valid = (masks != IGNORE_INDEX)[:, None]
+        err = ((torch.tanh(out["sdf"]) - torch.from_numpy(np.stack([sdf_target(m.numpy(), c) for m in masks]))).abs()
+               * valid).sum((1, 2, 3))
+        for w, e, n in zip(windows, err.tolist(), valid.sum((1, 2, 3)).tolist()):
+            w.scene.tag.sdf += [e, n * c]
+        _add_routing(routing, layers, masks, grid, c)
+        if on_batch:
+            on_batch(len(windows))
+        return torch.cat([out["seg"].softmax(dim=1), torch.sigmoid(out["boundary"])], dim=1)
+
+    opened: list[_ScoredScene] = []
+
+    def scenes() -> Iterator[Scene]:
+        for i in indices:
+            opened.append(_ScoredScene(data, i, tiling, resize))
+            yield opened[-1].scene
+
+    cms, bounds, sdfs, interiors = [], [], [], []
     try:
-        for start in range(0, len(data), batch_size):
-            items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
-            x = torch.stack([it["image"] for it in items]).to(device, dtype)
-            mask = torch.stack([it["mask"] for it in items])
-            with autocast(device, precision):
-                out = model(x)
-            out = {k: v.float().cpu() for k, v in out.items() if k in ("seg", "boundary", "sdf")}
-            pred = out["seg"].max(dim=1).indices  # = argmax(1), 4-5x faster across channels on CPU
-            valid = (mask != IGNORE_INDEX)
-            pb = (torch.sigmoid(out["boundary"].float()) > 0.5)[:, 0] & valid
-            tb = torch.stack([it["boundary"] for it in items])[:, 0].bool() & valid
-            err = (torch.tanh(out["sdf"].float()) - torch.stack([it["sdf"] for it in items])).abs() * valid[:, None]
-            inside = interior_mask(mask, margin)
-            for i in range(len(items)):
-                cms.append(confusion_matrix(pred[i].numpy(), mask[i].numpy(), c))
-                interiors.append(confusion_matrix(pred[i][inside[i]].numpy(), mask[i][inside[i]].numpy(), c))
-                bounds.append([int((pb[i] & tb[i]).sum()), int((pb[i] & ~tb[i]).sum()), int((~pb[i] & tb[i]).sum())])
-                sdfs.append([float(err[i].sum()), float(valid[i].sum()) * c])
-            classes = _patch_classes(mask, grid, c)
-            for name, layer in layers.items():
-                acc = routing[name]
-                acc.expert_counts += layer.expert_counts.cpu().numpy()
-                acc.entropy_sum += float(layer.entropy)
-                acc.batches += 1
-                token, expert, weight = (t.cpu() for t in layer.assignments)
-                core = expert < sum(acc.groups[: acc.core_groups])
-                acc.weight_core += float(weight[core].abs().sum())
-                acc.weight_total += float(weight.abs().sum())
-                if name.startswith("image_encoder."):
-                    cls = classes.flatten()[token]
-                    keep = cls >= 0
-                    group = torch.from_numpy(acc.group_of())[expert[keep]]
-                    np.add.at(acc.class_group, (cls[keep].numpy(), group.numpy()), 1)
-            if on_batch:
-                on_batch(len(items))
+        for band in resized_bands(sliding_windows(scenes(), tiling, batch_size, c + 1, forward, on_skipped=on_batch)):
+            scored = band.scene.tag
+            scored.score(band, margin)
+            if band.last:
+                cms.append(scored.cm)
+                interiors.append(scored.interior)
+                bounds.append(scored.boundary)
+                sdfs.append(scored.sdf)
+                scored.close()
     finally:
+        for s in opened:
+            s.close()
         for layer in layers.values():
             layer.record, layer.assignments = False, None
     return (ImageStats(np.stack(cms), np.asarray(bounds, dtype=np.float64), np.asarray(sdfs, dtype=np.float64),
                        np.stack(interiors)), routing)
 
 
-def class_names(num_classes: int) -> list[str]:
-    from .data import CLASS_NAMES
+def _add_routing(routing: dict[str, RoutingAccumulator], layers: dict[str, Any], masks: torch.Tensor,
+                 grid: tuple[int, int], c: int) -> None:
+    """Add the last forward's routing of every MoE layer; encoder tokens also by their patch's majority class."""
+    if not layers:
+        return
+    classes = _patch_classes(masks, grid, c)
+    for name, layer in layers.items():
+        acc = routing[name]
+        acc.expert_counts += layer.expert_counts.cpu().numpy()
+        acc.entropy_sum += float(layer.entropy)
+        acc.batches += 1
+        token, expert, weight = (t.cpu() for t in layer.assignments)
+        core = expert < sum(acc.groups[: acc.core_groups])
+        acc.weight_new += float(weight[~core].abs().sum())
+        acc.weight_total += float(weight.abs().sum())
+        if name.startswith("image_encoder."):
+            cls = classes.flatten()[token]
+            keep = cls >= 0
+            group = torch.from_numpy(acc.group_of())[expert[keep]]
+            np.add.at(acc.class_group, (cls[keep].numpy(), group.numpy()), 1)
 
-    return list(CLASS_NAMES) if num_classes == len(CLASS_NAMES) else [f"class{i}" for i in range(num_classes)]
+
+@dataclass(frozen=True)
+class EvalData:
+    """What the checkpoints and the data folder say about the data, agreed: units, classes, resolution."""
+
+    units: Units
+    classes: ClassList
+    resize: bool
+    named: bool  # classes come from a classes.json or a checkpoint, not made up
+
+
+def agree_on_data(ckpts: list[Checkpoint], data_dir: Path, unit_options: UnitOptions | None = None) -> EvalData:
+    """Refuse checkpoints whose classes, class counts, sizes or resolutions differ, or data naming other classes."""
+    base = ckpts[0]
+    specs = [recorded(ck.meta, str(ck.path / "samoe.json")) for ck in ckpts]
+    lists = [class_list(s, ck.config.num_classes) for s, ck in zip(specs, ckpts)]
+    for ck, spec, classes in zip(ckpts[1:], specs[1:], lists[1:]):
+        if (ck.config.num_classes, ck.config.img_size) != (base.config.num_classes, base.config.img_size):
+            raise SamoeError(f"{ck.path} predicts {ck.config.num_classes} classes at {ck.config.img_size}px but {base.path} "
+                             f"{base.config.num_classes} at {base.config.img_size}px: compare checkpoints of the same task")
+        check_same(lists[0], classes, str(base.path), str(ck.path), "compare checkpoints trained on the same classes")
+        if bool(spec and spec.resize) != bool(specs[0] and specs[0].resize):
+            raise SamoeError(f"{base.path} and {ck.path} were trained at different resolutions (one on scenes resized "
+                             "with --resize, one on windows): compare checkpoints trained the same way")
+    known = next((c for c in lists if c is not None), None)
+    folder = read_classes(data_dir)
+    check_same(known, folder, "the checkpoint", f"the data's {CLASSES_JSON}", "evaluate on data labelled with the "
+               "checkpoint's classes, or fix the data's classes.json")
+    if folder is not None and len(folder.names) != base.config.num_classes:
+        raise SamoeError(f"the data's {CLASSES_JSON} names {len(folder.names)} classes but the checkpoint predicts "
+                         f"{base.config.num_classes}: evaluate on data of the checkpoint's task")
+    classes = folder or known or ClassList.generic(base.config.num_classes)
+    recorded_units = next((s.units for s in specs if s is not None), None)
+    units = resolve_units(data_dir, unit_options or UnitOptions(), recorded_units)
+    return EvalData(units, classes, bool(specs[0] and specs[0].resize), folder is not None or known is not None)
+
+
+def class_names(num_classes: int) -> list[str]:
+    """Names of classes nobody named (no classes.json, no checkpoint record)."""
+    return list(ClassList.generic(num_classes).names)
 
 
 def evaluate(paths: list[Path], data_dir: Path, batch_size: int = 4, bootstrap: int = 1000, seed: int = 0,
              device: torch.device | str = "cpu", precision: str = "fp32", on_start: Callable[[int], None] | None = None,
-             on_batch: Callable[[int], None] | None = None, ablate_new: bool = True, compile: bool = False) -> dict[str, Any]:
+             on_batch: Callable[[int], None] | None = None, ablate_new: bool = True,
+             overlap: float | None = None, stride: int | None = None,
+             unit_options: UnitOptions | None = None, compile: bool = False) -> dict[str, Any]:
     """Evaluate checkpoints on one labelled folder; the first is the baseline of the comparisons.
 
-    With `compile`, each model's blocks are compiled (upscale/compile.py): the same metrics within float rounding.
-
+    Scenes are scored whole at their own resolution by sliding windows (`run_model`); `on_start(n)`
+    gets the number of windows all runs will forward and `on_batch(n)` each batch's. With `compile`, each
+    model's blocks are compiled (upscale/compile.py): the same metrics within float rounding.
     With `ablate_new`, each grown checkpoint is scored a second time with its new groups and extra blocks
     switched off (`upscale.ablate`), and its entry gets `new_parts_off`: those metrics and the paired
     difference, grown minus switched off, which is what the new capacity contributes.
@@ -354,21 +503,21 @@ def evaluate(paths: list[Path], data_dir: Path, batch_size: int = 4, bootstrap: 
 
     ckpts = [Checkpoint.open(p) for p in paths]
     base = ckpts[0].config
-    for ck in ckpts[1:]:
-        if (ck.config.num_classes, ck.config.img_size) != (base.num_classes, base.img_size):
-            raise SamoeError(f"{ck.path} predicts {ck.config.num_classes} classes at {ck.config.img_size}px but {ckpts[0].path} "
-                             f"{base.num_classes} at {base.img_size}px: compare checkpoints of the same task")
-    data = LabelledFolder(data_dir, base.num_classes, size=base.img_size)
+    agreed = agree_on_data(ckpts, data_dir, unit_options)
+    data = LabelledFolder(data_dir, base.num_classes, ignore_index=agreed.classes.ignore_index, units=agreed.units)
+    tiling = Tiling.of(base.img_size, overlap, stride)
+    sizes = [data.scene_size(i) for i in range(len(data))]
+    windows = sum(1 if agreed.resize else tiling.count(h, w) for h, w in sizes)
     runs = sum(1 + bool(ablate_new and new_parts(ck.config)) for ck in ckpts)
     if on_start:
-        on_start(len(data) * runs)
-    names = class_names(base.num_classes)
+        on_start(windows * runs)
+    names = list(agreed.classes.names)
     results, stats = [], []
     for ck in ckpts:
-        model = load_model(ck.path, device=device)
+        model = load_model(ck, device=device)  # the files opened above: the digest reported is of these weights
         if compile:
             compile_model(model)
-        st, routing = run_model(model, data, batch_size, on_batch, precision)
+        st, routing = run_model(model, data, batch_size, on_batch, precision, tiling, agreed.resize)
         cm = st.cm.sum(0)
         b = st.boundary.sum(0)
         b_precision, recall, f1 = f1_from_counts(*b)
@@ -391,9 +540,13 @@ def evaluate(paths: list[Path], data_dir: Path, batch_size: int = 4, bootstrap: 
         parts = new_parts(ck.config) if ablate_new else None
         if parts:
             switch_off_new_parts_(model)
-            off, _ = run_model(model, data, batch_size, on_batch, precision)
+            off, _ = run_model(model, data, batch_size, on_batch, precision, tiling, agreed.resize)
             results[-1]["new_parts_off"] = {"parts": parts, "metrics": off.metrics(),
                                             "diff": bootstrap_diff(off, st, bootstrap, seed)}
+        if "growth" in ck.meta:
+            from .regime import source_regime
+
+            results[-1]["regime"] = source_regime(ck, data_dir).to_dict()
         stats.append(st)
         del model
     comparisons = [
@@ -401,8 +554,25 @@ def evaluate(paths: list[Path], data_dir: Path, batch_size: int = 4, bootstrap: 
          "class_diff": bootstrap_class_diff(stats[0], stats[i], names, bootstrap, seed)}
         for i in range(1, len(results))
     ]
-    return {"data": str(data_dir), "images": len(data), "classes": names, "bootstrap": bootstrap, "seed": seed,
+    resolution = {"mode": "resized" if agreed.resize else "native", "window": tiling.window, "stride": tiling.stride,
+                  "windows": windows, "smallest": list(min(sizes, key=lambda s: s[0] * s[1])),
+                  "largest": list(max(sizes, key=lambda s: s[0] * s[1])), "units": agreed.units.describe()}
+    return {"data": str(data_dir), "images": len(data), "classes": names, "class_colors": list(agreed.classes.colors),
+            "ignore_index": agreed.classes.ignore_index, "resolution": resolution, "bootstrap": bootstrap, "seed": seed,
             "checkpoints": results, "comparisons": comparisons}
+
+
+def resolution_text(report: dict[str, Any]) -> str:
+    """How the scenes were scored, in words (the eval table's title and the report's data line)."""
+    r = report.get("resolution")
+    if not r:
+        return "resolution not recorded"
+    lo, hi = r["smallest"], r["largest"]
+    sizes = f"{lo[0]}x{lo[1]} px" if lo == hi else f"{lo[0]}x{lo[1]} to {hi[0]}x{hi[1]} px"
+    if r["mode"] == "resized":
+        return f"scenes ({sizes}) resized to {r['window']} px for the model, scored at native resolution"
+    return (f"scored at native resolution ({sizes}) by {r['windows']} sliding windows of {r['window']} px, "
+            f"stride {r['stride']}; input {r['units']}")
 
 
 def _num(v: float) -> float | None:

@@ -6,7 +6,10 @@ rescaled per row, so rows compare), a colour bar, labelled axes, group boundarie
 drawn, values written in cells while the matrix is small enough to read them, and
 a title short enough to fit. Figures are built as plain `Figure` objects on the Agg
 canvas (no pyplot global state), so tests can inspect texts before anything is
-saved, and files are written atomically (temporary name, then rename).
+saved. An output folder gets samoe's manifest first (upscale.ownership), each
+figure is recorded before it is written, and files are written atomically
+(temporary name, then rename) relative to the folder's descriptor: an interrupted
+command leaves a folder the same command with --force replaces.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from upscale.config import expert_offsets
+from upscale.dirfd import Dir
 from upscale.errors import SamoeError
-from upscale.ownership import OWNER_FILE, check_separate, exclusive, owner, write_marker
+from upscale.ownership import Owned, check_owned, check_plain_path, check_separate, exclusive, open_output
 
 FORMATS = ("png", "svg", "pdf")
 DPI = 200
@@ -54,31 +58,34 @@ def check_output_dir(path: Path, force: bool, option: str, inputs: Mapping[str, 
     """Refuse an output folder samoe may not write into; checked before any work, so a refusal leaves nothing.
 
     A new or empty folder is fine. A non-empty one needs --force, and even then only
-    a folder samoe wrote (`upscale.ownership`: its marker or a format's own file), never
+    a folder whose manifest (`upscale.ownership`) records everything in it, never
     a user's folder, a file, a symlink, or a folder overlapping the command's inputs.
     """
+    check_plain_path(path, option)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise SamoeError(f"{path} exists and is not a directory: choose another {option}")
     check_separate(path, option, inputs or {})
     if path.is_dir() and any(path.iterdir()):
         if not force:
             raise SamoeError(f"{path} already exists and is not empty: choose a new {option} or pass --force to overwrite its figures")
-        if owner(path) is None:
-            raise SamoeError(f"{path} was not written by samoe (no {OWNER_FILE}): refusing to write into it even with --force; "
-                             f"choose another {option}")
+        with Dir.open(path, f"choose another {option}", follow=False) as d:
+            check_owned(d, option)
 
 
 @contextmanager
-def output_dirs(dirs: list[tuple[Path, str]], command: str) -> Iterator[None]:
-    """Hold the one-job lock of each output folder while writing it, then mark it as samoe's (for a later --force)."""
+def output_dirs(dirs: list[tuple[Path, str]], command: str, force: bool = False) -> Iterator[dict[Path, Owned]]:
+    """Hold the one-job lock of each output folder and open it for writing: a new folder gets its manifest
+    first; with `force`, a folder samoe wrote is written into (upscale.ownership.open_output). Yields each
+    folder's writer by resolved path."""
     unique = {d.resolve(): (d, option) for d, option in dirs}
     with ExitStack() as stack:
         for d, option in unique.values():
             stack.enter_context(exclusive(d, option))
-        yield
-        for d, _ in unique.values():
-            if d.is_dir():
-                write_marker(d, command)
+        outs = {}
+        for key, (d, option) in unique.items():
+            outs[key] = open_output(d, command, option, force=force)
+            stack.callback(outs[key].dir.close)
+        yield outs
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -88,16 +95,20 @@ def new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def save_figure(fig: Figure, path: Path, fmt: str = "png") -> Path:
-    """Write `fig` at 200 dpi, atomically (a crash never leaves half a file under the final name)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+def save_figure(fig: Figure, out: Owned, name: str, fmt: str = "png") -> Path:
+    """Write `fig` at 200 dpi into output folder `out` as `name` (which may lie in one of its folders, e.g.
+    `previews/a.png`): recorded first, then written atomically (a crash never leaves half a file under the
+    final name)."""
+    out.record(name)
+    folder, _, base = name.rpartition("/")
+    d = out.dir.sub(folder) if folder else out.dir
     try:
-        fig.savefig(tmp, format=fmt, dpi=DPI, facecolor="white")
-        tmp.replace(path)
+        with d.atomic(base, out.token) as f:
+            fig.savefig(f, format=fmt, dpi=DPI, facecolor="white")
     finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        if folder:
+            d.close()
+    return out.dir.path / name
 
 
 def shorten(text: str, limit: int = MAX_TITLE) -> str:
@@ -329,11 +340,10 @@ def eval_figures(report: dict[str, Any]) -> list[tuple[str, str, Figure]]:
     return [(stem, caption, fig) for stem, caption, fig in out if fig is not None]
 
 
-def write_eval_figures(report: dict[str, Any], out: Path, fmt: str = "png") -> list[Written]:
-    """Render and save every eval figure into `out` (the caller checked `out` with `check_output_dir`)."""
+def write_eval_figures(report: dict[str, Any], out: Owned, fmt: str = "png") -> list[Written]:
+    """Render and save every eval figure into output folder `out` (opened by `output_dirs`)."""
     check_format(fmt)
-    out.mkdir(parents=True, exist_ok=True)
     written = []
     for stem, caption, fig in eval_figures(report):
-        written.append(Written(stem, caption, save_figure(fig, out / f"{stem}.{fmt}", fmt)))
+        written.append(Written(stem, caption, save_figure(fig, out, f"{stem}.{fmt}", fmt)))
     return written

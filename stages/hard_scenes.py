@@ -20,8 +20,9 @@ does:
 Per pixel, 4-look speckle spreads a level by about +-2 dB; separating 2-4 dB
 ratio differences, texture orders and stripe orientations takes averaging over
 neighbourhoods and non-linear combinations of statistics: capacity.
-`benchmarks/growth.py` shows that a larger model trained from scratch beats the
-tiny one on this set with a paired bootstrap interval that excludes zero.
+The first growth experiment (docs/growth-experiments.md, 2026-11-25) showed that a
+larger model trained from scratch beats the tiny one on this set with a paired
+bootstrap interval that excludes zero.
 
 Regions (`--regions D`). On one region the tiny model ends up classifying the
 inside of parcels almost perfectly (98-99% accuracy farther than 8 px from a
@@ -40,13 +41,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import _smooth_noise as _smooth
-from .data import river_band
+from .classes import ClassList
+from .synth import river_band
+from .synth import smooth_noise as _smooth
 
 HARD_CLASS_NAMES: tuple[str, ...] = (
     "calm_water", "rough_water", "dense_urban", "suburban", "forest",
     "wetland", "cropland", "grassland", "bare_soil", "sand",
 )
+HARD_CLASSES = ClassList.of(HARD_CLASS_NAMES, ("#1f4e9c", "#5b8fd1", "#b2182b", "#ef8a62", "#1b7837",
+                                               "#66c2a5", "#e6c84f", "#a6d96a", "#bf9b6a", "#f2e3b5"))
+"""The hard preset's classes.json: names and colours."""
 
 
 # class -> (VV sigma0 dB, VV - VH dB, looks, K-texture order nu (0 = none), row pattern amplitude dB)

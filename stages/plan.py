@@ -1,32 +1,38 @@
 """What each training stage trains, at which learning rate (strategy 2 of the growth plan).
 
-| stage | trains                                              | lr (default) |
-|-------|-----------------------------------------------------|--------------|
-| 1     | tensors whose provenance is not `source`, routers,  | 1e-2 (large) |
-|       | task-loss weights (source frozen, selector and      |              |
-|       | gating included, unless `selector_gating`)          |              |
-| 2     | stage 1 + FFN/MoE of the last K ViT blocks          | 1e-3         |
-| 3     | everything                                          | 1e-4 (tiny)  |
+| stage | trains                                              | lr (default)          |
+|-------|-----------------------------------------------------|-----------------------|
+| 1     | tensors whose provenance is not `source`, routers,  | 1 x the source's peak |
+|       | task-loss weights (source frozen, selector and      |                       |
+|       | gating included, unless `selector_gating`)          |                       |
+| 2     | stage 1 + FFN/MoE of the last K ViT blocks          | 0.3 x                 |
+| 3     | everything                                          | 0.1 x                 |
+
+Learning rates are relative to the source's own peak rate (`reference_lr`: the lr of the last stage it
+was trained in before it grew, recorded in its stage history), because a good rate depends on the
+model, the data and the batch, not on the stage alone; each stage warms up again from zero. `--lr`
+sets an absolute rate instead.
 
 Provenance comes from `samoe.json`; expert banks carry one entry per expert and
 are trainable when any of their experts is new (banks are per group, and a
 group is either all source or all new). `plan_report` is `samoe plan`: a grown
-model's parameter counts and this memory model, before anything is written.
+model's parameter counts and this memory model, before anything is written,
+computed from the config alone (no torch: `samoe plan` answers at once).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from upscale.checkpoint import dtype_name
+from upscale.checkpoint import DTYPE_BYTES, check_dtype
 from upscale.config import SamMoEConfig
-from upscale.expand import GrowthSpec, grown_config, planned_provenance
+from upscale.errors import SamoeError
 from upscale.flops import forward_flops
-from upscale.model import build_model
+from upscale.growth import GrowthSpec, grown_config, planned_provenance
+from upscale.layout import is_buffer, numel, state_shapes
 from upscale.roles import is_source, param_role
 from upscale.summary import summarize
 
@@ -37,15 +43,40 @@ class StagePlan:
 
     stage: int
     name: str
-    lr: float
+    lr_scale: float  # default base lr = lr_scale x reference_lr(source)
     description: str
 
 
 STAGES: dict[int, StagePlan] = {
-    1: StagePlan(1, "integration", 1e-2, "new experts, new blocks, all routers; source frozen"),
-    2: StagePlan(2, "collaboration", 1e-3, "stage 1 + FFN/MoE of the last K ViT blocks"),
-    3: StagePlan(3, "full", 1e-4, "everything"),
+    1: StagePlan(1, "integration", 1.0, "new experts, new blocks, all routers; source frozen"),
+    2: StagePlan(2, "collaboration", 0.3, "stage 1 + FFN/MoE of the last K ViT blocks"),
+    3: StagePlan(3, "full", 0.1, "everything"),
 }
+
+
+def reference_lr(stages: list[dict[str, Any]], growth: dict[str, Any] | None) -> float | None:
+    """The source's own peak learning rate: the `lr` of the last stage in its history before it grew (of the last
+    stage, for a model that never grew); None when no stage recorded one (a fresh `init`, an upcycled SAM)."""
+    before = stages[: growth.get("stages_before", len(stages))] if growth else stages
+    for entry in reversed(before):
+        lr = entry.get("lr")
+        if type(lr) in (int, float) and math.isfinite(lr) and lr > 0:
+            return float(lr)
+    return None
+
+
+def stage_lr(stage: int, lr: float | None, lr_scale: float | None, stages: list[dict[str, Any]],
+             growth: dict[str, Any] | None, source: str) -> tuple[float, float | None]:
+    """(base lr of this stage, the reference it is relative to): `lr` when given, else `lr_scale` (default: the
+    stage's) times the source's recorded peak rate."""
+    ref = reference_lr(stages, growth)
+    if lr is not None:
+        return lr, ref
+    if ref is None:
+        raise SamoeError(f"{source} records no learning rate it was trained at (a fresh or upcycled model): give the "
+                         "stage's rate with --lr")
+    return (STAGES[stage].lr_scale if lr_scale is None else lr_scale) * ref, ref
+
 
 _BLOCK_MLP = re.compile(r"^image_encoder\.blocks\.(\d+)\.mlp\.")
 
@@ -78,10 +109,10 @@ def stage_memory(cfg: SamMoEConfig, shapes: dict[str, tuple[int, ...]], provenan
     trainable tensors and have the parameter dtype.
     """
     out = {}
-    numel = {n: _numel(s) for n, s in shapes.items()}
-    total = sum(numel.values())
+    sizes = {n: numel(s) for n, s in shapes.items()}
+    total = sum(sizes.values())
     for stage in STAGES:
-        trainable = sum(numel[n] for n in shapes if is_trainable(n, provenance.get(n, "source"), stage, cfg, last_k,
+        trainable = sum(sizes[n] for n in shapes if is_trainable(n, provenance.get(n, "source"), stage, cfg, last_k,
                                                                   selector_gating))
         out[f"stage{stage}"] = {
             "trainable_params": trainable,
@@ -93,28 +124,19 @@ def stage_memory(cfg: SamMoEConfig, shapes: dict[str, tuple[int, ...]], provenan
     return out
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def plan_report(src_cfg: SamMoEConfig, spec: GrowthSpec, dtype: torch.dtype, last_k: int = 4) -> dict[str, Any]:
+def plan_report(src_cfg: SamMoEConfig, spec: GrowthSpec, dtype: str, last_k: int = 4) -> dict[str, Any]:
     """`samoe plan`: grown parameter counts per component, per-stage memory and forward FLOPs per image (grown
-    and source), from the meta device (stage 2 unfreezes the FFN/MoE of the last `last_k` ViT blocks, as
-    `samoe train --last-k`)."""
+    and source) of weights stored as `dtype` (a checkpoint dtype name); stage 2 unfreezes the FFN/MoE of the
+    last `last_k` ViT blocks, as `samoe train --last-k`."""
     cfg = grown_config(src_cfg, spec)
-    state = build_model(cfg, device="meta").state_dict()
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    esize = DTYPE_BYTES[check_dtype(dtype)]
+    shapes = state_shapes(cfg)
     provenance = planned_provenance(src_cfg, cfg, shapes)
-    esize = torch.empty((), dtype=dtype).element_size()
-    report = summarize(cfg, shapes, provenance, dtype_name(dtype), esize)
-    report["source_params"] = sum(t.numel() for t in build_model(src_cfg, device="meta").state_dict().values())
+    report = summarize(cfg, shapes, provenance, dtype, esize)
+    report["source_params"] = sum(numel(s) for s in state_shapes(src_cfg).values())
     # gradients and optimizer state exist for trainable parameters only, never for buffers (e.g. selector alphas)
-    model = build_model(cfg, device="meta")
-    params = {k: tuple(v.shape) for k, v in model.named_parameters()}
-    buffer_bytes = sum(b.numel() for b in model.buffers()) * esize
+    params = {k: s for k, s in shapes.items() if not is_buffer(k)}
+    buffer_bytes = sum(numel(s) for k, s in shapes.items() if is_buffer(k)) * esize
     report["memory_per_stage"] = stage_memory(cfg, params, provenance, esize, last_k=last_k)
     for stage in report["memory_per_stage"].values():
         stage["weights_bytes"] += buffer_bytes

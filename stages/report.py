@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from upscale.checkpoint import atomic_write_text
+from upscale.ownership import Owned
 
-from .evaluate import METRICS
+from .evaluate import METRICS, resolution_text
 from .figures import Written, layer_label, layer_order
 
 REPORT_NAME = "report.md"
@@ -89,8 +89,8 @@ def render_report(report: dict[str, Any], figures: list[Written], out: Path) -> 
     """The Markdown text; figure links are relative to `out` (the folder holding report.md)."""
     cks, comps = report["checkpoints"], report["comparisons"]
     lines = ["# samoe eval report", "",
-             f"Data: `{report['data']}`, {report['images']} images; paired bootstrap over images, "
-             f"{report['bootstrap']} resamples, seed {report['seed']}; intervals are 95%.", "",
+             f"Data: `{report['data']}`, {report['images']} images, {resolution_text(report)}; paired bootstrap over "
+             f"images, {report['bootstrap']} resamples, seed {report['seed']}; intervals are 95%.", "",
              "## Checkpoints", ""]
     lines += _table(["", "path", "parameters", "forward GFLOP / image", "stages", "digest"],
                     [[f"[{i}]", f"`{ck['path']}`", f"{ck['total_params']:,}",
@@ -106,8 +106,8 @@ def render_report(report: dict[str, Any], figures: list[Written], out: Path) -> 
                   "Each grown checkpoint scored again with its new groups and extra blocks switched off, on the same "
                   "images; the difference is what the new capacity contributes (paired bootstrap over images).", ""]
         for i, ck in ablated:
-            lines += [f"### [{i}]", "", new_parts_verdict(i, ck) + ".", ""]
-            lines += _table(NEW_PARTS_HEADER, new_parts_rows(ck))
+            lines += [f"### [{i}]", "", new_parts_verdict(i, ck) + "."] + ([ck["regime"]["line"] + "."] if "regime" in ck else [])
+            lines += [""] + _table(NEW_PARTS_HEADER, new_parts_rows(ck))
     lines += ["", "## IoU per class", ""]
     lines += _table(["class"] + header[1:],
                     [[cls] + [_num(ck["metrics"]["iou"].get(cls)) for ck in cks]
@@ -132,16 +132,15 @@ def render_report(report: dict[str, Any], figures: list[Written], out: Path) -> 
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_report(report: dict[str, Any], figures: list[Written], out: Path) -> Path:
-    """Write `out/report.md` atomically."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / REPORT_NAME
-    atomic_write_text(path, render_report(report, figures, out))
-    return path
+def write_report(report: dict[str, Any], figures: list[Written], out: Owned) -> Path:
+    """Write report.md into output folder `out`: recorded first, then atomically."""
+    out.record(REPORT_NAME)
+    out.dir.write_bytes(REPORT_NAME, render_report(report, figures, out.dir.path).encode("utf-8"), out.token)
+    return out.dir.path / REPORT_NAME
 
 
 def write_eval_outputs(report: dict[str, Any], plots: Path | None, report_dir: Path | None,
-                       fmt: str = "png") -> dict[str, Any]:
+                       fmt: str = "png", force: bool = False) -> dict[str, Any]:
     """Figures into `plots` and/or report.md into `report_dir`; returns what was written, for the JSON report.
 
     The report embeds the `--plots` figures when they are PNG or SVG (linked relatively);
@@ -152,12 +151,13 @@ def write_eval_outputs(report: dict[str, Any], plots: Path | None, report_dir: P
     written: dict[str, Any] = {}
     figures: list[Written] = []
     outputs = [(d, option) for d, option in ((plots, "--plots"), (report_dir, "--report")) if d is not None]
-    with output_dirs(outputs, "eval"):
+    with output_dirs(outputs, "eval", force) as outs:
         if plots is not None:
-            figures = write_eval_figures(report, plots, fmt)
+            figures = write_eval_figures(report, outs[plots.resolve()], fmt)
             written["plots"] = [str(f.path) for f in figures]
         if report_dir is not None:
+            target = outs[report_dir.resolve()]
             if plots is None or fmt == "pdf":
-                figures = write_eval_figures(report, report_dir, "png")
-            written["report"] = str(write_report(report, figures, report_dir))
+                figures = write_eval_figures(report, target, "png")
+            written["report"] = str(write_report(report, figures, target))
     return written

@@ -21,6 +21,7 @@ import upscale.checkpoint as ckpt_mod
 from upscale import PRESETS, build_model, load_model, save_model
 from upscale.checkpoint import INDEX_FILE, META_FILE, SINGLE_FILE, Checkpoint
 from upscale.create import init_from_preset
+from upscale.ownership import OWNER_FILE
 
 TINY = PRESETS["tiny"]
 SHARD = 200_000
@@ -93,7 +94,7 @@ def tiny(tmp_path_factory):
 
 def test_init_then_load_is_bit_exact(tiny):
     path = tiny["single"]
-    assert sorted(p.name for p in path.iterdir()) == sorted([SINGLE_FILE, META_FILE])
+    assert sorted(p.name for p in path.iterdir()) == sorted([SINGLE_FILE, META_FILE, OWNER_FILE])
     assert_same_state(load_model(path), tiny["reference"])
     header = read_header(path / SINGLE_FILE)
     assert set(header) == set(tiny["reference"])
@@ -251,8 +252,8 @@ def _fail_final_rename(monkeypatch, out: Path):
     real = ckpt_mod.os.replace
     calls = []
 
-    def replace(src, dst, *a, **kw):
-        if Path(dst) == out and ".tmp-" in Path(src).name:
+    def replace(src, dst, *a, **kw):  # names relative to the parent's descriptor (upscale.dirfd)
+        if Path(dst).name == out.name and ".tmp-" in Path(src).name:
             calls.append(src)
             raise OSError(16, "Device or resource busy")
         return real(src, dst, *a, **kw)

@@ -167,7 +167,7 @@ def test_one_gpu_training_steps(grown: Path, data: Path, cpu_run: Path, tmp_path
     assert any(".experts.1." in n for n in changed) and any("group_scale" in n or "group_gate" in n for n in changed)
     assert all(t.dtype == torch.float32 and t.device.type == "cpu" and torch.isfinite(t).all() for t in after.values())
     # the run resumes on the GPU from its own step checkpoint
-    res = CliRunner().invoke(cli.app, ["train", "--stage", "1", "--from", str(grown), "--run-dir", str(tmp_path / "run"),
+    res = CliRunner().invoke(cli.app, ["train", "--stage", "1", "--lr", "0.01", "--from", str(grown), "--run-dir", str(tmp_path / "run"),
                                        "--data", str(data / "A"), "--unlabelled", str(data / "B"), "--max-steps", "2",
                                        "--batch-size", "4", "--checkpoint-every", "1", "--device", "cuda", "--precision", precision])
     assert res.exit_code == 2 and "already finished" in res.stderr
@@ -213,7 +213,7 @@ def test_two_gpus_nccl_equal_one_gpu(grown: Path, data: Path, tmp_path: Path, no
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("SAMOE_DEVICE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port), "-m", "cli",
-           "train", "--stage", "1", "--from", str(grown), "--run-dir", str(tmp_path / "two"), "--data", str(data / "A"),
+           "train", "--stage", "1", "--lr", "0.01", "--from", str(grown), "--run-dir", str(tmp_path / "two"), "--data", str(data / "A"),
            "--unlabelled", str(data / "B"), "--max-steps", "2", "--batch-size", "4", "--checkpoint-every", "1",
            "--device", "cuda"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

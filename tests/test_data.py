@@ -37,6 +37,7 @@ from stages.data import (
     write_image,
     write_mask,
 )
+from stages.units import Units
 from upscale.errors import SamoeError
 
 SMALL = dict(labelled=3, unlabelled=2, test=2, size=32)
@@ -48,10 +49,11 @@ def _png(path: Path) -> np.ndarray:
 
 
 def _digests(root: Path) -> dict[str, str]:
+    """Digests of the data files (the ownership marker holds a random writer token by design)."""
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != ".samoe-owner.json"
     }
 
 
@@ -441,15 +443,21 @@ def test_png_images_and_hwc_tiff_and_16bit_masks(tmp_path: Path) -> None:
     root = _folder(tmp_path, n=0)
     Image.fromarray(np.arange(80, dtype=np.uint8).reshape(8, 10)).save(root / "images" / "p8.png")
     Image.fromarray((np.arange(80, dtype=np.uint16) * 800).reshape(8, 10)).save(root / "images" / "p16.png")
-    tifffile.imwrite(root / "images" / "hwc.tif", np.full((8, 10, 2), 0.1, np.float32), photometric="minisblack")
-    for stem in ("p8", "p16", "hwc"):
+    for stem in ("p8", "p16"):
         Image.fromarray(np.full((8, 10), 2, dtype=np.uint16)).save(root / "masks" / f"{stem}.png")
-    ds = LabelledFolder(root, num_classes=3)
-    assert ds.names == ["hwc", "p16", "p8"]
-    items = [ds[i] for i in range(3)]
+    with pytest.raises(DataError, match="p16.png does not hold linear backscatter power: its median value is 3.16e"):
+        LabelledFolder(root, num_classes=3)  # display-scaled integers are not power: declared, not guessed
+    ds = LabelledFolder(root, num_classes=3, units=Units("display"))
+    assert ds.names == ["p16", "p8"]
+    items = [ds[i] for i in range(2)]
     for it in items:
         assert it["image"].shape == (3, 8, 10) and (it["mask"] == 2).all()
-    assert items[1]["image"].max() == pytest.approx((63200 / 65535 - NORM_MEAN) / NORM_STD, abs=1e-5)
+    assert items[0]["image"].max() == pytest.approx((63200 / 65535 - NORM_MEAN) / NORM_STD, abs=1e-5)
+    hwc = _folder(tmp_path / "hwc", n=0)  # tifffile's HxWxC page stack: read with tifffile, not GDAL
+    tifffile.imwrite(hwc / "images" / "hwc.tif", np.full((8, 10, 2), 0.1, np.float32), photometric="minisblack")
+    Image.fromarray(np.full((8, 10), 2, dtype=np.uint16)).save(hwc / "masks" / "hwc.png")
+    item = LabelledFolder(hwc, num_classes=3)[0]
+    np.testing.assert_allclose(item["image"], torch.from_numpy(sar_to_input(np.full((2, 8, 10), 0.1, np.float32))))
 
 
 def test_pseudo_label_folder(tmp_path: Path) -> None:
@@ -548,7 +556,7 @@ def _no_masks_dir(root: Path) -> None:
         (_class_id_too_large, r"s1.png has class id\(s\) \[7\]"),
         (_three_channel_image, "s1.tif has shape .*3 channels"),
         (_rgb_png_image, "s1.png has shape .*3 channels"),
-        (_rgb_mask, "s1.png is a RGB PNG"),
+        (_rgb_mask, "s1.png is a RGB image"),
         (_orphan_mask, "extra.png has no image"),
         (_duplicate_stem, "share the name 's1'"),
         (_no_masks_dir, "no masks/ folder"),
@@ -591,8 +599,12 @@ def test_cached_targets_equal_recomputed_ones_and_respect_the_budget(demo: Path)
     """Targets served from the cache are identical to a fresh computation, every epoch; the byte budget holds."""
     fresh = LabelledFolder(demo / "A", 4, cache_bytes=0)
     cached = LabelledFolder(demo / "A", 4)
-    one = sum(v.numel() * v.element_size() for k, v in fresh[0].items() if k in ("mask", "sdf", "boundary"))
-    partial = LabelledFolder(demo / "A", 4, cache_bytes=2 * one)
+    for i in range(len(cached)):
+        cached[i]
+    kept = [sum(v.numel() * v.element_size() for v in cached._cache[n].values()) for n in cached.names]
+    full = sum(v.numel() * v.element_size() for k, v in fresh[0].items() if k in ("mask", "sdf", "boundary"))
+    assert max(kept) < full  # masks and boundaries in 8 bits, SDFs of present classes only
+    partial = LabelledFolder(demo / "A", 4, cache_bytes=kept[0] + kept[1])
     for _ in range(2):
         for i in range(len(fresh)):
             ref = fresh[i]

@@ -87,7 +87,7 @@ def _final_tensors(run: Path) -> dict[str, torch.Tensor]:
 
 
 def _cfg(grown: Path, data: Path, run: Path, **kw) -> TrainConfig:
-    kw = {"stage": 1, "max_steps": 4, "batch_size": 4, "checkpoint_every": 2, **kw}
+    kw = {"stage": 1, "max_steps": 4, "batch_size": 4, "checkpoint_every": 2, "lr": 0.01, **kw}
     return TrainConfig(source=str(grown), run_dir=str(run), data=str(data / "A"), unlabelled=str(data / "B"), **kw)
 
 
@@ -123,7 +123,7 @@ def test_model_batch_and_optimizer_state_land_on_the_device(grown: Path, data: P
 @pytest.mark.parametrize("command", ["train", "eval", "pseudo-label", "expand"])
 def test_cuda_without_a_gpu_is_one_line(grown: Path, data: Path, tmp_path: Path, command: str):
     args = {
-        "train": ["train", "--stage", "1", "--from", grown, "--run-dir", tmp_path / "r", "--data", data / "A", "--max-steps", "1"],
+        "train": ["train", "--stage", "1", "--lr", "0.01", "--from", grown, "--run-dir", tmp_path / "r", "--data", data / "A", "--max-steps", "1"],
         "eval": ["eval", grown, "--data", data / "A-test"],
         "pseudo-label": ["pseudo-label", grown, "--images", data / "B", "--out", tmp_path / "p"],
         "expand": ["expand", grown, "--out", tmp_path / "e", "--experts", "12", "--groups", "3", "--verify", data / "A"],
@@ -136,7 +136,7 @@ def test_cuda_without_a_gpu_is_one_line(grown: Path, data: Path, tmp_path: Path,
 
 
 def test_precision_options(grown: Path, data: Path, tmp_path: Path):
-    base = ["train", "--stage", "1", "--from", str(grown), "--data", str(data / "A"), "--max-steps", "1"]
+    base = ["train", "--stage", "1", "--lr", "0.01", "--from", str(grown), "--data", str(data / "A"), "--max-steps", "1"]
     res = CliRunner().invoke(cli.app, [*base, "--run-dir", str(tmp_path / "a"), "--precision", "fp16"])
     assert res.exit_code == 2 and "--precision 'fp16'" in res.stderr
     res = CliRunner().invoke(cli.app, [*base, "--run-dir", str(tmp_path / "b"), "--precision", "fp32", "--mixed-precision"])

@@ -114,7 +114,7 @@ def runs(tmp_path_factory) -> Path:
 
 
 def stage1_args(grown: Path, data: Path) -> list:
-    return ["--stage", 1, "--from", grown, "--data", data / "A", "--unlabelled", data / "B", "--batch-size", 4,
+    return ["--stage", 1, "--lr", 0.01, "--from", grown, "--data", data / "A", "--unlabelled", data / "B", "--batch-size", 4,
             "--max-steps", 6, "--checkpoint-every", 3]
 
 
@@ -154,7 +154,7 @@ def test_stage1_frozen_tensors_bit_identical(grown: Path, sharded_s1: Path):
 
 def test_stage3_two_processes_match_one(grown: Path, data: Path, runs: Path):
     """Stage 3 (everything trains), batch 3 over 8 images: slices of 2+1 and a last batch of 1+1."""
-    args = ["--stage", 3, "--force", "--from", grown, "--data", data / "A", "--unlabelled", data / "B",
+    args = ["--stage", 3, "--lr", 0.01, "--force", "--from", grown, "--data", data / "A", "--unlabelled", data / "B",
             "--batch-size", 3, "--max-steps", 5]
     train_1(*args, "--run-dir", runs / "s3-one")
     res = subprocess.run([str(SAMOE), "train", "--nproc", "2", *map(str, args), "--run-dir", str(runs / "s3-two")],
@@ -190,7 +190,7 @@ def test_mixed_precision(grown: Path, data: Path, runs: Path, single_s1: Path):
     """bf16 compute, fp32 reduction: close to the fp32 losses, weights stay in the checkpoint's dtype.
 
     `--mixed-precision` is `--precision bf16`: FSDP2's policy under torchrun, autocast in one process."""
-    args = ["--stage", 1, "--from", grown, "--data", data / "A", "--unlabelled", data / "B", "--batch-size", 4, "--max-steps", 2]
+    args = ["--stage", 1, "--lr", 0.01, "--from", grown, "--data", data / "A", "--unlabelled", data / "B", "--batch-size", 4, "--max-steps", 2]
     train_1(*args, "--run-dir", runs / "mp-one", "--mixed-precision")
     torchrun(*args, "--run-dir", runs / "mp", "--precision", "bf16")
     for run in (runs / "mp", runs / "mp-one"):
@@ -229,7 +229,7 @@ def test_force_only_rank0_touches_the_run_dir(grown: Path, data: Path, runs: Pat
     shutil.copytree(single_s1, run)
     script = tmp_path / "spy.py"
     script.write_text(_SPY)
-    args = ["--stage", 1, "--from", grown, "--data", data / "A", "--unlabelled", data / "B", "--batch-size", 4,
+    args = ["--stage", 1, "--lr", 0.01, "--from", grown, "--data", data / "A", "--unlabelled", data / "B", "--batch-size", 4,
             "--max-steps", 2, "--run-dir", run, "--force"]
     for attempt in range(2):
         spy = tmp_path / f"spy{attempt}"

@@ -461,7 +461,7 @@ def test_cli_eval_json_and_plots(setup):
 
 @pytest.mark.parametrize("option", ["--plots", "--report"])
 def test_cli_eval_refuses_non_empty_output_folder(setup, option):
-    """Issue 15 case 7: eval wrote its figures over existing files without --force."""
+    """eval once wrote its figures over existing files without --force: now refused."""
     import cli
 
     out = setup["tmp"] / f"taken{option}"
@@ -479,7 +479,7 @@ def test_cli_eval_refuses_non_empty_output_folder(setup, option):
     result = CliRunner().invoke(cli.app, args[:-1] + [str(setup["tmp"] / f"file{option}")])
     _assert_one_line_error(result)
     assert (setup["tmp"] / f"file{option}").read_text() == "x"
-    # a user's folder stays refused with --force (issue 15: --force touches only what samoe wrote)
+    # a user's folder stays refused with --force (--force touches only what samoe wrote)
     result = CliRunner().invoke(cli.app, args + ["--force"])
     _assert_one_line_error(result)
     assert "not written by samoe" in result.stderr

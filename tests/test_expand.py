@@ -567,6 +567,53 @@ def test_growth_is_deterministic_across_workers_and_shards(src, tmp_path):
     assert ta.keys() == tc.keys() and all(torch.equal(ta[k], tc[k]) for k in ta)
 
 
+def _grow_as(src: Path, out: Path, dtype: torch.dtype | None, workers: int, **options) -> dict[str, torch.Tensor]:
+    spec = GrowthSpec(experts=13, groups=resolve_groups(S, 13, "4", 1), **options)
+    return _tensors(expand_checkpoint(src, out, spec, ["samoe", "expand"], dtype=dtype, workers=workers))
+
+
+@pytest.mark.parametrize("init", ["copy-noise", "mixed"])
+def test_conversion_in_the_workers_equals_converting_the_source_dtype_result(init, src, tmp_path):
+    """An fp32 source grown into bf16: every tensor (copies, noisy and interpolated experts, the extra block) is the fp32 growth's tensor rounded to bf16, whatever the worker count; and a bf16
+    source grown into fp32 is its bf16 growth widened exactly (but the new group routers, which are drawn
+    at the output's precision)."""
+    opts = dict(init=init, noise_std=0.05, extra_blocks=1, seed=3)
+    wide = _grow_as(src, tmp_path / "fp32", None, 2, **opts)
+    for workers in (1, 3):
+        narrow = _grow_as(src, tmp_path / f"bf16-{workers}", torch.bfloat16, workers, **opts)
+        assert narrow.keys() == wide.keys()
+        for name, t in wide.items():
+            assert narrow[name].dtype == torch.bfloat16
+            assert torch.equal(narrow[name].view(torch.int16), t.to(torch.bfloat16).view(torch.int16)), name
+    half = init_from_preset(TINY, tmp_path / "bf16-source", 0, torch.bfloat16, ["test"], False)
+    same = _grow_as(half, tmp_path / "bf16-same", None, 2, **opts)
+    widened = _grow_as(half, tmp_path / "bf16-to-fp32", torch.float32, 2, **opts)
+    for name, t in same.items():
+        assert widened[name].dtype == torch.float32 and torch.equal(widened[name].to(torch.bfloat16), t), name
+        assert name.endswith(".router.group_gate.weight") or torch.equal(widened[name], t.float()), name
+
+
+@pytest.mark.parametrize("init", ["copy-noise", "interpolate"])
+def test_new_bank_is_made_in_the_output_dtype_without_a_source_precision_copy(init):
+    """The worker allocates the bank once, in the output dtype (no float32 bank to convert afterwards), and its
+    bytes are the source-dtype bank rounded to bf16."""
+    from upscale.expand import make_new_bank, new_expert_recipe
+
+    source = torch.randn(4, 96, 32, generator=torch.Generator().manual_seed(0))
+    spec = GrowthSpec(experts=10, groups=(4, 3, 3), init=init, noise_std=0.05)
+    recipes = [new_expert_recipe(spec, j, 4) for j in range(6)]
+    asked = []
+
+    def empty(shape, dtype):
+        asked.append(dtype)
+        return torch.empty(shape, dtype=dtype)
+
+    fused = make_new_bank(source, recipes, spec, 11, empty=empty, dtype=torch.bfloat16)
+    assert asked == [torch.bfloat16]
+    reference = make_new_bank(source, recipes, spec, 11).to(torch.bfloat16)
+    assert torch.equal(fused.view(torch.int16), reference.view(torch.int16))
+
+
 def test_source_cache_reads_a_tensor_once_however_many_workers_want_it():
     """Single-flight reads: 4 threads asking at once cause one read; a failed read fails every waiter
     and leaves nothing behind, so the next call reads again."""

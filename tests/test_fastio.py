@@ -44,10 +44,10 @@ def test_shard_file_writes_exactly_the_bytes(tmp_path, monkeypatch, direct, size
 def test_o_direct_refused_at_open_falls_back_to_buffered(tmp_path, monkeypatch):
     real_open = os.open
 
-    def no_direct(path, flags, *a):
+    def no_direct(path, flags, *a, **kw):
         if flags & getattr(os, "O_DIRECT", 0):
             raise OSError(errno.EINVAL, "Invalid argument")  # what tmpfs answers
-        return real_open(path, flags, *a)
+        return real_open(path, flags, *a, **kw)
 
     monkeypatch.setattr(os, "open", no_direct)
     pieces = _pieces([5000, 123])

@@ -26,6 +26,7 @@ from stages import curves, figures
 from stages.evaluate import METRICS
 from stages.report import render_report, write_eval_outputs
 from upscale.errors import SamoeError
+from upscale.ownership import OWNER_FILE
 
 CLASSES = ["water", "urban", "vegetation", "bare_soil"]
 ENC = [f"image_encoder.blocks.{i}.mlp" for i in (2, 3)]
@@ -223,10 +224,15 @@ def test_long_checkpoint_paths_keep_titles_inside():
 
 @pytest.mark.parametrize("fmt", ["png", "svg", "pdf"])
 def test_write_eval_figures_formats(tmp_path, fmt):
-    written = figures.write_eval_figures(make_report(), tmp_path, fmt)
+    out = tmp_path / "figs"
+    with figures.output_dirs([(out, "--plots")], "eval") as outs:
+        written = figures.write_eval_figures(make_report(), outs[out.resolve()], fmt)
+    tmp_path = out
     assert [w.path.name for w in written] == [f"{s}.{fmt}" for s in ("class-metrics", "new-group-share", "expert-usage-ckpt0",
                                                                       "class-groups-ckpt0", "expert-usage-ckpt1", "class-groups-ckpt1")]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(w.path.name for w in written)  # no temporaries left
+    # no temporaries left; the manifest records each figure
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([OWNER_FILE] + [w.path.name for w in written])
+    assert set(json.loads((tmp_path / OWNER_FILE).read_text())["entries"]) == {w.path.name for w in written}
     head = written[0].path.read_bytes()[:200]
     if fmt == "png":
         # every figure's pixel size is its size in inches at 200 dpi
@@ -251,9 +257,8 @@ def test_bad_format_and_taken_folder(tmp_path):
         figures.check_output_dir(tmp_path / "taken", False, "--plots")
     with pytest.raises(SamoeError, match="not written by samoe"):  # a user's folder, even with --force
         figures.check_output_dir(tmp_path / "taken", True, "--plots")
-    with figures.output_dirs([(tmp_path / "ours", "--plots")], "eval"):
-        (tmp_path / "ours").mkdir()
-        (tmp_path / "ours" / "a.png").write_text("x")
+    with figures.output_dirs([(tmp_path / "ours", "--plots")], "eval") as outs:
+        figures.save_figure(figures.new_figure(1, 1), outs[(tmp_path / "ours").resolve()], "a.png")
     with pytest.raises(SamoeError, match="--force"):
         figures.check_output_dir(tmp_path / "ours", False, "--plots")
     figures.check_output_dir(tmp_path / "ours", True, "--plots")  # samoe wrote it: --force may replace its figures

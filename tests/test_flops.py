@@ -1,13 +1,16 @@
-"""Forward FLOPs per image from a layout (upscale/flops.py), against FlopCounterMode over a real forward."""
+"""Forward FLOPs per image from a layout (upscale/flops.py), against FlopCounterMode over a real forward
+(tiny layouts) and over the model on the meta device (every layout, the 1.5B and 10B ones included)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from upscale.config import PRESETS
-from upscale.expand import GrowthSpec, grown_config
+from upscale.expand import GrowthSpec, grown_config, resolve_groups
 from upscale.flops import forward_flops
 from upscale.model import build_model
 
@@ -36,6 +39,35 @@ def _measured(cfg) -> int:
 def test_counted_from_the_layout_equals_a_real_forward(layout: str):
     cfg = TINY if LAYOUTS[layout] is None else grown_config(TINY, LAYOUTS[layout])
     assert forward_flops(cfg) == _measured(cfg)
+
+
+def _counted_on_meta(cfg) -> int:
+    """FlopCounterMode over the model on the meta device (nothing allocated: every shape of the MoE dispatch
+    follows from the token count)."""
+    model = build_model(cfg, device="meta").requires_grad_(False)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.empty(1, cfg.in_chans, cfg.img_size, cfg.img_size, device="meta"))
+    return int(counter.get_total_flops())
+
+
+L = PRESETS["sam-moe-1.5b"]
+META_LAYOUTS = {
+    "1.5b": L,
+    "10b": grown_config(L, GrowthSpec(experts=117, groups=resolve_groups(16, 117, "8", 1), extra_blocks=1)),
+    "10b, routed top-1, 2 groups per token": grown_config(L, GrowthSpec(experts=117, groups=resolve_groups(16, 117, "8", 1),
+                                                                         routed_top_k=1, top_k_groups=2)),
+    "replicas, dense extra blocks": grown_config(TINY, GrowthSpec(
+        experts=16, groups=(4, 4, 4, 4), core_groups=0, replicate=True, noise_std=0.0, extra_blocks=2, extra_dense=True)),
+    "dense decoder, padded windows": replace(TINY, decoder_moe=False, img_size=112, window_size=3),
+    "2 core groups, 3 groups per token": grown_config(TINY, GrowthSpec(experts=16, groups=(2, 2, 4, 4, 4), core_groups=2,
+                                                                       top_k_groups=3)),
+}
+
+
+@pytest.mark.parametrize("layout", list(META_LAYOUTS))
+def test_counted_from_the_layout_equals_the_meta_model(layout: str):
+    cfg = META_LAYOUTS[layout]
+    assert forward_flops(cfg) == _counted_on_meta(cfg)
 
 
 def test_what_a_routed_expert_costs_by_hand():

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of what samoe reads from checkpoint directories (issue 15).
+"""Property-based fuzzing of what samoe reads from checkpoint directories.
 
 Hypothesis mutates a real tiny checkpoint: its safetensors shard header (near-valid
 perturbations of shapes, offsets and dtypes, foreign JSON values, raw bytes, a wrong
@@ -97,7 +97,8 @@ class Copy:
         try:
             if exc[0] is None:
                 assert sorted(p.name for p in self.root.iterdir()) == ["c"], "something was left beside the checkpoint"
-                assert not [p for p in self.path.iterdir() if p.name.startswith(".")], "a temporary was left behind"
+                assert not [p for p in self.path.iterdir() if p.name.startswith(".") and p.name != ".samoe-owner.json"], \
+                    "a temporary was left behind"
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -295,7 +296,7 @@ def resumable(tmp_path_factory):
     src = init_from_preset(PRESETS["tiny"], root / "src", 0, torch.float32, ["test"], False)
     grown = expand_checkpoint(src, root / "g", GrowthSpec(experts=6, groups=resolve_groups(4, 6, "2", 1), extra_blocks=0,
                                                           noise_std=0.01), ["test"])
-    res = CliRunner().invoke(cli.app, [str(a) for a in ["train", "--stage", 1, "--from", grown, "--data", root / "d" / "A",
+    res = CliRunner().invoke(cli.app, [str(a) for a in ["train", "--stage", 1, "--lr", 0.01, "--from", grown, "--data", root / "d" / "A",
                                                          "--run-dir", root / "run", "--batch-size", 4, "--max-steps", 2,
                                                          "--checkpoint-every", 1]])
     assert res.exit_code == 0, res.stderr
@@ -360,3 +361,207 @@ def test_fuzz_trainer_state(resumable, data):
             torch.set_rng_state(rng[0])
             np.random.set_state(rng[1])
             random.setstate(rng[2])
+
+
+# --------------------------------------------------------------------------- generated trees (issue 37)
+#
+# A real samoe output (a checkpoint, demo data, a run directory, a pseudo-label folder, a plot folder with the
+# run it reads) is copied and then damaged: entries replaced by symbolic links out of the tree (to a victim
+# folder and file beside it) or into it, by FIFOs, by a folder where a file was (or the reverse), deleted, or
+# joined by files and folders samoe never wrote. The command that owns the tree then runs on it in-process
+# (--force where it has one, a plain rerun where it resumes). Oracles, for every case: the victims and the
+# inputs outside the tree are unchanged; every entry the damage planted is still there, as it was; the exit
+# code is 0 or 2 (2: one line); the case ends in bounded CPU time and memory, and never hangs.
+
+TREE_EXAMPLES = int(os.environ.get("SAMOE_FUZZ_TREES", "200"))
+TREES = settings(FUZZ, max_examples=TREE_EXAMPLES)
+DAMAGE = ["link-out-dir", "link-out-file", "link-in", "fifo", "missing", "extra-file", "extra-dir", "dir-for-file",
+          "file-for-dir"]
+NAMES = ["notes.txt", ".hidden", "step-9", ".x.tmp-0123456789abcdef", ".samoe-owner.json.tmp-00ff", "latest",
+         "model.safetensors"]
+
+
+def _walk(root: Path) -> list[str]:
+    """Relative paths of every entry under `root`, links not followed ("" is the root itself)."""
+    out = [""]
+    for dirpath, dirnames, filenames in os.walk(root):
+        out += [str((Path(dirpath) / n).relative_to(root)) for n in sorted(dirnames + filenames)]
+    return out
+
+
+def _state(root: Path) -> dict[str, tuple]:
+    """Kind and content (digest or link target) of every entry under `root`, links not followed."""
+    import hashlib
+    import stat as st_
+
+    out = {}
+    for rel in _walk(root)[1:]:
+        p = root / rel
+        mode = os.lstat(p).st_mode
+        out[rel] = (("link", os.readlink(p)) if st_.S_ISLNK(mode) else
+                    ("file", hashlib.sha256(p.read_bytes()).hexdigest()) if st_.S_ISREG(mode) else
+                    ("dir",) if st_.S_ISDIR(mode) else ("other",))
+    return out
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    else:
+        p.unlink()
+
+
+def _inside(tree: Path, p: Path) -> bool:
+    """`p` is reached from `tree` through real folders only (damage never goes through a link it made)."""
+    return all(os.path.isdir(q) and not os.path.islink(q) for q in [tree, *[a for a in p.parents if a.is_relative_to(tree)]])
+
+
+def _damage(tree: Path, victim: Path, damage: list[tuple[str, str, str]]) -> dict[str, str]:
+    """Apply the damage; return what it planted (relative path -> kind), which samoe must leave alone."""
+    planted: dict[str, str] = {}
+    for kind, rel, name in damage:
+        p = tree / rel if rel else tree
+        if not os.path.lexists(p) or (rel and not _inside(tree, p)):
+            continue
+        is_dir = p.is_dir() and not p.is_symlink()
+        if kind.startswith("extra"):
+            folder = p if is_dir else p.parent
+            if not _inside(tree, folder / name):
+                continue
+            new = folder / name
+            if os.path.lexists(new):
+                continue
+            if kind == "extra-file":
+                new.write_text("a user's file")
+            else:
+                new.mkdir()
+                (new / "inside.txt").write_text("a user's file")
+            planted[str(new.relative_to(tree)) if new != tree else ""] = "file" if kind == "extra-file" else "dir"
+            continue
+        if kind == "file-for-dir" and not is_dir or kind == "dir-for-file" and is_dir:
+            continue
+        for key in [k for k in planted if k == rel or k.startswith(rel + "/") or not rel]:
+            del planted[key]  # a planted entry under what is replaced now is gone (the test did it)
+        _remove(p)
+        if kind == "missing":
+            continue
+        if kind == "link-out-dir":
+            p.symlink_to(victim)
+        elif kind == "link-out-file":
+            p.symlink_to(victim / "precious.txt")
+        elif kind == "link-in":
+            p.symlink_to(tree / "." if rel else victim)
+        elif kind == "fifo":
+            os.mkfifo(p)
+        elif kind == "dir-for-file":
+            p.mkdir()
+            (p / "inside.txt").write_text("a user's file")
+        elif kind == "file-for-dir":
+            p.write_text("a user's file")
+        planted[rel] = {"dir-for-file": "dir", "file-for-dir": "file", "fifo": "other"}.get(kind, "link")
+    return planted
+
+
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory):
+    """One genuine tree per command, and the inputs the commands read (never damaged)."""
+    from stages.data import make_demo_data
+    from upscale.expand import GrowthSpec, expand_checkpoint, resolve_groups
+
+    root = tmp_path_factory.mktemp("trees")
+    make_demo_data(root / "inputs" / "data", labelled=4, unlabelled=2, test=0, size=128, seed=0)
+
+    def ok(*args) -> None:
+        res = CliRunner().invoke(cli.app, [str(a) for a in args])
+        assert res.exit_code == 0, res.stderr
+
+    data = root / "inputs" / "data"
+    src = init_from_preset(PRESETS["tiny"], root / "inputs" / "src", 0, torch.float32, ["test"], False)
+    grown = expand_checkpoint(src, root / "inputs" / "grown", GrowthSpec(
+        experts=6, groups=resolve_groups(4, 6, "2", 1), extra_blocks=0, noise_std=0.01), ["test"])
+    train = ["train", "--stage", 1, "--from", grown, "--data", data / "A", "--batch-size", 4, "--max-steps", 2,
+             "--checkpoint-every", 1, "--lr", 0.01]
+    t = root / "templates"
+    t.mkdir()
+    init_from_preset(PRESETS["tiny"], t / "checkpoint", 1, torch.float32, ["test"], False)
+    demo = ["demo-data", "--labelled", 1, "--unlabelled", 1, "--test", 0, "--size", 16]
+    ok(*demo, "--out", t / "demo")
+    ok(*train, "--run-dir", t / "run")
+    shutil.rmtree(t / "run" / "final")  # a run stopped after its step-1 checkpoint: the rerun resumes it
+    pseudo = ["pseudo-label", src, "--images", data / "B"]
+    ok(*pseudo, "--out", t / "pseudo")
+    (t / "plot").mkdir()
+    shutil.copytree(t / "run", t / "plot" / "run", symlinks=True)
+    (t / "pseudo" / "masks" / sorted(os.listdir(t / "pseudo" / "masks"))[0]).unlink()  # the rerun has work
+    ok("plot", t / "plot" / "run", "--out", t / "plot" / "plots")
+    commands = {
+        "checkpoint": lambda tree: ["init", "--preset", "tiny", "--out", tree, "--force"],
+        "demo": lambda tree: [*demo, "--out", tree, "--force"],
+        "run": lambda tree: [*train, "--run-dir", tree],
+        "pseudo": lambda tree: [*pseudo, "--out", tree],
+        "plot": lambda tree: ["plot", tree / "run", "--out", tree / "plots", "--force", "--format", "svg"],
+    }
+    entries = {name: _walk(t / name) for name in commands}
+    return t, root / "inputs", commands, entries
+
+
+# how often each tree is drawn: the cheap commands more often (a damaged tree is mostly refused in milliseconds,
+# an accepted one costs a command: ~0.1 s for init or demo-data, ~1 s for a training step or three figures)
+WEIGHTS = {"checkpoint": 3, "demo": 3, "pseudo": 2, "run": 2, "plot": 1}
+
+
+@st.composite
+def tree_cases(draw, entries: dict[str, list[str]]):
+    name = draw(st.sampled_from([n for n, w in WEIGHTS.items() for _ in range(w)]))
+    damage = draw(st.lists(st.tuples(st.sampled_from(DAMAGE), st.sampled_from(entries[name]), st.sampled_from(NAMES)),
+                           min_size=1, max_size=3))
+    return name, damage
+
+
+@TREES
+@given(data=st.data())
+def test_fuzz_generated_trees(templates, data):
+    import signal
+
+    t, inputs, commands, entries = templates
+    name, damage = data.draw(tree_cases(entries))
+    root = Path(tempfile.mkdtemp(prefix="samoe-tree-"))
+    try:
+        victim = root / "victim"
+        victim.mkdir()
+        (victim / "precious.txt").write_text("a user's file outside the tree")
+        (victim / "step-1").mkdir()
+        (victim / "step-1" / "thesis.tex").write_text("years of work")
+        tree = Path(shutil.copytree(t / name, root / name, symlinks=True))
+        planted = _damage(tree, victim, damage)
+        outside, inputs_before = _state(victim), _state(inputs)
+
+        def hang(signum, frame):  # a BaseException: no command's error handling may take it for bad input
+            raise KeyboardInterrupt(f"{name} {damage} still running after 120 s")
+
+        old = signal.signal(signal.SIGALRM, hang)
+        signal.alarm(120)
+        cpu = time.process_time()
+        try:
+            res = CliRunner().invoke(cli.app, [str(a) for a in commands[name](tree)])
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+        code, err = res.exit_code, res.stderr
+        assert time.process_time() - cpu < SECONDS, f"{name} {damage} took {time.process_time() - cpu:.1f} s of CPU"
+        assert peak_rss() - _PEAK["before"] < MEMORY
+        assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+        assert code in (0, 2), (name, damage, code, err[-800:])
+        if code == 2:
+            assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+        assert _state(victim) == outside, f"{name} {damage} changed a folder outside the tree"
+        assert _state(inputs) == inputs_before, f"{name} {damage} changed its inputs"
+        after = _state(tree) if tree.is_dir() and not tree.is_symlink() else {}
+        for rel, kind in planted.items():
+            p = tree / rel if rel else tree
+            assert os.path.lexists(p), f"{name} {damage} deleted {rel or name}, which samoe did not write ({code}: {err})"
+            if rel:
+                assert after[rel][0] == kind, f"{name} {damage} replaced {rel} ({code}: {err})"
+        assert sorted(os.listdir(root)) == sorted(["victim", name]), "something was left beside the tree"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

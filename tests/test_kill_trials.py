@@ -103,7 +103,7 @@ def test_expand_killed_then_rerun_is_identical(setup):
 def test_train_killed_then_rerun_is_identical(setup):
     w, rng = setup, random.Random(1)
     samoe_in_process(["expand", w / "src", "--out", w / "grown", *GROW])
-    train = ["train", "--stage", "1", "--from", w / "grown", "--data", w / "data" / "A", "--unlabelled", w / "data" / "B",
+    train = ["train", "--stage", "1", "--lr", "0.01", "--from", w / "grown", "--data", w / "data" / "A", "--unlabelled", w / "data" / "B",
              "--max-steps", "4", "--checkpoint-every", "2", "--batch-size", "2"]
     samoe_in_process([*train, "--run-dir", w / "run-ref"])  # the uninterrupted reference (bit-exact with any thread count)
     ref = tensors(w / "run-ref" / "final")

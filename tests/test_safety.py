@@ -1,7 +1,7 @@
-"""Issue 15, part B: no command destroys what it did not make, one job per output, a run's
+"""No command destroys what it did not make, one job per output, a run's
 identity includes its data, failed commands leave nothing misleading, bad numbers are one line.
 
-Each test names the numbered case of issue 15 it covers. The CLI runs in-process (typer's
+Tests are grouped by case (the sections below). The CLI runs in-process (typer's
 runner: real exit codes and stderr) except where a second process is the point.
 """
 
@@ -75,7 +75,7 @@ def grown(src: Path, work: Path) -> Path:
 
 
 def train(grown: Path, run_dir: Path, data: Path, *extra):
-    return samoe("train", "--stage", 1, "--from", grown, "--run-dir", run_dir, "--data", data, "--batch-size", 4,
+    return samoe("train", "--stage", 1, "--lr", 0.01, "--from", grown, "--run-dir", run_dir, "--data", data, "--batch-size", 4,
                  "--max-steps", 1, *extra)
 
 
@@ -86,7 +86,7 @@ def test_case2_train_force_keeps_its_own_input(grown, data, work):
     run = work / "run-own-input"
     assert train(grown, run, data / "A").exit_code == 0
     before = tree(run / "final")
-    res = samoe("train", "--stage", 2, "--from", run / "final", "--run-dir", run, "--data", data / "A", "--max-steps", 1,
+    res = samoe("train", "--stage", 2, "--lr", 0.01, "--from", run / "final", "--run-dir", run, "--data", data / "A", "--max-steps", 1,
                 "--force")
     one_error_line(res, str(run), "--from")
     assert tree(run / "final") == before
@@ -163,7 +163,7 @@ def test_case5_second_job_fails_at_once_naming_the_holder(command, src, grown, d
         "expand": ["expand", src, "--out", out, "--experts", 8, "--groups", 2],
         "demo-data": ["demo-data", "--out", out, "--labelled", 1, "--unlabelled", 0, "--test", 0, "--size", 16],
         "pseudo-label": ["pseudo-label", src, "--images", data / "B", "--out", out],
-        "train": ["train", "--stage", 1, "--from", grown, "--run-dir", out, "--data", data / "A", "--max-steps", 1],
+        "train": ["train", "--stage", 1, "--lr", 0.01, "--from", grown, "--run-dir", out, "--data", data / "A", "--max-steps", 1],
     }[command]
     with exclusive(out):  # the first job
         t = time.perf_counter()
@@ -307,7 +307,7 @@ def test_case8_bad_numbers_are_one_line(case, src, grown, data, work):
     out = work / f"opt-{case}"
     base = {
         "expand": ["expand", src, "--out", out, "--experts", 8, "--groups", 2],
-        "train": ["train", "--stage", 1, "--from", grown, "--run-dir", out, "--data", data / "A", "--max-steps", 1],
+        "train": ["train", "--stage", 1, "--lr", 0.01, "--from", grown, "--run-dir", out, "--data", data / "A", "--max-steps", 1],
         "demo-data": ["demo-data", "--out", out, "--labelled", 1, "--unlabelled", 0, "--test", 0],
         "pseudo-label": ["pseudo-label", src, "--images", data / "B", "--out", out],
         "eval": ["eval", src, "--data", data / "A"],
@@ -318,6 +318,6 @@ def test_case8_bad_numbers_are_one_line(case, src, grown, data, work):
 
 def test_case8_console_script_prints_one_line(work):
     """Through the real entry point too (typer would draw a multi-line box)."""
-    proc = subprocess.run([str(Path(sys.executable).parent / "samoe"), "train", "--stage", "1", "--from", "x", "--run-dir",
+    proc = subprocess.run([str(Path(sys.executable).parent / "samoe"), "train", "--stage", "1", "--lr", "0.01", "--from", "x", "--run-dir",
                            str(work / "r"), "--data", "d", "--seed", "1e23"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "--seed" in proc.stderr, proc.stderr

@@ -109,7 +109,7 @@ def runs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def stage1(grown: Path, data: Path, runs: Path) -> Path:
     run = runs / "s1"
-    res = train("--stage", 1, "--from", grown, "--run-dir", run, "--data", data / "A", "--max-steps", 3,
+    res = train("--stage", 1, "--lr", 0.01, "--from", grown, "--run-dir", run, "--data", data / "A", "--max-steps", 3,
                 "--checkpoint-every", 1)
     assert res.exit_code == 0, res.stderr
     return run
@@ -118,7 +118,7 @@ def stage1(grown: Path, data: Path, runs: Path) -> Path:
 @pytest.fixture(scope="module")
 def stage2(stage1: Path, data: Path, runs: Path) -> Path:
     run = runs / "s2"
-    res = train("--stage", 2, "--from", stage1 / "final", "--run-dir", run, "--data", data / "A", "--max-steps", 3,
+    res = train("--stage", 2, "--lr", 0.01, "--from", stage1 / "final", "--run-dir", run, "--data", data / "A", "--max-steps", 3,
                 "--last-k", 1)
     assert res.exit_code == 0, res.stderr
     return run
@@ -127,7 +127,7 @@ def stage2(stage1: Path, data: Path, runs: Path) -> Path:
 @pytest.fixture(scope="module")
 def stage3(stage2: Path, data: Path, runs: Path) -> Path:
     run = runs / "s3"
-    res = train("--stage", 3, "--from", stage2 / "final", "--run-dir", run, "--data", data / "A", "--max-steps", 3,
+    res = train("--stage", 3, "--lr", 0.01, "--from", stage2 / "final", "--run-dir", run, "--data", data / "A", "--max-steps", 3,
                 "--checkpoint-every", 2)
     assert res.exit_code == 0, res.stderr
     return run
@@ -157,7 +157,7 @@ def test_stage1_freezes_source_and_trains_new_parts(grown: Path, stage1: Path):
 
 def test_stage1_can_train_selector_and_gating_on_request(grown: Path, data: Path, runs: Path):
     run = runs / "s1-seed004"
-    res = train("--stage", 1, "--from", grown, "--run-dir", run, "--data", data / "A", "--max-steps", 2,
+    res = train("--stage", 1, "--lr", 0.01, "--from", grown, "--run-dir", run, "--data", data / "A", "--max-steps", 2,
                 "--train-selector-gating")
     assert res.exit_code == 0, res.stderr
     before, after = tensors(grown), tensors(run / "final")
@@ -284,7 +284,7 @@ def test_stage3_trains_everything(grown: Path, stage2: Path, stage3: Path):
     # every parameter is in an optimizer and has state (nothing frozen)
     keys = load_file(str(stage3 / "checkpoints" / "step-2" / "optimizer.safetensors")).keys()
     named = {k.split(".", 1)[1].rpartition(".")[0] for k in keys}
-    assert named == params
+    assert named == params | {"loss.log_vars"}
 
 
 def test_inspect_shows_stage_history(stage3: Path):
@@ -300,27 +300,56 @@ def test_inspect_shows_stage_history(stage3: Path):
 
 def test_stage_input_checks(src: Path, grown: Path, stage1: Path, data: Path, runs: Path):
     r = runs / "bad2"
-    one_error_line(train("--stage", 2, "--from", grown, "--run-dir", r, "--data", data / "A", "--max-steps", 1),
+    one_error_line(train("--stage", 2, "--lr", 0.01, "--from", grown, "--run-dir", r, "--data", data / "A", "--max-steps", 1),
                    "stage 1", "--force")
     assert not r.exists()  # a refused run writes nothing
     r1 = runs / "bad1"
-    one_error_line(train("--stage", 1, "--from", src, "--run-dir", r1, "--data", data / "A", "--max-steps", 1),
+    one_error_line(train("--stage", 1, "--lr", 0.01, "--from", src, "--run-dir", r1, "--data", data / "A", "--max-steps", 1),
                    "never grown", "--force")
     assert not r1.exists()
-    one_error_line(train("--stage", 3, "--from", stage1 / "final", "--run-dir", runs / "bad3", "--data", data / "A",
+    one_error_line(train("--stage", 3, "--lr", 0.01, "--from", stage1 / "final", "--run-dir", runs / "bad3", "--data", data / "A",
                          "--max-steps", 1), "stage 2")
-    res = train("--stage", 2, "--from", grown, "--run-dir", r, "--data", data / "A", "--max-steps", 1, "--force")
+    res = train("--stage", 2, "--lr", 0.01, "--from", grown, "--run-dir", r, "--data", data / "A", "--max-steps", 1, "--force")
     assert res.exit_code == 0, res.stderr
     assert (r / "final" / "samoe.json").exists()
-    res = train("--stage", 1, "--from", src, "--run-dir", r1, "--data", data / "A", "--max-steps", 1, "--force")
+    res = train("--stage", 1, "--lr", 0.01, "--from", src, "--run-dir", r1, "--data", data / "A", "--max-steps", 1, "--force")
     assert res.exit_code == 0, res.stderr
+
+
+def test_stage_learning_rates_follow_the_sources_recorded_rate(src: Path, data: Path, runs: Path):
+    """With no --lr each stage's rate is its scale (1, 0.3, 0.1 by default; --lr-scale) times the peak rate the
+    source was trained at, read from the source's stage history -- not from stages trained after growth."""
+    source = runs / "lr-src"
+    res = train("--stage", 3, "--lr", 0.05, "--from", src, "--run-dir", source, "--data", data / "A", "--max-steps", 1)
+    assert res.exit_code == 0, res.stderr
+    g = expand_checkpoint(source / "final", runs / "lr-grown", GrowthSpec(experts=8, groups=resolve_groups(4, 8, "2", 1)),
+                          ["test"])
+    lrs = []
+    previous = g
+    for stage in (1, 2, 3):
+        run = runs / f"lr-s{stage}"
+        res = train("--stage", stage, "--from", previous, "--run-dir", run, "--data", data / "A", "--max-steps", 1)
+        assert res.exit_code == 0, res.stderr
+        entry = Checkpoint.open(run / "final").stages[-1]
+        lrs.append(entry["lr"])
+        assert entry["reference_lr"] == 0.05
+        previous = run / "final"
+    assert lrs == pytest.approx([0.05, 0.015, 0.005])
+    res = train("--stage", 1, "--lr-scale", 2, "--from", g, "--run-dir", runs / "lr-scaled", "--data", data / "A",
+                "--max-steps", 1)
+    assert res.exit_code == 0, res.stderr
+    assert Checkpoint.open(runs / "lr-scaled" / "final").stages[-1]["lr"] == pytest.approx(0.1)
+    # a source that records no rate (a fresh init) needs --lr, and nothing is written
+    one_error_line(train("--stage", 3, "--from", src, "--run-dir", runs / "lr-none", "--data", data / "A",
+                         "--max-steps", 1), "records no learning rate", "--lr")
+    assert not (runs / "lr-none").exists()
 
 
 # --------------------------------------------------------------------------- resume
 
 
 def _resume_args(grown: Path, data: Path, run: Path) -> list[str]:
-    return ["train", "--stage", "1", "--from", str(grown), "--run-dir", str(run), "--data", str(data / "A"),
+    return ["train", "--stage", "1", "--lr", "0.01", "--from", str(grown), "--run-dir", str(run), "--data", str(data / "A"),
             "--unlabelled", str(data / "B"), "--max-steps", "8", "--checkpoint-every", "3", "--batch-size", "4"]
 
 
@@ -378,8 +407,11 @@ def test_exact_resume_after_sigkill(resumed):
 
 def test_resumed_selector_log_keeps_header(resumed, tmp_path: Path):
     from stages.engine import SELECTOR_FIELDS, CsvLog
+    from upscale.dirfd import Dir
+    from upscale.ownership import Owned
 
-    log = CsvLog(tmp_path / "log.csv", SELECTOR_FIELDS)  # as a process killed before its first row leaves it
+    run = Owned.start(Dir.open(tmp_path, "test"), "train")
+    log = CsvLog(run, "log.csv", SELECTOR_FIELDS)  # as a process killed before its first row leaves it
     try:
         assert (tmp_path / "log.csv").read_text().splitlines() == [",".join(SELECTOR_FIELDS)]
     finally:
@@ -392,7 +424,7 @@ def test_resumed_selector_log_keeps_header(resumed, tmp_path: Path):
 
 def test_sigterm_saves_and_prints_resume_command(grown: Path, data: Path, runs: Path):
     run = runs / "term"
-    args = ["train", "--stage", "1", "--from", str(grown), "--run-dir", str(run), "--data", str(data / "A"),
+    args = ["train", "--stage", "1", "--lr", "0.01", "--from", str(grown), "--run-dir", str(run), "--data", str(data / "A"),
             "--max-steps", "6", "--checkpoint-every", "100", "--batch-size", "4"]
     proc = subprocess.Popen([str(SAMOE), *args], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -437,7 +469,7 @@ def test_selector_log_every_5_epochs(grown: Path, data: Path, runs: Path):
             shutil.copy(f, small / sub / f.name)
     run = runs / "sel"
     # --timeline 20 makes both ramps non-trivial at epochs 5 and 10: T_alpha = 20*10/20 = 10, T_unsup = 80*10/20 = 40
-    res = train("--stage", 1, "--from", grown, "--run-dir", run, "--data", small, "--epochs", 10, "--log-every", 5,
+    res = train("--stage", 1, "--lr", 0.01, "--from", grown, "--run-dir", run, "--data", small, "--epochs", 10, "--log-every", 5,
                 "--timeline", 20)
     assert res.exit_code == 0, res.stderr
     rows = read_rows(run / "selector_log.csv")
@@ -464,7 +496,7 @@ def test_continued_run_keeps_the_sources_alpha(stage1: Path, stage2: Path, data:
     assert float(tensors(stage1 / "final")["selector.selectors.seg_scale1.alpha"]) == 1.0
     assert {float(m["alpha"]) for m in read_rows(stage2 / "metrics.csv")} == {1.0}
     run = runs / "restarted"
-    res = train("--stage", 2, "--from", stage1 / "final", "--run-dir", run, "--data", data / "A", "--max-steps", 2,
+    res = train("--stage", 2, "--lr", 0.01, "--from", stage1 / "final", "--run-dir", run, "--data", data / "A", "--max-steps", 2,
                 "--last-k", 1, "--restart-ramps")
     assert res.exit_code == 0, res.stderr
     assert [float(m["alpha"]) for m in read_rows(run / "metrics.csv")] == pytest.approx([math.exp(-5)] * 2)
@@ -493,9 +525,21 @@ def test_pseudo_label_then_stage1(src: Path, grown: Path, data: Path, runs: Path
     assert res.exit_code == 0, res.stderr
     again = json.loads(res.stdout[res.stdout.index("{"):])
     assert again["skipped"] == 8 and again["labelled"] == 0
-    res = train("--stage", 1, "--from", grown, "--run-dir", runs / "pl-train", "--data", out, "--max-steps", 2)
+    res = train("--stage", 1, "--lr", 0.01, "--from", grown, "--run-dir", runs / "pl-train", "--data", out, "--max-steps", 2)
     assert res.exit_code == 0, res.stderr
     assert (runs / "pl-train" / "final" / "samoe.json").exists()
+    # labelled data mixed into the pseudo-labels, with the student's inputs augmented (Noisy Student)
+    res = train("--stage", 1, "--lr", 0.01, "--from", grown, "--run-dir", runs / "pl-mix", "--data", out, "--data",
+                data / "A", "--augment", "--max-steps", 2)
+    assert res.exit_code == 0, res.stderr
+    entry = Checkpoint.open(runs / "pl-mix" / "final").stages[-1]
+    assert entry["data"] == [str(out), str(data / "A")]
+    identity = json.loads((runs / "pl-mix" / "run.json").read_text())["identity"]
+    assert identity["augment"] is True and identity["data"] == entry["data"]
+    # --tta: the teacher averaged over the 8 symmetries (a symmetric image gives the same labels)
+    res = samoe("pseudo-label", src, "--images", data / "B", "--out", runs / "pl-tta", "--tta", "--json")
+    assert res.exit_code == 0, res.stderr
+    assert len(list((runs / "pl-tta" / "masks").glob("*.png"))) == 8
 
 
 def test_pseudo_label_threshold_marks_ignore(src: Path, data: Path, runs: Path):
@@ -521,7 +565,7 @@ def test_all_ignored_pseudo_labels_refused(src: Path, grown: Path, data: Path, r
     assert res.exit_code == 0, res.stderr
     assert json.loads(res.stdout[res.stdout.index("{"):])["kept_fraction"] == 0.0
     run = runs / "s1-all-ignored"
-    res = train("--stage", 1, "--from", grown, "--run-dir", run, "--data", out, "--max-steps", 2)
+    res = train("--stage", 1, "--lr", 0.01, "--from", grown, "--run-dir", run, "--data", out, "--max-steps", 2)
     one_error_line(res, str(out), "--threshold")
     assert not (run / "final").exists()
 

@@ -154,6 +154,12 @@ class SamMoEConfig:
     def total_blocks(self) -> int:
         return self.depth + self.extra_blocks
 
+    def decoder_moe_config(self) -> MoEConfig:
+        """The decoder's MoE layers: they see only the 2C+1 output tokens of an image, so with sparse group
+        routing most new groups would never get a token (nor a gradient); they mix every routed group."""
+        routed = len(self.moe.groups) - self.moe.core_groups
+        return replace(self.moe, top_k_groups=routed) if routed else self.moe
+
     def is_moe_block(self, index: int) -> bool:
         """Whether encoder block `index` (extra blocks included) has an MoE MLP."""
         if index >= self.depth:
@@ -254,6 +260,8 @@ def _drop_removed(moe: dict[str, Any], where: str) -> dict[str, Any]:
         raise SamoeError(f"{where}: this checkpoint uses moe.{used[0]}, a growth variant samoe no longer builds "
                          "(docs/growth-experiments.md); re-grow its source with `samoe expand` without it")
     return {k: v for k, v in moe.items() if k not in REMOVED_MOE_KEYS and k != "aux_loss_coef"}
+
+
 _KIND_TEXT = {"int": "an integer", "number": "a finite number", "ints": "a list of integers", "bool": "true or false"}
 
 

@@ -125,8 +125,10 @@ def upcycle_state(model_state: dict[str, torch.Tensor], sam: dict[str, torch.Ten
 
 
 def init_from_sam(path: Path, out: Path, experts: int, moe_blocks: tuple[int, ...], top_k: int, num_classes: int,
-                  decoder_moe: bool, seed: int, dtype: torch.dtype, command: list[str], force: bool) -> Path:
-    sam = load_sam_state(path)
+                  decoder_moe: bool, seed: int, dtype: torch.dtype, command: list[str], force: bool,
+                  sam: dict[str, torch.Tensor] | None = None) -> Path:
+    """Upcycle the SAM .pth at `path` (`sam`: its state, when the caller already loaded it) into `out`."""
+    sam = load_sam_state(path) if sam is None else sam
     cfg = sam_config(sam, experts, moe_blocks, top_k, num_classes, decoder_moe)
     model = build_model(cfg, seed=seed)
     state, provenance = upcycle_state(model.state_dict(), sam)

@@ -9,3 +9,7 @@ the command that wrote it".
 
 class SamoeError(Exception):
     """A bad input, option or file, reported to the user in one line (exit code 2)."""
+
+
+class DataError(SamoeError, ValueError):
+    """A data file or folder is missing, malformed or inconsistent (one line: what and the fix)."""

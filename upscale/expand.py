@@ -39,11 +39,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import re
 import threading
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,137 +52,13 @@ import numpy as np
 import torch
 
 from .checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, CheckpointWriter, TensorSpec, build_meta, lineage_entry
-from .config import MoEConfig, SamMoEConfig
+from .config import SamMoEConfig
 from .errors import SamoeError
-from .model import build_model
+from .growth import GrowthSpec, grown_config, planned_provenance, resolve_groups, resolve_replicas  # noqa: F401 (re-exported)
+from .layout import state_shapes
 from .ownership import check_separate
 
-INITS = ("copy-noise", "interpolate", "mixed")
 _EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
-
-
-@dataclass(frozen=True)
-class GrowthSpec:
-    """Options of `samoe expand` / `samoe plan`, validated against the source."""
-
-    experts: int
-    groups: tuple[int, ...]
-    core_groups: int = 1
-    top_k_groups: int = 1
-    routed_top_k: int = 0  # experts per token inside a routed group; 0: the source's top-k
-    replicate: bool = False  # every group an exact copy of the source's pool, one group per token (MoEConfig.replicas)
-    extra_blocks: int = 0
-    extra_dense: bool = False
-    init: str = "copy-noise"
-    noise_std: float = 0.01
-    interp_weight: float = 0.3
-    seed: int = 0
-
-
-def resolve_groups(source_experts: int, experts: int, groups: str, core_groups: int) -> tuple[int, ...]:
-    """`--groups 8` or `--groups 16,15,...` -> explicit group sizes, core group(s) first.
-
-    A count puts the source experts in `core_groups` core groups (split as evenly
-    as possible) and spreads the new ones near-equally over the rest, larger
-    groups first: 117 from 16 in 8 groups -> 16 + 15,15,15,14,14,14,14.
-    """
-    if experts < source_experts:
-        raise SamoeError(f"--experts {experts} is fewer than the source's {source_experts} experts: growth only adds experts")
-    if core_groups not in (1, 2):
-        raise SamoeError(f"--core-groups {core_groups} must be 1 or 2")
-    if core_groups > source_experts:
-        raise SamoeError(f"--core-groups {core_groups} needs at least {core_groups} source experts")
-    text = groups.strip()
-    if "," not in text:
-        try:
-            count = int(text)
-        except ValueError:
-            raise SamoeError(f"--groups {groups!r} must be a number of groups or a comma-separated list of sizes") from None
-        routed = count - core_groups
-        new = experts - source_experts
-        if routed < 1 or new < routed:
-            raise SamoeError(
-                f"--groups {count} with {core_groups} core group(s) leaves {routed} group(s) for {new} new experts: "
-                "need at least one new group and one new expert per group"
-            )
-        core = [source_experts // core_groups + (1 if i < source_experts % core_groups else 0) for i in range(core_groups)]
-        spread = [new // routed + (1 if i < new % routed else 0) for i in range(routed)]
-        return tuple(core + spread)
-    try:
-        sizes = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise SamoeError(f"--groups {groups!r} must be a comma-separated list of integers, e.g. 16,15,15,15,14,14,14,14") from None
-    if any(s < 1 for s in sizes):
-        raise SamoeError(f"--groups {groups}: every group needs at least one expert")
-    if sum(sizes) != experts:
-        raise SamoeError(f"--groups {groups} sums to {sum(sizes)} experts, but --experts is {experts}: make them agree")
-    if len(sizes) <= core_groups:
-        raise SamoeError(f"--groups {groups}: need at least one group besides the {core_groups} core group(s)")
-    core = sum(sizes[:core_groups])
-    if core != source_experts:
-        raise SamoeError(
-            f"--groups {groups}: the core group(s) hold {core} experts but the source has {source_experts}; "
-            f"the first {core_groups} group size(s) must add up to {source_experts}"
-        )
-    return sizes
-
-
-def resolve_replicas(source_experts: int, experts: int, groups: str) -> tuple[int, ...]:
-    """`--replicate --groups 4` (or 16,16,16,16) -> group sizes, each the source's expert count."""
-    text = groups.strip()
-    try:
-        sizes = tuple(int(v) for v in text.split(",")) if "," in text else (source_experts,) * int(text)
-    except ValueError:
-        raise SamoeError(f"--groups {groups!r} must be a number of groups or a comma-separated list of sizes") from None
-    if len(sizes) < 2 or any(s != source_experts for s in sizes):
-        raise SamoeError(f"--replicate --groups {groups}: need 2 or more groups of the source's {source_experts} experts each")
-    if experts != sum(sizes):
-        raise SamoeError(f"--replicate with {len(sizes)} groups of {source_experts} makes {sum(sizes)} experts, but --experts "
-                         f"is {experts}: pass --experts {sum(sizes)}")
-    return sizes
-
-
-def validate_spec(src: SamMoEConfig, spec: GrowthSpec) -> None:
-    if len(src.moe.groups) != 1:
-        raise SamoeError(f"the source already has {len(src.moe.groups)} expert groups: expand the flat (one-group) source checkpoint instead")
-    if spec.init not in INITS:
-        raise SamoeError(f"--init {spec.init!r} must be one of {', '.join(INITS)}")
-    if not (spec.noise_std >= 0 and np.isfinite(spec.noise_std)):
-        raise SamoeError(f"--noise-std {spec.noise_std} must be a finite number >= 0")
-    if not 0.0 <= spec.interp_weight <= 1.0:
-        raise SamoeError(f"--interp-weight {spec.interp_weight} must be in [0, 1]")
-    if spec.init != "copy-noise" and src.moe.num_experts < 2:
-        raise SamoeError("--init interpolate/mixed needs at least 2 source experts: use --init copy-noise")
-    if spec.extra_blocks < 0:
-        raise SamoeError(f"--extra-blocks {spec.extra_blocks} must be >= 0")
-    if spec.replicate:
-        if spec.init != "copy-noise" or spec.noise_std:
-            raise SamoeError("--replicate copies the source's experts exactly (routing, not noise, sets the copies apart): "
-                             "drop --init and --noise-std")
-        if spec.routed_top_k not in (0, src.moe.top_k):
-            raise SamoeError(f"--replicate keeps the source's top-{src.moe.top_k} inside each group: drop --routed-top-k")
-        if spec.core_groups:
-            raise SamoeError("--replicate has no core group: every group is a copy of the source's experts")
-    routed = len(spec.groups) - spec.core_groups
-    if not 1 <= spec.top_k_groups <= routed:
-        raise SamoeError(f"--top-k-groups {spec.top_k_groups} must be between 1 and the {routed} new groups")
-    k = spec.routed_top_k or src.moe.top_k
-    if spec.routed_top_k < 0:
-        raise SamoeError(f"--routed-top-k {spec.routed_top_k} must be 0 (the source's top-k) or more")
-    if k > min(spec.groups[spec.core_groups:]):
-        raise SamoeError(f"every new group needs at least top-k={k} experts; got groups {list(spec.groups)}")
-
-
-def grown_config(src: SamMoEConfig, spec: GrowthSpec) -> SamMoEConfig:
-    validate_spec(src, spec)
-    moe = MoEConfig(
-        groups=spec.groups, core_groups=spec.core_groups, top_k=src.moe.top_k,
-        top_k_groups=spec.top_k_groups, routed_top_k=spec.routed_top_k, replicas=spec.replicate,
-    )
-    extra_moe = src.extra_blocks_moe if src.extra_blocks else not spec.extra_dense
-    if src.extra_blocks and extra_moe == spec.extra_dense:
-        raise SamoeError("the source's extra blocks and --extra-dense disagree: all extra blocks must be MoE or all dense")
-    return replace(src, moe=moe, extra_blocks=src.extra_blocks + spec.extra_blocks, extra_blocks_moe=extra_moe).validate()
 
 
 # --------------------------------------------------------------------------- per-tensor recipes
@@ -204,6 +81,15 @@ def new_expert_recipe(spec: GrowthSpec, j: int, s: int) -> tuple[str, tuple[int,
 def _std(x: torch.Tensor) -> float:
     """Deterministic std of a tensor (numpy, float64 accumulation, independent of thread count)."""
     return float(np.std(x.to(torch.float32).numpy(), dtype=np.float64))
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN or Inf. A NaN or Inf makes the sum NaN or Inf, so a finite sum (one
+    vectorised pass, where `isfinite(...).all()` makes several and full-size masks) proves it; only a
+    sum that overflowed (or a real NaN/Inf) takes the exact check."""
+    if not tensor.is_floating_point() or math.isfinite(float(tensor.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 @functools.lru_cache(maxsize=None)
@@ -259,14 +145,15 @@ def unit_gaussian_table() -> torch.Tensor:
 
 
 class GaussianNoise:
-    """Deterministic Gaussian noise at the storage dtype: numpy SFC64 bits -> 16-bit indices -> quantile table.
+    """Deterministic Gaussian noise at the source's dtype: numpy SFC64 bits -> 16-bit indices -> quantile table.
 
     SFC64 (numpy's small fast chaotic generator, passes PractRand/BigCrush) gives
     64 random bits per step, i.e. four table indices; the table is scaled and cast
-    to the output dtype first (65536 values), so the noise is born in the storage
-    precision and `add(base, noise, out=...)` rounds once: add and cast fused.
-    Work goes in chunks through reused scratch buffers: fresh multi-MB temporaries
-    per row would cost more in page faults than the arithmetic.
+    to the base's dtype first (65536 values), so the noise is born in the source's
+    precision and `add(base, noise, out=...)` rounds once into the output's dtype:
+    add and cast fused (an fp32 source grown into bf16 gives exactly the fp32 sum
+    rounded to bf16). Work goes in chunks through reused scratch buffers: fresh
+    multi-MB temporaries per row would cost more in page faults than the arithmetic.
     """
 
     CHUNK = 1 << 18  # elements per step (a multiple of 4: chunking does not change the stream)
@@ -278,9 +165,9 @@ class GaussianNoise:
 
     def indices(self, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """n uniform indices in [0, 65536) as int32 (what index_select takes)."""
-        raw = torch.from_numpy(self.bits.random_raw((n + 3) // 4).view(np.int16)[:n])
+        raw = torch.from_numpy(self.bits.random_raw((n + 3) // 4).view(np.uint16)[:n])
         out = torch.empty(n, dtype=torch.int32) if out is None else out[:n]
-        return out.copy_(raw).bitwise_and_(0xFFFF)
+        return out.copy_(raw)  # zero-extends
 
     def sample(self, n: int, std: float, dtype: torch.dtype) -> torch.Tensor:
         out = torch.empty(n, dtype=dtype)
@@ -288,10 +175,11 @@ class GaussianNoise:
         return out
 
     def add_to(self, base: torch.Tensor, std: float, out: torch.Tensor) -> None:
-        """out = base + N(0, std^2) noise, computed and rounded once in out's dtype."""
-        table = (unit_gaussian_table() * std).to(out.dtype)
-        if self.noise is None or self.noise.dtype != out.dtype:
-            self.noise = torch.empty(self.CHUNK, dtype=out.dtype)
+        """out = base + N(0, std^2) noise, noise and sum in base's dtype, stored as out's dtype (rounded once
+        where out is narrower: the fused add and cast)."""
+        table = (unit_gaussian_table() * std).to(base.dtype)
+        if self.noise is None or self.noise.dtype != base.dtype:
+            self.noise = torch.empty(self.CHUNK, dtype=base.dtype)
         src, dst = base.reshape(-1), out.view(-1)
         for lo in range(0, src.numel(), self.CHUNK):
             m = min(self.CHUNK, src.numel() - lo)
@@ -299,20 +187,29 @@ class GaussianNoise:
             torch.add(src[lo:lo + m], noise, out=dst[lo:lo + m])
 
 
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
 def make_new_bank(source: torch.Tensor, recipes: list[tuple[str, tuple[int, ...]]], spec: GrowthSpec, seed: int,
                   std_of: Callable[[int], float] | None = None,
-                  empty: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] = lambda shape, dtype: torch.empty(shape, dtype=dtype),
+                  empty: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] = _empty,
+                  dtype: torch.dtype | None = None,
                   ) -> torch.Tensor:
-    """Stack new experts (rows along dim 0) made from `source` (S, ...) by their recipes.
+    """Stack new experts (rows along dim 0) made from `source` (S, ...) by their recipes, stored as `dtype`
+    (default: the source's).
 
-    copy-noise rows are one table lookup and one add straight into the output
-    bank at the storage dtype (this is the CPU cost of a 10B expand); only
-    interpolation goes through a float32 scratch row. `empty` allocates the
-    output (expand passes a pool of recycled buffers; every row is overwritten).
+    Every row is computed in the source's dtype and rounded once into `dtype`,
+    as it is written: copy-noise rows are one table lookup and one add straight
+    into the output bank (this is the CPU cost of a 10B expand); interpolation
+    goes through float32 scratch rows. The result equals making the bank in the
+    source's dtype and converting it, without the second pass over a whole bank.
+    `empty` allocates the output (expand passes a pool of recycled buffers;
+    every row is overwritten).
     """
     noise = GaussianNoise(seed) if spec.noise_std > 0 else None
-    out = empty((len(recipes),) + tuple(source.shape[1:]), source.dtype)
-    row = None
+    out = empty((len(recipes),) + tuple(source.shape[1:]), dtype or source.dtype)
+    scratch = None
 
     def std(i: int) -> float:
         return std_of(i) if std_of is not None else _std(source[i])
@@ -325,12 +222,35 @@ def make_new_bank(source: torch.Tensor, recipes: list[tuple[str, tuple[int, ...]
             else:
                 out[i].copy_(source[src[0]])
         else:
-            if row is None:
-                row = torch.empty(source.shape[1:], dtype=torch.float32)
-            row.copy_(source[src[0]])
-            row.mul_(spec.interp_weight).add_(source[src[1]].to(torch.float32) * (1.0 - spec.interp_weight))
-            out[i].copy_(row)
+            if scratch is None:
+                scratch = torch.empty(2, INTERP_CHUNK, dtype=torch.float32)
+            interpolate_into(out[i], source[src[0]], source[src[1]], spec.interp_weight, scratch)
     return out
+
+
+INTERP_CHUNK = 1 << 17  # elements per step of `interpolate_into`: its float32 scratch stays in cache
+
+
+def interpolate_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w: float, scratch: torch.Tensor) -> None:
+    """out = w * a + (1 - w) * b, each product and the sum in float32, stored as the sources' dtype would
+    store it (then widened, where out is wider), rounded once into a narrower out.
+
+    Chunk by chunk through `scratch` (2, INTERP_CHUNK): three passes over cache-resident
+    pieces instead of six over whole rows (copy, scale and add of two float32 copies)."""
+    a, b, dst = a.reshape(-1), b.reshape(-1), out.view(-1)
+    widen = dst.dtype.itemsize > a.dtype.itemsize
+    for lo in range(0, dst.numel(), INTERP_CHUNK):
+        m = min(INTERP_CHUNK, dst.numel() - lo)
+        x, y = scratch[0, :m], scratch[1, :m]
+        for part, src, weight in ((x, a, w), (y, b, 1.0 - w)):
+            if src.dtype == torch.float32:
+                torch.mul(src[lo:lo + m], weight, out=part)
+            else:  # widen first: a bf16 product would be rounded to bf16
+                part.copy_(src[lo:lo + m]).mul_(weight)
+        if widen:
+            dst[lo:lo + m].copy_(torch.add(x, y).to(a.dtype))
+        else:
+            torch.add(x, y, out=dst[lo:lo + m])
 
 
 def recipe_provenance(recipe: tuple[str, tuple[int, ...]], src_name: str, spec: GrowthSpec) -> str:
@@ -357,10 +277,14 @@ class TensorPlan:
     make: Callable[[Reader], torch.Tensor]
 
 
-def _passthrough(src_name: str, index: slice | int | None = None) -> Callable[[Reader], torch.Tensor]:
+def _passthrough(src_name: str, dtype: torch.dtype, index: slice | int | None = None) -> Callable[[Reader], torch.Tensor]:
+    """A source tensor (or a part of it) as it is, converted to `dtype` in the worker where the dtypes differ."""
     def make(read: Reader) -> torch.Tensor:
         t = read(src_name)  # cached and shared, but the writer only reads it: no copy
-        return t[index] if index is not None else t
+        t = t[index] if index is not None else t
+        if t.dtype == dtype:
+            return t
+        return getattr(read, "empty", _empty)(tuple(t.shape), dtype).copy_(t)
     return make
 
 
@@ -376,11 +300,11 @@ def _random_normal(shape: tuple[int, ...], dtype: torch.dtype, seed: int, std: f
     return lambda read: (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * std).to(dtype)
 
 
-def _new_bank(src_name: str, recipes, spec: GrowthSpec, seed: int) -> Callable[[Reader], torch.Tensor]:
+def _new_bank(src_name: str, recipes, spec: GrowthSpec, seed: int, dtype: torch.dtype) -> Callable[[Reader], torch.Tensor]:
     def make(read: Reader) -> torch.Tensor:
         std_of = getattr(read, "row_std", None)
-        kw = {"empty": read.empty} if hasattr(read, "empty") else {}
-        return make_new_bank(read(src_name), recipes, spec, seed, std_of and (lambda i: std_of(src_name, i)), **kw)
+        return make_new_bank(read(src_name), recipes, spec, seed, std_of and (lambda i: std_of(src_name, i)),
+                             dtype=dtype, empty=getattr(read, "empty", _empty))
     return make
 
 
@@ -417,11 +341,12 @@ def _moe_layer_plans(
                     plans.append(TensorPlan(out_name, shape, "identity-new", (), _zeros(shape, dtype)))
                 else:
                     prov = "source" if not new_block else [f"copy:{src_name}[{e}]" for e in range(lo, hi)]
-                    plans.append(TensorPlan(out_name, shape, prov, (src_name,), _passthrough(src_name, slice(lo, hi))))
+                    plans.append(TensorPlan(out_name, shape, prov, (src_name,), _passthrough(src_name, dtype, slice(lo, hi))))
             else:
                 rec = recipes[lo - s : hi - s]
                 prov = [recipe_provenance(r, src_name, spec) for r in rec]
-                plans.append(TensorPlan(out_name, shape, prov, (src_name,), _new_bank(src_name, rec, spec, tensor_seed(spec.seed, out_name))))
+                make = _new_bank(src_name, rec, spec, tensor_seed(spec.seed, out_name), dtype)
+                plans.append(TensorPlan(out_name, shape, prov, (src_name,), make))
     gate = f"{out_prefix}.router.group_gate.weight"
     plans.append(TensorPlan(gate, shapes[gate], "random", (), _random_normal(shapes[gate], dtype, tensor_seed(spec.seed, gate), 0.02)))
     scale = f"{out_prefix}.router.group_scale"
@@ -438,7 +363,7 @@ def _replica_plan(out_name: str, src_name: str, shape: tuple[int, ...], dtype: t
     if new_block and out_name.endswith((".w2", ".b2")):
         return TensorPlan(out_name, shape, "identity-new", (), _zeros(shape, dtype))
     prov = "source" if g == 0 and not new_block else [f"copy:{src_name}[{e}]" for e in range(s)]
-    return TensorPlan(out_name, shape, prov, (src_name,), _passthrough(src_name))
+    return TensorPlan(out_name, shape, prov, (src_name,), _passthrough(src_name, dtype))
 
 
 def _template_block(src: SamMoEConfig) -> int:
@@ -453,8 +378,7 @@ def plan_growth(src: Checkpoint, spec: GrowthSpec, dtype: torch.dtype | None = N
     """The grown config and the ordered list of output tensors (nothing is read yet)."""
     src_cfg = src.config
     cfg = grown_config(src_cfg, spec)
-    out_state = build_model(cfg, device="meta").state_dict()
-    shapes = {k: tuple(v.shape) for k, v in out_state.items()}
+    shapes = state_shapes(cfg)
     dtype = dtype or _source_dtype(src)
     plans: list[TensorPlan] = []
     moe_prefixes = {p for p in (re.sub(r"\.router\..*|\.experts\..*", "", n) for n in shapes) if p.endswith(".mlp") and f"{p}.router.expert_gates.0.weight" in shapes}
@@ -480,13 +404,13 @@ def plan_growth(src: Checkpoint, spec: GrowthSpec, dtype: torch.dtype | None = N
                 layer = [TensorPlan(name, shapes[name], "identity-new", (), _zeros(shapes[name], dtype))]
             else:
                 src_name = f"{tpl}.{rest}"
-                layer = [TensorPlan(name, shapes[name], f"copy:{src_name}", (src_name,), _passthrough(src_name))]
+                layer = [TensorPlan(name, shapes[name], f"copy:{src_name}", (src_name,), _passthrough(src_name, dtype))]
         elif prefix is not None:
             layer = _moe_layer_plans(prefix, prefix, src_cfg, cfg, spec, dtype, shapes, new_block=False)
         else:
             if name not in src.tensors:
                 raise SamoeError(f"the source checkpoint lacks tensor {name}: it does not match its own config; re-create it")
-            layer = [TensorPlan(name, shapes[name], "source", (name,), _passthrough(name))]
+            layer = [TensorPlan(name, shapes[name], "source", (name,), _passthrough(name, dtype))]
         for p in layer:
             done.add(p.name)
             plans.append(p)
@@ -502,10 +426,10 @@ def _dense_extra_mlp(tpl: str, out: str, src_cfg: SamMoEConfig, template: int, s
         name = f"{out}.mlp.{dense}"
         if src_cfg.is_moe_block(template):
             src_name, index = f"{tpl}.mlp.experts.0.{p}", 0
-            plans.append(TensorPlan(name, shapes[name], f"copy:{src_name}[0]", (src_name,), _passthrough(src_name, index)))
+            plans.append(TensorPlan(name, shapes[name], f"copy:{src_name}[0]", (src_name,), _passthrough(src_name, dtype, index)))
         else:
             src_name = f"{tpl}.mlp.{dense}"
-            plans.append(TensorPlan(name, shapes[name], f"copy:{src_name}", (src_name,), _passthrough(src_name)))
+            plans.append(TensorPlan(name, shapes[name], f"copy:{src_name}", (src_name,), _passthrough(src_name, dtype)))
     for dense in ("lin2.weight", "lin2.bias"):
         name = f"{out}.mlp.{dense}"
         plans.append(TensorPlan(name, shapes[name], "identity-new", (), _zeros(shapes[name], dtype)))
@@ -622,7 +546,7 @@ class SourceCache:
         if ".experts." in name and tensor.dim() >= 1 and tensor.is_floating_point() and tensor.element_size() == 2:
             stds, finite = row_stats(tensor)  # an expert bank: row stds and finiteness in one pass
         else:
-            stds, finite = None, bool(torch.isfinite(tensor).all()) if tensor.is_floating_point() else True
+            stds, finite = None, all_finite(tensor)
         if not finite:
             raise SamoeError(f"source tensor {name} contains NaN or Inf: the source checkpoint is damaged; fix or re-create it")
         with self.lock:
@@ -658,12 +582,12 @@ def execute(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _execute(src, plans, out, meta, dtype, read, window, layout, workers, shard_bytes, force, on_tensor)
+        return _execute(plans, out, meta, read, window, layout, workers, shard_bytes, force, on_tensor)
     finally:
         torch.set_num_threads(threads)
 
 
-def _execute(src, plans, out, meta, dtype, read, window, layout, workers, shard_bytes, force, on_tensor) -> Path:
+def _execute(plans, out, meta, read, window, layout, workers, shard_bytes, force, on_tensor) -> Path:
     with CheckpointWriter(out, layout, shard_bytes=shard_bytes, force=force) as writer:
         # Workers make tensors; one I/O thread writes (and hashes) them in plan order, so
         # generation, writing and hashing overlap. At most `window` made and 2 queued tensors.
@@ -682,12 +606,8 @@ def _execute(src, plans, out, meta, dtype, read, window, layout, workers, shard_
                 return tensor.numel() * tensor.element_size()
 
             def hand_over() -> None:
-                plan, fut = made.popleft()
-                made_tensor = fut.result()
-                tensor = made_tensor.to(dtype)
-                if tensor is not made_tensor:
-                    read.pool.give_back(made_tensor)
-                written.append(io.submit(write, plan.name, tensor))
+                plan, fut = made.popleft()  # made in the output dtype by the worker (the writer checks it)
+                written.append(io.submit(write, plan.name, fut.result()))
                 while len(written) > 2:
                     finish_write()
 
@@ -712,12 +632,13 @@ def _execute(src, plans, out, meta, dtype, read, window, layout, workers, shard_
 
 
 def expand_checkpoint(
-    src_path: Path, out: Path, spec: GrowthSpec, command: list[str], dtype: torch.dtype | None = None,
+    src_path: Path | Checkpoint, out: Path, spec: GrowthSpec, command: list[str], dtype: torch.dtype | None = None,
     workers: int = 2, shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False,
     on_start: Callable[[int], None] | None = None, on_tensor: Callable[[int], None] | None = None,
 ) -> Path:
-    """Plan and execute a growth; returns the new checkpoint directory."""
-    src = Checkpoint.open(src_path)
+    """Plan and execute a growth; returns the new checkpoint directory. Given an open `Checkpoint`, its
+    files are the ones read (the digest recorded in the lineage is theirs)."""
+    src = src_path if isinstance(src_path, Checkpoint) else Checkpoint.open(src_path)
     src.check_matches_config()
     check_separate(out, "--out", {"the source checkpoint": src.path})
     cfg, plans = plan_growth(src, spec, dtype)
@@ -727,20 +648,8 @@ def expand_checkpoint(
         on_start(total)
     growth = {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.__dict__.items()}
     growth["stages_before"] = len(src.stages)  # stage checks look only at stages trained after this growth
-    meta = build_meta(cfg, {}, src.lineage + [lineage_entry(command, spec.seed, src)], list(src.stages), dtype, growth=growth)
+    growth["source"] = str(src.path.resolve())  # where eval looks for the source's training log (stages/regime.py)
+    carried = {k: src.meta[k] for k in ("data",) if k in src.meta}  # what the source was trained on (stages/dataspec.py)
+    meta = build_meta(cfg, {}, src.lineage + [lineage_entry(command, spec.seed, src)], list(src.stages), dtype, growth=growth,
+                      **carried)
     return execute(src, plans, out, meta, dtype, workers=workers, shard_bytes=shard_bytes, force=force, on_tensor=on_tensor)
-
-
-def planned_provenance(src_cfg: SamMoEConfig, cfg: SamMoEConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-    """Coarse provenance for planning: source vs new, per tensor (expert banks per expert)."""
-    prov: dict[str, Any] = {}
-    for name, shape in shapes.items():
-        m = re.match(r"image_encoder\.blocks\.(\d+)\.", name)
-        if m and int(m.group(1)) >= src_cfg.total_blocks:
-            prov[name] = "new"
-        elif ".router.group_" in name:
-            prov[name] = "new"
-        else:
-            g = re.search(r"\.(?:experts|expert_gates)\.(\d+)\.", name)
-            prov[name] = "new" if g and int(g.group(1)) >= cfg.moe.source_groups else "source"
-    return prov

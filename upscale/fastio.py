@@ -25,8 +25,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 ALIGN = 4096  # O_DIRECT needs offset, length and buffer address aligned to the logical block size (<= 4096 in practice)
 STAGING_BYTES = 32 * 1024**2
 DIGESTS = ("blake3", "sha256")
@@ -44,19 +42,34 @@ def new_hasher(algorithm: str = DEFAULT_DIGEST) -> Any:
     raise ValueError(f"unknown digest algorithm {algorithm!r}")
 
 
-def file_digest(path: Path, algorithm: str) -> str:
-    """Hex digest of a whole file (BLAKE3 reads it memory-mapped, on all cores)."""
+def fd_digest(fd: int, algorithm: str) -> str:
+    """Hex digest of a whole open file (memory-mapped; BLAKE3 hashes on all cores). The caller checked its size."""
     if algorithm == "blake3":
         from blake3 import blake3
 
-        if os.path.getsize(path) == 0:
-            return blake3().hexdigest()
-        return blake3(max_threads=blake3.AUTO).update_mmap(str(path)).hexdigest()
-    h = new_hasher(algorithm)
-    with open(path, "rb") as f:
-        while block := f.read(16 * 1024**2):
-            h.update(block)
+        h = blake3(max_threads=blake3.AUTO)
+    else:
+        h = new_hasher(algorithm)
+    if os.fstat(fd).st_size == 0:
+        return h.hexdigest()
+    with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
+        if algorithm == "blake3":
+            h.update(m)
+        else:
+            view = memoryview(m)
+            for start in range(0, len(view), 16 * 1024**2):
+                h.update(view[start:start + 16 * 1024**2])
+            view.release()
     return h.hexdigest()
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    """Hex digest of a whole file named by path (tests and tools; commands hash the files they hold open)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        return fd_digest(fd, algorithm)
+    finally:
+        os.close(fd)
 
 
 def _round_up(n: int, k: int) -> int:
@@ -74,23 +87,26 @@ class ShardFile:
     staging buffers, whatever the file size.
     """
 
-    def __init__(self, path: Path, size_hint: int | None = None, direct: bool = True, hasher: Any = None) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+    def __init__(self, path: Path | str, size_hint: int | None = None, direct: bool = True, hasher: Any = None,
+                 dir_fd: int | None = None) -> None:
+        # with `dir_fd` (a folder upscale.dirfd made): a new name only, so nothing already there is written through
+        flags = (os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+                 | (os.O_EXCL if dir_fd is not None else os.O_TRUNC))
         self.direct = direct and hasattr(os, "O_DIRECT")
         self.fd = -1
         if self.direct:
             try:
-                self.fd = os.open(path, flags | os.O_DIRECT, 0o644)
+                self.fd = os.open(path, flags | os.O_DIRECT, 0o644, dir_fd=dir_fd)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
                 self.direct = False
         if self.fd < 0:
-            self.fd = os.open(path, flags, 0o644)
+            self.fd = os.open(path, flags, 0o644, dir_fd=dir_fd)
         cap = STAGING_BYTES if size_hint is None else max(ALIGN, min(STAGING_BYTES, _round_up(size_hint, ALIGN)))
         self.cap = cap
         self.maps = [mmap.mmap(-1, cap) for _ in range(2)]  # anonymous maps are page-aligned
-        self.bufs = [np.frombuffer(m, dtype=np.uint8) for m in self.maps]
+        self.bufs = [memoryview(m) for m in self.maps]
         self.pending: list[Future | None] = [None, None]
         self.cur = 0
         self.fill = 0
@@ -103,13 +119,13 @@ class ShardFile:
         return self.offset + self.fill
 
     def write(self, data: Any) -> None:
-        """Append bytes (anything exposing the buffer protocol)."""
-        src = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
+        """Append bytes (anything exposing a C-contiguous buffer: bytes, numpy arrays)."""
+        src = memoryview(data).cast("B")
         pos = 0
-        while pos < src.size:
+        while pos < src.nbytes:
             if self.fill == 0:
                 self._wait(self.cur)  # the buffer we are about to fill may still be on its way to disk
-            n = min(self.cap - self.fill, src.size - pos)
+            n = min(self.cap - self.fill, src.nbytes - pos)
             piece = self.bufs[self.cur][self.fill:self.fill + n]
             piece[:] = src[pos:pos + n]
             if self.hasher is not None:  # hashed piece by piece while hot in cache, so the disk never waits for a whole tensor's hash
@@ -152,7 +168,7 @@ class ShardFile:
                 length = self.fill
                 if self.direct:
                     length = _round_up(self.fill, ALIGN)
-                    self.bufs[self.cur][self.fill:length] = 0
+                    self.bufs[self.cur][self.fill:length] = bytes(length - self.fill)
                 self._submit(length)
             self._wait(0)
             self._wait(1)
@@ -173,6 +189,8 @@ class ShardFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        for view in self.bufs:
+            view.release()
         self.bufs = []
         for m in self.maps:
             try:

@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-TASKS = ("seg", "sdf", "boundary")
-NUM_SCALES = 5
+from .layout import GATING_HIDDEN, NUM_SCALES, TASKS
 
 
 def bilinear_weights(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
@@ -36,9 +35,45 @@ def bilinear_weights(n_in: int, n_out: int, dtype: torch.dtype, device: torch.de
     return w.to(dtype)
 
 
+@torch.library.custom_op("samoe::resize", mutates_args=())
+def _resize(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """rows @ x @ cols.T over the last two dims, in x's dtype whatever autocast says."""
+    with torch.autocast(x.device.type, enabled=False):
+        return rows @ x @ cols.t()
+
+
+@_resize.register_fake
+def _(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    return x.new_empty(*x.shape[:-2], rows.shape[0], cols.shape[0])
+
+
+def _resize_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[1], inputs[2])
+
+
+def _resize_backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+    rows, cols = ctx.saved_tensors
+    return _resize(grad, rows.t(), cols.t()), None, None  # the adjoint of a resize is a resize by the transposes
+
+
+_resize.register_autograd(_resize_backward, setup_context=_resize_setup)
+
+
+def _register_resize_flops() -> None:
+    """Interpolation is not counted (as F.interpolate is not): FLOP counts stay those of the model's function."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.samoe.resize)
+    def _(*args, **kwargs) -> int:
+        return 0
+
+
+_register_resize_flops()
+
+
 def resize_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
     """(..., h, w) -> (..., *size): `F.interpolate(x, size, mode="bilinear", align_corners=False)` within float
-    rounding, as two matmuls with the interpolation weights.
+    rounding, as two matmuls with the interpolation weights (one `samoe::resize` node when compiled).
 
     Why: the backward of F.interpolate is a scatter, slow on a CPU (a fifth of a tiny model's training
     step went to resizing its output maps) and slower still compiled under deterministic algorithms, where
@@ -47,7 +82,7 @@ def resize_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
     (h, w), (hh, ww) = x.shape[-2:], size
     if (h, w) == (hh, ww):
         return x
-    return bilinear_weights(h, hh, x.dtype, x.device) @ x @ bilinear_weights(w, ww, x.dtype, x.device).t()
+    return _resize(x, bilinear_weights(h, hh, x.dtype, x.device), bilinear_weights(w, ww, x.dtype, x.device))
 
 
 def _stats(w: Tensor | None) -> dict[str, float]:
@@ -152,7 +187,7 @@ class GatingModel(nn.Module):
         hidden (int): MLP width.
     """
 
-    def __init__(self, channels: int, num_classes: int, hidden: int = 64) -> None:
+    def __init__(self, channels: int, num_classes: int, hidden: int = GATING_HIDDEN) -> None:
         super().__init__()
         n = len(TASKS)
         self.mlp = nn.Sequential(nn.Linear(n * channels, hidden), nn.ReLU(), nn.Linear(hidden, n * n))

@@ -25,22 +25,17 @@ are training's (stages/).
 
 from __future__ import annotations
 
-from dataclasses import replace
 from functools import partial
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling.common import LayerNorm2d
-from segment_anything.modeling.image_encoder import Block, ImageEncoderViT
-from segment_anything.modeling.mask_decoder import MLP
-from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
-from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import Tensor, nn
 
 from .config import SamMoEConfig
 from .heads import GatingModel, MultiScaleTaskSelector, resize_bilinear
 from .moe import MoEMLP
+from .sam import MLP, Block, ImageEncoderViT, LayerNorm2d, PositionEmbeddingRandom, TwoWayTransformer
 
 
 def _sam_vit_args(cfg: SamMoEConfig) -> dict:
@@ -94,15 +89,9 @@ class PromptFreeMaskDecoder(nn.Module):
         self.transformer = TwoWayTransformer(
             depth=cfg.decoder_depth, embedding_dim=dim, mlp_dim=cfg.decoder_mlp_dim, num_heads=cfg.decoder_num_heads
         )
-        if cfg.decoder_moe:
-            # The decoder's MLPs see only the 2C+1 output tokens of an image: with
-            # sparse group routing most new groups would never get a token (and so
-            # never a gradient). These layers mix every routed group (each still
-            # top-k inside); for so few tokens the cost is negligible.
-            routed = len(cfg.moe.groups) - cfg.moe.core_groups
-            moe = replace(cfg.moe, top_k_groups=routed) if routed else cfg.moe
+        if cfg.decoder_moe:  # every routed group mixed (each still top-k inside): few tokens, negligible cost
             for layer in self.transformer.layers:
-                layer.mlp = MoEMLP(dim, cfg.decoder_mlp_dim, moe, nn.ReLU)
+                layer.mlp = MoEMLP(dim, cfg.decoder_mlp_dim, cfg.decoder_moe_config(), nn.ReLU)
         num_outputs = 2 * cfg.num_classes + 1  # seg C, sdf C, boundary 1
         self.mask_tokens = nn.Embedding(num_outputs, dim)
         self.output_upscaling = nn.Sequential(

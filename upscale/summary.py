@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Any, Iterable
+from typing import Any
 
 from .checkpoint import Checkpoint, digest_of
 from .config import SamMoEConfig
+from .layout import numel
 from .roles import param_role
 
 COMPONENTS = ("encoder", "moe_experts", "routers", "extra_blocks", "decoder", "heads", "selector", "gating")
@@ -36,21 +37,14 @@ def params_by_provenance(shapes: dict[str, tuple[int, ...]], provenance: dict[st
     """Parameters per provenance kind; expert banks carry one entry per expert (dim 0)."""
     counts: Counter[str] = Counter()
     for name, shape in shapes.items():
-        numel = _numel(shape)
+        size = numel(shape)
         entry = provenance.get(name, "unknown")
         if isinstance(entry, list):
             for e in entry:
-                counts[provenance_kind(e)] += numel // max(len(entry), 1)
+                counts[provenance_kind(e)] += size // max(len(entry), 1)
         else:
-            counts[provenance_kind(entry)] += numel
+            counts[provenance_kind(entry)] += size
     return dict(sorted(counts.items()))
-
-
-def _numel(shape: Iterable[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def moe_layout(cfg: SamMoEConfig) -> tuple[dict[str, int], dict[str, list[int]]]:
@@ -71,9 +65,9 @@ def summarize(
     """Parameter counts per component and provenance, MoE layout, blocks, bytes."""
     by_component: Counter[str] = Counter()
     for name, shape in shapes.items():
-        by_component[component_of(name, cfg)] += _numel(shape)
+        by_component[component_of(name, cfg)] += numel(shape)
     experts, groups = moe_layout(cfg)
-    total = sum(_numel(s) for s in shapes.values())
+    total = sum(numel(s) for s in shapes.values())
     return {
         "total_params": total,
         "params_by_component": {c: by_component.get(c, 0) for c in COMPONENTS if by_component.get(c, 0)} | (
