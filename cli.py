@@ -1111,6 +1111,7 @@ def predict(
     polarisations: Optional[str] = _pol_option(),
     force: bool = typer.Option(False, "--force", help="Replace an --out folder samoe predict wrote (other checkpoint or tiling)."),
     as_json: bool = typer.Option(False, "--json", help="Print the run's summary as JSON."),
+    compile_blocks: bool = typer.Option(False, "--compile", help=_COMPILE_HELP),
 ) -> None:
     """Segment whole scenes by sliding windows: a class mask and a confidence map per scene (GeoTIFF with the scene's
     CRS, transform and nodata), and a coloured preview with a legend. Resumes: scenes already done are skipped."""
@@ -1119,7 +1120,7 @@ def predict(
 
     torch_device, precision = resolve_device(device), _precision(precision)
     options = PredictOptions(overlap, stride, batch_size, torch_device, precision,
-                             _unit_options(input_scale, dn_calibration, polarisations), force)
+                             _unit_options(input_scale, dn_calibration, polarisations), force, compile_blocks)
     with _one_job(out), _WorkProgress("predicting (windows)", as_json) as progress:
         summary = run_predict(checkpoint, images, out, options, on_start=lambda n, skipped, w: progress.start(w),
                               on_windows=progress.advance)

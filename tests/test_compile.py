@@ -131,3 +131,30 @@ def test_compiled_task_stats_match_eager():
     stats = compile_fn(task_stats, backend="aot_eager")
     for prefix in ("", "gate_"):
         torch.testing.assert_close(stats(out, batch, prefix), task_stats(out, batch, prefix), rtol=1e-5, atol=1e-4)
+
+
+def test_predict_compile_gives_the_eager_maps(src, tmp_path, monkeypatch):
+    """`samoe predict --compile` compiles the model (here with the light backend) and writes the eager run's mask."""
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    import cli
+    import upscale.compile
+
+    calls = []
+    real = upscale.compile.compile_model
+    monkeypatch.setattr(upscale.compile, "compile_model", lambda m: calls.append(m) or real(m, backend="aot_eager"))
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 100), dtype=np.uint8)).save(scenes / "a.png")
+    maps = []
+    for flag in ([], ["--compile"]):
+        out = tmp_path / f"pred{len(flag)}"
+        res = CliRunner().invoke(cli.app, ["predict", str(src), "--images", str(scenes), "--out", str(out),
+                                          "--input-scale", "display", *flag])
+        assert res.exit_code == 0, res.output
+        with Image.open(out / "masks" / "a.png") as im:
+            maps.append(np.asarray(im))
+    assert len(calls) == 1
+    np.testing.assert_array_equal(maps[0], maps[1])
