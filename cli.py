@@ -255,6 +255,8 @@ def _print_json(data: Any) -> None:
 
 
 _DEVICE_HELP = "auto | cpu | cuda | cuda:N (auto: CUDA when a GPU is visible, else CPU)."
+_COMPILE_HELP = ("Compile each transformer block and the output heads with torch.compile (in place: checkpoints are "
+                 "the same; first steps pay the compile, about a minute on a CPU; see docs/compile.md).")
 _PRECISION_HELP = ("fp32 | bf16. bf16: autocast on one device (CUDA, or CPU bf16 kernels) with fp32 weights and "
                    "optimizer state; FSDP2 mixed precision (bf16 compute, fp32 gradient reduction) under --nproc/torchrun.")
 
@@ -536,10 +538,8 @@ def _routing_summary(report: dict[str, Any], routed: bool) -> str:
     parts = [f"core groups {report['core_groups']}", f"top-k {report['top_k']}", f"top-k groups {report['top_k_groups']}"]
     if routed:
         parts.append(f"top-k in a new group {report['routed_top_k']}")
-        parts += [words for key, words in (("token_handover", "hand-over per token"),
-                                           ("image_context", "image context in the group router"),
-                                           ("replicas", "groups are replicas of the source's experts"),
-                                           ("residual", "new groups add to the source's experts")) if report.get(key)]
+        if report.get("replicas"):
+            parts.append("groups are replicas of the source's experts")
     return ", ".join(parts)
 
 
@@ -986,6 +986,7 @@ def evaluate(
     input_scale: Optional[str] = _scale_option(),
     dn_calibration: Optional[float] = _cal_option(),
     polarisations: Optional[str] = _pol_option(),
+    compile_blocks: bool = typer.Option(False, "--compile", help=_COMPILE_HELP),
 ) -> None:
     """Compare checkpoints side by side on a labelled folder (whole scenes at native resolution), with routing statistics."""
     from stages.evaluate import METRICS, evaluate as run_eval, resolution_text, short_layer
@@ -1004,7 +1005,7 @@ def evaluate(
     with _WorkProgress("evaluating (windows)", as_json) as progress:
         report = run_eval(checkpoints, data, batch_size, bootstrap, seed, device=torch_device, precision=precision,
                           on_start=progress.start, on_batch=progress.advance, ablate_new=ablate_new,
-                          overlap=overlap, stride=stride, unit_options=units)
+                          overlap=overlap, stride=stride, unit_options=units, compile=compile_blocks)
     report.update(write_eval_outputs(report, plots, report_dir, fmt, force))
     if as_json:
         _print_json(report)
@@ -1072,6 +1073,7 @@ def predict(
     polarisations: Optional[str] = _pol_option(),
     force: bool = typer.Option(False, "--force", help="Replace an --out folder samoe predict wrote (other checkpoint or tiling)."),
     as_json: bool = typer.Option(False, "--json", help="Print the run's summary as JSON."),
+    compile_blocks: bool = typer.Option(False, "--compile", help=_COMPILE_HELP),
 ) -> None:
     """Segment whole scenes by sliding windows: a class mask and a confidence map per scene (GeoTIFF with the scene's
     CRS, transform and nodata), and a coloured preview with a legend. Resumes: scenes already done are skipped."""
@@ -1080,7 +1082,7 @@ def predict(
 
     torch_device, precision = resolve_device(device), _precision(precision)
     options = PredictOptions(overlap, stride, batch_size, torch_device, precision,
-                             _unit_options(input_scale, dn_calibration, polarisations), force)
+                             _unit_options(input_scale, dn_calibration, polarisations), force, compile_blocks)
     with _one_job(out), _WorkProgress("predicting (windows)", as_json) as progress:
         summary = run_predict(checkpoint, images, out, options, on_start=lambda n, skipped, w: progress.start(w),
                               on_windows=progress.advance)

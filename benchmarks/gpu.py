@@ -79,7 +79,7 @@ def timed(fn, warmup: int = 3, iters: int = 10) -> float:
 def moe_vs_dense(quick: bool) -> None:
     from upscale.config import MoEConfig
     from upscale.expand import resolve_groups
-    from upscale.moe import MoEMLP
+    from upscale.moe import MoEMLP, balance_losses
 
     D, H = 768, 3072
     cases = [("16 experts", MoEConfig(groups=(16,), core_groups=1, top_k=2), 2),
@@ -108,7 +108,7 @@ def moe_vs_dense(quick: bool) -> None:
                 def router() -> None:
                     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.float32):
                         r = moe.router(x)
-                    (r.weight.sum() + r.aux_loss).backward()
+                    (r.weight.sum() + balance_losses(moe.cfg, r.pool_sums)[0]).backward()
 
                 t_moe, t_dense, t_router = timed(lambda: step(moe)), timed(lambda: step(dense)), timed(router)
                 assert int(moe.expert_counts.sum()) == tokens * per_token, "unexpected assignments per token"

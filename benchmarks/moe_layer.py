@@ -32,7 +32,7 @@ from torch import nn
 
 from stages.master import BankMasters, expert_bank_params
 from upscale.config import MoEConfig
-from upscale.moe import MoEMLP
+from upscale.moe import MoEMLP, balance_losses
 from upscale.sam import MLPBlock
 
 CASES = [  # name, D, H, MoEConfig
@@ -133,7 +133,7 @@ def main() -> None:
         def router_only() -> None:
             moe.zero_grad(set_to_none=True)
             r = moe.router(x.detach())
-            (r.weight.sum() + r.aux_loss).backward()
+            (r.weight.sum() + balance_losses(cfg, r.pool_sums)[0]).backward()
         t_router = timed(router_only, args.repeats, args.device)
         print(f"{name:15} {k:>2} {t_moe * 1e3:9.2f} {t_dense * 1e3:9.2f} {t_moe / t_dense:6.2f} {t_router * 1e3:9.2f} {100 * t_router / t_moe:7.1f}%")
 

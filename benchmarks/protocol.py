@@ -93,7 +93,6 @@ def step_flops(ckpt: Path, stage: int, data: Path, batch_size: int, unlabelled: 
     from stages.engine import apply_stage, open_labelled, train_step
     from stages.optim import build_optimizers
     from upscale.checkpoint import Checkpoint, load_model
-    from upscale.flops import per_expert_matmuls
 
     ck = Checkpoint.open(ckpt)
     model = load_model(ckpt)
@@ -106,7 +105,7 @@ def step_flops(ckpt: Path, stage: int, data: Path, batch_size: int, unlabelled: 
     if unlabelled is not None:
         uds = UnlabelledFolder(unlabelled, size=cfg.img_size)
         ubatch = torch.utils.data.default_collate([uds[i] for i in range(batch_size)])
-    with per_expert_matmuls(), FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter:
         train_step(model, opts, batch, ubatch, 1.0, 0.01, False, 0)
     return float(counter.get_total_flops())
 

@@ -16,9 +16,13 @@ on), and reports
     forward + backward, against this machine's float32 matmul FLOP/s measured in
     the same run (a 2048^3 matmul on all threads): the FLOP-bound time of a step
     and the ratio of the real step to it.
-The machine is shared: run the cases of one comparison in one invocation.
+With `--compile`, every stage runs twice, eager and then compiled as `samoe train --compile` compiles
+(upscale/compile.py: each block, the heads and the loss sums), and prints the compiled images/s, its ratio
+to eager's, and the compile time: the warm-up epoch's extra time over eager's, and the steps after
+which compiling has paid for itself. The machine is shared: run the cases of one comparison in one invocation.
 
     .venv/bin/python benchmarks/train_speed.py [--steps 6] [--batch 4] [--workers 0] [--no-vitb | --no-tiny] [--precision bf16 [--no-masters]]
+    .venv/bin/python benchmarks/train_speed.py --no-vitb --batch 8 --compile [--stages 3] [--threads 1]
 
 The FLOP-bound estimate always uses the float32 matmul rate (a bf16 run's ratio is relative to it).
 """
@@ -41,8 +45,10 @@ from stages.data import UnlabelledFolder, make_demo_data
 from stages.engine import StreamingLoader, apply_stage, open_labelled, train_step
 from stages.master import BankMasters, expert_bank_params
 from stages.optim import KeptGrads, build_optimizers
+from stages.semisup import gating_without_grad, task_stats
 from upscale import load_model
 from upscale.checkpoint import Checkpoint, build_meta, save_model
+from upscale.compile import compile_fn, compile_model
 from upscale.config import PRESETS, SAM_VITS, MoEConfig, SamMoEConfig
 from upscale.device import autocast
 from upscale.expand import GrowthSpec, expand_checkpoint, resolve_groups
@@ -96,10 +102,15 @@ def grown_checkpoint(work: Path, which: str) -> Path:
 
 
 def measure_stage(path: Path, stage: int, data: Path, steps: int, batch: int, workers: int, flops_per_s: float,
-                  precision: str = "fp32", masters: bool = True) -> dict:
+                  precision: str = "fp32", masters: bool = True, compiled: bool = False) -> dict:
     ck = Checkpoint.open(path)
     model = load_model(path)
     apply_stage(model, ck.provenance, stage, 1)
+    stats = task_stats
+    if compiled:  # as `samoe train --compile`
+        torch._dynamo.reset()
+        compile_model(model)
+        stats = compile_fn(task_stats)
     torch.use_deterministic_algorithms(True, warn_only=True)  # as `samoe train` on CPU
     opts = build_optimizers(model, 1e-3)
     opts.kept = KeptGrads(list(model.parameters()))  # as `samoe train` in one process
@@ -122,13 +133,16 @@ def measure_stage(path: Path, stage: int, data: Path, steps: int, batch: int, wo
     try:
         def step(i: int) -> None:
             b, u = loader.next(), uloader.next()
-            train_step(model, opts, b, u, 0.5, 0.01, False, i, amp=amp)
-        for i in range(loader.steps_per_epoch):  # warm-up: one epoch (allocations, lazy inits, the target cache)
+            train_step(model, opts, b, u, 0.5, 0.01, False, i, amp=amp, stats=stats)
+        t = time.perf_counter()
+        for i in range(loader.steps_per_epoch):  # warm-up: one epoch (allocations, lazy inits, the target cache, compiling)
             step(i)
+        warmup = time.perf_counter() - t
         with FlopCounterMode(display=False) as fc, amp() if amp else contextlib.nullcontext():
             b = loader.next()
             model(b["image"])
-            model(b["image"], gate_grad=False)
+            with gating_without_grad(model):
+                model(b["image"])
         fwd_flops = fc.get_total_flops()  # one labelled + one unlabelled forward per step
         model.zero_grad(set_to_none=True)
         timer.acc.clear()
@@ -143,7 +157,8 @@ def measure_stage(path: Path, stage: int, data: Path, steps: int, batch: int, wo
     shares = {k: v / total for k, v in timer.acc.items()}
     shares["other"] = 1 - sum(shares.values())
     flop_bound = 3 * fwd_flops / flops_per_s  # forward + backward ~ 3x forward
-    return {"stage": stage, "images_per_s": steps * batch / total, "step_s": total / steps, "shares": shares,
+    return {"stage": stage, "compiled": compiled, "warmup_s": warmup, "warmup_steps": loader.steps_per_epoch,
+            "images_per_s": steps * batch / total, "step_s": total / steps, "shares": shares,
             "step_gflop": 3 * fwd_flops / 1e9, "flop_bound_s": flop_bound, "ratio_to_flop_bound": total / steps / flop_bound}
 
 
@@ -157,7 +172,12 @@ def main() -> None:
     ap.add_argument("--no-tiny", action="store_true")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, as samoe train")
     ap.add_argument("--no-masters", action="store_true", help="bf16 without the bf16 banks + fp32 masters (plain autocast)")
+    ap.add_argument("--compile", action="store_true", help="each stage eager, then compiled (samoe train --compile)")
+    ap.add_argument("--stages", default="1,2,3", help="the stages to run, e.g. 3")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shutil.rmtree(args.dir, ignore_errors=True)
     args.dir.mkdir(parents=True)
     flops = matmul_flops()
@@ -170,14 +190,23 @@ def main() -> None:
         make_demo_data(args.dir / f"data-{size}", labelled=4 * args.batch, unlabelled=4 * args.batch, test=1, size=size)
         print(f"{which} grown: {sum(i.numel for i in Checkpoint.open(path).tensors.values()):,} params, {size} px, batch {args.batch}")
         print(f"  {'stage':>5} {'img/s':>7} {'step s':>7} {'data':>6} {'fwd':>6} {'loss':>6} {'bwd':>6} {'optim':>6} {'other':>6} {'GFLOP':>7} {'x FLOP-bound':>12}")
-        for stage in (1, 2, 3):
-            r = measure_stage(path, stage, args.dir / f"data-{size}", args.steps, args.batch, args.workers, flops,
-                              args.precision, not args.no_masters)
-            r["model"] = which
-            rows.append(r)
-            s = r["shares"]
-            print(f"  {stage:>5} {r['images_per_s']:7.2f} {r['step_s']:7.3f} " + " ".join(f"{100 * s.get(k, 0):5.1f}%" for k in
-                  ("data", "forward", "loss", "backward", "optimizer", "other")) + f" {r['step_gflop']:7.1f} {r['ratio_to_flop_bound']:11.1f}x", flush=True)
+        for stage in (int(v) for v in args.stages.split(",")):
+            for compiled in (False, True) if args.compile else (False,):
+                r = measure_stage(path, stage, args.dir / f"data-{size}", args.steps, args.batch, args.workers, flops,
+                                  args.precision, not args.no_masters, compiled)
+                r["model"] = which
+                rows.append(r)
+                s = r["shares"]
+                label = f"{stage}{'c' if compiled else ''}"
+                print(f"  {label:>5} {r['images_per_s']:7.2f} {r['step_s']:7.3f} " + " ".join(f"{100 * s.get(k, 0):5.1f}%" for k in
+                      ("data", "forward", "loss", "backward", "optimizer", "other")) + f" {r['step_gflop']:7.1f} {r['ratio_to_flop_bound']:11.1f}x", flush=True)
+                if compiled:
+                    eager = rows[-2]
+                    cost = r["warmup_s"] - eager["warmup_s"] * r["warmup_steps"] / eager["warmup_steps"]
+                    saved = eager["step_s"] - r["step_s"]
+                    pays = f"pays for itself after {cost / saved:,.0f} steps" if saved > 0 else "never pays"
+                    print(f"        compiled: x{r['images_per_s'] / eager['images_per_s']:.2f} eager's images/s; compile "
+                          f"{cost:.0f} s (warm-up epoch over eager's), {pays}", flush=True)
     print(json.dumps({"matmul_flops": flops, "rows": rows}))
     shutil.rmtree(args.dir)
 

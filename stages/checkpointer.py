@@ -3,7 +3,8 @@
 RUN/checkpoints/step-N/ of a single-process run:
     model/                  a samoe checkpoint directory (safetensors + samoe.json)
     optimizer.safetensors   every optimizer's state tensors, keyed by parameter name
-    trainer_state.json      step, epoch, data positions, RNG states, optimizer hyper-parameters
+    trainer_state.json      step, epoch, data positions, RNG states, optimizer hyper-parameters,
+                            the task-loss weights (`task_loss`: the objective's, not the model's)
 RUN/checkpoints/step-N/ of a distributed (FSDP) run:
     dcp/                    torch.distributed.checkpoint, sharded: `model.<name>` and
                             `optim.<optimizerK>.<param name>.<key>`, resharded on load
@@ -105,6 +106,11 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+# Settings that choose how an optimizer steps (kernels), not its state: this run's choice stands
+# (a one-process run fuses SGD, an FSDP run cannot, and either resumes the other's checkpoint).
+_HOW_TO_STEP = ("foreach", "fused", "capturable", "differentiable")
+
+
 def load_optimizer_tensors(opts: Optimizers, params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor],
                            hyper: dict[str, Any], place: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
     """Install saved states; `place(value, param)` puts a value where the parameter lives (default: its device)."""
@@ -114,6 +120,7 @@ def load_optimizer_tensors(opts: Optimizers, params: dict[str, torch.nn.Paramete
             raise SamoeError(f"trainer_state.json has no settings for {oname}'s {len(opt.param_groups)} parameter groups: "
                              "the run directory is damaged or from another model; use a new --run-dir or --force")
         for group, saved in zip(opt.param_groups, groups):
+            saved = {k: v for k, v in saved.items() if k not in _HOW_TO_STEP}
             _check_group(oname, group, saved)
             group.update({k: tuple(v) if isinstance(group[k], tuple) else v for k, v in saved.items()})
         prefix = oname + "."
@@ -196,6 +203,22 @@ def read_optimizer_file(step: Dir) -> dict[str, torch.Tensor]:
         raise SamoeError(str(e) if _RUN_FIX in str(e) else f"{e}; {_RUN_FIX}") from None
 
 
+def _task_loss(opts: Optimizers) -> list[float]:
+    """The task-loss weights as JSON numbers (float32 values, exact as float64)."""
+    return [float(v) for v in opts.loss.log_vars.detach().cpu()]
+
+
+def _load_task_loss(opts: Optimizers, state: dict[str, Any], step_dir: Path) -> None:
+    values = state.get("task_loss")
+    weights = opts.loss.log_vars
+    if not (isinstance(values, list) and len(values) == weights.numel()
+            and all(type(v) in (int, float) and math.isfinite(v) for v in values)):
+        raise SamoeError(f"{step_dir / 'trainer_state.json'} has no valid task_loss weights (a damaged step, or one written "
+                         f"before they were training state): {_RUN_FIX}")
+    with torch.no_grad():
+        weights.copy_(torch.tensor(values, dtype=weights.dtype))
+
+
 class Checkpointer:
     """Owns RUN/checkpoints: save a step, find the latest, resume, prune to `keep`.
 
@@ -271,11 +294,12 @@ class Checkpointer:
                 owned = Owned.start(folder, "train", self.token)
                 owned.record("model", kind="owned")
                 save_model(model, self.dir / tmp / "model", meta, parent=folder)
-                names = {id(p): n for n, p in model.named_parameters()}
+                names = {id(p): n for n, p in opts.named_parameters(model).items()}
                 tensors, hyper = optimizer_tensors(opts, names)
                 owned.record("optimizer.safetensors")
                 write_safetensors(folder, "optimizer.safetensors", tensors)
-                self._complete(ck, folder, owned, tmp, name, dict(trainer_state, optimizers=hyper, rng=rng_state()))
+                self._complete(ck, folder, owned, tmp, name, dict(trainer_state, optimizers=hyper, rng=rng_state(),
+                                                                               task_loss=_task_loss(opts)))
             except BaseException:
                 ck.remove_tree(tmp)
                 raise
@@ -320,7 +344,7 @@ class Checkpointer:
         ck = self._checkpoints()
         folder = ck.sub(tmp)
         try:
-            names = {id(p): n for n, p in model.named_parameters()}
+            names = {id(p): n for n, p in opts.named_parameters(model).items()}
             tensors, hyper = optimizer_state(opts, names)
             with folder.sub("dcp") as shards:
                 dcp.save({"model": model_tensors(model), "optim": tensors}, checkpoint_id=shards.proc)
@@ -331,7 +355,7 @@ class Checkpointer:
                 owned = Owned(folder, read_manifest(folder), self.token)
                 with folder.sub("dcp") as shards:
                     owned.record(*[f"dcp/{n}" for n in shards.names()])
-                self._complete(ck, folder, owned, tmp, name, dict(trainer_state, optimizers=hyper, rng=rng_state(),
+                self._complete(ck, folder, owned, tmp, name, dict(trainer_state, optimizers=hyper, rng=rng_state(), task_loss=_task_loss(opts),
                                                                   format="dcp", world_size=d.world))
         except BaseException:
             if d.is_main:
@@ -365,8 +389,9 @@ class Checkpointer:
         if self.dist is not None:  # a single-process checkpoint into a sharded model
             self.dist.load_own_rows(model, ckpt, str(step_dir))
             state = read_trainer_state(step)
-            load_optimizer_tensors(opts, dict(model.named_parameters()), read_optimizer_file(step),
+            load_optimizer_tensors(opts, opts.named_parameters(model), read_optimizer_file(step),
                                    state["optimizers"], place=self.dist.shard_like)
+            _load_task_loss(opts, state, step_dir)
             set_rng_state(state["rng"])
             return state
         with torch.no_grad():
@@ -378,8 +403,9 @@ class Checkpointer:
                     raise SamoeError(f"{step_dir} does not match the model being trained ({name}): use a new --run-dir or --force")
                 target.copy_(tensor)
         state = read_trainer_state(step)
-        load_optimizer_tensors(opts, dict(model.named_parameters()), read_optimizer_file(step),
+        load_optimizer_tensors(opts, opts.named_parameters(model), read_optimizer_file(step),
                                state["optimizers"])
+        _load_task_loss(opts, state, step_dir)
         set_rng_state(state["rng"])
         return state
 
@@ -398,7 +424,7 @@ class Checkpointer:
         wrong += [k[6:] for k in saved if k.startswith("model.") and k[6:] not in targets]
         if wrong:
             raise SamoeError(f"{step_dir} does not match the model being trained ({wrong[0]}): use a new --run-dir or --force")
-        params = dict(model.named_parameters())
+        params = opts.named_parameters(model)
         optimizers = opts.named()
         optim: dict[str, torch.Tensor] = {}
         for key, info in saved.items():
@@ -431,5 +457,6 @@ class Checkpointer:
                 shards.close()
         state = read_trainer_state(step)
         load_optimizer_tensors(opts, params, optim, state["optimizers"], place=lambda value, p: value)
+        _load_task_loss(opts, state, step_dir)
         set_rng_state(state["rng"])
         return state

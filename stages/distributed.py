@@ -26,10 +26,10 @@ all_reduce (float64), and the losses are formed from the global sums: every
 process computes the same loss value as one process would. Backward through the
 all_reduce sums the (identical) upstream gradients of all N processes, and FSDP
 averages the N reduce-scattered gradients, so each parameter gets exactly the
-single-process gradient. Router pools and expert banks that receive no token on
-one process but some on another still get a (zero) gradient there, so that all
-processes reduce-scatter the same tensors; banks that no process used get their
-gradient reset to None afterwards, as in one process (SGD skips them).
+single-process gradient. Every expert bank and router is in every process's graph
+(upscale/moe.py), so all processes reduce-scatter the same tensors; banks that no
+process used get their gradient reset to None afterwards, as in one process (SGD
+skips them).
 
 Checkpoints. A distributed run saves RUN/checkpoints/step-N/ as
     dcp/                 torch.distributed.checkpoint: `model.<name>` (parameters
@@ -50,7 +50,6 @@ import signal
 import subprocess
 import sys
 import warnings
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
@@ -59,7 +58,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from upscale.config import MoEConfig
 from upscale.errors import SamoeError
+from upscale.moe import balance_losses, router_pools
 
 from .semisup import losses_from_stats, task_stats
 
@@ -206,22 +207,22 @@ def launch(nproc: int, argv: list[str]) -> int:
 # --------------------------------------------------------------------------- MoE router statistics
 
 # The router returns, for every pool of `upscale.moe.router_pools`, the sums its balance loss is
-# formed from (`Routing.pool_sums`, kept on the layer as `MoEMLP.pool_sums`); the global loss needs
-# their sums over ranks.
+# formed from (`MoEMLP.pool_sums`); the global losses are `upscale.moe.balance_losses` of their
+# sums over ranks.
 
 
-def _pools(cfg) -> list[tuple[str, int, int]]:
-    """(kind, group, experts) of each router pool, in the order of `MoEMLP.pool_sums`."""
-    from upscale.moe import router_pools
-
-    return router_pools(cfg)
-
-
-def _balance(s: Tensor, c: Tensor, tokens: Tensor, chosen: Tensor, num: int) -> Tensor:
-    """upscale.moe._balance_loss from sums: num * sum_e (count_e / assignments) * (prob sum_e / tokens)."""
-    if float(tokens.detach()) == 0:
-        return s.new_zeros(())
-    return num * ((c / chosen) * (s / tokens)).sum()
+def group_counts_from_sums(cfg: MoEConfig, sums: list[Tensor]) -> list[int]:
+    """Assignments per expert group from a layer's pool sums (those of all processes: who used what)."""
+    counts = [0] * len(cfg.groups)
+    for (kind, g, num), s in zip(router_pools(cfg), sums):
+        used = s[num : 2 * num].tolist()
+        if kind == "core":
+            offsets = cfg.offsets
+            for i in range(cfg.core_groups):
+                counts[i] = round(sum(used[offsets[i] : offsets[i + 1]]))
+        elif kind == "routed":
+            counts[g] = round(sum(used))
+    return counts
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -241,12 +242,6 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------- the distributed context
-
-
-@dataclass
-class _Usage:
-    unused_banks: list[int]
-    unused_gates: list[int]
 
 
 class Distributed:
@@ -279,7 +274,7 @@ class Distributed:
                           if precision == "bf16" else MixedPrecisionPolicy())
         self.moe: dict[str, nn.Module] = {}
         self._stats: dict[str, Tensor] = {}
-        self._usage: dict[str, _Usage] = {}
+        self._group_counts: dict[str, list[int]] = {}
 
     @classmethod
     def from_env(cls, precision: str = "fp32", device: str = "auto") -> "Distributed | None":
@@ -451,32 +446,21 @@ class Distributed:
     # ----------------------------------------------------------------------- MoE hooks
 
     def _after_moe(self, name: str, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
-        """Keep the router's pool sums for the global losses; give locally unused trainable parts a zero gradient."""
-        cfg = module.router.cfg
-        sums = module.pool_sums
-        pools = _pools(cfg)
+        """Keep the router's pool sums for the global losses."""
+        sums, pools = module.pool_sums, router_pools(module.router.cfg)
         if len(sums) != len(pools) or any(s.numel() != 2 * num + 2 for s, (_, _, num) in zip(sums, pools)):
             raise SamoeError(f"internal error: {name} returned {len(sums)} router pool sums, expected {len(pools)} "
                              "(upscale/moe.py's router pools changed; update upscale.moe.router_pools)")
         self._stats[name] = torch.cat(sums)
-        from upscale.moe import static_dispatch
-
-        if not torch.is_grad_enabled() or static_dispatch(output):  # static (CUDA) dispatch: every bank is in the graph
-            return output
-        group_counts = module.group_counts.tolist()
-        idle = [p for g, n in enumerate(group_counts) if n == 0 for p in module.experts[g].parameters()]
-        idle += [module.router.expert_gates[g].weight for kind, g, _ in pools if kind == "routed" and group_counts[g] == 0]
-        idle = [p for p in idle if p.requires_grad]
-        if not idle:
-            return output
-        return output + torch.stack([p.sum() for p in idle]).sum().to(output.dtype) * 0
+        return output
 
     # ----------------------------------------------------------------------- losses
 
     def global_losses(self, out: dict[str, Tensor], targets: list[tuple[str, dict[str, Tensor]]],
-                      num_classes: int) -> tuple[list[dict[str, Tensor]], Tensor, Tensor]:
-        """Per-task losses for each (prefix, targets), the MoE aux loss and the hand-over loss, over the global batch."""
-        sums, aux, handover = self.reduce_with_aux([task_stats(out, batch, prefix) for prefix, batch in targets])
+                      num_classes: int, stats: Callable[..., Tensor] = task_stats) -> tuple[list[dict[str, Tensor]], Tensor, Tensor]:
+        """Per-task losses for each (prefix, targets), the MoE aux loss and the hand-over loss, over the global batch
+        (`stats`: `task_stats` or its compiled form)."""
+        sums, aux, handover = self.reduce_with_aux([stats(out, batch, prefix) for prefix, batch in targets])
         return [losses_from_stats(s, num_classes) for s in sums], aux, handover
 
     def reduce_with_aux(self, pieces: list[Tensor]) -> tuple[list[Tensor], Tensor, Tensor]:
@@ -494,46 +478,25 @@ class Distributed:
         parts = list(total.split(sizes))
         sums, parts = parts[:own], parts[own:]
         layer_aux, layer_handover = [], []
-        self._usage = {}
+        self._group_counts = {}
         for name, stats in zip(names, parts):
-            counts = stats.detach().cpu()
             cfg = self.moe[name].router.cfg
-            auxes, pos = [], 0
-            unused_banks, unused_gates = [], []
-            for kind, g, num in _pools(cfg):
-                s, c, tc = stats[pos : pos + num], stats[pos + num : pos + 2 * num], stats[pos + 2 * num : pos + 2 * num + 2]
-                pos += 2 * num + 2
-                tokens, chosen = tc[0], tc[1]
-                used = counts[pos - num - 2 : pos - 2]  # assignments per expert of this pool, all processes
-                if kind == "core":
-                    offsets = [0]
-                    for e in cfg.groups[: cfg.core_groups]:
-                        offsets.append(offsets[-1] + e)
-                    unused_banks += [i for i in range(cfg.core_groups) if float(used[offsets[i] : offsets[i + 1]].sum()) == 0]
-                if kind == "routed" and float(counts[pos - 2]) == 0:
-                    unused_banks.append(g)
-                    unused_gates.append(g)
-                    continue
-                if kind == "top":  # residual new groups add to the core: nothing is handed over, no pressure
-                    if not cfg.residual:
-                        layer_handover.append(_balance(s, c, tokens, chosen, num))
-                    continue
-                auxes.append(_balance(s, c, tokens, chosen, num))
-            layer_aux.append(torch.stack(auxes).mean() if auxes else total.new_zeros(()))
-            self._usage[name] = _Usage(unused_banks, unused_gates)
+            pool = list(stats.split([2 * num + 2 for _, _, num in router_pools(cfg)]))
+            aux, handover = balance_losses(cfg, pool)
+            layer_aux.append(aux)
+            if cfg.core_groups and cfg.num_routed_groups:
+                layer_handover.append(handover)
+            self._group_counts[name] = group_counts_from_sums(cfg, [p.detach().cpu() for p in pool])
         aux = torch.stack(layer_aux).mean() if layer_aux else total.new_zeros(())
         handover = torch.stack(layer_handover).mean() if layer_handover else total.new_zeros(())
         return sums, aux, handover
 
     def after_backward(self) -> None:
         """Parts no process used get no gradient (None), exactly as in one process."""
-        for name, usage in self._usage.items():
-            layer = self.moe[name]
-            for g in usage.unused_banks:
-                for p in layer.experts[g].parameters():
-                    p.grad = None
-            for g in usage.unused_gates:
-                layer.router.expert_gates[g].weight.grad = None
+        from .optim import drop_idle_grads
+
+        names = list(self._group_counts)
+        drop_idle_grads([self.moe[n] for n in names], [self._group_counts[n] for n in names])
 
     def selector_stats(self, model: nn.Module) -> dict[str, float]:
         """Seed 004's pooled selector statistics over the global batch of the last forward."""

@@ -53,9 +53,10 @@ from upscale.ownership import (Owned, check_separate, first_unknown, read_manife
 from upscale.roles import SEED004_ROLES, in_decoder, param_role
 
 from .checkpointer import Checkpointer, read_run_json
-from .optim import Optimizers, apply_lr, build_optimizers, lr_factor
+from .optim import Optimizers, apply_lr, build_optimizers, drop_idle_grads, lr_factor
 from .plan import STAGES, is_trainable, stage_lr
-from .semisup import continue_rampup, pseudo_targets, scaled_epochs, sigmoid_rampup, task_losses
+from .semisup import (continue_rampup, gating_without_grad, losses_from_stats, pseudo_targets, scaled_epochs, sigmoid_rampup,
+                      task_stats)
 
 if TYPE_CHECKING:
     from .distributed import Distributed
@@ -124,10 +125,9 @@ class TrainConfig:
     unsup_rampup: float = 80.0
     unsup_weight: float = 1.0
     restart_ramps: bool = False  # ramp the selector's alpha from 0 again, as a fresh seed-004 run (changes the function)
-    # MoE losses: expert-level balance (None: the checkpoint's) and the top-level (core vs new groups) one, upscale/moe.py
-    aux_loss_coef: float | None = None
+    # MoE losses: expert-level balance and the top-level (core vs new groups) one, upscale/moe.py
+    aux_loss_coef: float = 0.01
     handover_coef: float = 0.1
-    mixture_lr: bool = False  # expert gradients divided by their pool's mixture weight (upscale/moe.py)
     # checkpoints and logs
     checkpoint_every: int = 50
     keep: int = 2
@@ -138,6 +138,7 @@ class TrainConfig:
     workers: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N (upscale/device.py)
     precision: str = "fp32"  # fp32 | bf16: autocast on one device, FSDP2 mixed precision under torchrun
+    compile: bool = False  # torch.compile each block in place (upscale/compile.py); resume is exact within a mode
     command: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -167,7 +168,7 @@ class TrainConfig:
                 "handover_coef", "restart_ramps", "augment")
         ident = {k: getattr(self, k) for k in keep}
         # only when set: runs started before these options existed still resume
-        for k in ("mixture_lr", "input_scale", "dn_calibration", "polarisations", "resize"):
+        for k in ("input_scale", "dn_calibration", "polarisations", "resize"):
             if getattr(self, k) not in (None, False):
                 ident[k] = getattr(self, k)
         declared = data_declarations(*self.data, self.unlabelled)
@@ -426,70 +427,68 @@ def _tensorboard(run: Owned) -> _TensorBoard | None:
 
 
 def _losses(model: torch.nn.Module, out: dict[str, Any], targets: list[tuple[str, dict[str, Any]]],
-            dist: "Distributed | None") -> tuple[list[dict[str, torch.Tensor]], torch.Tensor, torch.Tensor]:
+            dist: "Distributed | None", stats: Callable[..., torch.Tensor] = task_stats,
+            ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor, torch.Tensor]:
     """Per-task losses of each (output prefix, targets), the MoE aux loss and the hand-over loss:
-    of this batch, or of the global one."""
+    of this batch, or of the global one. `stats` is `task_stats` or its compiled form."""
+    c = model.config.num_classes
     if dist is not None:
-        return dist.global_losses(out, targets, model.config.num_classes)
-    return [task_losses(out, t, prefix=prefix) for prefix, t in targets], model.aux_loss(), model.handover_loss()
+        return dist.global_losses(out, targets, c, stats)
+    return [losses_from_stats(stats(out, t, prefix), c) for prefix, t in targets], model.aux_loss(), model.handover_loss()
 
 
-def _forward(model: torch.nn.Module, amp: Callable[[], ContextManager] | None, image: torch.Tensor,
-             **kw: Any) -> dict[str, Any]:
+def _forward(model: torch.nn.Module, amp: Callable[[], ContextManager] | None, image: torch.Tensor) -> dict[str, Any]:
     """The model's forward, under `amp` (bf16 autocast) when given; floating outputs back in fp32 for the losses."""
     if amp is None:
-        return model(image, **kw)
+        return model(image)
     with amp():
-        out = model(image, **kw)
+        out = model(image)
     return {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
 
 
-def _after_backward(model: torch.nn.Module, dist: "Distributed | None", mixture_lr: bool = False) -> None:
-    """Parts that got no token get no gradient (None): the optimizer skips them whatever the device.
-    With `mixture_lr`, expert gradients are divided by their pool's mixture weight (one process)."""
+def _after_backward(model: torch.nn.Module, dist: "Distributed | None") -> None:
+    """Parts that got no token (in any process) get no gradient (None): the optimizer skips them."""
     if dist is not None:
         dist.after_backward()
     else:
-        from upscale.moe import drop_idle_grads, mixture_normalise_grads
-
-        layers = [m for _, m in model.moe_layers()]
-        drop_idle_grads(layers)
-        if mixture_lr:
-            mixture_normalise_grads(layers)
+        drop_idle_grads([m for _, m in model.moe_layers()])
 
 
 def train_step(model: torch.nn.Module, opts: Optimizers, batch: dict[str, Any], ubatch: dict[str, Any] | None,
                unsup_weight: float, aux_coef: float, skip_nonfinite: bool, step: int,
                dist: "Distributed | None" = None, handover_coef: float = TrainConfig.handover_coef,
-               amp: Callable[[], ContextManager] | None = None, mixture_lr: bool = False) -> dict[str, float]:
+               amp: Callable[[], ContextManager] | None = None,
+               stats: Callable[..., torch.Tensor] = task_stats) -> dict[str, float]:
     """Seed 004's step: unsupervised phase (gate frozen under no_grad), then supervised phase.
 
     With `dist`, `batch`/`ubatch` are this process's slices and the losses are those of the global batch.
-    `amp` makes the forward's precision context (bf16 autocast); the losses are computed in fp32.
+    `amp` makes the forward's precision context (bf16 autocast); the losses are computed in fp32, from
+    the sums `stats` makes (`task_stats`, or its compiled form).
     """
     metrics = {"loss_unsup": 0.0}
     if ubatch is not None:
         opts.zero_grad([opts.opt1, opts.opt2])
-        out = _forward(model, amp, ubatch["image"], gate_grad=False)
+        with gating_without_grad(model):
+            out = _forward(model, amp, ubatch["image"])
         pseudo = pseudo_targets({t: out[f"gate_{t}"] for t in ("seg", "sdf", "boundary")})
-        (per_task,), aux_u, hand_u = _losses(model, out, [("", pseudo)], dist)
-        loss_u = unsup_weight * model.loss(per_task) + aux_coef * aux_u + handover_coef * hand_u
+        (per_task,), aux_u, hand_u = _losses(model, out, [("", pseudo)], dist, stats)
+        loss_u = unsup_weight * opts.loss(per_task) + aux_coef * aux_u + handover_coef * hand_u
         if _finite(loss_u, step, skip_nonfinite):
             loss_u.backward()
             opts.after_backward()
-            _after_backward(model, dist, mixture_lr)
+            _after_backward(model, dist)
             opts.step([opts.opt1, opts.opt2])
             model.constrain_()
         metrics["loss_unsup"] = loss_u.item()
     opts.zero_grad(list(opts.named().values()))
     out = _forward(model, amp, batch["image"])
-    (heads, gate), aux, handover = _losses(model, out, [("", batch), ("gate_", batch)], dist)
+    (heads, gate), aux, handover = _losses(model, out, [("", batch), ("gate_", batch)], dist, stats)
     per_task = {t: heads[t] + gate[t] for t in heads}
-    loss_s = model.loss(per_task) + aux_coef * aux + handover_coef * handover
+    loss_s = opts.loss(per_task) + aux_coef * aux + handover_coef * handover
     if _finite(loss_s, step, skip_nonfinite):
         loss_s.backward()
         opts.after_backward()
-        _after_backward(model, dist, mixture_lr)
+        _after_backward(model, dist)
         opts.step(list(opts.named().values()))
         model.constrain_()
     metrics.update(loss_sup=loss_s.item(), aux=aux.item(), handover=handover.item(), **{t: v.item() for t, v in heads.items()})
@@ -518,8 +517,6 @@ def run(cfg: TrainConfig, force: bool = False, on_start: Callable[[dict[str, Any
         on_start = on_step = on_log = None
     finished = False
     try:
-        if dist is not None and cfg.mixture_lr:
-            raise SamoeError("--mixture-lr runs in one process: drop --nproc (torchrun) or the option")
         device = dist.device if dist is not None else resolve_device(cfg.device)
         # CPU: deterministic kernels make resume bit-exact (upscale/device.py); only for this run
         with deterministic(device.type == "cpu"):
@@ -679,10 +676,15 @@ class _Trainer:
             self.model, self.counts = dist.build_model(src, lambda m: apply_stage(m, src.provenance, cfg.stage, cfg.last_k,
                                                                                    cfg.selector_gating))
         self.model_cfg = self.model.config
+        self.task_stats = task_stats
+        if cfg.compile:
+            from upscale.compile import compile_fn, compile_model
+
+            compile_model(self.model)
+            self.task_stats = compile_fn(task_stats)
         # one process: bf16 autocast around the forward; under torchrun FSDP2's policy casts instead
         self.amp = (lambda: autocast(self.device, cfg.precision)) if dist is None and cfg.precision != "fp32" else None
         self.lr, self.reference_lr = stage_lr(cfg.stage, cfg.lr, cfg.lr_scale, src.stages, src.meta.get("growth"), str(src.path))
-        self.aux_coef = cfg.aux_loss_coef if cfg.aux_loss_coef is not None else self.model_cfg.moe.aux_loss_coef
 
     def open_data(self) -> None:
         """The labelled (and optional unlabelled and validation) folders, checked against the model, the source's
@@ -754,7 +756,8 @@ class _Trainer:
 
     def build_optimizers(self) -> None:
         cfg = self.cfg
-        self.opts = build_optimizers(self.model, self.lr, cfg.momentum, cfg.weight_decay, router_lr_mult=cfg.router_lr_mult)
+        self.opts = build_optimizers(self.model, self.lr, cfg.momentum, cfg.weight_decay, router_lr_mult=cfg.router_lr_mult,
+                                     fused=self.dist is None)
         if self.dist is None:  # FSDP manages its own gradient memory
             from .optim import KeptGrads
 
@@ -827,6 +830,7 @@ class _Trainer:
             if role not in SEED004_ROLES:
                 role = "decoder" if in_decoder(name) else "encoder"
             params[role] += p.numel()
+        params["loss"] = sum(p.numel() for p in self.opts.loss.parameters())
         params["total"] = sum(params.values())
         on_start({"stage": self.plan, "lr": self.lr, "counts": self.counts, "lrs": component_lrs(self.model, self.opts),
                   "params": params, "total_steps": self.total,
@@ -877,15 +881,15 @@ class _Trainer:
             batch = augment_batch(batch, torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step + 1))
         batch = to_device(batch, self.device)
         ubatch = to_device(self.uloader.next(), self.device) if self.uloader is not None else None
-        m = train_step(model, self.opts, batch, ubatch, unsup_w, self.aux_coef, cfg.skip_nonfinite, self.step, dist,
-                       cfg.handover_coef, self.amp, cfg.mixture_lr)
+        m = train_step(model, self.opts, batch, ubatch, unsup_w, cfg.aux_loss_coef, cfg.skip_nonfinite, self.step, dist,
+                       cfg.handover_coef, self.amp, self.task_stats)
         self.step += 1
         if self.main and not self.started:  # the run has really started: from now on it resumes
             self.run.record("run.json")
             self.run.dir.write_bytes("run.json", (json.dumps({"identity": self.identity, "source_digest": self.src.digest,
                                                               "command": cfg.command}, indent=1) + "\n").encode(), self.run.token)
             self.started = True
-        sig = model.loss.log_vars.detach() if dist is None else dist.full_tensor(model.loss.log_vars.detach())
+        sig = self.opts.loss.log_vars.detach()
         row = dict(m, step=self.step, epoch=epoch, lr=self.lr * factor, alpha=alpha, unsup_weight=unsup_w,
                    sigma_seg=float(sig[0]), sigma_sdf=float(sig[1]), sigma_boundary=float(sig[2]),
                    **model.routing_stats())

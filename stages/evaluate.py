@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from upscale.checkpoint import Checkpoint, load_model
+from upscale.config import expert_offsets
 from upscale.errors import SamoeError
 
 from .classes import CLASSES_JSON, ClassList, check_same, read_classes
@@ -238,7 +239,7 @@ class RoutingAccumulator:
     class_group: np.ndarray = field(init=False)
     entropy_sum: float = 0.0
     batches: int = 0
-    weight_core: float = 0.0
+    weight_new: float = 0.0  # routing weight on experts of the new groups (summed apart: exactly 0 at growth)
     weight_total: float = 0.0
 
     def __post_init__(self) -> None:
@@ -251,7 +252,8 @@ class RoutingAccumulator:
     def report(self) -> dict[str, Any]:
         counts = self.expert_counts
         total = max(int(counts.sum()), 1)
-        group_counts = np.array([c.sum() for c in np.split(counts, np.cumsum(self.groups)[:-1])])
+        offsets = expert_offsets(self.groups)
+        group_counts = np.array([counts[lo:hi].sum() for lo, hi in zip(offsets, offsets[1:])])
         core = int(group_counts[: self.core_groups].sum())
         mean = counts.mean()
         return {
@@ -264,7 +266,7 @@ class RoutingAccumulator:
             "router_entropy": self.entropy_sum / max(self.batches, 1),
             "source_share": core / total,
             "new_share": 1 - core / total,
-            "new_weight_share": 1 - self.weight_core / self.weight_total if self.weight_total > 0 else 0.0,
+            "new_weight_share": self.weight_new / self.weight_total if self.weight_total > 0 else 0.0,
             "class_group_share": (self.class_group / np.maximum(self.class_group.sum(1, keepdims=True), 1)).round(6).tolist(),
         }
 
@@ -431,7 +433,7 @@ def _add_routing(routing: dict[str, RoutingAccumulator], layers: dict[str, Any],
         acc.batches += 1
         token, expert, weight = (t.cpu() for t in layer.assignments)
         core = expert < sum(acc.groups[: acc.core_groups])
-        acc.weight_core += float(weight[core].abs().sum())
+        acc.weight_new += float(weight[~core].abs().sum())
         acc.weight_total += float(weight.abs().sum())
         if name.startswith("image_encoder."):
             cls = classes.flatten()[token]
@@ -485,16 +487,18 @@ def evaluate(paths: list[Path], data_dir: Path, batch_size: int = 4, bootstrap: 
              device: torch.device | str = "cpu", precision: str = "fp32", on_start: Callable[[int], None] | None = None,
              on_batch: Callable[[int], None] | None = None, ablate_new: bool = True,
              overlap: float | None = None, stride: int | None = None,
-             unit_options: UnitOptions | None = None) -> dict[str, Any]:
+             unit_options: UnitOptions | None = None, compile: bool = False) -> dict[str, Any]:
     """Evaluate checkpoints on one labelled folder; the first is the baseline of the comparisons.
 
     Scenes are scored whole at their own resolution by sliding windows (`run_model`); `on_start(n)`
-    gets the number of windows all runs will forward and `on_batch(n)` each batch's.
+    gets the number of windows all runs will forward and `on_batch(n)` each batch's. With `compile`, each
+    model's blocks are compiled (upscale/compile.py): the same metrics within float rounding.
     With `ablate_new`, each grown checkpoint is scored a second time with its new groups and extra blocks
     switched off (`upscale.ablate`), and its entry gets `new_parts_off`: those metrics and the paired
     difference, grown minus switched off, which is what the new capacity contributes.
     """
     from upscale.ablate import new_parts, switch_off_new_parts_
+    from upscale.compile import compile_model
     from upscale.flops import forward_flops
 
     ckpts = [Checkpoint.open(p) for p in paths]
@@ -511,6 +515,8 @@ def evaluate(paths: list[Path], data_dir: Path, batch_size: int = 4, bootstrap: 
     results, stats = [], []
     for ck in ckpts:
         model = load_model(ck, device=device)  # the files opened above: the digest reported is of these weights
+        if compile:
+            compile_model(model)
         st, routing = run_model(model, data, batch_size, on_batch, precision, tiling, agreed.resize)
         cm = st.cm.sum(0)
         b = st.boundary.sum(0)
@@ -529,7 +535,7 @@ def evaluate(paths: list[Path], data_dir: Path, batch_size: int = 4, bootstrap: 
             "metrics": metrics,
             "routing": {name: acc.report() for name, acc in routing.items()},
             "groups": list(ck.config.moe.groups), "core_groups": ck.config.moe.core_groups,
-            "replicas": ck.config.moe.replicas, "residual": ck.config.moe.residual,
+            "replicas": ck.config.moe.replicas,
         })
         parts = new_parts(ck.config) if ablate_new else None
         if parts:

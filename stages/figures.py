@@ -24,6 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from upscale.config import expert_offsets
 from upscale.dirfd import Dir
 from upscale.errors import SamoeError
 from upscale.ownership import Owned, check_owned, check_plain_path, check_separate, exclusive, open_output
@@ -178,8 +179,8 @@ def expert_usage_figure(report: dict[str, Any], k: int) -> Figure | None:
     ax = fig.add_subplot()
     norm = Normalize(0.0, max(float(usage.max()), 1e-9))
     im = ax.imshow(usage, cmap=CMAP, norm=norm, aspect="auto", interpolation="nearest")
-    bounds = np.cumsum(groups)[:-1]
-    for b in bounds:
+    starts = np.array(expert_offsets(groups))
+    for b in starts[1:-1]:
         ax.axvline(b - 0.5, color="white", linewidth=2.5)
         ax.axvline(b - 0.5, color="black", linewidth=0.8)
     ax.set_yticks(range(n_layers), [layer_label(n) for n in layers])
@@ -188,7 +189,6 @@ def expert_usage_figure(report: dict[str, Any], k: int) -> Figure | None:
     ax.tick_params(axis="x", labelsize=8 if n_experts > 16 else 9)
     ax.set_xlabel("expert id")
     ax.set_ylabel("MoE layer")
-    starts = np.concatenate([[0], np.cumsum(groups)])
     top = ax.secondary_xaxis("top")
     top.set_xticks((starts[:-1] + starts[1:] - 1) / 2, group_labels(ck))
     top.tick_params(length=0, labelsize=9)

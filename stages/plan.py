@@ -86,12 +86,12 @@ def is_trainable(name: str, provenance: Any, stage: int, cfg: SamMoEConfig, last
     """Whether tensor `name` trains in `stage` (see the module table)."""
     if stage >= 3:
         return True
-    # The task-loss sigmas are loss weights, not part of the model's function: they train in
-    # every stage. The selector and gating model are source parts: the growth plan freezes
-    # every source parameter in stage 1, seed 004 never freezes the selector. Stage 1 follows
-    # the growth plan unless asked (`selector_gating=True`); stages 2 and 3 train them.
+    # The selector and gating model are source parts: the growth plan freezes every source
+    # parameter in stage 1, seed 004 never freezes the selector. Stage 1 follows the growth
+    # plan unless asked (`selector_gating=True`); stages 2 and 3 train them. (The task-loss
+    # sigmas are the objective's, not the model's: they train in every stage, stages/optim.py.)
     role = param_role(name)
-    if role in ("loss", "router") or not is_source(provenance):
+    if role == "router" or not is_source(provenance):
         return True
     if role in ("selector", "gating"):
         return stage >= 2 or selector_gating

@@ -390,7 +390,8 @@ def list_scenes(inputs: list[Path]) -> list[tuple[str, Path, Path]]:
 
 @dataclass(frozen=True)
 class PredictOptions:
-    """How `predict` runs: tiling, batch, device, precision, units given on the command line."""
+    """How `predict` runs: tiling, batch, device, precision, units given on the command line; `compile` compiles
+    the model's blocks (upscale/compile.py: the same maps within float rounding, the first batches pay the compile)."""
 
     overlap: float | None = None
     stride: int | None = None
@@ -399,6 +400,7 @@ class PredictOptions:
     precision: str = "fp32"
     units: Any = None  # stages.units.UnitOptions
     force: bool = False
+    compile: bool = False
 
 
 SUBDIRS = ("masks", "confidence", "previews")
@@ -607,6 +609,10 @@ def predict(checkpoint: Path, inputs: list[Path], out: Path, options: PredictOpt
                 return _summary(record, len(scenes), 0)
             model = load_model(ckpt, device=options.device)  # the files opened above: the digest recorded is theirs
             model.eval()
+            if options.compile:
+                from upscale.compile import compile_model
+
+                compile_model(model)
             device = next(model.parameters()).device
             forward = model_forward(model, device, options.precision, seg_probabilities)
 

@@ -21,12 +21,9 @@ REPORT_NAME = "report.md"
 
 
 def layout_label(ck: dict[str, Any]) -> str:
-    """How a checkpoint's groups relate to its source, for routing tables: with residual groups the
-    "new (weight)" column is their share of core + new, since the core keeps its full weight."""
+    """How a checkpoint's groups relate to its source, for routing tables."""
     if ck.get("replicas"):
         return "replicas of the source's experts"
-    if ck.get("residual"):
-        return f"core {ck['core_groups']}, new groups add to it (new weight: their share of core + new)"
     return f"core {ck['core_groups']}"
 
 

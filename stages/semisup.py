@@ -4,10 +4,10 @@ Semi-MoE's three task branches (segmentation, SDF, boundary) become three views
 of one shared encoder/decoder. A `MultiScaleTaskSelector` modulates the shared
 decoder features per task at 5 scales; each task head reads its own modulated
 features; a `GatingModel` fuses the three task features per image into the
-outputs that become pseudo-labels of unlabelled images; a `MultiTaskLoss` with a
-learnable sigma per task weighs the three losses. Those three are model parts
+outputs that become pseudo-labels of unlabelled images. Those two are model parts
 (upscale/heads.py, where the 5 scales are explained); this module holds the
-training maths around them.
+training maths around them, including the `MultiTaskLoss` whose learnable sigma
+per task weighs the three losses (training state: the trainer checkpoints it).
 
 Known flaws of the original code that are avoided here: SDF prediction and
 target must have identical shapes (checked, no broadcasting); targets are defined
@@ -18,11 +18,15 @@ tuned on evaluation data (pseudo-labels use argmax / sign / 0.5, fixed).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from upscale.heads import TASKS
 
 IGNORE_INDEX = 255
 
@@ -37,6 +41,50 @@ def sigmoid_rampup(current: float, rampup_length: float) -> float:
 
 
 # --------------------------------------------------------------------------- per-task losses
+
+
+class MultiTaskLoss(nn.Module):
+    """Uncertainty weighting as in Semi-MoE: sum_t c_t * exp(-s_t) * L_t + 0.4 * exp(s_t).
+
+    `s_t` (one per task, init 1.0) is learnable and trained by its own Adam
+    (optimizer2, lr 0.05). c = (1, 0.5, 1) for (seg, sdf, boundary).
+    """
+
+    def __init__(self, coefficients: tuple[float, ...] = (1.0, 0.5, 1.0), init: float = 1.0, reg: float = 0.4) -> None:
+        super().__init__()
+        self.log_vars = nn.Parameter(torch.full((len(TASKS),), float(init)))
+        self.register_buffer("coefficients", torch.tensor(coefficients, dtype=torch.float32))
+        self.reg = reg
+
+    def forward(self, losses: dict[str, Tensor]) -> Tensor:
+        s = self.log_vars
+        total = s.new_zeros(())
+        for i, task in enumerate(TASKS):
+            total = total + self.coefficients[i] * torch.exp(-s[i]) * losses[task] + self.reg * torch.exp(s[i])
+        return total
+
+
+@contextmanager
+def gating_without_grad(model: nn.Module) -> Iterator[None]:
+    """Inside, `model.gating` runs under torch.no_grad() (seed 004's unsupervised phase: the gate that makes
+    the pseudo-labels must not learn to confirm itself); the rest of the forward keeps its gradients."""
+    grad_mode: list[bool] = []
+
+    def before(module: nn.Module, args: tuple) -> None:
+        grad_mode.append(torch.is_grad_enabled())
+        torch.set_grad_enabled(False)
+
+    def after(module: nn.Module, args: tuple, out: object) -> None:
+        torch.set_grad_enabled(grad_mode.pop())
+
+    outer = torch.is_grad_enabled()
+    handles = [model.gating.register_forward_pre_hook(before), model.gating.register_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        torch.set_grad_enabled(outer)
 
 
 def _check_shapes(pred: Tensor, target: Tensor, what: str) -> None:
@@ -82,9 +130,14 @@ def task_stats(out: dict[str, Tensor], batch: dict[str, Tensor], prefix: str = "
     logp_t = logp.gather(1, target)  # log-probability of each pixel's target class
     # per-class sums by class index: a (B, C, H, W) one-hot and three products with it were the
     # costliest part of this function on CPU (forward + backward 38 -> 24 ms for a tiny-preset batch)
-    t = target.flatten()
-    inter = seg.new_zeros(c).index_add(0, t, (logp_t.exp() * w).flatten())
-    target_sum = torch.bincount(t, weights=w.flatten(), minlength=c).to(seg.dtype)
+    if torch.compiler.is_compiling():  # a one-hot product fuses into the sums; a scatter would be a sorting fallback
+        onehot = target == torch.arange(c, device=seg.device)[:, None, None]
+        inter = (logp_t.exp() * w * onehot).sum(dim=(0, 2, 3))
+        target_sum = (w * onehot).sum(dim=(0, 2, 3))
+    else:
+        t = target.flatten()
+        inter = seg.new_zeros(c).index_add(0, t, (logp_t.exp() * w).flatten())
+        target_sum = torch.bincount(t, weights=w.flatten(), minlength=c).to(seg.dtype)
     sdf, sdf_t = out[prefix + "sdf"].float(), batch["sdf"]
     _check_shapes(sdf, sdf_t, "sdf")
     err = (torch.tanh(sdf) - sdf_t).pow(2)

@@ -29,9 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 LAYOUTS = {
     "hand-over + extra block": dict(experts=8, groups=(4, 2, 2), extra_blocks=1),
-    "token hand-over, image context": dict(experts=8, groups=(4, 2, 2), token_handover=True, image_context=True),
-    "residual, fresh experts + extra block": dict(experts=16, groups=(4, 4, 4, 4), routed_top_k=1, residual=True,
-                                                  reinit_ratio=1.0, extra_blocks=1),
+    "routed top-1, two groups per token": dict(experts=16, groups=(4, 4, 4, 4), routed_top_k=1, top_k_groups=2),
     "replicas + extra block": dict(experts=16, groups=(4, 4, 4, 4), core_groups=0, replicate=True, noise_std=0.0,
                                extra_blocks=1),
 }
@@ -51,7 +49,7 @@ def _new_tensor(name: str, cfg) -> bool:
     for part in (".experts.", ".router.expert_gates."):
         if part in name:
             return int(name.split(part)[1].split(".")[0]) >= moe.source_groups
-    return ".router.group_gate." in name or ".router.group_context." in name
+    return ".router.group_gate." in name
 
 
 @torch.no_grad()

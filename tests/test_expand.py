@@ -185,11 +185,6 @@ PRESERVING = {
     "topk-groups2-noise0.5": dict(experts=13, groups="4", top_k_groups=2, noise_std=0.5),
     "routed-top-k1-noise0.5": dict(experts=13, groups="4", routed_top_k=1, noise_std=0.5, extra_blocks=1),
     "extra-dense": dict(experts=13, groups="4", noise_std=0.0, extra_blocks=1, extra_dense=True),
-    "reinit0.5-noise0.1-extra1": dict(experts=13, groups="4", reinit_ratio=0.5, noise_std=0.1, extra_blocks=1),
-    "token-handover-noise0.5-extra1": dict(experts=13, groups="4", token_handover=True, routed_top_k=1, noise_std=0.5,
-                                           extra_blocks=1),
-    "image-context-handover-extra1": dict(experts=13, groups="4", token_handover=True, image_context=True, noise_std=0.5,
-                                          extra_blocks=1),
 }
 
 
@@ -204,8 +199,6 @@ def test_growth_preserves_function(case, src, images, src_out, tmp_path):
     if case == "11-groups4-ragged":
         assert cfg.moe.groups == (4, 3, 2, 2)
     assert cfg.moe.k_routed == (options.get("routed_top_k") or TINY.moe.top_k)
-    assert cfg.moe.token_handover == options.get("token_handover", False)
-    assert cfg.moe.image_context == options.get("image_context", False)
     model = load_model(out)
     grown = _forward(model, images)
     for h in HEADS:
@@ -213,9 +206,6 @@ def test_growth_preserves_function(case, src, images, src_out, tmp_path):
     # Not vacuous: the new groups do compute something, it is hidden by group_scale = 0 alone.
     scales = [p for n, p in model.named_parameters() if n.endswith(".router.group_scale")]
     assert scales and all(torch.equal(s, torch.zeros_like(s)) for s in scales)
-    # image statistics start with no say in which new group a token picks
-    contexts = [p for n, p in model.named_parameters() if n.endswith(".router.group_context.weight")]
-    assert len(contexts) == (len(scales) if options.get("image_context") else 0) and not any(c.any() for c in contexts)
     _set_group_scales(model, 1.0)
     opened = _forward(model, images)
     assert max(_rel(src_out[h], opened[h]) for h in HEADS) > 1e-3
@@ -247,7 +237,6 @@ def test_replicate_copies_the_pool_and_preserves_function(extra_blocks, src, src
 @pytest.mark.parametrize(("options", "words"), [
     (dict(noise_std=0.01), "drop init and noise_std"),
     (dict(noise_std=0.0, init="interpolate"), "drop init"),
-    (dict(noise_std=0.0, reinit_ratio=0.5), "drop init"),
     (dict(noise_std=0.0, routed_top_k=1), "drop routed_top_k"),
 ])
 def test_replicate_rejects_what_would_break_exactness(options, words, src, tmp_path):
@@ -255,40 +244,6 @@ def test_replicate_rejects_what_would_break_exactness(options, words, src, tmp_p
     with pytest.raises(SamoeError, match=re.escape(words)):
         expand_checkpoint(src, tmp_path / "rep", spec, ["samoe", "expand", str(src)])
     assert not (tmp_path / "rep").exists()
-
-
-@pytest.mark.parametrize("extra_blocks", [0, 1])
-def test_residual_experts_start_fresh_and_preserve_function(extra_blocks, src, src_tensors, images, src_out, tmp_path):
-    """--residual-experts --reinit-ratio 1: the new groups' first layers are fresh draws (no row equals or nearly
-    equals a source expert's), their output layers zero, their scales 1, the core is the source's; the grown model
-    computes the source's function. Not vacuous: a non-zero output layer in one new group changes the output."""
-    spec = GrowthSpec(experts=16, groups=(4, 4, 4, 4), routed_top_k=1, residual=True, reinit_ratio=1.0, extra_blocks=extra_blocks)
-    out = expand_checkpoint(src, tmp_path / "res", spec, ["samoe", "expand", str(src)])
-    cfg, t, prov = Checkpoint.open(out).config, _tensors(out), _meta(out)["provenance"]
-    assert cfg.moe.residual and cfg.moe.core_groups == 1
-    for prefix in _moe_prefixes(TINY):
-        for p in PARAMS:
-            assert torch.equal(t[f"{prefix}.experts.0.{p}"], src_tensors[f"{prefix}.experts.0.{p}"])
-        for g in (1, 2, 3):
-            for p in ("w2", "b2"):
-                assert not t[f"{prefix}.experts.{g}.{p}"].any() and prov[f"{prefix}.experts.{g}.{p}"] == "identity-new"
-            w1, s1 = t[f"{prefix}.experts.{g}.w1"], src_tensors[f"{prefix}.experts.0.w1"]
-            gap = (w1[:, None] - s1[None]).flatten(2).norm(dim=-1) / s1.flatten(1).norm(dim=-1)[None]
-            assert gap.min() > 0.5  # fresh, not a copy + 1% noise (about 0.01) of any source expert
-            assert (w1.std() / s1.std()).item() == pytest.approx(1.0, abs=0.2)  # at the source experts' scale
-        assert torch.equal(t[f"{prefix}.router.group_scale"], torch.ones(3))
-    _exact_until_changed(out, images, src_out, lambda m: m.image_encoder.blocks[2].mlp.experts[2].b2.fill_(0.5))
-
-
-@pytest.mark.parametrize(("options", "words"), [
-    (dict(token_handover=True), "residual and token_handover exclude each other"),
-    (dict(core_groups=0, replicate=True, noise_std=0.0), "residual needs a core pool"),
-])
-def test_residual_experts_reject_what_they_cannot_mean(options, words, src, tmp_path):
-    spec = GrowthSpec(experts=16, groups=(4, 4, 4, 4), residual=True, **options)
-    with pytest.raises(SamoeError, match=re.escape(words)):
-        expand_checkpoint(src, tmp_path / "res", spec, ["samoe", "expand", str(src)])
-    assert not (tmp_path / "res").exists()
 
 
 def test_resolve_replicas_by_hand():
@@ -454,55 +409,6 @@ def test_mixed_alternates_copy_noise_and_interpolate(src, tmp_path):
             assert int(m["b"]) == HAND_PARTNER[j]
 
 
-@pytest.mark.parametrize("init", ["copy-noise", "interpolate"])
-def test_reinit_draws_the_same_fresh_hidden_units_in_w1_b1_w2(init, src, src_tensors, tmp_path):
-    """Drop-Upcycling, checked against the recipe without it: a new expert differs from it in exactly
-    round(r * H) hidden units (w1 rows, b1 entries, w2 columns, the same units in all three), the fresh
-    values have the source expert's std, b2 and the router rows are untouched, and experts pick different units."""
-    r, opts = 0.5, dict(experts=13, groups="4", init=init, noise_std=0.0, seed=4)
-    plain, fresh = _grow(src, tmp_path / "plain", **opts), _grow(src, tmp_path / "fresh", reinit_ratio=r, **opts)
-    tp, tf, prov = _tensors(plain), _tensors(fresh), _meta(fresh)["provenance"]
-    for prefix in _moe_prefixes(TINY):
-        hidden = tf[f"{prefix}.experts.0.b1"].shape[1]
-        k = round(r * hidden)
-        picked = []
-        for g in (1, 2, 3):
-            w1, b1, w2 = (f"{prefix}.experts.{g}.{p}" for p in ("w1", "b1", "w2"))
-            for i in range(tf[w1].shape[0]):
-                rows = (tf[w1][i] != tp[w1][i]).any(dim=1)
-                assert int(rows.sum()) == k, (w1, i)
-                assert torch.equal((tf[b1][i] != tp[b1][i]), rows), (b1, i)
-                assert torch.equal((tf[w2][i] != tp[w2][i]).any(dim=0), rows), (w2, i)
-                a = int(re.search(r"\[(\d+)\]", prov[w1][i])[1])
-                expected = float(src_tensors[f"{prefix}.experts.0.w1"][a].double().std())
-                assert abs(float(tf[w1][i][rows].double().std()) / expected - 1) < 0.1, (w1, i)
-                picked.append(tuple(rows.nonzero().flatten().tolist()))
-            for name in (f"{prefix}.experts.{g}.b2", f"{prefix}.router.expert_gates.{g}.weight"):
-                assert torch.equal(tf[name], tp[name]), name
-                assert not any("reinit" in e for e in prov[name])
-            assert all(e.endswith(f"+reinit:{r:g}") for e in prov[w1] + prov[b1] + prov[w2])
-        assert len(set(picked)) == len(picked), prefix  # every new expert its own units
-    assert _meta(fresh)["growth"]["reinit_ratio"] == r
-    for name in tf:  # the source's experts and everything else: as without reinit
-        if not re.search(r"\.experts\.[123]\.(w1|b1|w2)$", name):
-            assert torch.equal(tf[name], tp[name]), name
-
-
-@pytest.mark.parametrize("ratio", [-0.1, 1.5, float("nan")])
-def test_reinit_ratio_outside_0_1_is_refused_before_writing(ratio, src, tmp_path):
-    with pytest.raises(SamoeError, match="reinit_ratio"):
-        _grow(src, tmp_path / "bad", experts=13, groups="4", reinit_ratio=ratio)
-    assert not (tmp_path / "bad").exists()
-
-
-def test_reinit_is_deterministic_across_workers(src, tmp_path):
-    opts = dict(experts=13, groups="4,3,3,3", noise_std=0.05, reinit_ratio=0.25, seed=2)
-    a = _grow(src, tmp_path / "a", workers=1, **opts)
-    b = _grow(src, tmp_path / "b", workers=3, shard_bytes=1_000_000, **opts)
-    ta, tb = _tensors(a), _tensors(b)
-    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
-
-
 def test_new_groups_deviate_more_with_more_noise(src, images, tmp_path):
     """With every group_scale opened to 1, the new groups' contribution grows with the noise."""
     outs = {}
@@ -556,7 +462,7 @@ def sgd_run(src: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
                 step1_groups[name] = layer.group_counts.clone()
             # expert by expert: an expert of a new group that received tokens must get gradient in its
             # slices (at step 2, once the scales are open; at step 1 they are exactly zero)
-            offsets = layer.router.offsets
+            offsets = layer.cfg.offsets
             for g in range(1, len(offsets) - 1 if step == 1 else 1):
                 for i in range(offsets[g + 1] - offsets[g]):
                     if layer.expert_counts[offsets[g] + i] == 0:
@@ -668,11 +574,10 @@ def _grow_as(src: Path, out: Path, dtype: torch.dtype | None, workers: int, **op
 
 @pytest.mark.parametrize("init", ["copy-noise", "mixed"])
 def test_conversion_in_the_workers_equals_converting_the_source_dtype_result(init, src, tmp_path):
-    """An fp32 source grown into bf16: every tensor (copies, noisy and interpolated experts, redrawn units,
-    the extra block) is the fp32 growth's tensor rounded to bf16, whatever the worker count; and a bf16
+    """An fp32 source grown into bf16: every tensor (copies, noisy and interpolated experts, the extra block) is the fp32 growth's tensor rounded to bf16, whatever the worker count; and a bf16
     source grown into fp32 is its bf16 growth widened exactly (but the new group routers, which are drawn
     at the output's precision)."""
-    opts = dict(init=init, noise_std=0.05, reinit_ratio=0.25, extra_blocks=1, seed=3)
+    opts = dict(init=init, noise_std=0.05, extra_blocks=1, seed=3)
     wide = _grow_as(src, tmp_path / "fp32", None, 2, **opts)
     for workers in (1, 3):
         narrow = _grow_as(src, tmp_path / f"bf16-{workers}", torch.bfloat16, workers, **opts)
@@ -692,21 +597,20 @@ def test_conversion_in_the_workers_equals_converting_the_source_dtype_result(ini
 def test_new_bank_is_made_in_the_output_dtype_without_a_source_precision_copy(init):
     """The worker allocates the bank once, in the output dtype (no float32 bank to convert afterwards), and its
     bytes are the source-dtype bank rounded to bf16."""
-    from upscale.expand import Reinit, make_new_bank, new_expert_recipe
+    from upscale.expand import make_new_bank, new_expert_recipe
 
     source = torch.randn(4, 96, 32, generator=torch.Generator().manual_seed(0))
-    spec = GrowthSpec(experts=10, groups=(4, 3, 3), init=init, noise_std=0.05, reinit_ratio=0.25)
+    spec = GrowthSpec(experts=10, groups=(4, 3, 3), init=init, noise_std=0.05)
     recipes = [new_expert_recipe(spec, j, 4) for j in range(6)]
-    reinit = Reinit(0, [torch.tensor([1, 5, 40]) for _ in recipes])
     asked = []
 
     def empty(shape, dtype):
         asked.append(dtype)
         return torch.empty(shape, dtype=dtype)
 
-    fused = make_new_bank(source, recipes, spec, 11, empty=empty, reinit=reinit, dtype=torch.bfloat16)
+    fused = make_new_bank(source, recipes, spec, 11, empty=empty, dtype=torch.bfloat16)
     assert asked == [torch.bfloat16]
-    reference = make_new_bank(source, recipes, spec, 11, reinit=reinit).to(torch.bfloat16)
+    reference = make_new_bank(source, recipes, spec, 11).to(torch.bfloat16)
     assert torch.equal(fused.view(torch.int16), reference.view(torch.int16))
 
 

@@ -190,13 +190,9 @@ def test_bad_option_is_one_error_line_and_writes_nothing(case, runs):
 def test_routing_summary_names_the_new_groups_options_only_where_there_are_new_groups():
     from cli import _routing_summary
 
-    report = {"core_groups": 1, "top_k": 2, "top_k_groups": 1, "routed_top_k": 1, "token_handover": True, "image_context": True}
-    assert _routing_summary(report, routed=True) == ("core groups 1, top-k 2, top-k groups 1, top-k in a new group 1, "
-                                                     "hand-over per token, image context in the group router")
-    assert _routing_summary({**report, "token_handover": False}, routed=True).endswith("new group 1, image context in the group router")
+    report = {"core_groups": 1, "top_k": 2, "top_k_groups": 1, "routed_top_k": 1}
+    assert _routing_summary(report, routed=True) == "core groups 1, top-k 2, top-k groups 1, top-k in a new group 1"
     assert _routing_summary(report, routed=False) == "core groups 1, top-k 2, top-k groups 1"
     replicas = {"core_groups": 0, "top_k": 2, "top_k_groups": 1, "routed_top_k": 2, "replicas": True}
     assert _routing_summary(replicas, routed=True) == ("core groups 0, top-k 2, top-k groups 1, top-k in a new group 2, "
                                                        "groups are replicas of the source's experts")
-    residual = {**report, "token_handover": False, "image_context": False, "residual": True}
-    assert _routing_summary(residual, routed=True).endswith("new group 1, new groups add to the source's experts")

@@ -146,15 +146,6 @@ def test_replica_groups_are_labelled_source_and_copies():
     assert "groups [4], core 1" in text  # reports without the key keep their labels
 
 
-def test_residual_groups_say_their_weight_is_added():
-    # `expand --residual-experts`: the core keeps its full weight, so "new (weight)" is a share of core + new
-    rep = make_report()
-    rep["checkpoints"][1]["residual"] = True
-    text = render_report(rep, [], Path("/r/out"))
-    assert "groups [4, 4, 4, 4], core 1, new groups add to it (new weight: their share of core + new)" in text
-    assert "groups [4], core 1\n" in text
-
-
 def test_expert_usage_large_bank_has_no_cell_values():
     fig = figures.expert_usage_figure(make_report(experts=64), 1)
     assert len(fig.axes[0].texts) == 0

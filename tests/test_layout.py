@@ -21,8 +21,8 @@ LAYOUTS = {
     "tiny": TINY,
     "1.5b": L,
     "10b": grown_config(L, GrowthSpec(experts=117, groups=resolve_groups(16, 117, "8", 1), extra_blocks=1)),
-    "image context, 2 core groups, 2 extra blocks": grown_config(
-        TINY, GrowthSpec(experts=16, groups=(2, 2, 4, 4, 4), core_groups=2, image_context=True, extra_blocks=2)),
+    "2 core groups, 2 extra blocks": grown_config(
+        TINY, GrowthSpec(experts=16, groups=(2, 2, 4, 4, 4), core_groups=2, extra_blocks=2)),
     "replicas, dense extra block": grown_config(
         TINY, GrowthSpec(experts=16, groups=(4, 4, 4, 4), core_groups=0, replicate=True, noise_std=0.0, extra_blocks=1,
                          extra_dense=True)),

@@ -14,9 +14,6 @@ routing weights; RTOL64 allows for that and nothing more.
 from __future__ import annotations
 
 import itertools
-import math
-import re
-from dataclasses import replace
 
 import pytest
 import torch
@@ -24,9 +21,10 @@ from segment_anything.modeling.common import MLPBlock
 from torch import nn
 
 import upscale.moe as moe_mod
+from stages.optim import drop_idle_grads
 from upscale.config import MoEConfig
 from upscale.errors import SamoeError
-from upscale.moe import MoEMLP, image_context
+from upscale.moe import MoEMLP, balance_losses, pool_balance, router_pools
 
 D, H = 16, 32  # float32 rows of 64/128 bytes: valid strides for torch._grouped_mm
 RTOL64, ATOL64 = 1e-6, 1e-6  # ATOL is relative to the tensor's largest magnitude (see _close)
@@ -59,27 +57,16 @@ def reference(m: MoEMLP, x: torch.Tensor, act: str) -> tuple[torch.Tensor, list[
     r = m.router
     flat = x.reshape(-1, x.shape[-1])
     counts = [0] * cfg.num_experts
-    offsets = [0]
-    for n in cfg.groups:
-        offsets.append(offsets[-1] + n)
+    offsets = cfg.offsets
     group_tokens: list[list[int]] = [[] for _ in cfg.groups]
     rows = []
-    per_image = flat.shape[0] // (x.shape[0] if x.dim() > 2 else 1)
     for t in range(flat.shape[0]):
         xt = flat[t]
         out = torch.zeros_like(xt)
         routed = len(cfg.groups) - cfg.core_groups
         chosen, pg, handed = [], None, 0.0
         if routed:
-            logits = r.group_gate.weight @ xt
-            if cfg.image_context:  # the token's image: its mean and (population) std, feature by feature
-                img = flat[t // per_image * per_image : (t // per_image + 1) * per_image]
-                mean = img.sum(0) / per_image
-                std = ((img - mean) ** 2).sum(0).div(per_image).sqrt()
-                logits = logits + r.group_context.weight @ torch.cat([mean, std])
-            pg = torch.softmax(logits, dim=0)
-            if cfg.token_handover:  # the core is one more option of the group softmax, with logit 0
-                pg = torch.softmax(torch.cat([logits.new_zeros(1), logits]), dim=0)[1:]
+            pg = torch.softmax(r.group_gate.weight @ xt, dim=0)
             chosen = torch.topk(pg.detach(), cfg.top_k_groups).indices.tolist()
             if cfg.replicas:  # the chosen replicas share the token whole; the sum is a constant to autograd
                 pg = pg / sum(pg[rr] for rr in chosen).detach()
@@ -91,8 +78,7 @@ def reference(m: MoEMLP, x: torch.Tensor, act: str) -> tuple[torch.Tensor, list[
             z = sum(p[i] for i in idx)
             for i in idx:
                 g, e = _locate(cfg, i)
-                kept = 1 if cfg.residual else 1 - handed  # residual new groups add to the core, take nothing from it
-                out = out + kept * (p[i] / z) * _expert(m, g, e, xt, act)
+                out = out + (1 - handed) * (p[i] / z) * _expert(m, g, e, xt, act)
                 counts[i] += 1
         for rr in chosen:
             g = cfg.core_groups + rr
@@ -110,12 +96,11 @@ def reference(m: MoEMLP, x: torch.Tensor, act: str) -> tuple[torch.Tensor, list[
 # --------------------------------------------------------------------------- helpers
 
 
-def _make(groups, core_groups, top_k, top_k_groups, act, dtype=torch.float64, seed=0, token_handover=False,
-          image_context=False, replicas=False, residual=False) -> MoEMLP:
+def _make(groups, core_groups, top_k, top_k_groups, act, dtype=torch.float64, seed=0, replicas=False) -> MoEMLP:
     """top_k: an int, or (top_k, routed_top_k) for a different k inside routed groups."""
     top_k, routed_top_k = top_k if isinstance(top_k, tuple) else (top_k, 0)
     cfg = MoEConfig(groups=groups, core_groups=core_groups, top_k=top_k, top_k_groups=top_k_groups, routed_top_k=routed_top_k,
-                    token_handover=token_handover, image_context=image_context, replicas=replicas, residual=residual)
+                    replicas=replicas)
     cfg.validate()
     torch.manual_seed(seed)
     m = MoEMLP(D, H, cfg, nn.GELU if act == "gelu" else nn.ReLU)
@@ -126,8 +111,6 @@ def _make(groups, core_groups, top_k, top_k_groups, act, dtype=torch.float64, se
             m.router.group_gate.weight.normal_(0, 0.5)
             # distinct scales inside (0, 1) so routed groups and the hand-over both matter
             m.router.group_scale.copy_(torch.rand(m.router.group_scale.shape) * 0.8 + 0.1)
-        if hasattr(m.router, "group_context"):
-            m.router.group_context.weight.normal_(0, 0.5)
     return m.to(dtype)
 
 
@@ -175,10 +158,11 @@ def float32_case(groups, core, tkg, k, act) -> tuple[MoEMLP, torch.Tensor, torch
 
 
 def count_grouped_mm(monkeypatch) -> list[int]:
-    """Record the number of experts of every torch._grouped_mm call (the call still runs)."""
+    """Record the number of experts of every torch._grouped_mm call with 3-d weights (the call still runs)."""
     calls: list[int] = []
     real_mm = torch._grouped_mm
-    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(a[1].shape[0]) or real_mm(*a, **kw))
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: (calls.append(a[1].shape[0]) if a[1].dim() == 3 else None)
+                        or real_mm(*a, **kw))
     return calls
 
 
@@ -263,48 +247,31 @@ def test_grouped_gemm_equals_loop_fallback(monkeypatch, groups, core, tkg, k, ac
 
 @pytest.mark.parametrize("groups,core,tkg,k,act", CASES)
 def test_only_used_experts_are_computed(monkeypatch, loop_path, groups, core, tkg, k, act):
-    """Rows through the expert GEMMs == token-expert assignments; in-group routers see only their tokens."""
+    """Rows through the expert GEMMs == token-expert assignments, each bank's its own experts' rows."""
     m = _make(groups, core, k, tkg, act)
     x = torch.randn(5, 6, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     n = x.numel() // D
-    _, counts, group_tokens = reference(m, x, act)
-
+    _, counts, _ = reference(m, x, act)
     rows = []
-    real = moe_mod.grouped_linear
-
-    def spy(xx, weight, bias, c, cl):
-        rows.append((xx.shape[0], sum(cl), weight.shape[0]))
-        return real(xx, weight, bias, c, cl)
-
-    monkeypatch.setattr(moe_mod, "grouped_linear", spy)
-    seen = {g: [] for g in range(len(groups))}
-    hooks = [gate.register_forward_hook(lambda mod, inp, out, g=g: seen[g].append(inp[0].shape[0]))
-             for g, gate in enumerate(m.router.expert_gates)]
+    real = moe_mod._expert_linear
+    monkeypatch.setattr(moe_mod, "_expert_linear", lambda xx, banks, biases, offs: rows.append(
+        (xx.shape[0], [int(v) for v in offs])) or real(xx, banks, biases, offs))
     with torch.no_grad():
         m(x)
-    for h in hooks:
-        h.remove()
-
     k, kr = k if isinstance(k, tuple) else (k, k)
     per_token = (k if core else 0) + (tkg * kr if core < len(groups) else 0)
     assert m.cfg.experts_per_token == per_token
     assert int(m.expert_counts.sum()) == n * per_token
     assert m.expert_counts.tolist() == counts
-    offs = [0]
-    for e in groups:
-        offs.append(offs[-1] + e)
+    offs = m.cfg.offsets
     assert m.group_counts.tolist() == [sum(counts[a:b]) for a, b in zip(offs, offs[1:])]
-    # two GEMMs per bank that has tokens, each over exactly its assigned rows
-    assert all(r == s for r, s, _ in rows)
-    assert sum(r for r, _, _ in rows) == 2 * n * per_token
-    assert len(rows) == 2 * sum(1 for a, b in zip(offs, offs[1:]) if sum(counts[a:b]))
-    for g in range(core, len(groups)):
-        assert sum(seen[g]) == len(group_tokens[g]), f"in-group router {g} saw other tokens"
-    for g in range(core):
-        assert seen[g] == [n]
+    ends = list(itertools.accumulate(counts))
+    assert rows == [(n * per_token, ends), (n * per_token, ends)]  # two linear layers, every assignment once
 
 
-def test_unchosen_group_gets_no_gradient(loop_path):
+def test_unchosen_group_gets_zero_gradient_and_the_trainer_none(loop_path):
+    """A routed group no token chose: its bank and in-group router get a zero gradient from the layer (every
+    bank is an input of its GEMMs), and `drop_idle_grads` makes it None so that the optimizer skips it."""
     groups, core = (3, 2, 4, 3), 1
     m = _make(groups, core, 2, 1, "gelu")
     dead = 1  # routed group index -> global group 2
@@ -321,13 +288,25 @@ def test_unchosen_group_gets_no_gradient(loop_path):
     g = core + dead
     assert m.group_counts[g] == 0
     for name, p in m.named_parameters():
-        dead_param = name.startswith((f"experts.{g}.", f"router.expert_gates.{g}."))
-        if dead_param:
-            assert p.grad is None or not p.grad.any(), name
-        elif ".w" in name or ".b" in name or "gate" in name:
+        if name.startswith((f"experts.{g}.", f"router.expert_gates.{g}.")):
+            assert p.grad is not None and not p.grad.any(), name
+        else:
             assert p.grad is not None and p.grad.any(), f"{name} should get gradient"
     assert m.router.group_scale.grad[dead] == 0
-    assert m.router.group_scale.grad[[i for i in range(len(groups) - core) if i != dead]].ne(0).all()
+    drop_idle_grads([m])
+    idle = {n for n, p in m.named_parameters() if p.grad is None}
+    assert idle == {f"experts.{g}.{p}" for p in ("w1", "b1", "w2", "b2")} | {f"router.expert_gates.{g}.weight"}
+
+
+def test_drop_idle_grads_with_counts_of_all_processes():
+    """Given the groups' counts (summed over processes), the groups with none lose their gradients; an idle
+    core group keeps its router's (the core's routers share one softmax)."""
+    m = _make((2, 2, 3), 2, 1, 1, "gelu")
+    m(torch.randn(3, D, dtype=torch.float64)).sum().backward()
+    drop_idle_grads([m], [[0, 5, 0]])
+    none = {n for n, p in m.named_parameters() if p.grad is None}
+    banks = {f"experts.{g}.{p}" for g in (0, 2) for p in ("w1", "b1", "w2", "b2")}
+    assert none == banks | {"router.expert_gates.2.weight"}
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -409,9 +388,7 @@ def test_handover_loss_and_new_weight_by_hand(loop_path):
     assert float(m.new_weight) == pytest.approx(float(q[:, 1:].sum(-1).mean()), rel=1e-6)
     # routing weights of each token still sum to one (a convex mixture)
     route = m.router(x)
-    tok, w = route.token, route.weight
-    sums = torch.zeros(6, dtype=torch.float64).index_add(0, tok, w.double())
-    assert torch.allclose(sums, torch.ones(6, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(route.weight.double().sum(1), torch.ones(6, dtype=torch.float64), atol=1e-6)
 
 
 def test_handover_loss_pushes_weight_to_new_groups_at_zero_scale(loop_path):
@@ -426,96 +403,6 @@ def test_handover_loss_pushes_weight_to_new_groups_at_zero_scale(loop_path):
     assert (m.router.group_scale.grad < 0).all()
 
 
-TOKEN_HANDOVER = [((3, 2, 4, 3), 1, 1, 2, "gelu"), ((2, 2, 3), 1, 2, (2, 1), "relu"), ((2, 2, 3), 2, 1, 1, "gelu")]
-
-
-@pytest.mark.parametrize("groups,core,tkg,k,act", TOKEN_HANDOVER)
-@pytest.mark.parametrize("path", ["loop", "grouped"])
-def test_token_handover_matches_reference(monkeypatch, path, groups, core, tkg, k, act):
-    """With token_handover the reference takes the group softmax over [0 (the core), z]: outputs and every
-    gradient match, the group gate's included."""
-    if path == "loop":
-        monkeypatch.setattr(moe_mod, "_grouped_mm_ok", lambda *a, **k: False)
-    m = _make(groups, core, k, tkg, act, token_handover=True)
-    x = torch.randn(2, 9, D, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
-    _compare(m, x, act, RTOL64, ATOL64)
-
-
-def test_token_handover_keeps_a_token_on_the_core_by_hand(loop_path):
-    """Scales at 1: a token whose group logits are all very negative stays on the source's experts, one with a
-    large logit leaves them almost entirely. Without token_handover both hand over at least 1/G_r."""
-    m = _make((2, 3, 3), 1, 1, 1, "relu", token_handover=True)
-    with torch.no_grad():
-        m.router.group_scale.fill_(1.0)
-        m.router.group_gate.weight.zero_()
-        m.router.group_gate.weight[:, 0] = torch.tensor([10.0, 5.0], dtype=torch.float64)
-    x = torch.zeros(2, D, dtype=torch.float64)
-    x[0, 0], x[1, 0] = -2.0, 2.0  # logits (-20, -10) and (20, 10)
-    m(x)
-    route = m.router(x)
-    core = route.expert < 2
-    stay = torch.zeros(2, dtype=torch.float64).index_add(0, route.token[core], route.weight[core].double())
-    # by hand: core weight 1 - e^z1 / (1 + e^z1 + e^z2) for the chosen group 1
-    want = torch.tensor([1 - math.exp(-10) / (1 + math.exp(-20) + math.exp(-10)),
-                         1 - math.exp(20) / (1 + math.exp(20) + math.exp(10))], dtype=torch.float64)
-    torch.testing.assert_close(stay, want, rtol=1e-5, atol=1e-7)
-    assert stay[0] > 0.9999 and stay[1] < 0.0001
-    m.cfg = m.router.cfg = replace(m.cfg, token_handover=False)
-    route = m.router(x)
-    core = route.expert < 2
-    stay = torch.zeros(2, dtype=torch.float64).index_add(0, route.token[core], route.weight[core].double())
-    assert (stay < 0.5).all()  # p_group of the chosen group >= 1/2: at least half leaves the core
-
-
-@pytest.mark.parametrize("groups,core,tkg,k,act", TOKEN_HANDOVER)
-@pytest.mark.parametrize("handover", [False, True])
-def test_image_context_matches_reference(handover, groups, core, tkg, k, act):
-    """With image_context the reference adds group_context @ [mean, std] of the token's image (worked out
-    per image in the loop) to the group logits: outputs and every gradient match, group_context's included."""
-    m = _make(groups, core, k, tkg, act, token_handover=handover, image_context=True)
-    x = torch.randn(3, 2, 4, D, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
-    x[1] = x[1] * 3 + 1  # images that differ in their statistics
-    _compare(m, x, act, RTOL64, ATOL64)
-    params = dict(m.named_parameters())
-    assert params["router.group_context.weight"].grad is None  # _compare takes gradients with autograd.grad
-    m(x).sum().backward()
-    if handover or len(groups) - core > 1:  # a softmax over one group without the core is constant 1
-        assert params["router.group_context.weight"].grad.abs().sum() > 0
-
-
-def test_image_context_routes_whole_images_by_hand(loop_path):
-    """Token handover, scales at 1, a group gate of zero: only the image's mean of feature 0 sets the group
-    logits (10 x mean). Every token of an image whose mean is -2 stays on the source's experts, every token of
-    one whose mean is +2 leaves them, whatever the token itself holds."""
-    m = _make((2, 3, 3), 1, 1, 1, "relu", token_handover=True, image_context=True)
-    with torch.no_grad():
-        m.router.group_scale.fill_(1.0)
-        m.router.group_gate.weight.zero_()
-        m.router.group_context.weight.zero_()
-        m.router.group_context.weight[:, 0] = torch.tensor([10.0, 5.0], dtype=torch.float64)
-    x = torch.zeros(2, 3, D, dtype=torch.float64)
-    x[0, :, 0] = torch.tensor([-5.0, -2.0, 1.0])  # mean -2, one token positive
-    x[1, :, 0] = torch.tensor([5.0, 2.0, -1.0])  # mean +2, one token negative
-    m(x)
-    route = m.router(x.reshape(-1, D), image_context(x))
-    core = route.expert < 2
-    stay = torch.zeros(6, dtype=torch.float64).index_add(0, route.token[core], route.weight[core].double())
-    low, high = 1 - math.exp(-10) / (1 + math.exp(-20) + math.exp(-10)), 1 - math.exp(20) / (1 + math.exp(20) + math.exp(10))
-    torch.testing.assert_close(stay, torch.tensor([low] * 3 + [high] * 3, dtype=torch.float64), rtol=1e-5, atol=1e-7)
-
-
-def test_image_context_needs_new_groups():
-    with pytest.raises(SamoeError, match="image_context needs new"):
-        MoEConfig(groups=(4,), core_groups=1, image_context=True).validate()
-
-
-def test_token_handover_needs_core_and_new_groups():
-    with pytest.raises(SamoeError, match="token_handover needs a core pool and new"):
-        MoEConfig(groups=(4,), core_groups=1, token_handover=True).validate()
-    with pytest.raises(SamoeError, match="token_handover needs a core pool and new"):
-        MoEConfig(groups=(2, 2), core_groups=0, top_k=1, token_handover=True).validate()
-
-
 def test_constrain_projects_scales_into_unit_interval():
     m = _make((2, 3, 3), 1, 2, 1, "gelu")
     with torch.no_grad():
@@ -524,26 +411,23 @@ def test_constrain_projects_scales_into_unit_interval():
     assert m.router.group_scale.tolist() == [0.0, 1.0]
 
 
-REPLICAS = [((3, 3, 3), 1, 2, "gelu", False), ((2, 2, 2, 2), 2, 1, "relu", False), ((3, 3, 3), 3, 2, "gelu", False),
-            ((3, 3, 3), 1, 2, "gelu", True)]
+REPLICAS = [((3, 3, 3), 1, 2, "gelu"), ((2, 2, 2, 2), 2, 1, "relu"), ((3, 3, 3), 3, 2, "gelu")]
 
 
-@pytest.mark.parametrize("groups,tkg,k,act,context", REPLICAS)
+@pytest.mark.parametrize("groups,tkg,k,act", REPLICAS)
 @pytest.mark.parametrize("path", ["loop", "grouped"])
-def test_replicas_match_reference(monkeypatch, path, groups, tkg, k, act, context):
+def test_replicas_match_reference(monkeypatch, path, groups, tkg, k, act):
     """replicas: the reference divides the chosen groups' probabilities by their (detached) sum: outputs and every
     gradient match; the group gate learns (through log p) even with one group per token, whose weight is 1."""
     if path == "loop":
         monkeypatch.setattr(moe_mod, "_grouped_mm_ok", lambda *a, **k: False)
-    m = _make(groups, 0, k, tkg, act, replicas=True, image_context=context)
+    m = _make(groups, 0, k, tkg, act, replicas=True)
     x = torch.randn(2, 9, D, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
     _compare(m, x, act, RTOL64, ATOL64)
-    route = m.router(x.reshape(-1, D), image_context(x) if context else None)
+    route = m.router(x.reshape(-1, D))
     if tkg == 1:  # a token's weights add up to its one group's scale: no share of p is lost
-        per_token = torch.zeros(18, dtype=torch.float64).index_add(0, route.token, route.weight.double())
-        group_of = torch.empty(18, dtype=torch.long)
-        group_of[route.token] = route.expert // groups[0]
-        torch.testing.assert_close(per_token, m.router.group_scale.double()[group_of])
+        group_of = route.expert[:, 0] // groups[0]
+        torch.testing.assert_close(route.weight.double().sum(1), m.router.group_scale.double()[group_of])
     m(x).square().sum().backward()
     assert m.router.group_gate.weight.grad.abs().sum() > 0
 
@@ -571,8 +455,6 @@ def test_replicas_of_one_pool_compute_the_source_by_hand(loop_path):
         if tkg == 1:
             left = 1 - rep.group_counts[0].item() / rep.group_counts.sum().item()
             assert rep.new_weight.item() == pytest.approx(left)
-            torch.testing.assert_close(rep.group_weight, rep.group_counts.double() / rep.group_counts.sum(), rtol=1e-6, atol=0,
-                                       check_dtype=False)
 
 
 def test_replicas_need_no_core_pool():
@@ -580,132 +462,141 @@ def test_replicas_need_no_core_pool():
         MoEConfig(groups=(4, 4), core_groups=1, replicas=True).validate()
 
 
-def test_mixture_normalise_grads_divides_each_replica_by_its_share(loop_path):
-    """--mixture-lr on replicas: each group's bank gradients are divided by the share of the tokens it took
-    (its group_weight), floored at half a fair share, 1 / (2 G)."""
-    from upscale.moe import mixture_normalise_grads
+# --------------------------------------------------------------------------- balance losses from sums
 
-    m = _make((2, 2, 2), 0, 1, 1, "gelu", replicas=True)
+
+@pytest.mark.parametrize("groups,core,tkg,k,act", CASES[::3])
+def test_balance_losses_by_hand(groups, core, tkg, k, act):
+    """aux_loss is the mean Switch loss num * sum_e f_e * mean p_e over the pools that had tokens (core and group
+    router always, a routed group when chosen), worked out here from the reference routing; the pool sums of two
+    halves of a batch add up to the sums of the whole (what N processes all-reduce)."""
+    m = _make(groups, core, k, tkg, act)
+    x = torch.randn(12, D, generator=torch.Generator().manual_seed(31), dtype=torch.float64)
+    cfg, r = m.cfg, m.router
     with torch.no_grad():
-        m.router.group_scale.fill_(1.0)
-        m.router.group_gate.weight.zero_()
-        m.router.group_gate.weight[:, 0] = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64) * 50
-    x = torch.randn(40, D, dtype=torch.float64)
-    x[:, 0] = torch.cat([torch.full((3,), -1.0), torch.full((37,), 1.0)])  # 3 tokens to group 0, 37 to group 2
-    m(x).square().sum().backward()
-    assert m.group_counts.tolist() == [3, 0, 37]
-    before = {n: p.grad.clone() for n, p in m.experts.named_parameters() if p.grad is not None}
-    mixture_normalise_grads([m])
-    for n, p in m.experts.named_parameters():
-        if n.startswith("1."):
-            assert p.grad is None  # no token, no gradient, nothing to scale
-            continue
-        factor = 1 / max(3 / 40, 1 / 6) if n.startswith("0.") else 40 / 37
-        torch.testing.assert_close(p.grad, before[n] * factor, rtol=1e-6, atol=0)  # shares are float32
-
-
-@pytest.mark.parametrize("scale,new_factor", [(0.3, 1 / 0.3), (0.1, 4.0)], ids=["open", "floored"])
-def test_mixture_normalise_grads_against_hand_computed_factors(scale: float, new_factor: float):
-    """`--mixture-lr`: with one routed group its group probability is 1, so every token's new-group weight is
-    `group_scale` = w exactly; core bank gradients are divided by 1 - w, new ones by max(w, 0.25)."""
-    from upscale.moe import mixture_normalise_grads
-
-    torch.manual_seed(0)
-    grown = MoEMLP(8, 16, MoEConfig(groups=(3, 2), core_groups=1, top_k=2, routed_top_k=1), nn.GELU)
-    flat = MoEMLP(8, 16, MoEConfig(groups=(3,), top_k=2), nn.GELU)
-    with torch.no_grad():
-        grown.router.group_scale.fill_(scale)
-    for m in (grown, flat):
-        m(torch.randn(2, 5, 8)).square().sum().backward()
-    assert grown.new_weight.item() == pytest.approx(scale)
-    before = {(id(m), n): p.grad.clone() for m in (grown, flat) for n, p in m.experts.named_parameters()}
-    mixture_normalise_grads([grown, flat])
-    for n, p in grown.experts.named_parameters():
-        factor = 1 / (1 - scale) if n.startswith("0.") else new_factor
-        torch.testing.assert_close(p.grad, before[(id(grown), n)] * factor, rtol=1e-6, atol=0)
-    for n, p in flat.experts.named_parameters():  # a layer without new groups trains as before
-        assert torch.equal(p.grad, before[(id(flat), n)])
-    assert grown.router.group_gate.weight.grad is not None  # routers keep their gradients (not in the banks)
-
-
-# --------------------------------------------------------------------------- residual new groups
-
-
-RESIDUAL = [((3, 2, 4, 3), 1, 2, (2, 1), "gelu", False), ((2, 2, 3), 2, 1, 1, "relu", False),
-            ((3, 3, 3), 1, 1, 2, "gelu", True)]
-
-
-@pytest.mark.parametrize("groups,core,tkg,k,act,context", RESIDUAL)
-@pytest.mark.parametrize("path", ["loop", "grouped"])
-def test_residual_matches_reference(monkeypatch, path, groups, core, tkg, k, act, context):
-    """residual: the reference keeps the core's weights whole (no 1 - handed) and adds the routed groups'
-    weighted outputs: outputs and every gradient match; there is no hand-over pressure."""
-    if path == "loop":
-        monkeypatch.setattr(moe_mod, "_grouped_mm_ok", lambda *a, **k: False)
-    m = _make(groups, core, k, tkg, act, residual=True, image_context=context)
-    x = torch.randn(2, 9, D, generator=torch.Generator().manual_seed(29), dtype=torch.float64)
-    _compare(m, x, act, RTOL64, ATOL64)
+        m(x)
+        losses = []
+        if core:
+            p = torch.softmax(x @ torch.cat([r.expert_gates[g].weight for g in range(core)]).t(), -1)
+            top = p.topk(cfg.top_k, -1).indices
+            frac = torch.bincount(top.flatten(), minlength=cfg.num_core_experts).double() / top.numel()
+            losses.append(cfg.num_core_experts * (frac * p.mean(0)).sum())
+        if cfg.num_routed_groups:
+            pg = torch.softmax(x @ r.group_gate.weight.t(), -1)
+            gi = pg.topk(cfg.top_k_groups, -1).indices
+            frac = torch.bincount(gi.flatten(), minlength=cfg.num_routed_groups).double() / gi.numel()
+            losses.append(cfg.num_routed_groups * (frac * pg.mean(0)).sum())
+            for rr in range(cfg.num_routed_groups):
+                tok = (gi == rr).any(-1)
+                if not tok.any():
+                    continue
+                q = torch.softmax(x[tok] @ r.expert_gates[core + rr].weight.t(), -1)
+                top = q.topk(cfg.k_routed, -1).indices
+                frac = torch.bincount(top.flatten(), minlength=q.shape[1]).double() / top.numel()
+                losses.append(q.shape[1] * (frac * q.mean(0)).sum())
+    assert float(m.aux_loss) == pytest.approx(float(torch.stack(losses).mean()), rel=1e-5)
+    halves = []
+    for part in (x[:5], x[5:]):
+        m(part)
+        halves.append(m.pool_sums)
+    summed = [a + b for a, b in zip(*halves)]
     m(x)
-    assert m.handover_loss.item() == 0.0
-    assert 0 < m.new_weight.item() < 1  # the routing weight on the new groups, as reported
+    for a, b in zip(summed, m.pool_sums):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    aux, handover = balance_losses(cfg, summed)
+    assert float(aux.detach()) == pytest.approx(float(m.aux_loss.detach()), rel=1e-5)
+    assert float(handover.detach()) == pytest.approx(float(m.handover_loss.detach()), rel=1e-5)
+    assert len(summed) == len(router_pools(cfg))
 
 
-def test_residual_groups_with_zero_output_layers_compute_the_core_by_hand(loop_path):
-    """Growth's residual start: new groups with random first layers, zero output layers and scale 1 leave the
-    layer computing exactly the flat layer's output; the first backward reaches their output layers only (their
-    first layers and the group gate see a zero output), the second, after one step, the group gate too. Not
-    vacuous: a non-zero output layer shows."""
-    torch.manual_seed(5)
-    flat = MoEMLP(D, H, MoEConfig(groups=(4,), top_k=2), nn.GELU).double()
-    grown = MoEMLP(D, H, MoEConfig(groups=(4, 3, 3), core_groups=1, top_k=2, routed_top_k=1, residual=True), nn.GELU).double()
-    with torch.no_grad():
-        for name in ("w1", "b1", "w2", "b2"):
-            getattr(grown.experts[0], name).copy_(getattr(flat.experts[0], name))
-        grown.router.expert_gates[0].weight.copy_(flat.router.expert_gates[0].weight)
-        for g in (1, 2):
-            grown.experts[g].w2.zero_()
-            grown.experts[g].b2.zero_()
-        grown.router.group_gate.weight.normal_(0, 1.0)
-        grown.router.group_scale.fill_(1.0)
-    x = torch.randn(3, 5, D, dtype=torch.float64)
-    torch.testing.assert_close(grown(x), flat(x), rtol=0, atol=0)
-    grown(x).square().sum().backward()
-    assert not grown.router.group_gate.weight.grad.any()
-    for g in (1, 2):
-        assert grown.experts[g].w2.grad.abs().sum() > 0
-        assert not grown.experts[g].w1.grad.any()
-    with torch.no_grad():
-        for g in (1, 2):
-            grown.experts[g].w2.sub_(0.1 * grown.experts[g].w2.grad)
-    assert (grown(x) - flat(x)).abs().max() > 1e-3
-    grown.zero_grad()
-    grown(x).square().sum().backward()
-    assert grown.router.group_gate.weight.grad.abs().sum() > 0 and grown.experts[1].w1.grad.abs().sum() > 0
+def test_pool_balance_is_one_when_uniform_and_zero_without_tokens():
+    num = 4
+    uniform = torch.cat([torch.full((num,), 8 / num), torch.full((num,), 16 / num), torch.tensor([8.0, 16.0])])
+    assert float(pool_balance(uniform, num)) == pytest.approx(1.0)
+    assert float(pool_balance(torch.zeros(2 * num + 2), num)) == 0.0
 
 
-@pytest.mark.parametrize(("options", "words"), [
-    (dict(groups=(4,), core_groups=1), "residual needs a core pool and new (routed) groups"),
-    (dict(groups=(2, 2), core_groups=0), "residual needs a core pool and new (routed) groups"),
-    (dict(groups=(2, 2), core_groups=1, token_handover=True), "residual and token_handover exclude each other"),
-])
-def test_residual_rejects_layouts_it_cannot_mean(options, words):
-    with pytest.raises(SamoeError, match=re.escape(words)):
-        MoEConfig(residual=True, **options).validate()
+# --------------------------------------------------------------------------- the single-call (CUDA) dispatch
 
 
-def test_mixture_normalise_grads_leaves_a_residual_core_alone():
-    """`--mixture-lr` with residual new groups: the core's output is not scaled down, so its bank gradients stay
-    as they are; the new ones are divided by max(w, 0.25) as for a hand-over (one routed group: w = scale)."""
-    from upscale.moe import mixture_normalise_grads
+@pytest.fixture
+def single(monkeypatch):
+    """What a CUDA tensor takes: every bank in one grouped GEMM whose offsets stay on the device."""
+    monkeypatch.setattr(moe_mod, "single_call", lambda x: True)
 
-    torch.manual_seed(0)
-    m = MoEMLP(8, 16, MoEConfig(groups=(3, 2), core_groups=1, top_k=2, routed_top_k=1, residual=True), nn.GELU)
-    with torch.no_grad():
-        m.router.group_scale.fill_(0.4)
-    m(torch.randn(2, 5, 8)).square().sum().backward()
-    assert m.new_weight.item() == pytest.approx(0.4)
-    before = {n: p.grad.clone() for n, p in m.experts.named_parameters()}
-    mixture_normalise_grads([m])
-    for n, p in m.experts.named_parameters():
-        factor = 1.0 if n.startswith("0.") else 1 / 0.4
-        torch.testing.assert_close(p.grad, before[n] * factor, rtol=1e-6, atol=0)
+
+def _run(m: MoEMLP, x: torch.Tensor, gout: torch.Tensor):
+    xi = x.clone().requires_grad_(True)
+    out = m(xi)
+    grads = _grads(out, [xi, *[p for _, p in _params(m)]], gout)
+    stats = [m.expert_counts.clone(), m.group_counts.clone(), m.aux_loss.detach().clone(), m.handover_loss.detach().clone()]
+    return out.detach(), grads, stats + [s.detach().clone() for s in m.pool_sums]
+
+
+@pytest.mark.parametrize("groups,core,tkg,k,act", CASES)
+def test_single_call_matches_the_bank_by_bank_path(monkeypatch, groups, core, tkg, k, act):
+    m, x, ref, counts = float32_case(groups, core, tkg, k, act)
+    gout = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    banked = _run(m, x, gout)
+    calls = count_grouped_mm(monkeypatch)
+    monkeypatch.setattr(moe_mod, "single_call", lambda x: True)
+    out, grads, stats = _run(m, x, gout)
+    assert calls == [sum(groups)] * 4  # one per linear layer over every expert, and one for its input gradient
+    _close(out.double(), ref, RTOL32, ATOL32)
+    assert m.expert_counts.tolist() == counts
+    torch.testing.assert_close(out, banked[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, banked[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(stats, banked[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("groups,core,tkg,k,act", CASES[:6])
+def test_single_call_reads_nothing_on_the_host(single, monkeypatch, groups, core, tkg, k, act):
+    """No .tolist(), .item() or nonzero in forward or backward (each is a device->host wait on CUDA)."""
+    m = _make(groups, core, k, tkg, act, dtype=torch.float32)
+    x = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(4))
+    m(x)  # build the per-device constants first (a one-time copy)
+    seen = []
+    for name in ("tolist", "item", "nonzero"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _r=real, **kw: seen.append(_n) or _r(self, *a, **kw))
+    real_nz = torch.nonzero
+    monkeypatch.setattr(torch, "nonzero", lambda *a, **kw: seen.append("torch.nonzero") or real_nz(*a, **kw))
+    m(x).sum().backward()
+    assert seen == []
+
+
+@pytest.mark.parametrize("path", ["banks", "single"])
+@pytest.mark.parametrize("groups,core", [((4,), 1), ((2, 3, 3), 1), ((2, 2, 3), 0)])
+def test_layer_without_tokens_returns_zeros(monkeypatch, path, groups, core):
+    if path == "single":
+        monkeypatch.setattr(moe_mod, "single_call", lambda x: True)
+    cfg = MoEConfig(groups=groups, core_groups=core, top_k=1, top_k_groups=1)
+    cfg.validate()
+    m = MoEMLP(D, 2 * D, cfg)
+    for shape in ((0, D), (2, 0, D)):
+        x = torch.randn(shape, requires_grad=True)
+        y = m(x)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        assert float(m.aux_loss.detach()) == 0.0
+        (x.sum() + y.sum() + m.aux_loss).backward()  # inside a residual block it trains through
+        assert int(m.expert_counts.sum()) == 0
+
+
+@pytest.mark.parametrize("path", ["banks", "single"])
+def test_cpu_bf16_autocast(monkeypatch, path):
+    """Under CPU bf16 autocast the experts compute in bf16 (grouped GEMM) and stay close to fp32."""
+    if path == "single":
+        monkeypatch.setattr(moe_mod, "single_call", lambda x: True)
+    m = _make((2, 3, 3), 1, 2, 1, "gelu", dtype=torch.float32)
+    x = torch.randn(4, 8, D, generator=torch.Generator().manual_seed(6))
+    want = m(x)
+    seen = []
+    real_mm = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda a, b, **kw: seen.append((a.dtype, b.dtype)) or real_mm(a, b, **kw))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m(x)
+    assert seen and all(d == (torch.bfloat16, torch.bfloat16) for d in seen)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2)

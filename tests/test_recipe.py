@@ -48,7 +48,7 @@ TRAIN_CASES = {
     "restart_ramps": ("true", True, "false", False),
     "aux_loss_coef": ("0.02", 0.02, "0.03", 0.03),
     "handover_coef": ("0.2", 0.2, "0", 0.0),
-    "mixture_lr": ("true", True, "false", False),
+    "compile": ("true", True, "false", False),
     "checkpoint_every": ("25", 25, "10", 10),
     "keep": ("3", 3, "4", 4),
     "log_every": ("2", 2, "3", 3),

@@ -22,11 +22,11 @@ from torch.utils.data import default_collate
 from stages.data import LabelledFolder, UnlabelledFolder
 from stages.engine import apply_stage, train_step
 from stages.optim import apply_lr, build_optimizers, lr_factor
-from stages.semisup import pseudo_targets, sigmoid_rampup, task_losses
+from stages.semisup import MultiTaskLoss, gating_without_grad, pseudo_targets, sigmoid_rampup, task_losses
 from upscale.checkpoint import Checkpoint, load_model
 from upscale.config import PRESETS
 from upscale.expand import GrowthSpec, expand_checkpoint, resolve_groups
-from upscale.heads import TASKS, GatingModel, MultiScaleTaskSelector, MultiTaskLoss, TaskDWSelector
+from upscale.heads import TASKS, GatingModel, MultiScaleTaskSelector, TaskDWSelector
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = PRESETS["tiny"]
@@ -398,10 +398,6 @@ def test_pseudo_targets_rules():
 # --------------------------------------------------------------------------- optimizers
 
 
-def _named_ids(model):
-    return {id(p): n for n, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("stage,selector_gating", [(1, False), (1, True), (3, False)])
 def test_optimizer_structure(grown: Path, stage: int, selector_gating: bool):
     ckpt = Checkpoint.open(grown)
@@ -410,7 +406,7 @@ def test_optimizer_structure(grown: Path, stage: int, selector_gating: bool):
     seed004 = stage >= 2 or selector_gating  # stage 1 freezes the source's selector and gating by default
     lr = 0.01
     opts = build_optimizers(model, lr, momentum=0.9, weight_decay=5e-5)
-    names = _named_ids(model)
+    names = {id(p): n for n, p in opts.named_parameters(model).items()}
     wd = 5e-5
     o1, o2, o3 = opts.opt1, opts.opt2, opts.opt3
     assert isinstance(o1, torch.optim.SGD) and isinstance(o2, torch.optim.Adam) and isinstance(o3, torch.optim.SGD)
@@ -425,7 +421,8 @@ def test_optimizer_structure(grown: Path, stage: int, selector_gating: bool):
     for g in o1.param_groups + o3.param_groups:
         assert g["momentum"] == 0.9
     assert len(o2.param_groups) == 1 and o2.param_groups[0]["lr"] == 0.05
-    assert [id(p) for p in o2.param_groups[0]["params"]] == [id(p) for p in model.loss.parameters()]
+    assert [id(p) for p in o2.param_groups[0]["params"]] == [id(p) for p in opts.loss.parameters()]
+    assert not any(n.startswith("loss.") for n, _ in model.named_parameters())  # the objective's, not the model's
     assert len(o3.param_groups) == 1 and o3.param_groups[0]["lr"] == lr
     assert {id(p) for p in o3.param_groups[0]["params"]} == ({id(p) for p in model.gating.parameters()} if seed004 else set())
     members = {
@@ -445,7 +442,7 @@ def test_optimizer_structure(grown: Path, stage: int, selector_gating: bool):
         for g in opt.param_groups:
             for p in g["params"]:
                 seen[names[id(p)]] = seen.get(names[id(p)], 0) + 1
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {n for n, p in opts.named_parameters(model).items() if p.requires_grad}
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert set(seen) == trainable and all(v == 1 for v in seen.values())
     assert not (frozen & set(seen))
@@ -456,7 +453,7 @@ def test_optimizer_structure(grown: Path, stage: int, selector_gating: bool):
         assert "image_encoder.blocks.2.mlp.router.expert_gates.0.weight" in trainable  # every router
         parts = ("selector.", "gating.", "loss.") if seed004 else ("loss.",)
         assert {n for n in trainable if n.startswith(("selector.", "gating.", "loss."))} == {
-            n for n, _ in model.named_parameters() if n.startswith(parts)}
+            n for n in opts.named_parameters(model) if n.startswith(parts)}
     else:
         assert not frozen
     assert build_optimizers(model, lr, weight_decay=5e-4).opt1.param_groups[0]["weight_decay"] == pytest.approx(5e-4, rel=1e-12)
@@ -474,10 +471,6 @@ def test_optimizer_structure(grown: Path, stage: int, selector_gating: bool):
 # --------------------------------------------------------------------------- gradient table (seed 004)
 
 
-def _snapshot(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
 def _part(name: str) -> str:
     """The columns of seed 004's gradient table."""
     for prefix, part in (("image_encoder.", "encoder"), ("mask_decoder.", "decoder"), ("selector.", "selector"),
@@ -487,9 +480,9 @@ def _part(name: str) -> str:
     raise AssertionError(name)
 
 
-def _changed_by_role(model, before) -> dict[str, list[bool]]:
+def _changed_by_role(params: dict[str, torch.Tensor], before) -> dict[str, list[bool]]:
     out: dict[str, list[bool]] = {}
-    for n, p in model.named_parameters():
+    for n, p in params.items():
         out.setdefault(_part(n), []).append(not torch.equal(p.detach(), before[n]))
     return out
 
@@ -508,9 +501,10 @@ def test_supervised_phase_updates_every_group(stage3_model, data: Path):
     model = stage3_model
     opts = build_optimizers(model, 1e-2)
     batch = _batch(LabelledFolder(data / "A", 4, size=128), [0, 1])
-    before = _snapshot(model)
+    params = opts.named_parameters(model)
+    before = {n: p.detach().clone() for n, p in params.items()}
     train_step(model, opts, batch, None, 1.0, 0.01, False, 0)
-    changed = _changed_by_role(model, before)
+    changed = _changed_by_role(params, before)
     assert set(changed) == {"encoder", "decoder", "selector", "gating", "loss"}
     for role in ("encoder", "decoder", "selector", "gating", "loss"):
         assert all(changed[role]), role
@@ -523,7 +517,8 @@ def test_unsupervised_phase_never_touches_gating(stage3_model, data: Path):
     opts = build_optimizers(model, 1e-2)
     batch = _batch(LabelledFolder(data / "A", 4, size=128), [0, 1])
     ubatch = _batch(UnlabelledFolder(data / "B", size=128), [0, 1])
-    before = _snapshot(model)
+    params = opts.named_parameters(model)
+    before = {n: p.detach().clone() for n, p in params.items()}
     seen: dict[str, object] = {}
     calls = {"opt1": 0, "opt2": 0, "opt3": 0, "forward": []}
     orig2, orig1, orig3 = opts.opt2.step, opts.opt1.step, opts.opt3.step
@@ -540,24 +535,24 @@ def test_unsupervised_phase_never_touches_gating(stage3_model, data: Path):
         calls["opt2"] += 1
         r = orig2(*a, **k)
         if calls["opt2"] == 1:  # end of the unsupervised phase
-            seen["params"] = _snapshot(model)
+            seen["params"] = {n: p.detach().clone() for n, p in params.items()}
             seen["gate_grads"] = [p.grad for p in model.gating.parameters()]
             seen["opt3_calls"] = calls["opt3"]
         return r
 
-    orig_forward = model.forward
+    orig_forward = model.gating.forward
 
-    def forward(images, gate_grad=True):
-        calls["forward"].append(gate_grad)
-        return orig_forward(images, gate_grad=gate_grad)
+    def forward(feats):
+        calls["forward"].append(torch.is_grad_enabled())
+        return orig_forward(feats)
 
     opts.opt1.step, opts.opt2.step, opts.opt3.step = step1, step2, step3
-    model.forward = forward
+    model.gating.forward = forward
     try:
         m = train_step(model, opts, batch, ubatch, 1.0, 0.01, False, 0)
     finally:
-        del model.forward
-    assert calls["forward"] == [False, True]  # separate forwards: unsup (gate frozen), then sup
+        del model.gating.forward
+    assert calls["forward"] == [False, True]  # separate forwards: unsup (gate under no_grad), then sup
     assert calls["opt1"] == 2 and calls["opt2"] == 2 and calls["opt3"] == 1
     assert seen["opt3_calls"] == 0
     assert all(g is None for g in seen["gate_grads"])
@@ -572,18 +567,20 @@ def test_unsupervised_phase_never_touches_gating(stage3_model, data: Path):
     for role in ("encoder", "decoder", "selector", "loss"):
         assert all(roles[role]), role
     # the supervised phase then trains the gate
-    assert all(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters() if n.startswith("gating."))
+    assert all(not torch.equal(p.detach(), before[n]) for n, p in params.items() if n.startswith("gating."))
     assert m["loss_unsup"] != 0.0 and math.isfinite(m["loss_sup"])
 
 
-def test_gate_grad_false_builds_no_graph_through_gating(stage3_model, data: Path):
+def test_gating_without_grad_builds_no_graph_through_gating(stage3_model, data: Path):
     model = stage3_model
     x = _batch(UnlabelledFolder(data / "B", size=128), [0])["image"]
-    out = model(x, gate_grad=False)
+    with gating_without_grad(model):
+        out = model(x)
+    assert torch.is_grad_enabled()
     for t in TASKS:
         assert not out[f"gate_{t}"].requires_grad
         assert out[t].requires_grad
-    out = model(x)
+    out = model(x)  # the hooks are gone
     assert all(out[f"gate_{t}"].requires_grad for t in TASKS)
 
 
@@ -636,7 +633,7 @@ def test_lr_table_comes_from_the_optimizer_groups():
     lrs = component_lrs(model, build_optimizers(model, 0.01, router_lr_mult=10.0))
     assert lrs["extra_blocks"] == pytest.approx([0.01, 0.1])
     assert lrs["routers"] == pytest.approx([0.1]) and lrs["selector"] == pytest.approx([0.05])
-    assert lrs["loss"] == pytest.approx([0.05]) and lrs["encoder"] == pytest.approx([0.01])
+    assert lrs["encoder"] == pytest.approx([0.01])
 
 
 def test_param_roles():
@@ -646,6 +643,6 @@ def test_param_roles():
     assert param_role("mask_decoder.transformer.layers.0.mlp.experts.0.w1") == "expert"
     assert param_role("mask_decoder.mask_tokens.weight") == "head"
     assert param_role("selector.selectors.seg_scale1.conv.weight") == "selector"
-    assert param_role("gating.mlp.0.weight") == "gating" and param_role("loss.log_vars") == "loss"
+    assert param_role("gating.mlp.0.weight") == "gating"
     assert param_role("image_encoder.patch_embed.proj.weight") == "encoder"
     assert param_role("mask_decoder.transformer.final_attn_token_to_image.q_proj.weight") == "decoder"

@@ -44,7 +44,6 @@ from conftest import one_error_line
 
 SAMOE = Path(sys.executable).with_name("samoe")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "120"}
-LOSS_WEIGHTS = ("loss.",)  # the task-loss sigmas: the only source parameters stage 1 trains besides routers
 SEED004 = ("selector.", "gating.")
 
 
@@ -131,13 +130,13 @@ def stage3(stage2: Path, data: Path, runs: Path) -> Path:
 
 
 def test_stage1_freezes_source_and_trains_new_parts(grown: Path, stage1: Path):
-    """The growth plan's stage 1: every source tensor except routers (and the loss sigmas) is bit-identical,
-    the selector and gating model included; every new tensor and router moves."""
+    """The growth plan's stage 1: every source tensor except routers is bit-identical, the selector and gating
+    model included; every new tensor and router moves; the checkpoints hold no task-loss weights (training state)."""
     prov = Checkpoint.open(grown).provenance
     before, after = tensors(grown), tensors(stage1 / "final")
     params = param_names(grown)
     assert set(before) == set(after)
-    frozen = [n for n in before if n in params and prov[n] == "source" and ".router." not in n and not n.startswith(LOSS_WEIGHTS)]
+    frozen = [n for n in before if n in params and prov[n] == "source" and ".router." not in n]
     assert len(frozen) > 150
     assert any(n.startswith("selector.") for n in frozen) and any(n.startswith("gating.") for n in frozen)
     moved = [n for n in frozen if not torch.equal(before[n], after[n])]
@@ -146,9 +145,7 @@ def test_stage1_freezes_source_and_trains_new_parts(grown: Path, stage1: Path):
     assert len(new) > 40
     unchanged = sorted(n for n in new if torch.equal(before[n], after[n]))
     assert not unchanged, unchanged
-    for n in params:
-        if n.startswith(LOSS_WEIGHTS):
-            assert not torch.equal(before[n], after[n]), n
+    assert not any(n.startswith("loss.") for n in after)
 
 
 def test_stage1_can_train_selector_and_gating_on_request(grown: Path, data: Path, runs: Path):
@@ -192,7 +189,7 @@ def test_stage1_optimizer_state_only_for_trainable(grown: Path, stage1: Path):
     assert (stage1 / "checkpoints" / "latest").read_text().strip() == "step-2"
     prov = Checkpoint.open(grown).provenance
     params = param_names(grown)
-    trainable = {n for n in params if prov[n] != "source" or ".router." in n or n.startswith(LOSS_WEIGHTS)}
+    trainable = {n for n in params if prov[n] != "source" or ".router." in n} | {"loss.log_vars"}
     keys = load_file(str(stage1 / "checkpoints" / "step-2" / "optimizer.safetensors")).keys()
     by_opt: dict[str, set[str]] = {}
     for k in keys:
@@ -209,6 +206,7 @@ def test_stage1_optimizer_state_only_for_trainable(grown: Path, stage1: Path):
     assert g["selector"]["lr"] == pytest.approx(5 * g["backbone"]["lr"])
     assert g["backbone"]["weight_decay"] == pytest.approx(5e-5)
     assert state["optimizers"]["optimizer2"][0]["lr"] == 0.05
+    assert len(state["task_loss"]) == 3 and state["task_loss"] != [1.0, 1.0, 1.0]  # the sigmas train, saved as JSON
     # the step checkpoint is itself a loadable model
     load_model(stage1 / "checkpoints" / "step-2" / "model")
 
@@ -256,7 +254,7 @@ def test_stage2_unfreezes_last_k_block_mlp_only(grown: Path, stage1: Path, stage
         last = [n for n in last if not n.endswith(".router.group_gate.weight")]
     still = [n for n in last if torch.equal(before[n], after[n])]
     assert not still, still
-    frozen = [n for n in before if prov[n] == "source" and ".router." not in n and not n.startswith(LOSS_WEIGHTS + SEED004)
+    frozen = [n for n in before if prov[n] == "source" and ".router." not in n and not n.startswith(SEED004)
               and not n.startswith("image_encoder.blocks.3.mlp.")]
     assert any(n.startswith("image_encoder.blocks.0.") for n in frozen)
     assert any(n.startswith("image_encoder.blocks.2.mlp.") for n in frozen)
@@ -279,7 +277,7 @@ def test_stage3_trains_everything(grown: Path, stage2: Path, stage3: Path):
     # every parameter is in an optimizer and has state (nothing frozen)
     keys = load_file(str(stage3 / "checkpoints" / "step-2" / "optimizer.safetensors")).keys()
     named = {k.split(".", 1)[1].rpartition(".")[0] for k in keys}
-    assert named == params
+    assert named == params | {"loss.log_vars"}
 
 
 def test_inspect_shows_stage_history(stage3: Path):
@@ -588,35 +586,3 @@ def test_nonfinite_loss_stops_with_exit_2(grown: Path, data: Path, runs: Path):
     assert (runs / "nan-skip" / "final" / "samoe.json").exists()
     rows = read_rows(runs / "nan-skip" / "metrics.csv")
     assert len(rows) == 6 and any(not math.isfinite(float(r["loss"])) for r in rows)
-
-
-def test_mixture_lr_is_part_of_a_runs_identity_only_when_on(tmp_path: Path):
-    """A run started before `--mixture-lr` existed has no such key in run.json and must still resume;
-    a run with it on must not resume without it (nor the other way round)."""
-    from stages.engine import TrainConfig
-
-    off = TrainConfig(stage=1, source="s", run_dir=str(tmp_path / "r"), data=str(tmp_path))
-    on = TrainConfig(stage=1, source="s", run_dir=str(tmp_path / "r"), data=str(tmp_path), mixture_lr=True)
-    assert "mixture_lr" not in off.identity()
-    assert on.identity() == {**off.identity(), "mixture_lr": True}
-
-
-def test_mixture_lr_is_refused_under_torchrun(tmp_path: Path, monkeypatch):
-    """Each rank would divide by its own batch's mixture weight: refused with one line, nothing written."""
-    from stages import distributed
-    from stages.engine import TrainConfig, run
-    from upscale.errors import SamoeError
-
-    closed = []
-
-    class OneOfTwoRanks:
-        is_main = True
-
-        def close(self, finished: bool) -> None:
-            closed.append(finished)
-
-    monkeypatch.setattr(distributed.Distributed, "from_env", classmethod(lambda cls, precision, device: OneOfTwoRanks()))
-    cfg = TrainConfig(stage=1, source="s", run_dir=str(tmp_path / "r"), data=str(tmp_path), mixture_lr=True)
-    with pytest.raises(SamoeError, match="--mixture-lr runs in one process"):
-        run(cfg)
-    assert closed == [False] and not (tmp_path / "r").exists()

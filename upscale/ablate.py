@@ -8,7 +8,7 @@ paired difference is what the new capacity contributes; the rest of its gain ove
 what training the old parts further bought.
 
 What is switched off, in place, for every layout `expand` makes:
-- hand-over and residual groups (`core_groups` >= 1): every routed group's `group_scale` is set to
+- routed groups (`core_groups` >= 1): every routed group's `group_scale` is set to
   0, so each MoE layer computes its core experts' output alone, as the source's layer did;
 - replicas (`expand --replicate`): every group becomes a copy of group 0 (the source's own pool,
   with its in-group router and its scale), so every token computes what group 0 computes;

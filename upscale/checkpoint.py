@@ -45,6 +45,8 @@ SINGLE_FILE = "model.safetensors"
 META_FILE = "samoe.json"
 FORMAT = "samoe-checkpoint"
 FORMAT_VERSION = 1
+# Tensor names some older checkpoints hold that the model no longer has; they are skipped when read.
+LEGACY_TRAINING_PREFIXES = ("loss.",)
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}  # the dtypes a checkpoint may be stored in
@@ -502,6 +504,8 @@ class Checkpoint:
                     raise SamoeError(f"tensor {name} is stored twice ({tensors[name].file}, {shard}): re-create the checkpoint")
                 tensors[name] = info
         cls._check_index(d, tensors)
+        # task-loss weights, which checkpoints held until they became training state (stages/semisup.py)
+        tensors = {n: info for n, info in tensors.items() if not n.startswith(LEGACY_TRAINING_PREFIXES)}
         return cls(path, meta, config, tensors, pinned)
 
     @staticmethod

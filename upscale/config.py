@@ -10,9 +10,17 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Sequence
 
 from .errors import SamoeError
+
+
+def expert_offsets(groups: Sequence[int]) -> tuple[int, ...]:
+    """Global index of each group's first expert, then the number of experts: (0, E_0, E_0 + E_1, ..., E)."""
+    out = [0]
+    for g in groups:
+        out.append(out[-1] + g)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -30,45 +38,20 @@ class MoEConfig:
         top_k_groups: routed (non-core) groups chosen per token by the group router.
         routed_top_k: experts chosen per token inside each routed group; 0 means top_k.
             1 keeps a grown model's cost per token near its source's (the new
-            capacity is mostly parameters, not compute), which is what pays when
-            growth is compared at equal training FLOPs.
-        aux_loss_coef: weight of the load-balancing loss a training step adds.
-        token_handover: the core pool competes with the routed groups in the group
-            router, as one more option whose logit is fixed at 0, so how much of a
-            token leaves the source's experts depends on the token (a token the
-            source handles well can stay on it while another moves to new experts).
-            False: that share is set by the per-group `group_scale` alone, the same
-            for every token a group is chosen by. Either way growth starts at
-            `group_scale = 0` and preserves the source's function exactly.
-        image_context: the group router also sees the mean and standard deviation of
-            the layer's input over each image's tokens (`router.group_context`, zero
-            at growth), so it can route by what holds for a whole image (a sensor's
-            noise floor, a region, a season) that single tokens carry weakly.
+            capacity is mostly parameters, not compute).
         replicas: every group is a copy of the source's expert pool (group 0 the source's
             own experts; `expand --replicate`) and there is no core pool. A token's chosen
             groups get their probabilities renormalised to sum to one, the sum held constant
-            in the gradient, times `group_scale` (1 at growth): with one group per token
-            the forward is a hard choice (value 1, gradient of log p). Whichever groups a
-            token takes, it computes what the source computed, so growth is exact at the
-            source's cost per token. Needs `core_groups = 0`.
-        residual: the new groups ADD their output to the core's (`core + sum_g m_g new_g`) instead of
-            taking a share of it (`(1 - sum_g m_g) core + ...`). Growth then starts their output layers at
-            zero and `group_scale` at one (`expand --residual-experts`): exact for any first layer, so the new
-            experts can start as something other than copies (fresh, `--reinit-ratio 1`), and their output
-            layers get gradient from the first step (the zero-initialised residual branch of LoRA and
-            ReZero). Needs a core pool and routed groups; not with `token_handover` (nothing is handed over).
+            in the gradient, times `group_scale` (1 at growth): whichever groups a token
+            takes, it computes what the source computed. Needs `core_groups = 0`.
     """
 
     groups: tuple[int, ...] = (16,)
     core_groups: int = 1
     top_k: int = 2
     top_k_groups: int = 1
-    aux_loss_coef: float = 0.01
     routed_top_k: int = 0
-    token_handover: bool = False
-    image_context: bool = False
     replicas: bool = False
-    residual: bool = False
 
     @property
     def k_routed(self) -> int:
@@ -76,10 +59,14 @@ class MoEConfig:
         return self.routed_top_k or self.top_k
 
     @property
+    def num_routed_groups(self) -> int:
+        return len(self.groups) - self.core_groups
+
+    @property
     def experts_per_token(self) -> int:
         """Experts a token runs through in one layer with `top_k_groups` routed groups: its compute per token."""
-        routed = len(self.groups) - self.core_groups
-        return (self.top_k if self.core_groups else 0) + (self.top_k_groups * self.k_routed if routed else 0)
+        return ((self.top_k if self.core_groups else 0)
+                + (self.top_k_groups * self.k_routed if self.num_routed_groups else 0))
 
     @property
     def source_groups(self) -> int:
@@ -94,12 +81,17 @@ class MoEConfig:
     def num_core_experts(self) -> int:
         return sum(self.groups[: self.core_groups])
 
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Global index of each group's first expert, then the number of experts."""
+        return expert_offsets(self.groups)
+
     def validate(self) -> None:
         if not self.groups or any(g < 1 for g in self.groups):
             raise SamoeError(f"every expert group needs at least one expert, got groups={list(self.groups)}")
         if not 0 <= self.core_groups <= len(self.groups):
             raise SamoeError(f"core_groups={self.core_groups} must be between 0 and the number of groups ({len(self.groups)})")
-        routed = len(self.groups) - self.core_groups
+        routed = self.num_routed_groups
         if self.top_k < 1:
             raise SamoeError(f"top_k={self.top_k} must be at least 1")
         if self.core_groups and self.top_k > self.num_core_experts:
@@ -111,21 +103,11 @@ class MoEConfig:
                              f"({min(self.groups[self.core_groups:])} experts)")
         if routed and not 1 <= self.top_k_groups <= routed:
             raise SamoeError(f"top_k_groups={self.top_k_groups} must be between 1 and the number of routed groups ({routed})")
-        if self.token_handover and not (self.core_groups and routed):
-            raise SamoeError("token_handover needs a core pool and new (routed) groups: it decides per token how much "
-                             "moves from one to the other")
-        if self.image_context and not routed:
-            raise SamoeError("image_context needs new (routed) groups: it is an input of the group router")
         if self.replicas and self.core_groups:
             raise SamoeError("replicas have no core pool: every group is a copy of the source's experts (core_groups=0)")
         if self.replicas and len(set(self.groups)) != 1:
             raise SamoeError(f"replicas are copies of the source's expert pool, so every group has its size; got groups="
                              f"{list(self.groups)}: re-grow with --replicate")
-        if self.residual and not (self.core_groups and routed):
-            raise SamoeError("residual needs a core pool and new (routed) groups: the new groups add to the core's output")
-        if self.residual and self.token_handover:
-            raise SamoeError("residual and token_handover exclude each other: residual new groups add to the core's "
-                             "output, nothing is handed over")
 
 
 @dataclass(frozen=True)
@@ -231,6 +213,7 @@ class SamMoEConfig:
         moe = kwargs.pop("moe", {})
         if not isinstance(moe, dict):
             raise _type_error(where, "moe", moe, "a table")
+        moe = _drop_removed(moe, where)
         unknown = sorted(set(moe) - {f.name for f in fields(MoEConfig)})
         if unknown:
             raise SamoeError(f"unknown model config keys moe.{unknown[0]}: the checkpoint was written by a newer samoe; upgrade samoe")
@@ -262,12 +245,23 @@ _RANGES: dict[str, tuple[int, int]] = {
 _KINDS: dict[str, str] = {
     **{name: "int" for name in _RANGES}, "mlp_ratio": "number", "global_attn_indexes": "ints", "moe_blocks": "ints",
     "decoder_moe": "bool", "extra_blocks_moe": "bool", "moe.groups": "ints", "moe.core_groups": "int", "moe.top_k": "int",
-    "moe.top_k_groups": "int", "moe.aux_loss_coef": "number", "moe.routed_top_k": "int",
-    "moe.token_handover": "bool",
-    "moe.image_context": "bool",
-    "moe.replicas": "bool",
-    "moe.residual": "bool",
+    "moe.top_k_groups": "int", "moe.routed_top_k": "int", "moe.replicas": "bool",
 }
+# Growth variants that measured neutral or worse left samoe (docs/growth-experiments.md, "Removed variants"):
+# a checkpoint that still names one at its neutral value loads, one that uses it is refused. `aux_loss_coef`
+# became a training setting (TrainConfig): whatever value a checkpoint carries is ignored.
+REMOVED_MOE_KEYS = ("token_handover", "image_context", "residual")
+
+
+def _drop_removed(moe: dict[str, Any], where: str) -> dict[str, Any]:
+    """The moe table without the keys of removed variants (at their neutral value) and `aux_loss_coef`."""
+    used = [k for k in REMOVED_MOE_KEYS if moe.get(k, False) is not False]
+    if used:
+        raise SamoeError(f"{where}: this checkpoint uses moe.{used[0]}, a growth variant samoe no longer builds "
+                         "(docs/growth-experiments.md); re-grow its source with `samoe expand` without it")
+    return {k: v for k, v in moe.items() if k not in REMOVED_MOE_KEYS and k != "aux_loss_coef"}
+
+
 _KIND_TEXT = {"int": "an integer", "number": "a finite number", "ints": "a list of integers", "bool": "true or false"}
 
 

@@ -14,8 +14,6 @@ What grows (strategy 1 of the growth plan):
   new experts fill the other groups, each made by `copy-noise` (a source expert
   plus Gaussian noise scaled to that tensor's own std), `interpolate`
   (W*A + (1-W)*B of two distinct source experts) or `mixed` (alternating).
-  `reinit_ratio` > 0 then draws that fraction of each new expert's hidden units
-  afresh (Drop-Upcycling), so that copies of one source expert can diverge.
   In-group router rows follow their experts (same recipe). The group router is
   new (small random), and each routed group's `group_scale` starts at zero, so
   the grown model computes exactly what the source computed while the new parts
@@ -26,10 +24,6 @@ What grows (strategy 1 of the growth plan):
   router is new: whichever group a token takes it computes what the source did, at
   the source's cost per token (sparse upcycling one level up; upscale/moe.py). No
   noise: routing gives each copy its own tokens, which is what sets them apart.
-- or, with `residual` (`expand --residual-experts`), the new groups add to the core's
-  output instead of taking a share of it: their output layers (w2, b2) start at zero
-  and `group_scale` at one, so growth is exact whatever their first layers hold (with
-  `--reinit-ratio 1` fresh random features at the source experts' scale, not copies).
 - extra blocks are appended after the last block, copied from the last
   global-attention block (LLaMA-Pro style depth growth) with the attention
   output projection and the core experts' output layers zeroed (new groups are
@@ -193,24 +187,6 @@ class GaussianNoise:
             torch.add(src[lo:lo + m], noise, out=dst[lo:lo + m])
 
 
-def reinit_units(spec: GrowthSpec, layer: str, j: int, hidden: int) -> torch.Tensor:
-    """The round(reinit_ratio * hidden) hidden units of new expert j of `layer` that Drop-Upcycling redraws (sorted).
-
-    Seeded by (seed, layer, j) alone, so w1's rows, b1's entries and w2's
-    columns of one expert pick the same units in whichever worker makes them.
-    """
-    gen = torch.Generator().manual_seed(tensor_seed(spec.seed, f"{layer}.new_expert.{j}.reinit"))
-    return torch.randperm(hidden, generator=gen)[:round(spec.reinit_ratio * hidden)].sort().values
-
-
-@dataclass(frozen=True)
-class Reinit:
-    """Which part of each new expert of a bank starts fresh: `units[i]` along `axis` of row i."""
-
-    axis: int
-    units: list[torch.Tensor]
-
-
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype)
 
@@ -218,7 +194,7 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 def make_new_bank(source: torch.Tensor, recipes: list[tuple[str, tuple[int, ...]]], spec: GrowthSpec, seed: int,
                   std_of: Callable[[int], float] | None = None,
                   empty: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] = _empty,
-                  reinit: Reinit | None = None, dtype: torch.dtype | None = None,
+                  dtype: torch.dtype | None = None,
                   ) -> torch.Tensor:
     """Stack new experts (rows along dim 0) made from `source` (S, ...) by their recipes, stored as `dtype`
     (default: the source's).
@@ -230,13 +206,8 @@ def make_new_bank(source: torch.Tensor, recipes: list[tuple[str, tuple[int, ...]
     source's dtype and converting it, without the second pass over a whole bank.
     `empty` allocates the output (expand passes a pool of recycled buffers;
     every row is overwritten).
-    With `reinit`, the chosen hidden units of each row are then overwritten with
-    N(0, std^2) at the std of the row's (first) source expert: copies of one
-    source expert stop being near-duplicates, so they can specialise apart
-    (Drop-Upcycling, Nakamura et al. 2025); group_scale = 0 still hides them.
     """
     noise = GaussianNoise(seed) if spec.noise_std > 0 else None
-    fresh = GaussianNoise(tensor_seed(seed, "reinit")) if reinit is not None else None
     out = empty((len(recipes),) + tuple(source.shape[1:]), dtype or source.dtype)
     scratch = None
 
@@ -254,11 +225,6 @@ def make_new_bank(source: torch.Tensor, recipes: list[tuple[str, tuple[int, ...]
             if scratch is None:
                 scratch = torch.empty(2, INTERP_CHUNK, dtype=torch.float32)
             interpolate_into(out[i], source[src[0]], source[src[1]], spec.interp_weight, scratch)
-        if reinit is not None:
-            shape = list(out.shape[1:])
-            shape[reinit.axis] = len(reinit.units[i])
-            values = fresh.sample(int(np.prod(shape)), std(src[0]), source.dtype).view(shape)
-            out[i].index_copy_(reinit.axis, reinit.units[i], values.to(out.dtype))
     return out
 
 
@@ -287,13 +253,11 @@ def interpolate_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w: flo
             torch.add(x, y, out=dst[lo:lo + m])
 
 
-def recipe_provenance(recipe: tuple[str, tuple[int, ...]], src_name: str, spec: GrowthSpec, reinit: bool = False) -> str:
+def recipe_provenance(recipe: tuple[str, tuple[int, ...]], src_name: str, spec: GrowthSpec) -> str:
     kind, src = recipe
     if kind == "copy-noise":
-        entry = f"copy-noise:{src_name}[{src[0]}]:{spec.noise_std:g}"
-    else:
-        entry = f"interpolate:{src_name}[{src[0]}]:{src_name}[{src[1]}]:{spec.interp_weight:g}"
-    return entry + (f"+reinit:{spec.reinit_ratio:g}" if reinit else "")
+        return f"copy-noise:{src_name}[{src[0]}]:{spec.noise_std:g}"
+    return f"interpolate:{src_name}[{src[0]}]:{src_name}[{src[1]}]:{spec.interp_weight:g}"
 
 
 # --------------------------------------------------------------------------- plan
@@ -336,16 +300,12 @@ def _random_normal(shape: tuple[int, ...], dtype: torch.dtype, seed: int, std: f
     return lambda read: (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * std).to(dtype)
 
 
-def _new_bank(src_name: str, recipes, spec: GrowthSpec, seed: int, reinit: Reinit | None,
-              dtype: torch.dtype) -> Callable[[Reader], torch.Tensor]:
+def _new_bank(src_name: str, recipes, spec: GrowthSpec, seed: int, dtype: torch.dtype) -> Callable[[Reader], torch.Tensor]:
     def make(read: Reader) -> torch.Tensor:
         std_of = getattr(read, "row_std", None)
         return make_new_bank(read(src_name), recipes, spec, seed, std_of and (lambda i: std_of(src_name, i)),
-                             reinit=reinit, dtype=dtype, empty=getattr(read, "empty", _empty))
+                             dtype=dtype, empty=getattr(read, "empty", _empty))
     return make
-
-
-_HIDDEN_AXIS = {"w1": 0, "b1": 0, "w2": 1}  # where an expert's hidden units lie in one row of each bank
 
 
 def _moe_layer_plans(
@@ -361,11 +321,8 @@ def _moe_layer_plans(
     groups = cfg.moe.groups
     core = cfg.moe.core_groups
     plans: list[TensorPlan] = []
-    offsets = np.cumsum((0,) + groups).tolist()
+    offsets = cfg.moe.offsets
     recipes = [new_expert_recipe(spec, j, s) for j in range(cfg.moe.num_experts - s)]
-    hidden = shapes[f"{out_prefix}.experts.0.b1"][1]
-    redraws = round(spec.reinit_ratio * hidden) > 0
-    units = [reinit_units(spec, out_prefix, j, hidden) for j in range(len(recipes))] if redraws else []
     for g, size in enumerate(groups):
         lo, hi = offsets[g], offsets[g + 1]
         names = [(f"{out_prefix}.experts.{g}.{p}", f"{src_prefix}.experts.0.{p}") for p in _EXPERT_PARAMS]
@@ -379,10 +336,7 @@ def _moe_layer_plans(
             # groups are already hidden by group_scale = 0, and zeroing them too would
             # leave group_scale and their w2 without gradient (a saddle at zero).
             zero = new_block and g < core and out_name.endswith((".w2", ".b2"))
-            if g >= core and cfg.moe.residual and out_name.endswith((".w2", ".b2")):
-                # residual new groups add to the core's output: a zero output layer keeps growth exact
-                plans.append(TensorPlan(out_name, shape, "identity-new", (), _zeros(shape, dtype)))
-            elif g < core:
+            if g < core:
                 if zero:
                     plans.append(TensorPlan(out_name, shape, "identity-new", (), _zeros(shape, dtype)))
                 else:
@@ -390,21 +344,15 @@ def _moe_layer_plans(
                     plans.append(TensorPlan(out_name, shape, prov, (src_name,), _passthrough(src_name, dtype, slice(lo, hi))))
             else:
                 rec = recipes[lo - s : hi - s]
-                axis = _HIDDEN_AXIS.get(out_name.rsplit(".", 1)[1])
-                reinit = Reinit(axis, units[lo - s : hi - s]) if axis is not None and redraws else None
-                prov = [recipe_provenance(r, src_name, spec, reinit is not None) for r in rec]
-                make = _new_bank(src_name, rec, spec, tensor_seed(spec.seed, out_name), reinit, dtype)
+                prov = [recipe_provenance(r, src_name, spec) for r in rec]
+                make = _new_bank(src_name, rec, spec, tensor_seed(spec.seed, out_name), dtype)
                 plans.append(TensorPlan(out_name, shape, prov, (src_name,), make))
     gate = f"{out_prefix}.router.group_gate.weight"
     plans.append(TensorPlan(gate, shapes[gate], "random", (), _random_normal(shapes[gate], dtype, tensor_seed(spec.seed, gate), 0.02)))
     scale = f"{out_prefix}.router.group_scale"
-    # replicas take a token whole (scale 1: each computes the source's function); new groups enter at 0, or at 1
-    # when they are residual (their zero output layers hide them; at 0 their output layers would get no gradient)
-    start = _ones if cfg.moe.replicas or cfg.moe.residual else _zeros
+    # replicas take a token whole (scale 1: each computes the source's function); new groups enter at 0
+    start = _ones if cfg.moe.replicas else _zeros
     plans.append(TensorPlan(scale, shapes[scale], "identity-new", (), start(shapes[scale], dtype)))
-    context = f"{out_prefix}.router.group_context.weight"
-    if context in shapes:  # image statistics start with no say in routing: the grown model stays exact
-        plans.append(TensorPlan(context, shapes[context], "identity-new", (), _zeros(shapes[context], dtype)))
     return plans
 
 

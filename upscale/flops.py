@@ -9,17 +9,15 @@ A FLOP here is torch's FlopCounterMode's: 2 per multiply-add of every matmul and
 activations, softmax, pooling and interpolation are not counted); a training step costs about 3 forwards.
 The count walks the modules the forward runs (segment_anything's ViT blocks with windowed attention and
 decomposed relative positions, its two-way transformer, our heads), shape by shape, without torch: plan
-starts in a fraction of torch's import time. An MoE layer costs, per token, the routers' logits (core pool
-and group router, the image-context weights, the in-group routers of the chosen groups, counted at the
-largest routed group's width: the real count depends on which groups tokens chose, a few multiply-adds
-per token) and `experts_per_token` expert MLPs. `tests/test_flops.py` holds this equal to FlopCounterMode
-over a real forward (tiny layouts) and over the meta-device model (the 1.5B and 10B layouts).
+starts in a fraction of torch's import time. An MoE layer costs, per token, the routers' logits (core pool,
+group router, and every routed group's in-group router padded to the largest routed group: upscale/moe.py
+scores all of them so that no shape depends on the routing), the one-hot products that pick the chosen
+groups' scores and sum their pools, and `experts_per_token` expert MLPs. `tests/test_flops.py` holds this
+equal to FlopCounterMode over a real forward (tiny layouts) and over the meta-device model (the 1.5B and
+10B layouts).
 """
 
 from __future__ import annotations
-
-import contextlib
-from typing import Iterator
 
 from .config import MoEConfig, SamMoEConfig
 from .layout import GATING_HIDDEN, NUM_SCALES, TASKS, block_window
@@ -35,9 +33,10 @@ def moe_flops(tokens: int, dim: int, hidden: int, moe: MoEConfig) -> int:
     routed = len(moe.groups) - moe.core_groups
     flops = _mm(tokens, dim, moe.num_core_experts + routed)  # core pool + group router logits
     if routed:
-        flops += _mm(tokens * moe.top_k_groups, dim, max(moe.groups[moe.core_groups:]))
-        if moe.image_context:
-            flops += _mm(tokens, 2 * dim, routed)
+        emax = max(moe.groups[moe.core_groups:])
+        flops += _mm(tokens, dim, routed * emax)  # every routed group's in-group router
+        # one-hot products over the chosen groups: their scores, their padding, their pools' prob and pick sums
+        flops += 4 * _mm(tokens * moe.top_k_groups, routed, emax)
     return flops + 2 * _mm(tokens * moe.experts_per_token, dim, hidden)
 
 
@@ -101,15 +100,3 @@ def forward_flops(cfg: SamMoEConfig) -> int:
     flops += _mm(grid * grid, cfg.embed_dim, cfg.out_chans) + _mm(grid * grid, 9 * cfg.out_chans, cfg.out_chans)  # neck
     return flops + _decoder(cfg) + _heads(cfg)
 
-
-@contextlib.contextmanager
-def per_expert_matmuls() -> Iterator[None]:
-    """Run MoE experts as one matmul each, which FlopCounterMode counts (it does not know grouped GEMMs)."""
-    from . import moe
-
-    grouped = moe._grouped_mm_ok
-    moe._grouped_mm_ok = lambda *a: False
-    try:
-        yield
-    finally:
-        moe._grouped_mm_ok = grouped

@@ -26,16 +26,12 @@ class GrowthSpec:
     core_groups: int = 1
     top_k_groups: int = 1
     routed_top_k: int = 0  # experts per token inside a routed group; 0: the source's top-k
-    token_handover: bool = False  # the core competes in the group router: a per-token hand-over (MoEConfig)
-    image_context: bool = False  # the group router also sees each image's token statistics (MoEConfig)
     replicate: bool = False  # every group an exact copy of the source's pool, one group per token (MoEConfig.replicas)
-    residual: bool = False  # new groups add to the core's output, their output layers zero (MoEConfig.residual)
     extra_blocks: int = 0
     extra_dense: bool = False
     init: str = "copy-noise"
     noise_std: float = 0.01
     interp_weight: float = 0.3
-    reinit_ratio: float = 0.0  # Drop-Upcycling: fraction of each new expert's hidden units drawn fresh
     seed: int = 0
 
 
@@ -159,14 +155,12 @@ def validate_spec(src: SamMoEConfig, spec: GrowthSpec) -> None:
         raise SamoeError(f"noise_std = {spec.noise_std} must be a finite number >= 0")
     if not 0.0 <= spec.interp_weight <= 1.0:
         raise SamoeError(f"interp_weight = {spec.interp_weight} must be in [0, 1]")
-    if not 0.0 <= spec.reinit_ratio <= 1.0:
-        raise SamoeError(f"reinit_ratio = {spec.reinit_ratio} must be in [0, 1]")
     if spec.init != "copy-noise" and src.moe.num_experts < 2:
         raise SamoeError("init interpolate/mixed needs at least 2 source experts: set init = \"copy-noise\"")
     if spec.extra_blocks < 0:
         raise SamoeError(f"--extra-blocks {spec.extra_blocks} must be >= 0")
     if spec.replicate:
-        if spec.init != "copy-noise" or spec.noise_std or spec.reinit_ratio:
+        if spec.init != "copy-noise" or spec.noise_std:
             raise SamoeError("replicate copies the source's experts exactly (routing, not noise, sets the copies apart): "
                              "drop init and noise_std from the recipe")
         if spec.routed_top_k not in (0, src.moe.top_k):
@@ -187,9 +181,7 @@ def grown_config(src: SamMoEConfig, spec: GrowthSpec) -> SamMoEConfig:
     validate_spec(src, spec)
     moe = MoEConfig(
         groups=spec.groups, core_groups=spec.core_groups, top_k=src.moe.top_k,
-        top_k_groups=spec.top_k_groups, aux_loss_coef=src.moe.aux_loss_coef, routed_top_k=spec.routed_top_k,
-        token_handover=spec.token_handover, image_context=spec.image_context, replicas=spec.replicate,
-        residual=spec.residual,
+        top_k_groups=spec.top_k_groups, routed_top_k=spec.routed_top_k, replicas=spec.replicate,
     )
     extra_moe = src.extra_blocks_moe if src.extra_blocks else not spec.extra_dense
     if src.extra_blocks and extra_moe == spec.extra_dense:

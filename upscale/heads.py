@@ -1,8 +1,8 @@
-"""The model parts of seed 004's regime: multi-scale task selector, gating model, task-loss weights.
+"""The model parts of seed 004's regime: multi-scale task selector and gating model.
 
-They live with the model because checkpoints carry them (`selector.*`, `gating.*`,
-`loss.*`); the training maths that uses them (task losses, ramps, pseudo targets)
-is in stages/semisup.py.
+They live with the model because checkpoints carry them (`selector.*`, `gating.*`);
+the training maths that uses them (task losses and their learnable weights, ramps,
+pseudo targets) is in stages/semisup.py.
 
 The 5 scales. SAM's ViT has a single 1/16 resolution, so the scales are built
 explicitly as a parameter-free pyramid of the decoder's upscaled features F
@@ -22,6 +22,67 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layout import GATING_HIDDEN, NUM_SCALES, TASKS
+
+
+def bilinear_weights(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
+    """(n_out, n_in) weights of `F.interpolate(mode="bilinear", align_corners=False)` along one axis."""
+    src = ((torch.arange(n_out, dtype=torch.float64, device=device) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    lo = src.floor().clamp_max(n_in - 1)
+    frac = (src - lo)[:, None]
+    cols = torch.arange(n_in, dtype=torch.float64, device=device)[None, :]
+    hi = (lo + 1).clamp_max(n_in - 1)[:, None]
+    w = (1 - frac) * (cols == lo[:, None]) + frac * (cols == hi)
+    return w.to(dtype)
+
+
+@torch.library.custom_op("samoe::resize", mutates_args=())
+def _resize(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """rows @ x @ cols.T over the last two dims, in x's dtype whatever autocast says."""
+    with torch.autocast(x.device.type, enabled=False):
+        return rows @ x @ cols.t()
+
+
+@_resize.register_fake
+def _(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    return x.new_empty(*x.shape[:-2], rows.shape[0], cols.shape[0])
+
+
+def _resize_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[1], inputs[2])
+
+
+def _resize_backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+    rows, cols = ctx.saved_tensors
+    return _resize(grad, rows.t(), cols.t()), None, None  # the adjoint of a resize is a resize by the transposes
+
+
+_resize.register_autograd(_resize_backward, setup_context=_resize_setup)
+
+
+def _register_resize_flops() -> None:
+    """Interpolation is not counted (as F.interpolate is not): FLOP counts stay those of the model's function."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.samoe.resize)
+    def _(*args, **kwargs) -> int:
+        return 0
+
+
+_register_resize_flops()
+
+
+def resize_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """(..., h, w) -> (..., *size): `F.interpolate(x, size, mode="bilinear", align_corners=False)` within float
+    rounding, as two matmuls with the interpolation weights (one `samoe::resize` node when compiled).
+
+    Why: the backward of F.interpolate is a scatter, slow on a CPU (a fifth of a tiny model's training
+    step went to resizing its output maps) and slower still compiled under deterministic algorithms, where
+    the compiler falls back to a sorting scatter; a matmul's backward is a matmul.
+    """
+    (h, w), (hh, ww) = x.shape[-2:], size
+    if (h, w) == (hh, ww):
+        return x
+    return _resize(x, bilinear_weights(h, hh, x.dtype, x.device), bilinear_weights(w, ww, x.dtype, x.device))
 
 
 def _stats(w: Tensor | None) -> dict[str, float]:
@@ -99,7 +160,7 @@ class MultiScaleTaskSelector(nn.Module):
             feat = x
             for s, p in enumerate(levels):
                 delta = self.selectors[self.key(task, s)](p) - p
-                feat = feat + (delta if s == 0 else F.interpolate(delta, x.shape[-2:], mode="bilinear", align_corners=False))
+                feat = feat + (delta if s == 0 else resize_bilinear(delta, x.shape[-2:]))
             out[task] = feat
         return out
 
@@ -145,24 +206,3 @@ class GatingModel(nn.Module):
             mixed = (weights[:, i, :, None, None, None] * stacked).sum(dim=1)
             out[task] = self.heads[task](mixed)
         return out
-
-
-class MultiTaskLoss(nn.Module):
-    """Uncertainty weighting as in Semi-MoE: sum_t c_t * exp(-s_t) * L_t + 0.4 * exp(s_t).
-
-    `s_t` (one per task, init 1.0) is learnable and trained by its own Adam
-    (optimizer2, lr 0.05). c = (1, 0.5, 1) for (seg, sdf, boundary).
-    """
-
-    def __init__(self, coefficients: tuple[float, ...] = (1.0, 0.5, 1.0), init: float = 1.0, reg: float = 0.4) -> None:
-        super().__init__()
-        self.log_vars = nn.Parameter(torch.full((len(TASKS),), float(init)))
-        self.register_buffer("coefficients", torch.tensor(coefficients, dtype=torch.float32))
-        self.reg = reg
-
-    def forward(self, losses: dict[str, Tensor]) -> Tensor:
-        s = self.log_vars
-        total = s.new_zeros(())
-        for i, task in enumerate(TASKS):
-            total = total + self.coefficients[i] * torch.exp(-s[i]) * losses[task] + self.reg * torch.exp(s[i])
-        return total

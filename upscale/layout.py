@@ -40,8 +40,6 @@ def _moe(out: Shapes, prefix: str, dim: int, hidden: int, moe: MoEConfig) -> Non
         _linear(out, f"{prefix}.router.expert_gates.{g}", dim, e, bias=False)
     if routed:
         _linear(out, f"{prefix}.router.group_gate", dim, routed, bias=False)
-        if moe.image_context:
-            _linear(out, f"{prefix}.router.group_context", 2 * dim, routed, bias=False)
     for g, e in enumerate(moe.groups):
         bank = f"{prefix}.experts.{g}"
         out.update({f"{bank}.w1": (e, hidden, dim), f"{bank}.b1": (e, hidden), f"{bank}.w2": (e, dim, hidden),
@@ -125,7 +123,7 @@ def _decoder(out: Shapes, cfg: SamMoEConfig) -> None:
 
 
 def _seed004(out: Shapes, cfg: SamMoEConfig) -> None:
-    """upscale.heads: the multi-scale task selector, the gating model, the task-loss weights."""
+    """upscale.heads: the multi-scale task selector and the gating model."""
     feat = cfg.out_chans // 8
     for task in TASKS:
         for s in range(NUM_SCALES):
@@ -139,11 +137,9 @@ def _seed004(out: Shapes, cfg: SamMoEConfig) -> None:
     for task, channels in (("seg", cfg.num_classes), ("sdf", cfg.num_classes), ("boundary", 1)):
         out[f"gating.heads.{task}.weight"] = (channels, feat, 1, 1)
         out[f"gating.heads.{task}.bias"] = (channels,)
-    out["loss.log_vars"] = (n,)
-    out["loss.coefficients"] = (n,)
 
 
-BUFFER_SUFFIXES = (".alpha", "positional_encoding_gaussian_matrix", "loss.coefficients")
+BUFFER_SUFFIXES = (".alpha", "positional_encoding_gaussian_matrix")
 
 
 def is_buffer(name: str) -> bool:

@@ -18,8 +18,9 @@ Each output channel has its own learned token and hypernetwork MLP, as SAM's
 mask tokens do, so the decoder's MoE layers (which act on tokens) shape every
 head. Each head reads its task's features from the multi-scale task selector
 (seed 004, see upscale/heads.py); the gating model fuses the three task
-features into the outputs used as pseudo-labels. The selector, gating model and
-multi-task loss weights live in the model so that checkpoints carry them.
+features into the outputs used as pseudo-labels. The selector and gating model
+live in the model so that checkpoints carry them; losses and gradient handling
+are training's (stages/).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import SamMoEConfig
-from .heads import GatingModel, MultiScaleTaskSelector, MultiTaskLoss
+from .heads import GatingModel, MultiScaleTaskSelector, resize_bilinear
 from .moe import MoEMLP
 from .sam import MLP, Block, ImageEncoderViT, LayerNorm2d, PositionEmbeddingRandom, TwoWayTransformer
 
@@ -119,6 +120,35 @@ class PromptFreeMaskDecoder(nn.Module):
         return {"seg": slice(0, c), "sdf": slice(c, 2 * c), "boundary": slice(2 * c, 2 * c + 1)}
 
 
+class OutputMaps(nn.Module):
+    """The heads' maps at input resolution: each task's hypernetwork vectors applied to its features, the
+    gating model's outputs beside them, all resized bilinearly, and the boundary prior added (no parameters).
+
+    Arguments:
+        task_slices (dict[str, slice]): which hypernetwork vectors belong to which head.
+        boundary_prior (int): the prior's window (0: none); see `seg_edge_logit`.
+    """
+
+    def __init__(self, task_slices: dict[str, slice], boundary_prior: int) -> None:
+        super().__init__()
+        self.task_slices = task_slices
+        self.boundary_prior = boundary_prior
+
+    def forward(self, hyper: Tensor, task_feats: dict[str, Tensor], gate: dict[str, Tensor],
+                size: tuple[int, int]) -> dict[str, Tensor]:
+        """hyper (B, 2C+1, D/8), task features {task: (B, D/8, h, w)}, gate {task: (B, *, h, w)} -> (B, *, *size) maps."""
+        out = {}
+        for task, sl in self.task_slices.items():
+            f = task_feats[task]
+            out[task] = (hyper[:, sl] @ f.flatten(2)).view(f.shape[0], -1, *f.shape[-2:])
+        out.update({f"gate_{k}": v for k, v in gate.items()})
+        out = {k: resize_bilinear(v, size) for k, v in out.items()}
+        if self.boundary_prior:
+            for prefix in ("", "gate_"):
+                out[prefix + "boundary"] = out[prefix + "boundary"] + seg_edge_logit(out[prefix + "seg"], self.boundary_prior)
+        return out
+
+
 class SamMoE(nn.Module):
     """The segmentation model samoe grows and trains.
 
@@ -134,30 +164,15 @@ class SamMoE(nn.Module):
         feat = cfg.out_chans // 8
         self.selector = MultiScaleTaskSelector(feat)
         self.gating = GatingModel(feat, cfg.num_classes)
-        self.loss = MultiTaskLoss()
+        self.output_maps = OutputMaps(self.mask_decoder.task_slices(), cfg.boundary_prior)
         self.reindex_moe_layers()
 
-    def forward(self, images: Tensor, gate_grad: bool = True) -> dict[str, Tensor]:
-        """(B, 3, S, S) normalised images, S = img_size -> dict of (B, *, S, S) outputs.
-
-        gate_grad=False runs the gating model under torch.no_grad() (the
-        unsupervised phase of seed 004: the gate must not confirm itself).
-        """
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        """(B, 3, S, S) normalised images, S = img_size -> dict of (B, *, S, S) outputs."""
         hyper, feats = self.mask_decoder(self.image_encoder(images))
         task_feats = self.selector(feats)
-        out = {}
-        for task, sl in self.mask_decoder.task_slices().items():
-            f = task_feats[task]
-            out[task] = (hyper[:, sl] @ f.flatten(2)).view(f.shape[0], -1, *f.shape[-2:])
-        with torch.set_grad_enabled(gate_grad and torch.is_grad_enabled()):
-            gate = self.gating(task_feats)
-        out.update({f"gate_{k}": v for k, v in gate.items()})
-        size = images.shape[-2:]
-        out = {k: F.interpolate(v, size, mode="bilinear", align_corners=False) for k, v in out.items()}
-        if self.config.boundary_prior:
-            for prefix in ("", "gate_"):
-                out[prefix + "boundary"] = out[prefix + "boundary"] + seg_edge_logit(out[prefix + "seg"], self.config.boundary_prior)
-        return out
+        gate = self.gating(task_feats)
+        return self.output_maps(hyper, task_feats, gate, images.shape[-2:])
 
     def reindex_moe_layers(self) -> None:
         """Find the MoE layers again (after a block was replaced: `upscale.ablate`). The layout is fixed once
@@ -202,7 +217,7 @@ class SamMoE(nn.Module):
     def handover_loss(self) -> Tensor:
         """Mean top-level (core vs new groups) balance loss of the grown MoE layers in the last forward."""
         losses = [m.handover_loss for _, m in self.moe_layers()
-                  if m.handover_loss is not None and getattr(m.router, "group_scale", None) is not None and m.cfg.core_groups]
+                  if m.handover_loss is not None and m.cfg.core_groups and m.cfg.num_routed_groups]
         return torch.stack(losses).mean() if losses else torch.zeros(())
 
     def aux_loss(self) -> Tensor:
@@ -228,22 +243,20 @@ def seg_edge_logit(seg: Tensor, window: int, eps: float = 0.01) -> Tensor:
 
 
 def window_max(x: Tensor, window: int) -> Tensor:
-    """`F.max_pool2d(x, window, stride=1, padding=window // 2)` for odd `window`, bit for bit, without autograd.
+    """`F.max_pool2d(x, window, stride=1, padding=window // 2)` for odd `window`, bit for bit.
 
-    Max over a square is max over rows of max over columns, and each 1-d running
-    max is `window - 1` elementwise maxima of shifted views. On CPU, max_pool2d's
-    stride-1 kernel visits window^2 inputs per output: with the seed's 7 x 7
-    window it took a fifth of a tiny model's training step (36 ms per call on a
-    (4, 10, 128, 128) map); this takes about a fourteenth of that.
+    Max over a square is max over rows of max over columns, and each 1-d running max is the
+    elementwise maximum of `window` shifted views of the input padded with -inf. On a CPU,
+    max_pool2d's stride-1 kernel visits window^2 inputs per output (a fifth of a tiny model's
+    training step with the seed's 7 x 7 window); this is 2 (window - 1) maxima of whole maps,
+    which the compiler fuses into two passes.
     """
     r = window // 2
-    for dim in (-2, -1):
-        n, out = x.shape[dim], x.clone()
-        for s in range(1, min(r, n - 1) + 1):
-            lo, hi = out.narrow(dim, 0, n - s), out.narrow(dim, s, n - s)
-            torch.maximum(lo, x.narrow(dim, s, n - s), out=lo)
-            torch.maximum(hi, x.narrow(dim, 0, n - s), out=hi)
-        x = out
+    for dim, pad in ((-2, (0, 0, r, r)), (-1, (r, r))):
+        n, padded = x.shape[dim], F.pad(x, pad, value=float("-inf"))
+        x = padded.narrow(dim, 0, n)
+        for s in range(1, 2 * r + 1):
+            x = torch.maximum(x, padded.narrow(dim, s, n))
     return x
 
 
@@ -261,7 +274,7 @@ def init_weights(model: SamMoE, seed: int) -> SamMoE:
         for name, p in model.named_parameters():
             if name.endswith("pos_embed"):
                 p.copy_(torch.randn(p.shape, generator=gen).clamp_(-2, 2) * 0.02)
-            elif ".router.expert_gates." in name or ".router.group_gate." in name or ".router.group_context." in name:
+            elif ".router.expert_gates." in name or ".router.group_gate." in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     return model
 

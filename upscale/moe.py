@@ -4,110 +4,40 @@ Layout of one MoE layer (it replaces a SAM `MLPBlock`, same input/output shape):
 
     router.expert_gates.{g}.weight  (E_g, D)   in-group router rows, one per expert
     router.group_gate.weight        (G_r, D)   group router over the routed groups
-    router.group_scale              (G_r,)     learnable scale of each routed group
-    router.group_context.weight     (G_r, 2D)  with `image_context`: the group router's weights on the
-                                               mean and std of the layer input over the token's image
+    router.group_scale              (G_r,)     each routed group's share of a token, in [0, 1]
     experts.{g}.w1 / b1             (E_g, H, D) / (E_g, H)   = stacked `lin1` of SAM's MLP
     experts.{g}.w2 / b2             (E_g, D, H) / (E_g, D)   = stacked `lin2`
 
-Routing. The first `core_groups` groups hold the source model's experts. They
-are always active and routed jointly: softmax over the union of their experts,
-top-k, weights renormalised to sum to one. That is exactly the flat top-k router
-of the source model, so a model whose experts are all copies of a dense MLP
-reproduces that MLP, and growth leaves the source's computation untouched.
-The remaining ("routed") groups are chosen per token by the group router
-(softmax over routed groups, top-k groups); inside a chosen group an in-group
-router picks `routed_top_k` experts (renormalised; 0 means top-k). With 1, a
-token of a grown model runs top-k + 1 experts instead of 2 x top-k: the new
-capacity costs parameters more than compute per step.
+Routing. The first `core_groups` groups hold the source model's experts: always active and routed
+jointly (softmax over their union, top-k, renormalised), which is the source's own flat router, so
+growth leaves its computation untouched. Each token also picks `top_k_groups` of the other
+(routed) groups with the group router, and `routed_top_k` experts inside each with that group's
+router. A chosen group takes the share `m_g = group_scale[g] * p_group` of the token and the core
+keeps `1 - sum_g m_g`: a convex mixture. Growth starts `group_scale` at 0 (the source's function,
+exactly); the hand-over loss, a Switch balance loss over (core, routed groups), pushes weight to the
+new groups against the task loss. With `replicas` every group is a copy of the source's pool and
+there is no core: a token goes whole to its chosen group(s) (probabilities renormalised, the sum held
+constant in the gradient).
 
-Hand-over mixing. A token's routed groups receive the weight
-`m_g = group_scale[g] * p_group` and the core experts the remaining `1 - sum_g m_g`:
-the layer's output is a convex mixture of the core output and the new groups'
-outputs (`group_scale` lives in [0, 1] and is projected back after each
-optimizer step, `MoEMLP.constrain_`). Growth initialises `group_scale` to zero,
-so the grown model computes exactly what the source computed, for any noise on
-the new experts. `group_scale` is one number per group, so without more the
-share a token hands over depends on the token only through `p_group`. With
-`token_handover` (`expand --token-handover`) the core is one more option of the
-group softmax, with its logit fixed at 0: `m_g = group_scale[g] * p_group *
-(1 - p_core)`, `p_core = 1 / (1 + sum_g exp z_g)`. The router can then keep the
-tokens the source already handles (an old region, an old sensor) on the source's
-experts while others move to the new ones: inherit, then develop. With
-`image_context` the group logits add `group_context @ [mean, std]` of the layer
-input over the token's image (the leading dimension of the layer's input): a
-region or sensor is a property of the whole image (its noise floor), which a
-single token carries weakly, so routing by it needs the image's statistics.
-`group_context` starts at zero, so growth stays exact. Because new experts start as (noisy) copies or interpolations
-of the source's, moving weight from the core to them barely changes the
-function, so routing weight can move without first hurting the loss (an
-additive `core + scale * new` would double the MLP output instead, and the
-loss holds the scales near zero: 1-3% of the weight after stage 1). What moves
-it is the top-level balance loss: the Switch-Transformer loss over the
-mixture (core, routed group 1..G), `handover_loss`, which counts the core as
-one more group, so a grown model is pushed to use its new groups as a flat MoE
-is pushed to use all its experts, against the task loss, which pulls weight
-back wherever new experts are worse. It is kept apart from the expert-level
-`aux_loss` so that training can weigh it on its own (`--handover-coef`). d loss / d group_scale = p_group *
-<new output - core output, upstream gradient> + the balance term, non-zero from
-the first step.
-
-Residual new groups (`residual`, `expand --residual-experts`). The new groups add
-to the core's output instead of taking a share of it: `core + sum_g m_g new_g`,
-`m_g = group_scale[g] * p_group`. Growth starts their output layers (w2, b2) at
-zero and `group_scale` at one, so the grown model is exact whatever their first
-layers hold: they can start as fresh random features (`--reinit-ratio 1`), not
-copies. Their output layers get gradient from the first step, their first
-layers and the group gate (through p_group) from the second (the
-zero-initialised residual branch of LoRA).
-There is no hand-over, so `handover_loss` is zero; `new_weight` is the routing
-weight on the new groups, not a share taken from the core.
-
-Replicas (`replicas`, `expand --replicate`). Every group is an exact copy of the
-source's experts (group 0 is the source's own), there is no core pool, and each
-token goes to ONE group with weight `group_scale` (1 at growth): whichever group a
-token takes, it computes what the source computed, at the source's cost per token.
-(With several groups per token, as in the decoder, their probabilities are
-renormalised to sum to one: still exact.)
-The new capacity is parameters alone (Sparse Upcycling, Komatsuzaki et al. 2023,
-one level up: copies of the whole expert pool, not of one dense MLP). The group
-router learns through `p / stop_gradient(p)`, whose value is 1 and whose gradient
-is that of log p; routing sends each replica its own tokens, so the copies drift
-apart and specialise.
-
-Dispatch. Tokens are sorted by expert; each group's experts run as one grouped
-GEMM (`torch._grouped_mm`) over their contiguous slice, with a per-expert loop
-as fallback where grouped GEMM is unavailable; results are weighted and
-scattered back with `index_add`. Only the experts a token uses are computed, and
-the in-group routers only see the tokens of their group.
-
-Dispatch on CUDA (`static_dispatch`). The CPU path above reads the expert counts
-on the host (`.tolist()`, one `nonzero` per routed group) to cut rows into
-groups; on a GPU each such read waits for the queue to drain, once per layer.
-On CUDA every shape is known without looking at the data instead: the in-group
-routers score every token (one small GEMM over all routed experts, under 0.5%
-of the layer's FLOPs at ViT width) and each token keeps only its chosen group's
-scores; the group weights are cast and concatenated in one copy (the same copy
-bf16 autocast makes anyway) so that the whole layer runs as ONE grouped GEMM
-whose offsets stay on the device; balance statistics are per-group sums
-(`index_add`; `torch.bincount` reads the largest index on the host, so counts are
-scatter-adds). Banks that received no token get a zero gradient
-there; `drop_idle_grads` turns it back into None after backward so that the
-optimizer skips them as on the CPU path. torch's bf16 grouped GEMM (sm90+) is
-sync-free; in fp32 torch itself falls back to a per-expert loop that reads the
-offsets (use bf16 on GPUs, fp32 there is a reference mode).
+Dispatch. Every shape depends on the token count alone and nothing is read on the host, so the
+layer runs the same on every device and compiles to one graph: the in-group routers score every
+token (a GEMM under 0.5% of the layer's FLOPs at ViT width), assignments are sorted by expert, and
+each linear layer of all banks is one `samoe::expert_mm` call, an operator the compiler treats as
+one node (torch._grouped_mm where it takes the dtype, a loop over experts otherwise). Every bank is
+an input of that call: a bank no token chose gets a zero gradient (stages/ turns it into None).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Type
+from typing import NamedTuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MoEConfig
+
+# --------------------------------------------------------------------------- expert GEMMs
 
 
 def _grouped_mm_ok(x: Tensor, weight: Tensor) -> bool:
@@ -120,82 +50,181 @@ def _grouped_mm_ok(x: Tensor, weight: Tensor) -> bool:
     return all(d * x.element_size() % 16 == 0 for d in weight.shape[1:])
 
 
+def single_call(x: Tensor) -> bool:
+    """Whether the expert GEMMs of all banks run as one grouped GEMM whose offsets stay on the device (on CUDA,
+    where a host read waits for the queue to drain; tests switch it on for CPU tensors)."""
+    return x.device.type == "cuda"
+
+
+def _bank_rows(offs: Tensor, banks: list[Tensor]) -> list[tuple[int, int, list[int]]]:
+    """(first row, end row, rows per expert) of each bank, read on the host."""
+    ends = [0] + offs.tolist()
+    out, e = [], 0
+    for w in banks:
+        n = w.shape[0]
+        out.append((ends[e], ends[e + n], [b - a for a, b in zip(ends[e : e + n], ends[e + 1 : e + n + 1])]))
+        e += n
+    return out
+
+
+def _rows_of_experts(counts: Tensor, n: int) -> Tensor:
+    """(n,) the expert of each row, rows sorted by expert with `counts` (E,) rows each."""
+    return torch.repeat_interleave(torch.arange(counts.shape[0], device=counts.device), counts, output_size=n)
+
+
+def _expert_linear(x: Tensor, banks: list[Tensor], biases: list[Tensor], offs: Tensor) -> Tensor:
+    if single_call(x):
+        w = banks[0] if len(banks) == 1 else torch.cat(banks)
+        counts = torch.diff(offs, prepend=offs.new_zeros(1)).long()
+        if _grouped_mm_ok(x, w):
+            y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+        else:  # float64 or unaligned widths: a loop that reads the offsets
+            ends = [0] + offs.tolist()
+            y = torch.cat([x[a:b] @ w[e].t() for e, (a, b) in enumerate(zip(ends, ends[1:])) if b > a])
+        if biases:
+            y += torch.cat(biases).index_select(0, _rows_of_experts(counts, x.shape[0]))
+        return y
+    parts = []
+    for g, (w, (lo, hi, counts)) in enumerate(zip(banks, _bank_rows(offs, banks))):
+        if hi == lo:
+            continue
+        if _grouped_mm_ok(x, w):
+            local = torch.tensor(counts, device=x.device).cumsum(0, dtype=torch.int32)
+            y = torch._grouped_mm(x[lo:hi], w.transpose(-2, -1), offs=local)
+        else:  # float64 or unaligned widths
+            y = torch.cat([xe @ w[e].t() for e, xe in enumerate(x[lo:hi].split(counts)) if xe.shape[0]])
+        if biases:
+            y += biases[g].repeat_interleave(torch.tensor(counts, device=x.device), 0, output_size=hi - lo)
+        parts.append(y)
+    return torch.cat(parts) if len(parts) != 1 else parts[0]
+
+
+@torch.library.custom_op("samoe::expert_linear", mutates_args=())
+def expert_linear(x: Tensor, banks: list[Tensor], biases: list[Tensor], offs: Tensor) -> Tensor:
+    """`x[rows of e] @ W_e.T + b_e` for every expert e of every bank (nn.Linear layout, banks in order).
+
+    Args:
+        x (Tensor): (n, in) rows sorted by expert.
+        banks (list[Tensor]): (E_g, out, in) weights of each bank.
+        biases (list[Tensor]): (E_g, out) biases of each bank, or none.
+        offs (Tensor): (E,) int32 end row of each expert (cumulative counts; the last is n).
+    Returns:
+        Tensor: (n, out).
+    """
+    if x.shape[0] == 0:
+        return x.new_empty(0, banks[0].shape[1])
+    return _expert_linear(x, banks, biases, offs)
+
+
+@expert_linear.register_fake
+def _(x: Tensor, banks: list[Tensor], biases: list[Tensor], offs: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], banks[0].shape[1])
+
+
+@torch.library.custom_op("samoe::expert_linear_grads", mutates_args=())
+def expert_linear_grads(x: Tensor, grad: Tensor, offs: Tensor, banks: list[Tensor], needed: list[bool]) -> list[Tensor]:
+    """The parameter gradients of `expert_linear`, per bank [dW_0, db_0, dW_1, db_1, ...]: `grad_e.T @ x_e` and
+    the sum of `grad_e` over expert e's rows (zeros for an expert without rows; (0,) where not `needed`)."""
+    n = x.shape[0]
+    if single_call(x) and _grouped_mm_ok(x, banks[0]):
+        counts = torch.diff(offs, prepend=offs.new_zeros(1)).long()
+        gw = torch._grouped_mm(grad.t(), x, offs=offs)
+        gb = grad.new_zeros(counts.shape[0], grad.shape[1]).index_add_(0, _rows_of_experts(counts, n), grad)
+        if len(banks) == 1:
+            return [gw, gb] if needed[0] else [gw.new_empty(0), gb.new_empty(0)]
+        sizes = [w.shape[0] for w in banks]  # outputs may not share memory (run_experts passes one bank here)
+        return [t.clone() for w, b, need in zip(gw.split(sizes), gb.split(sizes), needed)
+                for t in ((w, b) if need else (w.new_empty(0), b.new_empty(0)))]
+    out = []
+    for w, need, (lo, hi, counts) in zip(banks, needed, _bank_rows(offs, banks)):
+        if not need:
+            out += [w.new_empty(0), w.new_empty(0)]
+            continue
+        gw = torch.zeros_like(w, memory_format=torch.contiguous_format)
+        gb = w.new_zeros(w.shape[:2])
+        if hi > lo:
+            g, xs = grad[lo:hi], x[lo:hi]
+            if _grouped_mm_ok(xs, w):
+                gw = torch._grouped_mm(g.t(), xs, offs=torch.tensor(counts, device=x.device).cumsum(0, dtype=torch.int32))
+            else:
+                for e, (ge, xe) in enumerate(zip(g.split(counts), xs.split(counts))):
+                    if xe.shape[0]:
+                        gw[e] = ge.t() @ xe
+            gb.index_add_(0, _rows_of_experts(torch.tensor(counts, device=x.device), hi - lo), g)
+        out += [gw, gb]
+    return out
+
+
+@expert_linear_grads.register_fake
+def _(x: Tensor, grad: Tensor, offs: Tensor, banks: list[Tensor], needed: list[bool]) -> list[Tensor]:
+    out = []
+    for w, need in zip(banks, needed):
+        out += [w.new_empty(w.shape), w.new_empty(w.shape[:2])] if need else [w.new_empty(0), w.new_empty(0)]
+    return out
+
+
+def _expert_linear_setup(ctx, inputs, output) -> None:
+    x, banks, biases, offs = inputs
+    ctx.needed = [w.requires_grad or (bool(biases) and biases[g].requires_grad) for g, w in enumerate(banks)]
+    ctx.with_bias = bool(biases)
+    ctx.save_for_backward(x, offs, *banks)
+
+
+def _expert_linear_backward(ctx, grad: Tensor):
+    x, offs, *banks = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_x = expert_linear(grad, [w.transpose(-2, -1) for w in banks], [], offs) if ctx.needs_input_grad[0] else None
+    if not any(ctx.needed):
+        return grad_x, [None] * len(banks), [None] * len(banks) if ctx.with_bias else [], None
+    grads = expert_linear_grads(x, grad, offs, banks, ctx.needed)
+    grad_w = [g if need else None for g, need in zip(grads[0::2], ctx.needed)]
+    grad_b = [g if need else None for g, need in zip(grads[1::2], ctx.needed)] if ctx.with_bias else []
+    return grad_x, grad_w, grad_b, None
+
+
+expert_linear.register_autograd(_expert_linear_backward, setup_context=_expert_linear_setup)
+
+
+def _register_flops() -> None:
+    """FlopCounterMode counts the expert GEMMs as the dense GEMM over their rows: what they compute."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.samoe.expert_linear)
+    def _(x_shape, banks_shapes, *args, **kwargs) -> int:
+        return 2 * x_shape[0] * x_shape[1] * banks_shapes[0][1]
+
+    @register_flop_formula(torch.ops.samoe.expert_linear_grads)
+    def _(x_shape, grad_shape, *args, **kwargs) -> int:
+        return 2 * x_shape[0] * x_shape[1] * grad_shape[1]
+
+
+_register_flops()
+
+
+class _Permute(torch.autograd.Function):
+    """`x[perm]` for a permutation, whose backward gathers by the inverse permutation.
+
+    Why: autograd's backward of a row gather is a scatter-add, which compiled code under deterministic
+    algorithms runs as a sorting scatter; a permutation's is a gather.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype autocast computes matmuls in on x's device, None when autocast is off."""
     kind = x.device.type
     if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
     return None
-
-
-def _compute_dtype(x: Tensor, *params: Tensor) -> tuple[Tensor, ...]:
-    """x and params in autocast's dtype when autocast is on (torch._grouped_mm is not on autocast's lists)."""
-    dtype = _autocast_dtype(x)
-    if dtype is None:
-        return (x, *params)
-    return tuple(t.to(dtype) for t in (x, *params))
-
-
-def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor, counts: Tensor, counts_list: list[int]) -> Tensor:
-    """Apply expert e's linear layer to its contiguous slice of rows.
-
-    Args:
-        x (Tensor): (n, in) rows sorted by expert.
-        weight (Tensor): (E, out, in), nn.Linear layout per expert.
-        bias (Tensor): (E, out).
-        counts (Tensor): (E,) rows per expert, on x's device.
-        counts_list (list[int]): the same counts on the host.
-    Returns:
-        Tensor: (n, out).
-    """
-    n = x.shape[0]
-    x, weight, bias = _compute_dtype(x, weight, bias)
-    if _grouped_mm_ok(x, weight):
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        if x.device.type == "cpu" and torch.is_grad_enabled() and weight.requires_grad:
-            y = _ExpertGemm.apply(x, weight, offs, counts_list)
-        else:
-            y = torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
-    else:
-        parts = [xe @ weight[e].t() for e, xe in enumerate(torch.split(x, counts_list)) if xe.shape[0]]
-        y = torch.cat(parts) if parts else x.new_zeros(0, weight.shape[1])
-    return y + torch.repeat_interleave(bias, counts, dim=0, output_size=n)
-
-
-class _ExpertGemm(torch.autograd.Function):
-    """`x_e @ weight[e].T` over rows sorted by expert (CPU), whose backward writes the weight's gradient
-    straight into its kept gradient buffer when it has one.
-
-    Why: torch._grouped_mm's backward returns a fresh (E, out, in) weight gradient, 70 MB for a bank of
-    15 ViT-B experts in bf16, which AccumulateGrad then adds into the buffer `KeptGrads` kept
-    (stages/optim.py). The kernel faults in and zeroes those fresh pages every step, which made the
-    weight-gradient GEMMs take about twice as long as the others. Here each expert's gradient is
-    `addmm_`-ed into `weight.grad` (into a zeroed buffer that is bit-identical to `mm`), and the Function
-    returns an expanded zero, so AccumulateGrad still runs (one cheap pass) and its hooks see the
-    parameter as used. Without a kept buffer (a fresh step, a cast weight under autocast, double
-    backward) it returns a new gradient as torch._grouped_mm would.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, offs: Tensor, counts_list: list[int]) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x, weight, offs)
-        ctx.counts = counts_list
-        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, weight, offs = ctx.saved_tensors
-        grad_x = torch._grouped_mm(grad_y.contiguous(), weight, offs=offs) if ctx.needs_input_grad[0] else None
-        if not ctx.needs_input_grad[1]:
-            return grad_x, None, None, None
-        kept = weight.grad if weight.is_leaf else None
-        direct = (kept is not None and not torch.is_grad_enabled() and kept.dtype == weight.dtype
-                  and kept.shape == weight.shape and kept.is_contiguous())
-        out = kept if direct else torch.zeros_like(weight, memory_format=torch.contiguous_format)
-        for e, (gy, xe) in enumerate(zip(grad_y.split(ctx.counts), x.split(ctx.counts))):
-            if xe.shape[0]:
-                out[e].addmm_(gy.t(), xe)
-        return grad_x, (out.new_zeros(()).expand(out.shape) if direct else out), None, None
 
 
 class ExpertBank(nn.Module):
@@ -231,56 +260,47 @@ class ExpertBank(nn.Module):
                         nn.init.kaiming_uniform_(w[e], a=5**0.5)
                     nn.init.uniform_(b, -bound, bound)
 
-    def forward(self, x: Tensor, counts: Tensor, counts_list: list[int]) -> Tensor:
-        """x: (n, D) rows sorted by expert, counts (E,) -> (n, D)."""
-        h = self.act(grouped_linear(x, self.w1, self.b1, counts, counts_list))
-        return grouped_linear(h, self.w2, self.b2, counts, counts_list)
+
+def run_experts(banks: list[ExpertBank], rows: Tensor, offs: Tensor) -> Tensor:
+    """Each row through its expert's MLP: rows (n, D) sorted by expert, offs (E,) each expert's end row."""
+    dtype = _autocast_dtype(rows) or rows.dtype  # expert_linear is no autocast op: cast here, as autocast would
+    w1, b1, w2, b2 = ([getattr(b, name).to(dtype) for b in banks] for name in ("w1", "b1", "w2", "b2"))
+    if single_call(rows) and len(banks) > 1:  # one bank of all experts (the copy bf16 autocast makes anyway)
+        w1, b1, w2, b2 = ([torch.cat(t)] for t in (w1, b1, w2, b2))
+    return expert_linear(banks[0].act(expert_linear(rows.to(dtype), w1, b1, offs)), w2, b2, offs)
 
 
-@dataclass
-class Routing:
-    """Which experts each token uses, as flat assignment lists of equal length A."""
-
-    token: Tensor  # (A,) token index
-    expert: Tensor  # (A,) global expert index (groups laid out in order)
-    weight: Tensor  # (A,) mixing weight
-    aux_loss: Tensor  # scalar load-balancing loss
-    entropy: Tensor  # mean entropy of the top-level routing distribution (nats)
-    # Switch balance loss of the top-level mixture (core, routed groups); 0 without both
-    handover_loss: Tensor
-    # mean over tokens of the routing weight on routed (new) groups; each token's weights sum to one
-    new_weight: Tensor
-    # for EVERY pool of `router_pools(cfg)`, in that order: (prob sums (num,), assignment counts (num,),
-    # [tokens, assignments]) -- the sums a global balance loss is formed from (zeros for an unused group)
-    pool_sums: list[Tensor] = field(default_factory=list)
+# --------------------------------------------------------------------------- routing
 
 
-def _topk_renormalised(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    probs = logits.float().softmax(dim=-1)
-    top_p, top_i = probs.topk(k, dim=-1)
-    return probs, top_i, top_p / top_p.sum(dim=-1, keepdim=True)
+class Routing(NamedTuple):
+    """Every token's K assignments (K = `MoEConfig.experts_per_token`) and the router's statistics."""
+
+    expert: Tensor  # (N, K) global expert index (groups laid out in order)
+    weight: Tensor  # (N, K) mixing weight, float32; a token's weights sum to one
+    pool_sums: list[Tensor]  # per pool of `router_pools(cfg)`: see `pool_sums`
+    entropy: Tensor  # mean entropy of the top-level routing distributions (nats), detached
+    new_weight: Tensor  # mean weight of the tokens on new experts, detached
 
 
-def _balance_loss(probs: Tensor, chosen: Tensor, num: int) -> Tensor:
-    """Switch-Transformer load-balancing loss: num * sum_e f_e * mean_p_e (1.0 when uniform)."""
-    if probs.shape[0] == 0:
-        return probs.new_zeros(())
-    frac = _bincount(chosen.flatten(), num).float() / chosen.numel()
-    return num * (frac * probs.mean(dim=0)).sum()
+def count(index: Tensor, num: int) -> Tensor:
+    """How often each of 0..num-1 occurs in `index`, float32 (a compare and a sum: no scatter, no host read)."""
+    return (index.reshape(-1, 1) == torch.arange(num, device=index.device)).sum(0).float()
 
 
-def _bincount(index: Tensor, n: int) -> Tensor:
-    """torch.bincount(index, minlength=n) for indices < n, without its host read of index.max() on CUDA."""
-    if index.device.type != "cuda":
-        return torch.bincount(index, minlength=n)
-    return torch.zeros(n, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
+def pool_sums(probs: Tensor, chosen: Tensor, num: int) -> Tensor:
+    """(prob sums (num,), assignment counts (num,), [tokens, assignments]) of one router pool, float32:
+    what its balance loss is made of, and what N processes sum to form the global one."""
+    probs = probs.float()
+    rows = probs.new_full((1,), probs.shape[0])  # a fill, not a host-to-device copy
+    return torch.cat([probs.sum(dim=0), count(chosen, num), rows, rows * chosen.shape[-1]])
 
 
-def _pool_sums(probs: Tensor, chosen: Tensor, num: int) -> Tensor:
-    """(prob sums (num,), assignment counts (num,), [tokens, assignments]) of one router pool, float32."""
-    counts = _bincount(chosen.flatten(), num).float()
-    rows = counts.new_full((1,), float(probs.shape[0]))  # a fill, not a host-to-device copy
-    return torch.cat([probs.float().sum(dim=0), counts, rows, counts.sum()[None]])
+def pool_balance(sums: Tensor, num: int) -> Tensor:
+    """Switch-Transformer balance loss of one pool from its sums: num * sum_e f_e * mean p_e (1 when uniform,
+    0 without tokens)."""
+    probs, counts, tokens, assignments = sums[:num], sums[num : 2 * num], sums[2 * num], sums[2 * num + 1]
+    return num * ((counts / assignments.clamp_min(1)) * (probs / tokens.clamp_min(1))).sum()
 
 
 def router_pools(cfg: MoEConfig) -> list[tuple[str, int, int]]:
@@ -288,7 +308,7 @@ def router_pools(cfg: MoEConfig) -> list[tuple[str, int, int]]:
     pools = []
     if cfg.core_groups:
         pools.append(("core", -1, cfg.num_core_experts))
-    routed = len(cfg.groups) - cfg.core_groups
+    routed = cfg.num_routed_groups
     if routed:
         pools.append(("group", -1, routed))
         if cfg.core_groups:
@@ -297,34 +317,31 @@ def router_pools(cfg: MoEConfig) -> list[tuple[str, int, int]]:
     return pools
 
 
-def static_dispatch(x: Tensor) -> bool:
-    """Whether MoE layers dispatch with device-side shapes only (always on CUDA; tests switch it on for CPU)."""
-    return x.device.type == "cuda"
+def balance_losses(cfg: MoEConfig, sums: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """(aux, hand-over) losses of one layer from its pool sums, those of one process or summed over all.
 
-
-def _top_mixture(cfg: MoEConfig, mix: Tensor, g_i: Tensor, routed: int) -> tuple[Tensor, Tensor]:
-    """Pool sums and Switch balance loss of the top level: (core, routed groups) as one mixture per token.
-
-    Balanced like experts but kept apart from aux_loss: it has its own coefficient (the hand-over pressure).
-    `residual` new groups add to the core and take nothing from it: the statistics stay, the loss is zero.
+    aux: mean balance loss over the pools that had tokens (core and group router always, a routed group
+    when some token chose it); hand-over: the balance loss of the top level (core vs routed groups).
     """
-    top = torch.cat([1 - mix.sum(-1, keepdim=True), mix.new_zeros(mix.shape[0], routed).scatter_add(1, g_i, mix)], dim=-1)
-    top_chosen = top.argmax(dim=-1, keepdim=True)
-    loss = _balance_loss(top, top_chosen, routed + 1)
-    return _pool_sums(top, top_chosen, routed + 1), torch.zeros_like(loss) if cfg.residual else loss
+    aux, present = [], []
+    handover = sums[0].new_zeros(()) if sums else torch.zeros(())
+    for (kind, _, num), s in zip(router_pools(cfg), sums):
+        loss = pool_balance(s, num)
+        if kind == "top":
+            handover = loss
+        else:
+            aux.append(loss)
+            present.append((s[2 * num] > 0).to(s.dtype) if kind == "routed" else s.new_ones(()))
+    if not aux:
+        return handover.new_zeros(()), handover
+    present_t = torch.stack(present)
+    return (torch.stack(aux) * present_t).sum() / present_t.sum().clamp_min(1), handover
 
 
-def _core_weights(cfg: MoEConfig, top_w: Tensor, mix: Tensor, routed: int) -> Tensor:
-    """The core experts' weights (N, k): their top-k weights times what the routed groups leave of the token,
-    `1 - sum_g m_g`, or whole where the new groups are `residual` (or there are none)."""
-    return top_w * (1 - mix.sum(-1, keepdim=True)) if routed and not cfg.residual else top_w
-
-
-def _new_weight(cfg: MoEConfig, mix: Tensor, g_i: Tensor) -> Tensor:
-    """Mean routing weight of the layer's tokens on new experts (detached): the routed groups' weight, or with
-    `replicas` (group 0 holds the source's own experts) the weight on groups other than group 0."""
-    new = mix * (g_i > 0) if cfg.replicas else mix
-    return new.sum(-1).mean().detach()
+def _topk_renormalised(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    probs = logits.float().softmax(dim=-1)
+    top_p, top_i = probs.topk(k, dim=-1)
+    return probs, top_i, top_p / top_p.sum(dim=-1, keepdim=True)
 
 
 def _entropy(probs: Tensor) -> Tensor:
@@ -343,198 +360,76 @@ class HierarchicalRouter(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.expert_gates = nn.ModuleList(nn.Linear(dim, e, bias=False) for e in cfg.groups)
-        routed = len(cfg.groups) - cfg.core_groups
-        if routed:
-            self.group_gate = nn.Linear(dim, routed, bias=False)
-            self.group_scale = nn.Parameter(torch.ones(routed))
-            if cfg.image_context:
-                self.group_context = nn.Linear(2 * dim, routed, bias=False)
-        offsets = [0]
-        for e in cfg.groups:
-            offsets.append(offsets[-1] + e)
-        self.offsets = offsets
+        if cfg.num_routed_groups:
+            self.group_gate = nn.Linear(dim, cfg.num_routed_groups, bias=False)
+            self.group_scale = nn.Parameter(torch.ones(cfg.num_routed_groups))
+        self._index_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
-    def _group_mix(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Group router: probabilities over the routed groups (N, G_r), the chosen groups (N, k_groups) and
-        their mixing weights m (N, k_groups), in float32. `context` (N, 2D): each token's image statistics
-        (`image_context()`), required when the config has `image_context`.
-
-        With `token_handover` the core is one more option of the group softmax, with logit 0, so m is scaled by
-        each token's probability of leaving the core, 1 - 1 / (1 + sum_g exp z_g) = sigmoid(logsumexp z): the
-        same selection and balance statistics over the routed groups, but the router can keep a token on the
-        source's experts by lowering all of its group logits.
-        """
-        logits = self.group_gate(x).float()
-        if self.cfg.image_context:
-            if context is None:
-                raise ValueError("this router has image_context: call it with each token's image statistics")
-            logits = logits + self.group_context(context).float()
-        g_probs = logits.softmax(dim=-1)
-        g_p, g_i = g_probs.topk(self.cfg.top_k_groups, dim=-1)
-        if self.cfg.replicas:  # chosen replicas share the token whole; the router learns through the numerator
-            g_p = g_p / g_p.sum(-1, keepdim=True).detach()
-        mix = g_p * self.group_scale.float()[g_i]
-        if self.cfg.token_handover:
-            mix = mix * torch.sigmoid(torch.logsumexp(logits, dim=-1, keepdim=True))
-        return g_probs, g_i, mix
-
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Routing:
-        """x: (N, D) -> Routing over the N tokens; `context` (N, 2D): see `_group_mix`."""
-        if static_dispatch(x):
-            return self._forward_static(x, context)
-        cfg = self.cfg
-        n = x.shape[0]
-        tokens, experts, weights, aux, entropy = [], [], [], [], []
-        mix = x.new_zeros(n, 0, dtype=torch.float32)
-        handover = x.new_zeros((), dtype=torch.float32)
-        sums: list[Tensor] = []
-
-        def balance(probs: Tensor, chosen: Tensor, num: int) -> None:
-            sums.append(_pool_sums(probs, chosen, num))
-            aux.append(_balance_loss(probs, chosen, num))
-        ar = torch.arange(n, device=x.device)
-        routed = len(cfg.groups) - cfg.core_groups
-        if routed:
-            g_probs, g_i, mix = self._group_mix(x, context)
-        if cfg.core_groups:
-            logits = torch.cat([self.expert_gates[g](x) for g in range(cfg.core_groups)], dim=-1)
-            probs, top_i, top_w = _topk_renormalised(logits, cfg.top_k)
-            core_w = _core_weights(cfg, top_w, mix, routed)
-            tokens.append(ar.repeat_interleave(cfg.top_k))
-            experts.append(top_i.flatten())
-            weights.append(core_w.flatten())
-            balance(probs, top_i, cfg.num_core_experts)
-            entropy.append(_entropy(probs))
-        if routed:
-            balance(g_probs, g_i, routed)
-            entropy.append(_entropy(g_probs))
-            if cfg.core_groups:
-                top_sums, handover = _top_mixture(cfg, mix, g_i, routed)
-                sums.append(top_sums)
-            for r in range(routed):
-                g = cfg.core_groups + r
-                tok, slot = (g_i == r).nonzero(as_tuple=True)
-                if tok.numel() == 0:
-                    sums.append(x.new_zeros(2 * cfg.groups[g] + 2, dtype=torch.float32))
-                    continue
-                probs, top_i, top_w = _topk_renormalised(self.expert_gates[g](x[tok]), cfg.k_routed)
-                tokens.append(tok.repeat_interleave(cfg.k_routed))
-                experts.append((top_i + self.offsets[g]).flatten())
-                weights.append((top_w * mix[tok, slot][:, None]).flatten())
-                balance(probs, top_i, cfg.groups[g])
-        empty = x.new_zeros(0, dtype=torch.long)
-        return Routing(
-            token=torch.cat(tokens) if tokens else empty,
-            expert=torch.cat(experts) if experts else empty,
-            weight=torch.cat(weights) if weights else x.new_zeros(0, dtype=torch.float32),
-            aux_loss=torch.stack(aux).mean() if aux else x.new_zeros(()),
-            entropy=torch.stack(entropy).mean().detach() if entropy else x.new_zeros(()),
-            handover_loss=handover,
-            new_weight=_new_weight(cfg, mix, g_i) if routed and n else x.new_zeros((), dtype=torch.float32),
-            pool_sums=sums,
-        )
-
-    def _static_index(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Constant index tensors of the static path, made once per device (no copy per forward).
-
-        col (G_r, emax): column of expert j of routed group r among all routed experts (padding repeats
-        the last); pad (G_r, emax): padding positions; starts (G_r,): global index of each routed group's
-        first expert; num (G_r,): experts per routed group (float).
-        """
-        cache = self.__dict__.setdefault("_index_cache", {})
-        if device not in cache:
+    def _routed_index(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Constants of the routed groups, made once per device: pad (G_r, emax) 1.0 where group r has no
+        expert j, starts (G_r,) the global index of each routed group's first expert."""
+        if device not in self._index_cache:
             cfg = self.cfg
             sizes = cfg.groups[cfg.core_groups:]
-            emax = max(sizes)
-            col = [[sum(sizes[:r]) + min(j, s - 1) for j in range(emax)] for r, s in enumerate(sizes)]
-            cache[device] = (torch.tensor(col, device=device),
-                             torch.tensor([[j >= s for j in range(emax)] for s in sizes], device=device),
-                             torch.tensor(self.offsets[cfg.core_groups : len(cfg.groups)], device=device),
-                             torch.tensor(sizes, device=device, dtype=torch.float32))
-        return cache[device]
+            self._index_cache[device] = (torch.tensor([[float(j >= s) for j in range(max(sizes))] for s in sizes], device=device),
+                                         torch.tensor(cfg.offsets[cfg.core_groups:-1], device=device))
+        return self._index_cache[device]
 
-    def _forward_static(self, x: Tensor, context: Tensor | None = None) -> Routing:
-        """The same routing as `forward` with shapes fixed by N alone: no host reads (see module docstring)."""
+    def forward(self, x: Tensor) -> Routing:
+        """x: (N, D) -> Routing over the N tokens.
+
+        Chosen groups are picked with one-hot products rather than indexing: their backward is a matmul,
+        where an index's is a scatter (which compiled code under deterministic algorithms sorts)."""
         cfg = self.cfg
-        n, k = x.shape[0], cfg.top_k
-        c, routed = cfg.core_groups, len(cfg.groups) - cfg.core_groups
-        ar = torch.arange(n, device=x.device)
-        tokens, experts, weights, aux, entropy, sums = [], [], [], [], [], []
-        aux_count = x.new_zeros((), dtype=torch.float32)
-        mix = x.new_zeros(n, 0, dtype=torch.float32)
-        handover = x.new_zeros((), dtype=torch.float32)
+        n, core, routed = x.shape[0], cfg.core_groups, cfg.num_routed_groups
+        experts, weights, sums, entropy = [], [], [], []
         if routed:
-            g_probs, g_i, mix = self._group_mix(x, context)
-        if c:
-            logits = torch.cat([self.expert_gates[g](x) for g in range(c)], dim=-1)
-            probs, top_i, top_w = _topk_renormalised(logits, k)
-            tokens.append(ar[:, None].expand(n, k).flatten())
-            experts.append(top_i.flatten())
-            weights.append(_core_weights(cfg, top_w, mix, routed).flatten())
-            aux.append(_balance_loss(probs, top_i, cfg.num_core_experts))
-            sums.append(_pool_sums(probs, top_i, cfg.num_core_experts))
+            g_probs = self.group_gate(x).float().softmax(dim=-1)
+            g_p, g_i = g_probs.topk(cfg.top_k_groups, dim=-1)
+            chosen = F.one_hot(g_i, routed).float()  # (N, k_groups, G_r)
+            if cfg.replicas:  # the chosen replicas share the token whole; the router learns through the numerator
+                g_p = g_p / g_p.sum(-1, keepdim=True).detach()
+            mix = g_p * (chosen @ self.group_scale.float())  # (N, k_groups): each chosen group's share of the token
+        if core:
+            logits = F.linear(x, torch.cat([self.expert_gates[g].weight for g in range(core)]))
+            probs, top_i, top_w = _topk_renormalised(logits, cfg.top_k)
+            experts.append(top_i)
+            weights.append(top_w * (1 - mix.sum(-1, keepdim=True)) if routed else top_w)
+            sums.append(pool_sums(probs, top_i, cfg.num_core_experts))
             entropy.append(_entropy(probs))
         if routed:
-            aux.append(_balance_loss(g_probs, g_i, routed))
-            sums.append(_pool_sums(g_probs, g_i, routed))
+            sums.append(pool_sums(g_probs, g_i, routed))
             entropy.append(_entropy(g_probs))
-            if c:
-                top_sums, handover = _top_mixture(cfg, mix, g_i, routed)
-                sums.append(top_sums)
-            sizes = cfg.groups[c:]
-            emax = max(sizes)
-            col, pad, starts, num = self._static_index(x.device)
-            # every routed expert's score for every token, laid out (N, routed groups, emax), padding at -inf
-            scores = F.linear(x, torch.cat([self.expert_gates[c + r].weight for r in range(routed)])).float()
-            padded = scores[:, col].masked_fill(pad, float("-inf"))
-            own = padded.gather(1, g_i[:, :, None].expand(-1, -1, emax))  # (N, k_groups, emax): the chosen groups' scores
+            if core:  # the top level: (core, routed groups) as one mixture per token
+                top = torch.cat([1 - mix.sum(-1, keepdim=True), (chosen * mix[:, :, None]).sum(1)], dim=-1)
+                sums.append(pool_sums(top, top.argmax(dim=-1, keepdim=True), routed + 1))
+            pad, starts = self._routed_index(x.device)
+            emax, kr = pad.shape[1], cfg.k_routed
+            # every routed expert's score for every token, (N, G_r, emax) (group weights padded to emax rows),
+            # then the chosen groups' (N, k_groups, emax), padding at -inf
+            gates = [self.expert_gates[core + r].weight for r in range(routed)]
+            scores = F.linear(x, torch.cat([F.pad(w, (0, 0, 0, emax - w.shape[0])) for w in gates])).float()
+            own = (chosen @ scores.view(n, routed, emax)).masked_fill(chosen @ pad > 0.5, float("-inf"))
             probs = own.softmax(dim=-1)
-            kr = cfg.k_routed
             top_p, top_i = probs.topk(kr, dim=-1)
-            tokens.append(ar[:, None, None].expand(n, cfg.top_k_groups, kr).flatten())
-            experts.append((top_i + starts[g_i][:, :, None]).flatten())
-            weights.append((top_p / top_p.sum(-1, keepdim=True) * mix[:, :, None]).flatten())
-            # balance of each routed group over its own tokens (Switch loss from sums), present groups only
-            flat_g = g_i.flatten()
-            group_tokens = _bincount(flat_g, routed).float()
-            psum = probs.new_zeros(routed, emax).index_add(0, flat_g, probs.reshape(-1, emax))
-            local = (g_i[:, :, None] * emax + top_i).flatten()
-            chosen = _bincount(local, routed * emax).float().reshape(routed, emax)
-            present = group_tokens > 0
-            per_group = num * ((chosen / (group_tokens * kr).clamp_min(1)[:, None]) * (psum / group_tokens.clamp_min(1)[:, None])).sum(-1)
-            aux_count = present.sum().float()
-            aux.append((per_group * present).sum())
-            for r, s in enumerate(sizes):
-                sums.append(torch.cat([psum[r, :s], chosen[r, :s], torch.stack([group_tokens[r], group_tokens[r] * kr])]))
-        # mean over the pools that had tokens: core and group router always (when N > 0), routed groups when chosen
-        always = len(aux) - (1 if routed else 0)
-        aux_loss = (torch.stack(aux).sum() / (always + aux_count)) if aux else x.new_zeros(())
-        return Routing(
-            token=torch.cat(tokens),
-            expert=torch.cat(experts),
-            weight=torch.cat(weights),
-            aux_loss=aux_loss,
-            entropy=torch.stack(entropy).mean().detach() if entropy else x.new_zeros(()),
-            handover_loss=handover,
-            new_weight=_new_weight(cfg, mix, g_i) if routed and n else x.new_zeros((), dtype=torch.float32),
-            pool_sums=sums,
-        )
+            experts.append((top_i + starts[g_i][:, :, None]).flatten(1))
+            weights.append((top_p / top_p.sum(-1, keepdim=True) * mix[:, :, None]).flatten(1))
+            # each routed group's pool over its own tokens: prob sums, assignments, tokens
+            flat = chosen.reshape(-1, routed)
+            psum = flat.t() @ probs.reshape(-1, emax)
+            picks = flat.t() @ F.one_hot(top_i, emax).sum(2).reshape(-1, emax).float()
+            group_tokens = flat.sum(0)
+            for r, s in enumerate(cfg.groups[core:]):
+                sums.append(torch.cat([psum[r, :s], picks[r, :s], torch.stack([group_tokens[r], group_tokens[r] * kr])]))
+            new = mix * (g_i > 0) if cfg.replicas else mix  # replicas: group 0 holds the source's own experts
+            new_weight = new.sum(-1).mean().detach() if n else mix.new_zeros(())
+        else:
+            new_weight = x.new_zeros((), dtype=torch.float32)
+        return Routing(torch.cat(experts, dim=1), torch.cat(weights, dim=1), sums,
+                       torch.stack(entropy).mean().detach(), new_weight)
 
 
-def image_stats(x: Tensor) -> Tensor:
-    """(..., D) -> (images, 2D): the mean and (population) standard deviation of `x` over each image's tokens.
-    The leading dimension indexes images (B, H, W, D in an encoder block, B, T, D in the decoder); a 2-D input
-    is one image."""
-    per_image = x.reshape(x.shape[0] if x.dim() > 2 else 1, -1, x.shape[-1])
-    std, mean = torch.std_mean(per_image, dim=1, correction=0)
-    return torch.cat([mean, std], dim=-1)
-
-
-def image_context(x: Tensor) -> Tensor:
-    """(..., D) -> (N, 2D): `image_stats` of each of the N tokens' image, what the group router sees."""
-    stats = image_stats(x)
-    tokens = x[0].numel() // x.shape[-1] if x.dim() > 2 else x.shape[0]
-    return stats[:, None, :].expand(-1, tokens, -1).reshape(-1, stats.shape[-1])
+# --------------------------------------------------------------------------- the layer
 
 
 class MoEMLP(nn.Module):
@@ -546,12 +441,10 @@ class MoEMLP(nn.Module):
         cfg (MoEConfig): expert groups and routing.
         act (Type[nn.Module]): expert activation.
 
-    After each forward, `aux_loss` holds the load-balancing loss,
-    `expert_counts` / `group_counts` the token-expert assignments of each
-    expert / group and `entropy` the mean top-level router entropy (detached
-    statistics for routing reports), `pool_sums` the router's balance-loss sums
-    (what N processes all-reduce); with `record = True`, `assignments` keeps
-    (token, expert, weight) of every assignment.
+    After each forward: `aux_loss` and `handover_loss` (see `balance_losses`), `pool_sums` (what they are
+    made of, for a loss over N processes), and detached statistics for reports: `expert_counts` /
+    `group_counts` (assignments per expert / group), `entropy`, `new_weight`. With `record = True` the
+    forward also keeps (token, expert, weight) of every assignment in `assignments`.
     """
 
     def __init__(self, dim: int, hidden: int, cfg: MoEConfig, act: Type[nn.Module] = nn.GELU) -> None:
@@ -560,14 +453,12 @@ class MoEMLP(nn.Module):
         self.router = HierarchicalRouter(dim, cfg)
         self.experts = nn.ModuleList(ExpertBank(e, dim, hidden, act) for e in cfg.groups)
         self.aux_loss: Tensor | None = None
+        self.handover_loss: Tensor | None = None
+        self.pool_sums: list[Tensor] = []
         self.expert_counts: Tensor | None = None
         self.group_counts: Tensor | None = None
         self.entropy: Tensor | None = None
-        self.pool_sums: list[Tensor] = []
         self.new_weight: Tensor | None = None
-        self.handover_loss: Tensor | None = None
-        self.group_weight: Tensor | None = None
-        # When True, forward keeps (token, expert) of every assignment for routing reports.
         self.record = False
         self.assignments: tuple[Tensor, Tensor, Tensor] | None = None
 
@@ -579,140 +470,25 @@ class MoEMLP(nn.Module):
             scale.clamp_(0.0, 1.0)
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        context = image_context(x) if self.cfg.image_context else None
+        shape, num = x.shape, self.cfg.num_experts
         x = x.reshape(-1, shape[-1])
-        route = self.router(x, context)
-        order = torch.argsort(route.expert, stable=True)
-        token = route.token[order]
-        counts = _bincount(route.expert, self.cfg.num_experts)
-        rows = x[token]
-        if static_dispatch(x):
-            y = self._experts_static(rows, route.expert[order], counts)
-        else:
-            counts_list = counts.tolist()
-            bounds = list(zip(self.router.offsets, self.router.offsets[1:]))
-            # one split, not a slice per bank: each slice's backward zero-fills a gradient the size of all rows
-            parts = rows.split([sum(counts_list[lo:hi]) for lo, hi in bounds])
-            outs = [bank(part, counts[lo:hi], counts_list[lo:hi])
-                    for bank, part, (lo, hi) in zip(self.experts, parts, bounds) if part.shape[0]]
-            y = torch.cat(outs) if outs else x.new_zeros(0, shape[-1])  # a layer that got no token returns zeros
-        y = y * route.weight[order].to(y.dtype)[:, None]
-        out = torch.zeros_like(x).index_add(0, token, y.to(x.dtype))
-        self.aux_loss = route.aux_loss
+        route = self.router(x)
+        n, k = route.expert.shape
+        expert = route.expert.flatten()  # token-major: assignment i belongs to token i // K
+        order = torch.argsort(expert, stable=True)
+        inverse = torch.argsort(order)
+        ends = torch.searchsorted(expert[order], torch.arange(1, num + 1, device=x.device))  # each expert's end row
+        rows = _Permute.apply(x[:, None, :].expand(n, k, shape[-1]).reshape(n * k, shape[-1]), order, inverse)
+        y = run_experts(list(self.experts), rows, ends.to(torch.int32))
+        y = _Permute.apply(y, inverse, order).view(n, k, y.shape[-1])  # back to assignment order
+        out = (y * route.weight.to(y.dtype)[:, :, None]).sum(1).to(x.dtype)
         self.pool_sums = route.pool_sums
-        self.expert_counts = counts.detach()
-        self.entropy = route.entropy
-        self.new_weight = route.new_weight
-        self.handover_loss = route.handover_loss
+        self.aux_loss, self.handover_loss = balance_losses(self.cfg, route.pool_sums)
+        self.expert_counts = counts = torch.diff(ends, prepend=ends.new_zeros(1))
+        offsets = self.cfg.offsets
+        self.group_counts = torch.stack([counts[lo:hi].sum() for lo, hi in zip(offsets, offsets[1:])])
+        self.entropy, self.new_weight = route.entropy, route.new_weight
         if self.record:
-            self.assignments = (route.token.detach(), route.expert.detach(), route.weight.detach())
-        bounds = list(zip(self.router.offsets, self.router.offsets[1:]))
-        self.group_counts = torch.stack([counts[lo:hi].sum() for lo, hi in bounds])
-        if self.cfg.replicas:  # each replica's share of the tokens' routing weight, for mixture_normalise_grads
-            weight = route.weight.detach().float()
-            per_expert = torch.zeros(self.cfg.num_experts, device=x.device).index_add(0, route.expert, weight)
-            self.group_weight = torch.stack([per_expert[lo:hi].sum() for lo, hi in bounds]) / max(x.shape[0], 1)
+            tokens = torch.arange(n, device=x.device).repeat_interleave(k)
+            self.assignments = (tokens, expert.detach(), route.weight.flatten().detach())
         return out.reshape(shape)
-
-    def _experts_static(self, rows: Tensor, expert: Tensor, counts: Tensor) -> Tensor:
-        """All banks as one grouped GEMM over rows sorted by expert; offsets stay on the device."""
-        banks = list(self.experts)
-        dtype = _autocast_dtype(rows) or rows.dtype
-        w1, b1, w2, b2 = (_cat_experts([getattr(b, name) for b in banks], dtype) for name in ("w1", "b1", "w2", "b2"))
-        rows = rows.to(dtype)
-        if not _grouped_mm_ok(rows, w1):  # float64 or unaligned widths: the loop, which reads counts on the host
-            counts_list = counts.tolist()
-            h = banks[0].act(grouped_linear(rows, w1, b1, counts, counts_list))
-            return grouped_linear(h, w2, b2, counts, counts_list)
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        h = banks[0].act(torch._grouped_mm(rows, w1.transpose(-2, -1), offs=offs) + b1[expert])
-        return torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs) + b2[expert]
-
-
-class _CatExperts(torch.autograd.Function):
-    """Cast and concatenate expert banks along dim 0 in one copy; backward hands each bank its slice."""
-
-    @staticmethod
-    def forward(ctx, dtype: torch.dtype, *banks: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.sizes = [b.shape[0] for b in banks]
-        ctx.dtypes = [b.dtype for b in banks]
-        out = banks[0].new_empty((sum(ctx.sizes), *banks[0].shape[1:]), dtype=dtype)
-        for part, b in zip(out.split(ctx.sizes), banks):
-            part.copy_(b)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        return (None, *(g.to(d) for g, d in zip(grad.split(ctx.sizes), ctx.dtypes)))
-
-
-def _cat_experts(banks: list[Tensor], dtype: torch.dtype) -> Tensor:
-    if len(banks) == 1:
-        return banks[0].to(dtype)
-    return _CatExperts.apply(dtype, *banks)
-
-
-@torch.no_grad()
-def drop_idle_grads(layers: list[MoEMLP]) -> None:
-    """After backward: banks (and in-group routers) that got no token in the last forward get grad None.
-
-    The CPU path never puts an idle bank in the graph; the static (CUDA) path gives it a zero gradient.
-    With None the optimizer skips it on both paths (no weight decay, no momentum step). One host read
-    for all layers, after backward: nothing waits inside the forward.
-    """
-    layers = [m for m in layers if m.group_counts is not None]
-    if not layers:
-        return
-    counts = torch.cat([m.group_counts for m in layers]).tolist()
-    pos = 0
-    for m in layers:
-        for g, bank in enumerate(m.experts):
-            if counts[pos + g] == 0:
-                for p in bank.parameters():
-                    p.grad = None
-                if g >= m.cfg.core_groups:
-                    m.router.expert_gates[g].weight.grad = None
-        pos += len(m.experts)
-
-
-@torch.no_grad()
-def mixture_normalise_grads(layers: list[MoEMLP], floor: float = 0.25) -> None:
-    """After backward: divide each grown layer's expert gradients by their pool's share of the routing weight.
-
-    Why: a grown layer's output is `(1 - w) core + w new`, with w the tokens' mean weight on the
-    new groups (`new_weight`). Under SGD each pool's gradient is scaled by its weight, and so is its
-    effect on the output: at w = 0.5 the layer's MLPs change the function half as fast per step as
-    the source's did, and a grown model falls behind its source trained further at equal compute.
-    Dividing the core banks' gradients by 1 - w and the new banks' by w (each at least `floor`)
-    restores the source's per-step rate. With `replicas` each group's share is its mean weight over
-    the layer's tokens (`group_weight`; the fraction of tokens it took, with one group per token): a
-    replica that took a quarter of the tokens gets four times its gradient, so in expectation over
-    routing each replica moves as the source's experts would have on the whole batch (floor: half a
-    fair share, 1 / (2 G)). A layer without new groups is left alone, so the source trains as
-    before. With `residual` new groups the core's output keeps weight 1: only the new banks are divided.
-    One host read for all layers.
-    """
-    layers = [m for m in layers if m.new_weight is not None and m.cfg.core_groups < len(m.cfg.groups)]
-    if not layers:
-        return
-    rows, floors = [], []
-    for m in layers:
-        groups = len(m.experts)
-        if m.cfg.replicas:
-            rows.append(m.group_weight.float())
-            floors += [0.5 / groups] * groups
-        else:
-            w = m.new_weight.float().reshape(1)
-            core = torch.ones_like(w) if m.cfg.residual else 1 - w  # residual: the core's output is not scaled down
-            rows.append(torch.cat([core.expand(m.cfg.core_groups), w.expand(groups - m.cfg.core_groups)]))
-            floors += [floor] * groups
-    shares = torch.cat(rows).tolist()
-    pos = 0
-    for m in layers:
-        for bank in m.experts:
-            scale = 1.0 / max(shares[pos], floors[pos])
-            pos += 1
-            for p in bank.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(scale)

@@ -4,7 +4,7 @@ Stage plans (what trains), optimizer groups (at which learning rate), summaries
 and CLI tables all classify tensors by name; asking this module keeps them from
 disagreeing about what a router, an expert or a seed-004 part is.
 
-Roles: `selector`, `gating`, `loss` (seed 004's model parts: upscale/heads.py),
+Roles: `selector`, `gating` (seed 004's model parts: upscale/heads.py),
 `router` (any MoE router tensor, encoder, extra or decoder block), `expert`
 (an FFN expert bank), `head` (the decoder's output tokens and hypernetworks),
 `encoder`, `decoder` (the rest of SAM's image encoder and mask decoder) and
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-SEED004_ROLES = ("selector", "gating", "loss")
+SEED004_ROLES = ("selector", "gating")
 HEAD_PREFIXES = ("mask_decoder.mask_tokens", "mask_decoder.output_hypernetworks_mlps")
 
 

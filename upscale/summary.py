@@ -15,7 +15,7 @@ from .config import SamMoEConfig
 from .layout import numel
 from .roles import param_role
 
-COMPONENTS = ("encoder", "moe_experts", "routers", "extra_blocks", "decoder", "heads", "selector", "gating", "loss")
+COMPONENTS = ("encoder", "moe_experts", "routers", "extra_blocks", "decoder", "heads", "selector", "gating")
 _BLOCK = re.compile(r"^image_encoder\.blocks\.(\d+)\.")
 
 
@@ -79,10 +79,7 @@ def summarize(
         "top_k": cfg.moe.top_k,
         "top_k_groups": cfg.moe.top_k_groups,
         "routed_top_k": cfg.moe.k_routed,
-        "token_handover": cfg.moe.token_handover,
-        "image_context": cfg.moe.image_context,
         "replicas": cfg.moe.replicas,
-        "residual": cfg.moe.residual,
         "num_moe_layers": len(experts),
         "num_blocks": cfg.total_blocks,
         "extra_blocks": cfg.extra_blocks,

@@ -9,22 +9,17 @@ stage, so the grown model's costlier steps buy it fewer of them). Arms:
     a:<lr>                  the source trained further (stage 3)
     <grown arm>@<variant>   the same, from another growth of the source, parts joined by '+': noise<std>
                             (copy + noise of that relative std), interp<w> (interpolation of two source
-                            experts), reinit<r> (that fraction of each new expert's hidden units drawn
-                            afresh), blocks<n> (n extra blocks, not 1), rk<k> (k experts per token in a
-                            new group), ctx (`--image-context`: the group router sees each image's token
-                            statistics), th (`--token-handover`: the router decides per token how much
-                            leaves the source's experts), rep (`--replicate`: 4 exact copies of the
-                            source's experts, each token routed to one, at the source's cost per token) or
-                            res (`--residual-experts`: new groups add to the source's experts' output, their
-                            output layers zero at growth; with reinit1, fresh experts instead of copies);
-                            blocks, rk and rep change the layout, so the arm counts its own FLOPs
+                            experts), blocks<n> (n extra blocks, not 1), rk<k> (k experts per token in a
+                            new group) or rep (`--replicate`: 4 exact copies of the source's experts, each
+                            token routed to one, at the source's cost per token); blocks, rk and rep change
+                            the layout, so the arm counts its own FLOPs. (The variants that measured neutral
+                            or worse left samoe: docs/growth-experiments.md, "Removed variants".)
     ft:<lr>                 the grown model, stage 3 only (every parameter trains)
     stage1:<lr>             the grown model, stage 1 only, on A: the source frozen, only the new experts
                             and the routers train (the plan's integration stage; cheaper steps, no weight
                             gradients for the source's parts, and the source's function cannot be lost)
     staged:<s1>/<s2>/<s3>:<lr1>/<lr2>/<lr3>   stages 1-3 sharing E (shares in percent); stage 1 on
                             the source's pseudo-labels of B, stages 2-3 on A
-    <kind>:<lrs>+mix        any arm above with `samoe train --mixture-lr` (every stage of a staged arm)
 
 It prints mIoU and SDF error per arm, every arm against the source and the first arm, every grown
 arm against every (a), and each seed's mIoU, with paired bootstrap 95% intervals over (seed, image)
@@ -82,11 +77,9 @@ LAYOUT_PARTS = ("blocks", "rk", "rep")  # variant parts that change the grown la
 
 def growth_args(variant: str) -> list[str]:
     """expand's options for an arm's `@variant`: parts joined by '+', each one of noise<std> or interp<w> (the
-    init; default copy + 1% noise), reinit<r> (Drop-Upcycling: `--reinit-ratio r`), blocks<n> (n extra blocks
-    instead of hard_protocol.py's 1), rk<k> (k experts per token inside a chosen new group: `--routed-top-k`) or th
-    (`--token-handover`) or ctx (`--image-context`) or rep (`--replicate`: 4 exact copies of the source's experts,
-    one per token, at the source's cost per token) or res (`--residual-experts`: new groups add to the source's
-    experts' output, their output layers zero at growth); '' is hard_protocol.py's growth."""
+    init; default copy + 1% noise), blocks<n> (n extra blocks instead of hard_protocol.py's 1), rk<k> (k experts
+    per token inside a chosen new group: `--routed-top-k`) or rep (`--replicate`: 4 exact copies of the source's
+    experts, one per token, at the source's cost per token); '' is hard_protocol.py's growth."""
     layout, init, extra = list(hard_protocol.GROW), ["--noise-std", "0.01"], []
     for part in filter(None, variant.split("+")):
         if part.startswith("blocks"):
@@ -97,20 +90,12 @@ def growth_args(variant: str) -> list[str]:
             init = ["--noise-std", part[len("noise"):]]
         elif part.startswith("interp"):
             init = ["--init", "interpolate", "--interp-weight", part[len("interp"):] or "0.3"]
-        elif part.startswith("reinit"):
-            extra += ["--reinit-ratio", part[len("reinit"):] or "0.5"]
         elif part == "rep":
             extra += ["--replicate"]
             init = []
-        elif part == "th":
-            extra += ["--token-handover"]
-        elif part == "ctx":
-            extra += ["--image-context"]
-        elif part == "res":
-            extra += ["--residual-experts"]
         else:
             raise SystemExit(f"unknown growth variant part {part!r} in @{variant}: use noise<std>, interp<w>, "
-                             "reinit<r>, blocks<n>, rk<k>, th, ctx, rep or res, joined by '+'")
+                             "blocks<n>, rk<k> or rep, joined by '+'")
     return [*layout, *init, *extra]
 
 
@@ -139,14 +124,12 @@ def run_arm(arm: str, w: Path, d: Path, seed: int, E: float, f: dict[str, float]
     arm, _, variant = arm.partition("@")
     kind, _, rest = arm.partition(":")
     src, grown = w / "source" / "final", grown_dir(w, variant)
-    rest, mix = (rest[:-4], ("--mixture-lr",)) if rest.endswith("+mix") else (rest, ())
     if kind == "a":
-        return train(3, src, w / f"sweep-{tag}", A, None, max(1, round(E / f["src"])), float(rest), seed, force_input=True,
-                     extra=mix)
+        return train(3, src, w / f"sweep-{tag}", A, None, max(1, round(E / f["src"])), float(rest), seed, force_input=True)
     if kind in ("ft", "stage1"):
         stage, per_step = (3, f.get(f"g3@{variant}", f["g3"])) if kind == "ft" else (1, f[f"g1A@{variant}"])
         return train(stage, grown, w / f"sweep-{tag}", A, None, max(1, round(E / per_step)), float(rest), seed,
-                     force_input=True, extra=mix)
+                     force_input=True)
     if changes_layout(variant):
         raise SystemExit(f"{arm}@{variant}: staged arms count the default layout's FLOPs; use ft: with @blocks<n> or @rk<k>")
     shares, lrs = ([float(v) for v in part.split("/")] for part in rest.split(":"))
@@ -154,8 +137,7 @@ def run_arm(arm: str, w: Path, d: Path, seed: int, E: float, f: dict[str, float]
     for stage, share, lr in zip((1, 2, 3), shares, lrs):
         if share > 0:
             steps = max(1, round(share / 100 * E / f[f"g{stage}"]))
-            ckpt = train(stage, ckpt, w / f"sweep-{tag}-s{stage}", w / "B-pseudo" if stage == 1 else A, None, steps, lr, seed,
-                         extra=mix)
+            ckpt = train(stage, ckpt, w / f"sweep-{tag}-s{stage}", w / "B-pseudo" if stage == 1 else A, None, steps, lr, seed)
     return ckpt
 
 
