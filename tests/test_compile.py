@@ -21,7 +21,7 @@ from upscale.expand import GrowthSpec, grown_config
 from upscale.model import build_model
 from upscale.moe import MoEMLP
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # torch.compile: minutes on a CPU
 
 # fp32: the same ops in another order (fused, or decomposed by AOTAutograd); bf16: two bf16 roundings apart
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}

@@ -39,7 +39,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "SAMOE_DEVI
 LOSSES = ("loss", "loss_sup", "loss_unsup", "seg", "sdf", "boundary", "aux", "sigma_seg", "sigma_sdf", "sigma_boundary")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # torchrun: two processes per test
 
 
 def free_port() -> int:

@@ -518,6 +518,7 @@ def tree_cases(draw, entries: dict[str, list[str]]):
     return name, damage
 
 
+@pytest.mark.slow  # 200 generated trees, each a real command
 @TREES
 @given(data=st.data())
 def test_fuzz_generated_trees(templates, data):

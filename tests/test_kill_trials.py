@@ -28,6 +28,8 @@ SAMOE = str(Path(sys.executable).parent / "samoe")
 GROW = ["--experts", "16", "--groups", "4", "--extra-blocks", "1", "--set", "noise_std=0.01", "--seed", "3", "--set", "shard_size_gib=0.0005"]
 TRIALS = 2
 
+pytestmark = pytest.mark.slow  # each trial kills a real expand or train and reruns it
+
 
 def run(args: list) -> None:
     proc = subprocess.run([SAMOE, *map(str, args)], capture_output=True, text=True, timeout=300)

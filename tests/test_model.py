@@ -28,6 +28,8 @@ import cli
 from upscale import PRESETS, build_model, get_preset, load_model
 from upscale.checkpoint import Checkpoint
 
+pytestmark = pytest.mark.slow  # a real ViT-B SAM at 1024 px: about 20 s per forward on 2 cores
+
 MOE_BLOCKS = (9, 10)
 EXPERTS = 4
 
