@@ -45,7 +45,7 @@ POLARISATIONS: tuple[str, ...] = ("VV", "VH", "HH", "HV")
 DATA_JSON = "data.json"
 FLOOR = 1e-6  # linear power floor before the log (-60 dB): no log(0)
 _JSON_KEYS = ("input_scale", "dn_calibration", "polarisations")
-_FIX = "declare the right one with --input-scale (or \"input_scale\" in data.json)"
+_FIX = "declare the right one with --input-scale (eval, pseudo-label, predict), \"input_scale\" in data.json, or input_scale in a train recipe"
 
 
 @dataclass(frozen=True)

@@ -188,13 +188,13 @@ def test_case6_changed_data_is_refused_unless_force(grown, data, work):
     mine = work / "data6"
     shutil.copytree(data / "A", mine)
     run = work / "run6"
-    assert train(grown, run, mine, "--set", "max_steps=2", "--checkpoint-every", 1).exit_code == 0
+    assert train(grown, run, mine, "--set", "max_steps=2", "--set", "checkpoint_every=1").exit_code == 0
     shutil.rmtree(run / "final")  # as if it had stopped after its step-1 checkpoint
     victim = sorted((mine / "images").iterdir())[0]
     victim.unlink()
     (mine / "masks" / (victim.stem + ".png")).unlink()
-    one_error_line(train(grown, run, mine, "--set", "max_steps=2", "--checkpoint-every", 1), "changed", "--force")
-    assert train(grown, run, mine, "--set", "max_steps=2", "--checkpoint-every", 1, "--force").exit_code == 0
+    one_error_line(train(grown, run, mine, "--set", "max_steps=2", "--set", "checkpoint_every=1"), "changed", "--force")
+    assert train(grown, run, mine, "--set", "max_steps=2", "--set", "checkpoint_every=1", "--force").exit_code == 0
 
 
 def test_case6_run_that_failed_before_its_first_step_blocks_nothing(grown, data, work, monkeypatch):
@@ -207,8 +207,8 @@ def test_case6_run_that_failed_before_its_first_step_blocks_nothing(grown, data,
 
     with monkeypatch.context() as m:
         m.setattr(engine, "train_step", broken)
-        assert train(grown, run, data / "A", "--lr", 0.5).exit_code == 1
-    res = train(grown, run, data / "A", "--lr", 0.01)  # the corrected command
+        assert train(grown, run, data / "A", "--set", "lr=0.5").exit_code == 1
+    res = train(grown, run, data / "A", "--set", "lr=0.01")  # the corrected command
     assert res.exit_code == 0, res.stderr
     assert (run / "final" / "samoe.json").is_file()
 

@@ -314,7 +314,7 @@ def test_train_refuses_db_data_declared_linear(src, tmp_path):
     folder = _folder(tmp_path / "db", {f"s{i}": as_scale(power(i, (2, 64, 64)), "db") for i in range(2)})
     grown = expand_checkpoint(src, tmp_path / "g", GrowthSpec(experts=8, groups=resolve_groups(4, 8, "2", 1)), ["test"])
     one_error_line(samoe("train", "--stage", 1, "--from", grown, "--run-dir", tmp_path / "run", "--data", folder,
-                         "--set", "max_steps=1", "--set", "lr=0.01"), "s0.tif", "--set", "input_scale=negative")
+                         "--set", "max_steps=1", "--set", "lr=0.01"), "s0.tif", "input_scale", "negative")
     res = samoe("train", "--stage", 1, "--from", grown, "--run-dir", tmp_path / "run", "--data", folder,
                 "--set", "max_steps=1", "--set", "batch_size=2", "--set", "input_scale=db", "--set", "lr=0.01")
     assert res.exit_code == 0, res.stderr
