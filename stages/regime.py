@@ -114,8 +114,8 @@ def source_regime(grown: Checkpoint, data_dir: Path) -> Regime:
                                  "was not found)")
     drop, train_seg = tail
     if drop > PLATEAU_DROP:
-        return Regime("still learning", f"regime of the source: still learning (its training loss fell {drop:.1%} per "
-                      "1000 steps at the end): training it further is likely the better use of compute than growth",
+        return Regime("still learning", f"regime of the source: still learning (its training loss was falling at a rate of "
+                      f"{drop:.1%} per 1000 steps at the end): training it further is likely the better use of compute than growth",
                       drop, train_seg)
     try:
         held_seg, interior = heldout(Path(source), data_dir)
