@@ -599,8 +599,9 @@ def plan(
     src_cfg = get_preset(preset) if preset else Checkpoint.open(source).config
     spec = settings.spec(src_cfg.moe.num_experts, 0)
     if last_k is None:
-        stage2 = table.get("train", {}).get("stage2", {}) if isinstance(table.get("train"), dict) else {}
-        last_k = stage2.get("last_k", table.get("train", {}).get("last_k", 4)) if isinstance(stage2, dict) else 4
+        from upscale.recipe import lookup
+
+        last_k = lookup(table, ("train", "train.stage2"), "last_k", 4)
         if type(last_k) is not int or last_k < 0:
             raise SamoeError(f"train.stage2.last_k = {last_k!r} must be an integer >= 0")
     report = plan_report(src_cfg, spec, check_dtype(dtype), last_k=last_k)

@@ -49,3 +49,19 @@ def test_last_k_changes_stage2_memory(grown):
     assert len(seen) == 4
     tables = {k: _plan(src, "--last-k", str(k)).stdout for k in (0, 2)}
     assert tables[0] != tables[2]
+
+
+def test_plan_reads_last_k_from_the_recipe_and_the_option_wins(grown, tmp_path):
+    """plan sizes stage 2 as `train --stage 2 --recipe R` will run it: [train.stage2] over [train], --last-k over both."""
+    src, _ = grown
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[train]\nlast_k = 0\n[train.stage2]\nlast_k = 2\n")
+
+    def trainable(*extra: str) -> int:
+        res = _plan(src, "--json", *extra)
+        assert res.exit_code == 0, res.stderr
+        return json.loads(res.stdout)["memory_per_stage"]["stage2"]["trainable_params"]
+
+    assert trainable("--recipe", str(recipe)) == trainable("--last-k", "2") != trainable("--last-k", "0")
+    assert trainable("--recipe", str(recipe), "--last-k", "0") == trainable("--last-k", "0")
+    assert trainable("--set", "train.last_k=0") == trainable("--last-k", "0")

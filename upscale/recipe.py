@@ -133,6 +133,18 @@ def resolve(recipe: dict[str, Any], tables: tuple[str, ...], cls: type, where: s
     return out
 
 
+def lookup(recipe: dict[str, Any], tables: tuple[str, ...], key: str, default: Any) -> Any:
+    """`key` from the last of `tables` (dotted names) that sets it, else `default`: one setting without its dataclass."""
+    value = default
+    for name in tables:
+        table: Any = recipe
+        for p in name.split("."):
+            table = table.get(p, {}) if isinstance(table, dict) else {}
+        if isinstance(table, dict) and key in table:
+            value = table[key]
+    return value
+
+
 def unknown_tables(recipe: dict[str, Any], known: tuple[str, ...], where: str) -> None:
     """Refuse a top-level table samoe does not read (a typo would otherwise be ignored silently)."""
     for name in recipe:
