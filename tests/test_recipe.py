@@ -168,8 +168,18 @@ def test_growth_recipe_errors_name_the_key(tmp_path: Path):
 
 def test_a_huge_recipe_is_refused_before_parsing(tmp_path: Path):
     path = _recipe(tmp_path, "# " + "x" * (2**20) + "\n")
-    with pytest.raises(SamoeError, match="larger than"):
+    with pytest.raises(SamoeError, match="more than the 1048576"):
         load_recipe(path, [], "train")
+
+
+def test_a_fifo_or_missing_recipe_is_refused_without_blocking(tmp_path: Path):
+    import os
+
+    os.mkfifo(tmp_path / "fifo.toml")
+    with pytest.raises(SamoeError, match="not a regular file"):
+        load_recipe(tmp_path / "fifo.toml", [], "train")
+    with pytest.raises(SamoeError, match="missing.toml is missing"):
+        load_recipe(tmp_path / "missing.toml", [], "train")
 
 
 def test_shipped_recipes_resolve(tmp_path: Path):

@@ -32,13 +32,12 @@ def load_recipe(path: Path | None, overrides: list[str], home: str) -> dict[str,
     without a dot goes to table `home` (dotted, e.g. "train.stage1"), the one the command reads last."""
     recipe: dict[str, Any] = {}
     if path is not None:
-        try:
-            with open(path, "rb") as f:
-                raw = f.read(MAX_RECIPE_BYTES + 1)
-        except OSError as e:
-            raise SamoeError(f"cannot read recipe {path}: {e.strerror or e}: pass an existing TOML file to --recipe") from None
-        if len(raw) > MAX_RECIPE_BYTES:
-            raise SamoeError(f"recipe {path} is larger than {MAX_RECIPE_BYTES} bytes: a recipe is a short TOML file")
+        from .dirfd import Dir
+
+        path = Path(path)
+        fix = "pass an existing TOML file to --recipe"
+        with Dir.open(path.parent, fix) as d:  # a regular file only (never a blocking FIFO), bounded, no link followed
+            raw = d.read_bytes(path.name, MAX_RECIPE_BYTES)
         try:
             recipe = tomllib.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
