@@ -31,6 +31,11 @@ import torch
 from torch import nn
 
 from stages.master import BankMasters, expert_bank_params
+
+try:
+    from stages.expert_grads import keep_expert_grads
+except ImportError:  # a tree from before stages/expert_grads.py (measured side by side)
+    keep_expert_grads = None
 from upscale.config import MoEConfig
 from upscale.moe import MoEMLP, balance_losses
 from upscale.sam import MLPBlock
@@ -92,7 +97,15 @@ def targets(tokens: int, repeats: int) -> None:
         k = cfg.experts_per_token
         x = torch.randn(tokens, 768, requires_grad=True)
         xd = torch.randn(tokens * k, 768, requires_grad=True)
-        runs = {"dense": fwd_bwd(dense, xd, True, ac), "fresh": fwd_bwd(moe, x, True, ac), "kept": fwd_bwd(moe, x, False, ac)}
+        own, kept = moe.run_experts if hasattr(moe, "run_experts") else None, fwd_bwd(moe, x, False, ac)
+
+        def kept_run() -> None:  # as `samoe train` runs it: expert GEMMs writing into the kept buffers
+            if keep_expert_grads is not None:
+                keep_expert_grads(moe)
+            kept()
+            if own is not None:
+                moe.run_experts = own
+        runs = {"dense": fwd_bwd(dense, xd, True, ac), "fresh": fwd_bwd(moe, x, True, ac), "kept": kept_run}
         for fn in runs.values():
             fn()  # warm-up
         best = {key: float("inf") for key in runs}

@@ -762,6 +762,10 @@ class _Trainer:
             from .optim import KeptGrads
 
             self.opts.kept = KeptGrads(list(self.model.parameters()))
+            if not cfg.compile:  # eager: the expert GEMMs write into those buffers (compiled code keeps the op)
+                from .expert_grads import keep_expert_grads
+
+                keep_expert_grads(self.model)
 
     def resume(self, resuming: bool) -> None:
         """When resuming, restore model, optimizers and loader positions from the latest step checkpoint."""

@@ -29,7 +29,7 @@ an input of that call: a bank no token chose gets a zero gradient (stages/ turns
 
 from __future__ import annotations
 
-from typing import NamedTuple, Type
+from typing import Callable, NamedTuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -140,18 +140,18 @@ def expert_linear_grads(x: Tensor, grad: Tensor, offs: Tensor, banks: list[Tenso
         if not need:
             out += [w.new_empty(0), w.new_empty(0)]
             continue
-        gw = torch.zeros_like(w, memory_format=torch.contiguous_format)
-        gb = w.new_zeros(w.shape[:2])
-        if hi > lo:
-            g, xs = grad[lo:hi], x[lo:hi]
-            if _grouped_mm_ok(xs, w):
-                gw = torch._grouped_mm(g.t(), xs, offs=torch.tensor(counts, device=x.device).cumsum(0, dtype=torch.int32))
-            else:
-                for e, (ge, xe) in enumerate(zip(g.split(counts), xs.split(counts))):
-                    if xe.shape[0]:
-                        gw[e] = ge.t() @ xe
-            gb.index_add_(0, _rows_of_experts(torch.tensor(counts, device=x.device), hi - lo), g)
-        out += [gw, gb]
+        if hi == lo:
+            out += [torch.zeros_like(w, memory_format=torch.contiguous_format), w.new_zeros(w.shape[:2])]
+            continue
+        g, xs = grad[lo:hi], x[lo:hi]
+        if _grouped_mm_ok(xs, w):  # it writes every expert's block (zeros where an expert has no rows)
+            gw = torch._grouped_mm(g.t(), xs, offs=torch.tensor(counts, device=x.device).cumsum(0, dtype=torch.int32))
+        else:
+            gw = torch.zeros_like(w, memory_format=torch.contiguous_format)
+            for e, (ge, xe) in enumerate(zip(g.split(counts), xs.split(counts))):
+                if xe.shape[0]:
+                    gw[e] = ge.t() @ xe
+        out += [gw, torch.stack([ge.sum(0) for ge in g.split(counts)])]  # segment sums: no scatter
     return out
 
 
@@ -461,6 +461,9 @@ class MoEMLP(nn.Module):
         self.new_weight: Tensor | None = None
         self.record = False
         self.assignments: tuple[Tensor, Tensor, Tensor] | None = None
+        # rows (sorted by expert) through the banks: `run_experts`, or a substitute with the same result that a
+        # trainer installs (stages/expert_grads.py writes the banks' gradients into kept buffers)
+        self.run_experts: Callable[[list[ExpertBank], Tensor, Tensor], Tensor] = run_experts
 
     @torch.no_grad()
     def constrain_(self) -> None:
@@ -479,7 +482,7 @@ class MoEMLP(nn.Module):
         inverse = torch.argsort(order)
         ends = torch.searchsorted(expert[order], torch.arange(1, num + 1, device=x.device))  # each expert's end row
         rows = _Permute.apply(x[:, None, :].expand(n, k, shape[-1]).reshape(n * k, shape[-1]), order, inverse)
-        y = run_experts(list(self.experts), rows, ends.to(torch.int32))
+        y = self.run_experts(list(self.experts), rows, ends.to(torch.int32))
         y = _Permute.apply(y, inverse, order).view(n, k, y.shape[-1])  # back to assignment order
         out = (y * route.weight.to(y.dtype)[:, :, None]).sum(1).to(x.dtype)
         self.pool_sums = route.pool_sums
