@@ -83,11 +83,13 @@ TARGETS = [  # name, MoEConfig, precision (fp32 | bf16: banks stored bf16 | auto
 ]
 
 
-def targets(tokens: int, repeats: int) -> None:
+def targets(tokens: int, repeats: int, precisions: list[str]) -> None:
     """The CPU performance targets: fresh vs kept gradient buffers, fp32 and bf16 autocast, vs dense of equal FLOPs."""
     print(f"cpu, {tokens} tokens, ViT-B width, torch {torch.__version__}, threads {torch.get_num_threads()}, best of {repeats}")
     print(f"{'case':26} {'k':>2} {'dense ms':>9} {'fresh grads':>11} {'kept grads':>10} {'target':>6}")
     for name, cfg, precision, target in TARGETS:
+        if precision not in precisions:
+            continue
         torch.manual_seed(0)
         moe, dense = MoEMLP(768, 3072, cfg, nn.GELU), MLPBlock(768, 3072, nn.GELU)
         ac = precision != "fp32"
@@ -126,9 +128,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--targets", action="store_true", help="the CPU performance targets (see above)")
+    ap.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "autocast"], default=["fp32", "bf16", "autocast"],
+                    help="which of the targets' precisions to run (bf16 on CPU takes minutes per case)")
     args = ap.parse_args()
     if args.targets:
-        return targets(args.tokens, args.repeats)
+        return targets(args.tokens, args.repeats, args.precisions)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     cases = CASES if args.device == "cpu" else CASES + GPU_CASES
