@@ -139,6 +139,30 @@ def test_bfloat16_checkpoint_is_the_cast_model(tmp_path):
         assert torch.equal(up.state_dict()[name], t.float()), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nonfinite_tensors_equals_torch_isfinite(tmp_path, dtype):
+    """--verify's raw-bit check (numpy, no torch) against torch.isfinite on every tensor, in chunks of 1000 bytes
+    (whole values per chunk; the larger tensors span many chunks)."""
+    path = init_from_preset(PRESETS["tiny"], tmp_path / "ck", 0, dtype, ["test"], False)
+    ck = Checkpoint.open(path)
+    names = sorted(n for n, i in ck.tensors.items() if i.nbytes >= 16)
+    info = torch.finfo(dtype)
+    plants = {names[0]: float("nan"), names[3]: float("inf"), names[7]: float("-inf"), names[11]: info.max,
+              names[13]: info.smallest_normal / 4, names[-1]: float("nan")}  # max and a subnormal are finite
+    for name, value in plants.items():
+        t = ck.tensors[name]
+        f = path / t.file
+        raw = bytearray(f.read_bytes())
+        at = t.offset + (t.nbytes // 2 // dtype.itemsize) * dtype.itemsize
+        raw[at : at + dtype.itemsize] = torch.tensor([value], dtype=dtype).view(torch.uint8).numpy().tobytes()
+        f.write_bytes(bytes(raw))
+    ck = Checkpoint.open(path)
+    oracle = sorted(n for n, t in ck.iter_tensors() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    assert oracle == sorted({names[0], names[3], names[7], names[-1]})
+    assert sorted(ck.nonfinite_tensors(chunk_bytes=1000)) == oracle
+    assert sorted(ck.nonfinite_tensors()) == oracle
+
+
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, tiny):
     again = init_tiny(tmp_path / "again", seed=0)
     other = init_tiny(tmp_path / "other", seed=1)
