@@ -372,20 +372,28 @@ def init(
     as_json: bool = typer.Option(False, "--json", help="Print the checkpoint summary as JSON."),
 ) -> None:
     """Create the source SamMoE checkpoint: from a preset, or upcycled from a dense SAM .pth."""
-    from upscale.checkpoint import Checkpoint, parse_dtype
+    from upscale.checkpoint import Checkpoint, check_dtype
     from upscale.config import get_preset
-    from upscale.create import init_from_preset, init_from_sam
     from upscale.errors import SamoeError
+    from upscale.ownership import check_separate, preflight_new_output
 
+    # every check that needs no torch first: a mistyped option is answered at once, not after 3 s of imports
     if (preset is None) == (from_sam is None):
         raise SamoeError("give exactly one of --preset NAME or --from-sam FILE.pth")
-    torch_dtype = parse_dtype(dtype)
-    from upscale.ownership import check_separate
-
+    check_dtype(dtype)
+    cfg = get_preset(preset) if preset is not None else None
+    blocks = _parse_ints(moe_blocks, "--moe-blocks") if moe_blocks else None
+    if from_sam is not None and not from_sam.is_file():
+        raise SamoeError(f"SAM checkpoint {from_sam} does not exist: check --from-sam")
     check_separate(out, "--out", {"--from-sam": from_sam})  # --force must never delete the .pth it reads
+    preflight_new_output(out, force)
+
+    from upscale.checkpoint import parse_dtype
+    from upscale.create import init_from_preset, init_from_sam
+
+    torch_dtype = parse_dtype(dtype)
     with _one_job(out), console.status("building and writing the checkpoint...", spinner="dots"):
-        if preset is not None:
-            cfg = get_preset(preset)
+        if cfg is not None:
             if num_classes is not None:
                 from dataclasses import replace
 
@@ -396,7 +404,6 @@ def init(
             from upscale.config import SAM_VITS
 
             sam = load_sam_state(from_sam)  # read once: the checks and the weights come from the same bytes
-            blocks = _parse_ints(moe_blocks, "--moe-blocks") if moe_blocks else None
             if blocks is None:
                 depth = SAM_VITS[detect_vit(sam)]["depth"]
                 blocks = tuple(range(max(0, depth - 9), depth))
@@ -651,12 +658,16 @@ def expand(
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
     from upscale.checkpoint import Checkpoint, parse_dtype
+    from upscale.growth import grown_config
+    from upscale.ownership import preflight_new_output
 
     settings, _ = _growth_settings(recipe, overrides, experts=experts, groups=groups, extra_blocks=extra_blocks)
-    with _collector_off():
-        from upscale.expand import expand_checkpoint
     src = Checkpoint.open(source)  # opened once: growth, lineage digest and --verify all read these files
     spec = settings.spec(src.config.moe.num_experts, seed)
+    grown_config(src.config, spec)  # a plan that cannot be grown, or a taken --out, is refused before torch is imported
+    preflight_new_output(out, force)
+    with _collector_off():
+        from upscale.expand import expand_checkpoint
     out_dtype = parse_dtype(settings.dtype) if settings.dtype else None
     images = None
     if verify is not None:  # resolve the device, read the --verify images before writing anything: a bad one leaves no --out

@@ -121,12 +121,12 @@ def test_model_batch_and_optimizer_state_land_on_the_device(grown: Path, data: P
 
 @no_cuda
 @pytest.mark.parametrize("command", ["train", "eval", "pseudo-label", "expand"])
-def test_cuda_without_a_gpu_is_one_line(grown: Path, data: Path, tmp_path: Path, command: str):
+def test_cuda_without_a_gpu_is_one_line(src: Path, grown: Path, data: Path, tmp_path: Path, command: str):
     args = {
         "train": ["train", "--stage", "1", "--set", "lr=0.01", "--from", grown, "--run-dir", tmp_path / "r", "--data", data / "A", "--set", "max_steps=1"],
         "eval": ["eval", grown, "--data", data / "A-test"],
         "pseudo-label": ["pseudo-label", grown, "--images", data / "B", "--out", tmp_path / "p"],
-        "expand": ["expand", grown, "--out", tmp_path / "e", "--experts", "12", "--groups", "3", "--verify", data / "A"],
+        "expand": ["expand", src, "--out", tmp_path / "e", "--experts", "12", "--groups", "3", "--verify", data / "A"],
     }[command]
     res = CliRunner().invoke(cli.app, [*map(str, args), "--device", "cuda"])
     assert res.exit_code == 2, (res.exit_code, res.stderr)
@@ -143,6 +143,7 @@ def test_precision_options(grown: Path, data: Path, tmp_path: Path):
     assert res.exit_code == 2 and "--device cuda" in res.stderr
 
 
+@pytest.mark.slow  # 5 s: two training runs
 def test_cpu_bf16_training_step_is_close_to_fp32(grown: Path, data: Path, tmp_path: Path):
     """`--precision bf16` on the CPU: autocast, fp32 weights; the losses track fp32's to bf16 accuracy."""
     runs = {}
@@ -168,6 +169,7 @@ def test_autocast_context():
         assert not torch.is_autocast_enabled("cpu")
 
 
+@pytest.mark.slow  # 16 s: two training runs compared step by step
 def test_bf16_banks_with_fp32_masters_train_exactly_as_autocast(grown: Path, data: Path, tmp_path: Path, monkeypatch):
     """`--precision bf16` stores expert banks in bf16 with fp32 masters (stages/master.py). The oracle is
     plain autocast over fp32 banks (the masters switched off): the same weights, bit for bit, after 4 steps

@@ -279,6 +279,31 @@ def open_output(path: Path, command: str, option: str, *, force: bool, resume: b
         raise
 
 
+def check_replaceable(parent: Dir, out: Path, force: bool, option: str = "--out") -> None:
+    """Refuse an existing `out` (in open folder `parent`) unless `force` and samoe wrote everything in it."""
+    kind = parent.kind(out.name)
+    if kind is None:
+        return
+    if not force:
+        raise SamoeError(f"{out} already exists: choose another {option} or pass --force to replace it")
+    if kind != "dir":
+        raise SamoeError(f"{out} is not a directory samoe wrote (a {kind}): refusing to replace it even with "
+                         f"--force; choose another {option}")
+    with parent.sub(out.name) as d:
+        if d.names():
+            check_owned(d, option)
+
+
+def preflight_new_output(out: Path, force: bool, option: str = "--out") -> None:
+    """NewOutput's refusals, checked early (before a command's slow imports); NewOutput checks again when it runs."""
+    out = Path(out)
+    check_plain_path(out, option)
+    if not out.parent.is_dir():
+        return
+    with Dir.open(out.parent, f"choose another {option}") as parent:
+        check_replaceable(parent, out, force, option)
+
+
 class NewOutput:
     """An output folder built under a temporary name beside its place and renamed into place when complete.
 
@@ -300,17 +325,7 @@ class NewOutput:
         self.owned = Owned.start(self.dir, command, self.token)
 
     def check_replaceable(self, force: bool) -> None:
-        kind = self.parent.kind(self.name)
-        if kind is None:
-            return
-        if not force:
-            raise SamoeError(f"{self.out} already exists: choose another {self.option} or pass --force to replace it")
-        if kind != "dir":
-            raise SamoeError(f"{self.out} is not a directory samoe wrote (a {kind}): refusing to replace it even with "
-                             f"--force; choose another {self.option}")
-        with self.parent.sub(self.name) as d:
-            if d.names():
-                check_owned(d, self.option)
+        check_replaceable(self.parent, self.out, force, self.option)
 
     def __enter__(self) -> "NewOutput":
         return self
