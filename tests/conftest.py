@@ -1,9 +1,16 @@
 """Shared test fixtures."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs one worker per core: each worker, and every samoe process it starts, single-threaded, so
+    # workers never fight each other for cores (tiny models run fastest single-threaded anyway)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -134,6 +134,7 @@ def test_eval_without_ablation(evaluated):
     assert starts == [8] and all("new_parts_off" not in ck for ck in rep["checkpoints"])
 
 
+@pytest.mark.slow  # 5 s: eval with bootstrap intervals
 def test_cli_eval_prints_and_reports_what_new_parts_add(evaluated, tmp_path: Path):
     import cli
 

@@ -26,6 +26,7 @@ from upscale.checkpoint import INDEX_FILE, META_FILE, SINGLE_FILE, Checkpoint
 from upscale.create import init_from_preset
 
 SAMOE = Path(sys.executable).parent / "samoe"
+pytestmark = pytest.mark.slow  # every case is a real samoe process (22, a third of them importing torch)
 
 
 def _tree_hashes(path: Path) -> dict[str, str]:

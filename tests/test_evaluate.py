@@ -425,6 +425,7 @@ def test_routing_report_grown(reports):
             assert any(sum(row) > 0 for row in v["class_group_share"])
 
 
+@pytest.mark.slow  # 4 s: eval with figures
 def test_cli_eval_json_and_plots(setup):
     from PIL import Image
 
@@ -459,6 +460,7 @@ def test_cli_eval_json_and_plots(setup):
     assert not list(plots.glob(".*.tmp"))
 
 
+@pytest.mark.slow  # 8 s: eval with figures, twice
 @pytest.mark.parametrize("option", ["--plots", "--report"])
 def test_cli_eval_refuses_non_empty_output_folder(setup, option):
     """eval once wrote its figures over existing files without --force: now refused."""
@@ -501,6 +503,7 @@ def test_cli_eval_refuses_non_empty_output_folder(setup, option):
     assert "overlaps" in result.stderr and not list(setup["data"].glob("*.png")) and not (setup["data"] / "report.md").exists()
 
 
+@pytest.mark.slow  # 4 s: eval with a report
 def test_cli_eval_report(setup):
     import cli
 

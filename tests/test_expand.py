@@ -257,6 +257,7 @@ def test_resolve_replicas_by_hand():
             resolve_replicas(4 if experts != 117 else 16, experts, groups)
 
 
+@pytest.mark.slow  # 8 s: a ViT-B-width model
 def test_vit_b_shaped_growth_preserves_function(tmp_path):
     """vit_b widths (768 wide, 12 heads, 3072 MLP, 256 decoder) at a cheap depth and resolution."""
     vit = dict(SAM_VITS["vit_b"], depth=4, global_attn_indexes=(1, 3))

@@ -42,7 +42,7 @@ def _parallel(chains: list[list[tuple[str, list[str]]]]) -> dict[str, subprocess
         return {key: proc for done in pool.map(run_chain, chains) for key, proc in done}
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # real samoe processes (expand, plan, inspect and 15 bad options)
 
 
 @pytest.fixture(scope="module")

@@ -222,7 +222,7 @@ def test_long_checkpoint_paths_keep_titles_inside():
         assert texts_inside(fig) == [], fig.get_suptitle()
 
 
-@pytest.mark.parametrize("fmt", ["png", "svg", "pdf"])
+@pytest.mark.parametrize("fmt", ["png", pytest.param("svg", marks=pytest.mark.slow), pytest.param("pdf", marks=pytest.mark.slow)])
 def test_write_eval_figures_formats(tmp_path, fmt):
     out = tmp_path / "figs"
     with figures.output_dirs([(out, "--plots")], "eval") as outs:
@@ -272,6 +272,7 @@ def test_bad_format_and_taken_folder(tmp_path):
 # --------------------------------------------------------------------------- report
 
 
+@pytest.mark.slow  # 4 s: matplotlib rendering
 def test_report_markdown_tables_and_relative_links(tmp_path):
     rep = make_report()
     written = write_eval_outputs(rep, tmp_path / "plots", tmp_path / "report", "png")
@@ -285,6 +286,7 @@ def test_report_markdown_tables_and_relative_links(tmp_path):
     assert all((tmp_path / "report" / link).is_file() for link in links)
 
 
+@pytest.mark.slow  # 4 s: matplotlib rendering
 def test_report_alone_renders_png_next_to_it(tmp_path):
     written = write_eval_outputs(make_report(), None, tmp_path, "pdf")
     text = Path(written["report"]).read_text()
@@ -419,6 +421,7 @@ def test_damaged_run_is_one_user_error(tmp_path, damage, message):
         curves.load_run(run)
 
 
+@pytest.mark.slow  # 6 s: every figure of three runs rendered
 def test_cli_plot_writes_figures(three_stages, tmp_path):
     import cli
 

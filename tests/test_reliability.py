@@ -389,6 +389,7 @@ def test_sigterm_in_pseudo_label_leaves_a_folder_the_rerun_finishes(src, data, t
     assert not [n for n in names if ".tmp-" in n]
 
 
+@pytest.mark.slow  # 5 s: plots interrupted by signals
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 @pytest.mark.usefixtures("sigterm_is_ctrl_c")
 def test_interrupted_plot_leaves_a_folder_plot_force_replaces(finished, tmp_path, monkeypatch, signum):

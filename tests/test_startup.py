@@ -50,6 +50,7 @@ def test_inspect_reads_headers_without_torch(src: Path):
     assert _loaded("plan", str(src), "--experts", "8", "--groups", "2") == []
 
 
+@pytest.mark.slow  # 7 s: fresh interpreters importing torch
 def test_the_model_imports_sam_modeling_without_torchvision():
     """upscale.model uses segment_anything.modeling without the package __init__ (predictor, torchvision);
     asking for the package's own names afterwards still gets the whole package."""

@@ -148,6 +148,7 @@ def test_stage1_freezes_source_and_trains_new_parts(grown: Path, stage1: Path):
     assert not any(n.startswith("loss.") for n in after)
 
 
+@pytest.mark.slow  # 5 s: a training run
 def test_stage1_can_train_selector_and_gating_on_request(grown: Path, data: Path, runs: Path):
     run = runs / "s1-seed004"
     res = train("--stage", 1, "--set", "lr=0.01", "--from", grown, "--run-dir", run, "--data", data / "A", "--set", "max_steps=2",
@@ -386,6 +387,7 @@ def resumed(grown: Path, data: Path, runs: Path) -> tuple[Path, Path, int | None
     return run_a, run_b, killed_at
 
 
+@pytest.mark.slow  # 13 s: a real samoe process killed and resumed
 def test_exact_resume_after_sigkill(resumed):
     run_a, run_b, killed_at = resumed
     a, b = tensors(run_a / "final"), tensors(run_b / "final")
@@ -403,6 +405,7 @@ def test_exact_resume_after_sigkill(resumed):
     assert [ln for ln in lines_b if not ln.startswith("epoch,")] == lines_a[1:]
 
 
+@pytest.mark.slow  # its fixture kills and resumes a real samoe process
 def test_resumed_selector_log_keeps_header(resumed, tmp_path: Path):
     from stages.engine import SELECTOR_FIELDS, CsvLog
     from upscale.dirfd import Dir
@@ -420,6 +423,7 @@ def test_resumed_selector_log_keeps_header(resumed, tmp_path: Path):
     assert (run_b / "selector_log.csv").read_text() == (run_a / "selector_log.csv").read_text()
 
 
+@pytest.mark.slow  # 10 s: a real samoe process interrupted
 def test_sigterm_saves_and_prints_resume_command(grown: Path, data: Path, runs: Path):
     run = runs / "term"
     args = ["train", "--stage", "1", "--set", "lr=0.01", "--from", str(grown), "--run-dir", str(run), "--data", str(data / "A"),
@@ -503,6 +507,7 @@ def test_continued_run_keeps_the_sources_alpha(stage1: Path, stage2: Path, data:
 # --------------------------------------------------------------------------- pseudo-labels
 
 
+@pytest.mark.slow  # 4 s: pseudo-labelling then a training run
 def test_pseudo_label_then_stage1(src: Path, grown: Path, data: Path, runs: Path):
     out = runs / "pl"
     res = samoe("pseudo-label", src, "--images", data / "B", "--out", out, "--json")
