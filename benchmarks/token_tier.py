@@ -41,6 +41,8 @@ from upscale.moe import MoEMLP  # noqa: E402
 LAYOUTS = {
     "tiny": MoEConfig(groups=(4,), core_groups=1, top_k=2),
     "grown": MoEConfig(groups=(4, 4, 4, 4), core_groups=0, top_k=2, top_k_groups=1, replicas=True),
+    # the plan's shape at tiny scale: 8 routed groups, one per token (117 experts in 8 groups from 16)
+    "grown8": MoEConfig(groups=(4,) * 8, core_groups=0, top_k=2, top_k_groups=1, replicas=True),
 }
 PATCH, DIM, HIDDEN = 16, 64, 256
 
@@ -143,13 +145,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=512, help="tokens per step (the tiny model sees 8 images x 64 tokens)")
     ap.add_argument("--test-tokens", type=int, default=16384)
     ap.add_argument("--pool", type=int, default=128, help="training patches rendered per signature")
+    ap.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=["tiny", "grown"],
+                    help="the first is the source layout each other is compared with")
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(f"token tier: {args.steps} steps x {args.batch} tokens, {args.optimizer}, seeds {args.seeds}, lrs {args.lrs}")
     print("| signatures | layout | lr | mIoU per seed | mean mIoU | accuracy |\n|---|---|---|---|---|---|", flush=True)
     for n in args.signatures:
         best = {}
-        for layout in LAYOUTS:
+        for layout in args.layouts:
             for lr in args.lrs:
                 res = [run(layout, n, args.steps, lr, s, args.batch, args.test_tokens, args.optimizer, args.pool)
                        for s in args.seeds]
@@ -159,10 +163,12 @@ def main() -> None:
                       f"{np.mean([r['accuracy'] for r in res]):.4f} |", flush=True)
                 if m > best.get(layout, (-1.0, None))[0]:
                     best[layout] = (m, [r["miou"] for r in res])
-        gap = [g - t for g, t in zip(best["grown"][1], best["tiny"][1])]
-        sd = float(np.std(gap, ddof=1)) if len(gap) > 1 else math.nan
-        print(f"| {n} | grown - tiny (each at its best lr) | | {' / '.join(f'{g:+.3f}' for g in gap)} | "
-              f"{np.mean(gap):+.4f} | sd {sd:.4f} |", flush=True)
+        source = args.layouts[0]
+        for layout in args.layouts[1:]:
+            gap = [g - t for g, t in zip(best[layout][1], best[source][1])]
+            sd = float(np.std(gap, ddof=1)) if len(gap) > 1 else math.nan
+            print(f"| {n} | {layout} - {source} (each at its best lr) | | {' / '.join(f'{g:+.3f}' for g in gap)} | "
+                  f"{np.mean(gap):+.4f} | sd {sd:.4f} |", flush=True)
 
 
 if __name__ == "__main__":
