@@ -509,7 +509,10 @@ def demo_data(
                                                         "by polarimetric ratio, texture, rows and context | codebook: 16 "
                                                         "classes, each a set of parcel signatures (knowledge-bound)."),
     signatures: Optional[int] = typer.Option(None, "--signatures", min=1, help="codebook only: signature -> class facts "
-                                             "the scenes draw from (default 960; more facts need more capacity)."),
+                                             "the scenes draw from (default: fine 2200, coarse 960; more facts need "
+                                             "more capacity)."),
+    grid: Optional[str] = typer.Option(None, "--grid", help="codebook only: fine (default; clean 0.25 dB steps, "
+                                       "2233 signatures) | coarse (1 dB steps, looks and texture vary, 960)."),
     regions: int = typer.Option(1, "--regions", min=1, max=64, help="hard only: scenes from this many regions, each with "
                                 "its own class signatures and sensor noise floor (knowledge a larger model must hold)."),
     region: Optional[int] = typer.Option(None, "--region", min=0, help="hard only: every scene from this region "
@@ -522,7 +525,7 @@ def demo_data(
 
     with _one_job(out), console.status("writing demo data...", spinner="dots"):
         summary = make_demo_data(out, labelled=labelled, unlabelled=unlabelled, test=test, size=size, seed=seed, force=force,
-                                 preset=preset, regions=regions, region=region, signatures=signatures)
+                                 preset=preset, regions=regions, region=region, signatures=signatures, grid=grid)
     if as_json:
         _print_json(summary)
     else:

@@ -14,7 +14,7 @@ Each layout's peak learning rate is chosen on a validation split (fresh scenes, 
 than 1% over its last 1000 steps. The premise holds when grown - tiny in interior mIoU on the test split is
 at least +0.10 and at least 5x the standard deviation of that difference over seeds.
 
-    python benchmarks/capacity.py --work .lab/capacity --signatures 960 --seeds 0 1 2 --steps 6000
+    python benchmarks/capacity.py --work .lab/capacity --signatures 2200 --seeds 0 1 2 --steps 6000
 
 Every finished run and its scores are cached under --work (an ignored folder of the work tree survives to the
 next session): rerunning the same command finishes what is missing and prints the table.
@@ -61,7 +61,8 @@ def arm_runs(work: Path, n: int, layout: str, grow: dict | None, data: dict[str,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path(".lab/capacity"))
-    ap.add_argument("--signatures", type=int, nargs="+", default=[960])
+    ap.add_argument("--signatures", type=int, nargs="+", default=[2200])
+    ap.add_argument("--grid", choices=["fine", "coarse"], default="fine", help="the codebook's signature grid")
     ap.add_argument("--layout", choices=sorted(LAYOUTS), default="replicas")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--lrs", type=float, nargs="+", default=[0.1, 0.3], help="peak learning rates tried with seed 0")
@@ -77,7 +78,7 @@ def main() -> None:
     grow = LAYOUTS[args.layout]
     report = {}
     for n in args.signatures:
-        data = P.codebook_data(args.work, n, args.labelled, args.val, args.test)
+        data = P.codebook_data(args.work, n, args.labelled, args.val, args.test, args.grid)
         inits = {"tiny": P.init_checkpoint(args.work / "init-tiny-s0", 0, 16),
                  args.layout: P.init_checkpoint(args.work / f"init-{args.layout}-s0", 0, 16, grow)}
         flops = P.cached(args.work / f"flops-{args.layout}-b{args.batch}.json",

@@ -12,7 +12,7 @@ Each arm's multiplier m is chosen on the validation split with seed 0 from `--mu
 Scores are on the test split: interior mIoU (pixels more than half a patch from a class border). Reported per
 seed: (b) - (a) with a t-interval over seeds, every arm's FLOPs, and what (b)'s new parts add (switched off).
 
-    python benchmarks/growth.py --work .lab/capacity --signatures 960 --seeds 0 1 2 --extra 0.5 1
+    python benchmarks/growth.py --work .lab/capacity --signatures 2200 --seeds 0 1 2 --extra 0.5 1
 
 Finished runs and scores are cached under --work; rerun the same command to finish or reprint.
 """
@@ -64,7 +64,8 @@ def arm_b(work: Path, src: Path, data: dict, seed: int, m: float, steps: dict[in
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path(".lab/capacity"), help="capacity.py's --work")
-    ap.add_argument("--signatures", type=int, default=960)
+    ap.add_argument("--signatures", type=int, default=2200)
+    ap.add_argument("--grid", choices=["fine", "coarse"], default="fine", help="the codebook's signature grid")
     ap.add_argument("--layout", choices=sorted(LAYOUTS), default="replicas")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--extra", type=float, nargs="+", default=[0.5, 1.0], help="E as fractions of the source's S")
@@ -79,7 +80,7 @@ def main() -> None:
     t0 = time.perf_counter()
     cap = json.loads((args.work / f"capacity-{args.layout}.json").read_text())[str(args.signatures)]
     flops = cap["flops_per_step"]
-    data = P.codebook_data(args.work, args.signatures, 0, 0, 0)
+    data = P.codebook_data(args.work, args.signatures, 0, 0, 0, args.grid)
     seeds = args.seeds
     results = {}
     for frac in args.extra:
@@ -92,9 +93,9 @@ def main() -> None:
                 final = arm_a(work, src, data, seed, m, round(frac * S / flops["tiny"]), args.batch)
                 compute = S + round(frac * S / flops["tiny"]) * flops["tiny"]
             else:
-                unl = args.work / f"codebook-{args.signatures}-unlabelled"
+                unl = args.work / f"codebook-{args.grid}-{args.signatures}-unlabelled"
                 if not (unl / "demo-data.json").exists():
-                    P.samoe("demo-data", "--preset", "codebook", "--signatures", str(args.signatures), "--out", str(unl),
+                    P.samoe("demo-data", "--preset", "codebook", "--grid", args.grid, "--signatures", str(args.signatures), "--out", str(unl),
                             "--force", "--labelled-scenes", "0", "--test-scenes", "0", "--unlabelled-scenes", str(args.unlabelled), "--seed", "2")
                 pseudo = work / f"B-pseudo-s{seed}"
                 if not (pseudo / "masks").is_dir() or len(list((pseudo / "masks").iterdir())) < args.unlabelled:

@@ -53,13 +53,13 @@ def cached(path: Path, make: Any) -> Any:
     return value
 
 
-def codebook_data(work: Path, signatures: int, labelled: int, val: int, test: int) -> dict[str, Path]:
+def codebook_data(work: Path, signatures: int, labelled: int, val: int, test: int, grid: str = "fine") -> dict[str, Path]:
     """Train (A), validation and test folders of the codebook set: one table, scenes from different seeds."""
     out = {}
     for name, seed, lab, tst in (("train", 0, labelled, test), ("val", 1, 0, val)):
-        d = work / f"codebook-{signatures}-{name}"
+        d = work / f"codebook-{grid}-{signatures}-{name}"
         if not (d / "demo-data.json").exists():
-            samoe("demo-data", "--preset", "codebook", "--signatures", str(signatures), "--out", str(d), "--force",
+            samoe("demo-data", "--preset", "codebook", "--grid", grid, "--signatures", str(signatures), "--out", str(d), "--force",
                   "--labelled-scenes", str(lab), "--unlabelled-scenes", "0", "--test-scenes", str(tst), "--seed", str(seed))
         out[name] = d
     return {"A": out["train"] / "A", "test": out["train"] / "A-test", "val": out["val"] / "A-test"}

@@ -13,7 +13,7 @@ Both train from scratch for the same number of steps; the table is mIoU over the
 on fresh test tokens. It answers in minutes what `capacity.py` answers in hours with the real pipeline,
 and picks the numbers of signatures worth the real run.
 
-    python benchmarks/token_tier.py --signatures 240 480 960 1920 --steps 4000 --seeds 0 1
+    python benchmarks/token_tier.py --optimizer adamw --lrs 0.003 --signatures 2200 --steps 6000 --seeds 0 1 2 --layouts tiny grown8
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from segment_anything.modeling.common import MLPBlock  # noqa: E402
 
-from stages.codebook import NUM_CLASSES, codebook  # noqa: E402
+from stages.codebook import DEFAULT_GRID, GRIDS, NUM_CLASSES, codebook  # noqa: E402
 from stages.data import sar_to_input  # noqa: E402
 from stages.evaluate import iou_per_class  # noqa: E402
 from upscale.config import MoEConfig  # noqa: E402
@@ -85,12 +85,12 @@ class TokenModel(nn.Module):
         return self.head(h), aux
 
 
-_POOLS: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+_POOLS: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def token_pool(book, signatures: int, per_signature: int) -> tuple[torch.Tensor, torch.Tensor]:
+def token_pool(book, signatures: int, per_signature: int, grid: str) -> tuple[torch.Tensor, torch.Tensor]:
     """`per_signature` training patches of every signature, rendered once (the same pool for every arm and seed)."""
-    key = (signatures, per_signature)
+    key = (signatures, per_signature, grid)
     if key not in _POOLS:
         rng = np.random.default_rng([777, signatures])
         idx = np.repeat(np.arange(len(book)), per_signature)
@@ -100,16 +100,16 @@ def token_pool(book, signatures: int, per_signature: int) -> tuple[torch.Tensor,
 
 
 def run(layout: str, signatures: int, steps: int, lr: float, seed: int, batch: int, test_tokens: int,
-        optimizer: str, pool: int = 128) -> dict[str, float]:
+        optimizer: str, pool: int = 128, grid: str = DEFAULT_GRID) -> dict[str, float]:
     torch.manual_seed(seed)
-    book = codebook(signatures)
+    book = codebook(signatures, grid=grid)
     model = TokenModel(LAYOUTS[layout])
     if optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-5)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     rng = np.random.default_rng([seed, 1])
-    pool_x, pool_y = token_pool(book, signatures, pool)
+    pool_x, pool_y = token_pool(book, signatures, pool, grid)
     warm = max(1, steps // 20)
     t0 = time.perf_counter()
     for step in range(steps):
@@ -137,7 +137,8 @@ def run(layout: str, signatures: int, steps: int, lr: float, seed: int, batch: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--signatures", type=int, nargs="+", default=[240, 480, 960, 1920])
+    ap.add_argument("--signatures", type=int, nargs="+", default=[2200])
+    ap.add_argument("--grid", choices=list(GRIDS), default=DEFAULT_GRID, help="the codebook's signature grid")
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--lrs", type=float, nargs="+", default=[0.05, 0.2])
@@ -149,13 +150,14 @@ def main() -> None:
                     help="the first is the source layout each other is compared with")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print(f"token tier: {args.steps} steps x {args.batch} tokens, {args.optimizer}, seeds {args.seeds}, lrs {args.lrs}")
+    print(f"token tier: {args.grid} grid, {args.steps} steps x {args.batch} tokens, {args.optimizer}, seeds {args.seeds}, "
+          f"lrs {args.lrs}")
     print("| signatures | layout | lr | mIoU per seed | mean mIoU | accuracy |\n|---|---|---|---|---|---|", flush=True)
     for n in args.signatures:
         best = {}
         for layout in args.layouts:
             for lr in args.lrs:
-                res = [run(layout, n, args.steps, lr, s, args.batch, args.test_tokens, args.optimizer, args.pool)
+                res = [run(layout, n, args.steps, lr, s, args.batch, args.test_tokens, args.optimizer, args.pool, args.grid)
                        for s in args.seeds]
                 m = float(np.mean([r["miou"] for r in res]))
                 per_seed = " / ".join(f"{r['miou']:.3f}" for r in res)

@@ -7,12 +7,13 @@ easy to perceive:
 - a scene is 4-8 parcels (Voronoi cells of random sites, borders warped a little);
 - each parcel wears one *signature* drawn from a grid of radiometric properties
   that a 16-px token carries on its own:
-  VV level (dB), VV - VH ratio (dB), number of looks, and K-texture order;
+  VV level (dB), VV - VH ratio (dB), number of looks, and K-texture order
+  (`--grid`: `fine`, the default, clean 0.25 dB steps; or `coarse`, see GRIDS);
 - a seeded random table maps every signature to one of 16 classes, each class
   getting the same number of signatures (to within one).
 
 `N` signatures (`--signatures`) are drawn from the grid without replacement; the
-draw and the table depend on `N` and the table seed only, never on the scene
+draw and the table depend on `N`, the grid and the table seed only, never on the scene
 seed, so a training set and a test set made with other `--seed`s share the same
 facts. With N small a tiny model holds the whole table; as N grows it runs out
 of room first and a larger layout pulls ahead (`benchmarks/capacity.py` finds
@@ -39,17 +40,6 @@ NUM_CLASSES = 16
 CODEBOOK_CLASS_NAMES: tuple[str, ...] = tuple(f"cover_{c:02d}" for c in range(NUM_CLASSES))
 CODEBOOK_CLASSES = ClassList.of(CODEBOOK_CLASS_NAMES)  # classes.json of the preset (matplotlib's tab20 colours)
 
-# The signature grid. VV levels and ratios keep VH above -30 dB, where samoe's input
-# scaling clips (stages/data.py, DB_MIN), so every signature stays visible in both channels.
-VV_LEVELS_DB: tuple[float, ...] = tuple(float(v) for v in range(-20, 0))  # -20 .. -1 dB, 1 dB steps
-RATIOS_DB: tuple[float, ...] = tuple(float(r) for r in range(2, 10))  # 2 .. 9 dB, 1 dB steps
-LOOKS: tuple[int, ...] = (1, 4, 16)
-TEXTURE_ORDERS: tuple[float, ...] = (0.0, 2.0)  # 0: no texture; 2: strong K-distributed texture
-GRID_SIZE = len(VV_LEVELS_DB) * len(RATIOS_DB) * len(LOOKS) * len(TEXTURE_ORDERS)
-DEFAULT_SIGNATURES = 960
-TABLE_SEED = 0x5C0DE
-
-
 @dataclass(frozen=True)
 class Signature:
     """The radiometry a parcel wears."""
@@ -58,6 +48,47 @@ class Signature:
     ratio_db: float
     looks: int
     texture: float
+
+
+def _steps(low: float, high: float, step: float) -> tuple[float, ...]:
+    return tuple(float(v) for v in np.round(np.arange(low, high + step / 2, step), 6))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The signatures a codebook draws from: every combination of these values, in C order.
+
+    VV levels and ratios keep VH above -30 dB, where samoe's input scaling clips (stages/data.py, DB_MIN), so every
+    signature stays visible in both channels. `seed_tag` enters the table's seed, so two grids never share a table
+    by accident."""
+
+    vv_db: tuple[float, ...]
+    ratios_db: tuple[float, ...]
+    looks: tuple[int, ...]
+    textures: tuple[float, ...]  # K-texture orders; 0: no texture
+    default_signatures: int
+    seed_tag: tuple[int, ...] = ()
+
+    @property
+    def size(self) -> int:
+        return len(self.vv_db) * len(self.ratios_db) * len(self.looks) * len(self.textures)
+
+    def signature(self, cell: int) -> Signature:
+        i, j, k, t = np.unravel_index(cell, (len(self.vv_db), len(self.ratios_db), len(self.looks), len(self.textures)))
+        return Signature(self.vv_db[i], self.ratios_db[j], self.looks[k], self.textures[t])
+
+
+GRIDS: dict[str, Grid] = {
+    # clean and fine: 0.25 dB steps, 16 looks, no texture. A 16-px token tells its cells apart, and 2233 of them
+    # are more facts than the tiny layout holds: at N = 2200 the token tier's 8-group layout beat tiny by +0.22
+    # mIoU (docs/growth-experiments.md, 2026-12-07)
+    "fine": Grid(_steps(-20, -1, 0.25), _steps(2, 9, 0.25), (16,), (0.0,), 2200, (1,)),
+    # the first grid: 1 dB steps, looks {1, 4, 16}, texture {none, strong}. Speckle and texture blur its cells, so
+    # what limits a model on it is telling them apart, not storing the table: tiny and the 8-group layout tie at N = 960
+    "coarse": Grid(_steps(-20, -1, 1), _steps(2, 9, 1), (1, 4, 16), (0.0, 2.0), 960),
+}
+DEFAULT_GRID = "fine"
+TABLE_SEED = 0x5C0DE
 
 
 @dataclass(frozen=True)
@@ -71,23 +102,28 @@ class Codebook:
         return len(self.signatures)
 
 
-@lru_cache(maxsize=8)
-def codebook(n: int = DEFAULT_SIGNATURES, table_seed: int = TABLE_SEED) -> Codebook:
-    """The first `n` signatures of a seeded shuffle of the grid, and a balanced random class for each.
+def grid_named(name: str) -> Grid:
+    if name not in GRIDS:
+        raise ValueError(f"unknown codebook grid {name!r}: choose {' or '.join(GRIDS)}")
+    return GRIDS[name]
 
-    Seeded by `table_seed` alone: the same (n, table_seed) gives the same table on any machine.
+
+@lru_cache(maxsize=8)
+def codebook(n: int | None = None, table_seed: int = TABLE_SEED, grid: str = DEFAULT_GRID) -> Codebook:
+    """The first `n` signatures (default: the grid's default) of a seeded shuffle of the grid, and a balanced
+    random class for each.
+
+    Seeded by `table_seed`, `n` and the grid alone: the same arguments give the same table on any machine.
     """
-    if not 1 <= n <= GRID_SIZE:
-        raise ValueError(f"signatures must be between 1 and {GRID_SIZE} (the grid's size), got {n}")
-    rng = np.random.default_rng([table_seed, n])
-    cells = rng.permutation(GRID_SIZE)[:n]
-    shape = (len(VV_LEVELS_DB), len(RATIOS_DB), len(LOOKS), len(TEXTURE_ORDERS))
-    sigs = []
-    for cell in cells:
-        i, j, k, t = np.unravel_index(int(cell), shape)
-        sigs.append(Signature(VV_LEVELS_DB[i], RATIOS_DB[j], LOOKS[k], TEXTURE_ORDERS[t]))
+    g = grid_named(grid)
+    n = g.default_signatures if n is None else n
+    if not 1 <= n <= g.size:
+        raise ValueError(f"signatures must be between 1 and {g.size} (the {grid} grid's size), got {n}")
+    rng = np.random.default_rng([table_seed, n, *g.seed_tag])
+    cells = rng.permutation(g.size)[:n]
+    sigs = tuple(g.signature(int(cell)) for cell in cells)
     classes = rng.permutation(np.arange(n) % NUM_CLASSES)  # every class gets n // 16 or n // 16 + 1 signatures
-    return Codebook(tuple(sigs), tuple(int(c) for c in classes))
+    return Codebook(sigs, tuple(int(c) for c in classes))
 
 
 def parcels(rng: np.random.Generator, size: int, low: int = 4, high: int = 8) -> np.ndarray:
@@ -106,14 +142,14 @@ def codebook_layout(rng: np.random.Generator, size: int, book: Codebook) -> tupl
     return cell, rng.integers(len(book), size=int(cell.max()) + 1)
 
 
-def codebook_scene(rng: np.random.Generator, size: int, signatures: int = DEFAULT_SIGNATURES,
-                   table_seed: int = TABLE_SEED) -> tuple[np.ndarray, np.ndarray]:
+def codebook_scene(rng: np.random.Generator, size: int, signatures: int | None = None,
+                   table_seed: int = TABLE_SEED, grid: str = DEFAULT_GRID) -> tuple[np.ndarray, np.ndarray]:
     """One scene: (float32 (2, H, W) VV/VH linear sigma0, uint8 (H, W) class ids 0..15).
 
     Each parcel draws its signature uniformly from the codebook (`codebook_layout`); its pixels get that
     signature's statistics and its mask the signature's class.
     """
-    book = codebook(signatures, table_seed)
+    book = codebook(signatures, table_seed, grid)
     cell, chosen = codebook_layout(rng, size, book)
     sig = [book.signatures[i] for i in chosen]
     mask = np.asarray([book.classes[i] for i in chosen], dtype=np.uint8)[cell]

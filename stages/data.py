@@ -871,9 +871,10 @@ DEMO_UNITS = Units("linear", None, ("VV", "VH"))
 
 
 def _demo_scenes(preset: str, size: int, counts: tuple[int, ...], regions: int = 1,
-                 region: int | None = None, signatures: int | None = None) -> tuple[Any, ClassList]:
+                 region: int | None = None, signatures: int | None = None,
+                 grid: str | None = None) -> tuple[Any, ClassList]:
     """The scene generator and classes of a demo-data preset, after checking the options."""
-    from .codebook import DEFAULT_SIGNATURES, GRID_SIZE
+    from .codebook import DEFAULT_GRID, GRIDS
     from .hard_scenes import hard_scene
 
     presets = demo_presets()
@@ -881,11 +882,16 @@ def _demo_scenes(preset: str, size: int, counts: tuple[int, ...], regions: int =
         raise DataError(f"unknown demo-data preset {preset!r}: choose {', '.join(presets)}")
     if signatures is not None and preset != "codebook":
         raise DataError("--signatures needs --preset codebook")
+    if grid is not None and preset != "codebook":
+        raise DataError("--grid needs --preset codebook")
     if preset == "codebook":
-        n = DEFAULT_SIGNATURES if signatures is None else signatures
-        if not 1 <= n <= GRID_SIZE:
-            raise DataError(f"--signatures {n} must be between 1 and {GRID_SIZE} (the signature grid's size)")
-        return functools.partial(presets[preset].scene, signatures=n), presets[preset].classes
+        grid = DEFAULT_GRID if grid is None else grid
+        if grid not in GRIDS:
+            raise DataError(f"unknown codebook grid {grid!r}: choose {' or '.join(GRIDS)}")
+        n = GRIDS[grid].default_signatures if signatures is None else signatures
+        if not 1 <= n <= GRIDS[grid].size:
+            raise DataError(f"--signatures {n} must be between 1 and {GRIDS[grid].size} (the {grid} grid's size)")
+        return functools.partial(presets[preset].scene, signatures=n, grid=grid), presets[preset].classes
     if regions < 1:
         raise DataError(f"--regions must be >= 1, got {regions}")
     if region is not None and not 0 <= region < regions:
@@ -942,6 +948,7 @@ def make_demo_data(
     regions: int = 1,
     region: int | None = None,
     signatures: int | None = None,
+    grid: str | None = None,
 ) -> dict[str, Any]:
     """Write synthetic SAR scenes: ``out/A`` (labelled), ``out/A-test`` (held out), ``out/B`` (images only),
     and beside them ``out/classes.json`` (the preset's classes) and ``out/data.json`` (linear VV/VH).
@@ -973,13 +980,14 @@ def make_demo_data(
             test set).
         signatures: ``codebook`` only: how many signature -> class facts the scenes draw
             from (stages/codebook.py); the table depends on this number, not on ``seed``.
+        grid: ``codebook`` only: the signature grid (``fine``, the default, or ``coarse``).
 
     Returns:
         A JSON-able summary: counts, size, seed, class names and the class
         pixel fractions of each labelled split.
     """
     out = Path(out)
-    scene, classes = _demo_scenes(preset, size, (labelled, unlabelled, test), regions, region, signatures)
+    scene, classes = _demo_scenes(preset, size, (labelled, unlabelled, test), regions, region, signatures, grid)
     class_names = classes.names
     if (out.exists() or out.is_symlink()) and not force:
         raise DataError(f"{out} already exists: pass --force to replace it or choose another --out")
@@ -999,6 +1007,7 @@ def make_demo_data(
     }
     if preset == "codebook":
         summary["signatures"] = scene.keywords["signatures"]
+        summary["grid"] = scene.keywords["grid"]
     if regions > 1:
         summary["regions"] = regions
         if region is not None:
