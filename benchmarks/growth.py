@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(".lab/capacity"), help="capacity.py's --work")
     ap.add_argument("--signatures", type=int, default=2200)
     ap.add_argument("--grid", choices=["fine", "coarse"], default="fine", help="the codebook's signature grid")
-    ap.add_argument("--layout", choices=sorted(LAYOUTS), default="replicas")
+    ap.add_argument("--layout", choices=sorted(LAYOUTS), default="replicas8")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--extra", type=float, nargs="+", default=[0.5, 1.0], help="E as fractions of the source's S")
     ap.add_argument("--mults", type=float, nargs="+", default=[0.3, 1.0, 3.0], help="lr multipliers tried on seed 0")
