@@ -8,7 +8,8 @@ The model is the tiny encoder's per-token path without attention or decoder: a l
 (768 -> 64), 2 dense MLP blocks, 2 MoE MLP blocks (pre-norm residual), a linear classifier.
   tiny:  4 experts, top-2, as the tiny preset;
   grown: 16 experts as 4 groups of 4, one group per token, top-2 inside (the replica layout: the
-         same experts per token as tiny, so the same FLOPs per step).
+         same experts per token as tiny, so the same FLOPs per step);
+  grown8: the same with 8 groups (32 experts), the plan's number of routed groups.
 Both train from scratch for the same number of steps; the table is mIoU over the 16 classes and accuracy
 on fresh test tokens. It answers in minutes what `capacity.py` answers in hours with the real pipeline,
 and picks the numbers of signatures worth the real run.
