@@ -34,8 +34,10 @@ import protocol as P
 
 LAYOUTS = {
     # the plan's shape (8 routed groups, one per token) as replicas of the 4-expert pool: the token tier's `grown8`,
-    # which beat tiny by +0.22 mIoU on the fine grid at N = 2200 (docs/growth-experiments.md)
-    "replicas8": dict(experts=32, groups=(4,) * 8, core_groups=0, top_k_groups=1, replicate=True, noise_std=0.0),
+    # which beat tiny by +0.20 mIoU on the fine grid at N = 2200 (docs/growth-experiments.md). Its decoder routes
+    # groups per token too, so a step costs 1.01x `small`'s (mixing all 8 groups there doubles it)
+    "replicas8": dict(experts=32, groups=(4,) * 8, core_groups=0, top_k_groups=1, replicate=True, noise_std=0.0,
+                      decoder_group_mixing=False),
     "replicas": dict(experts=16, groups=(4, 4, 4, 4), core_groups=0, top_k_groups=1, replicate=True, noise_std=0.0),
     "plan": dict(experts=16, groups=(4, 4, 4, 4), core_groups=1, top_k_groups=1, routed_top_k=1, noise_std=0.0),
 }

@@ -30,7 +30,8 @@ import numpy as np
 import protocol as P
 from capacity import LAYOUTS
 
-GROW_ARGS = {
+GROW_ARGS = {  # the same layouts as capacity.LAYOUTS, through `samoe expand`
+    "replicas8": ["--experts", "32", "--groups", "8", "--set", "replicate=true", "--set", "decoder_group_mixing=false"],
     "replicas": ["--experts", "16", "--groups", "4", "--set", "replicate=true"],
     "plan": ["--experts", "16", "--groups", "4", "--set", "routed_top_k=1", "--set", "noise_std=0"],
 }

@@ -23,6 +23,8 @@ LAYOUTS = {
     "routed top-1, 2 groups per token": GrowthSpec(experts=16, groups=(4, 4, 4, 4), routed_top_k=1, top_k_groups=2),
     "replicas + extra block": GrowthSpec(experts=16, groups=(4, 4, 4, 4), core_groups=0, replicate=True, noise_std=0.0,
                                          extra_blocks=1),
+    "8 replicas, decoder groups routed": GrowthSpec(experts=32, groups=(4,) * 8, core_groups=0, replicate=True,
+                                                    noise_std=0.0, decoder_group_mixing=False),
 }
 
 
@@ -103,3 +105,26 @@ def test_plan_prints_the_cost_of_a_grown_image():
     assert result.exit_code == 0, result.output
     text = " ".join(result.stdout.split())
     assert f"forward pass per image: {grown / 1e9:,.1f} GFLOP" in text and f"(x{grown / forward_flops(TINY):.2f})" in text
+
+
+def test_routed_decoder_groups_keep_replicas_at_the_sources_cost():
+    """The decoder mixes every routed group by default: 8 replica groups cost 8x the source's decoder expert FLOPs
+    (in `small`, with 16 classes' 33 decoder tokens and a 256-wide decoder MLP, that doubles the model's). Routed like
+    the encoder (one group per token) the grown forward costs the source's, plus its routers. The option is part of
+    the config: a checkpoint without it mixes."""
+    from upscale.config import SamMoEConfig
+
+    small = PRESETS["small"]
+    spec = LAYOUTS["8 replicas, decoder groups routed"]
+    routed = grown_config(small, spec)
+    mixed = grown_config(small, replace(spec, decoder_group_mixing=True))
+    src = forward_flops(small)
+    assert forward_flops(routed) <= 1.05 * src and forward_flops(mixed) > 1.5 * src
+    layer = lambda cfg: build_model(cfg).mask_decoder.transformer.layers[0].mlp.cfg  # noqa: E731
+    assert layer(routed).top_k_groups == 1 and layer(mixed).top_k_groups == 8
+    assert SamMoEConfig.from_dict(routed.to_dict()) == routed
+    old = mixed.to_dict()
+    del old["decoder_group_mixing"]
+    assert SamMoEConfig.from_dict(old) == mixed
+    with pytest.raises(Exception, match="decoder_group_mixing"):
+        SamMoEConfig.from_dict({**routed.to_dict(), "decoder_group_mixing": "no"})

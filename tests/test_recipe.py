@@ -65,6 +65,7 @@ GROWTH_CASES = {
     "top_k_groups": ("2", 2, "1", 1),
     "routed_top_k": ("1", 1, "2", 2),
     "replicate": ("true", True, "false", False),
+    "decoder_group_mixing": ("false", False, "true", True),
     "extra_blocks": ("2", 2, "1", 1),
     "extra_dense": ("true", True, "false", False),
     "init": ('"mixed"', "mixed", "interpolate", "interpolate"),

@@ -140,6 +140,9 @@ class SamMoEConfig:
     moe_blocks: tuple[int, ...] = tuple(range(15, 24))
     decoder_moe: bool = True
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # The decoder's MoE layers mix every routed group (True) or route them per token as the encoder does (False).
+    # Mixing gives every new group a gradient from the few decoder tokens, at the cost of all groups' FLOPs there.
+    decoder_group_mixing: bool = True
     extra_blocks: int = 0
     extra_blocks_moe: bool = True
     # Boundary head: the edge map of the model's own segmentation (a max-pool window of this
@@ -155,10 +158,12 @@ class SamMoEConfig:
         return self.depth + self.extra_blocks
 
     def decoder_moe_config(self) -> MoEConfig:
-        """The decoder's MoE layers: they see only the 2C+1 output tokens of an image, so with sparse group
-        routing most new groups would never get a token (nor a gradient); they mix every routed group."""
+        """The decoder's MoE layers. They see only the 2C+1 output tokens of an image, so with sparse group
+        routing most new groups would get few tokens; by default (`decoder_group_mixing`) they mix every routed
+        group. With replicas (every group a copy of the source's experts) sparse routing keeps the step's cost
+        at the source's, which a comparison at equal compute needs (benchmarks/capacity.py)."""
         routed = len(self.moe.groups) - self.moe.core_groups
-        return replace(self.moe, top_k_groups=routed) if routed else self.moe
+        return replace(self.moe, top_k_groups=routed) if routed and self.decoder_group_mixing else self.moe
 
     def is_moe_block(self, index: int) -> bool:
         """Whether encoder block `index` (extra blocks included) has an MoE MLP."""
@@ -244,7 +249,7 @@ _RANGES: dict[str, tuple[int, int]] = {
 }
 _KINDS: dict[str, str] = {
     **{name: "int" for name in _RANGES}, "mlp_ratio": "number", "global_attn_indexes": "ints", "moe_blocks": "ints",
-    "decoder_moe": "bool", "extra_blocks_moe": "bool", "moe.groups": "ints", "moe.core_groups": "int", "moe.top_k": "int",
+    "decoder_moe": "bool", "decoder_group_mixing": "bool", "extra_blocks_moe": "bool", "moe.groups": "ints", "moe.core_groups": "int", "moe.top_k": "int",
     "moe.top_k_groups": "int", "moe.routed_top_k": "int", "moe.replicas": "bool",
 }
 # Growth variants that measured neutral or worse left samoe (docs/growth-experiments.md, "Removed variants"):

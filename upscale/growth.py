@@ -27,6 +27,7 @@ class GrowthSpec:
     top_k_groups: int = 1
     routed_top_k: int = 0  # experts per token inside a routed group; 0: the source's top-k
     replicate: bool = False  # every group an exact copy of the source's pool, one group per token (MoEConfig.replicas)
+    decoder_group_mixing: bool = True  # the decoder's MoE mixes every routed group (SamMoEConfig.decoder_group_mixing)
     extra_blocks: int = 0
     extra_dense: bool = False
     init: str = "copy-noise"
@@ -45,6 +46,7 @@ class GrowthRecipe:
     top_k_groups: int = 1  # new groups the group router picks per token
     routed_top_k: int = 0  # experts per token inside a picked group; 0: the source's top-k
     replicate: bool = False  # every group an exact copy of the source's experts, one group per token
+    decoder_group_mixing: bool = True  # the decoder's MoE layers mix every routed group; false: routed per token
     extra_blocks: int = 0  # blocks appended after the last ViT block, starting as the identity
     extra_dense: bool = False  # extra blocks with a dense MLP instead of MoE
     init: str = "copy-noise"  # copy-noise | interpolate | mixed
@@ -79,7 +81,7 @@ class GrowthRecipe:
         noise = self.noise_std if self.noise_std is not None else 0.0 if self.replicate else 0.01
         return GrowthSpec(experts=self.experts, groups=sizes, core_groups=0 if self.replicate else self.core_groups,
                           top_k_groups=self.top_k_groups, routed_top_k=self.routed_top_k, replicate=self.replicate,
-                          extra_blocks=self.extra_blocks, extra_dense=self.extra_dense, init=self.init,
+                          decoder_group_mixing=self.decoder_group_mixing, extra_blocks=self.extra_blocks, extra_dense=self.extra_dense, init=self.init,
                           noise_std=noise, interp_weight=self.interp_weight, seed=seed)
 
 
@@ -186,7 +188,8 @@ def grown_config(src: SamMoEConfig, spec: GrowthSpec) -> SamMoEConfig:
     extra_moe = src.extra_blocks_moe if src.extra_blocks else not spec.extra_dense
     if src.extra_blocks and extra_moe == spec.extra_dense:
         raise SamoeError("the source's extra blocks and --extra-dense disagree: all extra blocks must be MoE or all dense")
-    return replace(src, moe=moe, extra_blocks=src.extra_blocks + spec.extra_blocks, extra_blocks_moe=extra_moe).validate()
+    return replace(src, moe=moe, extra_blocks=src.extra_blocks + spec.extra_blocks, extra_blocks_moe=extra_moe,
+                   decoder_group_mixing=spec.decoder_group_mixing).validate()
 
 
 def planned_provenance(src_cfg: SamMoEConfig, cfg: SamMoEConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
