@@ -373,7 +373,7 @@ def init(
 ) -> None:
     """Create the source SamMoE checkpoint: from a preset, or upcycled from a dense SAM .pth."""
     from upscale.checkpoint import Checkpoint, check_dtype
-    from upscale.config import get_preset
+    from upscale.config import check_sam_file, get_preset
     from upscale.errors import SamoeError
     from upscale.ownership import check_separate, preflight_new_output
 
@@ -383,8 +383,8 @@ def init(
     check_dtype(dtype)
     cfg = get_preset(preset) if preset is not None else None
     blocks = _parse_ints(moe_blocks, "--moe-blocks") if moe_blocks else None
-    if from_sam is not None and not from_sam.is_file():
-        raise SamoeError(f"SAM checkpoint {from_sam} does not exist: check --from-sam")
+    if from_sam is not None:
+        check_sam_file(from_sam)
     check_separate(out, "--out", {"--from-sam": from_sam})  # --force must never delete the .pth it reads
     preflight_new_output(out, force)
 

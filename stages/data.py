@@ -874,7 +874,7 @@ def _demo_scenes(preset: str, size: int, counts: tuple[int, ...], regions: int =
                  region: int | None = None, signatures: int | None = None,
                  grid: str | None = None) -> tuple[Any, ClassList]:
     """The scene generator and classes of a demo-data preset, after checking the options."""
-    from .codebook import DEFAULT_GRID, GRIDS
+    from .codebook import DEFAULT_GRID, grid_named
     from .hard_scenes import hard_scene
 
     presets = demo_presets()
@@ -886,11 +886,13 @@ def _demo_scenes(preset: str, size: int, counts: tuple[int, ...], regions: int =
         raise DataError("--grid needs --preset codebook")
     if preset == "codebook":
         grid = DEFAULT_GRID if grid is None else grid
-        if grid not in GRIDS:
-            raise DataError(f"unknown codebook grid {grid!r}: choose {' or '.join(GRIDS)}")
-        n = GRIDS[grid].default_signatures if signatures is None else signatures
-        if not 1 <= n <= GRIDS[grid].size:
-            raise DataError(f"--signatures {n} must be between 1 and {GRIDS[grid].size} (the {grid} grid's size)")
+        try:
+            g = grid_named(grid)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        n = g.default_signatures if signatures is None else signatures
+        if not 1 <= n <= g.size:
+            raise DataError(f"--signatures {n} must be between 1 and {g.size} (the {grid} grid's size)")
         return functools.partial(presets[preset].scene, signatures=n, grid=grid), presets[preset].classes
     if regions < 1:
         raise DataError(f"--regions must be >= 1, got {regions}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from upscale.moe import ExpertBank, MoEMLP, expert_linear, run_experts
+from upscale.moe import ExpertBank, MoEMLP, autocast_dtype, bank_rows, expert_linear, run_experts
 
 
 def _writable(grad: Tensor | None, param: Tensor) -> bool:
@@ -57,25 +57,20 @@ class _KeptLinear(torch.autograd.Function):
 def kept_run_experts(banks: list[ExpertBank], rows: Tensor, offs: Tensor) -> Tensor:
     """`upscale.moe.run_experts` with `_KeptLinear` per bank; the model's own op where no buffer can be written
     (banks in another dtype than the compute dtype, which casts them, or no gradient recorded)."""
-    kind, w1 = rows.device.type, banks[0].w1
-    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else rows.dtype
+    dtype = autocast_dtype(rows) or rows.dtype
     if not torch.is_grad_enabled() or any(p.dtype != dtype for b in banks for p in b.parameters()):
         return run_experts(banks, rows, offs)
     rows = rows.to(dtype)  # the banks are stored in autocast's dtype (stages/master.py): no cast, leaves kept
-    ends, first, spans = [0] + offs.tolist(), 0, []
-    for bank in banks:
-        spans.append(ends[first : first + bank.num_experts + 1])
-        first += bank.num_experts
+    spans = bank_rows(offs, [b.w1 for b in banks])
     parts = []  # one split, not a slice per bank: each slice's backward would zero-fill a gradient of all rows
-    for bank, span, xs in zip(banks, spans, rows.split([s[-1] - s[0] for s in spans])):
+    for bank, (_, _, counts), xs in zip(banks, spans, rows.split([hi - lo for lo, hi, _ in spans])):
         if not xs.shape[0]:  # no token chose this bank: it stays out of the graph (its gradients stay None)
             continue
-        counts = [b - a for a, b in zip(span, span[1:])]
         local = torch.tensor(counts, device=rows.device).cumsum(0, dtype=torch.int32)
         h = bank.act(_KeptLinear.apply(xs, bank.w1, bank.b1, local, counts))
         parts.append(_KeptLinear.apply(h, bank.w2, bank.b2, local, counts))
     if not parts:
-        return rows.new_zeros(0, w1.shape[2])
+        return rows.new_zeros(0, banks[0].w1.shape[2])
     return torch.cat(parts) if len(parts) != 1 else parts[0]
 
 

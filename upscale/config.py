@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import SamoeError
@@ -287,6 +288,12 @@ def _type_error(where: str, name: str, value: Any, expect: str) -> SamoeError:
 
 def _vit(embed_dim: int, depth: int, num_heads: int, global_attn_indexes: tuple[int, ...]) -> dict[str, Any]:
     return dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, global_attn_indexes=global_attn_indexes)
+
+
+def check_sam_file(path: Path) -> None:
+    """Refuse a --from-sam path that is not a file (torch-free, so `init` answers before its slow imports)."""
+    if not path.is_file():
+        raise SamoeError(f"SAM checkpoint {path} does not exist: check --from-sam")
 
 
 # Encoder shapes of segment-anything's registry (build_sam.py).

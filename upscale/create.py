@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .checkpoint import build_meta, lineage_entry, save_model
-from .config import SAM_VITS, MoEConfig, SamMoEConfig
+from .config import SAM_VITS, MoEConfig, SamMoEConfig, check_sam_file
 from .errors import SamoeError
 from .model import build_model
 from .roles import SEED004_ROLES, param_role
@@ -43,8 +43,7 @@ def init_from_preset(cfg: SamMoEConfig, out: Path, seed: int, dtype: torch.dtype
 
 def load_sam_state(path: Path) -> dict[str, torch.Tensor]:
     """Load a SAM .pth safely (weights_only: no code from the file runs) and check it is SAM."""
-    if not path.is_file():
-        raise SamoeError(f"SAM checkpoint {path} does not exist: check --from-sam")
+    check_sam_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for foreign/truncated files

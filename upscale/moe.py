@@ -56,7 +56,7 @@ def single_call(x: Tensor) -> bool:
     return x.device.type == "cuda"
 
 
-def _bank_rows(offs: Tensor, banks: list[Tensor]) -> list[tuple[int, int, list[int]]]:
+def bank_rows(offs: Tensor, banks: list[Tensor]) -> list[tuple[int, int, list[int]]]:
     """(first row, end row, rows per expert) of each bank, read on the host."""
     ends = [0] + offs.tolist()
     out, e = [], 0
@@ -85,7 +85,7 @@ def _expert_linear(x: Tensor, banks: list[Tensor], biases: list[Tensor], offs: T
             y += torch.cat(biases).index_select(0, _rows_of_experts(counts, x.shape[0]))
         return y
     parts = []
-    for g, (w, (lo, hi, counts)) in enumerate(zip(banks, _bank_rows(offs, banks))):
+    for g, (w, (lo, hi, counts)) in enumerate(zip(banks, bank_rows(offs, banks))):
         if hi == lo:
             continue
         if _grouped_mm_ok(x, w):
@@ -136,7 +136,7 @@ def expert_linear_grads(x: Tensor, grad: Tensor, offs: Tensor, banks: list[Tenso
         return [t.clone() for w, b, need in zip(gw.split(sizes), gb.split(sizes), needed)
                 for t in ((w, b) if need else (w.new_empty(0), b.new_empty(0)))]
     out = []
-    for w, need, (lo, hi, counts) in zip(banks, needed, _bank_rows(offs, banks)):
+    for w, need, (lo, hi, counts) in zip(banks, needed, bank_rows(offs, banks)):
         if not need:
             out += [w.new_empty(0), w.new_empty(0)]
             continue
@@ -219,7 +219,7 @@ class _Permute(torch.autograd.Function):
         return grad.index_select(0, inverse), None, None
 
 
-def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype autocast computes matmuls in on x's device, None when autocast is off."""
     kind = x.device.type
     if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
@@ -263,7 +263,7 @@ class ExpertBank(nn.Module):
 
 def run_experts(banks: list[ExpertBank], rows: Tensor, offs: Tensor) -> Tensor:
     """Each row through its expert's MLP: rows (n, D) sorted by expert, offs (E,) each expert's end row."""
-    dtype = _autocast_dtype(rows) or rows.dtype  # expert_linear is no autocast op: cast here, as autocast would
+    dtype = autocast_dtype(rows) or rows.dtype  # expert_linear is no autocast op: cast here, as autocast would
     w1, b1, w2, b2 = ([getattr(b, name).to(dtype) for b in banks] for name in ("w1", "b1", "w2", "b2"))
     if single_call(rows) and len(banks) > 1:  # one bank of all experts (the copy bf16 autocast makes anyway)
         w1, b1, w2, b2 = ([torch.cat(t)] for t in (w1, b1, w2, b2))
